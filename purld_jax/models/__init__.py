@@ -1,0 +1,77 @@
+"""The student model: decoder, checkpoints, tokenizer.
+
+  model, tok = load_pretrained(path, dtype=jnp.float32)
+  logits = model(tokens, positions=..., attention_mask=...)   # f32[B, T, V]
+  save_pretrained(model, tok, out_dir)
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+from flax import nnx
+
+from purld_jax.models import hf
+from purld_jax.models import llama
+from purld_jax.models import tokenizer as tokenizer_lib
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "generation_config.json",
+                    "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def load_model(path: str | os.PathLike, *, dtype=jnp.float32,
+               param_dtype=None, shardings=None) -> llama.Llama:
+  """A `Llama` with weights from a Hugging Face directory.
+
+  Args:
+    path: directory with config.json and safetensors.
+    dtype: compute dtype.
+    param_dtype: storage dtype (default: `dtype`).
+    shardings: optional shardings of the param state (see sharding.py).
+  """
+  cfg = hf.read_config(path, dtype=dtype, param_dtype=param_dtype or dtype)
+  state = hf.load_params(path, cfg, shardings=shardings)
+  abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(abstract)
+  return nnx.merge(graphdef, state)
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
+                    param_dtype=None, shardings=None
+                    ) -> tuple[llama.Llama, tokenizer_lib.Tokenizer]:
+  """(model, tokenizer) from a Hugging Face directory, offline."""
+  model = load_model(path, dtype=dtype, param_dtype=param_dtype,
+                     shardings=shardings)
+  return model, tokenizer_lib.load(path)
+
+
+def save_pretrained(model: llama.Llama, tokenizer, path: str | os.PathLike,
+                    *, dtype=None, max_shard_bytes: int | None = None) -> None:
+  """Writes an HF directory transformers loads: config, weights, tokenizer.
+
+  The tokenizer files are copied from the directory the tokenizer was loaded
+  from (or written by transformers when it has none on disk).
+  """
+  path = pathlib.Path(path)
+  extra = {}
+  if tokenizer is not None:
+    hf_tok = tokenizer.hf if hasattr(tokenizer, "hf") else tokenizer
+    extra = {k: getattr(hf_tok, k) for k in
+             ("bos_token_id", "eos_token_id", "pad_token_id")
+             if getattr(hf_tok, k, None) is not None}
+  hf.save_params(model, path, dtype=dtype, extra_config=extra,
+                 max_shard_bytes=max_shard_bytes)
+  if tokenizer is None:
+    return
+  src = pathlib.Path(getattr(hf_tok, "name_or_path", "") or "")
+  copied = False
+  for name in _TOKENIZER_FILES:
+    if (src / name).is_file() and src.resolve() != path.resolve():
+      shutil.copyfile(src / name, path / name)
+      copied = True
+  if not copied:
+    hf_tok.save_pretrained(str(path))

@@ -1,0 +1,279 @@
+"""Hugging Face checkpoint directories <-> NNX parameters.
+
+One key table maps every HF tensor name to an NNX path with an explicit
+transform both ways. HF stores linear weights as [out, in]; we store
+[in, out] with heads split out, e.g. q_proj.weight [N*H, D] -> [D, N, H].
+
+Files read: config.json, model.safetensors or the shards named by
+model.safetensors.index.json. Nothing is downloaded and nothing pickled is
+ever loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from purld_jax.models import hf_config
+from purld_jax.models import llama
+
+SAFETENSORS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+  """A missing, mis-shaped or unreadable tensor or file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One HF tensor: its name, NNX path, and the transforms both ways."""
+
+  hf_name: str
+  path: tuple[str | int, ...]
+  to_nnx: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _ident(x):
+  return x
+
+
+def key_table(cfg: llama.LlamaConfig) -> list[Entry]:
+  """Every tensor of a checkpoint of `cfg`, in HF order."""
+  d, n, g, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+  def heads_in(num):  # [num*H, D] -> [D, num, H]
+    return (lambda w: w.T.reshape(d, num, h),
+            lambda w: w.reshape(d, num * h).T)
+
+  def bias_in(num):  # [num*H] -> [num, H]
+    return (lambda b: b.reshape(num, h), lambda b: b.reshape(num * h))
+
+  o_in = (lambda w: w.T.reshape(n, h, d), lambda w: w.reshape(n * h, d).T)
+  tr = (lambda w: w.T, lambda w: w.T)
+  same = (_ident, _ident)
+
+  t = [Entry("model.embed_tokens.weight", ("embed",), *same)]
+  for i in range(cfg.num_layers):
+    p = f"model.layers.{i}."
+    a = ("layers", i, "attn")
+    m = ("layers", i, "mlp")
+    t += [
+        Entry(p + "input_layernorm.weight", ("layers", i, "input_norm",
+                                              "scale"), *same),
+        Entry(p + "self_attn.q_proj.weight", a + ("q_proj",), *heads_in(n)),
+        Entry(p + "self_attn.k_proj.weight", a + ("k_proj",), *heads_in(g)),
+        Entry(p + "self_attn.v_proj.weight", a + ("v_proj",), *heads_in(g)),
+        Entry(p + "self_attn.o_proj.weight", a + ("o_proj",), *o_in),
+    ]
+    if cfg.qkv_bias:
+      t += [
+          Entry(p + "self_attn.q_proj.bias", a + ("q_bias",), *bias_in(n)),
+          Entry(p + "self_attn.k_proj.bias", a + ("k_bias",), *bias_in(g)),
+          Entry(p + "self_attn.v_proj.bias", a + ("v_bias",), *bias_in(g)),
+      ]
+    if cfg.o_bias:
+      t.append(Entry(p + "self_attn.o_proj.bias", a + ("o_bias",), *same))
+    if cfg.qk_norm:
+      t += [
+          Entry(p + "self_attn.q_norm.weight", a + ("q_norm", "scale"), *same),
+          Entry(p + "self_attn.k_norm.weight", a + ("k_norm", "scale"), *same),
+      ]
+    t += [
+        Entry(p + "post_attention_layernorm.weight",
+              ("layers", i, "post_attn_norm", "scale"), *same),
+        Entry(p + "mlp.gate_proj.weight", m + ("gate_proj",), *tr),
+        Entry(p + "mlp.up_proj.weight", m + ("up_proj",), *tr),
+        Entry(p + "mlp.down_proj.weight", m + ("down_proj",), *tr),
+    ]
+    if cfg.mlp_bias:
+      t += [Entry(p + f"mlp.{k}_proj.bias", m + (f"{k}_bias",), *same)
+            for k in ("gate", "up", "down")]
+  t.append(Entry("model.norm.weight", ("final_norm", "scale"), *same))
+  if not cfg.tie_word_embeddings:
+    t.append(Entry("lm_head.weight", ("lm_head",), *tr))
+  return t
+
+
+# ----------------------------------------------------------------------------
+# Reading
+
+
+def read_config(path: str | os.PathLike, **dtypes) -> llama.LlamaConfig:
+  """LlamaConfig from `path/config.json` (errors name the file and field)."""
+  f = pathlib.Path(path) / "config.json"
+  if not f.is_file():
+    raise CheckpointError(f"{f}: not found (is {path} a Hugging Face model "
+                          "directory?)")
+  try:
+    hf = json.loads(f.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}"
+                          ) from None
+  return llama.LlamaConfig.from_hf(hf, source=str(f), **dtypes)
+
+
+def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
+  """HF tensor name -> the safetensors file holding it."""
+  index = path / INDEX
+  if index.is_file():
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise CheckpointError(f"{index}: malformed index ({e!r})") from None
+    return {k: path / v for k, v in weight_map.items()}
+  single = path / SAFETENSORS
+  if not single.is_file():
+    raise CheckpointError(
+        f"{path}: neither {SAFETENSORS} nor {INDEX} found (only safetensors "
+        "checkpoints are read; .bin pickles are never loaded)")
+  return {k: single for k in _keys_of(single)}
+
+
+def _keys_of(file: pathlib.Path) -> list[str]:
+  from safetensors import safe_open
+  try:
+    with safe_open(str(file), framework="numpy") as f:
+      return list(f.keys())
+  except Exception as e:  # safetensors raises its own SafetensorError
+    raise CheckpointError(f"{file}: unreadable safetensors file ({e})"
+                          ) from None
+
+
+def _read_tensors(files: dict[str, pathlib.Path], names: list[str]
+                  ) -> dict[str, np.ndarray]:
+  """Loads `names`, opening each file once. bf16 comes back as ml_dtypes."""
+  from safetensors import safe_open
+  by_file: dict[pathlib.Path, list[str]] = {}
+  for name in names:
+    by_file.setdefault(files[name], []).append(name)
+  out = {}
+  for file, keys in by_file.items():
+    if not file.is_file():
+      raise CheckpointError(f"{file}: listed in {INDEX} but not found")
+    try:
+      with safe_open(str(file), framework="flax") as f:
+        for k in keys:
+          out[k] = np.asarray(f.get_tensor(k))
+    except CheckpointError:
+      raise
+    except Exception as e:
+      raise CheckpointError(f"{file}: unreadable safetensors file ({e})"
+                            ) from None
+  return out
+
+
+def _set_path(tree: dict, path: tuple, value) -> None:
+  for p in path[:-1]:
+    tree = tree[p]
+  tree[path[-1]] = value
+
+
+def load_params(path: str | os.PathLike, cfg: llama.LlamaConfig,
+                *, shardings=None) -> nnx.State:
+  """Reads a checkpoint into an NNX Param state for `Llama(cfg)`.
+
+  Args:
+    path: a Hugging Face model directory.
+    cfg: its config (see `read_config`).
+    shardings: optional pytree of `jax.sharding.Sharding` matching the state;
+      each tensor is placed directly where it belongs.
+
+  Raises:
+    CheckpointError naming the file and tensor that is missing or
+    mis-shaped.
+  """
+  path = pathlib.Path(path)
+  files = _tensor_files(path)
+  table = key_table(cfg)
+  missing = [e.hf_name for e in table if e.hf_name not in files]
+  if missing:
+    where = INDEX if (path / INDEX).is_file() else SAFETENSORS
+    raise CheckpointError(
+        f"{path / where}: missing tensor {missing[0]!r}"
+        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  raw = _read_tensors(files, [e.hf_name for e in table])
+  abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(abstract, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  for e in table:
+    expected = _get_path(pure, e.path)
+    want = e.to_hf(np.zeros(expected.shape, np.float32)).shape
+    got = raw[e.hf_name].shape
+    if tuple(got) != tuple(want):
+      raise CheckpointError(
+          f"{files[e.hf_name]}: tensor {e.hf_name!r} has shape {tuple(got)}, "
+          f"expected {tuple(want)} for this config.json")
+    arr = e.to_nnx(raw[e.hf_name])
+    _set_path(pure, e.path, jnp.asarray(arr, dtype=cfg.param_dtype))
+  nnx.replace_by_pure_dict(state, pure)
+  if shardings is not None:
+    state = jax.device_put(state, shardings)
+  return state
+
+
+def _get_path(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+# ----------------------------------------------------------------------------
+# Writing
+
+
+def save_params(model: llama.Llama, path: str | os.PathLike, *,
+                dtype=None, extra_config: dict | None = None,
+                max_shard_bytes: int | None = None) -> None:
+  """Writes config.json and safetensors (sharded above `max_shard_bytes`).
+
+  Args:
+    model: the model to write.
+    path: output directory (created).
+    dtype: dtype of the written tensors (default: the param dtype).
+    extra_config: keys to keep in config.json (bos/eos ids and the like).
+    max_shard_bytes: split into `model-0000i-of-0000n.safetensors` files
+      plus an index when the total is larger.
+  """
+  from safetensors.numpy import save_file
+  cfg = model.cfg
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  tensors = {}
+  for e in key_table(cfg):
+    arr = np.asarray(jax.device_get(_get_path(pure, e.path)))
+    if dtype is not None:
+      arr = arr.astype(dtype)
+    tensors[e.hf_name] = np.ascontiguousarray(e.to_hf(arr))
+  dtype_name = str(next(iter(tensors.values())).dtype)
+  cfg_json = hf_config.to_hf(cfg, torch_dtype=dtype_name, extra=extra_config)
+  (path / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
+  total = sum(a.nbytes for a in tensors.values())
+  if max_shard_bytes is None or total <= max_shard_bytes:
+    save_file(tensors, str(path / SAFETENSORS), metadata={"format": "pt"})
+    return
+  shards, cur, size = [], {}, 0
+  for k, a in tensors.items():
+    if cur and size + a.nbytes > max_shard_bytes:
+      shards.append(cur)
+      cur, size = {}, 0
+    cur[k] = a
+    size += a.nbytes
+  shards.append(cur)
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, str(path / name), metadata={"format": "pt"})
+    weight_map.update({k: name for k in shard})
+  index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+  (path / INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,433 @@
+"""One Flax NNX decoder for Llama 2/3.x, SmolLM2, Qwen2/2.5 and Qwen3.
+
+Axis letters (see structs.py): B batch, T tokens of this call, S cache slots,
+L layers, V vocab, D width, N query heads, G kv heads, H head dim, F mlp,
+R = N // G query heads per kv head.
+
+The families differ only in switches of `LlamaConfig`:
+  Llama 2/3.x, SmolLM2  no biases, rope scaling "llama3" for 3.1+
+  Qwen2 / 2.5           q/k/v biases (`qkv_bias`)
+  Qwen3                 RMSNorm on q and k per head (`qk_norm`)
+
+Three entry points share one `_forward`:
+  `model(tokens, positions, attention_mask)` -> logits f32[B, T, V]
+  `model.hidden(...)`                        -> final-norm hidden [B, T, D]
+  `model.extend(tokens, cache, ...)`         -> (logits, cache): writes T
+    tokens into the cache at `cache.end`; prefill (empty cache, T = P) and
+    decode (T = 1) are both this call.
+
+Every parameter carries logical axis names (`sharding_names` metadata):
+weights use vocab, embed, q_heads, kv_heads, head_dim, mlp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from purld_jax import structs
+
+_NEG_INF = -1e30  # finite, so fully masked rows (pads) stay NaN-free
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture of a decoder. `from_hf` builds it from a config.json."""
+
+  vocab_size: int
+  hidden_size: int  # D
+  intermediate_size: int  # F
+  num_layers: int  # L
+  num_heads: int  # N
+  num_kv_heads: int  # G
+  head_dim: int  # H
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_pos)
+  # or ("linear", factor) or None.
+  rope_scaling: tuple | None = None
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2/2.5
+  o_bias: bool = False  # Llama `attention_bias` also biases o_proj
+  mlp_bias: bool = False
+  qk_norm: bool = False  # Qwen3
+  model_type: str = "llama"
+  param_dtype: Any = jnp.float32
+  dtype: Any = jnp.float32  # compute dtype
+
+  @property
+  def q_per_kv(self) -> int:
+    """R, query heads that share one kv head."""
+    return self.num_heads // self.num_kv_heads
+
+  def replace(self, **kw) -> "LlamaConfig":
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self) -> int:
+    """Parameter count (what the checkpoint holds)."""
+    d, f, n, g, h = (self.hidden_size, self.intermediate_size,
+                     self.num_heads, self.num_kv_heads, self.head_dim)
+    attn = d * n * h * 2 + d * g * h * 2
+    if self.qkv_bias:
+      attn += n * h + 2 * g * h
+    if self.o_bias:
+      attn += d
+    if self.qk_norm:
+      attn += 2 * h
+    mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
+    layer = attn + mlp + 2 * d
+    emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+    return self.num_layers * layer + emb + d
+
+  @classmethod
+  def from_hf(cls, hf: dict, *, source: str = "config.json",
+              param_dtype=jnp.float32, dtype=jnp.float32) -> "LlamaConfig":
+    """Builds a config from a Hugging Face config dict.
+
+    Args:
+      hf: the parsed config.json.
+      source: where `hf` came from, used in error messages.
+      param_dtype: dtype parameters are stored in.
+      dtype: compute dtype.
+
+    Raises:
+      ValueError naming the file and the field for anything unsupported.
+    """
+    from purld_jax.models import hf_config  # local: keeps this file model-only
+    return cls(**hf_config.parse(hf, source=source),
+               param_dtype=param_dtype, dtype=dtype)
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+  """A random-init config small enough for unit tests on CPU."""
+  base = dict(vocab_size=128, hidden_size=32, intermediate_size=64,
+              num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+              rms_norm_eps=1e-6, rope_theta=10000.0,
+              max_position_embeddings=256)
+  base.update(overrides)
+  return LlamaConfig(**base)
+
+
+# ----------------------------------------------------------------------------
+# RoPE
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
+  """f32[H/2] inverse frequencies, with llama3 / linear scaling applied."""
+  h = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  sc = cfg.rope_scaling
+  if sc is None:
+    return inv
+  if sc[0] == "linear":
+    return inv / sc[1]
+  if sc[0] == "llama3":
+    _, factor, low, high, orig = sc
+    low_wavelen = orig / low
+    high_wavelen = orig / high
+    wavelen = 2 * math.pi / inv
+    # Long wavelengths are slowed by `factor`, short ones kept, and the band
+    # between them interpolated smoothly.
+    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(mid, smoothed, scaled)
+  raise ValueError(f"rope scaling {sc[0]!r} is not supported")
+
+
+def apply_rope(x_BTXH: jax.Array, positions_BT: jax.Array,
+               inv_freq: jax.Array) -> jax.Array:
+  """Rotate-half RoPE (the Hugging Face layout) on [B, T, heads, H]."""
+  angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x = x_BTXH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTXH.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Layers
+
+
+def _param(rngs, shape, names, dtype, init="normal", scale=0.02):
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (scale * jax.random.normal(rngs.params(), shape)).astype(dtype)
+  with nnx.use_eager_sharding(False):
+    return nnx.Param(value, sharding_names=names)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32 (as Hugging Face does)."""
+
+  def __init__(self, dim: int, eps: float, *, name: str, param_dtype,
+               rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = _param(rngs, (dim,), (name,), param_dtype, init="ones")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+    y = (xf * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+    scale = self.scale.value.astype(x.dtype)
+    return y * scale.reshape((1,) * (x.ndim - 1) + scale.shape)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with RoPE, optional q/k/v bias and q/k norm."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    d, n, g, h, pd = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                      cfg.head_dim, cfg.param_dtype)
+    self.cfg = cfg
+    self.q_proj = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), pd)
+    self.k_proj = _param(rngs, (d, g, h), ("embed", "kv_heads", "head_dim"), pd)
+    self.v_proj = _param(rngs, (d, g, h), ("embed", "kv_heads", "head_dim"), pd)
+    self.o_proj = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), pd)
+    if cfg.qkv_bias:
+      self.q_bias = _param(rngs, (n, h), ("q_heads", "head_dim"), pd)
+      self.k_bias = _param(rngs, (g, h), ("kv_heads", "head_dim"), pd)
+      self.v_bias = _param(rngs, (g, h), ("kv_heads", "head_dim"), pd)
+    if cfg.o_bias:
+      self.o_bias = _param(rngs, (d,), ("embed",), pd)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(h, cfg.rms_norm_eps, name="head_dim",
+                            param_dtype=pd, rngs=rngs)
+      self.k_norm = RMSNorm(h, cfg.rms_norm_eps, name="head_dim",
+                            param_dtype=pd, rngs=rngs)
+
+  def __call__(self, x_BTD, positions_BT, inv_freq, k_cache_BSGH,
+               v_cache_BSGH, mask_BTS, write_at):
+    """One attention block.
+
+    Args:
+      x_BTD: normed input.
+      positions_BT: i32 RoPE positions.
+      inv_freq: f32[H/2].
+      k_cache_BSGH, v_cache_BSGH: this layer's cache, or None for a plain
+        forward (keys are then this call's own T tokens, S = T).
+      mask_BTS: bool, query t may attend slot s.
+      write_at: i32[] slot where this call's keys go.
+
+    Returns:
+      (out_BTD, k_cache_BSGH, v_cache_BSGH).
+    """
+    cfg, dt = self.cfg, self.cfg.dtype
+    x = x_BTD.astype(dt)
+    q = jnp.einsum("btd,dnh->btnh", x, self.q_proj.value.astype(dt))
+    k = jnp.einsum("btd,dgh->btgh", x, self.k_proj.value.astype(dt))
+    v = jnp.einsum("btd,dgh->btgh", x, self.v_proj.value.astype(dt))
+    if cfg.qkv_bias:
+      q = q + self.q_bias.value.astype(dt)[None, None]
+      k = k + self.k_bias.value.astype(dt)[None, None]
+      v = v + self.v_bias.value.astype(dt)[None, None]
+    if cfg.qk_norm:
+      q = self.q_norm(q)
+      k = self.k_norm(k)
+    q = apply_rope(q, positions_BT, inv_freq)
+    k = apply_rope(k, positions_BT, inv_freq)
+    if k_cache_BSGH is not None:
+      zero = jnp.zeros((), jnp.int32)
+      idx = (zero, write_at, zero, zero)
+      k_cache_BSGH = jax.lax.dynamic_update_slice(
+          k_cache_BSGH, k.astype(k_cache_BSGH.dtype), idx)
+      v_cache_BSGH = jax.lax.dynamic_update_slice(
+          v_cache_BSGH, v.astype(v_cache_BSGH.dtype), idx)
+      keys, values = k_cache_BSGH.astype(dt), v_cache_BSGH.astype(dt)
+    else:
+      keys, values = k, v
+    b, t, n, h = q.shape
+    g = cfg.num_kv_heads
+    q = q.reshape(b, t, g, n // g, h)
+    logits = jnp.einsum("btgrh,bsgh->bgrts", q, keys,
+                        preferred_element_type=jnp.float32)
+    logits = logits * (h ** -0.5)
+    logits = jnp.where(mask_BTS[:, None, None, :, :], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    attn = jnp.einsum("bgrts,bsgh->btgrh", probs, values).reshape(b, t, n, h)
+    out = jnp.einsum("btnh,nhd->btd", attn, self.o_proj.value.astype(dt))
+    if cfg.o_bias:
+      out = out + self.o_bias.value.astype(dt)[None, None]
+    return out, k_cache_BSGH, v_cache_BSGH
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
+    self.cfg = cfg
+    self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+    if cfg.mlp_bias:
+      self.gate_bias = _param(rngs, (f,), ("mlp",), pd, init="zeros")
+      self.up_bias = _param(rngs, (f,), ("mlp",), pd, init="zeros")
+      self.down_bias = _param(rngs, (d,), ("embed",), pd, init="zeros")
+
+  def __call__(self, x_BTD):
+    dt = self.cfg.dtype
+    x = x_BTD.astype(dt)
+    gate = x @ self.gate_proj.value.astype(dt)
+    up = x @ self.up_proj.value.astype(dt)
+    if self.cfg.mlp_bias:
+      gate = gate + self.gate_bias.value.astype(dt)[None, None]
+      up = up + self.up_bias.value.astype(dt)[None, None]
+    out = (jax.nn.silu(gate) * up) @ self.down_proj.value.astype(dt)
+    if self.cfg.mlp_bias:
+      out = out + self.down_bias.value.astype(dt)[None, None]
+    return out
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: attention then MLP."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    pd, eps = cfg.param_dtype, cfg.rms_norm_eps
+    self.input_norm = RMSNorm(cfg.hidden_size, eps, name="embed",
+                              param_dtype=pd, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.post_attn_norm = RMSNorm(cfg.hidden_size, eps, name="embed",
+                                  param_dtype=pd, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, inv_freq, k_cache, v_cache, mask, write_at):
+    a, k_cache, v_cache = self.attn(self.input_norm(x), positions, inv_freq,
+                                    k_cache, v_cache, mask, write_at)
+    x = x + a
+    x = x + self.mlp(self.post_attn_norm(x))
+    return x, k_cache, v_cache
+
+
+# ----------------------------------------------------------------------------
+# The model
+
+
+def default_positions(attention_mask_BT: jax.Array) -> jax.Array:
+  """i32[B, T] positions for a left-padded batch: 0 at the first real token."""
+  m = attention_mask_BT.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+class Llama(nnx.Module):
+  """The decoder. See the module docstring for the three entry points."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = cfg.param_dtype
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size),
+                        ("vocab", "embed"), pd)
+    self.layers = nnx.List([Block(cfg, rngs=rngs)
+                            for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, name="embed",
+                              param_dtype=pd, rngs=rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size),
+                            ("embed", "vocab"), pd)
+
+  # -- helpers ---------------------------------------------------------------
+
+  def init_cache(self, batch: int, size: int, dtype=None) -> structs.KVCache:
+    """An empty cache of `size` slots for `batch` rows."""
+    cfg = self.cfg
+    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    return structs.KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                           mask=jnp.zeros((batch, size), bool),
+                           end=jnp.zeros((), jnp.int32))
+
+  def logits(self, h_BTD: jax.Array) -> jax.Array:
+    """f32[..., V] logits from final-norm hidden states."""
+    dt = self.cfg.dtype
+    if self.cfg.tie_word_embeddings:
+      w = self.embed.value.astype(dt)
+      return jnp.einsum("...d,vd->...v", h_BTD.astype(dt), w,
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", h_BTD.astype(dt),
+                      self.lm_head.value.astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  def _forward(self, tokens_BT, positions_BT, attention_mask_BT, cache):
+    cfg = self.cfg
+    b, t = tokens_BT.shape
+    if attention_mask_BT is None:
+      attention_mask_BT = jnp.ones((b, t), bool)
+    attention_mask_BT = attention_mask_BT.astype(bool)
+    if positions_BT is None:
+      if cache is not None:
+        raise ValueError("a cached forward needs explicit positions")
+      positions_BT = default_positions(attention_mask_BT)
+    x = jnp.take(self.embed.value, tokens_BT, axis=0).astype(cfg.dtype)
+    inv_freq = rope_inv_freq(cfg)
+    if cache is None:
+      causal = jnp.tril(jnp.ones((t, t), bool))
+      mask = causal[None] & attention_mask_BT[:, None, :]
+      write_at = jnp.zeros((), jnp.int32)
+      slot_mask = None
+    else:
+      write_at = cache.end
+      slot_mask = jax.lax.dynamic_update_slice(
+          cache.mask, attention_mask_BT, (jnp.zeros((), jnp.int32), write_at))
+      slots = jnp.arange(cache.size)
+      q_slot = write_at + jnp.arange(t)
+      causal = slots[None, :] <= q_slot[:, None]  # [T, S]
+      mask = causal[None] & slot_mask[:, None, :]
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kc = cache.k[i] if cache is not None else None
+      vc = cache.v[i] if cache is not None else None
+      x, kc, vc = layer(x, positions_BT, inv_freq, kc, vc, mask, write_at)
+      new_k.append(kc)
+      new_v.append(vc)
+    h = self.final_norm(x)
+    if cache is None:
+      return h, None
+    new_cache = structs.KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v),
+                                mask=slot_mask, end=cache.end + t)
+    return h, new_cache
+
+  # -- entry points ----------------------------------------------------------
+
+  def hidden(self, tokens, *, positions=None, attention_mask=None):
+    """Final-norm hidden states [B, T, D] (no vocab projection)."""
+    return self._forward(tokens, positions, attention_mask, None)[0]
+
+  def __call__(self, tokens, *, positions=None, attention_mask=None):
+    """Logits f32[B, T, V] of a plain (uncached) forward.
+
+    Args:
+      tokens: i32[B, T].
+      positions: i32[B, T]; default `default_positions(attention_mask)`.
+      attention_mask: bool[B, T], False on padding; default all True.
+    """
+    return self.logits(self.hidden(tokens, positions=positions,
+                                   attention_mask=attention_mask))
+
+  def extend(self, tokens, cache: structs.KVCache, *, positions,
+             attention_mask=None, return_hidden: bool = False):
+    """Cached forward: writes T tokens into the cache at `cache.end`.
+
+    Args:
+      tokens: i32[B, T].
+      cache: the cache, with `cache.end + T <= S`.
+      positions: i32[B, T] RoPE positions of these tokens.
+      attention_mask: bool[B, T] which of these tokens are real.
+      return_hidden: return final-norm hidden states instead of logits.
+
+    Returns:
+      (f32[B, T, V] logits or [B, T, D] hidden, the updated cache).
+    """
+    h, cache = self._forward(tokens, positions, attention_mask, cache)
+    return (h if return_hidden else self.logits(h)), cache
