@@ -34,10 +34,9 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32,
     shardings: optional shardings of the param state (see sharding.py).
   """
   cfg = hf.read_config(path, dtype=dtype, param_dtype=param_dtype or dtype)
-  state = hf.load_params(path, cfg, shardings=shardings)
-  abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
-  graphdef, _ = nnx.split(abstract)
-  return nnx.merge(graphdef, state)
+  params = hf.load_params(path, cfg, shardings=shardings)
+  graphdef, _ = llama.abstract_model(cfg)
+  return nnx.merge(graphdef, params)
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,

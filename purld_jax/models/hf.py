@@ -179,14 +179,16 @@ def _set_path(tree: dict, path: tuple, value) -> None:
 
 
 def load_params(path: str | os.PathLike, cfg: llama.LlamaConfig,
-                *, shardings=None) -> nnx.State:
-  """Reads a checkpoint into an NNX Param state for `Llama(cfg)`.
+                *, shardings=None) -> dict:
+  """Reads a checkpoint into the pure-dict param tree of `Llama(cfg)`.
+
+  `nnx.merge(llama.abstract_model(cfg)[0], params)` makes the model.
 
   Args:
     path: a Hugging Face model directory.
     cfg: its config (see `read_config`).
-    shardings: optional pytree of `jax.sharding.Sharding` matching the state;
-      each tensor is placed directly where it belongs.
+    shardings: optional pytree of `jax.sharding.Sharding` matching the tree;
+      the arrays are placed there.
 
   Raises:
     CheckpointError naming the file and tensor that is missing or
@@ -202,23 +204,21 @@ def load_params(path: str | os.PathLike, cfg: llama.LlamaConfig,
         f"{path / where}: missing tensor {missing[0]!r}"
         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
   raw = _read_tensors(files, [e.hf_name for e in table])
-  abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
-  state = nnx.state(abstract, nnx.Param)
-  pure = nnx.to_pure_dict(state)
+  _, shapes = llama.abstract_model(cfg)
+  params = jax.tree.map(lambda x: None, shapes)
   for e in table:
-    expected = _get_path(pure, e.path)
+    expected = _get_path(shapes, e.path)
     want = e.to_hf(np.zeros(expected.shape, np.float32)).shape
     got = raw[e.hf_name].shape
     if tuple(got) != tuple(want):
       raise CheckpointError(
           f"{files[e.hf_name]}: tensor {e.hf_name!r} has shape {tuple(got)}, "
           f"expected {tuple(want)} for this config.json")
-    arr = e.to_nnx(raw[e.hf_name])
-    _set_path(pure, e.path, jnp.asarray(arr, dtype=cfg.param_dtype))
-  nnx.replace_by_pure_dict(state, pure)
+    arr = e.to_nnx(raw.pop(e.hf_name))
+    _set_path(params, e.path, jnp.asarray(arr, dtype=cfg.param_dtype))
   if shardings is not None:
-    state = jax.device_put(state, shardings)
-  return state
+    params = jax.device_put(params, shardings)
+  return params
 
 
 def _get_path(tree, path):

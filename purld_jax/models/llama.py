@@ -23,6 +23,7 @@ weights use vocab, embed, q_heads, kv_heads, head_dim, mlp.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -431,3 +432,18 @@ class Llama(nnx.Module):
     """
     h, cache = self._forward(tokens, positions, attention_mask, cache)
     return (h if return_hidden else self.logits(h)), cache
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_model(cfg: LlamaConfig):
+  """(graphdef, param shapes) of `Llama(cfg)` without allocating weights.
+
+  The shapes are a nested dict of `jax.ShapeDtypeStruct` in NNX's pure-dict
+  layout; `nnx.merge(graphdef, arrays_like_shapes)` builds a model. Cached:
+  tracing the initialiser of a 30-layer model takes seconds.
+  """
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        nnx.to_pure_dict(state))
+  return graphdef, shapes
