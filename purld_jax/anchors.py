@@ -1,0 +1,485 @@
+"""Prompt -> anchor, through a ledger: the teacher is paid once per prompt, ever.
+
+The ledger is ``<workdir>/anchors.sqlite`` (SQLite, WAL, synchronous=FULL). A
+row is keyed by ``ledger_key``: sha256 of the canonical JSON of the exact
+request (messages as sent, system prompt included; teacher backend and model;
+the generation params that shape the answer). Prompt ids, base URLs and keys
+are not part of it. Tables: ``anchors`` (one answer per key: text,
+finish_reason, usage tokens, latency, attempts, errors, created time, teacher
+label, ``simulated`` for the dataset backend), ``requests`` (one intent row
+per request a process starts) and ``attempts`` (one row per HTTP attempt).
+
+The guarantee, exactly:
+
+  1. An answer that was stored is never paid for again. Before a request is
+     sent, an intent row is committed in the same transaction that checks the
+     key has no answer, while this process holds ``anchors.sqlite.lock``
+     (flock; released by the kernel when a process dies, even by kill -9), so
+     no other process on this machine is asking at the same time.
+  2. An answer is committed before it is returned or counted as done.
+  3. A request in flight when its process is killed may have been paid for
+     and is sent again by the next run. Its intent row is still open then;
+     the new intent records it (``prev_outcome = 'killed'``). ``stats``
+     reports these re-sends as "re-sent after a kill": an upper bound on
+     answers paid twice (the killed one may not have reached the server).
+     It also reports "asked again after stored", computed from the rows
+     (requests started after the one that stored their key's answer): 0 by
+     (1), and checked, not assumed.
+  4. Retries inside one request (429, 5xx, timeouts, truncation under
+     ``on_truncated='retry'``) are counted as retries; those whose attempt
+     got an answer back were billed (their tokens are in the stats).
+
+Not covered: a ledger on a file system without working flock (some NFS), and
+two machines sharing one workdir; there the re-send count still tells.
+
+Command line (``--help`` for all flags)::
+
+  python -m purld_jax.anchors fetch --prompts=FILE.jsonl --workdir=DIR \\
+      --teacher.base_url=http://host/v1 --teacher.model=NAME \\
+      --teacher.api_key_env=OPENAI_API_KEY
+  python -m purld_jax.anchors fetch --config=configs/x.py --workdir=DIR
+  python -m purld_jax.anchors stats --workdir=DIR
+
+With ``--config``, the prompt file is ``data.train_path`` and the teacher is
+the ``teacher`` block (override with ``--config.teacher.model=...``); explicit
+``--prompts`` and ``--teacher.*`` flags win over both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from purld_jax import prompts as prompts_lib
+from purld_jax import teacher as teacher_lib
+
+FILENAME = "anchors.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS anchors (
+  key TEXT PRIMARY KEY, prompt_id TEXT NOT NULL, request_id INTEGER NOT NULL,
+  teacher TEXT NOT NULL, backend TEXT NOT NULL, model TEXT NOT NULL,
+  simulated INTEGER NOT NULL, messages TEXT NOT NULL, params TEXT NOT NULL,
+  text TEXT NOT NULL, finish_reason TEXT NOT NULL, truncated INTEGER NOT NULL,
+  prompt_tokens INTEGER, completion_tokens INTEGER, latency_s REAL NOT NULL,
+  attempts INTEGER NOT NULL, errors TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL,
+  prompt_id TEXT NOT NULL, backend TEXT NOT NULL, pid INTEGER NOT NULL,
+  started_at REAL NOT NULL, finished_at REAL, outcome TEXT,
+  prev_outcome TEXT, error TEXT);
+CREATE INDEX IF NOT EXISTS requests_key ON requests (key);
+CREATE TABLE IF NOT EXISTS attempts (
+  request_id INTEGER NOT NULL, n INTEGER NOT NULL, outcome TEXT NOT NULL,
+  status INTEGER, error TEXT NOT NULL, latency_s REAL NOT NULL,
+  wait_s REAL NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,
+  at REAL NOT NULL);
+"""
+
+
+class AnchorError(RuntimeError):
+  """Anchors that could not be had; the message names the prompts and why."""
+
+
+def canonical_json(request: teacher_lib.Request) -> str:
+  """The request as canonical JSON (sorted keys, no spaces, UTF-8 kept)."""
+  return json.dumps(
+      {"v": 1, "backend": request.backend, "model": request.model,
+       "messages": [list(m) for m in request.messages],
+       "params": dict(request.params)},
+      sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def ledger_key(request: teacher_lib.Request) -> str:
+  """sha256 hex of ``canonical_json(request)``."""
+  return hashlib.sha256(canonical_json(request).encode("utf-8")).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Anchor:
+  """The teacher's one answer to a prompt."""
+
+  prompt_id: str
+  key: str
+  text: str
+  finish_reason: str
+  truncated: bool
+  simulated: bool   # True: a reference answer (dataset backend), not a teacher
+  teacher: str      # the teacher's label
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+  """Ledger totals (all teachers in it). See the module docstring."""
+
+  anchors: int
+  simulated: int            # anchors from the dataset backend
+  truncated: int
+  requests: int
+  failed: int               # requests that gave up after their retries
+  unfinished: int           # intents still open: in flight now, or killed
+  resent_after_kill: int    # duplicates: re-sends of a killed in-flight request
+  asked_after_stored: int   # must be 0
+  calls: int                # HTTP attempts (dataset backend excluded)
+  retries: int
+  errors: dict              # attempt outcome -> count (outcome != ok)
+  prompt_tokens: int
+  completion_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchReport:
+  prompts: int
+  distinct: int             # distinct ledger keys among them
+  already: int              # keys that had an answer before this fetch
+  stored: int               # answers stored by this fetch
+  failed: tuple             # ((prompt_id, message), ...)
+
+
+class Ledger:
+  """The SQLite ledger; thread-safe (one connection behind a lock)."""
+
+  def __init__(self, workdir: str | os.PathLike, *, create: bool = True):
+    self.path = os.path.join(os.fspath(workdir), FILENAME)
+    if not create and not os.path.exists(self.path):
+      raise AnchorError(f"no anchor ledger at {self.path}")
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                               check_same_thread=False)
+    self._lock = threading.Lock()
+    self._db.execute("PRAGMA journal_mode=WAL")
+    self._db.execute("PRAGMA synchronous=FULL")
+    version = self._db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+      raise AnchorError(f"{self.path} has ledger schema {version}; this code "
+                        f"reads up to {SCHEMA_VERSION}")
+    self._db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+
+  def close(self):
+    with self._lock:
+      self._db.close()
+
+  @contextlib.contextmanager
+  def _tx(self):
+    with self._lock:
+      self._db.execute("BEGIN IMMEDIATE")
+      try:
+        yield self._db
+      except BaseException:
+        self._db.execute("ROLLBACK")
+        raise
+      self._db.execute("COMMIT")
+
+  @contextlib.contextmanager
+  def writer(self):
+    """Holds ``anchors.sqlite.lock``: one asking process per workdir at a time."""
+    with open(self.path + ".lock", "a+") as f:
+      fcntl.flock(f, fcntl.LOCK_EX)
+      try:
+        yield
+      finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+  def rows(self, keys: Sequence[str]) -> dict[str, dict]:
+    """key -> {text, finish_reason, truncated, simulated, teacher}, stored only."""
+    out = {}
+    with self._lock:
+      for i in range(0, len(keys), 500):
+        chunk = list(keys[i:i + 500])
+        out.update((key, dict(text=text, finish_reason=finish,
+                              truncated=bool(trunc), simulated=bool(sim),
+                              teacher=label))
+                   for key, text, finish, trunc, sim, label in self._db.execute(
+                       "SELECT key, text, finish_reason, truncated, simulated, "
+                       "teacher FROM anchors WHERE key IN "
+                       f"({','.join('?' * len(chunk))})", chunk))
+    return out
+
+  def begin(self, key: str, prompt_id: str, backend: str) -> int | None:
+    """Commits an intent row; None if the key has an answer (do not ask)."""
+    with self._tx() as db:
+      if db.execute("SELECT 1 FROM anchors WHERE key=?", (key,)).fetchone():
+        return None
+      prev = db.execute("SELECT id, outcome FROM requests WHERE key=? "
+                        "ORDER BY id DESC LIMIT 1", (key,)).fetchone()
+      prev_outcome = None
+      if prev is not None:
+        prev_outcome = prev[1] or "killed"  # open intent, under the flock: dead
+        if prev[1] is None:
+          db.execute("UPDATE requests SET outcome='killed' WHERE id=?", (prev[0],))
+      return db.execute(
+          "INSERT INTO requests (key, prompt_id, backend, pid, started_at, "
+          "prev_outcome) VALUES (?, ?, ?, ?, ?, ?)",
+          (key, prompt_id, backend, os.getpid(), time.time(), prev_outcome)
+      ).lastrowid
+
+  def record_attempt(self, request_id: int, a: teacher_lib.Attempt):
+    with self._tx() as db:
+      db.execute("INSERT INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (request_id, a.n, a.outcome, a.status, a.error, a.latency_s,
+                  a.wait_s, a.prompt_tokens, a.completion_tokens, time.time()))
+
+  def store(self, request_id: int, key: str, prompt_id: str,
+            request: teacher_lib.Request, reply: teacher_lib.Reply):
+    """Commits the answer and closes the intent, in one transaction."""
+    errors = [f"{a.outcome}: {a.error}" for a in reply.attempts if a.outcome != "ok"]
+    with self._tx() as db:
+      new = db.execute(
+          "INSERT OR IGNORE INTO anchors VALUES "
+          "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+          (key, prompt_id, request_id, reply.teacher, request.backend,
+           request.model, int(reply.simulated),
+           json.dumps(request.messages, ensure_ascii=False),
+           json.dumps(dict(request.params), ensure_ascii=False), reply.text,
+           reply.finish_reason, int(reply.truncated), reply.prompt_tokens,
+           reply.completion_tokens, reply.latency_s, len(reply.attempts),
+           json.dumps(errors), time.time())).rowcount
+      db.execute("UPDATE requests SET outcome=?, finished_at=? WHERE id=?",
+                 ("stored" if new else "answer_existed", time.time(), request_id))
+
+  def fail(self, request_id: int, error: Exception):
+    with self._tx() as db:
+      db.execute("UPDATE requests SET outcome='failed', finished_at=?, error=? "
+                 "WHERE id=?", (time.time(), str(error)[:500], request_id))
+
+  def stats(self) -> Stats:
+    one = lambda sql: self._db.execute(sql).fetchone()[0] or 0
+    with self._lock:
+      errors = dict(self._db.execute(
+          "SELECT outcome, count(*) FROM attempts WHERE outcome != 'ok' "
+          "GROUP BY outcome ORDER BY outcome").fetchall())
+      paid = ("FROM attempts JOIN requests ON requests.id = attempts.request_id "
+              "WHERE requests.backend != 'dataset'")
+      return Stats(
+          anchors=one("SELECT count(*) FROM anchors"),
+          simulated=one("SELECT sum(simulated) FROM anchors"),
+          truncated=one("SELECT sum(truncated) FROM anchors"),
+          requests=one("SELECT count(*) FROM requests"),
+          failed=one("SELECT count(*) FROM requests WHERE outcome='failed'"),
+          unfinished=one("SELECT count(*) FROM requests WHERE outcome IS NULL"),
+          resent_after_kill=one(
+              "SELECT count(*) FROM requests WHERE prev_outcome='killed'"),
+          asked_after_stored=one(
+              "SELECT count(*) FROM requests r JOIN anchors a ON a.key = r.key "
+              "WHERE r.id > a.request_id"),
+          calls=one(f"SELECT count(*) {paid}"),
+          retries=one(f"SELECT count(*) {paid} AND n > 1"),
+          errors=errors,
+          prompt_tokens=one(f"SELECT sum(attempts.prompt_tokens) {paid}"),
+          completion_tokens=one(f"SELECT sum(attempts.completion_tokens) {paid}"))
+
+
+def format_stats(s: Stats) -> str:
+  lines = [
+      f"anchors stored:              {s.anchors}"
+      + (f" ({s.simulated} SIMULATED: dataset reference answers)"
+         if s.simulated else ""),
+      f"  truncated (finish=length): {s.truncated}",
+      f"requests (intents):          {s.requests}",
+      f"  failed after retries:      {s.failed}",
+      f"  open (in flight or killed): {s.unfinished}",
+      f"teacher calls (HTTP):        {s.calls}",
+      f"  retries:                   {s.retries}",
+      "  errors:                    "
+      + (", ".join(f"{k}={v}" for k, v in s.errors.items()) or "none"),
+      f"tokens: prompt {s.prompt_tokens}, completion {s.completion_tokens}",
+      f"duplicates (re-sent after a kill, may be paid twice): {s.resent_after_kill}",
+      f"asked again after stored (must be 0): {s.asked_after_stored}",
+  ]
+  return "\n".join(lines)
+
+
+class AnchorStore:
+  """Anchors for prompts, asking the teacher only for keys not in the ledger."""
+
+  def __init__(self, workdir: str | os.PathLike, teacher: teacher_lib.Teacher):
+    self.teacher, self.ledger = teacher, Ledger(workdir)
+
+  def close(self):
+    self.ledger.close()
+
+  def _by_key(self, prompts: Sequence[prompts_lib.Prompt]
+              ) -> dict[str, prompts_lib.Prompt]:
+    """Ledger key -> the first prompt with that key."""
+    todo = {}
+    for p in prompts:
+      todo.setdefault(ledger_key(self.teacher.request(p)), p)
+    return todo
+
+  def lookup(self, prompts: Sequence[prompts_lib.Prompt]) -> list[Anchor | None]:
+    """The stored anchors (None where absent); never asks the teacher."""
+    keys = [ledger_key(self.teacher.request(p)) for p in prompts]
+    rows = self.ledger.rows(keys)
+    return [Anchor(prompt_id=p.id, key=k, **rows[k]) if k in rows else None
+            for p, k in zip(prompts, keys)]
+
+  def missing(self, prompts: Sequence[prompts_lib.Prompt]
+              ) -> dict[str, prompts_lib.Prompt]:
+    """Ledger key -> first prompt with that key, for keys without an answer."""
+    todo = self._by_key(prompts)
+    have = self.ledger.rows(list(todo))
+    return {k: p for k, p in todo.items() if k not in have}
+
+  def fetch(self, prompts: Sequence[prompts_lib.Prompt], *,
+            on_done: Callable[[str, object], None] | None = None) -> FetchReport:
+    """Asks for every distinct key without an answer; commits each as it comes.
+
+    ``on_done(prompt_id, reply_or_error)`` is called per finished request.
+    Failed requests are reported, not raised; a fatal one (unreachable server,
+    401/403/404) is raised once the requests already running are stored.
+    """
+    todo = self._by_key(prompts)
+    already = len(self.ledger.rows(list(todo)))
+    stored, failed = 0, []
+    with self.ledger.writer():
+      have = self.ledger.rows(list(todo))  # again, under the lock
+      missing = [(k, p) for k, p in todo.items() if k not in have]
+      if missing:
+        self.teacher.prepare()
+      for (_, prompt), result in teacher_lib.ask_many(
+          self.teacher, missing, ask=self._ask_and_store):
+        if isinstance(result, teacher_lib.TeacherError):
+          failed.append((prompt.id, str(result)))
+        elif result is not None:
+          stored += 1
+        if on_done:
+          on_done(prompt.id, result)
+    return FetchReport(len(prompts), len(todo), already, stored, tuple(failed))
+
+  def _ask_and_store(self, item):
+    key, prompt = item
+    request = self.teacher.request(prompt)
+    rid = self.ledger.begin(key, prompt.id, request.backend)
+    if rid is None:
+      return None
+    try:
+      reply = self.teacher.ask(
+          prompt, on_attempt=lambda a: self.ledger.record_attempt(rid, a))
+    except Exception as e:
+      self.ledger.fail(rid, e)
+      raise
+    self.ledger.store(rid, key, prompt.id, request, reply)
+    return reply
+
+  def get_or_query(self, prompts: Sequence[prompts_lib.Prompt]) -> list[Anchor]:
+    """One anchor per prompt; asks only for those not yet in the ledger."""
+    anchors = self.lookup(prompts)
+    missing = [p for p, a in zip(prompts, anchors) if a is None]
+    if missing:
+      report = self.fetch(missing)
+      anchors = self.lookup(prompts)
+      if report.failed:
+        raise AnchorError(f"{len(report.failed)} prompt(s) got no anchor, e.g. "
+                          f"{report.failed[0][0]!r}: {report.failed[0][1]}")
+    return anchors
+
+
+# ---------------------------------------------------------------- command line
+
+_TEACHER_FLAG_KIND = {str: "string", float: "float", int: "integer"}
+
+
+def _define_flags():
+  """Flags of the command line only (library users import this module)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      "config", None, "optional config file with a `teacher` block and "
+      "`data.train_path`; override fields with --config.teacher.model=...",
+      lock_config=True)
+  flags.DEFINE_string("prompts", None, "JSONL prompt file (default: the "
+                      "config's data.train_path)")
+  flags.DEFINE_string("workdir", None, "run directory holding anchors.sqlite")
+  flags.DEFINE_bool("progress", True, "show a progress bar (stderr)")
+  # --teacher.* flags win over the config's teacher block.
+  defaults = teacher_lib.TeacherConfig()
+  for f in dataclasses.fields(teacher_lib.TeacherConfig):
+    kind = _TEACHER_FLAG_KIND[type(getattr(defaults, f.name))]
+    getattr(flags, f"DEFINE_{kind}")(
+        f"teacher.{f.name}", None,
+        f"{f.metadata['help']} (default {getattr(defaults, f.name)!r})")
+  return flags.FLAGS
+
+
+def _teacher_config(flags_, config) -> teacher_lib.TeacherConfig:
+  """Defaults < the config's teacher block < explicit --teacher.* flags."""
+  values = {}
+  if config is not None and "teacher" in config:
+    values.update(config.teacher.to_dict())
+  for f in dataclasses.fields(teacher_lib.TeacherConfig):
+    if flags_[f"teacher.{f.name}"].present:
+      values[f.name] = flags_[f"teacher.{f.name}"].value
+  return teacher_lib.TeacherConfig.from_mapping(values)
+
+
+def _prompts_path(flags_, config) -> str:
+  if flags_.prompts:
+    return flags_.prompts
+  try:
+    return config.data.train_path
+  except (AttributeError, KeyError):
+    raise AnchorError("no prompt file: give --prompts=FILE.jsonl, or a "
+                      "--config with data.train_path") from None
+
+
+def _fetch(flags_, config) -> int:
+  import tqdm  # pylint: disable=g-import-not-at-top
+  cfg = _teacher_config(flags_, config)
+  prompts = prompts_lib.read_jsonl(_prompts_path(flags_, config))
+  store = AnchorStore(flags_.workdir, teacher_lib.make(cfg))
+  print(f"teacher: {store.teacher.label}")
+  todo = len(store.missing(prompts))
+  bar = tqdm.tqdm(total=todo, unit="prompt", disable=not flags_.progress,
+                  dynamic_ncols=True)
+  try:
+    report = store.fetch(prompts, on_done=lambda *_: bar.update())
+  finally:
+    bar.close()
+    stats = store.ledger.stats()
+    store.close()
+  print(f"prompts {report.prompts}, distinct {report.distinct}, already stored "
+        f"{report.already}, stored now {report.stored}, failed {len(report.failed)}")
+  for pid, msg in report.failed[:10]:
+    print(f"  failed {pid}: {msg}")
+  print(format_stats(stats))
+  return 1 if report.failed else 0
+
+
+def _main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  flags_ = _FLAGS
+  if len(argv) != 2 or argv[1] not in ("fetch", "stats"):
+    raise app.UsageError("usage: python -m purld_jax.anchors fetch|stats "
+                         "--workdir=DIR [...]; see --help")
+  if not flags_.workdir:
+    raise app.UsageError("--workdir is required")
+  if flags_.verbosity < 1:  # one INFO line per HTTP request is noise
+    for name in ("httpx", "httpx2"):
+      logging.getLogger(name).setLevel(logging.WARNING)
+  try:
+    if argv[1] == "stats":
+      ledger = Ledger(flags_.workdir, create=False)
+      print(format_stats(ledger.stats()))
+      return 0
+    return _fetch(flags_, flags_.config)
+  except (AnchorError, teacher_lib.ConfigError, teacher_lib.TeacherError,
+          prompts_lib.PromptFileError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _FLAGS = _define_flags()
+  app.run(_main)
