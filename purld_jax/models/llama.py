@@ -31,9 +31,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from purld_jax import sharding
 from purld_jax import structs
 
 _NEG_INF = -1e30  # finite, so fully masked rows (pads) stay NaN-free
+_ACT = ("act_batch", "act_len", "act_embed")
+_ACT_HEADS = ("act_batch", "act_len", "act_heads", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,8 +240,8 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q = self.q_norm(q)
       k = self.k_norm(k)
-    q = apply_rope(q, positions_BT, inv_freq)
-    k = apply_rope(k, positions_BT, inv_freq)
+    q = sharding.constrain(apply_rope(q, positions_BT, inv_freq), _ACT_HEADS)
+    k = sharding.constrain(apply_rope(k, positions_BT, inv_freq), _ACT_HEADS)
     if k_cache_BSGH is not None:
       zero = jnp.zeros((), jnp.int32)
       idx = (zero, write_at, zero, zero)
@@ -371,6 +374,7 @@ class Llama(nnx.Module):
         raise ValueError("a cached forward needs explicit positions")
       positions_BT = default_positions(attention_mask_BT)
     x = jnp.take(self.embed.value, tokens_BT, axis=0).astype(cfg.dtype)
+    x = sharding.constrain(x, _ACT)
     inv_freq = rope_inv_freq(cfg)
     if cache is None:
       causal = jnp.tril(jnp.ones((t, t), bool))
@@ -390,6 +394,7 @@ class Llama(nnx.Module):
       kc = cache.k[i] if cache is not None else None
       vc = cache.v[i] if cache is not None else None
       x, kc, vc = layer(x, positions_BT, inv_freq, kc, vc, mask, write_at)
+      x = sharding.constrain(x, _ACT)
       new_k.append(kc)
       new_v.append(vc)
     h = self.final_norm(x)

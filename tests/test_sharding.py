@@ -1,0 +1,97 @@
+"""Sharded forward equals single-device; parameter shardings follow the rules.
+
+conftest.py gives the CPU 8 devices (XLA_FLAGS), as on a small pod slice.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from purld_jax import sharding
+from purld_jax.models import llama
+
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8,
+                                reason="needs 8 (fake) devices")
+
+
+def _cfg():
+  # every sharded dimension divisible by 8: heads 8, kv heads 4 -> on tensor
+  # axis of 2 they split; embed 64 splits over fsdp 8.
+  return llama.tiny_config(hidden_size=64, num_heads=8, num_kv_heads=4,
+                           head_dim=8, intermediate_size=128, vocab_size=256)
+
+
+def test_make_mesh_infers_one_axis():
+  mesh = sharding.make_mesh((2, -1, 2))
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  with pytest.raises(ValueError, match=r"needs 4 devices, found 8"):
+    sharding.make_mesh((2, 2, 1))
+  with pytest.raises(ValueError, match="at most one -1"):
+    sharding.make_mesh((-1, -1, 2))
+
+
+def test_spec_by_hand():
+  mesh = sharding.make_mesh((2, 2, 2))
+  rules = sharding.DEFAULT_RULES
+  assert sharding.spec(("embed", "q_heads", "head_dim"), rules, mesh,
+                       (64, 8, 8)) == P("fsdp", "tensor", None)
+  # 3 kv heads do not split over tensor=2: replicated on that dimension.
+  assert sharding.spec(("embed", "kv_heads", "head_dim"), rules, mesh,
+                       (64, 3, 8)) == P("fsdp", None, None)
+  assert sharding.spec(("act_batch", "act_len"), rules, mesh,
+                       (4, 5)) == P(("data", "fsdp"), None)
+  # a size-1 mesh axis is dropped from the spec
+  mesh1 = sharding.make_mesh((8, 1, 1))
+  assert sharding.spec(("vocab", "embed"), rules, mesh1,
+                       (256, 64)) == P(None, None)
+  with pytest.raises(KeyError, match="'nope' has no rule"):
+    sharding.spec(("nope",), rules)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_param_shardings_follow_rules(shape):
+  mesh = sharding.make_mesh(shape)
+  sh = sharding.param_shardings(_cfg(), mesh)
+  tensor = "tensor" if shape[2] > 1 else None
+  fsdp = "fsdp" if shape[1] > 1 else None
+  assert sh["layers"][0]["attn"]["q_proj"].spec == P(fsdp, tensor, None)
+  assert sh["layers"][1]["mlp"]["down_proj"].spec == P(tensor, fsdp)
+  assert sh["embed"].spec == P(tensor, fsdp)
+  assert sh["final_norm"]["scale"].spec == P(fsdp)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_forward_equals_single_device(shape):
+  cfg = _cfg()
+  model = llama.Llama(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  pure = nnx.to_pure_dict(params)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 256, (8, 12)), jnp.int32)
+  mask = jnp.asarray(np.arange(12)[None, :] >= rng.integers(0, 6, (8, 1)))
+  want = np.asarray(model(tokens, attention_mask=mask))
+
+  mesh = sharding.make_mesh(shape)
+  p_sh = sharding.param_shardings(cfg, mesh)
+  batch_sh = sharding.named(mesh, ("act_batch", "act_len"), shape=(8, 12))
+  out_sh = sharding.named(mesh, ("act_batch", "act_len", "act_vocab"),
+                          shape=(8, 12, 256))
+
+  def fwd(params, tokens, mask):
+    with sharding.use_rules(mesh):
+      return nnx.merge(graphdef, params)(tokens, attention_mask=mask)
+
+  f = jax.jit(fwd, in_shardings=(p_sh, batch_sh, batch_sh),
+              out_shardings=out_sh)
+  placed = jax.device_put(pure, p_sh)
+  assert placed["layers"][0]["mlp"]["up_proj"].sharding == \
+      p_sh["layers"][0]["mlp"]["up_proj"]
+  got = f(placed, jax.device_put(tokens, batch_sh),
+          jax.device_put(mask, batch_sh))
+  assert isinstance(got.sharding, NamedSharding)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
