@@ -1,0 +1,566 @@
+"""Anchor-conditioned self-ranking: scores S(x, a, y_k) f32[B, K] (METHOD.md
+step 3).
+
+Three layers:
+  (a) host-side template helpers (numpy, Python over rows: off the hot path)
+      turn (prompt messages, anchor text, candidate token ids) into
+      left-padded `ScoringBatch`es of R rows: tokens i32[R, T],
+      attention_mask bool[R, T] and target_mask bool[R, T] (the scored
+      suffix; T here is the whole template row). Rows are ordered b * K + k.
+  (b) pure jitted score functions of log-prob arrays -> f32[B, K], wrapped
+      in stop_gradient (scores are labels, never differentiated);
+  (c) `score_group`, the glue that builds the rows, runs the model through
+      `scoring` a chunk of rows at a time and applies (b).
+
+The scorer is whichever model the caller passes to `score_group`: the
+policy snapshot that sampled the candidates, or the reference
+(`nnx.merge(graphdef, ref_params)`): `ranking.scorer` in the config.
+
+Candidates are token-id lists (see `candidate_lists` for sampler arrays);
+every scheme first cuts a candidate at its first stop id (the stop token
+itself is dropped). An empty candidate gets score 0 from the log-prob
+schemes (nothing to average) and is judged as empty text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purld_jax import scoring
+from purld_jax.models import tokenizer as tok_lib
+
+SCHEMES = ("judge", "pmi", "anchor_recon", "pairwise_judge", "self_reward",
+           "similarity", "oracle")
+PAIRWISE_AGGREGATIONS = ("bradley_terry", "win_count")
+SIMILARITY_METRICS = ("rouge_l", "token_f1")
+
+# Default templates (user turns). Placeholders: {prompt}, {reference} (the
+# anchor), {response} / {response_a} / {response_b} (decoded candidates),
+# {draft} (a candidate shown as a draft).
+JUDGE_TEMPLATE = (
+    "Question:\n{prompt}\n\nReference answer:\n{reference}\n\n"
+    "Candidate answer:\n{response}\n\n"
+    "Is the candidate answer as good as the reference answer? "
+    "Answer Yes or No.")
+SELF_REWARD_TEMPLATE = (
+    "Question:\n{prompt}\n\nCandidate answer:\n{response}\n\n"
+    "Is the candidate answer a good answer to the question? "
+    "Answer Yes or No.")
+PAIRWISE_TEMPLATE = (
+    "Question:\n{prompt}\n\nReference answer:\n{reference}\n\n"
+    "Response A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
+    "Using the reference answer as a guide, is Response A better than "
+    "Response B? Answer Yes or No.")
+PMI_TEMPLATE = "{prompt}\n\nA reference answer:\n{reference}"
+RECON_TEMPLATE = (
+    "{prompt}\n\nA draft answer:\n{draft}\n\nWrite the final answer.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringBatch:
+  """Left-padded rows for one model call (numpy, host side).
+
+  Attributes:
+    tokens: i32[R, T].
+    attention_mask: bool[R, T], False on padding.
+    target_mask: bool[R, T], True on the scored suffix (candidate or anchor
+      tokens); all False for judge rows, which are read after the last
+      column (`scoring.last_logps`).
+  """
+  tokens: np.ndarray
+  attention_mask: np.ndarray
+  target_mask: np.ndarray
+
+
+# ----------------------------------------------------------------------------
+# (a) host-side template helpers
+
+
+def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+  """`ids` up to (not including) the first stop id."""
+  out = []
+  for i in ids:
+    if int(i) in stop_ids:
+      break
+    out.append(int(i))
+  return out
+
+
+def candidate_lists(tokens: np.ndarray, mask: np.ndarray
+                    ) -> list[list[list[int]]]:
+  """Sampler arrays i32[B, K, T] + bool[B, K, T] -> B x K token-id lists."""
+  tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
+  return [[tokens[b, k][mask[b, k]].tolist() for k in range(tokens.shape[1])]
+          for b in range(tokens.shape[0])]
+
+
+def prompt_text(messages: Sequence[dict]) -> str:
+  """A prompt conversation as plain text for a template: the content of a
+  single user turn as is; otherwise "role: content" lines."""
+  if len(messages) == 1 and messages[0]["role"] == "user":
+    return messages[0]["content"]
+  return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def _with_last_user(messages: Sequence[dict], content: str) -> list[dict]:
+  """`messages` with the last user turn's content replaced."""
+  out = [dict(m) for m in messages]
+  last = max(i for i, m in enumerate(out) if m["role"] == "user")
+  out[last]["content"] = content
+  return out
+
+
+def _finish(rows, n_target, pad_id, pad_multiple, length=None) -> ScoringBatch:
+  """Left-pads rows to `length` (default: longest, rounded up to
+  pad_multiple); the last n_target[r] tokens of row r are targets."""
+  if length is None:
+    longest = max(len(r) for r in rows)
+    length = -(-longest // pad_multiple) * pad_multiple
+  tokens, mask = tok_lib.pad_left(rows, pad_id, length)
+  cols = np.arange(length)[None, :]
+  target = cols >= length - np.asarray(n_target, np.int64)[:, None]
+  return ScoringBatch(tokens, mask, target & mask)
+
+
+def judge_batch(tok, prompts, anchors, candidates, *,
+                template: str = JUDGE_TEMPLATE,
+                pad_multiple: int = 16) -> ScoringBatch:
+  """One judge conversation per candidate, R = B * K rows.
+
+  Args:
+    tok: `models.tokenizer.Tokenizer`.
+    prompts: B prompt conversations (lists of {"role", "content"}).
+    anchors: B anchor texts (ignored by templates without {reference}, such
+      as SELF_REWARD_TEMPLATE).
+    candidates: B lists of K token-id lists.
+    template: user-turn text with {prompt}, {reference}, {response}.
+    pad_multiple: T is rounded up to a multiple of this (fewer recompiles).
+  """
+  rows = []
+  for msgs, anchor, group in zip(prompts, anchors, candidates):
+    for ids in group:
+      text = tok.decode(cut_at_stop(ids, tok.stop_ids))
+      user = template.format(prompt=prompt_text(msgs), reference=anchor,
+                             response=text)
+      rows.append(tok.encode_chat([{"role": "user", "content": user}]))
+  return _finish(rows, [0] * len(rows), tok.pad_id, pad_multiple)
+
+
+def ordered_pairs(k: int) -> tuple[np.ndarray, np.ndarray]:
+  """np.int32[K (K - 1)] (i, j), every ordered pair i != j, row-major."""
+  i, j = np.nonzero(~np.eye(k, dtype=bool))
+  return i.astype(np.int32), j.astype(np.int32)
+
+
+def pairwise_batch(tok, prompts, anchors, candidates, *,
+                   template: str = PAIRWISE_TEMPLATE,
+                   pad_multiple: int = 16) -> ScoringBatch:
+  """One judge conversation per ordered pair (A = y_i, B = y_j), both
+  orders, R = B * K (K - 1) rows in `ordered_pairs(K)` order per prompt."""
+  rows = []
+  for msgs, anchor, group in zip(prompts, anchors, candidates):
+    texts = [tok.decode(cut_at_stop(ids, tok.stop_ids)) for ids in group]
+    for i, j in zip(*ordered_pairs(len(group))):
+      user = template.format(prompt=prompt_text(msgs), reference=anchor,
+                             response_a=texts[i], response_b=texts[j])
+      rows.append(tok.encode_chat([{"role": "user", "content": user}]))
+  return _finish(rows, [0] * len(rows), tok.pad_id, pad_multiple)
+
+
+def pmi_batches(tok, prompts, anchors, candidates, *,
+                template: str = PMI_TEMPLATE, pad_multiple: int = 16
+                ) -> tuple[ScoringBatch, ScoringBatch]:
+  """Each candidate after two contexts, R = B * K rows each, same T.
+
+  With the anchor: the last user turn becomes template(prompt, reference);
+  without: the prompt as is. The candidate's tokens are appended after the
+  generation prompt unchanged (no re-tokenisation) and are the targets;
+  left padding to a common T puts them at the same columns in both batches.
+  """
+  with_a, plain, n = [], [], []
+  for msgs, anchor, group in zip(prompts, anchors, candidates):
+    last = [m for m in msgs if m["role"] == "user"][-1]["content"]
+    ctx_a = tok.encode_chat(_with_last_user(
+        msgs, template.format(prompt=last, reference=anchor)))
+    ctx = tok.encode_chat(msgs)
+    for ids in group:
+      y = cut_at_stop(ids, tok.stop_ids)
+      with_a.append(ctx_a + y)
+      plain.append(ctx + y)
+      n.append(len(y))
+  longest = max(len(r) for r in with_a + plain)
+  length = -(-longest // pad_multiple) * pad_multiple
+  return (_finish(with_a, n, tok.pad_id, pad_multiple, length),
+          _finish(plain, n, tok.pad_id, pad_multiple, length))
+
+
+def recon_batch(tok, prompts, anchors, candidates, *,
+                template: str = RECON_TEMPLATE,
+                pad_multiple: int = 16) -> ScoringBatch:
+  """The candidate shown as a draft, the anchor as the answer to score.
+
+  The last user turn becomes template(prompt, draft = decoded candidate);
+  the targets are tok.encode(anchor) after the generation prompt (no
+  end-of-turn token). R = B * K rows.
+  """
+  rows, n = [], []
+  for msgs, anchor, group in zip(prompts, anchors, candidates):
+    last = [m for m in msgs if m["role"] == "user"][-1]["content"]
+    a = tok.encode(anchor)
+    for ids in group:
+      draft = tok.decode(cut_at_stop(ids, tok.stop_ids))
+      ctx = tok.encode_chat(_with_last_user(
+          msgs, template.format(prompt=last, draft=draft)))
+      rows.append(ctx + a)
+      n.append(len(a))
+  return _finish(rows, n, tok.pad_id, pad_multiple)
+
+
+def answer_token_ids(tok, word: str) -> tuple[int, ...]:
+  """Ids of the single-token encodings of `word` and " " + `word`.
+
+  The judge's p("Yes") sums over these variants (logsumexp), so it does not
+  matter whether the model puts a space before its answer.
+  """
+  ids = []
+  for text in (word, " " + word):
+    enc = tok.encode(text)
+    if len(enc) == 1 and enc[0] not in ids:
+      ids.append(int(enc[0]))
+  if not ids:
+    raise ValueError(f"{word!r} is not a single token in this vocabulary")
+  return tuple(ids)
+
+
+# ----------------------------------------------------------------------------
+# (b) pure score functions
+
+
+@functools.partial(jax.jit, static_argnames=("yes_ids", "no_ids"))
+def judge(answer_logps: jax.Array, *, yes_ids: tuple[int, ...],
+          no_ids: tuple[int, ...]) -> jax.Array:
+  """s = log p(Yes) - log p(No) at the judge's answer slot.
+
+  Args:
+    answer_logps: f32[B, K, V] next-token log-probs after each judge row
+      (any leading axes work: [B, K(K-1), V] for pairwise rows).
+    yes_ids, no_ids: token ids of the answers (`answer_token_ids`); the
+      probabilities of the variants are summed.
+
+  Returns:
+    f32[B, K].
+  """
+  yes = jax.nn.logsumexp(answer_logps[..., jnp.asarray(yes_ids)], axis=-1)
+  no = jax.nn.logsumexp(answer_logps[..., jnp.asarray(no_ids)], axis=-1)
+  return jax.lax.stop_gradient(yes - no)
+
+
+def self_reward(answer_logps: jax.Array, *, yes_ids: tuple[int, ...],
+                no_ids: tuple[int, ...]) -> jax.Array:
+  """The judge on SELF_REWARD_TEMPLATE rows (no anchor): a baseline.
+  f32[B, K, V] -> f32[B, K]."""
+  return judge(answer_logps, yes_ids=yes_ids, no_ids=no_ids)
+
+
+@jax.jit
+def pmi(logps_anchor: jax.Array, logps_plain: jax.Array,
+        target_mask: jax.Array) -> jax.Array:
+  """s = mean_t [log pi(y_t | x, a, y_<t) - log pi(y_t | x, y_<t)].
+
+  Args:
+    logps_anchor: f32[B, K, T] token log-probs of the with-anchor rows.
+    logps_plain: f32[B, K, T] the same candidate tokens without the anchor.
+    target_mask: bool[B, K, T] candidate tokens (same columns in both).
+
+  Returns:
+    f32[B, K] (0 for an empty candidate).
+  """
+  return jax.lax.stop_gradient(
+      scoring.mean_logps(logps_anchor - logps_plain, target_mask))
+
+
+@jax.jit
+def anchor_recon(logps: jax.Array, target_mask: jax.Array) -> jax.Array:
+  """s = mean_t log pi(a_t | x, y_k, a_<t).
+
+  Args:
+    logps: f32[B, K, T] token log-probs of the draft rows.
+    target_mask: bool[B, K, T] the anchor's tokens.
+
+  Returns:
+    f32[B, K].
+  """
+  return jax.lax.stop_gradient(scoring.mean_logps(logps, target_mask))
+
+
+def pair_matrix(pair_scores: jax.Array, k: int) -> jax.Array:
+  """f32[B, K (K - 1)] in `ordered_pairs(K)` order -> f32[B, K, K] with
+  out[b, i, j] = score of the row showing y_i as A and y_j as B (0 on the
+  diagonal)."""
+  i, j = ordered_pairs(k)
+  out = jnp.zeros(pair_scores.shape[:-1] + (k, k), pair_scores.dtype)
+  return out.at[..., i, j].set(pair_scores)
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("aggregation", "iters", "bt_prior"))
+def pairwise_judge(pair_logits: jax.Array, *,
+                   aggregation: str = "bradley_terry", iters: int = 100,
+                   bt_prior: float = 0.1,
+                   candidate_mask: jax.Array | None = None) -> jax.Array:
+  """Per-candidate scores from judge logits on ordered pairs.
+
+  Both orders cancel position bias: z_ij = (l_ij - l_ji) / 2 (a constant
+  bias toward A drops out), and p_ij = sigmoid(z_ij) is the soft outcome
+  "i beats j" (p_ij + p_ji = 1).
+
+  Args:
+    pair_logits: f32[B, K, K], l[b, i, j] = judge score (log p(Yes) -
+      log p(No)) of "is A better than B" with A = y_i, B = y_j; the diagonal
+      is ignored (`pair_matrix` builds it).
+    aggregation:
+      "win_count": s_i = sum_j p_ij, the expected number of wins;
+      "bradley_terry": s_i = log pi_i - mean_j log pi_j of the Bradley-Terry
+        strengths fitted to the soft outcomes by `iters` MM steps
+        (Hunter 2004), pi_i <- W_i / sum_j n_ij / (pi_i + pi_j).
+    iters: MM steps.
+    bt_prior: weight of one virtual tie of every member against a
+      unit-strength player (keeps strengths finite and the fit unique;
+      0 gives the plain MLE, exact log-odds for two members).
+    candidate_mask: bool[B, K]; masked members neither compare nor score
+      (their score is 0).
+
+  Returns:
+    f32[B, K].
+  """
+  if aggregation not in PAIRWISE_AGGREGATIONS:
+    raise ValueError(f"aggregation {aggregation!r} not in "
+                     f"{PAIRWISE_AGGREGATIONS}")
+  k = pair_logits.shape[-1]
+  valid = (jnp.ones(pair_logits.shape[:-1], bool) if candidate_mask is None
+           else candidate_mask.astype(bool))
+  n = (valid[..., :, None] & valid[..., None, :]
+       & ~jnp.eye(k, dtype=bool)[None]).astype(jnp.float32)  # [B, K, K]
+  z = 0.5 * (pair_logits - jnp.swapaxes(pair_logits, -1, -2))
+  p = jax.nn.sigmoid(z) * n
+  if aggregation == "win_count":
+    return jax.lax.stop_gradient(jnp.where(valid, jnp.sum(p, -1), 0.0))
+  vf = valid.astype(jnp.float32)
+  wins = jnp.sum(p, axis=-1) + 0.5 * bt_prior  # [B, K]
+
+  def mm(_, log_pi):
+    pi = jnp.exp(log_pi)
+    denom = (jnp.sum(n / (pi[..., :, None] + pi[..., None, :]), axis=-1)
+             + bt_prior / (pi + 1.0))
+    new = jnp.log(jnp.maximum(wins, 1e-30)) - jnp.log(
+        jnp.maximum(denom, 1e-30))
+    new = jnp.where(valid, new, 0.0)
+    # geometric mean 1 over valid members (matters when bt_prior = 0)
+    centre = jnp.sum(new * vf, -1, keepdims=True) / jnp.maximum(
+        jnp.sum(vf, -1, keepdims=True), 1.0)
+    return jnp.where(valid, new - centre, 0.0)
+
+  log_pi = jax.lax.fori_loop(0, iters, mm, jnp.zeros(valid.shape))
+  centre = jnp.sum(log_pi * vf, -1, keepdims=True) / jnp.maximum(
+      jnp.sum(vf, -1, keepdims=True), 1.0)
+  return jax.lax.stop_gradient(jnp.where(valid, log_pi - centre, 0.0))
+
+
+@functools.partial(jax.jit, static_argnames=("metric",))
+def similarity(cand_tokens: jax.Array, cand_mask: jax.Array,
+               anchor_tokens: jax.Array, anchor_mask: jax.Array, *,
+               metric: str = "rouge_l") -> jax.Array:
+  """Lexical similarity of each candidate to the anchor, on token ids.
+
+  Not self-ranking: a baseline. With n_y, n_a the token counts:
+    rouge_l:  2 LCS(y, a) / (n_y + n_a) (ROUGE-L F1: 2 P R / (P + R) with
+              P = LCS / n_y, R = LCS / n_a);
+    token_f1: 2 overlap / (n_y + n_a), overlap the multiset intersection.
+  0 when both are empty.
+
+  Args:
+    cand_tokens: i32[B, K, T] candidate ids; cand_mask bool[B, K, T].
+    anchor_tokens: i32[B, T_a] anchor ids; anchor_mask bool[B, T_a].
+    metric: one of SIMILARITY_METRICS.
+
+  Returns:
+    f32[B, K].
+  """
+  if metric not in SIMILARITY_METRICS:
+    raise ValueError(f"metric {metric!r} not in {SIMILARITY_METRICS}")
+  b, k, t = cand_tokens.shape
+  ym = cand_mask.astype(bool)
+  a = jnp.broadcast_to(anchor_tokens[:, None, :],
+                       (b, k) + anchor_tokens.shape[1:])
+  am = jnp.broadcast_to(anchor_mask.astype(bool)[:, None, :], a.shape)
+  n_y = jnp.sum(ym, -1).astype(jnp.float32)
+  n_a = jnp.sum(am, -1).astype(jnp.float32)
+  if metric == "rouge_l":
+    # dp[j] = LCS(y_<=i, a_<=j); dp_i[j] = max(dp_i[j-1], dp_i-1[j],
+    # dp_i-1[j-1] + match) = cummax_j of max(dp_i-1[j], dp_i-1[j-1] + match)
+    def row(dp, inp):
+      y_i, m_i = inp  # [B, K]
+      match = ((y_i[..., None] == a) & m_i[..., None] & am).astype(jnp.int32)
+      diag = jnp.pad(dp[..., :-1], ((0, 0), (0, 0), (1, 0)))
+      return jax.lax.cummax(jnp.maximum(dp, diag + match), axis=2), None
+    dp, _ = jax.lax.scan(row, jnp.zeros(a.shape, jnp.int32),
+                         (jnp.moveaxis(cand_tokens, -1, 0),
+                          jnp.moveaxis(ym, -1, 0)))
+    common = dp[..., -1].astype(jnp.float32)
+  else:
+    # y_t counts iff it is among the first count_a(y_t) copies of its id in y
+    same = ((cand_tokens[..., :, None] == cand_tokens[..., None, :])
+            & ym[..., None, :]
+            & jnp.tril(jnp.ones((t, t), bool), -1)[None, None])
+    earlier = jnp.sum(same, -1)  # [B, K, T] copies of y_t before t
+    in_a = jnp.sum((cand_tokens[..., :, None] == a[..., None, :])
+                   & am[..., None, :], -1)
+    common = jnp.sum(ym & (earlier < in_a), -1).astype(jnp.float32)
+  return jax.lax.stop_gradient(2.0 * common / jnp.maximum(n_y + n_a, 1.0))
+
+
+def oracle(texts: Sequence[Sequence[str]],
+           verifier: Callable[[int, str], float]) -> np.ndarray:
+  """Verifiable reward (host side): np.float32[B, K], s = verifier(b, text).
+
+  Not available in the real setting: an upper bound for ablations. The
+  verifier closes over what it checks against (e.g. gold answers).
+  """
+  return np.asarray([[float(verifier(b, t)) for t in group]
+                     for b, group in enumerate(texts)], np.float32)
+
+
+# ----------------------------------------------------------------------------
+# (c) glue: run the scorer model over the rows of one group batch
+
+
+def _rows_in_chunks(fn, arrays, rows_per_call: int) -> np.ndarray:
+  """fn(*row_chunk) over chunks of `rows_per_call` rows; the last chunk is
+  padded by repeating its last row, so every call has the same shape."""
+  r = arrays[0].shape[0]
+  n = -(-r // rows_per_call) * rows_per_call
+  idx = np.minimum(np.arange(n), r - 1)
+  outs = [np.asarray(fn(*(jnp.asarray(x[idx[s:s + rows_per_call]])
+                          for x in arrays)))
+          for s in range(0, n, rows_per_call)]
+  return np.concatenate(outs, axis=0)[:r]
+
+
+def _token_logps(model, batch: ScoringBatch, rows_per_call, vocab_chunk):
+  fn = functools.partial(scoring.jitted_token_logps, model,
+                         vocab_chunk=vocab_chunk)
+  return _rows_in_chunks(fn, (batch.tokens, batch.attention_mask),
+                         rows_per_call)
+
+
+def _answer_logps(model, batch: ScoringBatch, rows_per_call):
+  fn = functools.partial(scoring.jitted_last_logps, model)
+  return _rows_in_chunks(fn, (batch.tokens, batch.attention_mask),
+                         rows_per_call)
+
+
+def _right_pad(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+  t = max(1, max(len(s) for s in seqs))
+  tokens = np.zeros((len(seqs), t), np.int32)
+  mask = np.zeros((len(seqs), t), bool)
+  for r, s in enumerate(seqs):
+    tokens[r, :len(s)] = s
+    mask[r, :len(s)] = True
+  return tokens, mask
+
+
+def score_group(model, tok, prompts: Sequence[Sequence[dict]],
+                anchors: Sequence[str],
+                candidates: Sequence[Sequence[Sequence[int]]], *,
+                scheme: str = "judge", template: str | None = None,
+                score_anchor: bool = True, yes_word: str = "Yes",
+                no_word: str = "No", aggregation: str = "bradley_terry",
+                bt_iters: int = 100, bt_prior: float = 0.1,
+                metric: str = "rouge_l",
+                verifier: Callable[[int, str], float] | None = None,
+                rows_per_call: int = 64, vocab_chunk: int | None = None,
+                pad_multiple: int = 16):
+  """Self-ranking scores of a batch of groups (METHOD.md steps 3 and 4).
+
+  Args:
+    model: the scorer, a `models.llama.Llama` (the policy snapshot or the
+      reference: the caller decides by which params it merges).
+    tok: `models.tokenizer.Tokenizer`.
+    prompts: B prompt conversations.
+    anchors: B anchor texts.
+    candidates: B lists of K token-id lists (cut at the first stop id).
+    scheme: one of SCHEMES (`ranking.scheme`).
+    template: the scheme's template; default its *_TEMPLATE constant.
+    score_anchor: also score the anchor as a member, s_a = S(x, a, a), for
+      PU calibration (`pu.*`); it is appended as member K.
+    yes_word, no_word: the judge's answers (judge, self_reward,
+      pairwise_judge).
+    aggregation, bt_iters, bt_prior: `pairwise_judge` knobs.
+    metric: `similarity` metric.
+    verifier: `oracle` callback verifier(b, text) -> reward.
+    rows_per_call: rows per model call (memory knob; every call has this
+      many rows, so one compile per row length).
+    vocab_chunk: `scoring.token_logps` knob.
+    pad_multiple: row lengths are rounded up to a multiple of this.
+
+  Returns:
+    (scores np.float32[B, K], anchor_score np.float32[B] or None).
+  """
+  if scheme not in SCHEMES:
+    raise ValueError(f"scheme {scheme!r} not in {SCHEMES}")
+  b = len(candidates)
+  k = len(candidates[0])
+  groups = [[cut_at_stop(y, tok.stop_ids) for y in g] for g in candidates]
+  if score_anchor:
+    groups = [g + [tok.encode(a)] for g, a in zip(groups, anchors)]
+  m = k + 1 if score_anchor else k
+  pad = dict(pad_multiple=pad_multiple)
+
+  if scheme in ("judge", "self_reward", "pairwise_judge"):
+    yes = answer_token_ids(tok, yes_word)
+    no = answer_token_ids(tok, no_word)
+    if scheme == "pairwise_judge":
+      batch = pairwise_batch(tok, prompts, anchors, groups,
+                             template=template or PAIRWISE_TEMPLATE, **pad)
+      logps = _answer_logps(model, batch, rows_per_call)
+      l = judge(jnp.asarray(logps).reshape(b, m * (m - 1), -1),
+                yes_ids=yes, no_ids=no)
+      s = pairwise_judge(pair_matrix(l, m), aggregation=aggregation,
+                         iters=bt_iters, bt_prior=bt_prior)
+    else:
+      default = JUDGE_TEMPLATE if scheme == "judge" else SELF_REWARD_TEMPLATE
+      batch = judge_batch(tok, prompts, anchors, groups,
+                          template=template or default, **pad)
+      logps = _answer_logps(model, batch, rows_per_call)
+      s = judge(jnp.asarray(logps).reshape(b, m, -1), yes_ids=yes,
+                no_ids=no)
+  elif scheme == "pmi":
+    with_a, plain = pmi_batches(tok, prompts, anchors, groups,
+                                template=template or PMI_TEMPLATE, **pad)
+    lw = _token_logps(model, with_a, rows_per_call, vocab_chunk)
+    lo = _token_logps(model, plain, rows_per_call, vocab_chunk)
+    s = pmi(lw.reshape(b, m, -1), lo.reshape(b, m, -1),
+            with_a.target_mask.reshape(b, m, -1))
+  elif scheme == "anchor_recon":
+    batch = recon_batch(tok, prompts, anchors, groups,
+                        template=template or RECON_TEMPLATE, **pad)
+    lp = _token_logps(model, batch, rows_per_call, vocab_chunk)
+    s = anchor_recon(lp.reshape(b, m, -1),
+                     batch.target_mask.reshape(b, m, -1))
+  elif scheme == "similarity":
+    y, ym = _right_pad([ids for g in groups for ids in g])
+    a, am = _right_pad([tok.encode(x) for x in anchors])
+    s = similarity(y.reshape(b, m, -1), ym.reshape(b, m, -1), a, am,
+                   metric=metric)
+  else:
+    if verifier is None:
+      raise ValueError("scheme 'oracle' needs a verifier")
+    s = oracle([[tok.decode(ids) for ids in g] for g in groups], verifier)
+  s = np.asarray(s, np.float32)
+  return s[:, :k], (s[:, k] if score_anchor else None)

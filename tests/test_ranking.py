@@ -1,0 +1,354 @@
+"""purld_jax/ranking.py: hand-computed score functions, template helpers, and
+every scheme end to end on a tiny random model (and on SmolLM2, `slow`)."""
+
+import functools
+import math
+
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from purld_jax import ranking
+from purld_jax import scoring
+from tests.core_fixtures import tiny_model, tiny_tok  # noqa: F401
+
+SETTINGS = hypothesis.settings(max_examples=25, deadline=None)
+
+
+# ----------------------------------------------------------------------------
+# (b) pure score functions, by hand
+
+
+@pytest.mark.parametrize("yes_ids, no_ids, expected", [
+    ((0,), (1,), math.log(0.5 / 0.2)),  # log 2.5
+    ((0, 3), (1,), math.log(0.6 / 0.2)),  # variants summed: 0.5 + 0.1
+    ((2,), (1,), 0.0),  # p(Yes) = p(No)
+])
+def test_judge_hand(yes_ids, no_ids, expected):
+  lp = jnp.log(jnp.array([[[0.5, 0.2, 0.2, 0.1]]]))  # [B=1, K=1, V=4]
+  got = ranking.judge(lp, yes_ids=yes_ids, no_ids=no_ids)
+  assert_allclose(got, [[expected]], rtol=1e-6, atol=1e-7)
+  assert_allclose(ranking.self_reward(lp, yes_ids=yes_ids, no_ids=no_ids),
+                  got)
+
+
+def test_pmi_and_anchor_recon_hand():
+  with_a = jnp.array([[[-9.0, -1.0, -1.0, -2.0], [-9.0, -9.0, -3.0, -1.0]]])
+  plain = jnp.array([[[-5.0, -2.0, -2.0, -2.0], [-1.0, -1.0, -2.0, -2.0]]])
+  target = jnp.array([[[0, 1, 1, 1], [0, 0, 0, 0]]], bool)
+  # candidate 0: mean(-1 + 2, -1 + 2, -2 + 2) = 2 / 3; candidate 1 empty: 0
+  assert_allclose(ranking.pmi(with_a, plain, target), [[2.0 / 3.0, 0.0]],
+                  rtol=1e-6)
+  # mean(-1, -1, -2) = -4 / 3
+  assert_allclose(ranking.anchor_recon(with_a, target), [[-4.0 / 3.0, 0.0]],
+                  rtol=1e-6)
+
+
+def _pair_logits(z, bias):
+  """l_ij = z_ij + bias: every row leans `bias` toward Response A."""
+  z = jnp.asarray(z, jnp.float32)
+  return (z + bias) * (1.0 - jnp.eye(z.shape[-1]))[None]
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.5, -2.0])
+def test_pairwise_judge_two_members_hand(bias):
+  # z_01 = 1 (0 beats 1 with p = sigmoid(1)); the bias cancels over orders
+  l = _pair_logits([[[0.0, 1.0], [-1.0, 0.0]]], bias)
+  wins = ranking.pairwise_judge(l, aggregation="win_count")
+  s1 = 1.0 / (1.0 + math.exp(-1.0))  # 0.731059
+  assert_allclose(wins, [[s1, 1.0 - s1]], rtol=1e-5)
+  # Bradley-Terry MLE: pi_0 / pi_1 = p / (1 - p) = e -> log pi = +-1/2
+  bt = ranking.pairwise_judge(l, bt_prior=0.0, iters=50)
+  assert_allclose(bt, [[0.5, -0.5]], rtol=1e-4)
+
+
+def test_pairwise_judge_recovers_consistent_strengths():
+  # z_ij = u_i - u_j with u = (1, 0, -2): soft outcomes are the BT model's
+  # own probabilities, so the MLE is u centred: (4/3, 1/3, -5/3)
+  u = jnp.array([1.0, 0.0, -2.0])
+  l = _pair_logits((u[:, None] - u[None, :])[None], 0.3)
+  bt = ranking.pairwise_judge(l, bt_prior=0.0, iters=400)
+  assert_allclose(bt, [[4 / 3, 1 / 3, -5 / 3]], atol=2e-3)
+  # a masked third member: the two others as in the two-member case (z = 1)
+  mask = jnp.array([[True, True, False]])
+  bt = ranking.pairwise_judge(l, bt_prior=0.0, iters=50, candidate_mask=mask)
+  assert_allclose(bt, [[0.5, -0.5, 0.0]], atol=1e-4)
+  wins = ranking.pairwise_judge(l, aggregation="win_count",
+                                candidate_mask=mask)
+  s1 = 1.0 / (1.0 + math.exp(-1.0))
+  assert_allclose(wins, [[s1, 1.0 - s1, 0.0]], rtol=1e-5)
+
+
+@SETTINGS
+@hypothesis.given(hnp.arrays(np.float32, (1, 4, 4), elements=st.floats(
+    -4.0, 4.0, width=32)), st.permutations(range(4)))
+def test_pairwise_judge_permutation_equivariant(l, perm):
+  perm = np.asarray(perm)
+  l = jnp.asarray(l)
+  for agg in ranking.PAIRWISE_AGGREGATIONS:
+    a = ranking.pairwise_judge(l, aggregation=agg)
+    b = ranking.pairwise_judge(l[:, perm][:, :, perm], aggregation=agg)
+    assert_allclose(b, a[:, perm], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("metric, expected", [
+    # y = 1 2 2 3, a = 2 3 2: LCS 2 ("2 2" or "2 3"); 2 * 2 / (4 + 3)
+    ("rouge_l", 4.0 / 7.0),
+    # multiset overlap {2: min(2, 2), 3: min(1, 1)} = 3; 2 * 3 / (4 + 3)
+    ("token_f1", 6.0 / 7.0),
+])
+def test_similarity_hand(metric, expected):
+  # padding that equals anchor ids must not count
+  y = jnp.array([[[1, 2, 2, 3, 2, 2], [2, 3, 2, 0, 0, 0],
+                  [5, 5, 5, 5, 5, 5]]])
+  ym = jnp.array([[[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0],
+                   [0, 0, 0, 0, 0, 0]]], bool)
+  a = jnp.array([[2, 3, 2, 2]])
+  am = jnp.array([[1, 1, 1, 0]], bool)
+  got = ranking.similarity(y, ym, a, am, metric=metric)
+  # the anchor itself scores 1; an empty candidate 0
+  assert_allclose(got, [[expected, 1.0, 0.0]], rtol=1e-6)
+
+
+def test_oracle_hand():
+  gold = ["4", "Paris"]
+  verifier = lambda b, text: float(text.strip() == gold[b])
+  got = ranking.oracle([["4", " 4 ", "5"], ["Lyon", "Paris", ""]], verifier)
+  assert_array_equal(got, [[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+  assert got.dtype == np.float32
+
+
+# ----------------------------------------------------------------------------
+# (a) host-side helpers
+
+
+def test_small_helpers():
+  assert ranking.cut_at_stop([5, 6, 3, 7], (3,)) == [5, 6]
+  assert ranking.cut_at_stop([5, 6], (3,)) == [5, 6]
+  lists = ranking.candidate_lists(np.array([[[5, 6, 0], [7, 0, 0]]]),
+                                  np.array([[[1, 1, 0], [1, 0, 0]]], bool))
+  assert lists == [[[5, 6], [7]]]
+  i, j = ranking.ordered_pairs(3)
+  assert list(zip(i.tolist(), j.tolist())) == [
+      (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]
+  m = ranking.pair_matrix(jnp.arange(1.0, 7.0)[None], 3)
+  assert_allclose(m, [[[0, 1, 2], [3, 0, 4], [5, 6, 0]]])
+
+
+PROMPTS = [[{"role": "user", "content": "what is two + two ?"}],
+           [{"role": "system", "content": "be good"},
+            {"role": "user", "content": "the cat sat on the mat ?"}]]
+ANCHORS = ["four", "the cat sat on the mat"]
+CAND_TEXTS = [["four", "five", "two + two"], ["the dog sat", "cat", "mat"]]
+
+
+def _cands(tok):
+  return [[tok.encode(t) for t in g] for g in CAND_TEXTS]
+
+
+def test_answer_token_ids(tiny_tok):
+  assert ranking.answer_token_ids(tiny_tok, "Yes") == tuple(
+      tiny_tok.encode("Yes"))
+  with pytest.raises(ValueError):
+    ranking.answer_token_ids(tiny_tok, "two two")
+
+
+def test_judge_batch_layout(tiny_tok):
+  tok = tiny_tok
+  batch = ranking.judge_batch(tok, PROMPTS, ANCHORS, _cands(tok),
+                              pad_multiple=16)
+  r, t = batch.tokens.shape
+  assert r == 2 * 3 and t % 16 == 0
+  assert not batch.target_mask.any()
+  # every row ends with the generation prompt, the answer slot follows it
+  gen = tok.encode_chat([{"role": "user", "content": "x"}])[-2:]
+  assert_array_equal(batch.tokens[:, -2:], np.tile(gen, (r, 1)))
+  assert batch.attention_mask[:, -1].all()
+  row = tok.decode(batch.tokens[4][batch.attention_mask[4]])
+  assert "the cat sat on the mat" in row and "cat" in row  # anchor, candidate
+
+
+def test_pmi_batches_targets_are_the_candidate(tiny_tok):
+  tok = tiny_tok
+  cands = _cands(tok)
+  cands[0][1] = cands[0][1] + [tok.stop_ids[0], 9, 9]  # cut at the stop id
+  with_a, plain = ranking.pmi_batches(tok, PROMPTS, ANCHORS, cands)
+  assert with_a.tokens.shape == plain.tokens.shape
+  assert_array_equal(with_a.target_mask, plain.target_mask)
+  for r, ids in enumerate(y for g in _cands(tok) for y in g):
+    assert with_a.tokens[r][with_a.target_mask[r]].tolist() == ids
+    assert plain.tokens[r][plain.target_mask[r]].tolist() == ids
+  # only the with-anchor context holds the anchor ("four" in prompt 0)
+  four = tok.encode("four")[0]
+  assert (with_a.tokens[0] == four).sum() == 2  # anchor + candidate "four"
+  assert (plain.tokens[0] == four).sum() == 1
+
+
+def test_recon_and_pairwise_batches(tiny_tok):
+  tok = tiny_tok
+  batch = ranking.recon_batch(tok, PROMPTS, ANCHORS, _cands(tok))
+  for r in range(6):
+    assert batch.tokens[r][batch.target_mask[r]].tolist() == tok.encode(
+        ANCHORS[r // 3])
+  pairs = ranking.pairwise_batch(tok, PROMPTS, ANCHORS, _cands(tok))
+  assert pairs.tokens.shape[0] == 2 * 3 * 2  # B K (K - 1)
+
+
+# ----------------------------------------------------------------------------
+# (c) end to end on a tiny random model
+
+
+_CACHE = {}
+
+
+def _score(model, tok, scheme, cands=None, **kw):
+  """score_group on PROMPTS / ANCHORS; the default candidates' scores are
+  computed once per (scheme, knobs) and shared by the tests below."""
+  key = (id(model), scheme, tuple(sorted(kw.items())))
+  if cands is None and key in _CACHE:
+    return _CACHE[key]
+  if scheme == "oracle":
+    kw["verifier"] = lambda b, text: float(text == ANCHORS[b])
+  out = ranking.score_group(model, tok, PROMPTS, ANCHORS,
+                            _cands(tok) if cands is None else cands,
+                            scheme=scheme, rows_per_call=8, **kw)
+  if cands is None:
+    _CACHE[key] = out
+  return out
+
+
+@pytest.mark.parametrize("scheme", ranking.SCHEMES)
+def test_every_scheme_runs_end_to_end(tiny_model, tiny_tok, scheme):
+  s, s_a = _score(tiny_model, tiny_tok, scheme)
+  assert s.shape == (2, 3) and s.dtype == np.float32
+  assert s_a.shape == (2,)
+  assert np.isfinite(s).all() and np.isfinite(s_a).all()
+  if scheme in ("similarity", "oracle"):
+    assert_allclose(s_a, 1.0)  # the anchor matches itself
+  if scheme == "similarity":
+    # "four" is prompt 0's anchor; "the dog sat" vs "the cat sat on the mat":
+    # LCS "the sat" = 2, rouge-L F = 2 * 2 / (3 + 6)
+    assert_allclose(s[:, 0], [1.0, 4.0 / 9.0], rtol=1e-6)
+  if scheme == "oracle":
+    assert_allclose(s[:, 0], [1.0, 0.0])
+
+
+@pytest.mark.parametrize("scheme", ["judge", "pmi", "anchor_recon"])
+def test_scores_ignore_padding_and_other_candidates(tiny_model, tiny_tok,
+                                                    scheme):
+  tok = tiny_tok
+  base, base_a = _score(tiny_model, tok, scheme)
+  # more left padding and other row chunks: the same scores
+  wide, wide_a = _score(tiny_model, tok, scheme, pad_multiple=64)
+  assert_allclose(wide, base, atol=1e-5)
+  assert_allclose(wide_a, base_a, atol=1e-5)
+  # tokens after a stop id are outside the scored region
+  cands = _cands(tok)
+  cands[1][2] = cands[1][2] + [tok.stop_ids[0]] + tok.encode("dog dog")
+  tail, _ = _score(tiny_model, tok, scheme, cands=cands)
+  assert_allclose(tail, base, atol=1e-5)
+  # changing candidate (1, 2) changes its score only
+  cands[1][2] = tok.encode("two two two")
+  other, _ = _score(tiny_model, tok, scheme, cands=cands)
+  keep = np.ones((2, 3), bool)
+  keep[1, 2] = False
+  assert_allclose(other[keep], base[keep], atol=1e-5)
+  assert abs(other[1, 2] - base[1, 2]) > 1e-6
+
+
+def _alone(model, ids):
+  """One unpadded row: (next-token log-probs after it f32[V], token
+  log-probs f32[T]); `scoring` is checked against full logits elsewhere."""
+  x = jnp.asarray([ids], jnp.int32)
+  m = jnp.ones(x.shape, bool)
+  return (np.asarray(scoring.jitted_last_logps(model, x, m))[0],
+          np.asarray(scoring.jitted_token_logps(model, x, m))[0])
+
+
+def test_schemes_equal_a_direct_unpadded_computation(tiny_model, tiny_tok):
+  tok, model = tiny_tok, tiny_model
+  cands = _cands(tok)
+  b, k = 1, 2  # candidate "mat" of prompt 1
+  y, anchor, msgs = cands[b][k], ANCHORS[b], PROMPTS[b]
+  # anchor_recon: mean log p of the anchor's tokens after the draft context
+  ctx = tok.encode_chat([msgs[0], {"role": "user", "content":
+                                   ranking.RECON_TEMPLATE.format(
+                                       prompt=msgs[1]["content"], draft="mat")}])
+  a = tok.encode(anchor)
+  _, lp = _alone(model, ctx + a)
+  recon, _ = _score(model, tok, "anchor_recon")
+  assert_allclose(recon[b, k], lp[-len(a):].mean(), atol=1e-5)
+  # pmi: with-anchor minus plain log-probs of the candidate's tokens
+  ctx_a = tok.encode_chat([msgs[0], {"role": "user", "content":
+                                     ranking.PMI_TEMPLATE.format(
+                                         prompt=msgs[1]["content"],
+                                         reference=anchor)}])
+  _, lw = _alone(model, ctx_a + y)
+  _, lo = _alone(model, tok.encode_chat(msgs) + y)
+  pmi, _ = _score(model, tok, "pmi")
+  assert_allclose(pmi[b, k], (lw[-len(y):] - lo[-len(y):]).mean(), atol=1e-5)
+  # judge: log p(Yes) - log p(No) after the judge conversation
+  user = ranking.JUDGE_TEMPLATE.format(
+      prompt=ranking.prompt_text(msgs), reference=anchor, response="mat")
+  nxt, _ = _alone(model, tok.encode_chat([{"role": "user",
+                                           "content": user}]))
+  yes, no = tok.encode("Yes")[0], tok.encode("No")[0]
+  judge, _ = _score(model, tok, "judge")
+  assert_allclose(judge[b, k], nxt[yes] - nxt[no], atol=1e-5)
+
+
+def test_score_group_without_anchor_and_bad_scheme(tiny_model, tiny_tok):
+  s, s_a = _score(tiny_model, tiny_tok, "pmi", score_anchor=False)
+  assert s.shape == (2, 3) and s_a is None
+  with pytest.raises(ValueError):
+    _score(tiny_model, tiny_tok, "telepathy")
+
+
+# ----------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct: a documented example
+
+
+@pytest.mark.slow
+def test_smollm2_documented_example():
+  """Capital of France, anchor "The capital of France is Paris."
+
+  Candidates: a paraphrase of the anchor, the anchor verbatim, a wrong city,
+  an unrelated sentence. Asserted: finite scores; the verbatim candidate
+  scores exactly like the anchor member (same rows, so s_1 = s_a, for
+  pairwise_judge by symmetry); similarity by hand on SmolLM2's tokens. The
+  score table is printed (run with -s); its values are the model's and are
+  not asserted.
+  """
+  from purld_jax import models
+  from purld_jax.models import embedded
+  model, tok = models.load_pretrained(embedded.ensure_converted())
+  prompts = [[{"role": "user",
+               "content": "What is the capital of France?"}]]
+  anchors = ["The capital of France is Paris."]
+  texts = ["Paris is the capital of France.",
+           "The capital of France is Paris.",
+           "The capital of France is Lyon.",
+           "I like turtles."]
+  cands = [[tok.encode(t) + [tok.stop_ids[0]] for t in texts]]
+  out = {}
+  for scheme in ("judge", "pmi", "anchor_recon", "self_reward",
+                 "pairwise_judge", "similarity"):
+    s, s_a = ranking.score_group(model, tok, prompts, anchors, cands,
+                                 scheme=scheme, rows_per_call=4)
+    assert np.isfinite(s).all() and np.isfinite(s_a).all()
+    assert_allclose(s[0, 1], s_a[0], atol=1e-4)
+    out[scheme] = s[0]
+    print(f"{scheme:>15}: " + "  ".join(f"{v:+.3f}" for v in s[0])
+          + f"  | anchor {s_a[0]:+.3f}")
+  # tokens: anchor "The| capital| of| France| is| Paris|." (7); paraphrase
+  # "Paris| is| the| capital| of| France|." (7): LCS " capital of France ."
+  # = 4 -> 2 * 4 / 14; Lyon: LCS 6 of 7 -> 12 / 14; "I| like| turtles|."
+  # (4): LCS "." = 1 -> 2 / 11
+  assert [len(tok.encode(t)) for t in texts] == [7, 7, 7, 4]
+  assert_allclose(out["similarity"], [8 / 14, 1.0, 12 / 14, 2 / 11],
+                  rtol=1e-6)

@@ -1,0 +1,80 @@
+"""purld_jax/scoring.py against a direct log_softmax of the full logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from numpy.testing import assert_allclose
+
+from purld_jax import scoring
+from purld_jax.models import llama
+from purld_jax.models import tokenizer as tok_lib
+
+
+@pytest.fixture(scope="module")
+def model():
+  return llama.Llama(llama.tiny_config(), rngs=nnx.Rngs(1))
+
+
+def _batch(lengths=(9, 6, 2), seed=0):
+  rng = np.random.default_rng(seed)
+  rows = [list(rng.integers(1, 128, n)) for n in lengths]
+  tokens, mask = tok_lib.pad_left(rows, pad_id=0)
+  return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def _direct(model, tokens, mask):
+  """log_softmax of the whole [B, T, V] logits, gathered, masked."""
+  lp = jax.nn.log_softmax(model(tokens, attention_mask=mask), axis=-1)
+  picked = jnp.take_along_axis(lp[:, :-1], tokens[:, 1:, None], axis=-1)
+  ok = mask[:, 1:] & mask[:, :-1]
+  return jnp.pad(jnp.where(ok, picked[..., 0], 0.0), ((0, 0), (1, 0)))
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 1, 3, 8, 100])
+def test_token_logps_equals_direct_log_softmax(model, vocab_chunk):
+  tokens, mask = _batch()
+  got = scoring.jitted_token_logps(model, tokens, mask,
+                                   vocab_chunk=vocab_chunk)
+  assert got.shape == tokens.shape
+  assert_allclose(got, _direct(model, tokens, mask), atol=1e-5, rtol=1e-5)
+  # column 0 and each row's first real token have no context: 0
+  assert_allclose(got[:, 0], 0.0)
+  assert_allclose(got[2, :-1], 0.0)  # the 2-token row: only its last counts
+
+
+def test_token_logps_gradient_equals_direct(model):
+  tokens, mask = _batch()
+  w = mask.astype(jnp.float32)
+
+  def chunked(m):
+    return jnp.sum(scoring.token_logps(m, tokens, mask, vocab_chunk=3) * w)
+
+  def direct(m):
+    return jnp.sum(_direct(m, tokens, mask) * w)
+
+  g1 = jax.jit(jax.grad(chunked))(model)
+  g2 = jax.jit(jax.grad(direct))(model)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_last_logps_is_the_last_column(model):
+  tokens, mask = _batch()
+  got = scoring.jitted_last_logps(model, tokens, mask)
+  want = jax.nn.log_softmax(model(tokens, attention_mask=mask)[:, -1], -1)
+  assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  assert_allclose(jnp.sum(jnp.exp(got), -1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask, total, mean", [
+    ([[0, 1, 1]], [-5.0], [-2.5]),  # -2 - 3; (-2 - 3) / 2
+    ([[1, 1, 1]], [-6.0], [-2.0]),  # -1 - 2 - 3; -6 / 3
+    ([[0, 0, 0]], [0.0], [0.0]),  # nothing scored: 0, never NaN
+])
+def test_seq_and_mean_logps_hand(mask, total, mean):
+  lp = jnp.array([[-1.0, -2.0, -3.0]])
+  m = jnp.array(mask, bool)
+  assert_allclose(jax.jit(scoring.seq_logps)(lp, m), total)
+  assert_allclose(jax.jit(scoring.mean_logps)(lp, m), mean)
