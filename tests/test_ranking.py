@@ -261,45 +261,47 @@ def test_scores_ignore_padding_and_other_candidates(tiny_model, tiny_tok,
   assert abs(other[1, 2] - base[1, 2]) > 1e-6
 
 
-def _alone(model, ids):
-  """One unpadded row: (next-token log-probs after it f32[V], token
-  log-probs f32[T]); `scoring` is checked against full logits elsewhere."""
-  x = jnp.asarray([ids], jnp.int32)
-  m = jnp.ones(x.shape, bool)
-  return (np.asarray(scoring.jitted_last_logps(model, x, m))[0],
-          np.asarray(scoring.jitted_token_logps(model, x, m))[0])
+def _unpadded(model, rows):
+  """Token log-probs of each row as if alone: rows are right-padded (causal
+  attention: what follows a token never changes it) into one call; a
+  different layout from score_group's left padding."""
+  t = max(len(r) for r in rows)
+  x = jnp.asarray([r + [0] * (t - len(r)) for r in rows], jnp.int32)
+  lp = np.asarray(scoring.jitted_token_logps(model, x, jnp.ones(x.shape,
+                                                                bool)))
+  return [lp[i, :len(r)] for i, r in enumerate(rows)]
 
 
 def test_schemes_equal_a_direct_unpadded_computation(tiny_model, tiny_tok):
   tok, model = tiny_tok, tiny_model
-  cands = _cands(tok)
   b, k = 1, 2  # candidate "mat" of prompt 1
-  y, anchor, msgs = cands[b][k], ANCHORS[b], PROMPTS[b]
-  # anchor_recon: mean log p of the anchor's tokens after the draft context
-  ctx = tok.encode_chat([msgs[0], {"role": "user", "content":
-                                   ranking.RECON_TEMPLATE.format(
-                                       prompt=msgs[1]["content"], draft="mat")}])
+  y, anchor, msgs = _cands(tok)[b][k], ANCHORS[b], PROMPTS[b]
   a = tok.encode(anchor)
-  _, lp = _alone(model, ctx + a)
-  recon, _ = _score(model, tok, "anchor_recon")
-  assert_allclose(recon[b, k], lp[-len(a):].mean(), atol=1e-5)
-  # pmi: with-anchor minus plain log-probs of the candidate's tokens
-  ctx_a = tok.encode_chat([msgs[0], {"role": "user", "content":
-                                     ranking.PMI_TEMPLATE.format(
-                                         prompt=msgs[1]["content"],
-                                         reference=anchor)}])
-  _, lw = _alone(model, ctx_a + y)
-  _, lo = _alone(model, tok.encode_chat(msgs) + y)
-  pmi, _ = _score(model, tok, "pmi")
-  assert_allclose(pmi[b, k], (lw[-len(y):] - lo[-len(y):]).mean(), atol=1e-5)
-  # judge: log p(Yes) - log p(No) after the judge conversation
-  user = ranking.JUDGE_TEMPLATE.format(
-      prompt=ranking.prompt_text(msgs), reference=anchor, response="mat")
-  nxt, _ = _alone(model, tok.encode_chat([{"role": "user",
-                                           "content": user}]))
+  recon_ctx = tok.encode_chat([msgs[0], {"role": "user", "content":
+                                         ranking.RECON_TEMPLATE.format(
+                                             prompt=msgs[1]["content"],
+                                             draft="mat")}])
+  pmi_ctx = tok.encode_chat([msgs[0], {"role": "user", "content":
+                                       ranking.PMI_TEMPLATE.format(
+                                           prompt=msgs[1]["content"],
+                                           reference=anchor)}])
+  judge_ctx = tok.encode_chat([{"role": "user", "content":
+                                ranking.JUDGE_TEMPLATE.format(
+                                    prompt=ranking.prompt_text(msgs),
+                                    reference=anchor, response="mat")}])
   yes, no = tok.encode("Yes")[0], tok.encode("No")[0]
-  judge, _ = _score(model, tok, "judge")
-  assert_allclose(judge[b, k], nxt[yes] - nxt[no], atol=1e-5)
+  recon, with_a, plain, p_yes, p_no = _unpadded(model, [
+      recon_ctx + a, pmi_ctx + y, tok.encode_chat(msgs) + y,
+      judge_ctx + [yes], judge_ctx + [no]])
+  # anchor_recon: mean log p of the anchor's tokens after the draft context
+  assert_allclose(_score(model, tok, "anchor_recon")[0][b, k],
+                  recon[-len(a):].mean(), atol=1e-5)
+  # pmi: with-anchor minus plain log-probs of the candidate's tokens
+  assert_allclose(_score(model, tok, "pmi")[0][b, k],
+                  (with_a[-len(y):] - plain[-len(y):]).mean(), atol=1e-5)
+  # judge: log p(Yes) - log p(No) after the judge conversation
+  assert_allclose(_score(model, tok, "judge")[0][b, k],
+                  p_yes[-1] - p_no[-1], atol=1e-5)
 
 
 def test_score_group_without_anchor_and_bad_scheme(tiny_model, tiny_tok):

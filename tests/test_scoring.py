@@ -4,17 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from numpy.testing import assert_allclose
 
 from purld_jax import scoring
-from purld_jax.models import llama
 from purld_jax.models import tokenizer as tok_lib
+from tests import core_fixtures
 
 
 @pytest.fixture(scope="module")
 def model():
-  return llama.Llama(llama.tiny_config(), rngs=nnx.Rngs(1))
+  return core_fixtures.random_tiny_model(seed=1)
 
 
 def _batch(lengths=(9, 6, 2), seed=0):
@@ -24,6 +23,7 @@ def _batch(lengths=(9, 6, 2), seed=0):
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
+@jax.jit
 def _direct(model, tokens, mask):
   """log_softmax of the whole [B, T, V] logits, gathered, masked."""
   lp = jax.nn.log_softmax(model(tokens, attention_mask=mask), axis=-1)
@@ -44,8 +44,9 @@ def test_token_logps_equals_direct_log_softmax(model, vocab_chunk):
   assert_allclose(got[2, :-1], 0.0)  # the 2-token row: only its last counts
 
 
-def test_token_logps_gradient_equals_direct(model):
-  tokens, mask = _batch()
+def test_token_logps_gradient_equals_direct():
+  model = core_fixtures.random_tiny_model(seed=2, num_layers=1)
+  tokens, mask = _batch((7, 4))
   w = mask.astype(jnp.float32)
 
   def chunked(m):
@@ -63,7 +64,8 @@ def test_token_logps_gradient_equals_direct(model):
 def test_last_logps_is_the_last_column(model):
   tokens, mask = _batch()
   got = scoring.jitted_last_logps(model, tokens, mask)
-  want = jax.nn.log_softmax(model(tokens, attention_mask=mask)[:, -1], -1)
+  logits = jax.jit(lambda m, x, a: m(x, attention_mask=a))(model, tokens, mask)
+  want = jax.nn.log_softmax(logits[:, -1], -1)
   assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   assert_allclose(jnp.sum(jnp.exp(got), -1), 1.0, rtol=1e-5)
 
