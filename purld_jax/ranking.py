@@ -441,9 +441,11 @@ def oracle(texts: Sequence[Sequence[str]],
 
 
 def _rows_in_chunks(fn, arrays, rows_per_call: int) -> np.ndarray:
-  """fn(*row_chunk) over chunks of `rows_per_call` rows; the last chunk is
-  padded by repeating its last row, so every call has the same shape."""
+  """fn(*row_chunk) over chunks of min(rows_per_call, R) rows; the last
+  chunk is padded by repeating its last row, so every call has the same
+  shape."""
   r = arrays[0].shape[0]
+  rows_per_call = min(rows_per_call, r)
   n = -(-r // rows_per_call) * rows_per_call
   idx = np.minimum(np.arange(n), r - 1)
   outs = [np.asarray(fn(*(jnp.asarray(x[idx[s:s + rows_per_call]])
@@ -504,8 +506,9 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
     aggregation, bt_iters, bt_prior: `pairwise_judge` knobs.
     metric: `similarity` metric.
     verifier: `oracle` callback verifier(b, text) -> reward.
-    rows_per_call: rows per model call (memory knob; every call has this
-      many rows, so one compile per row length).
+    rows_per_call: most rows per model call (memory knob; every call of
+      one `score_group` has the same row count, so a fixed (B, K) compiles
+      once per row length).
     vocab_chunk: `scoring.token_logps` knob.
     pad_multiple: row lengths are rounded up to a multiple of this.
 
