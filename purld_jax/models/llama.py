@@ -229,19 +229,7 @@ class Attention(nnx.Module):
       (out_BTD, k_cache_BSGH, v_cache_BSGH).
     """
     cfg, dt = self.cfg, self.cfg.dtype
-    x = x_BTD.astype(dt)
-    q = jnp.einsum("btd,dnh->btnh", x, self.q_proj.value.astype(dt))
-    k = jnp.einsum("btd,dgh->btgh", x, self.k_proj.value.astype(dt))
-    v = jnp.einsum("btd,dgh->btgh", x, self.v_proj.value.astype(dt))
-    if cfg.qkv_bias:
-      q = q + self.q_bias.value.astype(dt)[None, None]
-      k = k + self.k_bias.value.astype(dt)[None, None]
-      v = v + self.v_bias.value.astype(dt)[None, None]
-    if cfg.qk_norm:
-      q = self.q_norm(q)
-      k = self.k_norm(k)
-    q = sharding.constrain(apply_rope(q, positions_BT, inv_freq), _ACT_HEADS)
-    k = sharding.constrain(apply_rope(k, positions_BT, inv_freq), _ACT_HEADS)
+    q, k, v = self.project(x_BTD, positions_BT, inv_freq)
     if k_cache_BSGH is not None:
       zero = jnp.zeros((), jnp.int32)
       idx = (zero, write_at, zero, zero)
@@ -261,10 +249,34 @@ class Attention(nnx.Module):
     logits = jnp.where(mask_BTS[:, None, None, :, :], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     attn = jnp.einsum("bgrts,bsgh->btgrh", probs, values).reshape(b, t, n, h)
-    out = jnp.einsum("btnh,nhd->btd", attn, self.o_proj.value.astype(dt))
-    if cfg.o_bias:
+    return self.output(attn), k_cache_BSGH, v_cache_BSGH
+
+  def project(self, x_BTD, positions_BT, inv_freq):
+    """(q [B, T, N, H], k [B, T, G, H], v [B, T, G, H]) of normed input,
+    RoPE applied to q and k. Shared with the sampler's decode step."""
+    cfg, dt = self.cfg, self.cfg.dtype
+    x = x_BTD.astype(dt)
+    q = jnp.einsum("btd,dnh->btnh", x, self.q_proj.value.astype(dt))
+    k = jnp.einsum("btd,dgh->btgh", x, self.k_proj.value.astype(dt))
+    v = jnp.einsum("btd,dgh->btgh", x, self.v_proj.value.astype(dt))
+    if cfg.qkv_bias:
+      q = q + self.q_bias.value.astype(dt)[None, None]
+      k = k + self.k_bias.value.astype(dt)[None, None]
+      v = v + self.v_bias.value.astype(dt)[None, None]
+    if cfg.qk_norm:
+      q = self.q_norm(q)
+      k = self.k_norm(k)
+    q = sharding.constrain(apply_rope(q, positions_BT, inv_freq), _ACT_HEADS)
+    k = sharding.constrain(apply_rope(k, positions_BT, inv_freq), _ACT_HEADS)
+    return q, k, v
+
+  def output(self, attn_BTNH):
+    """[B, T, D]: the output projection of attended values."""
+    dt = self.cfg.dtype
+    out = jnp.einsum("btnh,nhd->btd", attn_BTNH, self.o_proj.value.astype(dt))
+    if self.cfg.o_bias:
       out = out + self.o_bias.value.astype(dt)[None, None]
-    return out, k_cache_BSGH, v_cache_BSGH
+    return out
 
 
 class MLP(nnx.Module):
