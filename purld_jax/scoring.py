@@ -133,3 +133,31 @@ def jitted_last_logps(model, tokens, attention_mask) -> jax.Array:
   """`last_logps` compiled once per (model structure, shapes)."""
   graphdef, state = nnx.split(model)
   return _last_logps_jit(graphdef, state, tokens, attention_mask)
+
+
+def response_logps(model, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                   responses: jax.Array, response_mask: jax.Array, *,
+                   vocab_chunk: int | None = None) -> jax.Array:
+  """Per-token log-probs of M responses to each of B prompts.
+
+  Each row is [left-padded prompt | right-padded response], so positions
+  (cumsum of the mask) run on from the prompt into the response.
+
+  Args:
+    model: a decoder (see `token_logps`).
+    prompt_tokens: i32[B, P] left-padded; prompt_mask: bool[B, P].
+    responses: i32[B, M, T] right-padded; response_mask: bool[B, M, T].
+    vocab_chunk: see `token_logps`.
+
+  Returns:
+    f32[B, M, T]: log pi(y_t | x, y_<t); 0 outside `response_mask`.
+  """
+  b, m, t = responses.shape
+  p = prompt_tokens.shape[1]
+  tokens = jnp.concatenate(
+      [jnp.repeat(prompt_tokens, m, axis=0), responses.reshape(b * m, t)], 1)
+  mask = jnp.concatenate(
+      [jnp.repeat(prompt_mask.astype(bool), m, axis=0),
+       response_mask.reshape(b * m, t).astype(bool)], 1)
+  lp = token_logps(model, tokens, mask, vocab_chunk=vocab_chunk)[:, p:]
+  return jnp.where(response_mask, lp.reshape(b, m, t), 0.0)

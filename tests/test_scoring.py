@@ -80,3 +80,32 @@ def test_seq_and_mean_logps_hand(mask, total, mean):
   m = jnp.array(mask, bool)
   assert_allclose(jax.jit(scoring.seq_logps)(lp, m), total)
   assert_allclose(jax.jit(scoring.mean_logps)(lp, m), mean)
+
+
+def test_response_logps_equals_unpadded_rows():
+  """[prompt | response] rows: each response's log-probs equal a log_softmax
+  of the unpadded concatenation, and are 0 outside the response mask."""
+  from flax import nnx as _nnx
+  from purld_jax.models import llama as _llama
+  model = _llama.Llama(_llama.tiny_config(), rngs=_nnx.Rngs(3))
+  prompts = [[5, 6, 7], [9]]
+  responses = [[[11, 12], [13, 14, 15]], [[16], [17, 18]]]
+  pt = np.zeros((2, 3), np.int32)
+  pm = np.zeros((2, 3), bool)
+  for i, p in enumerate(prompts):
+    pt[i, 3 - len(p):], pm[i, 3 - len(p):] = p, True
+  rt = np.zeros((2, 2, 3), np.int32)
+  rm = np.zeros((2, 2, 3), bool)
+  for i, g in enumerate(responses):
+    for j, r in enumerate(g):
+      rt[i, j, :len(r)], rm[i, j, :len(r)] = r, True
+  got = np.asarray(scoring.response_logps(model, jnp.asarray(pt),
+                                          jnp.asarray(pm), jnp.asarray(rt),
+                                          jnp.asarray(rm)))
+  for i, p in enumerate(prompts):
+    for j, r in enumerate(responses[i]):
+      seq = jnp.asarray([p + r], jnp.int32)
+      lsm = jax.nn.log_softmax(model(seq)[0], axis=-1)
+      want = [float(lsm[len(p) + n - 1, tok]) for n, tok in enumerate(r)]
+      np.testing.assert_allclose(got[i, j, :len(r)], want, atol=1e-5)
+      assert (got[i, j, len(r):] == 0).all()

@@ -1,0 +1,176 @@
+"""One PU-RL iteration's data: METHOD.md steps 2 to 5 for a batch of prompts.
+
+  group = rollout.collect(graphdef, policy_params, scorer_params, tok, batch,
+                          anchors, key, k=K, sampling=..., ranking=...)
+
+Steps: sample K candidates per prompt with the policy snapshot (jitted,
+KV-cached); score them against the anchor with the scorer (policy snapshot or
+reference, `ranking.scheme`), the anchor itself scored too (s_a); the
+preferences (pairs or a label distribution) are then pure functions of
+`group.scores` and `group.anchor_score` (preferences.py), built by each
+trainer.
+
+Members: the K candidates are members 0..K-1 and the anchor, written as the
+assistant turn the chat template would give it, is member K. All members are
+right-padded to one length T (the longer of max_new_tokens and the anchor
+cap), so a trainer can score any of them against the prompt in one call
+(`scoring.response_logps`).
+
+Everything here is host-side orchestration of jitted pieces; the arrays
+returned are numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from purld_jax import ranking
+from purld_jax import sampling as sampling_lib
+from purld_jax.models import tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingParams:
+  """`config.ranking` as plain values (see `ranking.score_group`)."""
+
+  scheme: str = "judge"
+  template: str | None = None
+  yes_word: str = "Yes"
+  no_word: str = "No"
+  aggregation: str = "bradley_terry"
+  bt_iters: int = 100
+  bt_prior: float = 0.1
+  metric: str = "rouge_l"
+  rows_per_call: int = 64
+  pad_multiple: int = 16
+  vocab_chunk: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """B prompts with K candidates, the anchor, and the self-ranking scores.
+
+  Attributes:
+    prompt_tokens: i32[B, P] left-padded; prompt_mask: bool[B, P].
+    members: i32[B, K+1, T] candidates then the anchor, right-padded.
+    member_mask: bool[B, K+1, T] real response tokens (stop token included).
+    old_logps: f32[B, K, T] the sampling policy's log-probs of the candidates
+      (temperature 1, unfiltered): PPO's old policy, for free.
+    finished: bool[B, K] the candidate ended with a stop token.
+    scores: f32[B, K] self-ranking scores s_k.
+    anchor_score: f32[B] the anchor's own score s_a.
+    valid: bool[B] False on filler rows.
+    texts: B lists of K decoded candidates (logs, rollout store).
+    timings: seconds per phase: sample_s, score_s.
+  """
+
+  prompt_tokens: np.ndarray
+  prompt_mask: np.ndarray
+  members: np.ndarray
+  member_mask: np.ndarray
+  old_logps: np.ndarray
+  finished: np.ndarray
+  scores: np.ndarray
+  anchor_score: np.ndarray
+  valid: np.ndarray
+  texts: list
+  timings: dict
+
+  @property
+  def k(self) -> int:
+    return self.old_logps.shape[1]
+
+
+def anchor_members(tok: tokenizer_lib.Tokenizer, messages_list, anchors,
+                   *, max_len: int) -> list[list[int]]:
+  """Each anchor as the assistant turn after its prompt (end of turn kept)."""
+  from purld_jax.train import sft  # the one definition of a response's ids
+  return [sft.response_ids(tok, m, a, max_len=max_len)
+          for m, a in zip(messages_list, anchors)]
+
+
+def pack_members(cand_tokens: np.ndarray, cand_mask: np.ndarray,
+                 anchor_ids: Sequence[Sequence[int]], *, pad_id: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Candidates [B, K, Tc] plus anchors -> members [B, K+1, T], mask.
+
+  T = max(Tc, longest anchor).
+  """
+  b, k, tc = cand_tokens.shape
+  t = max(tc, max((len(a) for a in anchor_ids), default=0))
+  members = np.full((b, k + 1, t), pad_id, np.int32)
+  mask = np.zeros((b, k + 1, t), bool)
+  members[:, :k, :tc] = np.where(cand_mask, cand_tokens, pad_id)
+  mask[:, :k, :tc] = cand_mask
+  for i, a in enumerate(anchor_ids):
+    members[i, k, :len(a)] = a
+    mask[i, k, :len(a)] = True
+  return members, mask
+
+
+def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
+            key, *, k: int, sampling: sampling_lib.SamplingParams,
+            ranking_params: RankingParams, max_anchor_len: int,
+            verifier: Callable[[int, str], float] | None = None) -> Group:
+  """Samples, then self-ranks, one batch of prompts (see module docstring).
+
+  Args:
+    graphdef: the student's graphdef.
+    policy_params: the sampling snapshot (pi_old).
+    scorer_params: params of the self-ranking scorer (policy or reference).
+    tok: the student's tokenizer.
+    batch: a `data.PromptBatch` (B prompts, left-padded tokens, index).
+    anchors: B anchor texts (from the ledger).
+    key: this iteration's key.
+    k: K candidates per prompt.
+    sampling: the sampling rule (its stop ids default to the tokenizer's).
+    ranking_params: the self-ranking scheme and its knobs.
+    max_anchor_len: anchor tokens kept as member K.
+    verifier: oracle scheme's verifier(b, text) -> reward.
+  """
+  if not sampling.stop_ids:
+    sampling = dataclasses.replace(sampling, stop_ids=tok.stop_ids)
+  t0 = time.perf_counter()
+  cands = sampling_lib.sample(
+      graphdef, policy_params, jnp.asarray(batch.tokens),
+      jnp.asarray(batch.mask), key,
+      prompt_index=jnp.asarray(batch.index, jnp.int32), num_candidates=k,
+      sampling=sampling, pad_id=tok.pad_id)
+  cands = jax.device_get(cands)
+  t1 = time.perf_counter()
+  messages = [p.as_dicts() for p in batch.prompts]
+  lists = [[list(cands.tokens[i, j, :cands.lengths[i, j]]) for j in range(k)]
+           for i in range(len(messages))]
+  rp = ranking_params
+  scorer = nnx.merge(graphdef, scorer_params)
+  scores, s_a = ranking.score_group(
+      scorer, tok, messages, list(anchors), lists, scheme=rp.scheme,
+      template=rp.template or None, score_anchor=True, yes_word=rp.yes_word,
+      no_word=rp.no_word, aggregation=rp.aggregation, bt_iters=rp.bt_iters,
+      bt_prior=rp.bt_prior, metric=rp.metric, verifier=verifier,
+      rows_per_call=rp.rows_per_call, vocab_chunk=rp.vocab_chunk,
+      pad_multiple=rp.pad_multiple)
+  t2 = time.perf_counter()
+  anchor_ids = anchor_members(tok, messages, anchors, max_len=max_anchor_len)
+  members, member_mask = pack_members(np.asarray(cands.tokens),
+                                      np.asarray(cands.mask), anchor_ids,
+                                      pad_id=tok.pad_id)
+  t = members.shape[-1]
+  old = np.zeros((len(messages), k, t), np.float32)
+  old[:, :, :cands.logps.shape[-1]] = cands.logps
+  texts = [[tok.decode(ids) for ids in g] for g in lists]
+  return Group(prompt_tokens=np.asarray(batch.tokens),
+               prompt_mask=np.asarray(batch.mask), members=members,
+               member_mask=member_mask, old_logps=old,
+               finished=np.asarray(cands.finished),
+               scores=np.asarray(scores, np.float32),
+               anchor_score=np.asarray(s_a, np.float32),
+               valid=np.asarray(batch.valid), texts=texts,
+               timings=dict(sample_s=t1 - t0, score_s=t2 - t1))

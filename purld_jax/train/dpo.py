@@ -1,0 +1,102 @@
+"""PU-RL with pairwise preferences (METHOD.md steps 5-6, `recipe = "dpo"`).
+
+Pairs come from the self-ranking scores (`preference.pairs`): best over
+worst, every pair above a margin, likely-positive over unlabeled (PU), or
+the SPIN-like baseline anchor over worst. The loss is DPO (sigmoid, IPO or
+hinge) on sequence log-probs of chosen and rejected members, the reference
+being the frozen SFT model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purld_jax import losses
+from purld_jax import preferences
+from purld_jax import scoring
+from purld_jax.train import state as state_lib
+
+STAGE = "dpo"
+
+
+def make_pairs(scores, anchor_score, *, rule: str, margin: float,
+               center: bool, prior: float | None, pu_rule: str,
+               valid=None) -> preferences.Pairs:
+  """Pairs [B, M] over members (index K = the anchor) from scores [B, K]."""
+  scores, anchor_score = jnp.asarray(scores), jnp.asarray(anchor_score)
+  cal, positive = preferences.calibrate(scores, anchor_score, center=center,
+                                        prior=prior, rule=pu_rule)
+  if rule == "best_vs_worst":
+    pairs = preferences.best_vs_worst(cal, min_gap=margin)
+  elif rule == "margin":
+    pairs = preferences.margin_pairs(cal, margin=margin)
+  elif rule == "pu":
+    pairs = preferences.pu_pairs(positive)
+  elif rule == "anchor_as_chosen":
+    pairs = preferences.anchor_as_chosen(cal)
+  else:
+    raise ValueError(f"preference.pairs {rule!r} is not one of best_vs_worst,"
+                     " margin, pu, anchor_as_chosen")
+  if valid is not None:
+    pairs = pairs._replace(mask=pairs.mask & jnp.asarray(valid)[:, None])
+  return pairs
+
+
+def build_batch(group, config) -> dict:
+  """Host arrays of one DPO step from a `rollout.Group`."""
+  pu, pref = config.pu, config.preference
+  pairs = make_pairs(group.scores, group.anchor_score, rule=pref.pairs,
+                     margin=pref.margin, center=pu.center,
+                     prior=pu.prior or None, pu_rule=pu.rule,
+                     valid=group.valid)
+  return dict(prompt_tokens=group.prompt_tokens,
+              prompt_mask=group.prompt_mask, members=group.members,
+              member_mask=group.member_mask,
+              chosen=np.asarray(pairs.chosen), rejected=np.asarray(pairs.rejected),
+              pair_mask=np.asarray(pairs.mask))
+
+
+def _seq_logps(model, batch, vocab_chunk):
+  lp = scoring.response_logps(model, batch["prompt_tokens"],
+                              batch["prompt_mask"], batch["members"],
+                              batch["member_mask"], vocab_chunk=vocab_chunk)
+  return lp.sum(-1)  # [B, K+1]
+
+
+def train_step(state: state_lib.TrainState, ref_params, batch: dict,
+               nan_at_step=-1, *, beta: float, loss_type: str,
+               label_smoothing: float, reduce: str, schedule,
+               grad_accum: int = 1, vocab_chunk: int | None = None):
+  """One DPO update on the pairs of `batch`. Pure; jit it.
+
+  The reference's sequence log-probs are computed here under stop_gradient
+  from `ref_params` (an argument, so it is not baked into the graph).
+  """
+  pairs = preferences.Pairs(batch["chosen"], batch["rejected"],
+                            batch["pair_mask"])
+  ref = jax.lax.stop_gradient(_seq_logps(state.model(ref_params), batch,
+                                         vocab_chunk))
+  ref_c, ref_r = preferences.gather_pairs(ref, pairs)
+
+  def loss_fn(params):
+    pol = _seq_logps(state.model(params), batch, vocab_chunk)
+    pol_c, pol_r = preferences.gather_pairs(pol, pairs)
+    loss, metrics = losses.dpo(pol_c, pol_r, ref_c, ref_r, beta=beta,
+                               loss_type=loss_type,
+                               label_smoothing=label_smoothing,
+                               pair_mask=pairs.mask, reduce=reduce)
+    return state_lib.inject_nan(loss, state.step, nan_at_step), metrics
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  lr = schedule(state.step // grad_accum)
+  state, update = state.apply_grads(grads, loss=loss)
+  return state, dict(metrics, **update, loss=loss, lr=lr)
+
+
+def step_kwargs(config) -> dict:
+  d = config.loss.dpo
+  return dict(beta=d.beta, loss_type=d.loss_type,
+              label_smoothing=d.label_smoothing, reduce=d.reduce)

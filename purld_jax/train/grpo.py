@@ -1,0 +1,90 @@
+"""PU-RL with group advantages (METHOD.md steps 5-6, `recipe = "grpo"`).
+
+The label distribution d = softmax(s / tau_label) over the K candidates gives
+advantages A_k = (d_k - 1/K) / std(d) (or centred only); the update is the
+PPO-style clipped ratio per token against the sampling policy's own
+log-probs (returned by the sampler: no extra pass) with a k3 KL to the
+frozen reference weighted by beta_kl. `inner_iterations` updates reuse one
+sampled batch. With `ranking.scheme = "oracle"` the scores are verifiable
+rewards and this is the oracle-reward GRPO baseline.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purld_jax import losses
+from purld_jax import preferences
+from purld_jax import scoring
+from purld_jax.train import state as state_lib
+
+STAGE = "grpo"
+
+
+def advantages(scores, anchor_score, *, tau: float, center: bool,
+               normalize: str, valid=None) -> np.ndarray:
+  """A f32[B, K] from scores via the label distribution over candidates."""
+  scores, anchor_score = jnp.asarray(scores), jnp.asarray(anchor_score)
+  cal, _ = preferences.calibrate(scores, anchor_score, center=center)
+  d = preferences.label_distribution(cal, tau=tau)
+  adv = preferences.group_advantages(d, normalize=normalize)
+  if valid is not None:
+    adv = jnp.where(jnp.asarray(valid)[:, None], adv, 0.0)
+  return np.asarray(adv, np.float32)
+
+
+def build_batch(group, config) -> dict:
+  """Host arrays of one GRPO iteration from a `rollout.Group`."""
+  k = group.k
+  adv = advantages(group.scores, group.anchor_score,
+                   tau=config.preference.tau_label, center=config.pu.center,
+                   normalize=config.loss.grpo.advantage, valid=group.valid)
+  return dict(prompt_tokens=group.prompt_tokens,
+              prompt_mask=group.prompt_mask,
+              responses=group.members[:, :k],
+              response_mask=group.member_mask[:, :k],
+              old_logps=group.old_logps, advantages=adv)
+
+
+def reference_logps(model, batch: dict, *, vocab_chunk=None):
+  """f32[B, K, T] the reference's log-probs of the candidates (once per
+  iteration, before the inner updates)."""
+  return scoring.response_logps(model, batch["prompt_tokens"],
+                                batch["prompt_mask"], batch["responses"],
+                                batch["response_mask"],
+                                vocab_chunk=vocab_chunk)
+
+
+def train_step(state: state_lib.TrainState, batch: dict, nan_at_step=-1, *,
+               eps_low: float, eps_high: float, beta_kl: float,
+               aggregation: str, schedule, grad_accum: int = 1,
+               vocab_chunk: int | None = None):
+  """One clipped policy-gradient update. `batch` holds `ref_logps` (from
+  `reference_logps`) when beta_kl > 0. Pure; jit it."""
+  ref = batch.get("ref_logps")
+
+  def loss_fn(params):
+    lp = scoring.response_logps(state.model(params), batch["prompt_tokens"],
+                                batch["prompt_mask"], batch["responses"],
+                                batch["response_mask"],
+                                vocab_chunk=vocab_chunk)
+    loss, metrics = losses.grpo(
+        lp, batch["old_logps"], ref, batch["response_mask"],
+        batch["advantages"], eps_low=eps_low, eps_high=eps_high,
+        beta_kl=beta_kl, aggregation=aggregation,
+        max_len=batch["responses"].shape[-1])
+    return state_lib.inject_nan(loss, state.step, nan_at_step), metrics
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  lr = schedule(state.step // grad_accum)
+  state, update = state.apply_grads(grads, loss=loss)
+  return state, dict(metrics, **update, loss=loss, lr=lr)
+
+
+def step_kwargs(config) -> dict:
+  g = config.loss.grpo
+  return dict(eps_low=g.eps_low, eps_high=g.eps_high, beta_kl=g.beta_kl,
+              aggregation=g.aggregation)

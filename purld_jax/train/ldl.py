@@ -1,0 +1,72 @@
+"""PU-RL with label-distribution learning (METHOD.md step 6, `recipe = "ldl"`).
+
+The policy's implied distribution over the group, softmax_k(beta * sum_t
+log(pi/pi_ref)(y_k)), is fitted to the label distribution d = softmax(s /
+tau_label) by KL(d || implied). With `pu.include_anchor` the anchor joins the
+group as member K+1: it is off-policy, so it enters this loss (its log-ratio
+is computed like any member's) and never a PPO ratio.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purld_jax import losses
+from purld_jax import preferences
+from purld_jax import scoring
+from purld_jax.train import state as state_lib
+
+STAGE = "ldl"
+
+
+def build_batch(group, config) -> dict:
+  """Host arrays of one LDL step from a `rollout.Group`."""
+  k = group.k
+  include = bool(config.pu.include_anchor)
+  cal, _ = preferences.calibrate(jnp.asarray(group.scores),
+                                 jnp.asarray(group.anchor_score),
+                                 center=config.pu.center)
+  s_a = jnp.zeros_like(jnp.asarray(group.anchor_score)) if config.pu.center \
+      else jnp.asarray(group.anchor_score)
+  d = preferences.label_distribution(cal, tau=config.preference.tau_label,
+                                     anchor_score=s_a,
+                                     include_anchor=include)
+  m = k + 1 if include else k
+  member_mask = np.ones((len(group.valid), m), bool) & group.valid[:, None]
+  return dict(prompt_tokens=group.prompt_tokens,
+              prompt_mask=group.prompt_mask, members=group.members[:, :m],
+              token_mask=group.member_mask[:, :m],
+              label_dist=np.asarray(d, np.float32), member_mask=member_mask)
+
+
+def _seq_logps(model, batch, vocab_chunk):
+  return scoring.response_logps(model, batch["prompt_tokens"],
+                                batch["prompt_mask"], batch["members"],
+                                batch["token_mask"],
+                                vocab_chunk=vocab_chunk).sum(-1)
+
+
+def train_step(state: state_lib.TrainState, ref_params, batch: dict,
+               nan_at_step=-1, *, beta: float, schedule, grad_accum: int = 1,
+               vocab_chunk: int | None = None):
+  """One LDL update. Pure; jit it."""
+  ref = jax.lax.stop_gradient(_seq_logps(state.model(ref_params), batch,
+                                         vocab_chunk))
+
+  def loss_fn(params):
+    pol = _seq_logps(state.model(params), batch, vocab_chunk)
+    loss, metrics = losses.ldl(pol - ref, batch["label_dist"],
+                               batch["member_mask"], beta=beta)
+    return state_lib.inject_nan(loss, state.step, nan_at_step), metrics
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  lr = schedule(state.step // grad_accum)
+  state, update = state.apply_grads(grads, loss=loss)
+  return state, dict(metrics, **update, loss=loss, lr=lr)
+
+
+def step_kwargs(config) -> dict:
+  return dict(beta=config.loss.ldl.beta)

@@ -1,0 +1,191 @@
+"""Stage 2, the PU-RL loop (METHOD.md), shared by the dpo, grpo and ldl recipes.
+
+One iteration, for a batch of prompts:
+  1. anchors from the ledger (a teacher call only for a prompt never seen);
+  2. K candidates per prompt from the policy snapshot (rollout.collect);
+  3-4. self-ranking scores against the anchor, the anchor scored too;
+  5. preferences: the recipe's `build_batch` (pairs, or a label distribution);
+  6. the recipe's jitted `train_step` (reference params passed in, frozen).
+
+The reference is the SFT stage's output (stage 1 runs first, or is skipped
+with `sft.steps = 0`, when the reference is the initial model). Checkpoints
+hold params, optimizer state, step, RNG and the data iterator, so a killed
+run resumes to the bit and never asks the teacher twice (the ledger).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from purld_jax import anchors as anchors_lib
+from purld_jax import checkpoint as checkpoint_lib
+from purld_jax import data as data_lib
+from purld_jax import metrics as metrics_lib
+from purld_jax import prompts as prompts_lib
+from purld_jax import rollout
+from purld_jax import sampling as sampling_lib
+from purld_jax import teacher as teacher_lib
+from purld_jax.models import hf
+from purld_jax.train import dpo
+from purld_jax.train import grpo
+from purld_jax.train import ldl
+from purld_jax.train import loop as loop_lib
+from purld_jax.train import sft
+from purld_jax.train import state as state_lib
+from purld_jax.train import student as student_lib
+
+RECIPES = {"dpo": dpo, "grpo": grpo, "ldl": ldl}
+FINAL = "final"
+
+
+def sampling_params(config) -> sampling_lib.SamplingParams:
+  s = config.sampling
+  return sampling_lib.SamplingParams(
+      temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+      max_new_tokens=s.max_new_tokens)
+
+
+def ranking_params(config) -> rollout.RankingParams:
+  r = config.ranking
+  return rollout.RankingParams(
+      scheme=r.scheme, template=r.template or None, yes_word=r.yes_word,
+      no_word=r.no_word, aggregation=r.aggregation, bt_iters=r.bt_iters,
+      bt_prior=r.bt_prior, metric=r.metric, rows_per_call=r.rows_per_call,
+      pad_multiple=r.pad_multiple, vocab_chunk=config.model.vocab_chunk or None)
+
+
+def last_number(text: str) -> str | None:
+  """The last integer or decimal in `text` (commas dropped), or None."""
+  import re
+  found = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+  return found[-1].replace(",", "") if found else None
+
+
+def exact_answer_verifier(answers):
+  """verifier(b, text) -> 1.0 when the last number in text equals answer b."""
+  def verify(b: int, text: str) -> float:
+    a = answers[b]
+    return float(a is not None and last_number(text) == str(a).strip())
+  return verify
+
+
+def _reference(config, workdir, student, ref_dir=None):
+  """(graphdef, reference params): stage 1's output directory."""
+  ref_dir = ref_dir or sft.run(config, workdir)
+  graphdef, _ = student.abstract()
+  return graphdef, hf.load_params(ref_dir, student.cfg)
+
+
+def run(config, workdir: str, reference_dir: str | None = None) -> str:
+  """Runs (or resumes) stage 2 (and stage 1 first unless `reference_dir` is
+  given); returns the final model directory."""
+  recipe = RECIPES[config.recipe]
+  stage = recipe.STAGE
+  workdir = os.path.abspath(workdir)
+  cfg_dict = config.to_dict()
+  student = student_lib.from_config(config.model, workdir)
+  tok = student.tokenizer
+  graphdef, ref_params = _reference(config, workdir, student, reference_dir)
+  teacher = teacher_lib.make(
+      teacher_lib.TeacherConfig.from_mapping(config.teacher.to_dict()))
+  steps = config.rl.steps
+  source = data_lib.encode(prompts_lib.read_jsonl(config.data.train_path),
+                           tok, max_len=config.data.max_prompt_len)
+  store = anchors_lib.AnchorStore(workdir, teacher)
+  tx, schedule = state_lib.optimizer_from_config(
+      config.opt, learning_rate=config.opt.learning_rate,
+      warmup_steps=config.opt.warmup_steps, total_steps=steps)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = checkpoint_lib.abstract_like(state_lib.abstract_arrays(
+      graphdef, student.abstract()[1], tx, rng=rng))
+  init_arrays = lambda: state_lib.TrainState.create(
+      graphdef, jax.tree.map(lambda x: x.copy(), ref_params), tx,
+      rng=rng).arrays()
+  it = data_lib.train_iterator(source, batch_size=config.rl.batch_size,
+                               seed=config.data.shuffle_seed + 1,
+                               buckets=config.data.buckets)
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "ckpt", stage), every_steps=config.ckpt.every_steps,
+      keep=config.ckpt.keep, async_save=config.ckpt.async_save)
+  writer = None
+  try:
+    arrays, start = checkpoint_lib.restore_or_init(
+        ckpt, abstract, init_arrays, data_iter=it, config=cfg_dict)
+    state = state_lib.TrainState(graphdef=graphdef, tx=tx, **arrays)
+    if start:
+      print(f"[{stage}] resumed from step {start}", file=sys.stderr)
+    writer = metrics_lib.Writer(workdir, stage=stage, resume_step=start,
+                                tensorboard=config.log.tensorboard)
+    writer.text("teacher", teacher.label)
+    loop = loop_lib.Loop(stage=stage, total_steps=steps, start_step=start,
+                         ckpt=ckpt, writer=writer,
+                         nan_policy=config.opt.nan_policy,
+                         log_every=config.log.every_steps,
+                         progress=config.log.progress,
+                         sleep_s=config.debug.step_sleep_s)
+    vocab_chunk = config.model.vocab_chunk or None
+    step_fn = jax.jit(functools.partial(
+        recipe.train_step, schedule=schedule,
+        grad_accum=config.opt.grad_accum, vocab_chunk=vocab_chunk,
+        **recipe.step_kwargs(config)), donate_argnums=0)
+    ref_logps_fn = jax.jit(lambda params, batch: grpo.reference_logps(
+        nnx.merge(graphdef, params), batch, vocab_chunk=vocab_chunk))
+    sp, rp = sampling_params(config), ranking_params(config)
+    nan_at_step = np.int32(config.debug.nan_at_step)
+    inner = config.loss.grpo.inner_iterations if recipe is grpo else 1
+    try:
+      for step in range(start, steps):
+        prompts = next(it)
+        anchors = [a.text for a in store.get_or_query(prompts.prompts)]
+        key = jax.random.fold_in(state.rng, state.step)
+        scorer = ref_params if config.ranking.scorer == "reference" \
+            else state.params
+        verifier = exact_answer_verifier(
+            [p.answer for p in prompts.prompts])
+        group = rollout.collect(
+            graphdef, state.params, scorer, tok, prompts, anchors, key,
+            k=config.sampling.num_candidates, sampling=sp, ranking_params=rp,
+            max_anchor_len=config.sft.max_response_len, verifier=verifier)
+        t0 = time.perf_counter()
+        batch = recipe.build_batch(group, config)
+        if recipe is grpo:
+          if config.loss.grpo.beta_kl > 0:
+            batch["ref_logps"] = ref_logps_fn(ref_params, batch)
+          for _ in range(inner - 1):  # PPO epochs over one sampled batch
+            state, _ = step_fn(state, batch, nan_at_step)
+          state, metrics = step_fn(state, batch, nan_at_step)
+        else:
+          state, metrics = step_fn(state, ref_params, batch, nan_at_step)
+        host = dict(group.timings, update_s=time.perf_counter() - t0,
+                    score_mean=float(group.scores.mean()),
+                    score_std=float(group.scores.std(axis=1).mean()),
+                    anchor_score=float(group.anchor_score.mean()),
+                    response_len=float(group.member_mask[:, :group.k]
+                                       .sum(-1).mean()),
+                    finished=float(group.finished.mean()),
+                    teacher_calls=float(store.ledger.stats().calls))
+        loop.record(step + 1, metrics,
+                    tokens=int(group.member_mask[:, :group.k].sum()),
+                    host=host)
+        loop.maybe_save(step + 1, state.arrays(), data_iter=it,
+                        config=cfg_dict)
+      loop.finish(steps, state.arrays(), data_iter=it, config=cfg_dict)
+    finally:
+      loop.close()
+  finally:
+    ckpt.close()
+    store.close()
+    if writer is not None:
+      writer.close()
+  out = os.path.join(workdir, FINAL)
+  from purld_jax import models  # pylint: disable=g-import-not-at-top
+  models.save_pretrained(state.model(), tok, out)
+  print(f"[{stage}] final model: {out}", file=sys.stderr)
+  return out
