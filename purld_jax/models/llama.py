@@ -273,7 +273,11 @@ class Attention(nnx.Module):
   def output(self, attn_BTNH):
     """[B, T, D]: the output projection of attended values."""
     dt = self.cfg.dtype
-    out = jnp.einsum("btnh,nhd->btd", attn_BTNH, self.o_proj.value.astype(dt))
+    b, t, n, h = attn_BTNH.shape
+    # One [B*T, N*H] x [N*H, D] product: an einsum over (n, h) made XLA:CPU
+    # transpose the whole o_proj weight on every call.
+    w = self.o_proj.value.astype(dt).reshape(n * h, -1)
+    out = (attn_BTNH.reshape(b * t, n * h) @ w).reshape(b, t, -1)
     if self.cfg.o_bias:
       out = out + self.o_bias.value.astype(dt)[None, None]
     return out
