@@ -1,0 +1,160 @@
+"""The student as a trainer needs it: (graphdef, params, tokenizer) from `model.*`.
+
+  model.path = "embedded"  SmolLM2-135M-Instruct, converted once (embedded.py)
+  model.path = "tiny"      a random `llama.tiny_config()` model and the
+                           character-level chat tokenizer below (CPU tests)
+  model.path = DIR         a Hugging Face directory (read only)
+
+`Student` knows the architecture and the tokenizer without reading weights,
+so a resumed run restores into `abstract()` and never loads them. Params are
+NNX's pure-dict layout (nested dicts of arrays): what the optimizer, the
+checkpoints and `nnx.merge(graphdef, params)` take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purld_jax.models import embedded
+from purld_jax.models import hf
+from purld_jax.models import llama
+from purld_jax.models import tokenizer as tokenizer_lib
+
+TINY = "tiny"
+EMBEDDED = "embedded"
+CHAR_SPECIALS = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>")
+# Printable ASCII and newline: 96 characters, 100 ids with the specials.
+CHAR_ALPHABET = tuple(chr(c) for c in range(32, 127)) + ("\n",)
+# ChatML without a default system turn.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype(name: str):
+  """jnp dtype of a config dtype name (float32 | bfloat16)."""
+  if name not in _DTYPES:
+    raise ValueError(f"dtype {name!r} not in {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def write_char_tokenizer(path: str | os.PathLike) -> None:
+  """Saves a character-level ChatML tokenizer (100 ids) as an HF directory."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  vocab = {t: i for i, t in enumerate(CHAR_SPECIALS + CHAR_ALPHABET)}
+  core = tokenizers.Tokenizer(
+      tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  core.pre_tokenizer = tokenizers.pre_tokenizers.Split(
+      tokenizers.Regex("(?m)."), behavior="isolated")
+  core.decoder = tokenizers.decoders.Fuse()
+  hf = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+      eos_token="<|im_end|>", additional_special_tokens=list(CHAR_SPECIALS[2:]))
+  hf.chat_template = CHAT_TEMPLATE
+  hf.save_pretrained(str(path))
+
+
+def char_tokenizer(path: str | os.PathLike) -> tokenizer_lib.Tokenizer:
+  """The character tokenizer, written to `path` on first use, then loaded."""
+  path = pathlib.Path(path)
+  if not (path / "tokenizer.json").is_file():
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    write_char_tokenizer(tmp)
+    if path.exists():  # a half-written one from a killed run
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  return tokenizer_lib.load(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Student:
+  """What a trainer needs to know about the model before touching weights.
+
+  Attributes:
+    cfg: the architecture.
+    hf_dir: the Hugging Face directory the weights come from (None: random
+      init of the tiny model from `init_seed`).
+    init_seed: seed of the random init (`_random_params`).
+    tokenizer: the tokenizer.
+  """
+
+  cfg: llama.LlamaConfig
+  hf_dir: str | None
+  init_seed: int
+  tokenizer: tokenizer_lib.Tokenizer
+
+  def abstract(self):
+    """(graphdef, params as jax.ShapeDtypeStruct): no weights are read."""
+    return llama.abstract_model(self.cfg)
+
+  def init_params(self) -> dict:
+    """The initial params (pure dict): from hf_dir, or the random init."""
+    if self.hf_dir is None:
+      return _random_params(self.cfg, self.init_seed)
+    return hf.load_params(self.hf_dir, self.cfg)
+
+
+def _random_params(cfg: llama.LlamaConfig, seed: int) -> dict:
+  """A seeded random init on the host (numpy): matrices ~ N(0, 0.02^2) like
+  `llama._param`, norm scales 1, biases 0. Host-side because compiling
+  JAX's initialisers costs more than the whole tiny run on a CPU."""
+  rng = np.random.default_rng(seed)
+  _, shapes = llama.abstract_model(cfg)
+
+  def init(path, s):
+    name = getattr(path[-1], "key", None)
+    if len(s.shape) >= 2:
+      value = 0.02 * rng.standard_normal(s.shape, dtype=np.float32)
+    else:
+      value = np.full(s.shape, 1.0 if name == "scale" else 0.0, np.float32)
+    return jnp.asarray(value, s.dtype)
+  return jax.tree_util.tree_map_with_path(init, shapes)
+
+
+def resolve_path(path: str, cache_dir: str = "") -> str:
+  """The HF directory a model path names ("tiny" stays "tiny")."""
+  if path == TINY:
+    return path
+  if path == EMBEDDED:
+    return str(embedded.ensure_converted(cache_dir or None))
+  return path
+
+
+def make(*, path: str, dtype_name: str, param_dtype_name: str, init_seed: int,
+         cache_dir: str, workdir: str) -> Student:
+  """The student of `model.*` (reads config and tokenizer, not weights).
+
+  Args:
+    path: "tiny", "embedded" or a Hugging Face directory.
+    dtype_name, param_dtype_name: compute and storage dtypes.
+    init_seed: the tiny model's init seed.
+    cache_dir: conversion cache of "embedded" ('' = default).
+    workdir: run directory; the tiny tokenizer is written under it.
+  """
+  dt, pdt = dtype(dtype_name), dtype(param_dtype_name)
+  if path == TINY:
+    tok = char_tokenizer(pathlib.Path(workdir) / "tiny_tokenizer")
+    cfg = llama.tiny_config(vocab_size=128, dtype=dt, param_dtype=pdt)
+    return Student(cfg=cfg, hf_dir=None, init_seed=init_seed, tokenizer=tok)
+  hf_dir = resolve_path(path, cache_dir)
+  cfg = hf.read_config(hf_dir, dtype=dt, param_dtype=pdt)
+  return Student(cfg=cfg, hf_dir=hf_dir, init_seed=init_seed,
+                 tokenizer=tokenizer_lib.load(hf_dir))
+
+
+def from_config(model_cfg, workdir: str) -> Student:
+  """`make` from the config's `model` block."""
+  return make(path=model_cfg.path, dtype_name=model_cfg.dtype,
+              param_dtype_name=model_cfg.param_dtype,
+              init_seed=model_cfg.init_seed, cache_dir=model_cfg.cache_dir,
+              workdir=workdir)

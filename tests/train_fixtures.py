@@ -1,0 +1,82 @@
+"""Shared helpers of the training-pipeline tests: the tiny config, a
+persistent compilation cache (the tiny SFT step takes ~10 s to compile on
+a busy 2-core CPU; later runs, in-process or in a subprocess, load it), and
+the char tokenizer.
+"""
+
+import os
+import tempfile
+
+import jax
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Shared by test sessions (keys are hashes of the program and the flags).
+JIT_CACHE = os.environ.get("PURLD_TEST_JIT_CACHE") or os.path.join(
+    tempfile.gettempdir(), "purld_jax_test_jit_cache")
+
+
+@pytest.fixture(scope="module")
+def jit_cache():
+  """Persistent compilation cache for this module's tests; its path."""
+  old = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", JIT_CACHE)
+  compilation_cache.reset_cache()
+  yield JIT_CACHE
+  jax.config.update("jax_compilation_cache_dir", old)
+  compilation_cache.reset_cache()
+
+
+def subprocess_env() -> dict:
+  """Environment of a `python -m purld_jax.main` child: CPU, the cache."""
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=JIT_CACHE,
+             HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+             PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+  return env
+
+
+SMALL_TRAIN = 16  # prompts of the tests' train set
+
+
+def small_train_path() -> str:
+  """The first SMALL_TRAIN prompts of data/demo/train.jsonl, as a file (the
+  ledger commits each anchor with fsync: 256 of them take seconds)."""
+  path = os.path.join(tempfile.gettempdir(), "purld_jax_tests",
+                      f"train{SMALL_TRAIN}.jsonl")
+  if not os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(os.path.join(REPO, "data/demo/train.jsonl"), encoding="utf-8") as f:
+      lines = f.readlines()[:SMALL_TRAIN]
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(lines)
+    os.replace(tmp, path)
+  return path
+
+
+def tiny_config(**overrides):
+  """configs/sft.py:tiny on `small_train_path()`, with dotted overrides
+  ({"sft.steps": 6}), unlocked."""
+  import sys
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+  from configs import sft as sft_config
+  c = sft_config.get_config("tiny")
+  c.data.train_path = small_train_path()
+  c.data.eval_path = os.path.join(REPO, "data/demo/eval.jsonl")
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="session")
+def char_tok(tmp_path_factory):
+  """The tiny model's character-level chat tokenizer."""
+  from purld_jax.train import student
+  return student.char_tokenizer(tmp_path_factory.mktemp("char_tok") / "tok")
