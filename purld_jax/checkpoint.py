@@ -1,0 +1,192 @@
+"""Checkpoints with orbax: train state, data iterator and config in one step.
+
+  ckpt = checkpoint.Checkpointer(workdir / "ckpt" / "sft", every_steps=50,
+                                 keep=3, async_save=True)
+  restored = checkpoint.restore_latest(ckpt, abstract_arrays, data_iter)
+  if restored is None: arrays = init(), else arrays = restored.arrays
+  ...
+  ckpt.save(step, state.arrays(), data_iter=it, config=config.to_dict())
+  ckpt.close()                                   # waits for the last write
+
+A step directory `<directory>/<step>/` holds three items:
+  state   params, opt_state, step, rng (orbax StandardSave; arrays only)
+  data    {"process_count": n, "iterator": the grain iterator's get_state()}
+  config  the run's config as JSON
+Orbax writes into a temporary directory and renames it when complete, so a
+kill -9 leaves either a whole step or none; `keep` newest steps are kept.
+With `async_save` the arrays are copied off the device before `save` returns
+(so the caller may donate them to the next step) and written in the
+background; the iterator state is snapshotted at the call, as a plain dict.
+
+Nothing here reads pickles. API keys are never in a checkpoint: configs hold
+only the NAME of the environment variable (`teacher.api_key_env`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored here; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What `restore_latest` found.
+
+  Attributes:
+    step: the step restored.
+    arrays: the state arrays, laid out like the abstract target.
+    config: the config saved with them (a dict).
+  """
+
+  step: int
+  arrays: Any
+  config: dict
+
+
+class Checkpointer:
+  """An orbax CheckpointManager over one stage's directory."""
+
+  def __init__(self, directory: str | os.PathLike, *, every_steps: int,
+               keep: int, async_save: bool = True):
+    if every_steps < 1:
+      raise ValueError(f"every_steps {every_steps} < 1")
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.every_steps = every_steps
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save),
+        item_names=("state", "data", "config"))
+
+  def latest_step(self) -> int | None:
+    """The newest complete step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def due(self, step: int) -> bool:
+    """True every `every_steps` steps."""
+    return step % self.every_steps == 0
+
+  def save(self, step: int, arrays: Any, *, data_iter=None,
+           config: dict | None = None, force: bool = False) -> bool:
+    """Saves `arrays` (+ iterator state and config) as step `step` when due
+    (or `force`); False when not due or when that step is already saved."""
+    if not (force or self.due(step)) or step in self._manager.all_steps():
+      return False
+    data = {"process_count": jax.process_count(),
+            "iterator": None if data_iter is None else data_iter.get_state()}
+    return self._manager.save(
+        step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays),
+            data=ocp.args.JsonSave(data),
+            config=ocp.args.JsonSave(config or {})))
+
+  def restore(self, step: int, abstract_arrays: Any, *, data_iter=None
+              ) -> Restored:
+    """Restores step `step` into `abstract_arrays` (a tree of
+    jax.ShapeDtypeStruct with shardings) and, given `data_iter`, sets its
+    state."""
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_arrays),
+        data=ocp.args.JsonRestore(),
+        config=ocp.args.JsonRestore()))
+    data = out.data
+    if data_iter is not None:
+      if data.get("process_count") != jax.process_count():
+        raise CheckpointError(
+            f"{self.directory}/{step}: saved by {data.get('process_count')} "
+            f"processes, restoring on {jax.process_count()}; the data shards "
+            "would differ")
+      if data.get("iterator") is None:
+        raise CheckpointError(f"{self.directory}/{step}: no iterator state")
+      data_iter.set_state(data["iterator"])
+    return Restored(step=step, arrays=out.state, config=dict(out.config or {}))
+
+  def wait(self) -> None:
+    """Blocks until every save has been written."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_like(tree: Any, sharding=None) -> Any:
+  """jax.ShapeDtypeStruct of each leaf of `tree` (arrays or shape structs),
+  with `sharding` (one sharding for all leaves, or a matching tree); default
+  replicated on the first local device."""
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        tree)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, sharding)
+
+
+def restore_latest(ckpt: Checkpointer, abstract_arrays: Any, *,
+                   data_iter=None, config: dict | None = None
+                   ) -> Restored | None:
+  """Restores the newest step of `ckpt`, or returns None when it has none.
+
+  Differences between the saved config and `config` are logged (a resumed
+  run may change e.g. its length; it is the caller's business to refuse
+  changes that break it).
+  """
+  step = ckpt.latest_step()
+  if step is None:
+    return None
+  restored = ckpt.restore(step, abstract_arrays, data_iter=data_iter)
+  if config is not None:
+    for line in config_diff(restored.config, config):
+      logging.warning("resuming %s/%d with a changed config: %s",
+                      ckpt.directory, step, line)
+  return restored
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_diff(saved: dict, current: dict) -> list[str]:
+  """'key: saved -> current' for each leaf that differs (dotted keys)."""
+  a, b = _flat(saved), _flat(current)
+  return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def restore_or_init(ckpt: Checkpointer, abstract_arrays: Any, init_fn, *,
+                    data_iter=None, config: dict | None = None):
+  """(arrays, step) from the newest checkpoint, else (init_fn(), 0).
+
+  Resume is automatic: a directory holding a complete step is continued
+  from it (its data iterator state set on `data_iter`); `init_fn` (e.g.
+  reading pretrained weights) runs only when there is none.
+  """
+  restored = restore_latest(ckpt, abstract_arrays, data_iter=data_iter,
+                            config=config)
+  if restored is None:
+    return init_fn(), 0
+  logging.info("resumed %s at step %d", ckpt.directory, restored.step)
+  return restored.arrays, restored.step

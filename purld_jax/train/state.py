@@ -1,0 +1,229 @@
+"""Train state and optimizer shared by every stage (SFT, DPO, GRPO).
+
+  tx, schedule = make_optimizer(learning_rate=1e-5, warmup_steps=10,
+                                total_steps=100, ...)
+  state = TrainState.create(graphdef, params, tx, rng=jax.random.PRNGKey(0))
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state, update_metrics = state.apply_grads(grads, loss=loss)
+
+`step` counts batches consumed (micro-batches when `grad_accum` > 1; the
+schedule counts optimizer updates). An update whose loss or gradients are
+not finite is never applied: `apply_grads` keeps the old params and
+optimizer state (the step still advances, the batch is consumed) and says
+so in its metrics (`skipped`, `nonfinite_loss`, `nonfinite_grads`). Whether
+the run then goes on (`nan_policy = "skip"`) or stops is the loop's call
+(`check_finite`), from those metrics, read one step late.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+NAN_POLICIES = ("skip", "stop")
+
+
+class NonFiniteError(FloatingPointError):
+  """A non-finite loss or gradient under nan_policy 'stop'."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What a step reads and writes.
+
+  Attributes:
+    graphdef: the model structure (static: `nnx.merge(graphdef, params)`).
+    params: trained params, NNX pure-dict layout.
+    opt_state: the optimizer state.
+    step: i32[] batches consumed so far.
+    rng: u32[2] the run's key; per-step keys are fold_in(rng, step).
+    tx: the optimizer (static).
+  """
+
+  graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
+  params: Any
+  opt_state: Any
+  step: jax.Array
+  rng: jax.Array
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, graphdef, params, tx: optax.GradientTransformation, *,
+             rng: jax.Array) -> TrainState:
+    return cls(graphdef=graphdef, params=params, opt_state=tx.init(params),
+               step=jnp.zeros((), jnp.int32), rng=rng, tx=tx)
+
+  def model(self, params=None):
+    """The model with `params` (default: this state's)."""
+    return nnx.merge(self.graphdef, self.params if params is None else params)
+
+  def step_key(self) -> jax.Array:
+    """fold_in(rng, step): this step's key, the same after a resume."""
+    return jax.random.fold_in(self.rng, self.step)
+
+  def arrays(self) -> dict:
+    """The checkpointed part: params, opt_state, step, rng."""
+    return dict(params=self.params, opt_state=self.opt_state, step=self.step,
+                rng=self.rng)
+
+  def with_arrays(self, arrays: dict) -> TrainState:
+    """This state with the arrays of `arrays()` (e.g. restored ones)."""
+    return self.replace(**arrays)
+
+  def apply_grads(self, grads, *, loss: jax.Array | None = None):
+    """One optimizer step, skipped when the loss or the gradients are not
+    finite (see the module docstring).
+
+    Returns:
+      (new state, metrics): `grad_norm` (before clipping), `skipped`,
+      `nonfinite_loss`, `nonfinite_grads` (each 0. or 1.).
+    """
+    grad_norm = optax.global_norm(grads)
+    bad_grads = ~jnp.isfinite(grad_norm)
+    bad_loss = (jnp.zeros((), bool) if loss is None
+                else ~jnp.all(jnp.isfinite(loss)))
+    ok = ~(bad_grads | bad_loss)
+    # Zeroed gradients keep NaN out of the (discarded) update arithmetic.
+    safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+    updates, opt_state = self.tx.update(safe, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(ok, n, o), new, old)
+    new = self.replace(params=keep(params, self.params),
+                       opt_state=keep(opt_state, self.opt_state),
+                       step=self.step + 1)
+    f32 = lambda b: b.astype(jnp.float32)
+    return new, dict(grad_norm=grad_norm, skipped=f32(~ok),
+                     nonfinite_loss=f32(bad_loss),
+                     nonfinite_grads=f32(bad_grads))
+
+
+def grad_step(state: TrainState, loss_fn, *, schedule, grad_accum: int = 1):
+  """value_and_grad of `loss_fn(params) -> (loss, metrics)` at state.params,
+  then `apply_grads`; the body every stage's jitted step shares.
+
+  Returns:
+    (new state, metrics): loss_fn's metrics plus `loss`, `lr` (the rate of
+    this update: schedule(step // grad_accum)) and `apply_grads`'s.
+  """
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  lr = schedule(state.step // grad_accum)
+  state, update = state.apply_grads(grads, loss=loss)
+  return state, dict(metrics, **update, loss=loss, lr=lr)
+
+
+def abstract_arrays(graphdef, param_shapes, tx: optax.GradientTransformation,
+                    *, rng: jax.Array) -> dict:
+  """`TrainState.create(...).arrays()` as jax.ShapeDtypeStruct, from param
+  shapes (e.g. `llama.abstract_model(cfg)[1]`): a restore target that
+  allocates nothing (add shardings with `checkpoint.abstract_like`)."""
+  return jax.eval_shape(
+      lambda p: TrainState.create(graphdef, p, tx, rng=rng).arrays(),
+      param_shapes)
+
+
+def make_schedule(*, learning_rate: float, warmup_steps: int,
+                  total_steps: int, end_lr_ratio: float) -> optax.Schedule:
+  """Linear warmup, then cosine decay; t counts optimizer updates from 0.
+
+    t < w:           lr = peak (t + 1) / w   (the first update is not wasted
+                     at lr 0, as with optax.warmup_cosine_decay_schedule)
+    w <= t <= total: lr = end + (peak - end) (1 + cos(pi (t - w) / (total - w))) / 2
+    t > total:       lr = end
+  with peak = learning_rate, end = learning_rate * end_lr_ratio, w =
+  warmup_steps (0: the cosine starts at the peak).
+  """
+  peak, end = float(learning_rate), float(learning_rate * end_lr_ratio)
+  w = max(0, min(int(warmup_steps), int(total_steps)))
+  span = max(int(total_steps) - w, 1)
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32)
+    warm = peak * (t + 1.0) / max(w, 1)
+    frac = jnp.clip((t - w) / span, 0.0, 1.0)
+    cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    return jnp.where(t < w, warm, cosine)
+  return schedule
+
+
+def decay_mask(params) -> Any:
+  """True on matrices (ndim >= 2): weight decay skips norms and biases."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+@functools.lru_cache(maxsize=16)
+def make_optimizer(*, learning_rate: float, warmup_steps: int,
+                   total_steps: int, end_lr_ratio: float = 0.1,
+                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+                   weight_decay: float = 0.0, clip_norm: float = 1.0,
+                   grad_accum: int = 1
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with warmup + cosine, global-norm clipping and accumulation.
+
+  Args:
+    learning_rate, warmup_steps, total_steps, end_lr_ratio: `make_schedule`;
+      steps count optimizer updates (total_steps = batches // grad_accum).
+    b1, b2, eps: Adam.
+    weight_decay: decoupled decay on matrices only (`decay_mask`).
+    clip_norm: clip the (accumulated) gradient to this global norm; 0 = off.
+    grad_accum: micro-batches averaged per update (`optax.MultiSteps`).
+
+  Returns:
+    (tx, schedule): schedule(update count) is the learning rate. Cached:
+    equal arguments give the same objects, so a jitted step whose state
+    holds `tx` (a static field) is not traced again in the same process.
+  """
+  if grad_accum < 1:
+    raise ValueError(f"grad_accum {grad_accum} < 1")
+  schedule = make_schedule(learning_rate=learning_rate,
+                           warmup_steps=warmup_steps, total_steps=total_steps,
+                           end_lr_ratio=end_lr_ratio)
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps,
+                           weight_decay=weight_decay, mask=decay_mask))
+  tx = optax.chain(*parts)
+  if grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=grad_accum)
+  return tx, schedule
+
+
+def optimizer_from_config(opt, *, learning_rate: float, warmup_steps: int,
+                          total_steps: int):
+  """`make_optimizer` from an `opt` config block, with the stage's lr, warmup
+  and length (stage 1 takes them from `sft`, stage 2 from `opt`)."""
+  return make_optimizer(
+      learning_rate=learning_rate, warmup_steps=warmup_steps,
+      total_steps=max(1, total_steps // opt.grad_accum),
+      end_lr_ratio=opt.end_lr_ratio, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+      weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
+      grad_accum=opt.grad_accum)
+
+
+def check_finite(metrics: dict, *, step: int, policy: str) -> None:
+  """Raises NonFiniteError under policy 'stop' if `metrics` (host values of
+  one step, from `apply_grads`) flag a non-finite loss or gradient."""
+  if policy not in NAN_POLICIES:
+    raise ValueError(f"nan_policy {policy!r} not in {NAN_POLICIES}")
+  if policy != "stop" or not metrics.get("skipped", 0.0):
+    return
+  what = ("loss" if metrics.get("nonfinite_loss", 0.0) else "gradient norm")
+  value = metrics.get("loss") if what == "loss" else metrics.get("grad_norm")
+  raise NonFiniteError(
+      f"step {step}: non-finite {what} ({value}); the update was not applied. "
+      "opt.nan_policy='stop' (use 'skip' to skip such updates and go on)")
+
+
+def inject_nan(loss: jax.Array, step: jax.Array, nan_at_step: jax.Array
+               ) -> jax.Array:
+  """`loss`, made NaN at the step that brings `step` to nan_at_step (the test
+  hook debug.nan_at_step). nan_at_step is traced (i32[]), so the hook never
+  changes the compiled program; -1 (never) multiplies the loss by 1.0, which
+  is exact."""
+  return jnp.where(step + 1 == nan_at_step, jnp.nan, 1.0) * loss
