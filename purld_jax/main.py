@@ -1,0 +1,252 @@
+r"""Train a student with PU-RLD: stage 1 SFT on anchors, stage 2 PU-RL.
+
+  python -m purld_jax.main --config=configs/NAME.py[:VARIANT] --workdir=DIR \
+      [--config.KEY=VALUE ...]
+
+  python -m purld_jax.main --config=configs/demo.py --workdir=workdirs/demo
+  python -m purld_jax.main --config=configs/sft.py:tiny --workdir=/tmp/t \
+      --config.sft.steps=20 --config.opt.nan_policy=stop
+
+--config names a config file (configs/*.py, see configs/common.py for every
+field); any field is overridden with --config.block.field=value. The config
+is checked before anything is computed: an unknown key, a value of the wrong
+type or outside its choices, a missing prompt file or model directory is an
+error naming it. `config.recipe` picks the trainer: sft (stage 1 alone), dpo,
+grpo, ldl (stage 1, then the PU-RL loop of train/pu_rl.py with the step of
+train/<recipe>.py). A workdir that holds a checkpoint is resumed; a finished
+stage is not run again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+
+# Config files import `configs.common`: make the repository root importable
+# whatever the current directory.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+RECIPES = ("sft", "dpo", "grpo", "ldl")
+# Stage 2 of every RL recipe: a module with run(config, workdir,
+# reference_dir=...); the recipe's own step lives in train/<recipe>.py.
+STAGE2_RUNNER = "purld_jax.train.pu_rl"
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names every bad field."""
+
+
+def define_flags(flag_values=flags.FLAGS):
+  config_flags.DEFINE_config_file(
+      "config", None, "config file, e.g. configs/demo.py or "
+      "configs/sft.py:tiny; override fields with --config.block.field=value",
+      flag_values=flag_values, lock_config=True)
+  flags.DEFINE_string("workdir", None, "run directory: anchor ledger, "
+                      "checkpoints, metrics, the reference (resumed when it "
+                      "holds a checkpoint)", flag_values=flag_values)
+
+
+# ----------------------------------------------------------------------------
+# Errors of the command line, before any compute
+
+
+class CommandLineError(ValueError):
+  """A bad flag, config file or override; the message names it."""
+
+
+def _describe(e: Exception, argv) -> str:
+  text = str(e).strip()
+  if "Traceback (most recent call last)" in text:  # a config file that raised
+    lines = text.splitlines()
+    text = f"{lines[0].rstrip(':')}: {lines[-1].strip()}"
+  if isinstance(e, flags.Error):
+    return text
+  if isinstance(e, (AttributeError, KeyError)):
+    # ml_collections: an override of a field the config does not have; the
+    # message starts with the missing name (quoted).
+    missing = re.match(r"""[\\'"]*(\w+)""", text)
+    for arg in argv[1:]:
+      m = re.match(r"--config\.([^=]+)", arg)
+      if m and missing and missing.group(1) in m.group(1).split("."):
+        hint = re.search(r'Did you mean "([^"]+)"', text)
+        return (f"{arg}: unknown config key {m.group(1)!r}"
+                + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+    return f"bad --config override: {text}"
+  if isinstance(e, OSError) and "Failed loading config file" in text:
+    tried = re.findall(r"^\s+(\S.*\.py\S*)$", text, flags=re.M)
+    return (f"--config: cannot load config file {tried[0] if tried else ''}: "
+            + text.splitlines()[-1].strip())
+  return f"--config: {type(e).__name__}: {text}"
+
+
+def parse(argv, flag_values=flags.FLAGS):
+  """Parses argv and loads the config; raises CommandLineError naming the
+  bad flag, override or config file."""
+  saved_argv, sys.argv = sys.argv, list(argv)  # config_flags reads sys.argv
+  try:
+    rest = flag_values(argv)
+    config = flag_values["config"].value
+    if config is not None:
+      config.keys()  # a config that failed to load raises here
+  except Exception as e:  # pylint: disable=broad-except
+    raise CommandLineError(_describe(e, argv)) from None
+  finally:
+    sys.argv = saved_argv
+  if config is None:
+    raise CommandLineError(
+        "--config is required, e.g. --config=configs/demo.py")
+  if not flag_values["workdir"].value:
+    raise CommandLineError("--workdir is required")
+  return rest
+
+
+def parse_flags(argv):
+  """absl's flags_parser: `parse`, errors printed without a traceback."""
+  try:
+    return parse(argv)
+  except CommandLineError as e:
+    print(f"error: {e}\n(see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------
+# Config validation
+
+
+def _choice(errors, cfg, key, choices):
+  value = cfg
+  for part in key.split("."):
+    value = value[part]
+  if value not in choices:
+    errors.append(f"{key}={value!r}: not one of {list(choices)}")
+
+
+def _positive(errors, cfg, key, *, zero_ok=False):
+  value = cfg
+  for part in key.split("."):
+    value = value[part]
+  if value < 0 or (value == 0 and not zero_ok):
+    errors.append(f"{key}={value!r}: must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def _prompt_file(errors, key, path):
+  from purld_jax import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    errors.append(f"{key}={path!r}: no such prompt file")
+    return
+  try:
+    prompts_lib.read_jsonl(path)
+  except prompts_lib.PromptFileError as e:
+    errors.append(f"{key}: {e}")
+
+
+def validate(config) -> None:
+  """Raises ConfigError listing every problem of `config` (no compute)."""
+  from purld_jax import losses  # pylint: disable=g-import-not-at-top
+  from purld_jax import preferences  # pylint: disable=g-import-not-at-top
+  from purld_jax import ranking  # pylint: disable=g-import-not-at-top
+  from purld_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
+  from purld_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  errors = []
+  _choice(errors, config, "recipe", RECIPES)
+  if config.recipe in RECIPES and config.recipe != "sft":
+    for module in (STAGE2_RUNNER, f"purld_jax.train.{config.recipe}"):
+      if importlib.util.find_spec(module) is None:
+        errors.append(
+            f"recipe={config.recipe!r}: its trainer {module} is not written "
+            "yet (issue 7); --config.recipe=sft runs stage 1 alone")
+  path = config.model.path
+  if path not in ("tiny", "embedded") and not os.path.isfile(
+      os.path.join(path, "config.json")):
+    errors.append(f"model.path={path!r}: not 'tiny', 'embedded' or a "
+                  "Hugging Face directory with config.json")
+  for key in ("model.dtype", "model.param_dtype"):
+    _choice(errors, config, key, ("float32", "bfloat16"))
+  _prompt_file(errors, "data.train_path", config.data.train_path)
+  if config.data.eval_path:
+    _prompt_file(errors, "data.eval_path", config.data.eval_path)
+  if any(b <= 0 for b in config.data.buckets):
+    errors.append(f"data.buckets={config.data.buckets!r}: must be > 0")
+  try:
+    teacher_lib.TeacherConfig.from_mapping(config.teacher.to_dict())
+  except teacher_lib.ConfigError as e:
+    errors.append(f"teacher: {e}")
+  _choice(errors, config, "ranking.scheme", ranking.SCHEMES)
+  _choice(errors, config, "ranking.scorer", ("policy", "reference"))
+  _choice(errors, config, "ranking.aggregation", ranking.PAIRWISE_AGGREGATIONS)
+  _choice(errors, config, "ranking.metric", ranking.SIMILARITY_METRICS)
+  _choice(errors, config, "pu.rule", preferences.POSITIVE_RULES)
+  if not 0.0 <= config.pu.prior <= 1.0:
+    errors.append(f"pu.prior={config.pu.prior!r}: must be in [0, 1]")
+  _choice(errors, config, "preference.kind", ("pairwise", "listwise"))
+  _choice(errors, config, "preference.pairs",
+          ("best_vs_worst", "margin", "anchor_as_chosen", "pu"))
+  _positive(errors, config, "preference.tau_label")
+  _positive(errors, config, "preference.margin", zero_ok=True)
+  _choice(errors, config, "loss.dpo.loss_type", losses.DPO_LOSS_TYPES)
+  _choice(errors, config, "loss.dpo.reduce", ("pairs", "prompts"))
+  _choice(errors, config, "loss.grpo.aggregation", losses.GRPO_AGGREGATIONS)
+  _choice(errors, config, "loss.grpo.advantage", preferences.NORMALIZE)
+  _choice(errors, config, "opt.nan_policy", state_lib.NAN_POLICIES)
+  for key in ("sampling.num_candidates", "sampling.max_new_tokens",
+              "loss.dpo.beta", "loss.ldl.beta", "loss.grpo.inner_iterations",
+              "opt.grad_accum", "sft.batch_size", "sft.max_response_len",
+              "rl.batch_size", "data.max_prompt_len", "ckpt.every_steps",
+              "ckpt.keep", "log.every_steps", "eval.batch_size"):
+    _positive(errors, config, key)
+  for key in ("sft.steps", "rl.steps", "sft.learning_rate",
+              "opt.learning_rate", "opt.weight_decay", "opt.clip_norm",
+              "sampling.temperature", "model.vocab_chunk"):
+    _positive(errors, config, key, zero_ok=True)
+  if errors:
+    raise ConfigError("config errors:\n  " + "\n  ".join(errors))
+
+
+# ----------------------------------------------------------------------------
+# Run
+
+
+def run(config, workdir: str) -> None:
+  """Validates `config`, then runs stage 1 and (recipe != sft) stage 2."""
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config.to_dict(), f, indent=2, default=list)
+  from purld_jax.train import sft  # pylint: disable=g-import-not-at-top
+  reference_dir = sft.run(config, workdir)
+  print(f"[sft] reference: {reference_dir}", file=sys.stderr)
+  if config.recipe != "sft":
+    importlib.import_module(STAGE2_RUNNER).run(config, workdir,
+                                               reference_dir=reference_dir)
+
+
+def _main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; see --help")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
+  try:
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def main():
+  define_flags()
+  app.run(_main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  main()

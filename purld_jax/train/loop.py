@@ -1,0 +1,226 @@
+"""The host side of a training loop, shared by every stage.
+
+  loop = Loop(stage="sft", total_steps=100, start_step=state_step, ckpt=ckpt,
+              writer=writer, nan_policy="skip", progress=True)
+  for step in range(start, total):
+    state, metrics = train_step(state, batch)       # dispatched, not waited
+    loop.record(step + 1, metrics, tokens=n_tokens, host={"sample_s": ...})
+    loop.maybe_save(step + 1, state.arrays(), data_iter=it, config=cfg)
+  loop.finish(total, state.arrays(), data_iter=it, config=cfg)
+
+`Stage` wraps a Loop with what every stage sets up around it (optimizer,
+checkpoints with automatic resume, metrics writer) from the config.
+
+`record` keeps a step's device metrics pending and reads the previous step's
+(one step late), so the host never waits for the step it just dispatched.
+Reading a step: the NaN policy (`state.check_finite`: 'stop' raises naming
+the step and the quantity), one metrics.jsonl / TensorBoard record, the
+progress bar (step, loss, tokens/s, ETA).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping
+
+import jax
+import tqdm
+
+from purld_jax import checkpoint as checkpoint_lib
+from purld_jax import metrics as metrics_lib
+from purld_jax.train import state as state_lib
+
+
+class Loop:
+  """Progress, metrics one step late, NaN policy and checkpoint cadence."""
+
+  def __init__(self, *, stage: str, total_steps: int, start_step: int,
+               ckpt: checkpoint_lib.Checkpointer | None,
+               writer: metrics_lib.Writer | None, nan_policy: str,
+               log_every: int = 1, progress: bool = True,
+               sleep_s: float = 0.0, pause_after_step: int = -1):
+    if nan_policy not in state_lib.NAN_POLICIES:
+      raise ValueError(f"nan_policy {nan_policy!r} not in "
+                       f"{state_lib.NAN_POLICIES}")
+    self.stage, self.ckpt, self.writer = stage, ckpt, writer
+    self.nan_policy, self.log_every = nan_policy, max(1, log_every)
+    self.sleep_s, self.pause_after_step = sleep_s, pause_after_step
+    self.skipped = 0            # updates skipped since this process started
+    self.last: dict = {}        # the last metrics read (host floats)
+    self._pending = None
+    self._t_last = time.perf_counter()
+    self._bar = tqdm.tqdm(total=total_steps, initial=start_step,
+                          desc=stage, unit="step", disable=not progress,
+                          dynamic_ncols=True)
+
+  def record(self, step: int, metrics: Mapping, *, tokens: int = 0,
+             host: Mapping[str, float] | None = None) -> dict | None:
+    """Queues step `step`'s metrics; reads and returns the previous step's.
+
+    Args:
+      step: the step these metrics belong to (state.step after it).
+      metrics: device scalars from the step function.
+      tokens: tokens the step processed (throughput).
+      host: host-side floats of the step (e.g. phase timings).
+    """
+    previous = self._flush()
+    self._pending = (step, metrics, tokens, dict(host or {}))
+    if self.sleep_s:
+      time.sleep(self.sleep_s)
+    return previous
+
+  def _flush(self) -> dict | None:
+    if self._pending is None:
+      return None
+    step, metrics, tokens, host = self._pending
+    self._pending = None
+    values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+    now = time.perf_counter()
+    elapsed, self._t_last = now - self._t_last, now
+    values.update(host)
+    values["step_s"] = elapsed
+    if tokens:
+      values["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+    self.skipped += int(values.get("skipped", 0.0))
+    self.last = values
+    self._bar.update(1)
+    post = {"loss": f"{values.get('loss', float('nan')):.4g}"}
+    if tokens:
+      post["tok/s"] = f"{values['tokens_per_s']:.0f}"
+    if self.skipped:
+      post["skipped"] = self.skipped
+    self._bar.set_postfix(post, refresh=False)
+    if self.writer is not None and (step % self.log_every == 0
+                                    or values.get("skipped")):
+      self.writer.write(step, values)
+    state_lib.check_finite(values, step=step, policy=self.nan_policy)
+    return values
+
+  def maybe_save(self, step: int, arrays, *, data_iter=None,
+                 config: dict | None = None) -> bool:
+    """Saves when `step` is due for a checkpoint, after reading the pending
+    metrics (so every checkpointed step has its metrics record, and a stop
+    under the NaN policy comes before the save)."""
+    saved = False
+    if self.ckpt is not None and self.ckpt.due(step):
+      self._flush()
+      saved = self.ckpt.save(step, arrays, data_iter=data_iter, config=config)
+    if step == self.pause_after_step:  # the kill tests' hook
+      if self.ckpt is not None:
+        self.ckpt.wait()
+      print(f"[{self.stage}] paused after step {step} "
+            "(debug.pause_after_step)", file=sys.stderr, flush=True)
+      while True:
+        time.sleep(60)
+    return saved
+
+  def finish(self, step: int, arrays, *, data_iter=None,
+             config: dict | None = None) -> dict | None:
+    """Reads the last pending metrics, saves step `step` (forced) and waits
+    for the writes; returns the last metrics."""
+    last = self._flush()
+    if self.ckpt is not None:
+      self.ckpt.save(step, arrays, data_iter=data_iter, config=config,
+                     force=True)
+      self.ckpt.wait()
+    self.close()
+    return last
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+class Stage:
+  """Everything a stage's loop needs around its step function, from the
+  config: optimizer, checkpoints (resumed automatically), metrics writer,
+  `Loop`. A context manager that closes them all (pending saves written).
+
+    with loop.Stage(config, workdir, "sft", total_steps=100,
+                    learning_rate=1e-5, warmup_steps=10, graphdef=g,
+                    param_shapes=shapes, init_params=load_params,
+                    data_iter=it, teacher_label=teacher.label) as stage:
+      state = stage.state                      # restored or initialised
+      for step in range(stage.start, 100):
+        state, metrics = step_fn(state, batch)  # stage.schedule is its lr
+        stage.step_done(step + 1, state, metrics, tokens=n)
+      stage.finish(state)
+
+  Checkpoints go to <workdir>/ckpt/<name>/, metrics to <workdir>/metrics.jsonl
+  and <workdir>/tb/<name>/. The optimizer is `opt.*` with this stage's
+  learning rate, warmup and length; `init_params()` runs only when there is
+  no checkpoint to resume.
+  """
+
+  def __init__(self, config, workdir: str, name: str, *, total_steps: int,
+               learning_rate: float, warmup_steps: int, graphdef,
+               param_shapes, init_params, data_iter, teacher_label: str = ""):
+    self.name, self.total_steps, self.data_iter = name, total_steps, data_iter
+    self.config_dict = config.to_dict()
+    self.tx, self.schedule = state_lib.optimizer_from_config(
+        config.opt, learning_rate=learning_rate, warmup_steps=warmup_steps,
+        total_steps=total_steps)
+    self._graphdef, self._shapes = graphdef, param_shapes
+    self._init_params, self._teacher_label = init_params, teacher_label
+    self._workdir, self._config = workdir, config
+    self.rng = jax.random.PRNGKey(config.seed)
+    self.ckpt = self.writer = self.loop = self.state = None
+    self.start = 0
+
+  def __enter__(self) -> Stage:
+    c = self._config
+    self.ckpt = checkpoint_lib.Checkpointer(
+        f"{self._workdir}/ckpt/{self.name}", every_steps=c.ckpt.every_steps,
+        keep=c.ckpt.keep, async_save=c.ckpt.async_save)
+    try:
+      abstract = checkpoint_lib.abstract_like(state_lib.abstract_arrays(
+          self._graphdef, self._shapes, self.tx, rng=self.rng))
+      arrays, self.start = checkpoint_lib.restore_or_init(
+          self.ckpt, abstract, lambda: state_lib.TrainState.create(
+              self._graphdef, self._init_params(), self.tx,
+              rng=self.rng).arrays(),
+          data_iter=self.data_iter, config=self.config_dict)
+      self.state = state_lib.TrainState(graphdef=self._graphdef, tx=self.tx,
+                                        **arrays)
+      if self.start:
+        print(f"[{self.name}] resumed from step {self.start}",
+              file=sys.stderr)
+      self.writer = metrics_lib.Writer(
+          self._workdir, stage=self.name, resume_step=self.start,
+          tensorboard=c.log.tensorboard)
+      if self._teacher_label:
+        self.writer.text("teacher", self._teacher_label)
+      self.loop = Loop(stage=self.name, total_steps=self.total_steps,
+                       start_step=self.start, ckpt=self.ckpt,
+                       writer=self.writer, nan_policy=c.opt.nan_policy,
+                       log_every=c.log.every_steps, progress=c.log.progress,
+                       sleep_s=c.debug.step_sleep_s,
+                       pause_after_step=c.debug.pause_after_step)
+    except BaseException:
+      self.__exit__(None, None, None)
+      raise
+    return self
+
+  def step_done(self, step: int, state: state_lib.TrainState, metrics, *,
+                tokens: int = 0, host=None) -> None:
+    """`Loop.record` (metrics read one step late) and a checkpoint if due."""
+    self.loop.record(step, metrics, tokens=tokens, host=host)
+    self.loop.maybe_save(step, state.arrays(), data_iter=self.data_iter,
+                         config=self.config_dict)
+
+  def finish(self, state: state_lib.TrainState) -> None:
+    """Reads the last metrics, saves the final step, reports skips."""
+    self.loop.finish(self.total_steps, state.arrays(),
+                     data_iter=self.data_iter, config=self.config_dict)
+    if self.loop.skipped:
+      print(f"[{self.name}] {self.loop.skipped} update(s) skipped: "
+            "non-finite loss or gradients (opt.nan_policy='skip')",
+            file=sys.stderr)
+
+  def __exit__(self, *exc) -> None:
+    if self.loop is not None:
+      self.loop.close()
+    if self.ckpt is not None:
+      self.ckpt.close()
+    if self.writer is not None:
+      self.writer.close()

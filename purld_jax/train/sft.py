@@ -1,0 +1,223 @@
+"""Stage 1: SFT of the student on the teacher's anchors -> the frozen reference.
+
+  reference_dir = sft.run(config, workdir)
+
+Per step: a batch of prompts (data.py) -> their anchors from the ledger
+(anchors.py: the teacher is asked only for prompts it never answered) ->
+rows [prompt tokens | anchor tokens | end of turn], left-padded -> one jitted
+step, response-only NLL (losses.sft_nll). The result is written as a Hugging
+Face directory `<workdir>/reference/` (the frozen pi_ref of stage 2, and the
+"SFT on anchors" baseline); with `sft.steps = 0` it is the initial model.
+
+Workdir layout (shared with stage 2):
+  anchors.sqlite        the anchor ledger
+  ckpt/sft/<step>/      orbax checkpoints (state, data iterator, config)
+  metrics.jsonl, tb/    metrics (metrics.py)
+  reference/            the result (safetensors + tokenizer + SFT.json)
+A workdir holding a checkpoint resumes from it; a finished stage is not run
+again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+
+from purld_jax import anchors as anchors_lib
+from purld_jax import data as data_lib
+from purld_jax import losses
+from purld_jax import prompts as prompts_lib
+from purld_jax import scoring
+from purld_jax import teacher as teacher_lib
+from purld_jax.models import tokenizer as tokenizer_lib
+from purld_jax.train import loop as loop_lib
+from purld_jax.train import state as state_lib
+from purld_jax.train import student as student_lib
+
+STAGE = "sft"
+REFERENCE = "reference"
+DONE = "SFT.json"
+
+
+# ----------------------------------------------------------------------------
+# Batches
+
+
+def response_ids(tok: tokenizer_lib.Tokenizer, messages, answer: str, *,
+                 max_len: int) -> list[int]:
+  """Token ids of the assistant turn `answer` after `messages`, as the chat
+  template writes it, cut after its end-of-turn token, at most max_len.
+
+  The prompt side is `tok.encode_chat(messages)` (generation prompt
+  included); the response is what the template adds after it when the
+  answer is appended. A template that does not extend its own generation
+  prompt falls back to the answer's tokens and the first stop id.
+  """
+  prefix = tok.render_chat(messages, add_generation_prompt=True)
+  full = tok.render_chat(list(messages) + [{"role": "assistant",
+                                            "content": answer}],
+                         add_generation_prompt=False)
+  if full.startswith(prefix):
+    ids = tok.encode(full[len(prefix):])
+  else:
+    ids = tok.encode(answer) + [tok.stop_ids[0]]
+  stops = set(tok.stop_ids)
+  for i, t in enumerate(ids):
+    if t in stops:
+      ids = ids[:i + 1]
+      break
+  return ids[:max_len]
+
+
+def make_batch(tok: tokenizer_lib.Tokenizer, batch: data_lib.PromptBatch,
+               answers, *, max_response_len: int, buckets) -> dict:
+  """Rows [prompt | response], left-padded to a bucket.
+
+  Returns:
+    dict of numpy arrays: tokens i32[B, L], mask bool[B, L] (real tokens),
+    loss_mask bool[B, L] (response tokens: the NLL's targets).
+  """
+  rows, n_resp = [], []
+  for p, ids, answer in zip(batch.prompts, batch.ids, answers):
+    resp = response_ids(tok, p.as_dicts(), answer, max_len=max_response_len)
+    rows.append(list(ids) + resp)
+    n_resp.append(len(resp))
+  length = tokenizer_lib.bucket_length(max(len(r) for r in rows), buckets)
+  tokens, mask = tokenizer_lib.pad_left(rows, tok.pad_id, length)
+  loss_mask = np.zeros_like(mask)
+  for i, n in enumerate(n_resp):
+    if n:
+      loss_mask[i, length - n:] = True
+  loss_mask &= batch.valid[:, None]
+  return dict(tokens=tokens, mask=mask, loss_mask=loss_mask)
+
+
+# ----------------------------------------------------------------------------
+# The step
+
+
+def train_step(state: state_lib.TrainState, batch: dict,
+               nan_at_step: jax.Array | int = -1, *, schedule,
+               grad_accum: int = 1, vocab_chunk: int | None = None):
+  """One SFT step: (state, batch) -> (state, metrics). Pure; jit it.
+
+  Args:
+    state: the train state.
+    batch: `make_batch` arrays.
+    nan_at_step: i32[] test hook (`state.inject_nan`); -1 = never.
+    schedule: the learning-rate schedule (reported as `lr`).
+    grad_accum: micro-batches per update (for the reported lr).
+    vocab_chunk: `scoring.token_logps` memory knob.
+  """
+  def loss_fn(params):
+    logps = scoring.token_logps(state.model(params), batch["tokens"],
+                                batch["mask"], vocab_chunk=vocab_chunk)
+    loss, metrics = losses.sft_nll(logps, batch["loss_mask"])
+    return state_lib.inject_nan(loss, state.step, nan_at_step), metrics
+
+  return state_lib.grad_step(state, loss_fn, schedule=schedule,
+                             grad_accum=grad_accum)
+
+
+# Donates the state; one compile per (model, optimizer, batch shape).
+jitted_train_step = jax.jit(
+    train_step, static_argnames=("schedule", "grad_accum", "vocab_chunk"),
+    donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------
+# The loop
+
+
+def reference_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), REFERENCE)
+
+
+def is_done(workdir: str, steps: int) -> bool:
+  """True when the reference of an SFT run of `steps` steps is written."""
+  path = os.path.join(reference_dir(workdir), DONE)
+  if not os.path.isfile(path):
+    return False
+  with open(path, encoding="utf-8") as f:
+    return json.load(f).get("steps") == steps
+
+
+def save_reference(graphdef, params, tok, workdir: str, *, steps: int,
+                   teacher_label: str) -> str:
+  """Writes the reference HF directory atomically (tmp dir, then rename)."""
+  from purld_jax import models  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  out = reference_dir(workdir)
+  tmp = f"{out}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  models.save_pretrained(nnx.merge(graphdef, params), tok, tmp)
+  with open(os.path.join(tmp, DONE), "w", encoding="utf-8") as f:
+    json.dump({"steps": steps, "teacher": teacher_label}, f)
+  if os.path.exists(out):
+    shutil.rmtree(out)
+  os.replace(tmp, out)
+  return out
+
+
+def _anchor_texts(store, prompts) -> list[str]:
+  return [a.text for a in store.get_or_query(prompts)]
+
+
+def run(config, workdir: str) -> str:
+  """Runs (or resumes, or skips when done) stage 1; returns the reference
+  directory."""
+  workdir = os.path.abspath(workdir)
+  steps = config.sft.steps
+  if is_done(workdir, steps):
+    print(f"[{STAGE}] already done: {reference_dir(workdir)}", file=sys.stderr)
+    return reference_dir(workdir)
+  student = student_lib.from_config(config.model, workdir)
+  tok = student.tokenizer
+  teacher = teacher_lib.make(
+      teacher_lib.TeacherConfig.from_mapping(config.teacher.to_dict()))
+  print(f"[{STAGE}] teacher: {teacher.label}", file=sys.stderr)
+  graphdef, _ = student.abstract()
+  if steps == 0:
+    return save_reference(graphdef, student.init_params(), tok, workdir,
+                          steps=0, teacher_label=teacher.label)
+
+  source = data_lib.encode(prompts_lib.read_jsonl(config.data.train_path),
+                           tok, max_len=config.data.max_prompt_len)
+  it = data_lib.train_iterator(source, batch_size=config.sft.batch_size,
+                               seed=config.data.shuffle_seed,
+                               buckets=config.data.buckets)
+  store = anchors_lib.AnchorStore(workdir, teacher)
+  try:
+    with loop_lib.Stage(config, workdir, STAGE, total_steps=steps,
+                        learning_rate=config.sft.learning_rate,
+                        warmup_steps=config.sft.warmup_steps,
+                        graphdef=graphdef, param_shapes=student.abstract()[1],
+                        init_params=student.init_params, data_iter=it,
+                        teacher_label=teacher.label) as stage:
+      if config.data.prefetch_anchors:
+        _anchor_texts(store, source.prompts)
+      state = stage.state
+      step_fn = functools.partial(
+          jitted_train_step, schedule=stage.schedule,
+          grad_accum=config.opt.grad_accum,
+          vocab_chunk=config.model.vocab_chunk or None)
+      nan_at_step = np.int32(config.debug.nan_at_step)
+      for step in range(stage.start, steps):
+        prompts = next(it)
+        batch = make_batch(tok, prompts, _anchor_texts(store, prompts.prompts),
+                           max_response_len=config.sft.max_response_len,
+                           buckets=config.data.buckets)
+        state, metrics = step_fn(state, batch, nan_at_step)
+        stage.step_done(step + 1, state, metrics,
+                        tokens=int(batch["mask"].sum()))
+      stage.finish(state)
+  finally:
+    store.close()
+  return save_reference(graphdef, state.params, tok, workdir, steps=steps,
+                        teacher_label=teacher.label)
