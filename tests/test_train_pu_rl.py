@@ -76,3 +76,87 @@ def test_recipe_runs_end_to_end(recipe, tmp_path, jit_cache):  # noqa: F811
   for r in rl:
     assert np.isfinite(r["loss"]) and r["teacher_calls"] == 0.0
     assert {"sample_s", "score_s", "update_s", "score_std"} <= set(r)
+
+
+# ----------------------------------------------------------------------------
+# Exact resume after kill -9 (stage 2)
+
+N = 2  # kill after N steps, resume to 2N
+
+
+def _rl_config(recipe, **kw):
+  return train_fixtures.tiny_config(**{
+      "recipe": recipe, "rl.steps": 2 * N, "sft.steps": 1,
+      "ckpt.every_steps": N, "log.tensorboard": False,
+      "ranking.yes_word": "Y", "ranking.no_word": "N", **kw})
+
+
+def _restore_rl(cfg, workdir, step):
+  import jax
+  from purld_jax import checkpoint as checkpoint_lib
+  from purld_jax.train import state as state_lib
+  from purld_jax.train import student
+  s = student.from_config(cfg.model, str(workdir))
+  graphdef, shapes = s.abstract()
+  tx, _ = state_lib.optimizer_from_config(
+      cfg.opt, learning_rate=cfg.opt.learning_rate,
+      warmup_steps=cfg.opt.warmup_steps, total_steps=cfg.rl.steps)
+  abstract = checkpoint_lib.abstract_like(state_lib.abstract_arrays(
+      graphdef, shapes, tx, rng=jax.random.PRNGKey(cfg.seed)))
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "ckpt", cfg.recipe), every_steps=1, keep=10)
+  try:
+    return ckpt.restore(step, abstract).arrays
+  finally:
+    ckpt.close()
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "grpo"])
+def test_exact_resume_after_kill_9(recipe, tmp_path, jit_cache):  # noqa: F811
+  """N steps, kill -9, resume to 2N: bit-identical to an uninterrupted 2N
+  run, and no teacher request after the resume."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  from purld_jax import anchors as anchors_lib
+  from tests.test_train_sft import _assert_bit_identical
+  cfg = _rl_config(recipe)
+  full = str(tmp_path / "full")
+  pu_rl.run(cfg, full)
+
+  killed = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "purld_jax.main",
+         "--config=configs/sft.py:tiny", f"--workdir={killed}",
+         f"--config.recipe={recipe}",
+         f"--config.data.train_path={cfg.data.train_path}",
+         f"--config.data.eval_path={cfg.data.eval_path}",
+         f"--config.rl.steps={2 * N}", "--config.sft.steps=1",
+         f"--config.ckpt.every_steps={N}", "--config.log.tensorboard=False",
+         "--config.ranking.yes_word=Y", "--config.ranking.no_word=N",
+         "--config.debug.step_sleep_s=1.0"]
+  proc = subprocess.Popen(cmd, cwd=train_fixtures.REPO,
+                          env=train_fixtures.subprocess_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  step_dir = os.path.join(killed, "ckpt", recipe, str(N))
+  deadline = time.time() + 300
+  while not os.path.isdir(step_dir) and proc.poll() is None:
+    assert time.time() < deadline, "no checkpoint at step N in time"
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  out = proc.communicate()[0].decode(errors="replace")
+  assert proc.returncode == -signal.SIGKILL, out
+  assert not os.path.exists(os.path.join(killed, "ckpt", recipe, str(2 * N)))
+  ledger = anchors_lib.Ledger(killed, create=False)
+  before = ledger.stats()
+  ledger.close()
+
+  pu_rl.run(cfg, killed)  # stage 1 is done; stage 2 resumes from step N
+
+  _assert_bit_identical(_restore_rl(cfg, killed, 2 * N),
+                        _restore_rl(cfg, full, 2 * N))
+  ledger = anchors_lib.Ledger(killed, create=False)
+  after = ledger.stats()
+  ledger.close()
+  assert after.requests == before.requests
+  assert after.asked_after_stored == 0
