@@ -31,15 +31,17 @@ def get_config(arg: str = ""):
   c.sampling.max_new_tokens = 16  # answers are integers
   c.sampling.temperature = 1.0  # diverse candidates
   c.ranking.scheme = "judge"    # METHOD.md default
-  c.sft.steps = 32              # 256 anchors = 32 batches of 8: one epoch
+  # 12 x 8 = 96 anchors: on a 2-core CPU an SFT step of 8 rows takes
+  # 20-35 s; the loss falls from ~5.0 to ~1.7 within 8 steps.
+  c.sft.steps = 12              # stage 1 length
   c.sft.batch_size = 8          # prompts per SFT step
   c.sft.learning_rate = 2e-5    # stage 1 peak lr
-  c.sft.warmup_steps = 4        # stage 1 warmup
+  c.sft.warmup_steps = 2        # stage 1 warmup
   c.sft.max_response_len = 16   # anchors are short integers
   c.rl.steps = 32               # PU-RL iterations
   c.rl.batch_size = 8           # prompts per iteration (x K candidates)
   c.opt.learning_rate = 5e-6    # stage 2 peak lr
   c.opt.warmup_steps = 4        # stage 2 warmup
   c.eval.max_new_tokens = 16    # greedy answer length
-  c.ckpt.every_steps = 16       # twice per stage
+  c.ckpt.every_steps = 6        # a few per stage
   return common.variant(c, arg, name="configs/demo.py")
