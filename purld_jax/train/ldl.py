@@ -61,11 +61,8 @@ def train_step(state: state_lib.TrainState, ref_params, batch: dict,
                                batch["member_mask"], beta=beta)
     return state_lib.inject_nan(loss, state.step, nan_at_step), metrics
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  lr = schedule(state.step // grad_accum)
-  state, update = state.apply_grads(grads, loss=loss)
-  return state, dict(metrics, **update, loss=loss, lr=lr)
+  return state_lib.grad_step(state, loss_fn, schedule=schedule,
+                             grad_accum=grad_accum)
 
 
 def step_kwargs(config) -> dict:

@@ -25,9 +25,7 @@ import numpy as np
 from flax import nnx
 
 from purld_jax import anchors as anchors_lib
-from purld_jax import checkpoint as checkpoint_lib
 from purld_jax import data as data_lib
-from purld_jax import metrics as metrics_lib
 from purld_jax import prompts as prompts_lib
 from purld_jax import rollout
 from purld_jax import sampling as sampling_lib
@@ -38,7 +36,6 @@ from purld_jax.train import grpo
 from purld_jax.train import ldl
 from purld_jax.train import loop as loop_lib
 from purld_jax.train import sft
-from purld_jax.train import state as state_lib
 from purld_jax.train import student as student_lib
 
 RECIPES = {"dpo": dpo, "grpo": grpo, "ldl": ldl}
@@ -89,7 +86,6 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   recipe = RECIPES[config.recipe]
   stage = recipe.STAGE
   workdir = os.path.abspath(workdir)
-  cfg_dict = config.to_dict()
   student = student_lib.from_config(config.model, workdir)
   tok = student.tokenizer
   graphdef, ref_params = _reference(config, workdir, student, reference_dir)
@@ -99,56 +95,35 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   source = data_lib.encode(prompts_lib.read_jsonl(config.data.train_path),
                            tok, max_len=config.data.max_prompt_len)
   store = anchors_lib.AnchorStore(workdir, teacher)
-  tx, schedule = state_lib.optimizer_from_config(
-      config.opt, learning_rate=config.opt.learning_rate,
-      warmup_steps=config.opt.warmup_steps, total_steps=steps)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = checkpoint_lib.abstract_like(state_lib.abstract_arrays(
-      graphdef, student.abstract()[1], tx, rng=rng))
-  init_arrays = lambda: state_lib.TrainState.create(
-      graphdef, jax.tree.map(lambda x: x.copy(), ref_params), tx,
-      rng=rng).arrays()
   it = data_lib.train_iterator(source, batch_size=config.rl.batch_size,
                                seed=config.data.shuffle_seed + 1,
                                buckets=config.data.buckets)
-  ckpt = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, "ckpt", stage), every_steps=config.ckpt.every_steps,
-      keep=config.ckpt.keep, async_save=config.ckpt.async_save)
-  writer = None
+  vocab_chunk = config.model.vocab_chunk or None
+  ref_logps_fn = jax.jit(lambda params, batch: grpo.reference_logps(
+      nnx.merge(graphdef, params), batch, vocab_chunk=vocab_chunk))
+  sp, rp = sampling_params(config), ranking_params(config)
+  nan_at_step = np.int32(config.debug.nan_at_step)
+  inner = config.loss.grpo.inner_iterations if recipe is grpo else 1
   try:
-    arrays, start = checkpoint_lib.restore_or_init(
-        ckpt, abstract, init_arrays, data_iter=it, config=cfg_dict)
-    state = state_lib.TrainState(graphdef=graphdef, tx=tx, **arrays)
-    if start:
-      print(f"[{stage}] resumed from step {start}", file=sys.stderr)
-    writer = metrics_lib.Writer(workdir, stage=stage, resume_step=start,
-                                tensorboard=config.log.tensorboard)
-    writer.text("teacher", teacher.label)
-    loop = loop_lib.Loop(stage=stage, total_steps=steps, start_step=start,
-                         ckpt=ckpt, writer=writer,
-                         nan_policy=config.opt.nan_policy,
-                         log_every=config.log.every_steps,
-                         progress=config.log.progress,
-                         sleep_s=config.debug.step_sleep_s)
-    vocab_chunk = config.model.vocab_chunk or None
-    step_fn = jax.jit(functools.partial(
-        recipe.train_step, schedule=schedule,
-        grad_accum=config.opt.grad_accum, vocab_chunk=vocab_chunk,
-        **recipe.step_kwargs(config)), donate_argnums=0)
-    ref_logps_fn = jax.jit(lambda params, batch: grpo.reference_logps(
-        nnx.merge(graphdef, params), batch, vocab_chunk=vocab_chunk))
-    sp, rp = sampling_params(config), ranking_params(config)
-    nan_at_step = np.int32(config.debug.nan_at_step)
-    inner = config.loss.grpo.inner_iterations if recipe is grpo else 1
-    try:
-      for step in range(start, steps):
+    with loop_lib.Stage(
+        config, workdir, stage, total_steps=steps,
+        learning_rate=config.opt.learning_rate,
+        warmup_steps=config.opt.warmup_steps, graphdef=graphdef,
+        param_shapes=student.abstract()[1],
+        init_params=lambda: jax.tree.map(lambda x: x.copy(), ref_params),
+        data_iter=it, teacher_label=teacher.label) as st:
+      state = st.state
+      step_fn = jax.jit(functools.partial(
+          recipe.train_step, schedule=st.schedule,
+          grad_accum=config.opt.grad_accum, vocab_chunk=vocab_chunk,
+          **recipe.step_kwargs(config)), donate_argnums=0)
+      for step in range(st.start, steps):
         prompts = next(it)
         anchors = [a.text for a in store.get_or_query(prompts.prompts)]
         key = jax.random.fold_in(state.rng, state.step)
         scorer = ref_params if config.ranking.scorer == "reference" \
             else state.params
-        verifier = exact_answer_verifier(
-            [p.answer for p in prompts.prompts])
+        verifier = exact_answer_verifier([p.answer for p in prompts.prompts])
         group = rollout.collect(
             graphdef, state.params, scorer, tok, prompts, anchors, key,
             k=config.sampling.num_candidates, sampling=sp, ranking_params=rp,
@@ -163,27 +138,19 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
           state, metrics = step_fn(state, batch, nan_at_step)
         else:
           state, metrics = step_fn(state, ref_params, batch, nan_at_step)
+        cand_mask = group.member_mask[:, :group.k]
         host = dict(group.timings, update_s=time.perf_counter() - t0,
                     score_mean=float(group.scores.mean()),
                     score_std=float(group.scores.std(axis=1).mean()),
                     anchor_score=float(group.anchor_score.mean()),
-                    response_len=float(group.member_mask[:, :group.k]
-                                       .sum(-1).mean()),
+                    response_len=float(cand_mask.sum(-1).mean()),
                     finished=float(group.finished.mean()),
                     teacher_calls=float(store.ledger.stats().calls))
-        loop.record(step + 1, metrics,
-                    tokens=int(group.member_mask[:, :group.k].sum()),
-                    host=host)
-        loop.maybe_save(step + 1, state.arrays(), data_iter=it,
-                        config=cfg_dict)
-      loop.finish(steps, state.arrays(), data_iter=it, config=cfg_dict)
-    finally:
-      loop.close()
+        st.step_done(step + 1, state, metrics, tokens=int(cand_mask.sum()),
+                     host=host)
+      st.finish(state)
   finally:
-    ckpt.close()
     store.close()
-    if writer is not None:
-      writer.close()
   out = os.path.join(workdir, FINAL)
   from purld_jax import models  # pylint: disable=g-import-not-at-top
   models.save_pretrained(state.model(), tok, out)
