@@ -1,8 +1,9 @@
 """Prompts -> K candidates each (METHOD step 3): prefill once, decode in a loop.
 
 Axis letters (structs.py): B prompts, K candidates, P prompt tokens (left
-padded), T response tokens (= max_new_tokens), S cache slots, V vocab; R = B*K
-decode rows, row r = b * K + k.
+padded), T response tokens (= max_new_tokens), V vocab, G kv heads, H head
+dim, N query heads, L layers; R = B*K decode rows, row r = b * K + k; Rq =
+N // G query heads per kv head.
 
   tokens, mask = sampling.pad_prompts(token_lists, pad_id)   # bucketed P
   graphdef, params = nnx.split(model)
@@ -10,12 +11,19 @@ decode rows, row r = b * K + k.
                           prompt_index=ids, num_candidates=8,
                           sampling=sampling.SamplingParams(stop_ids=...))
 
-`sample` is one jitted function: the prompts are prefilled once ([B, P]), the
-cache is repeated to the K candidates, and a `lax.while_loop` over a state
-dataclass (the structure of the Flax NNX Gemma sampler) decodes one token per
-row per step until every row has stopped or T tokens exist. The cache lives
-inside that jit, so XLA updates it in place; it never crosses a call boundary
-and there is nothing to donate.
+`sample` is one jitted function. The B prompts are prefilled once
+(`Llama.extend` on [B, P]); their keys and values stay [B, G, P, H] and the K
+rows of a prompt read them together in one product per (prompt, kv head), so
+nothing is copied K times. A `lax.while_loop` over a state dataclass (the
+structure of the Flax NNX Gemma sampler) then feeds one token per row per step
+(`_decode`: the model's own projections, norms and MLP, with attention over
+the shared prompt cache plus each row's own cache of generated tokens) until
+every row has stopped or T tokens exist. The caches live inside that jit, so
+XLA updates them in place (no copy per step: checked in the compiled HLO); they
+never cross a call boundary, so there is nothing to donate.
+
+Every token's log-prob under the model (temperature 1, no filter) comes out
+with it, so PPO's old-policy log-probs need no second forward pass.
 
 Randomness: row (b, k) at step t uses
   fold_in(fold_in(fold_in(key, prompt_index[b]), k), t),
@@ -259,6 +267,9 @@ class _Own:
   v: tuple  # L x [R, G, T - 1, H]
 
 
+_NEG = -1e30  # finite, as in llama.py: masked slots weigh exactly 0
+
+
 def _attend(q_RNH, pk_BGPH, pv_BGPH, pmask_BP, k_RGHT, v_RGTH, col):
   """One query per row over its prompt's slots and its own slots <= col.
 
@@ -290,9 +301,6 @@ def _attend(q_RNH, pk_BGPH, pv_BGPH, pmask_BP, k_RGHT, v_RGTH, col):
   out = to_rows(jnp.einsum("bgqp,bgph->bgqh", ep.astype(dt), pv_BGPH))
   out = out + jnp.einsum("mgrt,mgth->mgrh", eo.astype(dt), v_RGTH)
   return (out / den[..., None].astype(dt)).reshape(r, n, h)
-
-
-_NEG = -1e30  # finite, as in llama.py
 
 
 def _decode(model, prefix: _Prefix, own: _Own, tok_R, pos_R, col):

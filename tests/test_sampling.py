@@ -81,8 +81,20 @@ def _assert_logps_match_forward(model, out, prompts=PROMPTS):
 
 
 @pytest.fixture(scope="module")
-def greedy(model):
-  return _run(model, SP(temperature=0, max_new_tokens=T))
+def greedy_reference(model):
+  return _greedy_reference(model, PROMPTS, T)
+
+
+@pytest.fixture(scope="module")
+def greedy_stop(greedy_reference):
+  """A stop id: the 3rd greedy token of prompt 0."""
+  return greedy_reference[0][2]
+
+
+@pytest.fixture(scope="module")
+def greedy(model, greedy_stop):
+  return _run(model, SP(temperature=0, max_new_tokens=T,
+                        stop_ids=(greedy_stop,)))
 
 
 @pytest.fixture(scope="module")
@@ -103,24 +115,56 @@ def filtered(model):
 # Greedy
 
 
-def test_greedy_equals_step_by_step_argmax(model, greedy):
-  want = _greedy_reference(model, PROMPTS, T)
-  for b in range(len(PROMPTS)):
+def test_greedy_equals_step_by_step_argmax(greedy, greedy_reference,
+                                          greedy_stop):
+  """Each row is the argmax chain of the full forward, up to and with its
+  first stop token (prompt 0 stops by column 3), pad after."""
+  for b, want in enumerate(greedy_reference):
+    n = want.index(greedy_stop) + 1 if greedy_stop in want else T
+    assert n <= 3 or b
     for k in range(K):
-      assert_array_equal(greedy.tokens[b, k], want[b])
-  assert (greedy.lengths == T).all() and not greedy.finished.any()
-  assert greedy.mask.all() and (greedy.sample_logps == 0).all()
+      assert_array_equal(greedy.tokens[b, k, :n], want[:n])
+      assert (greedy.tokens[b, k, n:] == 0).all()
+    assert_array_equal(greedy.lengths[b], [n] * K)
+    assert_array_equal(greedy.finished[b], [n < T or want[-1] == greedy_stop]
+                       * K)
+  assert (greedy.sample_logps == 0).all()
 
 
-@pytest.mark.parametrize("sp", [SP(top_k=1, max_new_tokens=T),
-                                SP(temperature=1e-5, max_new_tokens=T)])
-def test_degenerate_sampling_equals_greedy(model, greedy, sp):
-  """top-k = 1 and temperature -> 0 keep only the argmax."""
-  out = _run(model, sp, key=3)
+def test_greedy_and_logps_with_every_family_switch():
+  """Qwen2 biases, Qwen3 q/k norms, o/mlp biases, tied embeddings at once."""
+  cfg = llama.tiny_config(qkv_bias=True, qk_norm=True, o_bias=True,
+                          mlp_bias=True, tie_word_embeddings=True,
+                          num_layers=1)
+  model = llama.Llama(cfg, rngs=nnx.Rngs(1))
+  out = _run(model, SP(temperature=0, max_new_tokens=T))
+  want = _greedy_reference(model, PROMPTS, T)
+  assert_array_equal(out.tokens, np.repeat(np.asarray(want)[:, None], K, 1))
+  _assert_logps_match_forward(model, out)
+
+
+def test_top_k_one_equals_greedy(model, greedy, greedy_stop):
+  out = _run(model, SP(top_k=1, max_new_tokens=T, stop_ids=(greedy_stop,)),
+             key=3)
   assert_array_equal(out.tokens, greedy.tokens)
   assert_allclose(out.logps, greedy.logps, atol=1e-6)
   # One token is left, so the sampling distribution puts all mass on it.
   assert_allclose(out.sample_logps, 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sp", [SP(temperature=1e-5), SP(top_k=1),
+                                SP(temperature=3.0, top_p=1e-6)])
+def test_vanishing_temperature_picks_the_argmax(model, sp):
+  """The token choice on the model's logits after each prompt: temperature
+  -> 0 (like top-k 1 or a tiny top-p) draws the argmax, 64 keys a row."""
+  tokens, mask = sampling.pad_prompts(PROMPTS, 0, buckets=(16,))
+  logits = np.asarray(jax.jit(lambda m, t, k: m(t, attention_mask=k))(
+      model, jnp.asarray(tokens), jnp.asarray(mask)))[:, -1]  # [3, V]
+  rows = jnp.asarray(np.repeat(logits, 64, axis=0))
+  keys = jax.random.split(jax.random.key(5), rows.shape[0])
+  tok, lp, slp = jax.jit(sampling.choose, static_argnums=2)(rows, keys, sp)
+  assert_array_equal(tok, np.repeat(logits.argmax(-1), 64))
+  assert_allclose(slp, 0.0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------
@@ -187,19 +231,6 @@ def test_prompt_candidates_do_not_depend_on_the_batch(model, filtered):
 # Stop tokens
 
 
-def test_greedy_stop_token_ends_the_row(model, greedy):
-  """Stopping on greedy's 3rd token of prompt 0 ends that row by column 3."""
-  stop = int(greedy.tokens[0, 0, 2])
-  out = _run(model, SP(temperature=0, max_new_tokens=T, stop_ids=(stop,)))
-  row = list(greedy.tokens[0, 0])
-  n = row.index(stop) + 1
-  assert n <= 3
-  assert_array_equal(out.lengths[0], [n] * K)
-  assert out.finished[0].all()
-  assert_array_equal(out.tokens[0, :, :n], greedy.tokens[0, :, :n])
-  assert (out.tokens[0, :, n:] == 0).all()
-
-
 HALF = tuple(range(64))  # half the vocabulary stops
 
 
@@ -258,8 +289,8 @@ def test_draw_follows_the_filtered_distribution():
   n = 20000
   logits = jnp.broadcast_to(jnp.asarray(np.log(_P5))[None], (n, 5))
   keys = jax.random.split(jax.random.key(0), n)
-  choose = jax.jit(sampling.choose, static_argnums=2)
-  tok, lp, slp = choose(logits, keys, SP(top_p=0.75))
+  tok, lp, slp = jax.jit(sampling.choose, static_argnums=2)(
+      logits, keys, SP(top_p=0.75))
   freq = np.bincount(np.asarray(tok), minlength=5) / n
   assert_allclose(freq, [0.5 / .85, 0.2 / .85, 0.15 / .85, 0, 0], atol=0.015)
   assert_allclose(np.asarray(lp), np.log(_P5)[np.asarray(tok)], rtol=1e-5)
