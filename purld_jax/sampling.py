@@ -261,25 +261,30 @@ class _Prefix:
 
 @flax.struct.dataclass
 class _Own:
-  """Keys and values of each row's own generated tokens (T - 1 slots)."""
+  """Keys and values of each row's own generated tokens, in chunks of
+  `_CHUNK` slots so a step reads only the chunks written so far."""
 
-  k: tuple  # L x [R, G, H, T - 1], keys slot-minor for the q.k product
-  v: tuple  # L x [R, G, T - 1, H]
+  k: tuple  # L x [R, G, C, H, _CHUNK], keys slot-minor for the q.k product
+  v: tuple  # L x [R, G, C, _CHUNK, H]   (C chunks)
 
 
+_CHUNK = 32
 _NEG = -1e30  # finite, as in llama.py: masked slots weigh exactly 0
 
 
-def _attend(q_RNH, pk_BGPH, pv_BGPH, pmask_BP, k_RGHT, v_RGTH, col):
+def _attend(q_RNH, pk_BGPH, pv_BGPH, pmask_BP, k_RGCHS, v_RGCSH, col):
   """One query per row over its prompt's slots and its own slots <= col.
 
   Rows of a prompt are consecutive (r = b * K + k), so the prompt part is one
   [K * R_q, H] x [H, P] product per (prompt, kv head), never K copies of it.
+  The own slots are visited a chunk at a time, only up to col's chunk, with
+  a running max and sum (the softmax is over prompt and own slots at once).
   Returns [R, N, H].
   """
   r, n, h = q_RNH.shape
   b, g, p, _ = pk_BGPH.shape
   k, rq, dt = r // b, n // g, q_RNH.dtype
+  size = k_RGCHS.shape[-1]
   scale = h ** -0.5
   q = q_RNH.reshape(r, g, rq, h)
   # [R, G, Rq, X] <-> [B, G, K * Rq, X]
@@ -290,17 +295,29 @@ def _attend(q_RNH, pk_BGPH, pv_BGPH, pmask_BP, k_RGHT, v_RGTH, col):
   lp = jnp.einsum("bgqh,bgph->bgqp", to_prompt(q), pk_BGPH,
                   preferred_element_type=jnp.float32) * scale
   lp = jnp.where(pmask_BP[:, None, None, :], lp, _NEG)
-  lo = jnp.einsum("mgrh,mght->mgrt", q, k_RGHT,
-                  preferred_element_type=jnp.float32) * scale
-  slots = jnp.arange(k_RGHT.shape[-1])
-  lo = jnp.where((slots <= col)[None, None, None, :], lo, _NEG)
-  top = jnp.maximum(to_rows(jnp.max(lp, axis=-1)), jnp.max(lo, axis=-1))
-  ep = jnp.exp(lp - to_prompt(top)[..., None])
-  eo = jnp.exp(lo - top[..., None])
-  den = to_rows(jnp.sum(ep, axis=-1)) + jnp.sum(eo, axis=-1)
-  out = to_rows(jnp.einsum("bgqp,bgph->bgqh", ep.astype(dt), pv_BGPH))
-  out = out + jnp.einsum("mgrt,mgth->mgrh", eo.astype(dt), v_RGTH)
-  return (out / den[..., None].astype(dt)).reshape(r, n, h)
+  top = jnp.max(lp, axis=-1)
+  ep = jnp.exp(lp - top[..., None])
+  acc = to_rows(jnp.einsum("bgqp,bgph->bgqh", ep.astype(dt), pv_BGPH))
+  total, top = to_rows(jnp.sum(ep, axis=-1)), to_rows(top)
+
+  def chunk(c, carry):
+    acc, total, top = carry
+    kc = jax.lax.dynamic_index_in_dim(k_RGCHS, c, axis=2, keepdims=False)
+    vc = jax.lax.dynamic_index_in_dim(v_RGCSH, c, axis=2, keepdims=False)
+    lo = jnp.einsum("mgrh,mghs->mgrs", q, kc,
+                    preferred_element_type=jnp.float32) * scale
+    slots = c * size + jnp.arange(size)
+    lo = jnp.where((slots <= col)[None, None, None, :], lo, _NEG)
+    new_top = jnp.maximum(top, jnp.max(lo, axis=-1))
+    eo = jnp.exp(lo - new_top[..., None])
+    keep = jnp.exp(top - new_top)
+    acc = acc * keep[..., None].astype(dt) + jnp.einsum(
+        "mgrs,mgsh->mgrh", eo.astype(dt), vc)
+    return acc, total * keep + jnp.sum(eo, axis=-1), new_top
+
+  acc, total, _ = jax.lax.fori_loop(0, col // size + 1, chunk,
+                                    (acc, total, top))
+  return (acc / total[..., None].astype(dt)).reshape(r, n, h)
 
 
 def _decode(model, prefix: _Prefix, own: _Own, tok_R, pos_R, col):
@@ -317,11 +334,13 @@ def _decode(model, prefix: _Prefix, own: _Own, tok_R, pos_R, col):
   for i, layer in enumerate(model.layers):
     q, k, v = layer.attn.project(layer.input_norm(x), pos_R[:, None],
                                  inv_freq)
+    c, at = col // _CHUNK, col % _CHUNK
     ks[i] = jax.lax.dynamic_update_slice(
-        ks[i], k[:, 0, :, :, None].astype(ks[i].dtype), (zero, zero, zero, col))
+        ks[i], k[:, 0, :, None, :, None].astype(ks[i].dtype),
+        (zero, zero, c, zero, at))
     vs[i] = jax.lax.dynamic_update_slice(
-        vs[i], v[:, 0, :, None, :].astype(vs[i].dtype),
-        (zero, zero, col, zero))
+        vs[i], v[:, 0, :, None, None, :].astype(vs[i].dtype),
+        (zero, zero, c, at, zero))
     o = _attend(q[:, 0], prefix.k[i], prefix.v[i], prefix.mask, ks[i], vs[i],
                 col)
     x = x + layer.attn.output(o[:, None])
@@ -344,8 +363,10 @@ def _prefill(model, tokens_BP, mask_BP, slots: int, k: int):
                    mask=mask_BP)
   _, _, _, g, h = cache.k.shape
   dt = cache.k.dtype
-  own = _Own(k=tuple(jnp.zeros((b * k, g, h, slots), dt) for _ in layers),
-             v=tuple(jnp.zeros((b * k, g, slots, h), dt) for _ in layers))
+  c = -(-slots // _CHUNK)
+  own = _Own(
+      k=tuple(jnp.zeros((b * k, g, c, h, _CHUNK), dt) for _ in layers),
+      v=tuple(jnp.zeros((b * k, g, c, _CHUNK, h), dt) for _ in layers))
   return prefix, own, logits, positions[:, -1]
 
 

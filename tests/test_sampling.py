@@ -14,7 +14,9 @@ from purld_jax.models import llama
 from purld_jax.models import tokenizer as tok_lib
 
 SP = sampling.SamplingParams
-T, K = 8, 3  # one response length and group size: few compiles
+# One response length and group size (few compiles); T > 32 so the decode
+# reads its own keys in two chunks (sampling._CHUNK).
+T, K = 40, 3
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +49,10 @@ def _full_log_softmax(model, tokens, mask):
 
 
 def _reference(model, rows):
-  """log_softmax [len(rows), 32, V] of one uncached forward, left-padded to
-  32 columns (and 16 rows, so it compiles once)."""
+  """log_softmax [len(rows), 64, V] of one uncached forward, left-padded to
+  64 columns (and 16 rows, so it compiles once)."""
   padded = list(rows) + [[1]] * (16 - len(rows))
-  tokens, mask = tok_lib.pad_left(padded, 0, length=32)
+  tokens, mask = tok_lib.pad_left(padded, 0, length=64)
   return np.asarray(_full_log_softmax(model, jnp.asarray(tokens),
                                       jnp.asarray(mask)))[:len(rows)]
 
@@ -119,6 +121,7 @@ def test_greedy_equals_step_by_step_argmax(greedy, greedy_reference,
                                           greedy_stop):
   """Each row is the argmax chain of the full forward, up to and with its
   first stop token (prompt 0 stops by column 3), pad after."""
+  assert T > sampling._CHUNK  # the decode crosses a chunk of its own keys
   for b, want in enumerate(greedy_reference):
     n = want.index(greedy_stop) + 1 if greedy_stop in want else T
     assert n <= 3 or b
@@ -152,11 +155,10 @@ def test_top_k_one_equals_greedy(model, greedy, greedy_stop):
   assert_allclose(out.sample_logps, 0.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("sp", [SP(temperature=1e-5), SP(top_k=1),
-                                SP(temperature=3.0, top_p=1e-6)])
-def test_vanishing_temperature_picks_the_argmax(model, sp):
+def test_vanishing_temperature_picks_the_argmax(model):
   """The token choice on the model's logits after each prompt: temperature
-  -> 0 (like top-k 1 or a tiny top-p) draws the argmax, 64 keys a row."""
+  -> 0 draws the argmax, whatever the key (64 keys a row)."""
+  sp = SP(temperature=1e-5)
   tokens, mask = sampling.pad_prompts(PROMPTS, 0, buckets=(16,))
   logits = np.asarray(jax.jit(lambda m, t, k: m(t, attention_mask=k))(
       model, jnp.asarray(tokens), jnp.asarray(mask)))[:, -1]  # [3, V]
@@ -242,7 +244,7 @@ def stopped(model):
 def test_nothing_after_a_stop_token_is_in_the_mask(stopped):
   """Most rows end early, each right at its first stop token."""
   out = stopped
-  assert out.finished.sum() > 4  # each of 9 rows never stops w.p. ~ 2^-8
+  assert out.finished.sum() > 6  # a row runs T tokens unstopped w.p. ~ 2^-T
   cols = np.arange(T)
   for b in range(len(PROMPTS)):
     for k in range(K):
