@@ -122,9 +122,12 @@ def bounds(cfg, b, k, p_real, t, rates) -> dict:
   ctx = p_real + t / 2  # average keys a query sees
   flops_tok = 2 * matmul_params + 4 * ctx * n * h * layers
   weight_bytes = 4 * cfg.num_params()
-  # Our layout reads each row's T - 1 own slots every step, and each prompt
-  # once for its K rows.
-  cache_bytes = 4 * 2 * layers * g * h * (b * p_real + r * (t - 1))
+  # Each prompt's keys/values are read once for its K rows; a row's own
+  # ones up to the current chunk of `sampling._CHUNK` slots.
+  from purld_jax import sampling
+  c = sampling._CHUNK
+  own = np.mean([-(-(s + 1) // c) * c for s in range(max(t - 1, 1))])
+  cache_bytes = 4 * 2 * layers * g * h * (b * p_real + r * own)
   step_bytes = weight_bytes + cache_bytes
   return dict(
       gflop_per_token=flops_tok / 1e9,
