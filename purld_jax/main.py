@@ -13,7 +13,8 @@ is checked before anything is computed: an unknown key, a value of the wrong
 type or outside its choices, a missing prompt file or model directory is an
 error naming it. `config.recipe` picks the trainer: sft (stage 1 alone), dpo,
 grpo, ldl (stage 1, then the PU-RL loop of train/pu_rl.py with the step of
-train/<recipe>.py). A workdir that holds a checkpoint is resumed; a finished
+train/<recipe>.py), then the before/after table on the held-out prompts
+(train/heldout.py). A workdir that holds a checkpoint is resumed; a finished
 stage is not run again.
 """
 
@@ -222,12 +223,17 @@ def run(config, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config.to_dict(), f, indent=2, default=list)
+  from purld_jax.train import heldout  # pylint: disable=g-import-not-at-top
   from purld_jax.train import sft  # pylint: disable=g-import-not-at-top
   reference_dir = sft.run(config, workdir)
   print(f"[sft] reference: {reference_dir}", file=sys.stderr)
+  models = {"before": "init"}
+  if config.sft.steps > 0:
+    models["sft"] = reference_dir
   if config.recipe != "sft":
-    importlib.import_module(STAGE2_RUNNER).run(config, workdir,
-                                               reference_dir=reference_dir)
+    models["final"] = importlib.import_module(STAGE2_RUNNER).run(
+        config, workdir, reference_dir=reference_dir)
+  heldout.run(config, workdir, models)
 
 
 def _main(argv):

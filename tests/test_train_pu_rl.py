@@ -53,13 +53,6 @@ def test_grpo_advantages_by_hand():
   np.testing.assert_array_equal(adv[1], [0.0, 0.0])
 
 
-def test_exact_answer_verifier():
-  v = pu_rl.exact_answer_verifier(["54", None])
-  assert v(0, "So 12*7 - 30 = 54.") == 1.0
-  assert v(0, "The answer is 1,054") == 0.0
-  assert v(1, "54") == 0.0
-
-
 @pytest.mark.parametrize("recipe", ["dpo", "grpo", "ldl"])
 def test_recipe_runs_end_to_end(recipe, tmp_path, jit_cache):  # noqa: F811
   c = train_fixtures.tiny_config(**{

@@ -26,6 +26,7 @@ from flax import nnx
 
 from purld_jax import anchors as anchors_lib
 from purld_jax import data as data_lib
+from purld_jax import evaluate
 from purld_jax import prompts as prompts_lib
 from purld_jax import rollout
 from purld_jax import sampling as sampling_lib
@@ -56,21 +57,6 @@ def ranking_params(config) -> rollout.RankingParams:
       no_word=r.no_word, aggregation=r.aggregation, bt_iters=r.bt_iters,
       bt_prior=r.bt_prior, metric=r.metric, rows_per_call=r.rows_per_call,
       pad_multiple=r.pad_multiple, vocab_chunk=config.model.vocab_chunk or None)
-
-
-def last_number(text: str) -> str | None:
-  """The last integer or decimal in `text` (commas dropped), or None."""
-  import re
-  found = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
-  return found[-1].replace(",", "") if found else None
-
-
-def exact_answer_verifier(answers):
-  """verifier(b, text) -> 1.0 when the last number in text equals answer b."""
-  def verify(b: int, text: str) -> float:
-    a = answers[b]
-    return float(a is not None and last_number(text) == str(a).strip())
-  return verify
 
 
 def _reference(config, workdir, student, ref_dir=None):
@@ -123,7 +109,7 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
         key = jax.random.fold_in(state.rng, state.step)
         scorer = ref_params if config.ranking.scorer == "reference" \
             else state.params
-        verifier = exact_answer_verifier([p.answer for p in prompts.prompts])
+        verifier = evaluate.batch_verifier([p.answer for p in prompts.prompts])
         group = rollout.collect(
             graphdef, state.params, scorer, tok, prompts, anchors, key,
             k=config.sampling.num_candidates, sampling=sp, ranking_params=rp,

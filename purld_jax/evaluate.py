@@ -1,0 +1,239 @@
+"""Held-out evaluation: greedy answers, verified accuracy, bootstrap intervals.
+
+The main job evaluates three models on the held-out prompts (`data.eval_path`)
+with the same greedy decoding: the initial student ("before"), the SFT
+reference (stage 1) and the PU-RL result (stage 2). A prompt with a
+reference `answer` is scored by `verify` (the last number of the answer text
+equals the reference; exact, no partial credit); the table gives each
+model's accuracy with a 95 % percentile-bootstrap interval over prompts, and
+each model's gain over the reference with a *paired* bootstrap interval (the
+same resampled prompts for both models), so the spread of a small eval set
+is in plain view. Per-prompt answers are written beside the summary so any
+number can be checked by hand.
+
+Host-side orchestration around one jitted function (`sampling.sample` with
+temperature 0 and K = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purld_jax import data as data_lib
+from purld_jax import sampling as sampling_lib
+
+GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+
+
+# ----------------------------------------------------------------------------
+# Verifiers
+
+
+def last_number(text: str) -> str | None:
+  """The last integer or decimal in `text` (thousands commas dropped, a
+  trailing ".0" kept as written), or None."""
+  found = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+  return found[-1].replace(",", "") if found else None
+
+
+def verify(text: str, answer: str | None) -> float:
+  """1.0 when the last number in `text` equals the reference `answer`
+  (compared as written, after stripping), else 0.0; 0.0 without one."""
+  return float(answer is not None and last_number(text) == str(answer).strip())
+
+
+def batch_verifier(answers: Sequence[str | None]) -> Callable[[int, str], float]:
+  """verifier(b, text) -> `verify(text, answers[b])` (the oracle scheme's
+  signature)."""
+  return lambda b, text: verify(text, answers[b])
+
+
+# ----------------------------------------------------------------------------
+# Statistics (numpy, host)
+
+
+def bootstrap_ci(values: np.ndarray, *, samples: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+  """Percentile-bootstrap interval of the mean of `values` f[N] (prompts
+  resampled with replacement)."""
+  values = np.asarray(values, np.float64)
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, len(values), size=(samples, len(values)))
+  means = values[idx].mean(axis=1)
+  tail = (1.0 - level) / 2 * 100
+  lo, hi = np.percentile(means, [tail, 100 - tail])
+  return float(lo), float(hi)
+
+
+def paired_ci(a: np.ndarray, b: np.ndarray, **kwargs) -> tuple[float, float]:
+  """Bootstrap interval of mean(b - a) over the same prompts (paired)."""
+  return bootstrap_ci(np.asarray(b, np.float64) - np.asarray(a, np.float64),
+                      **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Greedy answers
+
+
+@dataclasses.dataclass(frozen=True)
+class Answers:
+  """One model's greedy answers to the held-out prompts.
+
+  Attributes:
+    name: the model's label (before | sft | final).
+    ids: prompt ids, file order.
+    texts: decoded answers (special tokens skipped).
+    lengths: i[N] answer tokens (end of turn included).
+    finished: bool[N] the answer ended with a stop token.
+    correct: f[N] `verify` per prompt (NaN where the prompt has no answer).
+  """
+
+  name: str
+  ids: tuple[str, ...]
+  texts: tuple[str, ...]
+  lengths: np.ndarray
+  finished: np.ndarray
+  correct: np.ndarray
+
+  def to_records(self) -> list[dict]:
+    return [dict(id=i, answer=t, tokens=int(n), finished=bool(f),
+                 correct=None if np.isnan(c) else float(c))
+            for i, t, n, f, c in zip(self.ids, self.texts, self.lengths,
+                                     self.finished, self.correct)]
+
+
+def greedy_answers(graphdef, params, tok, source: data_lib.Encoded, *,
+                   name: str, batch_size: int, max_new_tokens: int,
+                   buckets: Sequence[int] | None, limit: int = 0,
+                   progress: Callable | None = None) -> Answers:
+  """Greedy answers of one model to (the first `limit` of) `source`.
+
+  Batches have one shape (the last is filled and the filler dropped), so the
+  sampler compiles once per prompt bucket.
+  """
+  sp = sampling_lib.SamplingParams(max_new_tokens=max_new_tokens,
+                                   stop_ids=tuple(tok.stop_ids), **GREEDY)
+  texts, lengths, finished, ids, answers = [], [], [], [], []
+  batches = data_lib.eval_batches(source, batch_size=batch_size,
+                                  buckets=buckets, limit=limit,
+                                  process_index=0, process_count=1)
+  for batch in (progress(batches) if progress else batches):
+    cands = jax.device_get(sampling_lib.sample(
+        graphdef, params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask),
+        jax.random.key(0), prompt_index=jnp.asarray(batch.index, jnp.int32),
+        num_candidates=1, sampling=sp, pad_id=tok.pad_id))
+    for i in np.flatnonzero(batch.valid):
+      n = int(cands.lengths[i, 0])
+      texts.append(tok.decode(cands.tokens[i, 0, :n]))
+      lengths.append(n)
+      finished.append(bool(cands.finished[i, 0]))
+      ids.append(batch.prompts[i].id)
+      answers.append(batch.prompts[i].answer)
+  correct = np.array([np.nan if a is None else verify(t, a)
+                      for t, a in zip(texts, answers)], np.float64)
+  return Answers(name=name, ids=tuple(ids), texts=tuple(texts),
+                 lengths=np.asarray(lengths), finished=np.asarray(finished),
+                 correct=correct)
+
+
+# ----------------------------------------------------------------------------
+# Summary and table
+
+
+def summarize(results: Sequence[Answers], *, baseline: str, seed: int = 0
+              ) -> list[dict]:
+  """One row per model: accuracy, its 95 % CI, the paired gain over
+  `baseline` with its CI, mean answer length and share finished."""
+  base = {r.name: r for r in results}.get(baseline)
+  rows = []
+  for r in results:
+    scored = ~np.isnan(r.correct)
+    row = dict(model=r.name, prompts=len(r.ids), scored=int(scored.sum()),
+               mean_tokens=float(np.mean(r.lengths)) if len(r.ids) else 0.0,
+               finished=float(np.mean(r.finished)) if len(r.ids) else 0.0)
+    if scored.any():
+      acc = r.correct[scored]
+      row.update(accuracy=float(acc.mean()),
+                 accuracy_ci=bootstrap_ci(acc, seed=seed))
+      if base is not None and r.name != baseline and base.ids == r.ids:
+        both = scored & ~np.isnan(base.correct)
+        row.update(gain=float((r.correct[both] - base.correct[both]).mean()),
+                   gain_ci=paired_ci(base.correct[both], r.correct[both],
+                                     seed=seed))
+    rows.append(row)
+  return rows
+
+
+def format_table(rows: Sequence[dict], *, baseline: str) -> str:
+  """The summary as a fixed-width text table."""
+  head = (f"{'model':<8} {'prompts':>7} {'accuracy':>9} {'95% CI':>15} "
+          f"{'gain vs ' + baseline:>14} {'95% CI':>17} {'tokens':>7} "
+          f"{'ended':>6}")
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    acc = f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else "n/a"
+    ci = ("[{:.1f}, {:.1f}]".format(*(100 * x for x in r["accuracy_ci"]))
+          if "accuracy_ci" in r else "")
+    gain = f"{100 * r['gain']:+.1f} pt" if "gain" in r else ""
+    gci = ("[{:+.1f}, {:+.1f}]".format(*(100 * x for x in r["gain_ci"]))
+           if "gain_ci" in r else "")
+    lines.append(f"{r['model']:<8} {r['prompts']:>7} {acc:>9} {ci:>15} "
+                 f"{gain:>14} {gci:>17} {r['mean_tokens']:>7.1f} "
+                 f"{100 * r['finished']:>5.0f}%")
+  return "\n".join(lines)
+
+
+def verdict(rows: Sequence[dict], *, baseline: str, final: str) -> str:
+  """One honest sentence on whether `final` beat `baseline`."""
+  row = {r["model"]: r for r in rows}.get(final, {})
+  if "gain_ci" not in row:
+    return f"no verified accuracy to compare {final} with {baseline}."
+  lo, hi = row["gain_ci"]
+  gain = 100 * row["gain"]
+  n = row["scored"]
+  if lo > 0:
+    return (f"{final} beats {baseline} by {gain:+.1f} points on {n} held-out "
+            "prompts; the 95% paired interval excludes zero.")
+  if hi < 0:
+    return (f"{final} is WORSE than {baseline} by {gain:+.1f} points on {n} "
+            "held-out prompts; the 95% paired interval excludes zero.")
+  return (f"{final} vs {baseline}: {gain:+.1f} points on {n} held-out "
+          f"prompts, NOT significant (95% paired interval "
+          f"[{100 * lo:+.1f}, {100 * hi:+.1f}] contains zero).")
+
+
+def write(out_dir: str, results: Sequence[Answers],
+          rows: Sequence[dict] | None = None) -> None:
+  """out_dir/<model>.jsonl (per-prompt answers) and, given rows,
+  out_dir/summary.json."""
+  os.makedirs(out_dir, exist_ok=True)
+  for r in results:
+    with open(os.path.join(out_dir, f"{r.name}.jsonl"), "w",
+              encoding="utf-8") as f:
+      for rec in r.to_records():
+        f.write(json.dumps(rec) + "\n")
+  if rows is None:
+    return
+  with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(list(rows), f, indent=2)
+
+
+def read_answers(path: str, name: str) -> Answers:
+  """An `Answers` back from `write`'s <model>.jsonl."""
+  with open(path, encoding="utf-8") as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+  return Answers(
+      name=name, ids=tuple(r["id"] for r in recs),
+      texts=tuple(r["answer"] for r in recs),
+      lengths=np.array([r["tokens"] for r in recs]),
+      finished=np.array([r["finished"] for r in recs], bool),
+      correct=np.array([np.nan if r["correct"] is None else r["correct"]
+                        for r in recs], np.float64))

@@ -1,0 +1,98 @@
+"""The main job's last stage: the before/after table on held-out prompts.
+
+Evaluates, with the same greedy decoding (`eval.*`), the models a run made:
+  before  the initial student (`model.path`),
+  sft     stage 1's reference (skipped when `sft.steps = 0`: it is `before`),
+  final   stage 2's result (recipes other than sft),
+and prints `evaluate.format_table` with gains over the SFT reference (the
+baseline METHOD.md compares PU-RL with). Results land in WORKDIR/eval/; a
+model already evaluated with the same settings is not evaluated again, so a
+resumed run only pays for what is new.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from purld_jax import data as data_lib
+from purld_jax import evaluate
+from purld_jax import prompts as prompts_lib
+from purld_jax.models import hf
+from purld_jax.train import student as student_lib
+
+EVAL_DIR = "eval"
+
+
+def _settings(config, source: str) -> dict:
+  return dict(source=source, eval_path=os.path.abspath(config.data.eval_path),
+              num_prompts=config.eval.num_prompts,
+              max_new_tokens=config.eval.max_new_tokens,
+              buckets=list(config.data.buckets),
+              max_prompt_len=config.data.max_prompt_len)
+
+
+def _progress(config, name: str, total: int):
+  if not config.log.progress:
+    return None
+  import tqdm  # pylint: disable=g-import-not-at-top
+  return lambda it: tqdm.tqdm(it, total=total, desc=f"[eval] {name}",
+                              unit="batch", file=sys.stderr, leave=False)
+
+
+def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
+  """Evaluates `models` (name -> HF directory, or "init" for the initial
+  student) on `data.eval_path`; prints and returns the summary rows (None
+  when the config has no eval set)."""
+  if not config.data.eval_path:
+    print("[eval] no data.eval_path: held-out evaluation skipped",
+          file=sys.stderr)
+    return None
+  workdir = os.path.abspath(workdir)
+  out_dir = os.path.join(workdir, EVAL_DIR)
+  student = student_lib.from_config(config.model, workdir)
+  tok = student.tokenizer
+  graphdef, _ = student.abstract()
+  source = data_lib.encode(prompts_lib.read_jsonl(config.data.eval_path), tok,
+                           max_len=config.data.max_prompt_len)
+  limit = config.eval.num_prompts
+  n = min(limit, len(source.ids)) if limit > 0 else len(source.ids)
+  batches = -(-n // config.eval.batch_size)
+  results = []
+  for name, src in models.items():
+    settings = _settings(config, src)
+    meta_path = os.path.join(out_dir, f"{name}.settings.json")
+    answers_path = os.path.join(out_dir, f"{name}.jsonl")
+    if os.path.exists(meta_path) and os.path.exists(answers_path):
+      with open(meta_path, encoding="utf-8") as f:
+        if json.load(f) == settings:
+          print(f"[eval] {name}: already evaluated ({answers_path})",
+                file=sys.stderr)
+          results.append(evaluate.read_answers(answers_path, name))
+          continue
+    params = (student.init_params() if src == "init"
+              else hf.load_params(src, student.cfg))
+    results.append(evaluate.greedy_answers(
+        graphdef, params, tok, source, name=name,
+        batch_size=config.eval.batch_size,
+        max_new_tokens=config.eval.max_new_tokens,
+        buckets=config.data.buckets, limit=limit,
+        progress=_progress(config, name, batches)))
+    evaluate.write(out_dir, results[-1:])
+    with open(meta_path, "w", encoding="utf-8") as f:
+      json.dump(settings, f)
+  baseline = "sft" if "sft" in models else "before"
+  rows = evaluate.summarize(results, baseline=baseline, seed=config.seed)
+  evaluate.write(out_dir, [], rows)
+  final = list(models)[-1]
+  print(f"\n[eval] held-out prompts: {config.data.eval_path} ({n}); greedy, "
+        f"{config.eval.max_new_tokens} new tokens; accuracy = last number of "
+        "the answer equals the reference; 95% percentile bootstrap over "
+        "prompts (gain: paired)", file=sys.stderr)
+  print(evaluate.format_table(rows, baseline=baseline))
+  if final != baseline:
+    print(evaluate.verdict(rows, baseline=baseline, final=final))
+  print(f"[eval] per-prompt answers and summary.json: {out_dir}",
+        file=sys.stderr)
+  return rows

@@ -1,0 +1,139 @@
+"""Held-out evaluation: verifier, bootstrap intervals, table, greedy answers."""
+
+import numpy as np
+import pytest
+
+from purld_jax import data as data_lib
+from purld_jax import evaluate
+from purld_jax import prompts as prompts_lib
+from purld_jax import sampling as sampling_lib
+from purld_jax.train import student as student_lib
+
+
+def test_verify_uses_the_last_number():
+  assert evaluate.verify("So 12*7 - 30 = 54.", "54") == 1.0
+  assert evaluate.verify("The answer is 1,054", "54") == 0.0
+  assert evaluate.verify("1,054", "1054") == 1.0
+  assert evaluate.verify("-3", "-3") == 1.0
+  assert evaluate.verify("no number", "3") == 0.0
+  assert evaluate.verify("54", None) == 0.0
+  v = evaluate.batch_verifier(["54", None])
+  assert (v(0, "= 54"), v(1, "54")) == (1.0, 0.0)
+
+
+def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_n():
+  rng = np.random.default_rng(0)
+  small = (rng.random(20) < 0.5).astype(float)
+  big = (rng.random(2000) < 0.5).astype(float)
+  lo_s, hi_s = evaluate.bootstrap_ci(small)
+  lo_b, hi_b = evaluate.bootstrap_ci(big)
+  assert lo_s <= small.mean() <= hi_s
+  assert lo_b <= big.mean() <= hi_b
+  # Binomial standard error sqrt(p(1-p)/n): width ~ 2 * 1.96 * se.
+  se = np.sqrt(0.25 / 2000)
+  assert abs((hi_b - lo_b) - 2 * 1.96 * se) < 0.3 * 2 * 1.96 * se
+  assert hi_s - lo_s > 5 * (hi_b - lo_b)
+  assert evaluate.bootstrap_ci(np.ones(7)) == (1.0, 1.0)
+
+
+def test_paired_ci_sees_a_consistent_gain_an_unpaired_view_would_hide():
+  # b is right exactly where a is, plus 3 more of 30: a +10 pt gain with no
+  # prompt lost. Paired, every resample gains >= 0.
+  a = np.array([1.0] * 15 + [0.0] * 15)
+  b = a.copy()
+  b[15:18] = 1.0
+  lo, hi = evaluate.paired_ci(a, b)
+  assert lo >= 0.0 and hi <= 0.3
+  assert evaluate.bootstrap_ci(a)[1] > evaluate.bootstrap_ci(b)[0]
+
+
+def _answers(name, correct, lengths=None):
+  n = len(correct)
+  return evaluate.Answers(
+      name=name, ids=tuple(f"p{i}" for i in range(n)),
+      texts=tuple("x" for _ in range(n)),
+      lengths=np.asarray(lengths if lengths is not None else [3] * n),
+      finished=np.ones(n, bool), correct=np.asarray(correct, float))
+
+
+def test_summary_table_and_verdict():
+  before = _answers("before", [0, 0, 0, 1], lengths=[10, 10, 10, 10])
+  sft = _answers("sft", [0, 1, 0, 1])
+  final = _answers("final", [1, 1, 1, 1])
+  rows = evaluate.summarize([before, sft, final], baseline="sft")
+  by = {r["model"]: r for r in rows}
+  assert by["before"]["accuracy"] == 0.25 and by["before"]["mean_tokens"] == 10
+  assert by["sft"]["accuracy"] == 0.5 and "gain" not in by["sft"]
+  assert by["final"]["gain"] == 0.5
+  assert by["before"]["gain"] == -0.25
+  lo, hi = by["final"]["gain_ci"]
+  # Differences [1, 0, 1, 0]: a resample's mean lies in [0, 1]; all zeros
+  # has probability 1/16 > 2.5 %, so the interval touches zero.
+  assert lo == 0.0 and 0.5 < hi <= 1.0
+  table = evaluate.format_table(rows, baseline="sft")
+  assert "+50.0 pt" in table and "50.0%" in table and "100.0%" in table
+  assert "NOT significant" in evaluate.verdict(rows, baseline="sft",
+                                               final="final")
+  many = evaluate.summarize([_answers("sft", [0, 1] * 20),
+                             _answers("final", [1, 1] * 20)], baseline="sft")
+  assert "beats sft by +50.0 points on 40" in evaluate.verdict(
+      many, baseline="sft", final="final")
+  worse = evaluate.summarize([_answers("sft", [1, 1] * 20),
+                              _answers("final", [0, 1] * 20)], baseline="sft")
+  assert "WORSE" in evaluate.verdict(worse, baseline="sft", final="final")
+
+
+def test_prompts_without_answers_are_not_scored():
+  r = _answers("final", [np.nan, np.nan])
+  rows = evaluate.summarize([r], baseline="sft")
+  assert rows[0]["scored"] == 0 and "accuracy" not in rows[0]
+  assert "n/a" in evaluate.format_table(rows, baseline="sft")
+  assert "no verified accuracy" in evaluate.verdict(rows, baseline="sft",
+                                                    final="final")
+
+
+def test_write_and_read_back(tmp_path):
+  r = _answers("final", [1, 0, np.nan])
+  evaluate.write(str(tmp_path), [r], evaluate.summarize([r], baseline="x"))
+  back = evaluate.read_answers(str(tmp_path / "final.jsonl"), "final")
+  assert back.ids == r.ids and back.texts == r.texts
+  np.testing.assert_array_equal(back.correct, r.correct)
+  assert (tmp_path / "summary.json").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory):
+  return student_lib.make(path="tiny", dtype_name="float32",
+                          param_dtype_name="float32", init_seed=0,
+                          cache_dir="", workdir=str(tmp_path_factory.mktemp("w")))
+
+
+def test_greedy_answers_match_the_sampler_per_prompt(tiny_student, tmp_path):
+  """Every prompt, filler batch rows dropped, in file order, equal to a
+  one-prompt greedy call; correctness is `verify` of the decoded text."""
+  st = tiny_student
+  tok = st.tokenizer
+  lines = [f'{{"id": "q{i}", "prompt": "{i} + 1 =", "answer": "{i + 1}"}}'
+           for i in range(5)]
+  path = tmp_path / "eval.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  source = data_lib.encode(prompts_lib.read_jsonl(str(path)), tok, max_len=64)
+  graphdef, _ = st.abstract()
+  params = st.init_params()
+  got = evaluate.greedy_answers(graphdef, params, tok, source, name="m",
+                                batch_size=2, max_new_tokens=5, buckets=(32,))
+  assert got.ids == tuple(f"q{i}" for i in range(5))
+  from flax import nnx
+  model = nnx.merge(graphdef, params)
+  sp = sampling_lib.SamplingParams(max_new_tokens=5, **evaluate.GREEDY)
+  import jax
+  for i, p in enumerate(source.prompts):
+    want = sampling_lib.generate(model, tok, [p.as_dicts()],
+                                 key=jax.random.key(1), sampling=sp,
+                                 buckets=(32,))[0][0]
+    assert got.texts[i] == want
+    assert got.correct[i] == evaluate.verify(want, p.answer)
+  got3 = evaluate.greedy_answers(graphdef, params, tok, source, name="m",
+                                 batch_size=2, max_new_tokens=5,
+                                 buckets=(32,), limit=3)
+  assert got3.ids == ("q0", "q1", "q2") and got3.texts == got.texts[:3]

@@ -1,0 +1,51 @@
+"""The main job end to end on the tiny model: SFT, PU-RL, held-out table."""
+
+import json
+import os
+
+import numpy as np
+
+from purld_jax import evaluate
+from purld_jax import main
+from tests import train_fixtures
+from tests.train_fixtures import jit_cache  # noqa: F401
+
+
+def test_main_job_prints_the_before_after_table_and_resumes(
+    tmp_path, capsys, jit_cache):  # noqa: F811
+  c = train_fixtures.tiny_config(**{
+      "recipe": "dpo", "sft.steps": 1, "rl.steps": 1, "eval.num_prompts": 5,
+      "eval.batch_size": 4, "log.tensorboard": False,
+      "ranking.yes_word": "Y", "ranking.no_word": "N",
+      "ckpt.async_save": False})
+  main.run(c, str(tmp_path))
+  out = capsys.readouterr()
+  summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+  assert [r["model"] for r in summary] == ["before", "sft", "final"]
+  assert all(r["prompts"] == 5 and r["scored"] == 5 for r in summary)
+  # The table's numbers are the per-prompt files' numbers.
+  for r in summary:
+    a = evaluate.read_answers(str(tmp_path / "eval" / f"{r['model']}.jsonl"),
+                              r["model"])
+    assert r["accuracy"] == float(np.mean(a.correct))
+    for text, ok, p in zip(a.texts, a.correct, a.ids):
+      assert p.startswith("eval-")
+      assert ok == evaluate.verify(text, _answer(p))
+  assert "gain vs sft" in out.out and "final" in out.out
+  assert ("beats sft" in out.out or "NOT significant" in out.out
+          or "WORSE" in out.out)
+  # A second run finds every stage done and every model evaluated.
+  main.run(c, str(tmp_path))
+  err = capsys.readouterr().err
+  for name in ("before", "sft", "final"):
+    assert f"[eval] {name}: already evaluated" in err
+
+
+def _answer(prompt_id):
+  path = os.path.join(train_fixtures.REPO, "data/demo/eval.jsonl")
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      rec = json.loads(line)
+      if rec["id"] == prompt_id:
+        return rec["answer"]
+  raise KeyError(prompt_id)
