@@ -190,3 +190,43 @@ def restore_or_init(ckpt: Checkpointer, abstract_arrays: Any, init_fn, *,
     return init_fn(), 0
   logging.info("resumed %s at step %d", ckpt.directory, restored.step)
   return restored.arrays, restored.step
+
+
+# ----------------------------------------------------------------------------
+# Reading a run's checkpoints from outside it (export): nothing is created
+# or cleaned up, so a run writing into the directory is not disturbed.
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+  """Steps of `directory` whose checkpoint is complete, ascending.
+
+  Orbax writes `<step>.orbax-checkpoint-tmp...` and renames it to `<step>`
+  when every item is written, so an integer-named directory is whole.
+  """
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def restore_params(step_dir: str | os.PathLike, abstract_params: Any) -> Any:
+  """The `params` of a step's `state` item alone (no optimizer state read).
+
+  Args:
+    step_dir: `<directory>/<step>`.
+    abstract_params: tree of jax.ShapeDtypeStruct with shardings (see
+      `abstract_like`) of the params.
+  """
+  target = {"params": abstract_params}
+  out = ocp.PyTreeCheckpointer().restore(
+      os.path.join(os.fspath(step_dir), "state"),
+      args=ocp.args.PyTreeRestore(
+          item=target, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  return out["params"]
+
+
+def saved_config(step_dir: str | os.PathLike) -> dict:
+  """The run config saved with a step (a dict)."""
+  return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+      os.path.join(os.fspath(step_dir), "config")) or {})

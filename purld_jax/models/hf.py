@@ -231,6 +231,24 @@ def _get_path(tree, path):
 # Writing
 
 
+def to_hf_tensors(params: dict, cfg: llama.LlamaConfig, *, dtype=None
+                  ) -> dict[str, np.ndarray]:
+  """HF tensor name -> numpy array in HF layout ([out, in]), in HF order.
+
+  Args:
+    params: the pure-dict param tree of `Llama(cfg)` (`load_params`).
+    cfg: its config.
+    dtype: dtype of the arrays (default: as stored).
+  """
+  tensors = {}
+  for e in key_table(cfg):
+    arr = np.asarray(jax.device_get(_get_path(params, e.path)))
+    if dtype is not None:
+      arr = arr.astype(dtype)
+    tensors[e.hf_name] = np.ascontiguousarray(e.to_hf(arr))
+  return tensors
+
+
 def save_params(model: llama.Llama, path: str | os.PathLike, *,
                 dtype=None, extra_config: dict | None = None,
                 max_shard_bytes: int | None = None) -> None:
@@ -248,13 +266,8 @@ def save_params(model: llama.Llama, path: str | os.PathLike, *,
   cfg = model.cfg
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  tensors = {}
-  for e in key_table(cfg):
-    arr = np.asarray(jax.device_get(_get_path(pure, e.path)))
-    if dtype is not None:
-      arr = arr.astype(dtype)
-    tensors[e.hf_name] = np.ascontiguousarray(e.to_hf(arr))
+  tensors = to_hf_tensors(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg,
+                          dtype=dtype)
   dtype_name = str(next(iter(tensors.values())).dtype)
   cfg_json = hf_config.to_hf(cfg, torch_dtype=dtype_name, extra=extra_config)
   (path / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")

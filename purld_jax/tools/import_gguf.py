@@ -1,4 +1,4 @@
-"""GGUF (llama architecture) -> Hugging Face Llama directory, in float32.
+"""GGUF (llama or qwen2 architecture) -> Hugging Face directory, in float32.
 
   python -m purld_jax.tools.import_gguf --gguf FILE --out DIR
 
@@ -9,9 +9,11 @@ special_tokens_map.json and generation_config.json: a directory that
 Two things are not a plain copy:
   * quantised tensors (Q4_1, Q8_0, ...) are dequantised to float32, so the
     result equals the GGUF's weights, not the original bf16 release;
-  * llama.cpp's HF->GGUF converter permutes the rows of q_proj / k_proj so that
-    each head's rotary pairs are interleaved (GPT-J style RoPE). HF Llama
-    rotates halves, so `unpermute_qk` undoes it.
+  * for the llama architecture, llama.cpp's HF->GGUF converter permutes the
+    rows of q_proj / k_proj (weights and biases) so that each head's rotary
+    pairs are interleaved (GPT-J style RoPE). HF Llama rotates halves, so
+    `unpermute_qk` undoes it (`permute_qk` is the converter's direction,
+    used by export_gguf.py). qwen2 GGUFs keep HF's order (NeoX RoPE).
 
 Axes (structs.py): V vocab, D model, N q-heads, G kv-heads, H head dim, F mlp.
 """
@@ -29,8 +31,14 @@ from tokenizers import decoders, models, pre_tokenizers, processors
 
 GGUF_MAGIC = b"GGUF"
 
+# general.architecture -> HF (model_type, architectures[0]).
+ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"),
+                 "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+# Architectures whose q/k rows llama.cpp stores interleaved.
+PERMUTED_QK = ("llama",)
+
 # GGUF tensor name -> HF name; "{i}" is the layer index.
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -41,20 +49,52 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_TOP_NAMES = {
+TOP_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
 }
+# Layer tensors that may have a bias; their HF projection letter.
+_BIASED = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o"}
 
 # llama.cpp pre-tokenizer names whose regexes are "\p{N}" (each digit alone)
 # followed by the GPT-2 regex, and those with the GPT-2 regex only.
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell")
 _GPT2_ONLY = ("gpt-2", "default")
+# Pre-tokenizers that split with one regex (the tokenizer.json's, which
+# llama.cpp reimplements), then map bytes without the GPT-2 regex.
+SPLIT_REGEX = {
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+"
+                  r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                  r"|\s+(?!\S)|\s+"),
+}
 
 # tokenizer.ggml.token_type values (gguf.TokenType).
 _CONTROL = int(gguf.TokenType.CONTROL)
 _USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
+
+
+def permute_qk(w, n_heads):
+  """llama.cpp's row permutation of a q or k projection (inverse of
+  `unpermute_qk`): per head, rows [x_0..x_{H/2-1}, y_0..y_{H/2-1}] become
+  [x_0, y_0, x_1, y_1, ...].
+
+  Args:
+    w: f32[N*H, D] (or f32[N*H], a bias) in HF row order.
+    n_heads: N, the number of heads this projection has (G for k_proj).
+
+  Returns:
+    the same shape, in llama.cpp's row order.
+  """
+  rows = w.shape[0]
+  if rows % (2 * n_heads):
+    raise ValueError(f"{rows} rows do not split into {n_heads} heads of even size")
+  half = rows // n_heads // 2
+  return (w.reshape(n_heads, 2, half, *w.shape[1:])
+          .swapaxes(1, 2)
+          .reshape(w.shape))
 
 
 def unpermute_qk(w, n_heads):
@@ -117,39 +157,56 @@ def _required(meta, key):
   return meta[key]
 
 
-def hf_config(meta, *, tied):
-  """config.json (LlamaForCausalLM) from GGUF metadata."""
+def hf_config(meta, *, tied, biases=()):
+  """config.json (LlamaForCausalLM or Qwen2ForCausalLM) from GGUF metadata.
+
+  Args:
+    meta: `metadata(reader)`.
+    tied: no output.weight tensor (the embedding is the output layer).
+    biases: the projections that have a bias tensor ("q", "k", "v", "o").
+  """
   arch = _required(meta, "general.architecture")
-  if arch != "llama":
-    raise NotImplementedError(f"only llama-architecture GGUFs, got {arch!r}")
-  get = lambda key: _required(meta, f"llama.{key}")
+  if arch not in ARCHITECTURES:
+    raise NotImplementedError(f"only {'/'.join(ARCHITECTURES)}-architecture "
+                              f"GGUFs, got {arch!r}")
+  model_type, hf_arch = ARCHITECTURES[arch]
+  get = lambda key: _required(meta, f"{arch}.{key}")
   n_heads = int(get("attention.head_count"))
   hidden = int(get("embedding_length"))
-  head_dim = int(meta.get("llama.attention.key_length", hidden // n_heads))
-  rot_dim = int(meta.get("llama.rope.dimension_count", head_dim))
+  head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // n_heads))
+  rot_dim = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
   if rot_dim != head_dim:
     raise NotImplementedError(f"partial RoPE ({rot_dim} of {head_dim} dims)")
-  scaling = meta.get("llama.rope.scaling.type", "none")
-  if scaling != "none":
+  theta = _float32_decimal(meta.get(f"{arch}.rope.freq_base", 10000.0))
+  rope = {"rope_type": "default", "rope_theta": theta}
+  scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+  if scaling == "linear":
+    rope.update(rope_type="linear", factor=_float32_decimal(
+        get("rope.scaling.factor")))
+  elif scaling != "none":
     raise NotImplementedError(f"RoPE scaling {scaling!r}")
-  theta = _float32_decimal(meta.get("llama.rope.freq_base", 10000.0))
-  vocab = meta.get("llama.vocab_size", len(_required(meta, "tokenizer.ggml.tokens")))
+  want = {"qwen2": {"q", "k", "v"}, "llama": {"q", "k", "v", "o"}}[arch]
+  if set(biases) not in (set(), want):
+    raise NotImplementedError(
+        f"{arch} GGUF with biases on {sorted(biases)} (the HF {model_type} "
+        f"model has them on {sorted(want)} or none)")
+  vocab = meta.get(f"{arch}.vocab_size", len(_required(meta, "tokenizer.ggml.tokens")))
   config = {
-      "architectures": ["LlamaForCausalLM"],
-      "model_type": "llama",
+      "architectures": [hf_arch],
+      "model_type": model_type,
       "vocab_size": int(vocab),
       "hidden_size": hidden,
       "intermediate_size": int(get("feed_forward_length")),
       "num_hidden_layers": int(get("block_count")),
       "num_attention_heads": n_heads,
-      "num_key_value_heads": int(meta.get("llama.attention.head_count_kv", n_heads)),
+      "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", n_heads)),
       "head_dim": head_dim,
       "hidden_act": "silu",
       "max_position_embeddings": int(get("context_length")),
       "rms_norm_eps": _float32_decimal(get("attention.layer_norm_rms_epsilon")),
-      "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+      "rope_parameters": rope,
       "rope_theta": theta,
-      "attention_bias": False,
+      "attention_bias": bool(biases),
       "attention_dropout": 0.0,
       "mlp_bias": False,
       "tie_word_embeddings": tied,
@@ -166,12 +223,11 @@ def hf_config(meta, *, tied):
 
 def _hf_name(gguf_name):
   parts = gguf_name.split(".")
-  if parts[-1] != "weight":
-    raise NotImplementedError(f"unsupported GGUF tensor {gguf_name!r}")
-  if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
-    return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.weight"
-  if len(parts) == 2 and parts[0] in _TOP_NAMES:
-    return f"{_TOP_NAMES[parts[0]]}.weight"
+  if parts[0] == "blk" and len(parts) == 4 and parts[2] in LAYER_NAMES and (
+      parts[-1] == "weight" or parts[2] in _BIASED):
+    return f"model.layers.{int(parts[1])}.{LAYER_NAMES[parts[2]]}.{parts[-1]}"
+  if len(parts) == 2 and parts[0] in TOP_NAMES and parts[-1] == "weight":
+    return f"{TOP_NAMES[parts[0]]}.weight"
   raise NotImplementedError(f"unsupported GGUF tensor {gguf_name!r}")
 
 
@@ -181,14 +237,15 @@ def hf_tensors(reader, config):
   GGUF lists dims fastest-first (ggml `ne`), so a [out, in] matrix has
   shape (in, out) in the reader; numpy wants them reversed.
   """
+  permuted = config["model_type"] in PERMUTED_QK
   tensors = {}
   for t in reader.tensors:
     name = _hf_name(t.name)
     w = gguf.quants.dequantize(t.data, t.tensor_type)
     w = np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
-    if name.endswith("q_proj.weight"):
+    if permuted and ".q_proj." in name:
       w = unpermute_qk(w, config["num_attention_heads"])
-    elif name.endswith("k_proj.weight"):
+    elif permuted and ".k_proj." in name:
       w = unpermute_qk(w, config["num_key_value_heads"])
     tensors[name] = np.ascontiguousarray(w)
   return tensors
@@ -217,9 +274,15 @@ def build_tokenizer(meta):
         [pre_tokenizers.Digits(individual_digits=True), byte_level])
   elif pre in _GPT2_ONLY:
     tok.pre_tokenizer = byte_level
+  elif pre in SPLIT_REGEX:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(SPLIT_REGEX[pre]),
+                             behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   else:
-    raise NotImplementedError(f"pre-tokenizer {pre!r} (known: "
-                              f"{_DIGITS_THEN_GPT2 + _GPT2_ONLY})")
+    raise NotImplementedError(
+        f"pre-tokenizer {pre!r} (known: "
+        f"{_DIGITS_THEN_GPT2 + _GPT2_ONLY + tuple(SPLIT_REGEX)})")
   tok.decoder = decoders.ByteLevel()
   tok.add_tokens([tokenizers.AddedToken(tokens[i], special=(ty == _CONTROL),
                                         normalized=False)
@@ -258,7 +321,8 @@ def tokenizer_files(meta):
       add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
       add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
       clean_up_tokenization_spaces=False,
-      model_max_length=int(meta.get("llama.context_length", 2048)),
+      model_max_length=int(meta.get(
+          f"{meta.get('general.architecture')}.context_length", 2048)),
   )
   if "tokenizer.chat_template" in meta:
     config["chat_template"] = meta["tokenizer.chat_template"]
@@ -274,7 +338,9 @@ def convert(gguf_path, out_dir):
   reader = open_gguf(gguf_path)
   meta = metadata(reader)
   tied = all(t.name != "output.weight" for t in reader.tensors)
-  config = hf_config(meta, tied=tied)
+  biases = {_BIASED[t.name.split(".")[2]] for t in reader.tensors
+            if t.name.endswith(".bias") and t.name.split(".")[2] in _BIASED}
+  config = hf_config(meta, tied=tied, biases=biases)
   tensors = hf_tensors(reader, config)
   tokenizer = build_tokenizer(meta)
   tok_config, special_map = tokenizer_files(meta)
@@ -294,8 +360,9 @@ def convert(gguf_path, out_dir):
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog="python -m purld_jax.tools.import_gguf",
-      description="Convert a llama-architecture GGUF (any quantisation gguf can "
-                  "dequantise) to a float32 Hugging Face Llama directory.")
+      description="Convert a llama- or qwen2-architecture GGUF (any "
+                  "quantisation gguf can dequantise) to a float32 Hugging "
+                  "Face directory.")
   parser.add_argument("--gguf", required=True, help="path of the .gguf file to read")
   parser.add_argument("--out", required=True,
                       help="directory to write (created; existing files are overwritten)")

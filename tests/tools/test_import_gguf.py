@@ -67,6 +67,16 @@ def test_unpermute_qk_inverts_llamacpp_order():
   npt.assert_array_equal(import_gguf.unpermute_qk(permuted, 3), w)
 
 
+@pytest.mark.parametrize("n_heads, head_dim", [(1, 4), (1, 8), (2, 4), (3, 8)])
+def test_permute_qk_is_llamacpp_order(n_heads, head_dim):
+  rows = np.arange(n_heads * head_dim, dtype=np.float32)
+  npt.assert_array_equal(import_gguf.permute_qk(rows, n_heads),
+                         llamacpp_row_order(n_heads, head_dim))
+  w = np.random.default_rng(0).normal(size=(rows.size, 5)).astype(np.float32)
+  npt.assert_array_equal(
+      import_gguf.unpermute_qk(import_gguf.permute_qk(w, n_heads), n_heads), w)
+
+
 # A tiny byte-level vocabulary: 3 control tokens, single bytes, 3 merges.
 # "Ġ" is the byte-level symbol for a space, "Ċ" for a newline.
 TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -209,10 +219,22 @@ def test_add_bos_token_adds_a_post_processor():
 
 
 def test_unsupported_pre_tokenizer_is_named():
-  meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
+  meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-llm",
           "tokenizer.ggml.tokens": TOKENS, "tokenizer.ggml.merges": MERGES}
-  with pytest.raises(NotImplementedError, match="qwen2"):
+  with pytest.raises(NotImplementedError, match="deepseek-llm"):
     import_gguf.build_tokenizer(meta)
+
+
+@pytest.mark.parametrize("pre, ids", [
+    # Qwen2's regex takes digits one by one (\p{N}): "12" -> 1, 2 = 6, 7.
+    ("qwen2", [10, 6, 7]),
+    # Llama 3's takes up to 3 (\p{N}{1,3}), so the "1 2" merge fires -> 11.
+    ("llama-bpe", [10, 11]),
+])
+def test_split_regex_pre_tokenizers(pre, ids):
+  meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+          "tokenizer.ggml.tokens": TOKENS, "tokenizer.ggml.merges": MERGES}
+  assert import_gguf.build_tokenizer(meta).encode(" a12").ids == ids
 
 
 def test_missing_file_is_named(tmp_path):

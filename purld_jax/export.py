@@ -1,0 +1,242 @@
+r"""Export a run's model for on-premise serving: an HF directory, optionally GGUF.
+
+  python -m purld_jax.export --workdir=DIR --out=OUT [--gguf] \
+      [--source=final|reference|latest] [--dtype=float32|bfloat16] [--overwrite]
+
+What is exported (--source):
+  final      DIR/final, the policy PU-RL wrote at the end of stage 2
+  reference  DIR/reference, stage 1's SFT model (the frozen reference)
+  latest     the params of the newest complete orbax checkpoint under
+             DIR/ckpt/<stage>/<step>/ (a run still going, or killed), with the
+             model and tokenizer rebuilt from the config saved beside them
+  (default)  final when it exists, else latest
+
+OUT gets config.json, model.safetensors, the tokenizer files and EXPORT.json
+(what was exported); transformers' AutoModelForCausalLM / AutoTokenizer load
+it. --gguf adds OUT/model-f16.gguf for llama.cpp (tools/export_gguf.py:
+llama/SmolLM2 or qwen2 models with a byte-level BPE tokenizer). OUT is
+written in a temporary directory and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+GGUF_NAME = "model-f16.gguf"
+PROVENANCE = "EXPORT.json"
+FINAL = "final"          # train/pu_rl.py FINAL
+REFERENCE = "reference"  # train/sft.py REFERENCE
+CKPT = "ckpt"            # train/loop.py: <workdir>/ckpt/<stage>/<step>/
+SOURCES = ("final", "reference", "latest")
+_DTYPES = ("float32", "bfloat16")
+
+
+class ExportError(ValueError):
+  """Nothing to export where asked; the message names the missing path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """What `find_source` picked.
+
+  Attributes:
+    kind: 'final', 'reference' or 'latest'.
+    path: the HF directory, or the checkpoint's step directory.
+    stage: the checkpoint's stage ('sft', 'dpo', ...), None for HF dirs.
+    step: the checkpoint's step, None for HF dirs.
+  """
+
+  kind: str
+  path: str
+  stage: str | None = None
+  step: int | None = None
+
+  def describe(self) -> str:
+    if self.stage is None:
+      return f"{self.kind} model {self.path}"
+    return (f"checkpoint of stage {self.stage!r} at step {self.step} "
+            f"({self.path})")
+
+
+def _hf_dir(workdir: str, name: str) -> str | None:
+  path = os.path.join(workdir, name)
+  return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def newest_checkpoint(workdir: str) -> Source | None:
+  """The newest complete checkpoint of any stage (by the step directory's
+  modification time), or None."""
+  from purld_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  root = os.path.join(workdir, CKPT)
+  found = []
+  for stage in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    steps = checkpoint_lib.complete_steps(os.path.join(root, stage))
+    if steps:
+      path = os.path.join(root, stage, str(steps[-1]))
+      found.append((os.path.getmtime(path), stage, steps[-1], path))
+  if not found:
+    return None
+  _, stage, step, path = max(found)
+  return Source("latest", path, stage, step)
+
+
+def find_source(workdir: str, source: str | None = None) -> Source:
+  """The model `source` names in `workdir` (None: final, else latest).
+
+  Raises:
+    ExportError naming the path that is missing.
+  """
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise ExportError(f"--workdir {workdir}: no such directory")
+  if source not in (None,) + SOURCES:
+    raise ExportError(f"--source={source!r}: not one of {list(SOURCES)}")
+  if source in ("final", "reference"):
+    name = FINAL if source == "final" else REFERENCE
+    path = _hf_dir(workdir, name)
+    if path is None:
+      raise ExportError(
+          f"--source={source}: {os.path.join(workdir, name, 'config.json')} "
+          f"not found (no {source} model in this workdir"
+          + ("; the run has not finished stage 2"
+             if source == "final" else "; stage 1 has not finished") + ")")
+    return Source(source, path)
+  final = _hf_dir(workdir, FINAL) if source is None else None
+  if final is not None:
+    return Source("final", final)
+  latest = newest_checkpoint(workdir)
+  if latest is not None:
+    return latest
+  hint = (f"; --source=reference exports {os.path.join(workdir, REFERENCE)}"
+          if _hf_dir(workdir, REFERENCE) else "")
+  looked = ("" if source else
+            f"{os.path.join(workdir, FINAL, 'config.json')} not found and ")
+  raise ExportError(f"{workdir}: {looked}no complete checkpoint under "
+                    f"{os.path.join(workdir, CKPT)}/<stage>/<step>/{hint}")
+
+
+def load(src: Source, workdir: str):
+  """(model, tokenizer) of `src`; params keep their stored dtype."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  from purld_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from purld_jax import models  # pylint: disable=g-import-not-at-top
+  from purld_jax.train import student as student_lib  # pylint: disable=g-import-not-at-top
+  if src.stage is None:
+    with open(os.path.join(src.path, "config.json"), encoding="utf-8") as f:
+      stored = json.load(f).get("dtype") or "float32"
+    param_dtype = jnp.bfloat16 if stored == "bfloat16" else jnp.float32
+    return models.load_pretrained(src.path, dtype=jnp.float32,
+                                  param_dtype=param_dtype)
+  config = checkpoint_lib.saved_config(src.path)
+  if "model" not in config:
+    raise ExportError(f"{src.path}/config: the saved run config has no "
+                      "'model' block")
+  model_cfg = config_dict.ConfigDict(config["model"])
+  path = model_cfg.path
+  named = path in (student_lib.TINY, student_lib.EMBEDDED)
+  if not named and not os.path.isfile(os.path.join(path, "config.json")):
+    raise ExportError(f"{src.path}: the run's model.path {path!r} has no "
+                      "config.json any more (the architecture and tokenizer "
+                      "come from it)")
+  student = student_lib.from_config(model_cfg, workdir)
+  graphdef, shapes = student.abstract()
+  params = checkpoint_lib.restore_params(
+      src.path, checkpoint_lib.abstract_like(shapes))
+  return nnx.merge(graphdef, params), student.tokenizer
+
+
+def _file_list(out: str) -> str:
+  names = sorted(os.listdir(out))
+  size = sum(os.path.getsize(os.path.join(out, n)) for n in names)
+  return f"{', '.join(names)} ({size / 1e6:.1f} MB)"
+
+
+def export(workdir: str, out: str, *, source: str | None = None,
+           gguf: bool = False, dtype: str | None = None,
+           overwrite: bool = False) -> tuple[Source, str]:
+  """Exports `workdir`'s model (see the module doc) to `out`.
+
+  Returns:
+    (the Source exported, out as an absolute path).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from purld_jax import models  # pylint: disable=g-import-not-at-top
+  workdir, out = os.path.abspath(workdir), os.path.abspath(out)
+  if dtype not in (None, "") + _DTYPES:
+    raise ExportError(f"--dtype={dtype!r}: not one of {list(_DTYPES)}")
+  src = find_source(workdir, source)
+  if os.path.exists(out) and os.listdir(out) and not overwrite:
+    raise ExportError(f"--out {out}: exists and is not empty (pass "
+                      "--overwrite to replace it)")
+  model, tok = load(src, workdir)
+  tmp = f"{out}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    models.save_pretrained(model, tok, tmp,
+                           dtype=getattr(jnp, dtype) if dtype else None)
+    with open(os.path.join(tmp, PROVENANCE), "w", encoding="utf-8") as f:
+      json.dump(dict(workdir=workdir, source=src.kind, path=src.path,
+                     stage=src.stage, step=src.step), f, indent=2)
+    if gguf:
+      from purld_jax.tools import export_gguf  # pylint: disable=g-import-not-at-top
+      export_gguf.write(tmp, os.path.join(tmp, GGUF_NAME),
+                        name=os.path.basename(out))
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(out):
+    shutil.rmtree(out)
+  os.replace(tmp, out)
+  return src, out
+
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "run directory (python -m purld_jax.main --workdir)")
+_OUT = flags.DEFINE_string(
+    "out", None, "directory to write the HF model (and GGUF) to")
+_SOURCE = flags.DEFINE_enum(
+    "source", None, list(SOURCES), "what to export: final (WORKDIR/final), "
+    "reference (WORKDIR/reference, the SFT model) or latest (the newest "
+    "checkpoint under WORKDIR/ckpt/); default: final if present, else latest")
+_GGUF = flags.DEFINE_boolean(
+    "gguf", False, f"also write OUT/{GGUF_NAME} (float16, llama.cpp; llama/"
+    "SmolLM2 and qwen2 models with a byte-level BPE tokenizer)")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", None, list(_DTYPES), "dtype of the safetensors (default: the "
+    "dtype the model is stored in)")
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite", False, "replace OUT when it exists and is not empty")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every read at INFO
+    logging.set_verbosity(logging.WARNING)
+  from purld_jax.models import hf  # pylint: disable=g-import-not-at-top
+  from purld_jax.models import hf_config  # pylint: disable=g-import-not-at-top
+  from purld_jax.tools import export_gguf  # pylint: disable=g-import-not-at-top
+  try:
+    src, out = export(_WORKDIR.value, _OUT.value, source=_SOURCE.value,
+                      gguf=_GGUF.value, dtype=_DTYPE.value,
+                      overwrite=_OVERWRITE.value)
+  except (ExportError, hf.CheckpointError, hf_config.ConfigError,
+          export_gguf.ExportError) as e:
+    print(f"export: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"exported the {src.describe()}\n  -> {out}: {_file_list(out)}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir", "out"])
+  app.run(main)
