@@ -8,7 +8,8 @@ compute (enumerations, paths, ranges); the teacher block is exactly
 `teacher.TeacherConfig`'s fields.
 
 Blocks: model, data, teacher, sampling, ranking, pu, preference, loss, opt,
-sft, rl, eval, ckpt, log, mesh, debug.
+sft, rl, eval, ckpt, export, log, mesh,
+debug.
 """
 
 from __future__ import annotations
@@ -189,6 +190,14 @@ def ckpt() -> ml_collections.ConfigDict:
   return c
 
 
+def export() -> ml_collections.ConfigDict:
+  """What the main job writes for serving once it is done (purld_jax/export.py)."""
+  c = ml_collections.ConfigDict()
+  c.dir = ""                  # '' = no export; relative paths are under the workdir
+  c.gguf = False              # also an f16 GGUF for llama.cpp (llama/qwen2, BPE tokenizer)
+  return c
+
+
 def log() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.every_steps = 1           # metrics.jsonl / TensorBoard cadence (steps)
@@ -218,6 +227,10 @@ def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.recipe = "sft"            # sft | dpo | grpo | ldl (train/<recipe>.py)
   c.seed = 0                  # RNG of the run (sampling keys: fold_in(key, step))
+  # Persistent XLA compilation cache: a second run of the same shapes loads
+  # its programs instead of compiling them ("default" = $PURLD_JAX_CACHE or
+  # ~/.cache/purld_jax, subfolder jit; '' = leave JAX's setting alone).
+  c.jit_cache_dir = "default"
   c.model = model()
   c.data = data()
   c.teacher = teacher()
@@ -231,6 +244,7 @@ def base() -> ml_collections.ConfigDict:
   c.rl = rl()
   c.eval = evaluation()
   c.ckpt = ckpt()
+  c.export = export()
   c.log = log()
   c.mesh = mesh()
   c.debug = debug()
@@ -250,6 +264,7 @@ def variant(c: ml_collections.ConfigDict, arg: str, *,
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to a random tiny model that runs on CPU in seconds."""
   c.model.path = "tiny"
+  c.jit_cache_dir = ""                 # tests set their own
   c.data.buckets = (256,)              # one shape: one compile
   c.data.max_prompt_len = 256
   c.teacher.backend = "dataset"
@@ -271,5 +286,6 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = 8
   c.ckpt.every_steps = 2
   c.ckpt.keep = 2
+  c.export.gguf = False                # the char tokenizer is not BPE
   c.log.progress = False
   return c

@@ -155,7 +155,7 @@ def load(src: Source, workdir: str):
   return nnx.merge(graphdef, params), student.tokenizer
 
 
-def _file_list(out: str) -> str:
+def file_list(out: str) -> str:
   names = sorted(os.listdir(out))
   size = sum(os.path.getsize(os.path.join(out, n)) for n in names)
   return f"{', '.join(names)} ({size / 1e6:.1f} MB)"
@@ -234,7 +234,7 @@ def main(argv):
           export_gguf.ExportError) as e:
     print(f"export: error: {e}", file=sys.stderr)
     sys.exit(1)
-  print(f"exported the {src.describe()}\n  -> {out}: {_file_list(out)}")
+  print(f"exported the {src.describe()}\n  -> {out}: {file_list(out)}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ type or outside its choices, a missing prompt file or model directory is an
 error naming it. `config.recipe` picks the trainer: sft (stage 1 alone), dpo,
 grpo, ldl (stage 1, then the PU-RL loop of train/pu_rl.py with the step of
 train/<recipe>.py), then the before/after table on the held-out prompts
-(train/heldout.py). A workdir that holds a checkpoint is resumed; a finished
+(train/heldout.py) and, with `export.dir`, the export for serving
+(purld_jax/export.py). A workdir that holds a checkpoint is resumed; a finished
 stage is not run again.
 """
 
@@ -217,9 +218,25 @@ def validate(config) -> None:
 # Run
 
 
+def use_jit_cache(value: str) -> str | None:
+  """Points JAX's persistent compilation cache at `config.jit_cache_dir`."""
+  if not value:
+    return None
+  if value == "default":
+    from purld_jax.models import embedded  # pylint: disable=g-import-not-at-top
+    value = os.path.join(embedded.default_cache_dir(), "jit")
+  import jax  # pylint: disable=g-import-not-at-top
+  os.makedirs(value, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", value)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return value
+
+
 def run(config, workdir: str) -> None:
-  """Validates `config`, then runs stage 1 and (recipe != sft) stage 2."""
+  """Validates `config`, then runs stage 1, (recipe != sft) stage 2 and the
+  held-out evaluation."""
   validate(config)
+  use_jit_cache(config.jit_cache_dir)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config.to_dict(), f, indent=2, default=list)
@@ -234,6 +251,14 @@ def run(config, workdir: str) -> None:
     models["final"] = importlib.import_module(STAGE2_RUNNER).run(
         config, workdir, reference_dir=reference_dir)
   heldout.run(config, workdir, models)
+  if config.export.dir:
+    from purld_jax import export  # pylint: disable=g-import-not-at-top
+    src, out = export.export(
+        workdir, os.path.join(workdir, config.export.dir),
+        source="final" if "final" in models else "reference",
+        gguf=config.export.gguf, overwrite=True)
+    print(f"[export] the {src.describe()}\n  -> {out}: "
+          f"{export.file_list(out)}", file=sys.stderr)
 
 
 def _main(argv):

@@ -17,9 +17,12 @@ def test_main_job_prints_the_before_after_table_and_resumes(
       "recipe": "dpo", "sft.steps": 1, "rl.steps": 1, "eval.num_prompts": 5,
       "eval.batch_size": 4, "log.tensorboard": False,
       "ranking.yes_word": "Y", "ranking.no_word": "N",
-      "ckpt.async_save": False})
+      "ckpt.async_save": False, "export.dir": "export"})
   main.run(c, str(tmp_path))
   out = capsys.readouterr()
+  provenance = json.loads((tmp_path / "export" / "EXPORT.json").read_text())
+  assert provenance["source"] == "final"
+  assert (tmp_path / "export" / "model.safetensors").exists()
   summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
   assert [r["model"] for r in summary] == ["before", "sft", "final"]
   assert all(r["prompts"] == 5 and r["scored"] == 5 for r in summary)

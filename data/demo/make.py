@@ -1,10 +1,13 @@
-r"""Writes the demo prompt set: arithmetic word problems with integer answers.
+r"""Writes the demo prompt set: one-step arithmetic questions with integer answers.
 
   python data/demo/make.py            # rewrites train.jsonl and eval.jsonl here
 
-Deterministic (seeded); train and eval share no question. One or two
-operations on small numbers, so a 135M student gets some right and has room
-to improve. Written for this project (see README.md in this folder).
+Deterministic (seeded); train and eval share no question. One operation on
+small numbers: the embedded SmolLM2-135M answers about half of them right
+greedily and far fewer when sampling at temperature 1, so there is room for
+PU-RL to turn "sometimes right" into "right first" in a few minutes of CPU.
+(Two-step word problems sit near 0 % for a 135M model whatever the
+training: no signal.) Written for this project (see README.md here).
 """
 
 import json
@@ -12,7 +15,7 @@ import os
 import random
 
 SEED = 20240607
-N_TRAIN, N_EVAL = 256, 64
+N_TRAIN, N_EVAL = 256, 128
 INSTRUCTION = "Answer with the number only."
 
 NAMES = ("Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo",
@@ -24,35 +27,31 @@ def _problem(rng: random.Random):
   name = rng.choice(NAMES)
   kind = rng.randrange(8)
   if kind == 0:
-    a, b = rng.randint(5, 60), rng.randint(2, 40)
-    return f"{name} has {a} marbles and finds {b} more. How many marbles does {name} have now?", a + b
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    return f"What is {a} + {b}?", a + b
   if kind == 1:
-    a = rng.randint(20, 90)
+    a = rng.randint(5, 30)
     b = rng.randint(1, a - 1)
-    return f"{name} had {a} stickers and gave {b} of them away. How many stickers are left?", a - b
+    return f"What is {a} - {b}?", a - b
   if kind == 2:
-    a, b = rng.randint(2, 12), rng.randint(2, 12)
-    return f"A box holds {a} pencils. How many pencils are in {b} boxes?", a * b
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    return f"What is {a} times {b}?", a * b
   if kind == 3:
-    q, b = rng.randint(2, 12), rng.randint(2, 9)
-    return (f"{q * b} apples are shared equally among {b} children. "
-            f"How many apples does each child get?"), q
+    a = rng.randint(10, 99)
+    return f"What number comes after {a}?", a + 1
   if kind == 4:
-    a, b = rng.randint(3, 12), rng.randint(3, 12)
-    c = rng.randint(1, a * b - 1)
-    return (f"A baker has {a} trays of {b} rolls and sells {c} rolls. "
-            f"How many rolls are left?"), a * b - c
+    a = rng.randint(10, 99)
+    return f"What number comes before {a}?", a - 1
   if kind == 5:
-    a, b = rng.randint(5, 40), rng.randint(5, 40)
-    c = a + b + rng.randint(1, 60)
-    return (f"{name} read {a} pages on Monday and {b} pages on Tuesday. The book "
-            f"has {c} pages. How many pages are left to read?"), c - a - b
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return (f"{name} has {a} apples and gets {b} more. How many apples does "
+            f"{name} have now?"), a + b
   if kind == 6:
-    a, b = rng.randint(20, 90), rng.randint(2, 6)
-    return f"A train travels {a} km each hour. How far does it travel in {b} hours?", a * b
-  a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 30)
-  return (f"{name} buys {a} packs of {b} cards and already had {c} cards. "
-          f"How many cards does {name} have in all?"), a * b + c
+    a = rng.randint(2, 30)
+    return f"What is double {a}?", 2 * a
+  a = rng.randint(5, 20)
+  b = rng.randint(1, a - 1)
+  return f"{name} had {a} sweets and ate {b}. How many sweets are left?", a - b
 
 
 def make(seed: int = SEED, n_train: int = N_TRAIN, n_eval: int = N_EVAL):
