@@ -1,5 +1,6 @@
 # The two commands a newcomer needs (see README.md):
-#   make demo   set up .venv and run the main job on the embedded SmolLM2
+#   make demo   set up .venv and run the main job (configs/demo.py) on the
+#               embedded SmolLM2; WORKDIR=... picks the run directory
 #   make test   set up .venv with the test oracles and run the test suite
 PY := .venv/bin/python
 WORKDIR ?= workdirs/demo
@@ -13,7 +14,7 @@ setup-test:
 	bash scripts/setup.sh --test
 
 demo: setup
-	$(PY) -m purld_jax.chat
+	$(PY) -m purld_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: setup-test
 	$(PY) -m pytest -q -m "not slow" tests

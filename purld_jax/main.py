@@ -251,6 +251,10 @@ def run(config, workdir: str) -> None:
     models["final"] = importlib.import_module(STAGE2_RUNNER).run(
         config, workdir, reference_dir=reference_dir)
   heldout.run(config, workdir, models)
+  from purld_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  if metrics_lib.read(workdir):
+    from purld_jax import plot  # pylint: disable=g-import-not-at-top
+    print(f"[plot] {', '.join(plot.plot_workdir(workdir))}", file=sys.stderr)
   if config.export.dir:
     from purld_jax import export  # pylint: disable=g-import-not-at-top
     src, out = export.export(

@@ -14,7 +14,7 @@ from tests.train_fixtures import jit_cache  # noqa: F401
 def test_main_job_prints_the_before_after_table_and_resumes(
     tmp_path, capsys, jit_cache):  # noqa: F811
   c = train_fixtures.tiny_config(**{
-      "recipe": "dpo", "sft.steps": 1, "rl.steps": 1, "eval.num_prompts": 5,
+      "recipe": "dpo", "sft.steps": 1, "rl.steps": 2, "eval.num_prompts": 5,
       "eval.batch_size": 4, "log.tensorboard": False,
       "ranking.yes_word": "Y", "ranking.no_word": "N",
       "ckpt.async_save": False, "export.dir": "export"})
@@ -23,6 +23,8 @@ def test_main_job_prints_the_before_after_table_and_resumes(
   provenance = json.loads((tmp_path / "export" / "EXPORT.json").read_text())
   assert provenance["source"] == "final"
   assert (tmp_path / "export" / "model.safetensors").exists()
+  # One PNG per stage with more than one step.
+  assert sorted(os.listdir(tmp_path / "plots")) == ["dpo.png"]
   summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
   assert [r["model"] for r in summary] == ["before", "sft", "final"]
   assert all(r["prompts"] == 5 and r["scored"] == 5 for r in summary)
