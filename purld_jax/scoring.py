@@ -4,8 +4,11 @@
 positions at a time, so a [B, T, V] f32 logits array (V = 152k for Qwen) is
 never held at once; the chunk body is rematerialised in the backward pass.
 `last_logps` gives the next-token distribution after the last position (the
-judge's answer slot). Here B is any batch of rows (often B * K flattened) and
-T the full row length (prompt + response); rows are left-padded.
+judge's answer slot). Here B is any batch of rows and T the full row length
+(prompt + response); rows are left-padded. `response_logps` scores M
+responses to each of B prompts ([B, M, T]) with each prompt run once: the
+response rows attend to their prompt's keys and values (what the trainers
+call, inside jax.grad).
 
 The functions take a model object and run inside the caller's jit (a train
 step merges (graphdef, params) and calls them); `jitted_token_logps` /
@@ -22,14 +25,49 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from purld_jax import structs
+from purld_jax.models import llama
+
 # Most logits one chunk may hold when `vocab_chunk` is None: 2^27 f32 = 512 MiB.
 _AUTO_CHUNK_ELEMENTS = 1 << 27
+_NEG_INF = -1e30  # as in llama.py: masked slots weigh exactly 0
 
 
 def _chunk(rows: int, n: int, vocab: int, vocab_chunk: int | None) -> int:
   if vocab_chunk is None:
     vocab_chunk = max(1, _AUTO_CHUNK_ELEMENTS // max(rows * vocab, 1))
   return max(1, min(vocab_chunk, n))
+
+
+def _picked_logps(model, h_BND: jax.Array, target_BN: jax.Array,
+                  vocab_chunk: int | None) -> jax.Array:
+  """f32[B, N] log_softmax(logits(h))[target], a chunk of N at a time.
+
+  Args:
+    model: has `logits(h)` -> f32[..., V].
+    h_BND: final-norm hidden states; N >= 1.
+    target_BN: i32 token whose log-prob each position gives.
+    vocab_chunk: see `token_logps`.
+  """
+  b, n, d = h_BND.shape
+  vocab = jax.eval_shape(model.logits, h_BND[:1, :1]).shape[-1]
+  c = _chunk(b, n, vocab, vocab_chunk)
+  n_chunks = -(-n // c)
+  pad = n_chunks * c - n
+  h_pad = jnp.pad(h_BND, ((0, 0), (0, pad), (0, 0)))
+  t_pad = jnp.pad(target_BN, ((0, 0), (0, pad)))
+  h_c = h_pad.reshape(b, n_chunks, c, d).swapaxes(0, 1)  # [chunks, B, c, D]
+  t_c = t_pad.reshape(b, n_chunks, c).swapaxes(0, 1)  # [chunks, B, c]
+
+  @jax.checkpoint
+  def one_chunk(args):
+    h_bcd, t_bc = args
+    logits_bcv = model.logits(h_bcd).astype(jnp.float32)
+    picked = jnp.take_along_axis(logits_bcv, t_bc[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits_bcv, axis=-1)
+
+  out = jax.lax.map(one_chunk, (h_c, t_c))  # [chunks, B, c]
+  return out.swapaxes(0, 1).reshape(b, n_chunks * c)[:, :n]
 
 
 def token_logps(model, tokens: jax.Array, attention_mask: jax.Array, *,
@@ -52,29 +90,10 @@ def token_logps(model, tokens: jax.Array, attention_mask: jax.Array, *,
     real token of a row has no context).
   """
   h = model.hidden(tokens, positions=positions, attention_mask=attention_mask)
-  b, t, d = h.shape
-  n = t - 1
-  if n == 0:
+  b, t, _ = h.shape
+  if t == 1:
     return jnp.zeros((b, t), jnp.float32)
-  h_prev, target = h[:, :-1], tokens[:, 1:]
-  vocab = jax.eval_shape(model.logits, h_prev[:1, :1]).shape[-1]
-  c = _chunk(b, n, vocab, vocab_chunk)
-  n_chunks = -(-n // c)
-  pad = n_chunks * c - n
-  h_prev = jnp.pad(h_prev, ((0, 0), (0, pad), (0, 0)))
-  target = jnp.pad(target, ((0, 0), (0, pad)))
-  h_c = h_prev.reshape(b, n_chunks, c, d).swapaxes(0, 1)  # [chunks, B, c, D]
-  t_c = target.reshape(b, n_chunks, c).swapaxes(0, 1)  # [chunks, B, c]
-
-  @jax.checkpoint
-  def one_chunk(args):
-    h_bcd, t_bc = args
-    logits_bcv = model.logits(h_bcd).astype(jnp.float32)
-    picked = jnp.take_along_axis(logits_bcv, t_bc[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits_bcv, axis=-1)
-
-  out = jax.lax.map(one_chunk, (h_c, t_c))  # [chunks, B, c]
-  out = out.swapaxes(0, 1).reshape(b, n_chunks * c)[:, :n]
+  out = _picked_logps(model, h[:, :-1], tokens[:, 1:], vocab_chunk)
   m = attention_mask.astype(bool)
   out = jnp.where(m[:, 1:] & m[:, :-1], out, 0.0)
   return jnp.concatenate([jnp.zeros((b, 1), jnp.float32), out], axis=1)
@@ -138,26 +157,99 @@ def jitted_last_logps(model, tokens, attention_mask) -> jax.Array:
 def response_logps(model, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                    responses: jax.Array, response_mask: jax.Array, *,
                    vocab_chunk: int | None = None) -> jax.Array:
-  """Per-token log-probs of M responses to each of B prompts.
+  """Per-token log-probs of M responses to each of B prompts, the prompt run
+  once for its M responses.
 
-  Each row is [left-padded prompt | right-padded response], so positions
-  (cumsum of the mask) run on from the prompt into the response.
+  Equal to `token_logps` of the rows [left-padded prompt | right-padded
+  response] (positions run on from the prompt into the response), without
+  the M copies of the prompt: the B prompts are run once (`Llama.extend`,
+  keys and values kept), then the B * M response rows attend to their
+  prompt's keys and values plus their own, causally (`_response_hidden`).
+  A response's first token is predicted from its prompt's last position.
+  The last response column is never fed (nothing is predicted from it).
+  Differentiable; the prompt's gradient sums over its M responses.
 
   Args:
-    model: a decoder (see `token_logps`).
-    prompt_tokens: i32[B, P] left-padded; prompt_mask: bool[B, P].
+    model: a `models.llama.Llama`.
+    prompt_tokens: i32[B, P] left-padded; prompt_mask: bool[B, P], at least
+      one real token per row.
     responses: i32[B, M, T] right-padded; response_mask: bool[B, M, T].
     vocab_chunk: see `token_logps`.
 
   Returns:
-    f32[B, M, T]: log pi(y_t | x, y_<t); 0 outside `response_mask`.
+    f32[B, M, T]: log pi(y_t | x, y_<t); 0 outside `response_mask` and where
+    the previous response token is padding (as in `token_logps`).
   """
   b, m, t = responses.shape
-  p = prompt_tokens.shape[1]
-  tokens = jnp.concatenate(
-      [jnp.repeat(prompt_tokens, m, axis=0), responses.reshape(b * m, t)], 1)
-  mask = jnp.concatenate(
-      [jnp.repeat(prompt_mask.astype(bool), m, axis=0),
-       response_mask.reshape(b * m, t).astype(bool)], 1)
-  lp = token_logps(model, tokens, mask, vocab_chunk=vocab_chunk)[:, p:]
-  return jnp.where(response_mask, lp.reshape(b, m, t), 0.0)
+  pmask = prompt_mask.astype(bool)
+  rmask = response_mask.astype(bool)
+  positions = llama.default_positions(pmask)
+  cache = model.init_cache(b, prompt_tokens.shape[1])
+  h_BPD, cache = model.extend(prompt_tokens, cache, positions=positions,
+                              attention_mask=pmask, return_hidden=True)
+  h_last = jnp.repeat(h_BPD[:, -1:], m, axis=0)  # [B * M, 1, D]
+  tokens_RT = responses.reshape(b * m, t)
+  mask_RT = rmask.reshape(b * m, t)
+  if t > 1:
+    n_prompt = jnp.sum(pmask, axis=-1, dtype=jnp.int32)  # [B]
+    pos_RT = jnp.maximum(
+        jnp.repeat(n_prompt, m)[:, None]
+        + jnp.cumsum(mask_RT, axis=-1, dtype=jnp.int32) - 1, 0)
+    h_resp = _response_hidden(model, cache, pmask, tokens_RT[:, :-1],
+                              pos_RT[:, :-1], mask_RT[:, :-1], m)
+    h_last = jnp.concatenate([h_last, h_resp], axis=1)  # [B * M, T, D]
+  lp = _picked_logps(model, h_last, tokens_RT, vocab_chunk)
+  prev = jnp.concatenate(
+      [jnp.repeat(pmask[:, -1:], m, axis=0), mask_RT[:, :-1]], axis=1)
+  return jnp.where(mask_RT & prev, lp, 0.0).reshape(b, m, t)
+
+
+def _response_hidden(model, prefix: structs.KVCache, prompt_mask_BP,
+                     tokens_RT, positions_RT, mask_RT, m: int) -> jax.Array:
+  """Final-norm hidden [R, T, D] of R = B * M response rows (row b * M + j
+  answers prompt b) over the prompts' keys and values in `prefix` ([L, B, P,
+  G, H], read once per prompt, never copied M times) and their own.
+
+  The layers' own projections, norms and MLP, as in `llama.Block`.
+  """
+  cfg = model.cfg
+  x = jnp.take(model.embed[...], tokens_RT, axis=0).astype(cfg.dtype)
+  inv_freq = llama.rope_inv_freq(cfg)
+  for i, layer in enumerate(model.layers):
+    q, k, v = layer.attn.project(layer.input_norm(x), positions_RT, inv_freq)
+    o = _attend(q, k, v, prefix.k[i], prefix.v[i], prompt_mask_BP, mask_RT, m)
+    x = x + layer.attn.output(o)
+    x = x + layer.mlp(layer.post_attn_norm(x))
+  return model.final_norm(x)
+
+
+def _attend(q_RTNH, k_RTGH, v_RTGH, pk_BPGH, pv_BPGH, pmask_BP, mask_RT,
+            m: int) -> jax.Array:
+  """[R, T, N, H]: each query over its prompt's slots and its row's own
+  slots up to itself, one softmax over both (`llama.Attention`'s math).
+
+  The prompt part is one [M * T * Rq, H] x [H, P] product per (prompt, kv
+  head), Rq = N // G query heads per kv head.
+  """
+  r, t, n, h = q_RTNH.shape
+  b, g = pk_BPGH.shape[0], pk_BPGH.shape[2]
+  dt = q_RTNH.dtype
+  q = q_RTNH.reshape(b, m, t, g, n // g, h)
+  k = k_RTGH.reshape(b, m, t, g, h)
+  v = v_RTGH.reshape(b, m, t, g, h)
+  lp = jnp.einsum("bmtgrh,bpgh->bmgrtp", q, pk_BPGH,
+                  preferred_element_type=jnp.float32)
+  lo = jnp.einsum("bmtgrh,bmsgh->bmgrts", q, k,
+                  preferred_element_type=jnp.float32)
+  logits = jnp.concatenate([lp, lo], axis=-1) * (h ** -0.5)
+  p = pmask_BP.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  own = causal[None] & mask_RT.reshape(b * m, 1, t)  # [R, T, S]
+  keep = jnp.concatenate(
+      [jnp.broadcast_to(jnp.repeat(pmask_BP, m, axis=0)[:, None], (r, t, p)),
+       own], axis=-1).reshape(b, m, 1, 1, t, p + t)
+  logits = jnp.where(keep, logits, _NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+  out = (jnp.einsum("bmgrtp,bpgh->bmtgrh", probs[..., :p], pv_BPGH)
+         + jnp.einsum("bmgrts,bmsgh->bmtgrh", probs[..., p:], v))
+  return out.reshape(r, t, n, h)

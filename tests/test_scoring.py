@@ -109,3 +109,92 @@ def test_response_logps_equals_unpadded_rows():
       want = [float(lsm[len(p) + n - 1, tok]) for n, tok in enumerate(r)]
       np.testing.assert_allclose(got[i, j, :len(r)], want, atol=1e-5)
       assert (got[i, j, len(r):] == 0).all()
+
+
+# ----------------------------------------------------------------------------
+# response_logps: each prompt run once for its M responses
+
+
+def _repeated(model, pt, pm, rt, rm, vocab_chunk=None):
+  """The oracle: M copies of each prompt, [prompt | response] rows through
+  `token_logps`, the response columns kept."""
+  b, m, t = rt.shape
+  tokens = jnp.concatenate([jnp.repeat(pt, m, 0), rt.reshape(b * m, t)], 1)
+  mask = jnp.concatenate([jnp.repeat(pm, m, 0), rm.reshape(b * m, t)], 1)
+  lp = scoring.token_logps(model, tokens, mask, vocab_chunk=vocab_chunk)
+  return jnp.where(rm, lp[:, pt.shape[1]:].reshape(b, m, t), 0.0)
+
+
+def _groups(prompt_lens, response_lens, p=6, t=5, seed=0):
+  """Left-padded prompts [B, P] and right-padded responses [B, M, T] of the
+  given lengths (a length-0 response is all padding)."""
+  rng = np.random.default_rng(seed)
+  b, m = len(prompt_lens), len(response_lens[0])
+  pt, pm = tok_lib.pad_left(
+      [list(rng.integers(1, 128, n)) for n in prompt_lens], 0, length=p)
+  rt = np.zeros((b, m, t), np.int32)
+  rm = np.zeros((b, m, t), bool)
+  for i, lens in enumerate(response_lens):
+    for j, n in enumerate(lens):
+      rt[i, j, :n], rm[i, j, :n] = rng.integers(1, 128, n), True
+  return tuple(jnp.asarray(x) for x in (pt, pm, rt, rm))
+
+
+_RAGGED = dict(prompt_lens=(6, 3, 1),  # full, left-padded, a single token
+               response_lens=((5, 2, 0), (1, 5, 3), (4, 4, 5)))
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, dict(qkv_bias=True, qk_norm=True, tie_word_embeddings=True)])
+@pytest.mark.parametrize("vocab_chunk", [None, 2])
+def test_response_logps_equals_repeated_prompt_rows(overrides, vocab_chunk):
+  model = core_fixtures.random_tiny_model(seed=4, **overrides)
+  pt, pm, rt, rm = _groups(**_RAGGED)
+  fn = jax.jit(scoring.response_logps, static_argnames="vocab_chunk")
+  got = fn(model, pt, pm, rt, rm, vocab_chunk=vocab_chunk)
+  assert got.shape == rt.shape
+  assert_allclose(got, jax.jit(_repeated)(model, pt, pm, rt, rm),
+                  atol=1e-5, rtol=1e-5)
+  assert_allclose(got[0, 2], 0.0)  # the empty response
+  assert_allclose(got[1, 0, 1:], 0.0)  # after a 1-token response
+
+
+def test_response_logps_hole_in_the_mask_and_one_response(model):
+  """M = 1; a mask with a hole: the token after the hole has no context in
+  the repeated rows (its predecessor is padding), so it is 0 there too."""
+  pt, pm, rt, rm = _groups((4, 2), ((5,), (3,)))
+  rm = rm.at[0, 0, 2].set(False)  # response 0: tokens 0 1 _ 3 4
+  got = jax.jit(scoring.response_logps)(model, pt, pm, rt, rm)
+  assert_allclose(got, jax.jit(_repeated)(model, pt, pm, rt, rm), atol=1e-5,
+                  rtol=1e-5)
+  assert_allclose(got[0, 0, 2:4], 0.0)
+
+
+def test_response_logps_single_column(model):
+  """T = 1: only the first response token, predicted from the prompt."""
+  pt, pm, rt, rm = _groups((4, 2), ((1, 0), (1, 1)), t=1)
+  got = jax.jit(scoring.response_logps)(model, pt, pm, rt, rm)
+  assert_allclose(got, jax.jit(_repeated)(model, pt, pm, rt, rm), atol=1e-5,
+                  rtol=1e-5)
+
+
+def test_response_logps_gradient_equals_repeated_prompt_rows():
+  """Gradients through the shared prompt keys/values (summed over the M
+  responses) equal those of M separate copies."""
+  model = core_fixtures.random_tiny_model(seed=5)
+  pt, pm, rt, rm = _groups(**_RAGGED)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=rt.shape), jnp.float32)
+
+  def shared(mdl):
+    return jnp.sum(scoring.response_logps(mdl, pt, pm, rt, rm,
+                                          vocab_chunk=2) * w)
+
+  def repeated(mdl):
+    return jnp.sum(_repeated(mdl, pt, pm, rt, rm) * w)
+
+  v1, g1 = jax.jit(jax.value_and_grad(shared))(model)
+  v2, g2 = jax.jit(jax.value_and_grad(repeated))(model)
+  assert_allclose(v1, v2, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    assert rel <= 1e-5, rel

@@ -4,7 +4,8 @@ Pairs come from the self-ranking scores (`preference.pairs`): best over
 worst, every pair above a margin, likely-positive over unlabeled (PU), or
 the SPIN-like baseline anchor over worst. The loss is DPO (sigmoid, IPO or
 hinge) on sequence log-probs of chosen and rejected members, the reference
-being the frozen SFT model.
+being the frozen SFT model. Only the members some pair uses are scored
+(`compact`), each prompt run once for them (`scoring.response_logps`).
 """
 
 from __future__ import annotations
@@ -45,24 +46,77 @@ def make_pairs(scores, anchor_score, *, rule: str, margin: float,
 
 
 def build_batch(group, config) -> dict:
-  """Host arrays of one DPO step from a `rollout.Group`."""
+  """Host arrays of one DPO step from a `rollout.Group`: only the members
+  some pair uses are kept (`compact`)."""
   pu, pref = config.pu, config.preference
   pairs = make_pairs(group.scores, group.anchor_score, rule=pref.pairs,
                      margin=pref.margin, center=pu.center,
                      prior=pu.prior or None, pu_rule=pu.rule,
                      valid=group.valid)
-  return dict(prompt_tokens=group.prompt_tokens,
-              prompt_mask=group.prompt_mask, members=group.members,
-              member_mask=group.member_mask,
-              chosen=np.asarray(pairs.chosen), rejected=np.asarray(pairs.rejected),
-              pair_mask=np.asarray(pairs.mask))
+  return compact(dict(prompt_tokens=group.prompt_tokens,
+                      prompt_mask=group.prompt_mask, members=group.members,
+                      member_mask=group.member_mask,
+                      chosen=np.asarray(pairs.chosen),
+                      rejected=np.asarray(pairs.rejected),
+                      pair_mask=np.asarray(pairs.mask)))
+
+
+def compact(batch: dict, *, len_multiple: int = 16) -> dict:
+  """The batch with only the members that a present pair uses.
+
+  Best-vs-worst uses 2 of the K + 1 members of a prompt; the others would be
+  scored by the policy and the reference for nothing. Kept members move to
+  the front of each prompt's row in index order, [B, M, T] -> [B, U, T'],
+  and chosen/rejected are renumbered; the loss, its gradient and the
+  metrics are unchanged (absent pairs point at slot 0 and stay masked).
+
+  U is the most members a prompt uses, rounded up to a power of two (at
+  most M), T' the longest kept member rounded up to `len_multiple` (at most
+  T): few distinct shapes, so few compiles. Dropped columns are padding of
+  every kept member and come after all of their tokens, so no kept token's
+  log-prob depends on them.
+
+  Args:
+    batch: `build_batch`'s keys with members i32[B, M, T], member_mask
+      bool[B, M, T], chosen / rejected i32[B, N], pair_mask bool[B, N].
+
+  Returns:
+    the same keys, members and member_mask [B, U, T'], chosen / rejected
+    indices into U.
+  """
+  members, mmask = batch["members"], batch["member_mask"]
+  chosen, rejected = batch["chosen"], batch["rejected"]
+  pmask = batch["pair_mask"].astype(bool)
+  b, m, t = members.shape
+  used = np.zeros((b, m), bool)
+  rows = np.broadcast_to(np.arange(b)[:, None], chosen.shape)
+  used[rows[pmask], chosen[pmask]] = True
+  used[rows[pmask], rejected[pmask]] = True
+  most = int(used.sum(-1).max(initial=0))
+  u = min(m, 1 << max(most - 1, 0).bit_length())
+  new_members = np.zeros((b, u, t), members.dtype)
+  new_mask = np.zeros((b, u, t), bool)
+  slot = np.zeros((b, m), np.int32)  # old index -> new (unused: 0)
+  for i in range(b):
+    keep = np.flatnonzero(used[i])
+    slot[i, keep] = np.arange(len(keep))
+    new_members[i, :len(keep)] = members[i, keep]
+    new_mask[i, :len(keep)] = mmask[i, keep]
+  cols = np.flatnonzero(new_mask.any(axis=(0, 1)))
+  last = int(cols[-1]) + 1 if len(cols) else 1
+  t_new = min(t, -(-last // len_multiple) * len_multiple)
+  remap = lambda idx: np.where(pmask, np.take_along_axis(slot, idx, -1), 0)
+  return dict(batch, members=new_members[..., :t_new],
+              member_mask=new_mask[..., :t_new],
+              chosen=remap(chosen).astype(np.int32),
+              rejected=remap(rejected).astype(np.int32))
 
 
 def _seq_logps(model, batch, vocab_chunk):
   lp = scoring.response_logps(model, batch["prompt_tokens"],
                               batch["prompt_mask"], batch["members"],
                               batch["member_mask"], vocab_chunk=vocab_chunk)
-  return lp.sum(-1)  # [B, K+1]
+  return lp.sum(-1)  # [B, U]
 
 
 def train_step(state: state_lib.TrainState, ref_params, batch: dict,
