@@ -272,6 +272,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sampling.num_candidates = 2
   c.sampling.max_new_tokens = 8
   c.ranking.rows_per_call = 8
+  c.ranking.yes_word = "Y"             # single characters: the char tokenizer
+  c.ranking.no_word = "N"
   c.sft.steps = 4
   c.sft.batch_size = 2
   c.sft.learning_rate = 1e-3

@@ -101,13 +101,13 @@ def test_recipe_without_trainer_is_refused_before_compute(monkeypatch):
     main.validate(tiny_config(recipe="dpo"))
 
 
-@pytest.mark.parametrize("name, variant", [
-    ("sft", ""), ("sft", "tiny"), ("demo", ""), ("demo", "tiny")])
+@pytest.mark.parametrize("name", [
+    "sft", "demo", "purld_dpo", "purld_grpo", "purld_ldl"])
+@pytest.mark.parametrize("variant", ["", "tiny"])
 def test_shipped_configs_validate(name, variant):
   import importlib
   module = importlib.import_module(f"configs.{name}")
   cfg = module.get_config(variant)
-  cfg.recipe = "sft"  # stage 2 trainers are checked above
   cwd = os.getcwd()
   os.chdir(REPO)
   try:
