@@ -37,6 +37,7 @@ def model() -> ml_collections.ConfigDict:
   c.init_seed = 0              # init of the "tiny" model (ignored otherwise)
   c.cache_dir = ""             # where "embedded" is converted ('' = default)
   c.vocab_chunk = 0            # positions per logits chunk in scoring (0 = auto)
+  c.remat = "none"             # per-layer rematerialisation: none | full | dots
   return c
 
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from purld_jax import sharding
 from purld_jax.models import llama
 from purld_jax.models import tokenizer as tokenizer_lib
 
@@ -345,7 +346,8 @@ def _decode(model, prefix: _Prefix, own: _Own, tok_R, pos_R, col):
                 col)
     x = x + layer.attn.output(o[:, None])
     x = x + layer.mlp(layer.post_attn_norm(x))
-  return model.logits(model.final_norm(x))[:, 0], _Own(tuple(ks), tuple(vs))
+  return model.logits(model.final_norm(x))[:, 0], _pin(_Own(tuple(ks),
+                                                            tuple(vs)))
 
 
 def _prefill(model, tokens_BP, mask_BP, slots: int, k: int):
@@ -367,7 +369,27 @@ def _prefill(model, tokens_BP, mask_BP, slots: int, k: int):
   own = _Own(
       k=tuple(jnp.zeros((b * k, g, c, h, _CHUNK), dt) for _ in layers),
       v=tuple(jnp.zeros((b * k, g, c, _CHUNK, h), dt) for _ in layers))
-  return prefix, own, logits, positions[:, -1]
+  return _pin(prefix), _pin(own), logits, positions[:, -1]
+
+
+# Logical axes of the caches (sharding.py): rows like the batch, kv heads
+# like kv_heads; a no-op outside `sharding.use_rules`.
+_CACHE_NAMES = {
+    (_Prefix, "k"): ("cache_batch", "cache_heads", "cache_len",
+                     "cache_head_dim"),
+    (_Prefix, "v"): ("cache_batch", "cache_heads", "cache_len",
+                     "cache_head_dim"),
+    (_Own, "k"): ("cache_batch", "cache_heads", None, "cache_head_dim", None),
+    (_Own, "v"): ("cache_batch", "cache_heads", None, None, "cache_head_dim"),
+}
+
+
+def _pin(cache):
+  """`cache` (_Prefix or _Own) with its arrays constrained to the mesh."""
+  pin = lambda field: tuple(
+      sharding.constrain(x, _CACHE_NAMES[(type(cache), field)])
+      for x in getattr(cache, field))
+  return cache.replace(k=pin("k"), v=pin("v"))
 
 
 # ----------------------------------------------------------------------------

@@ -16,9 +16,11 @@ A logical axis whose size is not divisible by the mesh axes it maps to is
 replicated instead (e.g. SmolLM2's 3 kv heads on tensor=2); the choice is
 made per array, so it is visible in `describe`.
 
-The K candidate axis of sampling is folded into the batch (B*K rows) and
-so follows act_batch / cache_batch: candidates of a prompt may live on
-different devices, and the prompt's prefilled cache is broadcast to them.
+The K candidate axis is never sharded: a prompt's K candidates live on
+the device of the prompt (its B index follows act_batch / cache_batch), so
+the prompt's keys and values, computed once, are read by its candidates
+without moving between devices. How the train step, sampler and scorer are
+jitted with these shardings (optimizer state, donation, batches): sharded.py.
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ def make_mesh(shape: Sequence[int], devices: Sequence | None = None) -> Mesh:
                      f"devices, found {len(devices)}")
   grid = np.asarray(devices, dtype=object).reshape(shape)
   return Mesh(grid, MESH_AXES)
+
+
+def mesh_from_config(mesh_cfg, devices: Sequence | None = None) -> Mesh:
+  """`make_mesh` from the config's `mesh` block (data, fsdp, tensor)."""
+  return make_mesh((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), devices)
 
 
 def _axes(entry) -> tuple[str, ...]:

@@ -64,6 +64,11 @@ class LlamaConfig:
   model_type: str = "llama"
   param_dtype: Any = jnp.float32
   dtype: Any = jnp.float32  # compute dtype
+  # What a layer keeps for the backward pass (REMAT_POLICIES): "none" keeps
+  # every activation, "full" only the layer's input (the layer is run again
+  # in the backward pass), "dots" the weight matmuls' outputs (attention and
+  # elementwise ops are recomputed). The values computed are the same.
+  remat: str = "none"
 
   @property
   def q_per_kv(self) -> int:
@@ -106,6 +111,20 @@ class LlamaConfig:
     from purld_jax.models import hf_config  # local: keeps this file model-only
     return cls(**hf_config.parse(hf, source=source),
                param_dtype=param_dtype, dtype=dtype)
+
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy of a `LlamaConfig.remat` name (None for
+  "none": no checkpointing)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat {name!r} is not one of {REMAT_POLICIES}")
+  return {"none": None,
+          "full": jax.checkpoint_policies.nothing_saveable,
+          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+          }[name]
 
 
 def tiny_config(**overrides) -> LlamaConfig:
@@ -406,10 +425,14 @@ class Llama(nnx.Module):
       causal = slots[None, :] <= q_slot[:, None]  # [T, S]
       mask = causal[None] & slot_mask[:, None, :]
     new_k, new_v = [], []
+    policy = remat_policy(cfg.remat)
     for i, layer in enumerate(self.layers):
       kc = cache.k[i] if cache is not None else None
       vc = cache.v[i] if cache is not None else None
-      x, kc, vc = layer(x, positions_BT, inv_freq, kc, vc, mask, write_at)
+      call = (Block.__call__ if policy is None
+              else nnx.remat(Block.__call__, policy=policy))
+      x, kc, vc = call(layer, x, positions_BT, inv_freq, kc, vc, mask,
+                       write_at)
       x = sharding.constrain(x, _ACT)
       new_k.append(kc)
       new_v.append(vc)

@@ -130,8 +130,22 @@ def resolve_path(path: str, cache_dir: str = "") -> str:
   return path
 
 
+def architecture(*, path: str, dtype_name: str, param_dtype_name: str,
+                 cache_dir: str = "", remat: str = "none"
+                 ) -> llama.LlamaConfig:
+  """The LlamaConfig of `model.*` alone: only `config.json` is read, so a
+  directory holding nothing else (configs/arch/) is enough for abstract
+  shapes, AOT compiles and memory estimates."""
+  dt, pdt = dtype(dtype_name), dtype(param_dtype_name)
+  if path == TINY:
+    return llama.tiny_config(vocab_size=128, dtype=dt, param_dtype=pdt,
+                             remat=remat)
+  return hf.read_config(resolve_path(path, cache_dir), dtype=dt,
+                        param_dtype=pdt).replace(remat=remat)
+
+
 def make(*, path: str, dtype_name: str, param_dtype_name: str, init_seed: int,
-         cache_dir: str, workdir: str) -> Student:
+         cache_dir: str, workdir: str, remat: str = "none") -> Student:
   """The student of `model.*` (reads config and tokenizer, not weights).
 
   Args:
@@ -140,14 +154,14 @@ def make(*, path: str, dtype_name: str, param_dtype_name: str, init_seed: int,
     init_seed: the tiny model's init seed.
     cache_dir: conversion cache of "embedded" ('' = default).
     workdir: run directory; the tiny tokenizer is written under it.
+    remat: `LlamaConfig.remat` (what a layer keeps for the backward pass).
   """
-  dt, pdt = dtype(dtype_name), dtype(param_dtype_name)
-  if path == TINY:
+  hf_dir = None if path == TINY else resolve_path(path, cache_dir)
+  cfg = architecture(path=hf_dir or TINY, dtype_name=dtype_name,
+                     param_dtype_name=param_dtype_name, remat=remat)
+  if hf_dir is None:
     tok = char_tokenizer(pathlib.Path(workdir) / "tiny_tokenizer")
-    cfg = llama.tiny_config(vocab_size=128, dtype=dt, param_dtype=pdt)
     return Student(cfg=cfg, hf_dir=None, init_seed=init_seed, tokenizer=tok)
-  hf_dir = resolve_path(path, cache_dir)
-  cfg = hf.read_config(hf_dir, dtype=dt, param_dtype=pdt)
   return Student(cfg=cfg, hf_dir=hf_dir, init_seed=init_seed,
                  tokenizer=tokenizer_lib.load(hf_dir))
 
@@ -157,4 +171,4 @@ def from_config(model_cfg, workdir: str) -> Student:
   return make(path=model_cfg.path, dtype_name=model_cfg.dtype,
               param_dtype_name=model_cfg.param_dtype,
               init_seed=model_cfg.init_seed, cache_dir=model_cfg.cache_dir,
-              workdir=workdir)
+              workdir=workdir, remat=model_cfg.get("remat", "none"))

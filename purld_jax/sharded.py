@@ -1,0 +1,217 @@
+"""The train step, the sampler and the scorer jitted under a mesh.
+
+  mesh = sharding.mesh_from_config(config.mesh)
+  p_sh = sharding.param_shardings(cfg, mesh)
+  state = jax.device_put(state, sharded.state_shardings(state, p_sh))
+  step = sharded.jit_train_step(functools.partial(dpo.train_step, ...),
+                                sharded.state_shardings(state, p_sh),
+                                ("params", "batch", "replicated"), mesh=mesh)
+  state, metrics = step(state, ref_params, batch, nan_at_step)
+  sample = sharded.jit_sampler(graphdef, p_sh, mesh=mesh, num_candidates=K,
+                               sampling=sp, pad_id=tok.pad_id)
+  cands = sample(params, prompt_tokens, prompt_mask, key, prompt_index)
+
+Every function is `jax.jit` with explicit `in_shardings`/`out_shardings`,
+traced inside `sharding.use_rules(mesh, rules)` so the model's activation
+constraints apply. The choices:
+
+- Parameters follow the rules (`sharding.param_shardings`): with the
+  default rules embed on fsdp, heads / mlp / vocab on tensor.
+- Optimizer state mirrors the parameters: each leaf of the optimizer state
+  that corresponds to a parameter (Adam's mu and nu, MultiSteps' gradient
+  accumulator) gets that parameter's sharding (`optax.tree_map_params`);
+  counters are replicated. The step and the rng are replicated.
+- The train state is donated (argument 0): its buffers are reused for the
+  new state, so a step holds one copy of params and optimizer state.
+- Batches: every array's leading axis is the batch (B prompts, or rows) and
+  is the logical `act_batch` (default rules: over ('data', 'fsdp')); every
+  other axis is whole on each device. In particular the K candidate (or M
+  member) axis of [B, K, T] arrays is NOT sharded: a prompt's candidates
+  live with their prompt, so the scorer runs the prompt once and its K
+  responses attend to its keys and values without moving them between
+  devices (`scoring.response_logps`, the sampler's shared prefix). An array
+  whose leading axis does not divide the data x fsdp devices is replicated
+  (as `sharding.spec` does for parameters): choose B as a multiple of
+  data * fsdp.
+- Sampler: the prompts' keys and values [B, G, P, H] and each row's own
+  cache [B * K, G, ...] are split like the batch on the rows and like
+  kv_heads on the heads (logical cache_batch / cache_heads; constrained in
+  `sampling._prefill`); rows b * K .. b * K + K - 1 are contiguous, so with
+  B divisible by data * fsdp a prompt's K rows sit on its device. The cache
+  is created and consumed inside the jit: nothing to donate.
+- Metrics and other outputs of the train step are replicated.
+
+Argument kinds of `jit_train_step` / `jit_fn`: "state" (a TrainState),
+"params" (a pure-dict params tree), "batch" (a pytree of batch-leading
+arrays) and "replicated" (scalars, keys). Batch shardings depend on the
+shapes (divisibility), so a `Jitted` keeps one `jax.jit` per batch shape,
+as jit itself compiles once per shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from purld_jax import sharding
+from purld_jax.train import state as state_lib
+
+KINDS = ("state", "params", "batch", "replicated")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_shardings(tree, mesh: Mesh, rules=sharding.DEFAULT_RULES):
+  """NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs): the
+  leading axis by the rule of act_batch, other axes whole; scalars
+  replicated."""
+  def one(x):
+    shape = getattr(x, "shape", ())
+    if not shape:
+      return replicated(mesh)
+    names = ("act_batch",) + (None,) * (len(shape) - 1)
+    return sharding.named(mesh, names, rules, shape)
+  return jax.tree.map(one, tree)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, opt_state,
+                        param_sh, mesh: Mesh):
+  """Shardings of `opt_state` (arrays or abstract): leaves that mirror a
+  parameter take its sharding, the rest (counters) are replicated."""
+  return optax.tree_map_params(
+      tx, lambda _, sh: sh, opt_state, param_sh,
+      transform_non_params=lambda _: replicated(mesh))
+
+
+def state_shardings(state: state_lib.TrainState, param_sh
+                    ) -> state_lib.TrainState:
+  """A TrainState whose leaves are the NamedShardings of `state`'s (which
+  may be abstract, e.g. `jax.eval_shape` of `TrainState.create`)."""
+  mesh = jax.tree.leaves(param_sh)[0].mesh
+  return state.replace(
+      params=param_sh,
+      opt_state=opt_state_shardings(state.tx, state.opt_state, param_sh, mesh),
+      step=replicated(mesh), rng=replicated(mesh))
+
+
+class Jitted:
+  """`fn` under `jax.jit` with the shardings of its argument kinds.
+
+  Attributes:
+    fn: the pure function.
+    kinds: one of KINDS per positional argument.
+    mesh, rules: the mesh and logical rules.
+    fixed: shardings of the "state" and "params" kinds.
+    out: "batch" (outputs sharded like a batch, from their shapes) or a
+      sharding pytree prefix of the outputs.
+    donate: positional arguments donated.
+  """
+
+  def __init__(self, fn: Callable, kinds: Sequence[str], *, mesh: Mesh,
+               rules=sharding.DEFAULT_RULES, fixed: dict | None = None,
+               out: Any = "batch", donate: Sequence[int] = ()):
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+      raise ValueError(f"argument kinds {bad} not in {KINDS}")
+    self.fn, self.kinds, self.mesh = fn, tuple(kinds), mesh
+    self.rules, self.fixed = tuple(rules), dict(fixed or {})
+    self.out, self.donate = out, tuple(donate)
+    self._jits: dict = {}
+
+  def _traced(self, *args):
+    with sharding.use_rules(self.mesh, self.rules):
+      return self.fn(*args)
+
+  def in_shardings(self, *args) -> tuple:
+    """The in_shardings for these arguments (arrays or abstract)."""
+    out = []
+    for kind, a in zip(self.kinds, args, strict=True):
+      if kind == "batch":
+        out.append(batch_shardings(a, self.mesh, self.rules))
+      elif kind == "replicated":
+        out.append(replicated(self.mesh))
+      else:
+        out.append(self.fixed[kind])
+    return tuple(out)
+
+  def jit(self, *args):
+    """The `jax.jit` for the batch shapes of these arguments (cached)."""
+    in_sh = self.in_shardings(*args)
+    key = tuple((jax.tree.structure(a), tuple(
+        (x.shape, str(x.dtype)) for x in jax.tree.leaves(a)))
+                for kind, a in zip(self.kinds, args) if kind == "batch")
+    if key not in self._jits:
+      out_sh = self.out
+      if isinstance(out_sh, str):
+        with sharding.use_rules(self.mesh, self.rules):
+          shapes = jax.eval_shape(self.fn, *args)
+        out_sh = batch_shardings(shapes, self.mesh, self.rules)
+      self._jits[key] = jax.jit(self._traced, in_shardings=in_sh,
+                                out_shardings=out_sh,
+                                donate_argnums=self.donate)
+    return self._jits[key]
+
+  def __call__(self, *args):
+    return self.jit(*args)(*args)
+
+  def lower(self, *args):
+    """`jax.jit(...).lower(*args)`: args may be jax.ShapeDtypeStruct (AOT)."""
+    return self.jit(*args).lower(*args)
+
+
+def jit_train_step(step_fn: Callable, state_sh: state_lib.TrainState,
+                   kinds: Sequence[str], *, mesh: Mesh,
+                   rules=sharding.DEFAULT_RULES, donate: bool = True
+                   ) -> Jitted:
+  """A train step `step_fn(state, *args) -> (state, metrics)` under `mesh`.
+
+  Args:
+    step_fn: e.g. `functools.partial(dpo.train_step, beta=..., ...)`.
+    state_sh: `state_shardings(state, param_sh)`.
+    kinds: kinds of the arguments after the state, e.g. ("params", "batch",
+      "replicated") for DPO / LDL (ref_params, batch, nan_at_step) or
+      ("batch", "replicated") for SFT / GRPO.
+    donate: donate the state (argument 0).
+  """
+  return Jitted(step_fn, ("state",) + tuple(kinds), mesh=mesh, rules=rules,
+                fixed=dict(state=state_sh, params=state_sh.params),
+                out=(state_sh, replicated(mesh)),
+                donate=(0,) if donate else ())
+
+
+def jit_fn(fn: Callable, param_sh, kinds: Sequence[str], *, mesh: Mesh,
+           rules=sharding.DEFAULT_RULES) -> Jitted:
+  """`fn(params, *args)` with batch-leading outputs (a scorer, the sampler).
+
+  Args:
+    fn: pure, e.g. `lambda params, tokens, mask: scoring.token_logps(
+      nnx.merge(graphdef, params), tokens, mask)`.
+    param_sh: `sharding.param_shardings(cfg, mesh, rules)`.
+    kinds: kinds of the arguments after the params.
+  """
+  return Jitted(fn, ("params",) + tuple(kinds), mesh=mesh, rules=rules,
+                fixed=dict(params=param_sh))
+
+
+def jit_sampler(graphdef, param_sh, *, mesh: Mesh,
+                rules=sharding.DEFAULT_RULES, **sample_kw) -> Jitted:
+  """`sampling.sample` under `mesh`: f(params, prompt_tokens, prompt_mask,
+  key, prompt_index) -> Candidates sharded on B.
+
+  `sample_kw` are its static arguments (num_candidates, sampling, pad_id).
+  The unjitted body is used: the module-level jit's trace cache does not
+  know the mesh of `sharding.use_rules`.
+  """
+  from purld_jax import sampling  # pylint: disable=g-import-not-at-top
+  body = sampling.sample.__wrapped__
+
+  def fn(params, prompt_tokens, prompt_mask, key, prompt_index):
+    return body(graphdef, params, prompt_tokens, prompt_mask, key,
+                prompt_index=prompt_index, **sample_kw)
+  return jit_fn(fn, param_sh, ("batch", "batch", "replicated", "batch"),
+                mesh=mesh, rules=rules)
