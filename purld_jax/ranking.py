@@ -454,17 +454,102 @@ def _rows_in_chunks(fn, arrays, rows_per_call: int) -> np.ndarray:
   return np.concatenate(outs, axis=0)[:r]
 
 
-def _token_logps(model, batch: ScoringBatch, rows_per_call, vocab_chunk):
-  fn = functools.partial(scoring.jitted_token_logps, model,
+@dataclasses.dataclass(frozen=True)
+class SharedRows:
+  """A `ScoringBatch` of G groups of M rows as (shared prefix, suffixes).
+
+  The rows of one group (one prompt's candidates) agree on a long head (the
+  chat template, the prompt, the anchor): it is run once per group and the
+  M suffixes attend to its keys and values (`scoring.response_logps`).
+
+  Attributes:
+    prefix: i32[G, P] left-padded; prefix_mask: bool[G, P].
+    suffix: i32[G, M, S] right-padded; suffix_mask: bool[G, M, S].
+  """
+  prefix: np.ndarray
+  prefix_mask: np.ndarray
+  suffix: np.ndarray
+  suffix_mask: np.ndarray
+
+
+def share_prefixes(batch: ScoringBatch, m: int, *, pad_id: int,
+                   pad_multiple: int) -> SharedRows | None:
+  """Splits each group of `m` consecutive rows at their longest common
+  prefix, kept short enough that every suffix holds its targets and at
+  least one token; None when some group would have an empty prefix."""
+  r = batch.tokens.shape[0]
+  rows = [batch.tokens[i][batch.attention_mask[i]].tolist() for i in range(r)]
+  n_target = batch.target_mask.sum(-1)
+  heads, tails = [], []
+  for g in range(r // m):
+    group = rows[g * m:(g + 1) * m]
+    first = group[0]
+    n = min(len(x) - max(int(n_target[g * m + j]), 1)
+            for j, x in enumerate(group))
+    lcp = 0
+    while lcp < n and all(x[lcp] == first[lcp] for x in group):
+      lcp += 1
+    if lcp == 0:
+      return None
+    heads.append(first[:lcp])
+    tails.extend(x[lcp:] for x in group)
+  round_up = lambda x: -(-x // pad_multiple) * pad_multiple
+  prefix, prefix_mask = tok_lib.pad_left(
+      heads, pad_id, round_up(max(len(h) for h in heads)))
+  s = round_up(max(len(t) for t in tails))
+  suffix = np.full((r, s), pad_id, np.int32)
+  suffix_mask = np.zeros((r, s), bool)
+  for i, t in enumerate(tails):
+    suffix[i, :len(t)] = t
+    suffix_mask[i, :len(t)] = True
+  return SharedRows(prefix, prefix_mask, suffix.reshape(r // m, m, s),
+                    suffix_mask.reshape(r // m, m, s))
+
+
+def _groups_in_chunks(fn, shared: SharedRows, rows_per_call: int):
+  """fn(prefix, prefix_mask, suffix, suffix_mask) over chunks of
+  max(1, rows_per_call // M) groups (the last padded by repeating its last
+  group), concatenated over groups."""
+  m = shared.suffix.shape[1]
+  return _rows_in_chunks(
+      fn, (shared.prefix, shared.prefix_mask, shared.suffix,
+           shared.suffix_mask), max(1, rows_per_call // m))
+
+
+def _token_logps(model, batch: ScoringBatch, m: int, rows_per_call,
+                 vocab_chunk, pad_id: int, pad_multiple: int):
+  """f32[R, T] `scoring.token_logps` of the rows where targets are (0 on the
+  shared prefix, never a target), each group's prefix run once."""
+  shared = share_prefixes(batch, m, pad_id=pad_id, pad_multiple=pad_multiple)
+  if shared is None:
+    fn = functools.partial(scoring.jitted_token_logps, model,
+                           vocab_chunk=vocab_chunk)
+    return _rows_in_chunks(fn, (batch.tokens, batch.attention_mask),
+                           rows_per_call)
+  fn = functools.partial(scoring.jitted_response_logps, model,
                          vocab_chunk=vocab_chunk)
-  return _rows_in_chunks(fn, (batch.tokens, batch.attention_mask),
-                         rows_per_call)
+  lp = _groups_in_chunks(fn, shared, rows_per_call)  # [G, M, S]
+  r, t = batch.tokens.shape
+  lp = lp.reshape(r, -1)
+  n = shared.suffix_mask.reshape(r, -1).sum(-1)
+  out = np.zeros((r, t), np.float32)
+  for i in range(r):  # a suffix is the last n[i] columns of its left-padded row
+    out[i, t - n[i]:] = lp[i, :n[i]]
+  return out
 
 
-def _answer_logps(model, batch: ScoringBatch, rows_per_call):
-  fn = functools.partial(scoring.jitted_last_logps, model)
-  return _rows_in_chunks(fn, (batch.tokens, batch.attention_mask),
-                         rows_per_call)
+def _answer_logps(model, batch: ScoringBatch, m: int, rows_per_call,
+                  pad_id: int, pad_multiple: int):
+  """f32[R, V] log p(next token) after each row, each group's prefix run
+  once."""
+  shared = share_prefixes(batch, m, pad_id=pad_id, pad_multiple=pad_multiple)
+  if shared is None:
+    fn = functools.partial(scoring.jitted_last_logps, model)
+    return _rows_in_chunks(fn, (batch.tokens, batch.attention_mask),
+                           rows_per_call)
+  fn = functools.partial(scoring.jitted_response_next_logps, model)
+  lp = _groups_in_chunks(fn, shared, rows_per_call)  # [G, M, V]
+  return lp.reshape(batch.tokens.shape[0], -1)
 
 
 def _right_pad(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -524,6 +609,8 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
     groups = [g + [tok.encode(a)] for g, a in zip(groups, anchors)]
   m = k + 1 if score_anchor else k
   pad = dict(pad_multiple=pad_multiple)
+  run = dict(rows_per_call=rows_per_call, pad_id=tok.pad_id,
+             pad_multiple=pad_multiple)
 
   if scheme in ("judge", "self_reward", "pairwise_judge"):
     yes = answer_token_ids(tok, yes_word)
@@ -531,7 +618,7 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
     if scheme == "pairwise_judge":
       batch = pairwise_batch(tok, prompts, anchors, groups,
                              template=template or PAIRWISE_TEMPLATE, **pad)
-      logps = _answer_logps(model, batch, rows_per_call)
+      logps = _answer_logps(model, batch, m * (m - 1), **run)
       l = judge(jnp.asarray(logps).reshape(b, m * (m - 1), -1),
                 yes_ids=yes, no_ids=no)
       s = pairwise_judge(pair_matrix(l, m), aggregation=aggregation,
@@ -540,20 +627,20 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
       default = JUDGE_TEMPLATE if scheme == "judge" else SELF_REWARD_TEMPLATE
       batch = judge_batch(tok, prompts, anchors, groups,
                           template=template or default, **pad)
-      logps = _answer_logps(model, batch, rows_per_call)
+      logps = _answer_logps(model, batch, m, **run)
       s = judge(jnp.asarray(logps).reshape(b, m, -1), yes_ids=yes,
                 no_ids=no)
   elif scheme == "pmi":
     with_a, plain = pmi_batches(tok, prompts, anchors, groups,
                                 template=template or PMI_TEMPLATE, **pad)
-    lw = _token_logps(model, with_a, rows_per_call, vocab_chunk)
-    lo = _token_logps(model, plain, rows_per_call, vocab_chunk)
+    lw = _token_logps(model, with_a, m, vocab_chunk=vocab_chunk, **run)
+    lo = _token_logps(model, plain, m, vocab_chunk=vocab_chunk, **run)
     s = pmi(lw.reshape(b, m, -1), lo.reshape(b, m, -1),
             with_a.target_mask.reshape(b, m, -1))
   elif scheme == "anchor_recon":
     batch = recon_batch(tok, prompts, anchors, groups,
                         template=template or RECON_TEMPLATE, **pad)
-    lp = _token_logps(model, batch, rows_per_call, vocab_chunk)
+    lp = _token_logps(model, batch, m, vocab_chunk=vocab_chunk, **run)
     s = anchor_recon(lp.reshape(b, m, -1),
                      batch.target_mask.reshape(b, m, -1))
   elif scheme == "similarity":

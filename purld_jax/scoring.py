@@ -140,6 +140,37 @@ def _last_logps_jit(graphdef, state, tokens, attention_mask):
   return last_logps(nnx.merge(graphdef, state), tokens, attention_mask)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "vocab_chunk"))
+def _response_logps_jit(graphdef, state, prompt_tokens, prompt_mask,
+                        responses, response_mask, *, vocab_chunk):
+  return response_logps(nnx.merge(graphdef, state), prompt_tokens,
+                        prompt_mask, responses, response_mask,
+                        vocab_chunk=vocab_chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _response_next_logps_jit(graphdef, state, prompt_tokens, prompt_mask,
+                             responses, response_mask):
+  return response_next_logps(nnx.merge(graphdef, state), prompt_tokens,
+                             prompt_mask, responses, response_mask)
+
+
+def jitted_response_logps(model, prompt_tokens, prompt_mask, responses,
+                          response_mask, *, vocab_chunk=None) -> jax.Array:
+  """`response_logps` compiled once per (model structure, shapes)."""
+  graphdef, state = nnx.split(model)
+  return _response_logps_jit(graphdef, state, prompt_tokens, prompt_mask,
+                             responses, response_mask, vocab_chunk=vocab_chunk)
+
+
+def jitted_response_next_logps(model, prompt_tokens, prompt_mask, responses,
+                               response_mask) -> jax.Array:
+  """`response_next_logps` compiled once per (model structure, shapes)."""
+  graphdef, state = nnx.split(model)
+  return _response_next_logps_jit(graphdef, state, prompt_tokens, prompt_mask,
+                                  responses, response_mask)
+
+
 def jitted_token_logps(model, tokens, attention_mask, *,
                        vocab_chunk: int | None = None) -> jax.Array:
   """`token_logps` compiled once per (model structure, shapes)."""
@@ -182,19 +213,12 @@ def response_logps(model, prompt_tokens: jax.Array, prompt_mask: jax.Array,
   """
   b, m, t = responses.shape
   pmask = prompt_mask.astype(bool)
-  rmask = response_mask.astype(bool)
-  positions = llama.default_positions(pmask)
-  cache = model.init_cache(b, prompt_tokens.shape[1])
-  h_BPD, cache = model.extend(prompt_tokens, cache, positions=positions,
-                              attention_mask=pmask, return_hidden=True)
+  h_BPD, cache = _prefill_prompts(model, prompt_tokens, pmask)
   h_last = jnp.repeat(h_BPD[:, -1:], m, axis=0)  # [B * M, 1, D]
   tokens_RT = responses.reshape(b * m, t)
-  mask_RT = rmask.reshape(b * m, t)
+  mask_RT = response_mask.astype(bool).reshape(b * m, t)
   if t > 1:
-    n_prompt = jnp.sum(pmask, axis=-1, dtype=jnp.int32)  # [B]
-    pos_RT = jnp.maximum(
-        jnp.repeat(n_prompt, m)[:, None]
-        + jnp.cumsum(mask_RT, axis=-1, dtype=jnp.int32) - 1, 0)
+    pos_RT = _response_positions(pmask, mask_RT, m)
     h_resp = _response_hidden(model, cache, pmask, tokens_RT[:, :-1],
                               pos_RT[:, :-1], mask_RT[:, :-1], m)
     h_last = jnp.concatenate([h_last, h_resp], axis=1)  # [B * M, T, D]
@@ -202,6 +226,50 @@ def response_logps(model, prompt_tokens: jax.Array, prompt_mask: jax.Array,
   prev = jnp.concatenate(
       [jnp.repeat(pmask[:, -1:], m, axis=0), mask_RT[:, :-1]], axis=1)
   return jnp.where(mask_RT & prev, lp, 0.0).reshape(b, m, t)
+
+
+def response_next_logps(model, prompt_tokens: jax.Array,
+                        prompt_mask: jax.Array, responses: jax.Array,
+                        response_mask: jax.Array) -> jax.Array:
+  """f32[B, M, V] log p(next token | prompt, response) after each response's
+  last real token, the prompt run once for its M responses.
+
+  Equal to `last_logps` of the left-padded rows [prompt | response] (the
+  judge's answer distribution when the response ends with the template's
+  generation prompt). Every response needs at least one real token, and
+  its real tokens must come first (right padding).
+
+  Args:
+    model: a `models.llama.Llama`.
+    prompt_tokens: i32[B, P] left-padded; prompt_mask: bool[B, P].
+    responses: i32[B, M, T] right-padded; response_mask: bool[B, M, T].
+  """
+  b, m, t = responses.shape
+  pmask = prompt_mask.astype(bool)
+  _, cache = _prefill_prompts(model, prompt_tokens, pmask)
+  mask_RT = response_mask.astype(bool).reshape(b * m, t)
+  h_RTD = _response_hidden(model, cache, pmask, responses.reshape(b * m, t),
+                           _response_positions(pmask, mask_RT, m), mask_RT, m)
+  last_R = jnp.sum(mask_RT, axis=-1, dtype=jnp.int32) - 1
+  h_RD = jnp.take_along_axis(h_RTD, last_R[:, None, None], axis=1)[:, 0]
+  return jax.nn.log_softmax(model.logits(h_RD).astype(jnp.float32),
+                            axis=-1).reshape(b, m, -1)
+
+
+def _prefill_prompts(model, prompt_tokens, pmask_BP):
+  """(final-norm hidden [B, P, D], KV cache of the B prompts)."""
+  cache = model.init_cache(prompt_tokens.shape[0], prompt_tokens.shape[1])
+  return model.extend(prompt_tokens, cache,
+                      positions=llama.default_positions(pmask_BP),
+                      attention_mask=pmask_BP, return_hidden=True)
+
+
+def _response_positions(pmask_BP, mask_RT, m: int) -> jax.Array:
+  """i32[R, T] positions of response tokens: on from their prompt's."""
+  n_prompt = jnp.sum(pmask_BP, axis=-1, dtype=jnp.int32)  # [B]
+  return jnp.maximum(
+      jnp.repeat(n_prompt, m)[:, None]
+      + jnp.cumsum(mask_RT, axis=-1, dtype=jnp.int32) - 1, 0)
 
 
 def _response_hidden(model, prefix: structs.KVCache, prompt_mask_BP,

@@ -304,6 +304,40 @@ def test_schemes_equal_a_direct_unpadded_computation(tiny_model, tiny_tok):
                   p_yes[-1] - p_no[-1], atol=1e-5)
 
 
+def test_share_prefixes_by_hand():
+  # Two groups of two left-padded rows (pad 0); the last token of each row
+  # is a target.
+  rows = [[5, 6, 7, 8], [5, 6, 9], [3, 4], [3, 4, 4, 1]]
+  batch = ranking._finish(rows, [1, 1, 1, 1], 0, 1)
+  sh = ranking.share_prefixes(batch, 2, pad_id=0, pad_multiple=2)
+  # Group 0 shares [5, 6]; group 1 shares [3] only: [3, 4] must keep its
+  # target 4 in its suffix.
+  np.testing.assert_array_equal(sh.prefix, [[5, 6], [0, 3]])
+  np.testing.assert_array_equal(sh.prefix_mask, [[1, 1], [0, 1]])
+  np.testing.assert_array_equal(sh.suffix, [[[7, 8, 0, 0], [9, 0, 0, 0]],
+                                            [[4, 0, 0, 0], [4, 4, 1, 0]]])
+  assert sh.suffix_mask.sum() == 2 + 1 + 1 + 3
+  # A group whose rows differ at the first token cannot share: None.
+  assert ranking.share_prefixes(ranking._finish([[1, 2], [3, 2]], [1, 1], 0, 1),
+                                2, pad_id=0, pad_multiple=1) is None
+
+
+def test_shared_prefix_logps_equal_full_rows(tiny_model):
+  rows = [[5, 6, 7, 8, 9], [5, 6, 9], [3, 4, 2], [3, 4, 4, 1, 7, 7]]
+  batch = ranking._finish(rows, [2, 1, 1, 3], 0, 8)
+  want = np.asarray(scoring.jitted_token_logps(
+      tiny_model, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)))
+  got = ranking._token_logps(tiny_model, batch, 2, rows_per_call=2,
+                             vocab_chunk=None, pad_id=0, pad_multiple=4)
+  np.testing.assert_allclose(got[batch.target_mask], want[batch.target_mask],
+                             atol=1e-5)
+  want_last = np.asarray(scoring.jitted_last_logps(
+      tiny_model, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)))
+  got_last = ranking._answer_logps(tiny_model, batch, 2, rows_per_call=2,
+                                   pad_id=0, pad_multiple=4)
+  np.testing.assert_allclose(got_last, want_last, atol=1e-5)
+
+
 def test_score_group_without_anchor_and_bad_scheme(tiny_model, tiny_tok):
   s, s_a = _score(tiny_model, tiny_tok, "pmi", score_anchor=False)
   assert s.shape == (2, 3) and s_a is None

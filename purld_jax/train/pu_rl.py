@@ -124,6 +124,9 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
           state, metrics = step_fn(state, batch, nan_at_step)
         else:
           state, metrics = step_fn(state, ref_params, batch, nan_at_step)
+        # Wait for the update so the phase timings are each its own (the
+        # next sampling needs these params anyway: nothing overlaps).
+        jax.block_until_ready(state.params)
         cand_mask = group.member_mask[:, :group.k]
         host = dict(group.timings, update_s=time.perf_counter() - t0,
                     score_mean=float(group.scores.mean()),
