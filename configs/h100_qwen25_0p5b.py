@@ -1,0 +1,34 @@
+r"""Qwen2.5-0.5B-Instruct, PU-RL with DPO, on one H100 (80 GB).
+
+  python -m purld_jax.main --config=configs/h100_qwen25_0p5b.py --workdir=$WORKDIR \
+      --config.model.path=$MODEL_DIR --config.data.train_path=prompts.jsonl
+  python -m purld_jax.tools.memory --config=configs/h100_qwen25_0p5b.py   # estimate (+ compile)
+
+Architecture: configs/arch/qwen2.5-0.5b/config.json (config.json only).
+One device: mesh 1 x 1 x 1. bf16 compute, f32 params and Adam state; the
+weight matmuls' outputs kept for the backward pass, attention recomputed
+(remat "dots"). 16 prompts x 8 candidates per step.
+Variants: '' | tiny (a random tiny model: CPU, seconds).
+"""
+
+from configs import common
+
+
+def get_config(arg: str = ""):
+  c = common.base()
+  c.recipe = "dpo"
+  c.model.path = "configs/arch/qwen2.5-0.5b"  # replace with the weights' HF dir
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.remat = "dots"
+  c.data.max_prompt_len = 512
+  c.data.buckets = (128, 256, 512)
+  c.sampling.num_candidates = 8
+  c.sampling.max_new_tokens = 512
+  c.sft.batch_size = 16
+  c.sft.max_response_len = 511
+  c.rl.batch_size = 16
+  c.mesh.data = 1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  return common.variant(c, arg, name="configs/h100_qwen25_0p5b.py")

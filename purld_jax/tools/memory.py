@@ -1,0 +1,233 @@
+r"""Per-device memory of the train step and the sampler, from the config.
+
+  python -m purld_jax.tools.memory --config=configs/h100_qwen25_0p5b.py
+  python -m purld_jax.tools.memory --config=configs/llama31_8b_v5p64.py --devices=32
+  python -m purld_jax.tools.memory --config=configs/demo.py:tiny --config.model.remat=full
+
+The estimate is arithmetic on the architecture (`config.json` only), the
+mesh sizes, the rules (`sharding.DEFAULT_RULES`: a dimension that does not
+divide its mesh axes counts whole) and the dtypes:
+
+  params, gradients   one copy each in param_dtype, split as the rules say
+  optimizer           Adam's mu and nu (param_dtype, split like params),
+                      + a gradient accumulator when opt.grad_accum > 1
+  reference params    DPO and LDL steps take the frozen reference as input
+  activations         what the backward pass keeps, per layer and token, in
+                      the compute dtype c (heads and F split over tensor):
+                        none  c (4 D + 2 N H + 2 G H + 3 F) + (4 + c) N S
+                              (S: the attention context of the token)
+                        dots  c (3 D + N H + 2 G H + 2 F), attention redone
+                        full  c D (the layer input), one layer redone at a
+                              time: + that layer's `none` share
+                      rows split over data x fsdp
+  logits              one vocabulary chunk of scoring (at most 2^27 f32
+                      values over all rows), twice (logits, softmax)
+  KV cache            sampling B prompts x K candidates: ours keeps the
+                      prompt once (B x P) + each row's own T slots (in
+                      chunks of 32); the naive layout B K x (P + T) is
+                      printed next to it
+
+With as many devices as the mesh needs (`--devices=N` fakes N CPU devices),
+the train step is also compiled (`tools/aot.py`) and XLA's
+`memory_analysis()` printed beside the estimate: arguments (params,
+optimizer, reference, batch), temporaries (gradients, activations, logits)
+and outputs, with the donated state aliased. CPU reports these figures;
+its temporaries follow XLA:CPU's buffer assignment, not a GPU's or TPU's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from absl import app
+from absl import flags
+from jax.sharding import AbstractMesh
+from ml_collections import config_flags
+
+from purld_jax import sharding
+from purld_jax.models import llama
+from purld_jax.tools import aot
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "a configs/*.py file",
+                                lock_config=True)
+flags.DEFINE_integer("devices", 0, "fake this many CPU devices (0: the real "
+                     "ones); needed to compile for a slice's mesh")
+flags.DEFINE_bool("compile", True, "compile the step when the devices fit "
+                  "the mesh, and print memory_analysis() beside the estimate")
+
+_AUTO_CHUNK = 1 << 27  # scoring._AUTO_CHUNK_ELEMENTS
+_OWN_CHUNK = 32  # sampling._CHUNK
+
+
+def abstract_mesh(mesh_cfg, n_devices: int) -> AbstractMesh:
+  """The config's (data, fsdp, tensor) sizes, -1 inferred from n_devices."""
+  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+  if -1 in sizes:
+    sizes[sizes.index(-1)] = n_devices // math.prod(s for s in sizes if s > 0)
+  return AbstractMesh(tuple(sizes), sharding.MESH_AXES)
+
+
+def _pieces(mesh, spec) -> int:
+  """How many pieces a PartitionSpec cuts an array into on `mesh`."""
+  axes = lambda e: () if e is None else (e,) if isinstance(e, str) else e
+  return math.prod(mesh.shape[a] for e in spec for a in axes(e))
+
+
+def _split(mesh, names, size: int, rules) -> int:
+  """How many pieces a dimension of `size` named `names` is cut into."""
+  return _pieces(mesh, sharding.spec(names, rules, mesh, (size,)))
+
+
+def param_bytes(cfg: llama.LlamaConfig, mesh, rules=sharding.DEFAULT_RULES
+                ) -> int:
+  """Bytes of one device's share of the params."""
+  p_sh = sharding.param_shardings(cfg, mesh, rules)
+  _, shapes = llama.abstract_model(cfg)
+  size = jnp.dtype(cfg.param_dtype).itemsize
+  return sum(jax.tree.leaves(jax.tree.map(
+      lambda x, sh: math.prod(x.shape) * size // _pieces(mesh, sh.spec),
+      shapes, p_sh)))
+
+
+def activation_bytes(cfg: llama.LlamaConfig, mesh, *, tokens: int,
+                     attended: int, remat: str,
+                     rules=sharding.DEFAULT_RULES) -> int:
+  """Bytes the backward pass keeps on one device (module docstring).
+
+  Args:
+    tokens: tokens in the policy's forward, all rows.
+    attended: sum over those tokens of their attention context.
+    remat: none | full | dots.
+  """
+  llama.remat_policy(remat)  # raises on an unknown name
+  c = jnp.dtype(cfg.dtype).itemsize
+  dp = _split(mesh, ("act_batch",), tokens, rules)
+  d, h = cfg.hidden_size, cfg.head_dim
+  n = cfg.num_heads // _split(mesh, ("act_heads",), cfg.num_heads, rules)
+  g = cfg.num_kv_heads // _split(mesh, ("cache_heads",), cfg.num_kv_heads,
+                                 rules)
+  f = cfg.intermediate_size // _split(mesh, ("mlp",), cfg.intermediate_size,
+                                      rules)
+  per_tok = {"none": c * (4 * d + 2 * n * h + 2 * g * h + 3 * f),
+             "dots": c * (3 * d + n * h + 2 * g * h + 2 * f),
+             "full": c * d}[remat]
+  probs = (4 + c) * n * attended  # attention logits f32 + probs, per layer
+  layer = per_tok * tokens + (probs if remat == "none" else 0)
+  redo = 0 if remat == "none" else (c * (4 * d + 2 * n * h + 2 * g * h + 3 * f)
+                                    * tokens + probs)
+  return (cfg.num_layers * layer + redo) // dp
+
+
+def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
+             grad_accum: int = 1, rules=sharding.DEFAULT_RULES) -> dict:
+  """Bytes per device by item (module docstring); `s` from `aot.shapes`."""
+  params = param_bytes(cfg, mesh, rules)
+  if s.recipe == "sft":
+    tokens, attended = s.b * (s.p + s.t), s.b * (s.p + s.t) ** 2
+  else:
+    tokens = s.b * (s.p + s.u * s.t)
+    attended = s.b * (s.p * s.p + s.u * s.t * (s.p + s.t))
+  dp = _split(mesh, ("act_batch",), s.b, rules)
+  vp = _split(mesh, ("act_vocab",), cfg.vocab_size, rules)
+  c = jnp.dtype(cfg.dtype).itemsize
+  cache_heads = cfg.num_kv_heads // _split(mesh, ("cache_heads",),
+                                           cfg.num_kv_heads, rules)
+  kv = 2 * cfg.num_layers * cache_heads * cfg.head_dim * c
+  own_t = -(-max(s.t - 1, 1) // _OWN_CHUNK) * _OWN_CHUNK
+  out = dict(
+      params=params,
+      optimizer=params * (2 + (grad_accum > 1)),
+      reference=params if s.recipe in ("dpo", "ldl") else 0,
+      gradients=params,
+      activations=activation_bytes(cfg, mesh, tokens=tokens,
+                                   attended=attended, remat=cfg.remat,
+                                   rules=rules),
+      logits=2 * 4 * min(tokens * cfg.vocab_size, _AUTO_CHUNK) // (dp * vp),
+      kv_cache=kv * (s.b * s.p + s.b * s.k * own_t) // dp,
+      kv_cache_naive=kv * s.b * s.k * (s.p + s.t) // dp)
+  for policy in llama.REMAT_POLICIES:
+    out[f"activations_{policy}"] = activation_bytes(
+        cfg, mesh, tokens=tokens, attended=attended, remat=policy,
+        rules=rules)
+  return out
+
+
+def estimate_from_config(config, cfg: llama.LlamaConfig, mesh) -> dict:
+  est = estimate(cfg, mesh, aot.shapes(config),
+                 grad_accum=config.opt.grad_accum)
+  est["_title"] = (f"{aot.shapes(config)}; mesh {dict(mesh.shape)}; params "
+                   f"{jnp.dtype(cfg.param_dtype).name}, compute "
+                   f"{jnp.dtype(cfg.dtype).name}, remat {cfg.remat}; "
+                   f"{cfg.num_params() / 1e9:.3f} B params")
+  return est
+
+
+def _gib(x) -> str:
+  return "-" if x is None else f"{x / 2**30:10.3f}"
+
+
+def table(est: dict, compiled_stats=None) -> str:
+  """The estimate (GiB per device), with XLA's figures when given."""
+  m = compiled_stats
+  get = lambda name: None if m is None else getattr(m, name, None)
+  args = est["params"] + est["optimizer"] + est["reference"]
+  temp = est["gradients"] + est["activations"] + est["logits"]
+  rows = [
+      ("params", est["params"], None),
+      ("optimizer state", est["optimizer"], None),
+      ("reference params", est["reference"], None),
+      ("= arguments (without the batch)", args,
+       get("argument_size_in_bytes")),
+      ("gradients", est["gradients"], None),
+      ("activations kept for backward", est["activations"], None),
+      ("logits chunk", est["logits"], None),
+      ("= temporaries", temp, get("temp_size_in_bytes")),
+      ("outputs (new state; donated)", args - est["reference"],
+       get("output_size_in_bytes")),
+      ("aliased (donated state reused)", args - est["reference"],
+       get("alias_size_in_bytes")),
+      ("= train step peak", args + temp,
+       None if m is None else m.argument_size_in_bytes + m.temp_size_in_bytes
+       + m.output_size_in_bytes - m.alias_size_in_bytes),
+  ]
+  rows += [(f"activations if remat={p}", est[f"activations_{p}"], None)
+           for p in llama.REMAT_POLICIES]
+  rows += [("sampling KV cache (prompt once)", est["kv_cache"], None),
+           ("sampling KV cache (naive BK x (P+T))", est["kv_cache_naive"],
+            None)]
+  lines = [f"per device, GiB  ({est.get('_title', '')})",
+           f"  {'item':40s} {'estimate':>10s} {'compiled':>10s}"]
+  lines += [f"  {name:40s} {_gib(e)} {_gib(c)}" for name, e, c in rows]
+  if m is None:
+    lines.append("  (compiled: not compiled here; give --devices=N equal to "
+                 "the mesh size)")
+  return "\n".join(lines)
+
+
+def main(argv) -> None:
+  del argv
+  config = FLAGS.config
+  if FLAGS.devices:
+    aot.fake_devices(FLAGS.devices)
+  from purld_jax.train import student as student_lib  # pylint: disable=g-import-not-at-top
+  cfg = student_lib.architecture(
+      path=config.model.path, dtype_name=config.model.dtype,
+      param_dtype_name=config.model.param_dtype,
+      cache_dir=config.model.cache_dir, remat=config.model.remat)
+  n = jax.device_count()
+  mesh = abstract_mesh(config.mesh, n)
+  stats = None
+  if FLAGS.compile and math.prod(mesh.shape.values()) == n:
+    real = sharding.mesh_from_config(config.mesh)
+    compiled, seconds, _, _ = aot.compile_train_step(config, real)
+    stats = compiled.memory_analysis()
+    print(f"compiled the train step on {n} {jax.devices()[0].platform} "
+          f"devices in {seconds:.1f} s")
+  print(table(estimate_from_config(config, cfg, mesh), stats))
+
+
+if __name__ == "__main__":
+  app.run(main)

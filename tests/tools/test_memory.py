@@ -1,0 +1,67 @@
+"""tools/memory.py: the estimate's arithmetic, by hand, on tiny shapes."""
+
+import pytest
+from jax.sharding import AbstractMesh
+
+from purld_jax import sharding
+from purld_jax.models import llama
+from purld_jax.tools import aot
+from purld_jax.tools import memory
+
+# tiny_config: V 128, D 32, F 64, L 2, N 4, G 2, H 8, untied, f32.
+CFG = llama.tiny_config()
+
+
+def _mesh(*sizes):
+  return AbstractMesh(sizes, sharding.MESH_AXES)
+
+
+def test_param_bytes_by_hand():
+  # unsplit: embed + lm_head 2 * 128 * 32 = 8192; per layer q, o 32 * 32,
+  # k, v 32 * 16, mlp 3 * 32 * 64 = 9216 -> 2 * 9216 = 18432; norms (2 per
+  # layer + final) 5 * 32 = 160. 26784 floats.
+  assert CFG.num_params() == 26784
+  assert memory.param_bytes(CFG, _mesh(8, 1, 1)) == 26784 * 4
+  # (2, 2, 2): every matrix split over fsdp and tensor (1/4), norms over
+  # fsdp only (1/2): (8192 + 18432) / 4 + 160 / 2 = 6736 floats.
+  assert memory.param_bytes(CFG, _mesh(2, 2, 2)) == 6736 * 4
+
+
+def test_activation_bytes_by_hand():
+  # none, f32 (c = 4), one device: per token and layer 4 * (4 * 32 + 2 * 32
+  # + 2 * 16 + 3 * 64) = 1664; attention 8 * 4 heads * 10 attended = 320.
+  # 4 tokens: 1664 * 4 + 320 = 6976 per layer, 2 layers: 13952.
+  got = memory.activation_bytes(CFG, _mesh(1, 1, 1), tokens=4, attended=10,
+                                remat="none")
+  assert got == 13952
+  # full: the layer input, 4 * 32 * 4 tokens = 512 per layer, 2 layers,
+  # + one layer redone at a time (6976): 2 * 512 + 6976 = 8000.
+  got = memory.activation_bytes(CFG, _mesh(1, 1, 1), tokens=4, attended=10,
+                                remat="full")
+  assert got == 8000
+  # rows over data x fsdp = 4 devices (4 tokens divide): a quarter; heads
+  # and mlp over tensor 1.
+  got = memory.activation_bytes(CFG, _mesh(2, 2, 1), tokens=4, attended=10,
+                                remat="full")
+  assert got == 8000 // 4
+
+
+def test_kv_cache_by_hand():
+  # per slot 2 (k, v) * 2 layers * 2 kv heads * 8 * 4 bytes = 256.
+  # B 2, P 3, K 2, T 5: ours 2 * 3 + 2 * 2 * 32 (own slots in chunks of 32)
+  # = 134 slots; naive 2 * 2 * (3 + 5) = 32 slots.
+  s = aot.Shapes("grpo", b=2, k=2, p=3, t=5, u=2)
+  est = memory.estimate(CFG, _mesh(1, 1, 1), s)
+  assert est["kv_cache"] == 134 * 256
+  assert est["kv_cache_naive"] == 32 * 256
+  assert est["optimizer"] == 2 * est["params"]
+  assert est["reference"] == 0  # GRPO takes reference log-probs, not params
+
+
+def test_table_without_compile_says_so():
+  s = aot.Shapes("dpo", b=2, k=2, p=3, t=5, u=2)
+  text = memory.table(memory.estimate(CFG, _mesh(1, 1, 1), s))
+  assert "= train step peak" in text
+  assert "not compiled here" in text
+  with pytest.raises(ValueError, match="remat 'some' is not one of"):
+    memory.estimate(CFG.replace(remat="some"), _mesh(1, 1, 1), s)
