@@ -161,16 +161,16 @@ def estimate_from_config(config, cfg: llama.LlamaConfig, mesh) -> dict:
   est["_title"] = (f"{aot.shapes(config)}; mesh {dict(mesh.shape)}; params "
                    f"{jnp.dtype(cfg.param_dtype).name}, compute "
                    f"{jnp.dtype(cfg.dtype).name}, remat {cfg.remat}; "
-                   f"{cfg.num_params() / 1e9:.3f} B params")
+                   f"{cfg.num_params() / 1e6:.1f} M params")
   return est
 
 
-def _gib(x) -> str:
-  return "-" if x is None else f"{x / 2**30:10.3f}"
+def _mib(x) -> str:
+  return f"{'-':>10s}" if x is None else f"{x / 2**20:10.1f}"
 
 
 def table(est: dict, compiled_stats=None) -> str:
-  """The estimate (GiB per device), with XLA's figures when given."""
+  """The estimate (MiB per device), with XLA's figures when given."""
   m = compiled_stats
   get = lambda name: None if m is None else getattr(m, name, None)
   args = est["params"] + est["optimizer"] + est["reference"]
@@ -198,9 +198,9 @@ def table(est: dict, compiled_stats=None) -> str:
   rows += [("sampling KV cache (prompt once)", est["kv_cache"], None),
            ("sampling KV cache (naive BK x (P+T))", est["kv_cache_naive"],
             None)]
-  lines = [f"per device, GiB  ({est.get('_title', '')})",
+  lines = [f"per device, MiB  ({est.get('_title', '')})",
            f"  {'item':40s} {'estimate':>10s} {'compiled':>10s}"]
-  lines += [f"  {name:40s} {_gib(e)} {_gib(c)}" for name, e, c in rows]
+  lines += [f"  {name:40s} {_mib(e)} {_mib(c)}" for name, e, c in rows]
   if m is None:
     lines.append("  (compiled: not compiled here; give --devices=N equal to "
                  "the mesh size)")
