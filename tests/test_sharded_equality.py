@@ -174,10 +174,10 @@ def _assert_state_shardings(new, shape):
   assert new.opt_state[1][0].count.sharding.spec == P()
 
 
-# (2, 2, 2) uses every mesh axis: it runs in the fast suite for the DPO step,
+# (2, 2, 2) uses every mesh axis: it runs in the fast suite for the SFT step,
 # the greedy sampler and the response scorer; the rest is marked slow (each
 # case compiles its function on 8 devices).
-FAST = {((2, 2, 2), "dpo"), ((2, 2, 2), "greedy"), ((2, 2, 2), "response")}
+FAST = {((2, 2, 2), "sft"), ((2, 2, 2), "greedy"), ((2, 2, 2), "response")}
 
 
 def _cases(names):
