@@ -72,7 +72,8 @@ def _picked_logps(model, h_BND: jax.Array, target_BN: jax.Array,
 
 def token_logps(model, tokens: jax.Array, attention_mask: jax.Array, *,
                 positions: jax.Array | None = None,
-                vocab_chunk: int | None = None) -> jax.Array:
+                vocab_chunk: int | None = None,
+                last: int | None = None) -> jax.Array:
   """Log-prob of each token given the tokens before it.
 
   Args:
@@ -83,6 +84,9 @@ def token_logps(model, tokens: jax.Array, attention_mask: jax.Array, *,
     positions: i32[B, T]; default: the model's (cumsum(mask) - 1).
     vocab_chunk: positions whose logits are materialised at once (B *
       vocab_chunk * V floats); None picks it from a 512 MiB budget.
+    last: score only the last `last` columns (the others are 0): with left
+      padding, where right-aligned responses are; the vocabulary projection
+      is skipped everywhere else. None = every column.
 
   Returns:
     f32[B, T]: out[:, t] = log p(tokens[:, t] | tokens[:, <t]); 0 where t = 0,
@@ -93,10 +97,11 @@ def token_logps(model, tokens: jax.Array, attention_mask: jax.Array, *,
   b, t, _ = h.shape
   if t == 1:
     return jnp.zeros((b, t), jnp.float32)
-  out = _picked_logps(model, h[:, :-1], tokens[:, 1:], vocab_chunk)
+  n0 = 1 if last is None else max(1, t - last)  # first scored column
+  out = _picked_logps(model, h[:, n0 - 1:-1], tokens[:, n0:], vocab_chunk)
   m = attention_mask.astype(bool)
-  out = jnp.where(m[:, 1:] & m[:, :-1], out, 0.0)
-  return jnp.concatenate([jnp.zeros((b, 1), jnp.float32), out], axis=1)
+  out = jnp.where(m[:, n0:] & m[:, n0 - 1:-1], out, 0.0)
+  return jnp.concatenate([jnp.zeros((b, n0), jnp.float32), out], axis=1)
 
 
 def last_logps(model, tokens: jax.Array, attention_mask: jax.Array, *,

@@ -44,6 +44,17 @@ def test_token_logps_equals_direct_log_softmax(model, vocab_chunk):
   assert_allclose(got[2, :-1], 0.0)  # the 2-token row: only its last counts
 
 
+@pytest.mark.parametrize("last", [1, 3, 8, 20])
+def test_token_logps_last_columns_only(model, last):
+  tokens, mask = _batch()  # T = 9
+  got = np.asarray(scoring.token_logps(model, tokens, mask, vocab_chunk=2,
+                                       last=last))
+  want = np.asarray(_direct(model, tokens, mask))
+  first = max(1, 9 - last)
+  assert_allclose(got[:, first:], want[:, first:], atol=1e-5, rtol=1e-5)
+  assert_allclose(got[:, :first], 0.0)
+
+
 def test_token_logps_gradient_equals_direct():
   model = core_fixtures.random_tiny_model(seed=2, num_layers=1)
   tokens, mask = _batch((7, 4))

@@ -104,7 +104,8 @@ def make_batch(tok: tokenizer_lib.Tokenizer, batch: data_lib.PromptBatch,
 
 def train_step(state: state_lib.TrainState, batch: dict,
                nan_at_step: jax.Array | int = -1, *, schedule,
-               grad_accum: int = 1, vocab_chunk: int | None = None):
+               grad_accum: int = 1, vocab_chunk: int | None = None,
+               response_len: int | None = None):
   """One SFT step: (state, batch) -> (state, metrics). Pure; jit it.
 
   Args:
@@ -114,10 +115,14 @@ def train_step(state: state_lib.TrainState, batch: dict,
     schedule: the learning-rate schedule (reported as `lr`).
     grad_accum: micro-batches per update (for the reported lr).
     vocab_chunk: `scoring.token_logps` memory knob.
+    response_len: the longest response (`sft.max_response_len`): only the
+      last that many columns, where `make_batch` puts the responses, are
+      projected onto the vocabulary. None = every column.
   """
   def loss_fn(params):
     logps = scoring.token_logps(state.model(params), batch["tokens"],
-                                batch["mask"], vocab_chunk=vocab_chunk)
+                                batch["mask"], vocab_chunk=vocab_chunk,
+                                last=response_len)
     loss, metrics = losses.sft_nll(logps, batch["loss_mask"])
     return state_lib.inject_nan(loss, state.step, nan_at_step), metrics
 
@@ -127,7 +132,8 @@ def train_step(state: state_lib.TrainState, batch: dict,
 
 # Donates the state; one compile per (model, optimizer, batch shape).
 jitted_train_step = jax.jit(
-    train_step, static_argnames=("schedule", "grad_accum", "vocab_chunk"),
+    train_step, static_argnames=("schedule", "grad_accum", "vocab_chunk",
+                                 "response_len"),
     donate_argnums=0)
 
 
@@ -206,7 +212,8 @@ def run(config, workdir: str) -> str:
       step_fn = functools.partial(
           jitted_train_step, schedule=stage.schedule,
           grad_accum=config.opt.grad_accum,
-          vocab_chunk=config.model.vocab_chunk or None)
+          vocab_chunk=config.model.vocab_chunk or None,
+          response_len=config.sft.max_response_len)
       nan_at_step = np.int32(config.debug.nan_at_step)
       for step in range(stage.start, steps):
         prompts = next(it)
