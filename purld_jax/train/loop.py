@@ -64,8 +64,12 @@ class Loop:
       tokens: tokens the step processed (throughput).
       host: host-side floats of the step (e.g. phase timings).
     """
+    # The step's wall time: from the previous record to this one (its
+    # metrics are read one step late, but timed now).
+    now = time.perf_counter()
+    elapsed, self._t_last = now - self._t_last, now
     previous = self._flush()
-    self._pending = (step, metrics, tokens, dict(host or {}))
+    self._pending = (step, metrics, tokens, dict(host or {}), elapsed)
     if self.sleep_s:
       time.sleep(self.sleep_s)
     return previous
@@ -73,11 +77,9 @@ class Loop:
   def _flush(self) -> dict | None:
     if self._pending is None:
       return None
-    step, metrics, tokens, host = self._pending
+    step, metrics, tokens, host, elapsed = self._pending
     self._pending = None
     values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
-    now = time.perf_counter()
-    elapsed, self._t_last = now - self._t_last, now
     values.update(host)
     values["step_s"] = elapsed
     if tokens:
