@@ -200,22 +200,26 @@ def export(workdir: str, out: str, *, source: str | None = None,
   return src, out
 
 
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "run directory (python -m purld_jax.main --workdir)")
-_OUT = flags.DEFINE_string(
-    "out", None, "directory to write the HF model (and GGUF) to")
-_SOURCE = flags.DEFINE_enum(
-    "source", None, list(SOURCES), "what to export: final (WORKDIR/final), "
-    "reference (WORKDIR/reference, the SFT model) or latest (the newest "
-    "checkpoint under WORKDIR/ckpt/); default: final if present, else latest")
-_GGUF = flags.DEFINE_boolean(
-    "gguf", False, f"also write OUT/{GGUF_NAME} (float16, llama.cpp; llama/"
-    "SmolLM2 and qwen2 models with a byte-level BPE tokenizer)")
-_DTYPE = flags.DEFINE_enum(
-    "dtype", None, list(_DTYPES), "dtype of the safetensors (default: the "
-    "dtype the model is stored in)")
-_OVERWRITE = flags.DEFINE_boolean(
-    "overwrite", False, "replace OUT when it exists and is not empty")
+def define_flags() -> None:
+  """The command's flags (defined by its entry point only, so importing this
+  module from another absl program adds none)."""
+  flags.DEFINE_string(
+      "workdir", None, "run directory (python -m purld_jax.main --workdir)")
+  flags.DEFINE_string(
+      "out", None, "directory to write the HF model (and GGUF) to")
+  flags.DEFINE_enum(
+      "source", None, list(SOURCES), "what to export: final (WORKDIR/final), "
+      "reference (WORKDIR/reference, the SFT model) or latest (the newest "
+      "checkpoint under WORKDIR/ckpt/); default: final if present, else "
+      "latest")
+  flags.DEFINE_boolean(
+      "gguf", False, f"also write OUT/{GGUF_NAME} (float16, llama.cpp; llama/"
+      "SmolLM2 and qwen2 models with a byte-level BPE tokenizer)")
+  flags.DEFINE_enum(
+      "dtype", None, list(_DTYPES), "dtype of the safetensors (default: the "
+      "dtype the model is stored in)")
+  flags.DEFINE_boolean(
+      "overwrite", False, "replace OUT when it exists and is not empty")
 
 
 def main(argv):
@@ -227,9 +231,9 @@ def main(argv):
   from purld_jax.models import hf_config  # pylint: disable=g-import-not-at-top
   from purld_jax.tools import export_gguf  # pylint: disable=g-import-not-at-top
   try:
-    src, out = export(_WORKDIR.value, _OUT.value, source=_SOURCE.value,
-                      gguf=_GGUF.value, dtype=_DTYPE.value,
-                      overwrite=_OVERWRITE.value)
+    f = flags.FLAGS
+    src, out = export(f.workdir, f.out, source=f.source, gguf=f.gguf,
+                      dtype=f.dtype, overwrite=f.overwrite)
   except (ExportError, hf.CheckpointError, hf_config.ConfigError,
           export_gguf.ExportError) as e:
     print(f"export: error: {e}", file=sys.stderr)
@@ -238,5 +242,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)

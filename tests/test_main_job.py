@@ -54,3 +54,18 @@ def _answer(prompt_id):
       if rec["id"] == prompt_id:
         return rec["answer"]
   raise KeyError(prompt_id)
+
+
+def test_main_and_export_flags_do_not_clash():
+  """main imports purld_jax.export at the end of a run: importing it must
+  define no flags (the demo once died there with DuplicateFlagError)."""
+  import subprocess
+  import sys
+  code = ("from purld_jax import main; main.define_flags(); "
+          "import purld_jax.export as e; from absl import flags; "
+          "assert 'out' not in flags.FLAGS; print('ok')")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=train_fixtures.REPO,
+                        env=train_fixtures.subprocess_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == "ok"
