@@ -53,6 +53,11 @@ def test_compact_best_vs_worst_keeps_two():
   assert c["members"].shape == (3, 2, 16)
   assert_array_equal(c["chosen"], [[0], [1], [1]])
   assert_array_equal(c["rejected"], [[1], [0], [0]])
+  # No pair at all: still min_members slots (one shape, one compile).
+  full["pair_mask"][:] = False
+  assert dpo.compact(full, min_members=2)["members"].shape[1] == 2
+  assert dpo.compact(full)["members"].shape[1] == 1
+  assert dpo.compact(full, min_members=99)["members"].shape[1] == 5
 
 
 def test_dpo_step_compacted_equals_full():

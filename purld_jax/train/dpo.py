@@ -53,15 +53,20 @@ def build_batch(group, config) -> dict:
                      margin=pref.margin, center=pu.center,
                      prior=pu.prior or None, pu_rule=pu.rule,
                      valid=group.valid)
+  # One member count for the whole run, so the step compiles once: the two
+  # members of a best-vs-worst (or anchor-vs-worst) pair, else all of them.
+  two = pref.pairs in ("best_vs_worst", "anchor_as_chosen")
   return compact(dict(prompt_tokens=group.prompt_tokens,
                       prompt_mask=group.prompt_mask, members=group.members,
                       member_mask=group.member_mask,
                       chosen=np.asarray(pairs.chosen),
                       rejected=np.asarray(pairs.rejected),
-                      pair_mask=np.asarray(pairs.mask)))
+                      pair_mask=np.asarray(pairs.mask)),
+                 min_members=2 if two else group.members.shape[1])
 
 
-def compact(batch: dict, *, len_multiple: int = 16) -> dict:
+def compact(batch: dict, *, len_multiple: int = 16,
+            min_members: int = 1) -> dict:
   """The batch with only the members that a present pair uses.
 
   Best-vs-worst uses 2 of the K + 1 members of a prompt; the others would be
@@ -70,9 +75,9 @@ def compact(batch: dict, *, len_multiple: int = 16) -> dict:
   and chosen/rejected are renumbered; the loss, its gradient and the
   metrics are unchanged (absent pairs point at slot 0 and stay masked).
 
-  U is the most members a prompt uses, rounded up to a power of two (at
-  most M), T' the longest kept member rounded up to `len_multiple` (at most
-  T): few distinct shapes, so few compiles. Dropped columns are padding of
+  U is the most members a prompt uses, rounded up to a power of two, at
+  least `min_members`, at most M; T' the longest kept member rounded up to
+  `len_multiple` (at most T): few distinct shapes, so few compiles. Dropped columns are padding of
   every kept member and come after all of their tokens, so no kept token's
   log-prob depends on them.
 
@@ -93,7 +98,7 @@ def compact(batch: dict, *, len_multiple: int = 16) -> dict:
   used[rows[pmask], chosen[pmask]] = True
   used[rows[pmask], rejected[pmask]] = True
   most = int(used.sum(-1).max(initial=0))
-  u = min(m, 1 << max(most - 1, 0).bit_length())
+  u = min(m, max(min_members, 1 << max(most - 1, 0).bit_length()))
   new_members = np.zeros((b, u, t), members.dtype)
   new_mask = np.zeros((b, u, t), bool)
   slot = np.zeros((b, m), np.int32)  # old index -> new (unused: 0)
