@@ -32,6 +32,12 @@ The guarantee, exactly:
 Not covered: a ledger on a file system without working flock (some NFS), and
 two machines sharing one workdir; there the re-send count still tells.
 
+Several training processes (`SharedAnchors`): only process 0 opens the
+ledger and talks to the teacher; the texts of a batch reach the other
+processes by `multihost_utils.broadcast_one_to_all` (UTF-8 bytes: lengths,
+then one buffer), so the workdir's ledger is read and written by one process
+only, and every process holds the same anchors for the same (global) batch.
+
 Command line (``--help`` for all flags)::
 
   python -m purld_jax.anchors fetch --prompts=FILE.jsonl --workdir=DIR \\
@@ -383,6 +389,64 @@ class AnchorStore:
         raise AnchorError(f"{len(report.failed)} prompt(s) got no anchor, e.g. "
                           f"{report.failed[0][0]!r}: {report.failed[0][1]}")
     return anchors
+
+
+def broadcast_texts(texts: Sequence[str] | None, n: int) -> list[str]:
+  """Process 0's `n` texts on every process (the others pass None).
+
+  Two collectives: the UTF-8 lengths i32[n], then the bytes u8[sum]. On one
+  process: `texts` itself, no collective.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return list(texts)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  first = jax.process_index() == 0
+  blobs = [t.encode("utf-8") for t in texts] if first else []
+  lengths = (np.asarray([len(b) for b in blobs], np.int32) if first
+             else np.zeros(n, np.int32))
+  lengths = np.asarray(multihost_utils.broadcast_one_to_all(lengths))
+  total = int(lengths.sum())
+  buf = (np.frombuffer(b"".join(blobs), np.uint8) if first
+         else np.zeros(total, np.uint8))
+  if total:
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+  ends = np.cumsum(lengths)
+  return [bytes(buf[e - l:e]).decode("utf-8") for l, e in zip(lengths, ends)]
+
+
+class SharedAnchors:
+  """Anchor texts on every process; the ledger and teacher on process 0.
+
+    anchors = SharedAnchors(workdir, teacher)
+    texts = anchors.texts(batch.prompts)   # a collective: every process calls
+    anchors.close()
+
+  On one process it is `AnchorStore.get_or_query`. Process 0 raising (e.g.
+  AnchorError) leaves the others waiting in the broadcast until
+  jax.distributed's heartbeat ends them.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, teacher: teacher_lib.Teacher,
+               *, process_index: int | None = None):
+    import jax  # pylint: disable=g-import-not-at-top
+    pi = jax.process_index() if process_index is None else process_index
+    self.store = AnchorStore(workdir, teacher) if pi == 0 else None
+
+  def texts(self, prompts: Sequence[prompts_lib.Prompt]) -> list[str]:
+    """The anchor of each prompt (process 0 asks for missing ones)."""
+    local = (None if self.store is None
+             else [a.text for a in self.store.get_or_query(prompts)])
+    return broadcast_texts(local, len(prompts))
+
+  def teacher_calls(self) -> float:
+    """Teacher requests in the ledger (0 on processes other than 0)."""
+    return 0.0 if self.store is None else float(self.store.ledger.stats().calls)
+
+  def close(self):
+    if self.store is not None:
+      self.store.close()
 
 
 # ---------------------------------------------------------------- command line

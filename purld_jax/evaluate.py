@@ -12,7 +12,7 @@ is in plain view. Per-prompt answers are written beside the summary so any
 number can be checked by hand.
 
 Host-side orchestration around one jitted function (`sampling.sample` with
-temperature 0 and K = 1).
+temperature 0 and K = 1, or the caller's sharded version of it).
 """
 
 from __future__ import annotations
@@ -110,26 +110,38 @@ class Answers:
                                      self.finished, self.correct)]
 
 
+def greedy_params(tok, max_new_tokens: int) -> sampling_lib.SamplingParams:
+  """The evaluation's decoding: greedy, the tokenizer's stop ids."""
+  return sampling_lib.SamplingParams(max_new_tokens=max_new_tokens,
+                                     stop_ids=tuple(tok.stop_ids), **GREEDY)
+
+
 def greedy_answers(graphdef, params, tok, source: data_lib.Encoded, *,
                    name: str, batch_size: int, max_new_tokens: int,
                    buckets: Sequence[int] | None, limit: int = 0,
-                   progress: Callable | None = None) -> Answers:
+                   progress: Callable | None = None,
+                   sampler: Callable | None = None) -> Answers:
   """Greedy answers of one model to (the first `limit` of) `source`.
 
   Batches have one shape (the last is filled and the filler dropped), so the
-  sampler compiles once per prompt bucket.
+  sampler compiles once per prompt bucket. `sampler(params, prompt_tokens,
+  prompt_mask, key, prompt_index) -> Candidates` replaces `sampling.sample`
+  with `greedy_params` and K = 1 (e.g. `sharded.jit_sampler` with those).
   """
-  sp = sampling_lib.SamplingParams(max_new_tokens=max_new_tokens,
-                                   stop_ids=tuple(tok.stop_ids), **GREEDY)
+  sp = greedy_params(tok, max_new_tokens)
+  if sampler is None:
+    sampler = lambda p, t, m, key, i: sampling_lib.sample(
+        graphdef, p, jnp.asarray(t), jnp.asarray(m), key,
+        prompt_index=jnp.asarray(i), num_candidates=1, sampling=sp,
+        pad_id=tok.pad_id)
   texts, lengths, finished, ids, answers = [], [], [], [], []
   batches = data_lib.eval_batches(source, batch_size=batch_size,
                                   buckets=buckets, limit=limit,
                                   process_index=0, process_count=1)
   for batch in (progress(batches) if progress else batches):
-    cands = jax.device_get(sampling_lib.sample(
-        graphdef, params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask),
-        jax.random.key(0), prompt_index=jnp.asarray(batch.index, jnp.int32),
-        num_candidates=1, sampling=sp, pad_id=tok.pad_id))
+    cands = jax.device_get(sampler(params, batch.tokens, batch.mask,
+                                   jax.random.key(0),
+                                   np.asarray(batch.index, np.int32)))
     for i in np.flatnonzero(batch.valid):
       n = int(cands.lengths[i, 0])
       texts.append(tok.decode(cands.tokens[i, 0, :n]))

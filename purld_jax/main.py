@@ -152,6 +152,30 @@ def _prompt_file(errors, key, path):
     errors.append(f"{key}: {e}")
 
 
+BATCH_FIELDS = ("sft.batch_size", "rl.batch_size", "eval.batch_size")
+
+
+def _mesh(errors, config) -> None:
+  """Mesh sizes are positive or -1 (at most one); every batch is split over
+  data x fsdp, so each batch size must be a multiple of their explicit
+  (not -1) sizes. An inferred size is only known on the devices: the
+  trainers say when it does not divide a batch (`loop.mesh_setup`)."""
+  sizes = {a: config.mesh[a] for a in ("data", "fsdp", "tensor")}
+  for axis, n in sizes.items():
+    if n == 0 or n < -1:
+      errors.append(f"mesh.{axis}={n!r}: must be > 0 or -1 (inferred)")
+  if list(sizes.values()).count(-1) > 1:
+    errors.append(f"mesh: at most one size may be -1, got {sizes}")
+  split = max(1, sizes["data"]) * max(1, sizes["fsdp"])
+  for key in BATCH_FIELDS:
+    block, field = key.split(".")
+    value = config[block][field]
+    if value > 0 and value % split:
+      errors.append(f"{key}={value!r}: must be a multiple of mesh.data x "
+                    f"mesh.fsdp = {sizes['data']} x {sizes['fsdp']} = "
+                    f"{split} (batches are split over them)")
+
+
 def validate(config) -> None:
   """Raises ConfigError listing every problem of `config` (no compute)."""
   from purld_jax import losses  # pylint: disable=g-import-not-at-top
@@ -174,6 +198,9 @@ def validate(config) -> None:
                   "Hugging Face directory with config.json")
   for key in ("model.dtype", "model.param_dtype"):
     _choice(errors, config, key, ("float32", "bfloat16"))
+  from purld_jax.models import llama  # pylint: disable=g-import-not-at-top
+  _choice(errors, config, "model.remat", llama.REMAT_POLICIES)
+  _mesh(errors, config)
   _prompt_file(errors, "data.train_path", config.data.train_path)
   if config.data.eval_path:
     _prompt_file(errors, "data.eval_path", config.data.eval_path)
@@ -237,9 +264,13 @@ def run(config, workdir: str) -> None:
   held-out evaluation."""
   validate(config)
   use_jit_cache(config.jit_cache_dir)
+  import jax  # pylint: disable=g-import-not-at-top
+  first = jax.process_index() == 0  # writes the run's files
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(config.to_dict(), f, indent=2, default=list)
+  if first:
+    with open(os.path.join(workdir, "config.json"), "w",
+              encoding="utf-8") as f:
+      json.dump(config.to_dict(), f, indent=2, default=list)
   from purld_jax.train import heldout  # pylint: disable=g-import-not-at-top
   from purld_jax.train import sft  # pylint: disable=g-import-not-at-top
   reference_dir = sft.run(config, workdir)
@@ -251,6 +282,8 @@ def run(config, workdir: str) -> None:
     models["final"] = importlib.import_module(STAGE2_RUNNER).run(
         config, workdir, reference_dir=reference_dir)
   heldout.run(config, workdir, models)
+  if not first:
+    return
   from purld_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   if metrics_lib.read(workdir):
     from purld_jax import plot  # pylint: disable=g-import-not-at-top
@@ -279,6 +312,8 @@ def _main(argv):
 
 
 def main():
+  from purld_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize()  # before any other JAX call; no-op on one process
   define_flags()
   app.run(_main, flags_parser=parse_flags)
 

@@ -14,7 +14,10 @@ Three layers:
 
 The scorer is whichever model the caller passes to `score_group`: the
 policy snapshot that sampled the candidates, or the reference
-(`nnx.merge(graphdef, ref_params)`): `ranking.scorer` in the config.
+(`nnx.merge(graphdef, ref_params)`): `ranking.scorer` in the config. The
+model is reached only through four log-prob functions (`Scorers`): by
+default `scoring.jitted_*` on the model (`model_scorers`); a trainer under a
+mesh passes its own, jitted with shardings (`sharded.jit_scorers`).
 
 Candidates are token-id lists (see `candidate_lists` for sampler arrays);
 every scheme first cuts a candidate at its first stop id (the stop token
@@ -76,6 +79,38 @@ class ScoringBatch:
   tokens: np.ndarray
   attention_mask: np.ndarray
   target_mask: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorers:
+  """The scorer model's log-prob functions over host arrays (outputs are
+  anything `np.asarray` takes).
+
+  Attributes:
+    token_logps: (tokens i32[R, T], mask bool[R, T]) -> f32[R, T]
+      (`scoring.token_logps`).
+    last_logps: (tokens, mask) -> f32[R, V] (`scoring.last_logps`).
+    response_logps: (prefix i32[G, P], prefix_mask, suffix i32[G, M, S],
+      suffix_mask) -> f32[G, M, S] (`scoring.response_logps`).
+    response_next_logps: same arguments -> f32[G, M, V]
+      (`scoring.response_next_logps`).
+  """
+  token_logps: Callable
+  last_logps: Callable
+  response_logps: Callable
+  response_next_logps: Callable
+
+
+def model_scorers(model, *, vocab_chunk: int | None = None) -> Scorers:
+  """`Scorers` of a model object, via `scoring.jitted_*` (one device)."""
+  return Scorers(
+      token_logps=functools.partial(scoring.jitted_token_logps, model,
+                                    vocab_chunk=vocab_chunk),
+      last_logps=functools.partial(scoring.jitted_last_logps, model),
+      response_logps=functools.partial(scoring.jitted_response_logps, model,
+                                       vocab_chunk=vocab_chunk),
+      response_next_logps=functools.partial(
+          scoring.jitted_response_next_logps, model))
 
 
 # ----------------------------------------------------------------------------
@@ -516,19 +551,16 @@ def _groups_in_chunks(fn, shared: SharedRows, rows_per_call: int):
            shared.suffix_mask), max(1, rows_per_call // m))
 
 
-def _token_logps(model, batch: ScoringBatch, m: int, rows_per_call,
-                 vocab_chunk, pad_id: int, pad_multiple: int):
+def _token_logps(scorers: Scorers, batch: ScoringBatch, m: int,
+                 rows_per_call, pad_id: int, pad_multiple: int):
   """f32[R, T] `scoring.token_logps` of the rows where targets are (0 on the
   shared prefix, never a target), each group's prefix run once."""
   shared = share_prefixes(batch, m, pad_id=pad_id, pad_multiple=pad_multiple)
   if shared is None:
-    fn = functools.partial(scoring.jitted_token_logps, model,
-                           vocab_chunk=vocab_chunk)
-    return _rows_in_chunks(fn, (batch.tokens, batch.attention_mask),
-                           rows_per_call)
-  fn = functools.partial(scoring.jitted_response_logps, model,
-                         vocab_chunk=vocab_chunk)
-  lp = _groups_in_chunks(fn, shared, rows_per_call)  # [G, M, S]
+    return _rows_in_chunks(scorers.token_logps,
+                           (batch.tokens, batch.attention_mask), rows_per_call)
+  lp = _groups_in_chunks(scorers.response_logps, shared,
+                         rows_per_call)  # [G, M, S]
   r, t = batch.tokens.shape
   lp = lp.reshape(r, -1)
   n = shared.suffix_mask.reshape(r, -1).sum(-1)
@@ -538,17 +570,16 @@ def _token_logps(model, batch: ScoringBatch, m: int, rows_per_call,
   return out
 
 
-def _answer_logps(model, batch: ScoringBatch, m: int, rows_per_call,
-                  pad_id: int, pad_multiple: int):
+def _answer_logps(scorers: Scorers, batch: ScoringBatch, m: int,
+                  rows_per_call, pad_id: int, pad_multiple: int):
   """f32[R, V] log p(next token) after each row, each group's prefix run
   once."""
   shared = share_prefixes(batch, m, pad_id=pad_id, pad_multiple=pad_multiple)
   if shared is None:
-    fn = functools.partial(scoring.jitted_last_logps, model)
-    return _rows_in_chunks(fn, (batch.tokens, batch.attention_mask),
-                           rows_per_call)
-  fn = functools.partial(scoring.jitted_response_next_logps, model)
-  lp = _groups_in_chunks(fn, shared, rows_per_call)  # [G, M, V]
+    return _rows_in_chunks(scorers.last_logps,
+                           (batch.tokens, batch.attention_mask), rows_per_call)
+  lp = _groups_in_chunks(scorers.response_next_logps, shared,
+                         rows_per_call)  # [G, M, V]
   return lp.reshape(batch.tokens.shape[0], -1)
 
 
@@ -572,12 +603,13 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
                 metric: str = "rouge_l",
                 verifier: Callable[[int, str], float] | None = None,
                 rows_per_call: int = 64, vocab_chunk: int | None = None,
-                pad_multiple: int = 16):
+                pad_multiple: int = 16, scorers: Scorers | None = None):
   """Self-ranking scores of a batch of groups (METHOD.md steps 3 and 4).
 
   Args:
     model: the scorer, a `models.llama.Llama` (the policy snapshot or the
-      reference: the caller decides by which params it merges).
+      reference: the caller decides by which params it merges); None when
+      `scorers` is given.
     tok: `models.tokenizer.Tokenizer`.
     prompts: B prompt conversations.
     anchors: B anchor texts.
@@ -596,6 +628,8 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
       once per row length).
     vocab_chunk: `scoring.token_logps` knob.
     pad_multiple: row lengths are rounded up to a multiple of this.
+    scorers: the model's log-prob functions; default
+      `model_scorers(model, vocab_chunk=vocab_chunk)`.
 
   Returns:
     (scores np.float32[B, K], anchor_score np.float32[B] or None).
@@ -611,6 +645,8 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
   pad = dict(pad_multiple=pad_multiple)
   run = dict(rows_per_call=rows_per_call, pad_id=tok.pad_id,
              pad_multiple=pad_multiple)
+  if scorers is None and scheme not in ("similarity", "oracle"):
+    scorers = model_scorers(model, vocab_chunk=vocab_chunk)
 
   if scheme in ("judge", "self_reward", "pairwise_judge"):
     yes = answer_token_ids(tok, yes_word)
@@ -618,7 +654,7 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
     if scheme == "pairwise_judge":
       batch = pairwise_batch(tok, prompts, anchors, groups,
                              template=template or PAIRWISE_TEMPLATE, **pad)
-      logps = _answer_logps(model, batch, m * (m - 1), **run)
+      logps = _answer_logps(scorers, batch, m * (m - 1), **run)
       l = judge(jnp.asarray(logps).reshape(b, m * (m - 1), -1),
                 yes_ids=yes, no_ids=no)
       s = pairwise_judge(pair_matrix(l, m), aggregation=aggregation,
@@ -627,20 +663,20 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
       default = JUDGE_TEMPLATE if scheme == "judge" else SELF_REWARD_TEMPLATE
       batch = judge_batch(tok, prompts, anchors, groups,
                           template=template or default, **pad)
-      logps = _answer_logps(model, batch, m, **run)
+      logps = _answer_logps(scorers, batch, m, **run)
       s = judge(jnp.asarray(logps).reshape(b, m, -1), yes_ids=yes,
                 no_ids=no)
   elif scheme == "pmi":
     with_a, plain = pmi_batches(tok, prompts, anchors, groups,
                                 template=template or PMI_TEMPLATE, **pad)
-    lw = _token_logps(model, with_a, m, vocab_chunk=vocab_chunk, **run)
-    lo = _token_logps(model, plain, m, vocab_chunk=vocab_chunk, **run)
+    lw = _token_logps(scorers, with_a, m, **run)
+    lo = _token_logps(scorers, plain, m, **run)
     s = pmi(lw.reshape(b, m, -1), lo.reshape(b, m, -1),
             with_a.target_mask.reshape(b, m, -1))
   elif scheme == "anchor_recon":
     batch = recon_batch(tok, prompts, anchors, groups,
                         template=template or RECON_TEMPLATE, **pad)
-    lp = _token_logps(model, batch, m, vocab_chunk=vocab_chunk, **run)
+    lp = _token_logps(scorers, batch, m, **run)
     s = anchor_recon(lp.reshape(b, m, -1),
                      batch.target_mask.reshape(b, m, -1))
   elif scheme == "similarity":

@@ -115,10 +115,33 @@ def pack_members(cand_tokens: np.ndarray, cand_mask: np.ndarray,
   return members, mask
 
 
+def default_sampler(graphdef, *, k: int, sampling: sampling_lib.SamplingParams,
+                    pad_id: int) -> Callable:
+  """sampler(params, prompt_tokens, prompt_mask, key, prompt_index) ->
+  Candidates: `sampling.sample` on one device (what `collect` uses unless
+  given a sharded one, `sharded.jit_sampler`, with the same arguments)."""
+  def sample(params, prompt_tokens, prompt_mask, key, prompt_index):
+    return sampling_lib.sample(
+        graphdef, params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask),
+        key, prompt_index=jnp.asarray(prompt_index, jnp.int32),
+        num_candidates=k, sampling=sampling, pad_id=pad_id)
+  return sample
+
+
+def with_stop_ids(sampling: sampling_lib.SamplingParams, tok
+                  ) -> sampling_lib.SamplingParams:
+  """`sampling` with the tokenizer's stop ids when it names none."""
+  if sampling.stop_ids:
+    return sampling
+  return dataclasses.replace(sampling, stop_ids=tuple(tok.stop_ids))
+
+
 def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
             key, *, k: int, sampling: sampling_lib.SamplingParams,
             ranking_params: RankingParams, max_anchor_len: int,
-            verifier: Callable[[int, str], float] | None = None) -> Group:
+            verifier: Callable[[int, str], float] | None = None,
+            sampler: Callable | None = None,
+            scorers: ranking.Scorers | None = None) -> Group:
   """Samples, then self-ranks, one batch of prompts (see module docstring).
 
   Args:
@@ -134,29 +157,35 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
     ranking_params: the self-ranking scheme and its knobs.
     max_anchor_len: anchor tokens kept as member K.
     verifier: oracle scheme's verifier(b, text) -> reward.
+    sampler: sampler(params, prompt_tokens, prompt_mask, key, prompt_index)
+      -> Candidates (host or device arrays); default `default_sampler` (then
+      `k`, `sampling` and the pad id are its arguments).
+    scorers: the scorer's log-prob functions (`ranking.Scorers`, params
+      bound); default `ranking.model_scorers` of `scorer_params`.
   """
-  if not sampling.stop_ids:
-    sampling = dataclasses.replace(sampling, stop_ids=tok.stop_ids)
+  sampling = with_stop_ids(sampling, tok)
+  if sampler is None:
+    sampler = default_sampler(graphdef, k=k, sampling=sampling,
+                              pad_id=tok.pad_id)
   t0 = time.perf_counter()
-  cands = sampling_lib.sample(
-      graphdef, policy_params, jnp.asarray(batch.tokens),
-      jnp.asarray(batch.mask), key,
-      prompt_index=jnp.asarray(batch.index, jnp.int32), num_candidates=k,
-      sampling=sampling, pad_id=tok.pad_id)
-  cands = jax.device_get(cands)
+  cands = jax.device_get(sampler(policy_params, np.asarray(batch.tokens),
+                                 np.asarray(batch.mask), key,
+                                 np.asarray(batch.index, np.int32)))
   t1 = time.perf_counter()
   messages = [p.as_dicts() for p in batch.prompts]
   lists = [[list(cands.tokens[i, j, :cands.lengths[i, j]]) for j in range(k)]
            for i in range(len(messages))]
   rp = ranking_params
-  scorer = nnx.merge(graphdef, scorer_params)
+  if scorers is None:
+    scorers = ranking.model_scorers(nnx.merge(graphdef, scorer_params),
+                                    vocab_chunk=rp.vocab_chunk)
   scores, s_a = ranking.score_group(
-      scorer, tok, messages, list(anchors), lists, scheme=rp.scheme,
+      None, tok, messages, list(anchors), lists, scheme=rp.scheme,
       template=rp.template or None, score_anchor=True, yes_word=rp.yes_word,
       no_word=rp.no_word, aggregation=rp.aggregation, bt_iters=rp.bt_iters,
       bt_prior=rp.bt_prior, metric=rp.metric, verifier=verifier,
       rows_per_call=rp.rows_per_call, vocab_chunk=rp.vocab_chunk,
-      pad_multiple=rp.pad_multiple)
+      pad_multiple=rp.pad_multiple, scorers=scorers)
   t2 = time.perf_counter()
   anchor_ids = anchor_members(tok, messages, anchors, max_len=max_anchor_len)
   members, member_mask = pack_members(np.asarray(cands.tokens),

@@ -41,6 +41,18 @@ constraints apply. The choices:
   is created and consumed inside the jit: nothing to donate.
 - Metrics and other outputs of the train step are replicated.
 
+Host data and global arrays (`put`, `put_batch`, `to_host`): every process
+holds the WHOLE batch on its host (the trainers read the global batch on
+every process, identically; anchors are broadcast from process 0), so
+`jax.make_array_from_process_local_data` is called with the global shape and
+each process transfers only its devices' shards; outputs come back whole
+on every process (`multihost_utils.process_allgather`). Shapes then agree
+across processes by construction (bucket lengths, anchor lengths, compacted
+DPO members all come from the same host data); the price is host work
+(tokenising, ranking glue, decoding) repeated on every process. On one
+process these are `device_put` and `device_get`. `Jitted.__call__` puts
+host arguments (numpy) with their shardings itself.
+
 Argument kinds of `jit_train_step` / `jit_fn`: "state" (a TrainState),
 "params" (a pure-dict params tree), "batch" (a pytree of batch-leading
 arrays) and "replicated" (scalars, keys). Batch shardings depend on the
@@ -53,7 +65,9 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from purld_jax import sharding
@@ -97,6 +111,44 @@ def state_shardings(state: state_lib.TrainState, param_sh
       params=param_sh,
       opt_state=opt_state_shardings(state.tx, state.opt_state, param_sh, mesh),
       step=replicated(mesh), rng=replicated(mesh))
+
+
+def put(tree, shardings):
+  """Host values that every process holds in full -> global jax.Arrays with
+  `shardings` (a matching tree, or one sharding for all leaves). jax.Arrays
+  already carrying their sharding are kept; others are resharded."""
+  def one(x, s):
+    if isinstance(x, jax.Array):
+      return x if x.sharding == s else jax.device_put(x, s)
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(s, x, x.shape)
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: one(x, shardings), tree)
+  return jax.tree.map(one, tree, shardings)
+
+
+def put_batch(tree, mesh: Mesh, rules=sharding.DEFAULT_RULES):
+  """`put` with `batch_shardings`: the leading axis split over data x fsdp."""
+  return put(tree, batch_shardings(tree, mesh, rules))
+
+
+def to_host(tree):
+  """numpy of (global) arrays, whole on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def barrier(name: str) -> None:
+  """Every process waits here (after process 0 wrote a shared file); a no-op
+  on one process."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def on_host(fn: Callable) -> Callable:
+  """`fn` whose outputs come back as host numpy (`to_host`)."""
+  return lambda *args: to_host(fn(*args))
 
 
 class Jitted:
@@ -157,6 +209,9 @@ class Jitted:
     return self._jits[key]
 
   def __call__(self, *args):
+    """Runs the jit; host (numpy) arguments are put with their shardings."""
+    in_sh = self.in_shardings(*args)
+    args = tuple(put(a, sh) for a, sh in zip(args, in_sh))
     return self.jit(*args)(*args)
 
   def lower(self, *args):
@@ -215,3 +270,35 @@ def jit_sampler(graphdef, param_sh, *, mesh: Mesh,
                 prompt_index=prompt_index, **sample_kw)
   return jit_fn(fn, param_sh, ("batch", "batch", "replicated", "batch"),
                 mesh=mesh, rules=rules)
+
+
+def jit_scorers(graphdef, param_sh, *, mesh: Mesh,
+                rules=sharding.DEFAULT_RULES, vocab_chunk: int | None = None
+                ) -> Callable:
+  """The four scorer functions of `ranking.Scorers` jitted under `mesh`.
+
+  Returns:
+    bind(params) -> ranking.Scorers whose functions take host arrays (rows
+    split over data x fsdp) and return host numpy (`to_host`).
+  """
+  from purld_jax import ranking  # pylint: disable=g-import-not-at-top
+  from purld_jax import scoring  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  merge = lambda p: nnx.merge(graphdef, p)
+  fns = dict(
+      token_logps=(lambda p, t, m: scoring.token_logps(
+          merge(p), t, m, vocab_chunk=vocab_chunk), 2),
+      last_logps=(lambda p, t, m: scoring.last_logps(merge(p), t, m), 2),
+      response_logps=(lambda p, pt, pm, r, rm: scoring.response_logps(
+          merge(p), pt, pm, r, rm, vocab_chunk=vocab_chunk), 4),
+      response_next_logps=(lambda p, pt, pm, r, rm:
+                           scoring.response_next_logps(merge(p), pt, pm, r,
+                                                       rm), 4))
+  jitted = {name: jit_fn(fn, param_sh, ("batch",) * n, mesh=mesh, rules=rules)
+            for name, (fn, n) in fns.items()}
+
+  def bind(params) -> ranking.Scorers:
+    return ranking.Scorers(**{
+        name: (lambda j: lambda *a: to_host(j(params, *a)))(j)
+        for name, j in jitted.items()})
+  return bind

@@ -88,8 +88,18 @@ def make_mesh(shape: Sequence[int], devices: Sequence | None = None) -> Mesh:
 
 
 def mesh_from_config(mesh_cfg, devices: Sequence | None = None) -> Mesh:
-  """`make_mesh` from the config's `mesh` block (data, fsdp, tensor)."""
-  return make_mesh((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), devices)
+  """`make_mesh` from the config's `mesh` block (data, fsdp, tensor).
+
+  On one process, explicit sizes (no -1) that need fewer devices than there
+  are take the first ones (e.g. mesh 1 x 1 x 1 on an 8-GPU machine); with
+  several processes the mesh must cover every device.
+  """
+  shape = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+  devices = list(jax.devices() if devices is None else devices)
+  if (-1 not in shape and jax.process_count() == 1
+      and 0 < math.prod(shape) < len(devices)):
+    devices = devices[:math.prod(shape)]
+  return make_mesh(shape, devices)
 
 
 def _axes(entry) -> tuple[str, ...]:

@@ -86,6 +86,30 @@ def test_validation_names_every_bad_field_before_compute(tmp_path):
   assert not workdir.exists()  # nothing was started
 
 
+def test_mesh_and_remat_are_validated_naming_the_field():
+  # data x fsdp = 2 x 2 = 4: 6 and 2 are not multiples, 8 is.
+  cfg = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                       "sft.batch_size": 6, "rl.batch_size": 8,
+                       "eval.batch_size": 2, "model.remat": "some"})
+  with pytest.raises(main.ConfigError) as e:
+    main.validate(cfg)
+  text = str(e.value)
+  assert ("sft.batch_size=6: must be a multiple of mesh.data x mesh.fsdp = "
+          "2 x 2 = 4") in text
+  assert "eval.batch_size=2: must be a multiple" in text
+  assert "rl.batch_size" not in text
+  assert "model.remat='some': not one of ['none', 'full', 'dots']" in text
+  # An inferred (-1) size is not known here: only the explicit ones count.
+  cfg = tiny_config(**{"mesh.data": -1, "mesh.fsdp": 2, "sft.batch_size": 6,
+                       "rl.batch_size": 4, "eval.batch_size": 4})
+  main.validate(cfg)
+  cfg = tiny_config(**{"mesh.data": -1, "mesh.fsdp": -1, "mesh.tensor": 0})
+  with pytest.raises(main.ConfigError) as e:
+    main.validate(cfg)
+  assert "mesh.tensor=0: must be > 0 or -1" in str(e.value)
+  assert "mesh: at most one size may be -1" in str(e.value)
+
+
 def test_malformed_prompt_file_is_named_with_line(tmp_path):
   path = tmp_path / "p.jsonl"
   path.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')

@@ -327,13 +327,14 @@ def test_shared_prefix_logps_equal_full_rows(tiny_model):
   batch = ranking._finish(rows, [2, 1, 1, 3], 0, 8)
   want = np.asarray(scoring.jitted_token_logps(
       tiny_model, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)))
-  got = ranking._token_logps(tiny_model, batch, 2, rows_per_call=2,
-                             vocab_chunk=None, pad_id=0, pad_multiple=4)
+  scorers = ranking.model_scorers(tiny_model)
+  got = ranking._token_logps(scorers, batch, 2, rows_per_call=2, pad_id=0,
+                             pad_multiple=4)
   np.testing.assert_allclose(got[batch.target_mask], want[batch.target_mask],
                              atol=1e-5)
   want_last = np.asarray(scoring.jitted_last_logps(
       tiny_model, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)))
-  got_last = ranking._answer_logps(tiny_model, batch, 2, rows_per_call=2,
+  got_last = ranking._answer_logps(scorers, batch, 2, rows_per_call=2,
                                    pad_id=0, pad_multiple=4)
   np.testing.assert_allclose(got_last, want_last, atol=1e-5)
 

@@ -209,3 +209,28 @@ def test_response_logps_gradient_equals_repeated_prompt_rows():
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
     assert rel <= 1e-5, rel
+
+
+@pytest.mark.parametrize("policy", [
+    "full", pytest.param("dots", marks=pytest.mark.slow)])
+def test_response_logps_remat_checkpoints_each_layer_same_gradients(policy):
+  """`model.remat` reaches the response scorer's own layer loop: one remat
+  per layer there (2 layers) and 2 in the prompt prefill (`Llama.extend`),
+  beside the vocabulary chunk's own checkpoint;
+  value and gradients equal to no remat (same weights: same seed)."""
+  from tests.models.test_llama_remat import _remats
+  pt, pm, rt, rm = _groups(**_RAGGED)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=rt.shape), jnp.float32)
+
+  def run(remat):
+    model = core_fixtures.random_tiny_model(seed=5, num_layers=2, remat=remat)
+    loss = lambda mdl: jnp.sum(scoring.response_logps(mdl, pt, pm, rt, rm) * w)
+    n = _remats(jax.make_jaxpr(loss)(model).jaxpr)
+    return n, jax.jit(jax.value_and_grad(loss))(model)
+
+  n0, (v0, g0) = run("none")
+  n1, (v1, g1) = run(policy)
+  assert n1 - n0 == 4
+  assert_allclose(v1, v0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    assert_allclose(a, b, atol=1e-7, rtol=1e-5)

@@ -126,7 +126,7 @@ def test_exact_resume_after_kill_9(recipe, tmp_path, jit_cache):  # noqa: F811
          f"--config.rl.steps={2 * N}", "--config.sft.steps=1",
          f"--config.ckpt.every_steps={N}", "--config.log.tensorboard=False",
          "--config.ranking.yes_word=Y", "--config.ranking.no_word=N",
-         "--config.debug.step_sleep_s=1.0"]
+         "--config.debug.step_sleep_s=1.0", train_fixtures.ONE_DEVICE]
   proc = subprocess.Popen(cmd, cwd=train_fixtures.REPO,
                           env=train_fixtures.subprocess_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

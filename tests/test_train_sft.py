@@ -21,6 +21,7 @@ from purld_jax import teacher as teacher_lib
 from purld_jax.train import sft
 from purld_jax.train import state as state_lib
 from purld_jax.train import student
+from tests.train_fixtures import ONE_DEVICE
 from tests.train_fixtures import REPO
 from tests.train_fixtures import SMALL_TRAIN
 from tests.train_fixtures import char_tok  # noqa: F401
@@ -114,7 +115,7 @@ def test_exact_resume_after_kill_9(tmp_path, jit_cache):  # noqa: F811
          f"--config.data.train_path={cfg.data.train_path}",
          f"--config.data.eval_path={cfg.data.eval_path}",
          f"--config.sft.steps={2 * N}", f"--config.ckpt.every_steps={N}",
-         f"--config.debug.pause_after_step={N}"]
+         f"--config.debug.pause_after_step={N}", ONE_DEVICE]
   proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   # The child blocks once step N is saved (debug.pause_after_step): the

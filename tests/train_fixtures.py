@@ -30,7 +30,7 @@ def jit_cache():
 
 def subprocess_env() -> dict:
   """Environment of a `python -m purld_jax.main` child: CPU, the cache."""
-  env = dict(os.environ)
+  env = dict(os.environ)  # 8 fake devices too: the same XLA:CPU numerics
   env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=JIT_CACHE,
              HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
              PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
@@ -56,9 +56,14 @@ def small_train_path() -> str:
   return path
 
 
+# A child's command line on `tiny_config`'s one-device mesh.
+ONE_DEVICE = "--config.mesh.data=1"
+
+
 def tiny_config(**overrides):
-  """configs/sft.py:tiny on `small_train_path()`, with dotted overrides
-  ({"sft.steps": 6}), unlocked."""
+  """configs/sft.py:tiny on `small_train_path()` on a one-device mesh (the
+  tests' process has 8 fake devices), with dotted overrides
+  ({"sft.steps": 6, "mesh.data": 2}), unlocked."""
   import sys
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
@@ -66,6 +71,7 @@ def tiny_config(**overrides):
   c = sft_config.get_config("tiny")
   c.data.train_path = small_train_path()
   c.data.eval_path = os.path.join(REPO, "data/demo/eval.jsonl")
+  c.mesh.data = 1
   for key, value in overrides.items():
     node = c
     *path, leaf = key.split(".")

@@ -7,7 +7,9 @@ Evaluates, with the same greedy decoding (`eval.*`), the models a run made:
 and prints `evaluate.format_table` with gains over the SFT reference (the
 baseline METHOD.md compares PU-RL with). Results land in WORKDIR/eval/; a
 model already evaluated with the same settings is not evaluated again, so a
-resumed run only pays for what is new.
+resumed run only pays for what is new. The sampler runs on the mesh of
+`config.mesh` (every process decodes the same global batches); process 0
+writes the files.
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ import json
 import os
 import sys
 
+import jax
+import numpy as np
+
 from purld_jax import data as data_lib
 from purld_jax import evaluate
 from purld_jax import prompts as prompts_lib
+from purld_jax import sharded
 from purld_jax.models import hf
+from purld_jax.train import loop as loop_lib
 from purld_jax.train import student as student_lib
 
 EVAL_DIR = "eval"
@@ -59,6 +66,14 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
   limit = config.eval.num_prompts
   n = min(limit, len(source.ids)) if limit > 0 else len(source.ids)
   batches = -(-n // config.eval.batch_size)
+  mesh, param_sh = loop_lib.mesh_setup(
+      config, student.cfg, batch_sizes={"eval.batch_size":
+                                        config.eval.batch_size})
+  sampler = sharded.on_host(sharded.jit_sampler(
+      graphdef, param_sh, mesh=mesh, num_candidates=1,
+      sampling=evaluate.greedy_params(tok, config.eval.max_new_tokens),
+      pad_id=tok.pad_id))
+  first = jax.process_index() == 0
   results = []
   for name, src in models.items():
     settings = _settings(config, src)
@@ -71,20 +86,27 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
                 file=sys.stderr)
           results.append(evaluate.read_answers(answers_path, name))
           continue
-    params = (student.init_params() if src == "init"
-              else hf.load_params(src, student.cfg))
+    params = sharded.put(
+        jax.tree.map(np.asarray, student.init_params() if src == "init"
+                     else hf.load_params(src, student.cfg)), param_sh)
     results.append(evaluate.greedy_answers(
         graphdef, params, tok, source, name=name,
         batch_size=config.eval.batch_size,
         max_new_tokens=config.eval.max_new_tokens,
         buckets=config.data.buckets, limit=limit,
-        progress=_progress(config, name, batches)))
-    evaluate.write(out_dir, results[-1:])
-    with open(meta_path, "w", encoding="utf-8") as f:
-      json.dump(settings, f)
+        progress=_progress(config, name, batches) if first else None,
+        sampler=sampler))
+    if first:
+      evaluate.write(out_dir, results[-1:])
+      with open(meta_path, "w", encoding="utf-8") as f:
+        json.dump(settings, f)
   baseline = "sft" if "sft" in models else "before"
   rows = evaluate.summarize(results, baseline=baseline, seed=config.seed)
-  evaluate.write(out_dir, [], rows)
+  if first:
+    evaluate.write(out_dir, [], rows)
+  sharded.barrier("heldout")
+  if not first:
+    return rows
   final = list(models)[-1]
   print(f"\n[eval] held-out prompts: {config.data.eval_path} ({n}); greedy, "
         f"{config.eval.max_new_tokens} new tokens; accuracy = last number of "

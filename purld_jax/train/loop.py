@@ -9,7 +9,11 @@
   loop.finish(total, state.arrays(), data_iter=it, config=cfg)
 
 `Stage` wraps a Loop with what every stage sets up around it (optimizer,
-checkpoints with automatic resume, metrics writer) from the config.
+checkpoints with automatic resume, metrics writer) from the config; the
+state lives on the mesh with the shardings of `sharded.state_shardings`
+(restored straight into them). Only process 0 writes metrics, TensorBoard
+and the progress bar; every process runs the steps and the checkpoints
+(orbax writes each process's shards).
 
 `record` keeps a step's device metrics pending and reads the previous step's
 (one step late), so the host never waits for the step it just dispatched.
@@ -29,6 +33,7 @@ import tqdm
 
 from purld_jax import checkpoint as checkpoint_lib
 from purld_jax import metrics as metrics_lib
+from purld_jax import sharded
 from purld_jax.train import state as state_lib
 
 
@@ -140,9 +145,10 @@ class Stage:
 
     with loop.Stage(config, workdir, "sft", total_steps=100,
                     learning_rate=1e-5, warmup_steps=10, graphdef=g,
-                    param_shapes=shapes, init_params=load_params,
-                    data_iter=it, teacher_label=teacher.label) as stage:
-      state = stage.state                      # restored or initialised
+                    param_shapes=shapes, param_sh=param_sh,
+                    init_params=load_params, data_iter=it,
+                    teacher_label=teacher.label) as stage:
+      state = stage.state        # restored or initialised, on stage.state_sh
       for step in range(stage.start, 100):
         state, metrics = step_fn(state, batch)  # stage.schedule is its lr
         stage.step_done(step + 1, state, metrics, tokens=n)
@@ -150,13 +156,16 @@ class Stage:
 
   Checkpoints go to <workdir>/ckpt/<name>/, metrics to <workdir>/metrics.jsonl
   and <workdir>/tb/<name>/. The optimizer is `opt.*` with this stage's
-  learning rate, warmup and length; `init_params()` runs only when there is
-  no checkpoint to resume.
+  learning rate, warmup and length; `init_params()` (host arrays, the same
+  on every process) runs only when there is no checkpoint to resume.
+  `param_sh` are the params' NamedShardings (`sharding.param_shardings`);
+  `state_sh` the state's (`sharded.state_shardings`).
   """
 
   def __init__(self, config, workdir: str, name: str, *, total_steps: int,
                learning_rate: float, warmup_steps: int, graphdef,
-               param_shapes, init_params, data_iter, teacher_label: str = ""):
+               param_shapes, param_sh, init_params, data_iter,
+               teacher_label: str = ""):
     self.name, self.total_steps, self.data_iter = name, total_steps, data_iter
     self.config_dict = config.to_dict()
     self.tx, self.schedule = state_lib.optimizer_from_config(
@@ -168,6 +177,18 @@ class Stage:
     self.rng = jax.random.PRNGKey(config.seed)
     self.ckpt = self.writer = self.loop = self.state = None
     self.start = 0
+    self._abstract = jax.eval_shape(
+        lambda p: state_lib.TrainState.create(graphdef, p, self.tx,
+                                              rng=self.rng), param_shapes)
+    self.param_sh = param_sh
+    self.state_sh = sharded.state_shardings(self._abstract, param_sh)
+
+  def _init_arrays(self) -> dict:
+    """The initial state's arrays, made on their shardings."""
+    params = sharded.put(self._init_params(), self.param_sh)
+    create = lambda p: state_lib.TrainState.create(
+        self._graphdef, p, self.tx, rng=self.rng).arrays()
+    return jax.jit(create, out_shardings=self.state_sh.arrays())(params)
 
   def __enter__(self) -> Stage:
     c = self._config
@@ -175,27 +196,28 @@ class Stage:
         f"{self._workdir}/ckpt/{self.name}", every_steps=c.ckpt.every_steps,
         keep=c.ckpt.keep, async_save=c.ckpt.async_save)
     try:
-      abstract = checkpoint_lib.abstract_like(state_lib.abstract_arrays(
-          self._graphdef, self._shapes, self.tx, rng=self.rng))
+      abstract = checkpoint_lib.abstract_like(self._abstract.arrays(),
+                                              self.state_sh.arrays())
       arrays, self.start = checkpoint_lib.restore_or_init(
-          self.ckpt, abstract, lambda: state_lib.TrainState.create(
-              self._graphdef, self._init_params(), self.tx,
-              rng=self.rng).arrays(),
-          data_iter=self.data_iter, config=self.config_dict)
+          self.ckpt, abstract, self._init_arrays, data_iter=self.data_iter,
+          config=self.config_dict)
       self.state = state_lib.TrainState(graphdef=self._graphdef, tx=self.tx,
                                         **arrays)
       if self.start:
         print(f"[{self.name}] resumed from step {self.start}",
               file=sys.stderr)
-      self.writer = metrics_lib.Writer(
-          self._workdir, stage=self.name, resume_step=self.start,
-          tensorboard=c.log.tensorboard)
-      if self._teacher_label:
-        self.writer.text("teacher", self._teacher_label)
+      first = jax.process_index() == 0
+      if first:
+        self.writer = metrics_lib.Writer(
+            self._workdir, stage=self.name, resume_step=self.start,
+            tensorboard=c.log.tensorboard)
+        if self._teacher_label:
+          self.writer.text("teacher", self._teacher_label)
       self.loop = Loop(stage=self.name, total_steps=self.total_steps,
                        start_step=self.start, ckpt=self.ckpt,
                        writer=self.writer, nan_policy=c.opt.nan_policy,
-                       log_every=c.log.every_steps, progress=c.log.progress,
+                       log_every=c.log.every_steps,
+                       progress=c.log.progress and first,
                        sleep_s=c.debug.step_sleep_s,
                        pause_after_step=c.debug.pause_after_step)
     except BaseException:
@@ -226,3 +248,22 @@ class Stage:
       self.ckpt.close()
     if self.writer is not None:
       self.writer.close()
+
+
+def mesh_setup(config, model_cfg, *, batch_sizes: dict[str, int]):
+  """(mesh, param shardings) of `config.mesh` for the model `model_cfg`.
+
+  A batch in `batch_sizes` (config field -> size) that the mesh's data x
+  fsdp devices do not divide runs replicated on them (correct, wasteful):
+  said on stderr once. `main.validate` refuses that for explicit mesh
+  sizes; here it can only come from an inferred (-1) one.
+  """
+  from purld_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.mesh_from_config(config.mesh)
+  split = mesh.shape["data"] * mesh.shape["fsdp"]
+  for field, size in batch_sizes.items():
+    if size % split:
+      print(f"[mesh] {field}={size} is not a multiple of data x fsdp = "
+            f"{split} ({dict(mesh.shape)}): its batches are replicated",
+            file=sys.stderr)
+  return mesh, sharding.param_shardings(model_cfg, mesh)

@@ -30,6 +30,7 @@ from purld_jax import evaluate
 from purld_jax import prompts as prompts_lib
 from purld_jax import rollout
 from purld_jax import sampling as sampling_lib
+from purld_jax import sharded
 from purld_jax import teacher as teacher_lib
 from purld_jax.models import hf
 from purld_jax.train import dpo
@@ -66,6 +67,12 @@ def _reference(config, workdir, student, ref_dir=None):
   return graphdef, hf.load_params(ref_dir, student.cfg)
 
 
+def _kinds(recipe) -> tuple[str, ...]:
+  """Argument kinds after the state (sharded.jit_train_step)."""
+  return (("batch", "replicated") if recipe is grpo
+          else ("params", "batch", "replicated"))
+
+
 def run(config, workdir: str, reference_dir: str | None = None) -> str:
   """Runs (or resumes) stage 2 (and stage 1 first unless `reference_dir` is
   given); returns the final model directory."""
@@ -74,20 +81,35 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   workdir = os.path.abspath(workdir)
   student = student_lib.from_config(config.model, workdir)
   tok = student.tokenizer
-  graphdef, ref_params = _reference(config, workdir, student, reference_dir)
+  graphdef, ref_host = _reference(config, workdir, student, reference_dir)
   teacher = teacher_lib.make(
       teacher_lib.TeacherConfig.from_mapping(config.teacher.to_dict()))
   steps = config.rl.steps
   source = data_lib.encode(prompts_lib.read_jsonl(config.data.train_path),
                            tok, max_len=config.data.max_prompt_len)
-  store = anchors_lib.AnchorStore(workdir, teacher)
+  store = anchors_lib.SharedAnchors(workdir, teacher)
+  # The global batch on every process (sharded.py: host data is whole).
   it = data_lib.train_iterator(source, batch_size=config.rl.batch_size,
                                seed=config.data.shuffle_seed + 1,
-                               buckets=config.data.buckets)
+                               buckets=config.data.buckets, process_index=0,
+                               process_count=1)
+  mesh, param_sh = loop_lib.mesh_setup(
+      config, student.cfg, batch_sizes={"rl.batch_size": config.rl.batch_size})
+  ref_host = jax.tree.map(np.asarray, ref_host)
+  ref_params = sharded.put(ref_host, param_sh)
   vocab_chunk = config.model.vocab_chunk or None
-  ref_logps_fn = jax.jit(lambda params, batch: grpo.reference_logps(
-      nnx.merge(graphdef, params), batch, vocab_chunk=vocab_chunk))
-  sp, rp = sampling_params(config), ranking_params(config)
+  ref_logps_fn = sharded.jit_fn(
+      lambda params, batch: grpo.reference_logps(
+          nnx.merge(graphdef, params), batch, vocab_chunk=vocab_chunk),
+      param_sh, ("batch",), mesh=mesh)
+  sp, rp = rollout.with_stop_ids(sampling_params(config), tok), \
+      ranking_params(config)
+  k = config.sampling.num_candidates
+  sampler = sharded.on_host(sharded.jit_sampler(
+      graphdef, param_sh, mesh=mesh, num_candidates=k, sampling=sp,
+      pad_id=tok.pad_id))
+  scorers = sharded.jit_scorers(graphdef, param_sh, mesh=mesh,
+                                vocab_chunk=rp.vocab_chunk)
   nan_at_step = np.int32(config.debug.nan_at_step)
   inner = config.loss.grpo.inner_iterations if recipe is grpo else 1
   try:
@@ -95,25 +117,27 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
         config, workdir, stage, total_steps=steps,
         learning_rate=config.opt.learning_rate,
         warmup_steps=config.opt.warmup_steps, graphdef=graphdef,
-        param_shapes=student.abstract()[1],
-        init_params=lambda: jax.tree.map(lambda x: x.copy(), ref_params),
-        data_iter=it, teacher_label=teacher.label) as st:
+        param_shapes=student.abstract()[1], param_sh=param_sh,
+        init_params=lambda: ref_host, data_iter=it,
+        teacher_label=teacher.label) as st:
       state = st.state
-      step_fn = jax.jit(functools.partial(
+      step_fn = sharded.jit_train_step(functools.partial(
           recipe.train_step, schedule=st.schedule,
           grad_accum=config.opt.grad_accum, vocab_chunk=vocab_chunk,
-          **recipe.step_kwargs(config)), donate_argnums=0)
+          **recipe.step_kwargs(config)), st.state_sh, _kinds(recipe),
+          mesh=mesh)
       for step in range(st.start, steps):
         prompts = next(it)
-        anchors = [a.text for a in store.get_or_query(prompts.prompts)]
+        anchors = store.texts(prompts.prompts)
         key = jax.random.fold_in(state.rng, state.step)
         scorer = ref_params if config.ranking.scorer == "reference" \
             else state.params
         verifier = evaluate.batch_verifier([p.answer for p in prompts.prompts])
         group = rollout.collect(
             graphdef, state.params, scorer, tok, prompts, anchors, key,
-            k=config.sampling.num_candidates, sampling=sp, ranking_params=rp,
-            max_anchor_len=config.sft.max_response_len, verifier=verifier)
+            k=k, sampling=sp, ranking_params=rp,
+            max_anchor_len=config.sft.max_response_len, verifier=verifier,
+            sampler=sampler, scorers=scorers(scorer))
         t0 = time.perf_counter()
         batch = recipe.build_batch(group, config)
         if recipe is grpo:
@@ -134,14 +158,17 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
                     anchor_score=float(group.anchor_score.mean()),
                     response_len=float(cand_mask.sum(-1).mean()),
                     finished=float(group.finished.mean()),
-                    teacher_calls=float(store.ledger.stats().calls))
+                    teacher_calls=store.teacher_calls())
         st.step_done(step + 1, state, metrics, tokens=int(cand_mask.sum()),
                      host=host)
       st.finish(state)
   finally:
     store.close()
   out = os.path.join(workdir, FINAL)
-  from purld_jax import models  # pylint: disable=g-import-not-at-top
-  models.save_pretrained(state.model(), tok, out)
-  print(f"[{stage}] final model: {out}", file=sys.stderr)
+  params = sharded.to_host(state.params)
+  if jax.process_index() == 0:
+    from purld_jax import models  # pylint: disable=g-import-not-at-top
+    models.save_pretrained(nnx.merge(graphdef, params), tok, out)
+    print(f"[{stage}] final model: {out}", file=sys.stderr)
+  sharded.barrier("pu_rl.final")
   return out

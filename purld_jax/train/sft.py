@@ -34,6 +34,7 @@ from purld_jax import data as data_lib
 from purld_jax import losses
 from purld_jax import prompts as prompts_lib
 from purld_jax import scoring
+from purld_jax import sharded
 from purld_jax import teacher as teacher_lib
 from purld_jax.models import tokenizer as tokenizer_lib
 from purld_jax.train import loop as loop_lib
@@ -130,13 +131,6 @@ def train_step(state: state_lib.TrainState, batch: dict,
                              grad_accum=grad_accum)
 
 
-# Donates the state; one compile per (model, optimizer, batch shape).
-jitted_train_step = jax.jit(
-    train_step, static_argnames=("schedule", "grad_accum", "vocab_chunk",
-                                 "response_len"),
-    donate_argnums=0)
-
-
 # ----------------------------------------------------------------------------
 # The loop
 
@@ -156,10 +150,21 @@ def is_done(workdir: str, steps: int) -> bool:
 
 def save_reference(graphdef, params, tok, workdir: str, *, steps: int,
                    teacher_label: str) -> str:
-  """Writes the reference HF directory atomically (tmp dir, then rename)."""
+  """Writes the reference HF directory atomically (tmp dir, then rename);
+  process 0 writes, every process waits for it (the workdir is shared)."""
+  out = reference_dir(workdir)
+  params = sharded.to_host(params)
+  if jax.process_index() == 0:
+    _write_reference(graphdef, params, tok, out, steps=steps,
+                     teacher_label=teacher_label)
+  sharded.barrier("sft.reference")
+  return out
+
+
+def _write_reference(graphdef, params, tok, out: str, *, steps: int,
+                     teacher_label: str) -> None:
   from purld_jax import models  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  out = reference_dir(workdir)
   tmp = f"{out}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   models.save_pretrained(nnx.merge(graphdef, params), tok, tmp)
@@ -168,11 +173,6 @@ def save_reference(graphdef, params, tok, workdir: str, *, steps: int,
   if os.path.exists(out):
     shutil.rmtree(out)
   os.replace(tmp, out)
-  return out
-
-
-def _anchor_texts(store, prompts) -> list[str]:
-  return [a.text for a in store.get_or_query(prompts)]
 
 
 def run(config, workdir: str) -> str:
@@ -195,29 +195,35 @@ def run(config, workdir: str) -> str:
 
   source = data_lib.encode(prompts_lib.read_jsonl(config.data.train_path),
                            tok, max_len=config.data.max_prompt_len)
+  # The global batch on every process (sharded.py: host data is whole).
   it = data_lib.train_iterator(source, batch_size=config.sft.batch_size,
                                seed=config.data.shuffle_seed,
-                               buckets=config.data.buckets)
-  store = anchors_lib.AnchorStore(workdir, teacher)
+                               buckets=config.data.buckets, process_index=0,
+                               process_count=1)
+  mesh, param_sh = loop_lib.mesh_setup(
+      config, student.cfg, batch_sizes={"sft.batch_size":
+                                        config.sft.batch_size})
+  store = anchors_lib.SharedAnchors(workdir, teacher)
   try:
     with loop_lib.Stage(config, workdir, STAGE, total_steps=steps,
                         learning_rate=config.sft.learning_rate,
                         warmup_steps=config.sft.warmup_steps,
                         graphdef=graphdef, param_shapes=student.abstract()[1],
-                        init_params=student.init_params, data_iter=it,
-                        teacher_label=teacher.label) as stage:
+                        param_sh=param_sh, init_params=student.init_params,
+                        data_iter=it, teacher_label=teacher.label) as stage:
       if config.data.prefetch_anchors:
-        _anchor_texts(store, source.prompts)
+        store.texts(source.prompts)
       state = stage.state
-      step_fn = functools.partial(
-          jitted_train_step, schedule=stage.schedule,
+      step_fn = sharded.jit_train_step(functools.partial(
+          train_step, schedule=stage.schedule,
           grad_accum=config.opt.grad_accum,
           vocab_chunk=config.model.vocab_chunk or None,
-          response_len=config.sft.max_response_len)
+          response_len=config.sft.max_response_len), stage.state_sh,
+          ("batch", "replicated"), mesh=mesh)
       nan_at_step = np.int32(config.debug.nan_at_step)
       for step in range(stage.start, steps):
         prompts = next(it)
-        batch = make_batch(tok, prompts, _anchor_texts(store, prompts.prompts),
+        batch = make_batch(tok, prompts, store.texts(prompts.prompts),
                            max_response_len=config.sft.max_response_len,
                            buckets=config.data.buckets)
         state, metrics = step_fn(state, batch, nan_at_step)
