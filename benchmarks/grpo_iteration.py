@@ -66,8 +66,8 @@ def run_ours(s: dict) -> dict:
   from purld_jax.train import grpo
 
   rows = peers.demo_prompts(s["prompts"])
-  state, ref_params, schedule, tok, batch_p, cfg = peers.ours_setup(s["lr"],
-                                                                    rows)
+  state, ref_params, schedule, tok, batch_p, cfg = peers.ours_setup(
+      s["lr"], rows, remat=s["remat"])
   graphdef = state.graphdef
   answers = [r["answer"] for r in rows]
   verifier = lambda b, text: peers.exact_match(text, answers[b])
@@ -195,6 +195,9 @@ def main(argv=None):
   parser.add_argument("--completions", type=int, default=8)
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--beta", type=float, default=0.04)
+  parser.add_argument("--remat", default="full",
+                      help="ours' model.remat: none | full | dots (full: "
+                      "layer activations recomputed in the backward pass)")
   peers.add_common_args(parser, SIDES)
   args = parser.parse_args(argv)
   if args.quick:
@@ -204,18 +207,20 @@ def main(argv=None):
                   new_tokens=args.new_tokens, iterations=args.iterations,
                   beta=args.beta, epsilon=0.2, lr=1e-6, temperature=1.0,
                   aggregation="token (DAPO)", optimizer_steps=1,
-                  rate_rows=512, omp_wait=args.omp_wait, quick=args.quick)
+                  rate_rows=512, omp_wait=args.omp_wait, remat=args.remat,
+                  quick=args.quick)
   sides = peers.run_sides(MODULE, args.sides, settings)
   from purld_jax.models import embedded
   dims = peers.model_dims(str(embedded.ensure_converted()))
   b, k, t = args.prompts, args.completions, args.new_tokens
-  p = sum(next(iter(sides.values()))["prompt_tokens"])
+  ok = {n: s for n, s in sides.items() if "failed" not in s}
+  p = sum(next(iter(ok.values()))["prompt_tokens"])
   bkt = b * k * t
   # generation: prompts once + every decoded token with the head; reference:
   # one forward; the update: forward and backward (3 forwards).
   useful = (peers.forward_flops(dims, p, bkt) + 4 * peers.forward_flops(
       dims, p, bkt)) / 1e9
-  for name, s in sides.items():
+  for name, s in ok.items():
     print(f"{name}: prompt tokens {s['prompt_tokens']}"
           + (f", TRL mean completion length {s['mean_completion_length']}"
              if "mean_completion_length" in s else

@@ -180,8 +180,10 @@ def run_child(module: str, side: str, settings: dict) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", module, "--child", side, "--settings",
          json.dumps(settings), "--result", result], cwd=ROOT, env=env)
-    if proc.returncode != 0:
-      raise RuntimeError(f"{side} failed (exit {proc.returncode})")
+    if proc.returncode != 0:  # e.g. -9: killed for memory
+      print(f"[{side}] failed (exit {proc.returncode})", flush=True)
+      return dict(failed=proc.returncode, load_before=before,
+                  load_after=sampling_bench.load())
     with open(result) as f:
       out = json.load(f)
   out.update(load_before=before, load_after=sampling_bench.load(),
@@ -209,14 +211,21 @@ def report(bench: str, settings: dict, sides: dict, useful_gflop: float,
            phase_names: list[str], out_path: str) -> dict:
   """Prints the table (median seconds, phases, RSS, roofline, ratios) and
   appends the row to `out_path`."""
+  failed = {n: s for n, s in sides.items() if "failed" in s}
+  sides = {n: s for n, s in sides.items() if "failed" not in s}
   rate = max(s["matmul_gflops"] for s in sides.values())
   names = list(sides)
   row = dict(header(settings), bench=bench, useful_gflop=useful_gflop,
-             machine_matmul_gflops=rate, sides=sides)
+             machine_matmul_gflops=rate, sides=sides, failed=failed)
+  for name, s in failed.items():
+    print(f"{name}: FAILED (exit {s['failed']}; -9 is the kernel's OOM "
+          f"killer), load {s['load_before']}/{s['load_after']}")
   for s in sides.values():
     s["roofline"] = useful_gflop / s["median"]["total"] / rate
   print("\nsettings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-  width = max(14, *(len(n) + 2 for n in names))
+  width = max(14, *(len(n) + 2 for n in names),
+              *(len(",".join(f"{x:.1f}" for x in s["runs"])) + 2
+                for s in sides.values()))
   print(f"{'median s (of ' + str(settings['iterations']) + ')':26}"
         + "".join(f"{n:>{width}}" for n in names))
   for phase in phase_names + ["total"]:
@@ -334,8 +343,10 @@ def run_sides(module: str, sides: str, settings: dict) -> dict:
   return out
 
 
-def ours_setup(lr: float, rows: list[dict]):
-  """purld_jax's side: the f32 model, a TrainState (AdamW as TRL's: betas
+def ours_setup(lr: float, rows: list[dict], remat: str = "none"):
+  """purld_jax's side: the f32 model (`LlamaConfig.remat` = remat: "full"
+  recomputes each layer in the backward pass instead of keeping its
+  activations), a TrainState (AdamW as TRL's: betas
   0.9/0.999, clipping at 1, no decay), a reference copy, and the prompts of
   `rows` as one left-padded `data.PromptBatch`.
 
@@ -344,15 +355,23 @@ def ours_setup(lr: float, rows: list[dict]):
   """
   import jax
   import jax.numpy as jnp
-  from flax import nnx
   from purld_jax import data as data_lib
   from purld_jax import prompts as prompts_lib
   from purld_jax.train import state as state_lib
 
-  model, tok, _ = sampling_bench.load_model(False)
-  cfg = model.cfg
-  graphdef, params = nnx.split(model)
-  del model
+  import dataclasses
+  from purld_jax.models import embedded
+  from purld_jax.models import hf
+  from purld_jax.models import llama
+  from purld_jax.models import tokenizer as tokenizer_lib
+
+  path = embedded.ensure_converted()
+  tok = tokenizer_lib.load(path)
+  cfg = dataclasses.replace(hf.read_config(path, dtype=jnp.float32,
+                                           param_dtype=jnp.float32),
+                            remat=remat)
+  params = hf.load_params(path, cfg)
+  graphdef, _ = llama.abstract_model(cfg)
   ref_params = jax.tree.map(jnp.copy, params)
   tx, schedule = state_lib.make_optimizer(
       learning_rate=lr, warmup_steps=0, total_steps=1000, b2=0.999,
