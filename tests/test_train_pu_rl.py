@@ -68,6 +68,9 @@ def test_recipe_runs_end_to_end(recipe, tmp_path, jit_cache):  # noqa: F811
   for r in rl:
     assert np.isfinite(r["loss"]) and r["teacher_calls"] == 0.0
     assert {"sample_s", "score_s", "update_s", "score_std"} <= set(r)
+    # The demo prompts have answers: the ranking is checked against them.
+    assert 0.0 <= r["oracle_sample_accuracy"] <= 1.0
+    assert 0.0 <= r["oracle_mixed_groups"] <= 1.0
 
 
 # ----------------------------------------------------------------------------

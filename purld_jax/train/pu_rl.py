@@ -26,6 +26,7 @@ from flax import nnx
 
 from purld_jax import anchors as anchors_lib
 from purld_jax import data as data_lib
+from purld_jax import diagnostics
 from purld_jax import evaluate
 from purld_jax import prompts as prompts_lib
 from purld_jax import rollout
@@ -58,6 +59,19 @@ def ranking_params(config) -> rollout.RankingParams:
       no_word=r.no_word, aggregation=r.aggregation, bt_iters=r.bt_iters,
       bt_prior=r.bt_prior, metric=r.metric, rows_per_call=r.rows_per_call,
       pad_multiple=r.pad_multiple, vocab_chunk=config.model.vocab_chunk or None)
+
+
+def _oracle_agreement(group, prompts, verifier) -> dict:
+  """oracle_* metrics: the self-ranking against exact answer match, when
+  every prompt has a reference answer (diagnostics.ranking_vs_oracle);
+  the oracle is only watched, never trained on (unless ranking.scheme is
+  "oracle")."""
+  if any(p.answer is None for p in prompts.prompts):
+    return {}
+  correct = np.array([[verifier(b, t) for t in texts]
+                      for b, texts in enumerate(group.texts)])
+  d = diagnostics.ranking_vs_oracle(group.scores, correct, group.valid)
+  return {f"oracle_{k}": v for k, v in d.items()}
 
 
 def _reference(config, workdir, student, ref_dir=None):
@@ -159,6 +173,7 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
                     response_len=float(cand_mask.sum(-1).mean()),
                     finished=float(group.finished.mean()),
                     teacher_calls=store.teacher_calls())
+        host.update(_oracle_agreement(group, prompts, verifier))
         st.step_done(step + 1, state, metrics, tokens=int(cand_mask.sum()),
                      host=host)
       st.finish(state)
