@@ -133,7 +133,7 @@ def test_demo_files_are_what_make_py_writes():
   for name, records in (("train.jsonl", train), ("eval.jsonl", evals)):
     with open(os.path.join(REPO, "data/demo", name), encoding="utf-8") as f:
       assert [json.loads(line) for line in f] == records
-  assert (len(train), len(evals)) == (256, 64)
+  assert (len(train), len(evals)) == (256, 128)
   questions = [r["prompt"] for r in train + evals]
   assert len(set(questions)) == len(questions)  # train and eval disjoint
 
@@ -142,18 +142,20 @@ def test_demo_answers_are_exact_integers():
   for name in ("train.jsonl", "eval.jsonl"):
     for p in prompts_lib.read_jsonl(os.path.join(REPO, "data/demo", name)):
       assert p.answer.isdigit(), (p.id, p.answer)
-  # One template by hand: 12 trays of 7 rolls, 30 sold: 84 - 30 = 54.
+  # Two templates by hand: 12 sweets, 7 eaten: 5 left; double 13 is 26.
   module = _make_module()
 
   class Fixed:
-    def __init__(self):
-      self.ints = iter([12, 7, 30])
+    def __init__(self, kind, ints):
+      self.kind, self.ints = kind, iter(ints)
     def choice(self, seq):
       return seq[0]
     def randrange(self, n):
-      return 4  # the baker template
+      return self.kind
     def randint(self, a, b):
       return next(self.ints)
 
-  question, answer = module._problem(Fixed())
-  assert "12 trays of 7 rolls and sells 30" in question and answer == 54
+  question, answer = module._problem(Fixed(7, [12, 7]))
+  assert question == "Ana had 12 sweets and ate 7. How many sweets are left?"
+  assert answer == 5
+  assert module._problem(Fixed(6, [13])) == ("What is double 13?", 26)
