@@ -285,7 +285,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   try:
     out = write(args.hf, args.out)
-  except (hf.CheckpointError, ValueError, NotImplementedError) as e:
+  except (hf.CheckpointError, ValueError) as e:
     parser.exit(1, f"export_gguf: error: {e}\n")
   print(f"wrote {out}", file=sys.stderr)
 

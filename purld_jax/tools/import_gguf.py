@@ -29,6 +29,10 @@ from safetensors import numpy as st_numpy
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
+
+class UnsupportedGGUF(ValueError):
+  """A GGUF using a feature this converter does not handle; names it."""
+
 GGUF_MAGIC = b"GGUF"
 
 # general.architecture -> HF (model_type, architectures[0]).
@@ -167,7 +171,7 @@ def hf_config(meta, *, tied, biases=()):
   """
   arch = _required(meta, "general.architecture")
   if arch not in ARCHITECTURES:
-    raise NotImplementedError(f"only {'/'.join(ARCHITECTURES)}-architecture "
+    raise UnsupportedGGUF(f"only {'/'.join(ARCHITECTURES)}-architecture "
                               f"GGUFs, got {arch!r}")
   model_type, hf_arch = ARCHITECTURES[arch]
   get = lambda key: _required(meta, f"{arch}.{key}")
@@ -176,7 +180,7 @@ def hf_config(meta, *, tied, biases=()):
   head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // n_heads))
   rot_dim = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
   if rot_dim != head_dim:
-    raise NotImplementedError(f"partial RoPE ({rot_dim} of {head_dim} dims)")
+    raise UnsupportedGGUF(f"partial RoPE ({rot_dim} of {head_dim} dims)")
   theta = _float32_decimal(meta.get(f"{arch}.rope.freq_base", 10000.0))
   rope = {"rope_type": "default", "rope_theta": theta}
   scaling = meta.get(f"{arch}.rope.scaling.type", "none")
@@ -184,10 +188,10 @@ def hf_config(meta, *, tied, biases=()):
     rope.update(rope_type="linear", factor=_float32_decimal(
         get("rope.scaling.factor")))
   elif scaling != "none":
-    raise NotImplementedError(f"RoPE scaling {scaling!r}")
+    raise UnsupportedGGUF(f"RoPE scaling {scaling!r}")
   want = {"qwen2": {"q", "k", "v"}, "llama": {"q", "k", "v", "o"}}[arch]
   if set(biases) not in (set(), want):
-    raise NotImplementedError(
+    raise UnsupportedGGUF(
         f"{arch} GGUF with biases on {sorted(biases)} (the HF {model_type} "
         f"model has them on {sorted(want)} or none)")
   vocab = meta.get(f"{arch}.vocab_size", len(_required(meta, "tokenizer.ggml.tokens")))
@@ -228,7 +232,7 @@ def _hf_name(gguf_name):
     return f"model.layers.{int(parts[1])}.{LAYER_NAMES[parts[2]]}.{parts[-1]}"
   if len(parts) == 2 and parts[0] in TOP_NAMES and parts[-1] == "weight":
     return f"{TOP_NAMES[parts[0]]}.weight"
-  raise NotImplementedError(f"unsupported GGUF tensor {gguf_name!r}")
+  raise UnsupportedGGUF(f"unsupported GGUF tensor {gguf_name!r}")
 
 
 def hf_tensors(reader, config):
@@ -260,7 +264,7 @@ def build_tokenizer(meta):
   """A byte-level BPE `tokenizers.Tokenizer` equal to llama.cpp's for this GGUF."""
   kind = meta.get("tokenizer.ggml.model")
   if kind != "gpt2":
-    raise NotImplementedError(f"only byte-level BPE ('gpt2') tokenizers, got {kind!r}")
+    raise UnsupportedGGUF(f"only byte-level BPE ('gpt2') tokenizers, got {kind!r}")
   tokens = _required(meta, "tokenizer.ggml.tokens")
   types = meta.get("tokenizer.ggml.token_type", [int(gguf.TokenType.NORMAL)] * len(tokens))
   merges = [tuple(m.split(" ", 1)) for m in _required(meta, "tokenizer.ggml.merges")]
@@ -280,7 +284,7 @@ def build_tokenizer(meta):
                              behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   else:
-    raise NotImplementedError(
+    raise UnsupportedGGUF(
         f"pre-tokenizer {pre!r} (known: "
         f"{_DIGITS_THEN_GPT2 + _GPT2_ONLY + tuple(SPLIT_REGEX)})")
   tok.decoder = decoders.ByteLevel()
@@ -369,7 +373,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   try:
     out = convert(args.gguf, args.out)
-  except (FileNotFoundError, ValueError, NotImplementedError) as e:
+  except (FileNotFoundError, ValueError) as e:
     parser.exit(1, f"import_gguf: error: {e}\n")
   print(f"wrote {out}", file=sys.stderr)
 

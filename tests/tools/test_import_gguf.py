@@ -221,7 +221,7 @@ def test_add_bos_token_adds_a_post_processor():
 def test_unsupported_pre_tokenizer_is_named():
   meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-llm",
           "tokenizer.ggml.tokens": TOKENS, "tokenizer.ggml.merges": MERGES}
-  with pytest.raises(NotImplementedError, match="deepseek-llm"):
+  with pytest.raises(import_gguf.UnsupportedGGUF, match="deepseek-llm"):
     import_gguf.build_tokenizer(meta)
 
 
