@@ -6,13 +6,8 @@ r"""PU-RLD with the grpo recipe: a label distribution over the K candidates as G
       --config.teacher.base_url=http://127.0.0.1:8080/v1 --config.teacher.model=NAME
   python -m purld_jax.main --config=configs/purld_grpo.py:tiny --workdir=/tmp/purld_grpo_tiny
 
-METHOD.md's defaults (configs/common.py): stage 1 SFT on anchors, then K = 8
-candidates per prompt ranked by the student's anchor-conditioned judge. The
-teacher is any OpenAI-compatible endpoint (one call per prompt, ever; the
-key is read from the env var named by teacher.api_key_env, never stored).
-Variants (after the colon):
-  ''      your model and teacher (defaults: the embedded SmolLM2-135M, a local server)
-  tiny    a random tiny model, the dataset teacher: CPU, seconds
+Stage 1 SFT on anchors, then PU-RL at METHOD.md's defaults (configs/common.py;
+K = 8 here); the teacher and variants ('' / tiny) as in README "Training".
 """
 
 from configs import common
