@@ -50,10 +50,16 @@ def verify(text: str, answer: str | None) -> float:
   return float(answer is not None and last_number(text) == str(answer).strip())
 
 
-def batch_verifier(answers: Sequence[str | None]) -> Callable[[int, str], float]:
-  """verifier(b, text) -> `verify(text, answers[b])` (the oracle scheme's
-  signature)."""
-  return lambda b, text: verify(text, answers[b])
+def batch_verifier(answers: Sequence[str | None], *, kind: str = "last_number"
+                   ) -> Callable[[int, str], float]:
+  """verifier(b, text) -> `fn(text, answers[b])` (the oracle scheme's
+  signature); `fn` is `verify` for kind "last_number", `verifiers.verify_math`
+  (the math-verify package) for kind "math" (`verifiers.KINDS`)."""
+  if kind == "last_number":
+    return lambda b, text: verify(text, answers[b])
+  from purld_jax import verifiers  # pylint: disable=g-import-not-at-top
+  fn = verifiers.get(kind)
+  return lambda b, text: fn(text, answers[b])
 
 
 # ----------------------------------------------------------------------------
@@ -70,6 +76,26 @@ def bootstrap_ci(values: np.ndarray, *, samples: int = 2000, seed: int = 0,
   means = values[idx].mean(axis=1)
   tail = (1.0 - level) / 2 * 100
   lo, hi = np.percentile(means, [tail, 100 - tail])
+  return float(lo), float(hi)
+
+
+def bootstrap_stat_ci(statistic: Callable[..., float], *arrays: np.ndarray,
+                      samples: int = 2000, seed: int = 0, level: float = 0.95
+                      ) -> tuple[float, float]:
+  """Percentile-bootstrap interval of `statistic(*arrays)` over rows: each
+  array's leading axis (N, the same for all) is resampled with the same
+  indices (pairs stay pairs). With `statistic=np.mean` and one array it is
+  `bootstrap_ci` (the same draws for the same seed)."""
+  arrays = [np.asarray(a) for a in arrays]
+  n = len(arrays[0])
+  if any(len(a) != n for a in arrays):
+    raise ValueError(f"arrays of different lengths {[len(a) for a in arrays]}")
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, n, size=(samples, n))
+  stats = np.array([statistic(*(a[i] for a in arrays)) for i in idx],
+                   np.float64)
+  tail = (1.0 - level) / 2 * 100
+  lo, hi = np.percentile(stats, [tail, 100 - tail])
   return float(lo), float(hi)
 
 
