@@ -8,7 +8,7 @@ compute (enumerations, paths, ranges); the teacher block is exactly
 `teacher.TeacherConfig`'s fields.
 
 Blocks: model, data, teacher, sampling, ranking, pu, preference, loss, opt,
-sft, rl, eval, ckpt, export, log, mesh,
+sft, rl, eval, ckpt, rollout_store, export, log, mesh,
 debug.
 """
 
@@ -191,6 +191,16 @@ def ckpt() -> ml_collections.ConfigDict:
   return c
 
 
+def rollout_store() -> ml_collections.ConfigDict:
+  """Every PU-RL iteration's candidate pool on disk, for re-ranking studies
+  (purld_jax/rollout_store.py): prompts, anchor keys, candidates, scores,
+  preferences, oracle correctness; written by process 0 after each step."""
+  c = ml_collections.ConfigDict()
+  c.enabled = True            # write one step_*/ folder per PU-RL step
+  c.dir = "rollouts"          # relative paths are under the workdir
+  return c
+
+
 def export() -> ml_collections.ConfigDict:
   """What the main job writes for serving once it is done (purld_jax/export.py)."""
   c = ml_collections.ConfigDict()
@@ -245,6 +255,7 @@ def base() -> ml_collections.ConfigDict:
   c.rl = rl()
   c.eval = evaluation()
   c.ckpt = ckpt()
+  c.rollout_store = rollout_store()
   c.export = export()
   c.log = log()
   c.mesh = mesh()

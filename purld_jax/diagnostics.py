@@ -15,6 +15,9 @@ signal (host-side numpy; logged per step by train/pu_rl.py):
                     candidates);
   pair_accuracy     among (right, wrong) candidate pairs of a prompt, share
                     scored right > wrong (ties count half; 0.5 = chance).
+
+`kendall_tau_rows` (tau-b, ties handled) is the rank correlation of scores
+with correctness per prompt, for the studies (rollout_store.agreement).
 """
 
 from __future__ import annotations
@@ -48,3 +51,30 @@ def ranking_vs_oracle(scores: np.ndarray, correct: np.ndarray,
   credit = np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
   out["pair_accuracy"] = float((credit * pair).sum() / pair.sum())
   return out
+
+
+def kendall_tau_rows(x: np.ndarray, y: np.ndarray,
+                     valid: np.ndarray | None = None) -> np.ndarray:
+  """Kendall's tau-b of each row pair of f[B, K] x and y: f64[B].
+
+  tau_b = (C - D) / sqrt((n0 - n1) (n0 - n2)) over the n0 = K (K - 1) / 2
+  pairs of a row: C concordant, D discordant, n1 / n2 the pairs tied in x /
+  in y (a pair tied in either is neither C nor D; as scipy.stats.kendalltau).
+  NaN where x or y is constant on the row (e.g. all candidates right), and
+  on rows with `valid` bool[B] False.
+  """
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  upper = np.triu(np.ones((x.shape[-1],) * 2, bool), k=1)
+  sx = np.sign(x[:, :, None] - x[:, None, :])[:, upper]  # [B, n0]
+  sy = np.sign(y[:, :, None] - y[:, None, :])[:, upper]
+  den = np.sqrt((sx != 0).sum(-1) * (sy != 0).sum(-1).astype(np.float64))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    tau = np.where(den > 0, (sx * sy).sum(-1) / den, np.nan)
+  if valid is not None:
+    tau = np.where(np.asarray(valid, bool), tau, np.nan)
+  return tau
+
+
+def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
+  """Kendall's tau-b of two orderings f[K] (`kendall_tau_rows`)."""
+  return float(kendall_tau_rows(np.asarray(x)[None], np.asarray(y)[None])[0])

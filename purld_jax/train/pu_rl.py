@@ -30,6 +30,7 @@ from purld_jax import diagnostics
 from purld_jax import evaluate
 from purld_jax import prompts as prompts_lib
 from purld_jax import rollout
+from purld_jax import rollout_store
 from purld_jax import sampling as sampling_lib
 from purld_jax import sharded
 from purld_jax import teacher as teacher_lib
@@ -102,6 +103,9 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   source = data_lib.encode(prompts_lib.read_jsonl(config.data.train_path),
                            tok, max_len=config.data.max_prompt_len)
   store = anchors_lib.SharedAnchors(workdir, teacher)
+  rollouts = (rollout_store.RolloutStore(os.path.join(
+      workdir, config.rollout_store.dir)) if config.rollout_store.enabled
+              and jax.process_index() == 0 else None)
   # The global batch on every process (sharded.py: host data is whole).
   it = data_lib.train_iterator(source, batch_size=config.rl.batch_size,
                                seed=config.data.shuffle_seed + 1,
@@ -174,6 +178,11 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
                     finished=float(group.finished.mean()),
                     teacher_calls=store.teacher_calls())
         host.update(_oracle_agreement(group, prompts, verifier))
+        if rollouts is not None:  # a re-run step (resume) replaces its old copy
+          host["store_s"] = rollouts.record(
+              step + 1, group, batch, prompt_batch=prompts, anchors=anchors,
+              teacher=teacher, scheme=config.ranking.scheme,
+              recipe=config.recipe, verifier=verifier)
         st.step_done(step + 1, state, metrics, tokens=int(cand_mask.sum()),
                      host=host)
       st.finish(state)
