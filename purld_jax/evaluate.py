@@ -4,7 +4,8 @@ The main job evaluates three models on the held-out prompts (`data.eval_path`)
 with the same greedy decoding: the initial student ("before"), the SFT
 reference (stage 1) and the PU-RL result (stage 2). A prompt with a
 reference `answer` is scored by `verify` (the last number of the answer text
-equals the reference; exact, no partial credit); the table gives each
+equals the reference; exact, no partial credit), or with `verifier="math"` by
+`verifiers.verify_math` (math-verify equivalence); the table gives each
 model's accuracy with a 95 % percentile-bootstrap interval over prompts, and
 each model's gain over the reference with a *paired* bootstrap interval (the
 same resampled prompts for both models), so the spread of a small eval set
@@ -119,7 +120,8 @@ class Answers:
     texts: decoded answers (special tokens skipped).
     lengths: i[N] answer tokens (end of turn included).
     finished: bool[N] the answer ended with a stop token.
-    correct: f[N] `verify` per prompt (NaN where the prompt has no answer).
+    correct: f[N] `verify` (or the chosen verifier) per prompt (NaN where
+      the prompt has no answer).
   """
 
   name: str
@@ -146,13 +148,15 @@ def greedy_answers(graphdef, params, tok, source: data_lib.Encoded, *,
                    name: str, batch_size: int, max_new_tokens: int,
                    buckets: Sequence[int] | None, limit: int = 0,
                    progress: Callable | None = None,
-                   sampler: Callable | None = None) -> Answers:
+                   sampler: Callable | None = None,
+                   verifier: str = "last_number") -> Answers:
   """Greedy answers of one model to (the first `limit` of) `source`.
 
   Batches have one shape (the last is filled and the filler dropped), so the
   sampler compiles once per prompt bucket. `sampler(params, prompt_tokens,
   prompt_mask, key, prompt_index) -> Candidates` replaces `sampling.sample`
   with `greedy_params` and K = 1 (e.g. `sharded.jit_sampler` with those).
+  `verifier` names the check of `correct` (`batch_verifier`'s kinds).
   """
   sp = greedy_params(tok, max_new_tokens)
   if sampler is None:
@@ -175,8 +179,10 @@ def greedy_answers(graphdef, params, tok, source: data_lib.Encoded, *,
       finished.append(bool(cands.finished[i, 0]))
       ids.append(batch.prompts[i].id)
       answers.append(batch.prompts[i].answer)
-  correct = np.array([np.nan if a is None else verify(t, a)
-                      for t, a in zip(texts, answers)], np.float64)
+  check = batch_verifier(answers, kind=verifier)
+  correct = np.array([np.nan if a is None else check(i, t)
+                      for i, (t, a) in enumerate(zip(texts, answers))],
+                     np.float64)
   return Answers(name=name, ids=tuple(ids), texts=tuple(texts),
                  lengths=np.asarray(lengths), finished=np.asarray(finished),
                  correct=correct)
