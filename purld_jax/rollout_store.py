@@ -6,8 +6,10 @@
   store = RolloutStore.open(f"{workdir}/rollouts")  # a study reads
   for r in store.iter():                 # Rollout, one per step
     r4 = subsample(r, 4, seed=0)         # 4 of the K candidates per prompt
-  rerank(store, model, tok, ["pmi", "judge"])   # scores/<scheme>, resumable
-  rows = agreement_table(store, ["judge", "pmi"], ks=[2, 4], seeds=[0, 1])
+  store.add_scores(step, "pmi", scores)  # a study's scores, beside the run's
+
+Re-ranking every step with more schemes and the agreement-with-oracle table
+per scheme and K are `experiments/rerank.py`.
 
 Layout: one directory per step (shapes change between steps: the prompt
 bucket P, the member length T), each array a zarr (v2) array written with
@@ -59,9 +61,6 @@ import numpy as np
 import tensorstore as ts
 
 from purld_jax import anchors as anchors_lib
-from purld_jax import diagnostics
-from purld_jax import evaluate
-from purld_jax import ranking
 
 META = "meta.json"
 TEXTS = "texts.jsonl"
@@ -384,7 +383,7 @@ class RolloutStore:
 
 
 # ----------------------------------------------------------------------------
-# Studies: sub-sampled groups, re-ranking, agreement with the oracle
+# Sub-sampled groups (studies of K)
 
 
 def subsample(r: Rollout, k: int, seed: int) -> Rollout:
@@ -410,73 +409,3 @@ def subsample(r: Rollout, k: int, seed: int) -> Rollout:
       correct=None if r.correct is None else take(r.correct),
       texts=[[g[j] for j in row] for g, row in zip(r.texts, idx)],
       candidate_index=take(r.candidate_index))
-
-
-def rerank(store: RolloutStore, model, tok, schemes: Sequence[str], *,
-           prefix: str = "", steps: Sequence[int] | None = None,
-           overwrite: bool = False,
-           make_verifier=evaluate.batch_verifier,
-           **score_kwargs) -> list[tuple[int, str]]:
-  """Scores each stored step's candidates with every scheme
-  (`ranking.score_group(model, tok, ...)`, anchor scored too) into
-  scores/<prefix><scheme>; pairs already present are skipped (resumable).
-
-  `model` is one scorer for every step (e.g. the reference: the run's own
-  scores came from the policy snapshot of each step when ranking.scorer is
-  "policy"; the prefix keeps the two apart). `score_kwargs` go to
-  score_group (yes_word, rows_per_call, scorers, ...); "oracle" uses
-  `make_verifier(stored answers)`. Returns the (step, name)s written."""
-  done = []
-  for step in store.steps() if steps is None else steps:
-    todo = [s for s in schemes
-            if overwrite or prefix + s not in store.schemes(step)]
-    if not todo:
-      continue
-    r = store.read(step)
-    for scheme in todo:
-      verifier = make_verifier(r.answers) if scheme == "oracle" else None
-      s, s_a = ranking.score_group(
-          model, tok, r.messages, r.anchors, r.candidates(), scheme=scheme,
-          score_anchor=True, verifier=verifier, **score_kwargs)
-      store.add_scores(step, prefix + scheme, s, s_a, overwrite=True)
-      done.append((step, prefix + scheme))
-  return done
-
-
-def agreement(scores: np.ndarray, correct: np.ndarray,
-              valid: np.ndarray) -> dict[str, float]:
-  """`diagnostics.ranking_vs_oracle` plus kendall_tau: the mean over valid
-  prompts of tau-b(scores, correctness) where it is defined (mixed groups)."""
-  out = diagnostics.ranking_vs_oracle(scores, correct, valid)
-  tau = diagnostics.kendall_tau_rows(scores, correct, valid)
-  tau = tau[np.isfinite(tau)]
-  out["kendall_tau"] = float(tau.mean()) if len(tau) else np.nan
-  return out
-
-
-def agreement_table(store: RolloutStore, schemes: Sequence[str],
-                    ks: Sequence[int], seeds: Sequence[int], *,
-                    steps: Sequence[int] | None = None) -> list[dict]:
-  """One row per (scheme, k, seed): `agreement` over the prompts of every
-  stored step with oracle correctness, k candidates sub-sampled per prompt
-  (`subsample`). Steps lacking a scheme's scores are left out of its rows
-  (the row's `steps` counts those used)."""
-  rollouts = [r for r in store.iter(steps) if r.correct is not None]
-  if not rollouts:
-    raise ValueError(f"{store.path}: no step has oracle correctness")
-  rows = []
-  for scheme in schemes:
-    for k in ks:
-      for seed in seeds:
-        parts = [subsample(r, k, seed) for r in rollouts
-                 if scheme in r.scores]
-        if not parts:
-          continue
-        cat = lambda f: np.concatenate([f(p) for p in parts])
-        row = dict(scheme=scheme, k=k, seed=seed, steps=len(parts),
-                   prompts=int(cat(lambda p: p.valid).sum()))
-        row.update(agreement(cat(lambda p: p.scores[scheme]),
-                             cat(lambda p: p.correct),
-                             cat(lambda p: p.valid)))
-        rows.append(row)
-  return rows

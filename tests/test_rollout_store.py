@@ -14,6 +14,7 @@ from purld_jax import ranking
 from purld_jax import rollout
 from purld_jax import rollout_store
 from purld_jax.train import dpo
+from experiments import rerank as rerank_lib
 from tests import train_fixtures
 from tests.train_fixtures import char_tok  # noqa: F401  (fixture)
 from tests.train_fixtures import jit_cache  # noqa: F401  (fixture)
@@ -233,7 +234,7 @@ def test_agreement_table_over_the_stored_pool(tmp_path):
   _write(store, 1, g, correct=correct)
   store.add_scores(1, "pmi", np.array([[4, 3, 2, 1], [1, 2, 3, 4]],
                                       np.float32))
-  rows = rollout_store.agreement_table(store, ["pmi", "judge"], ks=[4, 2],
+  rows = rerank_lib.agreement_table(store, ["pmi", "judge"], ks=[4, 2],
                                        seeds=[0, 1])
   assert [(r["scheme"], r["k"], r["seed"]) for r in rows] == [
       ("pmi", 4, 0), ("pmi", 4, 1), ("pmi", 2, 0), ("pmi", 2, 1),
@@ -268,7 +269,7 @@ def test_rerank_fills_missing_schemes_and_resumes(tmp_path, char_tok):  # noqa: 
       anchor_score=np.zeros(b, np.float32), valid=np.ones(b, bool),
       texts=texts, timings={})
   _write(store, 1, g, anchors=anchors, correct=None)
-  done = rollout_store.rerank(store, None, tok, ["similarity", "oracle"],
+  done = rerank_lib.rerank(store, None, tok, ["similarity", "oracle"],
                               prefix="re_")
   assert done == [(1, "re_similarity"), (1, "re_oracle")]
   r = store.read(1)
@@ -279,7 +280,7 @@ def test_rerank_fills_missing_schemes_and_resumes(tmp_path, char_tok):  # noqa: 
       None, tok, r.messages, anchors, r.candidates(), scheme="similarity")
   np.testing.assert_array_equal(r.scores["re_similarity"], want)
   np.testing.assert_array_equal(r.anchor_scores["re_similarity"], want_a)
-  assert rollout_store.rerank(store, None, tok,
+  assert rerank_lib.rerank(store, None, tok,
                               ["similarity", "oracle"], prefix="re_") == []
 
 

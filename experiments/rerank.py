@@ -1,0 +1,161 @@
+r"""Re-rank a run's stored candidate pools with every scheme, and the table of
+self-ranking vs oracle agreement per scheme and K, without sampling again.
+
+  python experiments/rerank.py --workdir=workdirs/demo \
+      --schemes=judge,pmi,anchor_recon,pairwise_judge,similarity \
+      --ks=2,4 --seeds=0,1,2 --out=workdirs/demo/rerank.csv
+
+Reads the run's rollout store (WORKDIR/rollouts, purld_jax/rollout_store.py),
+scores every step's candidates with --model (default the run's reference,
+WORKDIR/reference) under scores/<prefix><scheme> (steps already scored are
+skipped: a killed study resumes), then prints, for each scheme and K (K
+candidates sub-sampled from the stored pool per prompt, per seed),
+`diagnostics.ranking_vs_oracle` and the mean per-prompt Kendall tau-b of
+the scores with correctness. Needs prompts with answers (oracle
+correctness is stored only then).
+
+The run's own scores (scores/<ranking.scheme>) came from the policy snapshot
+of each step when ranking.scorer = "policy"; --model scores every step with
+one model, so the prefix (default "ref_") keeps the two apart. Sub-sampling
+restricts pool scores: exact for pointwise schemes, approximate for
+pairwise_judge (Bradley-Terry over the whole pool).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from typing import Sequence
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+
+from purld_jax import diagnostics  # noqa: E402
+from purld_jax import evaluate  # noqa: E402
+from purld_jax import ranking  # noqa: E402
+from purld_jax import rollout_store  # noqa: E402
+
+
+def rerank(store: rollout_store.RolloutStore, model, tok,
+           schemes: Sequence[str], *, prefix: str = "",
+           steps: Sequence[int] | None = None, overwrite: bool = False,
+           make_verifier=evaluate.batch_verifier,
+           **score_kwargs) -> list[tuple[int, str]]:
+  """Scores each stored step's candidates with every scheme
+  (`ranking.score_group(model, tok, ...)`, anchor scored too) into
+  scores/<prefix><scheme>; pairs already present are skipped (resumable).
+
+  `model` is one scorer for every step (e.g. the reference: the run's own
+  scores came from the policy snapshot of each step when ranking.scorer is
+  "policy"; the prefix keeps the two apart). `score_kwargs` go to
+  score_group (yes_word, rows_per_call, scorers, ...); "oracle" uses
+  `make_verifier(stored answers)`. Returns the (step, name)s written."""
+  done = []
+  for step in store.steps() if steps is None else steps:
+    todo = [s for s in schemes
+            if overwrite or prefix + s not in store.schemes(step)]
+    if not todo:
+      continue
+    r = store.read(step)
+    for scheme in todo:
+      verifier = make_verifier(r.answers) if scheme == "oracle" else None
+      s, s_a = ranking.score_group(
+          model, tok, r.messages, r.anchors, r.candidates(), scheme=scheme,
+          score_anchor=True, verifier=verifier, **score_kwargs)
+      store.add_scores(step, prefix + scheme, s, s_a, overwrite=True)
+      done.append((step, prefix + scheme))
+  return done
+
+
+def agreement(scores: np.ndarray, correct: np.ndarray,
+              valid: np.ndarray) -> dict[str, float]:
+  """`diagnostics.ranking_vs_oracle` plus kendall_tau: the mean over valid
+  prompts of tau-b(scores, correctness) where it is defined (mixed groups)."""
+  out = diagnostics.ranking_vs_oracle(scores, correct, valid)
+  tau = diagnostics.kendall_tau_rows(scores, correct, valid)
+  tau = tau[np.isfinite(tau)]
+  out["kendall_tau"] = float(tau.mean()) if len(tau) else np.nan
+  return out
+
+
+def agreement_table(store: rollout_store.RolloutStore,
+                    schemes: Sequence[str],
+                    ks: Sequence[int], seeds: Sequence[int], *,
+                    steps: Sequence[int] | None = None) -> list[dict]:
+  """One row per (scheme, k, seed): `agreement` over the prompts of every
+  stored step with oracle correctness, k candidates sub-sampled per prompt
+  (`rollout_store.subsample`). Steps lacking a scheme's scores are left
+  out of its rows (the row's `steps` counts those used)."""
+  rollouts = [r for r in store.iter(steps) if r.correct is not None]
+  if not rollouts:
+    raise ValueError(f"{store.path}: no step has oracle correctness")
+  rows = []
+  for scheme in schemes:
+    for k in ks:
+      for seed in seeds:
+        parts = [rollout_store.subsample(r, k, seed) for r in rollouts
+                 if scheme in r.scores]
+        if not parts:
+          continue
+        cat = lambda f: np.concatenate([f(p) for p in parts])
+        row = dict(scheme=scheme, k=k, seed=seed, steps=len(parts),
+                   prompts=int(cat(lambda p: p.valid).sum()))
+        row.update(agreement(cat(lambda p: p.scores[scheme]),
+                             cat(lambda p: p.correct),
+                             cat(lambda p: p.valid)))
+        rows.append(row)
+  return rows
+
+
+FIELDS = ("scheme", "k", "seed", "steps", "prompts", "sample_accuracy",
+          "mixed_groups", "top_right", "pair_accuracy", "kendall_tau")
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from purld_jax import models  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  store = rollout_store.RolloutStore.open(
+      os.path.join(f.workdir, "rollouts"))
+  names = [f.prefix + s for s in f.schemes]
+  if f.schemes:
+    model, tok = models.load_pretrained(
+        f.model or os.path.join(f.workdir, "reference"), dtype=jnp.float32)
+    done = rerank(store, model, tok, f.schemes, prefix=f.prefix)
+    print(f"scored {len(done)} (step, scheme) pairs", file=sys.stderr)
+  rows = agreement_table(store, names + list(f.stored),
+                         ks=[int(k) for k in f.ks],
+                         seeds=[int(s) for s in f.seeds])
+  print(" ".join(f"{c:>15}" for c in FIELDS))
+  for r in rows:
+    print(" ".join(f"{r[c]:>15.4f}" if isinstance(r[c], float)
+                   else f"{r[c]!s:>15}" for c in FIELDS))
+  if f.out:
+    with open(f.out, "w", newline="", encoding="utf-8") as fh:
+      w = csv.DictWriter(fh, FIELDS)
+      w.writeheader()
+      w.writerows(rows)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "the run's workdir (WORKDIR/rollouts)")
+  flags.DEFINE_string("model", None, "HF scorer directory (default: "
+                      "WORKDIR/reference)")
+  flags.DEFINE_list("schemes", "judge,pmi,anchor_recon,similarity",
+                    "schemes to score the stored candidates with")
+  flags.DEFINE_string("prefix", "ref_", "stored as scores/<prefix><scheme>")
+  flags.DEFINE_list("stored", "", "also tabulate these stored score names "
+                    "(e.g. the run's own: judge)")
+  flags.DEFINE_list("ks", "2,4", "group sizes sub-sampled")
+  flags.DEFINE_list("seeds", "0,1,2", "sub-sampling seeds")
+  flags.DEFINE_string("out", None, "write the rows as CSV here")
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
