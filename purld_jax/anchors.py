@@ -156,8 +156,11 @@ class FetchReport:
 class Ledger:
   """The SQLite ledger; thread-safe (one connection behind a lock)."""
 
-  def __init__(self, workdir: str | os.PathLike, *, create: bool = True):
-    self.path = os.path.join(os.fspath(workdir), FILENAME)
+  def __init__(self, workdir: str | os.PathLike, *, create: bool = True,
+               filename: str = FILENAME):
+    # `filename`: another ledger of the same schema beside the anchors'
+    # (teacher_judge.FILENAME holds the teacher-as-judge's judgements).
+    self.path = os.path.join(os.fspath(workdir), filename)
     if not create and not os.path.exists(self.path):
       raise AnchorError(f"no anchor ledger at {self.path}")
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -309,8 +312,10 @@ def format_stats(s: Stats) -> str:
 class AnchorStore:
   """Anchors for prompts, asking the teacher only for keys not in the ledger."""
 
-  def __init__(self, workdir: str | os.PathLike, teacher: teacher_lib.Teacher):
-    self.teacher, self.ledger = teacher, Ledger(workdir)
+  def __init__(self, workdir: str | os.PathLike, teacher: teacher_lib.Teacher,
+               *, filename: str = FILENAME):
+    self.teacher = teacher
+    self.ledger = Ledger(workdir, filename=filename)
 
   def close(self):
     self.ledger.close()

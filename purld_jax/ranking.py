@@ -39,7 +39,7 @@ from purld_jax import scoring
 from purld_jax.models import tokenizer as tok_lib
 
 SCHEMES = ("judge", "pmi", "anchor_recon", "pairwise_judge", "self_reward",
-           "similarity", "oracle")
+           "similarity", "oracle", "teacher_judge")
 PAIRWISE_AGGREGATIONS = ("bradley_terry", "win_count")
 SIMILARITY_METRICS = ("rouge_l", "token_f1")
 
@@ -636,6 +636,9 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
   """
   if scheme not in SCHEMES:
     raise ValueError(f"scheme {scheme!r} not in {SCHEMES}")
+  if scheme == "teacher_judge":  # the teacher scores: not a self-ranking
+    raise ValueError("scheme 'teacher_judge' is scored by the teacher "
+                     "(teacher_judge.TeacherJudge via rollout.collect(judge=))")
   b = len(candidates)
   k = len(candidates[0])
   groups = [[cut_at_stop(y, tok.stop_ids) for y in g] for g in candidates]

@@ -141,7 +141,8 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
             ranking_params: RankingParams, max_anchor_len: int,
             verifier: Callable[[int, str], float] | None = None,
             sampler: Callable | None = None,
-            scorers: ranking.Scorers | None = None) -> Group:
+            scorers: ranking.Scorers | None = None,
+            judge: Callable | None = None) -> Group:
   """Samples, then self-ranks, one batch of prompts (see module docstring).
 
   Args:
@@ -162,6 +163,9 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
       `k`, `sampling` and the pad id are its arguments).
     scorers: the scorer's log-prob functions (`ranking.Scorers`, params
       bound); default `ranking.model_scorers` of `scorer_params`.
+    judge: scheme "teacher_judge" only: judge(prompts, texts, valid) ->
+      (scores [B, K], anchor_score [B]) on the host, texts the decoded
+      candidates cut at their stop id (`teacher_judge.TeacherJudge`).
   """
   sampling = with_stop_ids(sampling, tok)
   if sampler is None:
@@ -179,13 +183,21 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
   if scorers is None:
     scorers = ranking.model_scorers(nnx.merge(graphdef, scorer_params),
                                     vocab_chunk=rp.vocab_chunk)
-  scores, s_a = ranking.score_group(
-      None, tok, messages, list(anchors), lists, scheme=rp.scheme,
-      template=rp.template or None, score_anchor=True, yes_word=rp.yes_word,
-      no_word=rp.no_word, aggregation=rp.aggregation, bt_iters=rp.bt_iters,
-      bt_prior=rp.bt_prior, metric=rp.metric, verifier=verifier,
-      rows_per_call=rp.rows_per_call, vocab_chunk=rp.vocab_chunk,
-      pad_multiple=rp.pad_multiple, scorers=scorers)
+  if rp.scheme == "teacher_judge":
+    if judge is None:
+      raise ValueError("ranking.scheme 'teacher_judge' needs a judge")
+    scores, s_a = judge(batch.prompts, [
+        [tok.decode(ranking.cut_at_stop(ids, tok.stop_ids)) for ids in g]
+        for g in lists], np.asarray(batch.valid))
+  else:
+    scores, s_a = ranking.score_group(
+        None, tok, messages, list(anchors), lists, scheme=rp.scheme,
+        template=rp.template or None, score_anchor=True,
+        yes_word=rp.yes_word, no_word=rp.no_word, aggregation=rp.aggregation,
+        bt_iters=rp.bt_iters, bt_prior=rp.bt_prior, metric=rp.metric,
+        verifier=verifier, rows_per_call=rp.rows_per_call,
+        vocab_chunk=rp.vocab_chunk, pad_multiple=rp.pad_multiple,
+        scorers=scorers)
   t2 = time.perf_counter()
   anchor_ids = anchor_members(tok, messages, anchors, max_len=max_anchor_len)
   members, member_mask = pack_members(np.asarray(cands.tokens),

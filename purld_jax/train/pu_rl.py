@@ -34,6 +34,7 @@ from purld_jax import rollout_store
 from purld_jax import sampling as sampling_lib
 from purld_jax import sharded
 from purld_jax import teacher as teacher_lib
+from purld_jax import teacher_judge
 from purld_jax.models import hf
 from purld_jax.train import dpo
 from purld_jax.train import grpo
@@ -106,6 +107,9 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   rollouts = (rollout_store.RolloutStore(os.path.join(
       workdir, config.rollout_store.dir)) if config.rollout_store.enabled
               and jax.process_index() == 0 else None)
+  judge = (teacher_judge.TeacherJudge(workdir, teacher,
+                                      template=config.ranking.template)
+           if config.ranking.scheme == "teacher_judge" else None)
   # The global batch on every process (sharded.py: host data is whole).
   it = data_lib.train_iterator(source, batch_size=config.rl.batch_size,
                                seed=config.data.shuffle_seed + 1,
@@ -155,7 +159,7 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
             graphdef, state.params, scorer, tok, prompts, anchors, key,
             k=k, sampling=sp, ranking_params=rp,
             max_anchor_len=config.sft.max_response_len, verifier=verifier,
-            sampler=sampler, scorers=scorers(scorer))
+            sampler=sampler, scorers=scorers(scorer), judge=judge)
         t0 = time.perf_counter()
         batch = recipe.build_batch(group, config)
         if recipe is grpo:
@@ -183,11 +187,14 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
               step + 1, group, batch, prompt_batch=prompts, anchors=anchors,
               teacher=teacher, scheme=config.ranking.scheme,
               recipe=config.recipe, verifier=verifier)
+        host.update(teacher_judge.metrics(judge))
         st.step_done(step + 1, state, metrics, tokens=int(cand_mask.sum()),
                      host=host)
       st.finish(state)
   finally:
     store.close()
+    if judge is not None:
+      judge.close()
   out = os.path.join(workdir, FINAL)
   params = sharded.to_host(state.params)
   if jax.process_index() == 0:
