@@ -246,8 +246,11 @@ class TeacherJudge:
     rows = [r for r in range(b) if valid[r]]
     todo = items([prompts[r] for r in rows], [texts[r] for r in rows])
     flat = [it for g in todo for it in g]
-    local = (None if self.store is None
-             else [a.text for a in self.store.get_or_query(flat)])
+    try:
+      local = (None if self.store is None
+               else [a.text for a in self.store.get_or_query(flat)])
+    except anchors_lib.AnchorError as e:  # its words say "anchor"
+      raise anchors_lib.AnchorError(f"teacher judge ({FILENAME}): {e}") from None
     replies = anchors_lib.broadcast_texts(local, len(flat))
     scores = np.full((b, k), SCORE_MIN, np.float32)
     if rows:

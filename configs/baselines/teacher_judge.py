@@ -28,7 +28,9 @@ def get_config(arg: str = ""):
   # ranking.template: '' = teacher_judge.JUDGE_TEMPLATE ({prompt}, {response};
   # the reply is read by teacher_judge.parse_score, scores 1..10).
   c.ranking.template = ""
-  c.teacher.max_tokens = 16             # a judge replies "Score: N"
+  # The judge is the `teacher` block's endpoint, params and retries (its
+  # max_tokens also bounds the anchors: leave it); an unparseable reply is
+  # re-asked up to teacher.max_retries times (teacher_judge.py).
   c.preference.kind = "pairwise"        # DPO pairs from the judge's scores
   c.preference.pairs = "best_vs_worst"  # as configs/purld_dpo.py
   c.sampling.num_candidates = 8         # K: K judge calls per prompt and step
