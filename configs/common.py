@@ -152,7 +152,12 @@ def opt() -> ml_collections.ConfigDict:
   c.eps = 1e-8                # Adam epsilon
   c.weight_decay = 0.0        # decoupled, on matrices only (not norms/biases)
   c.clip_norm = 1.0           # global-norm gradient clipping (0 = off)
-  c.grad_accum = 1            # micro-batches per optimizer update
+  c.grad_accum = 1            # batches (steps) per optimizer update (optax.MultiSteps)
+  # Slices of each batch's prompts run one after another inside one jitted
+  # step (lax.scan): peak activation memory / micro_batches, the same update.
+  # Must divide sft.batch_size and rl.batch_size (keep batch / micro_batches
+  # a multiple of the data-parallel size, or each slice is resharded).
+  c.micro_batches = 1
   c.nan_policy = "skip"       # non-finite loss/grads: skip the update | stop
   return c
 

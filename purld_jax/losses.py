@@ -127,6 +127,16 @@ def dpo(pol_chosen: jax.Array, pol_rejected: jax.Array,
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
+def dpo_weight(pair_mask: jax.Array, reduce: str = "pairs") -> jax.Array:
+  """The denominator of `dpo`'s loss on a batch: valid pairs ("pairs") or
+  prompts with >= 1 pair ("prompts"); micro-batches weigh by it
+  (`state.grad_step`)."""
+  m = _f32(pair_mask)
+  if reduce == "prompts" and m.ndim == 2:
+    return jnp.sum(_f32(jnp.sum(m, axis=-1) > 0))
+  return jnp.sum(m)
+
+
 # ----------------------------------------------------------------------------
 # GRPO on groups
 
@@ -225,6 +235,17 @@ def grpo(logps: jax.Array, old_logps: jax.Array | None,
           (advantages - masked_mean(advantages, has)) ** 2, has)),
       tokens=jnp.sum(m))
   return loss, jax.tree.map(sg, metrics)
+
+
+def grpo_weight(mask: jax.Array, aggregation: str = "token") -> jax.Array:
+  """The denominator of `grpo`'s loss on a batch: completion tokens
+  ("token") or sequences with >= 1 token ("sequence", "dr_grpo"; the
+  latter's max_len is a constant); micro-batches weigh by it
+  (`state.grad_step`)."""
+  m = _f32(mask)
+  if aggregation == "token":
+    return jnp.sum(m)
+  return jnp.sum(_f32(jnp.sum(m, axis=-1) > 0))
 
 
 # ----------------------------------------------------------------------------

@@ -201,6 +201,11 @@ def validate(config) -> None:
   from purld_jax.models import llama  # pylint: disable=g-import-not-at-top
   _choice(errors, config, "model.remat", llama.REMAT_POLICIES)
   _mesh(errors, config)
+  n = config.opt.micro_batches
+  for key in ("sft.batch_size", "rl.batch_size"):
+    size = config[key.split(".")[0]][key.split(".")[1]]
+    if isinstance(n, int) and n > 0 and size % n:
+      errors.append(f"opt.micro_batches={n}: does not divide {key}={size}")
   _prompt_file(errors, "data.train_path", config.data.train_path)
   if config.data.eval_path:
     _prompt_file(errors, "data.eval_path", config.data.eval_path)
@@ -229,7 +234,7 @@ def validate(config) -> None:
   _choice(errors, config, "opt.nan_policy", state_lib.NAN_POLICIES)
   for key in ("sampling.num_candidates", "sampling.max_new_tokens",
               "loss.dpo.beta", "loss.ldl.beta", "loss.grpo.inner_iterations",
-              "opt.grad_accum", "sft.batch_size", "sft.max_response_len",
+              "opt.grad_accum", "opt.micro_batches", "sft.batch_size", "sft.max_response_len",
               "rl.batch_size", "data.max_prompt_len", "ckpt.every_steps",
               "ckpt.keep", "log.every_steps", "eval.batch_size"):
     _positive(errors, config, key)

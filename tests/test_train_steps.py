@@ -1,13 +1,18 @@
-"""The PU-RL train steps on a tiny model: DPO member compaction is exact."""
+"""The train steps on a tiny model: DPO member compaction and micro-batches
+inside a step give the same update as one batch."""
 
 import functools
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from numpy.testing import assert_allclose, assert_array_equal
 
 from purld_jax.train import dpo
+from purld_jax.train import grpo
+from purld_jax.train import ldl
+from purld_jax.train import sft
 from purld_jax.train import state as state_lib
 from tests import core_fixtures
 
@@ -84,3 +89,98 @@ def test_dpo_step_compacted_equals_full():
     assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
   for a, b in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params)):
     assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Micro-batches inside the step (state.grad_step): the same update
+
+
+def test_split_micro_by_hand():
+  batch = dict(a=np.arange(6), b=np.arange(12).reshape(6, 2))
+  s = state_lib.split_micro(batch, 2)
+  assert_array_equal(s["a"], [[0, 2, 4], [1, 3, 5]])  # strided slices
+  assert_array_equal(s["b"][1], [[2, 3], [6, 7], [10, 11]])
+  with np.testing.assert_raises_regex(ValueError, "does not divide"):
+    state_lib.split_micro(batch, 4)
+
+
+def _grpo_batch(b=4, k=3, p=6, t=7, seed=1):
+  rng = np.random.default_rng(seed)
+  lens = rng.integers(0, t + 1, (b, k))
+  lens[0] = 0  # a prompt with no completion token: weight 0 in its slice
+  return dict(
+      prompt_tokens=rng.integers(1, 128, (b, p)).astype(np.int32),
+      prompt_mask=np.arange(p)[None, :] >= rng.integers(0, 3, (b, 1)),
+      responses=rng.integers(1, 128, (b, k, t)).astype(np.int32),
+      response_mask=np.arange(t)[None, None, :] < lens[..., None],
+      old_logps=rng.normal(-5.0, 0.3, (b, k, t)).astype(np.float32),
+      ref_logps=rng.normal(-5.0, 0.3, (b, k, t)).astype(np.float32),
+      advantages=rng.normal(0.0, 1.0, (b, k)).astype(np.float32))
+
+
+def _one_vs_micro(step, args, n, keys):
+  """Runs `step` with micro_batches 1 and n from the same state; asserts
+  equal metrics `keys` and params."""
+  policy = core_fixtures.random_tiny_model(seed=7)
+  graphdef, params = nnx.split(policy)
+  # Plain SGD at lr 1: new params - old = -gradient, compared directly (Adam
+  # would blow summation-order noise on near-zero gradients up to ~lr).
+  tx, schedule = optax.sgd(1.0), lambda count: 1.0
+  outs = []
+  for micro in (1, n):
+    state = state_lib.TrainState.create(graphdef, params, tx,
+                                        rng=jax.random.PRNGKey(0))
+    fn = jax.jit(functools.partial(step, schedule=schedule,
+                                   micro_batches=micro, vocab_chunk=8))
+    outs.append(fn(state, *args))
+  (s1, m1), (s2, m2) = outs
+  assert float(m1["grad_norm"]) > 0
+  for key in keys + ("loss", "grad_norm"):
+    assert_allclose(m2[key], m1[key], rtol=2e-5, atol=1e-6, err_msg=key)
+  for new2, new1, old in zip(jax.tree.leaves(s2.params),
+                             jax.tree.leaves(s1.params),
+                             jax.tree.leaves(params)):
+    g1, g2 = np.asarray(old - new1), np.asarray(old - new2)
+    # atol: the f32 rounding of old - new where weights are ~1 (norms).
+    assert_allclose(g2, g1, rtol=1e-4, atol=4e-7)
+
+
+def test_dpo_micro_batches_equal_one_batch():
+  ref_params = nnx.split(core_fixtures.random_tiny_model(seed=8))[1]
+  batch = _batch(b=4, seed=3)
+  batch = dict(batch, **{k: np.concatenate([v, v[:1]]) for k, v in
+                         _batch(b=3, seed=3).items()})  # B = 4
+  batch["pair_mask"][3] = [1, 1]
+  for reduce, metrics in (("pairs", ("margin", "accuracy", "pairs")),
+                          ("prompts", ("pairs",))):  # margin: per pair
+    step = functools.partial(dpo.train_step, beta=0.5, loss_type="sigmoid",
+                             label_smoothing=0.0, reduce=reduce)
+    _one_vs_micro(step, (ref_params, batch), 2, metrics)
+
+
+def test_grpo_micro_batches_equal_one_batch():
+  for aggregation in ("token", "sequence", "dr_grpo"):
+    step = functools.partial(grpo.train_step, eps_low=0.2, eps_high=0.28,
+                             beta_kl=0.1, aggregation=aggregation)
+    per_token = ("kl", "entropy") if aggregation == "token" else ()
+    _one_vs_micro(step, (_grpo_batch(),), 4 if aggregation == "token" else 2,
+                  ("tokens", "ratio_min", "ratio_max") + per_token)
+
+
+def test_ldl_and_sft_micro_batches_equal_one_batch():
+  ref_params = nnx.split(core_fixtures.random_tiny_model(seed=8))[1]
+  g = _grpo_batch(b=4, k=3)
+  d = np.random.default_rng(0).dirichlet(np.ones(3), 4).astype(np.float32)
+  member_mask = np.ones((4, 3), bool)
+  member_mask[2] = False  # a prompt without members: weight 0
+  batch = dict(prompt_tokens=g["prompt_tokens"], prompt_mask=g["prompt_mask"],
+               members=g["responses"], token_mask=g["response_mask"],
+               label_dist=d, member_mask=member_mask)
+  _one_vs_micro(functools.partial(ldl.train_step, beta=1.0),
+                (ref_params, batch), 2, ("kl",))
+  rng = np.random.default_rng(2)
+  mask = np.arange(12)[None, :] >= np.array([0, 3, 5, 1])[:, None]
+  loss_mask = mask & (np.arange(12)[None, :] >= np.array([6, 8, 9, 12])[:, None])
+  sft_batch = dict(tokens=rng.integers(1, 128, (4, 12)).astype(np.int32),
+                   mask=mask, loss_mask=loss_mask)
+  _one_vs_micro(sft.train_step, (sft_batch,), 4, ("tokens",))

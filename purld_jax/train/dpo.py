@@ -127,20 +127,20 @@ def _seq_logps(model, batch, vocab_chunk):
 def train_step(state: state_lib.TrainState, ref_params, batch: dict,
                nan_at_step=-1, *, beta: float, loss_type: str,
                label_smoothing: float, reduce: str, schedule,
-               grad_accum: int = 1, vocab_chunk: int | None = None):
+               grad_accum: int = 1, micro_batches: int = 1,
+               vocab_chunk: int | None = None):
   """One DPO update on the pairs of `batch`. Pure; jit it.
 
   The reference's sequence log-probs are computed here under stop_gradient
-  from `ref_params` (an argument, so it is not baked into the graph).
+  from `ref_params` (an argument, so it is not baked into the graph), per
+  micro-batch when `micro_batches` > 1 (`state.grad_step`).
   """
-  pairs = preferences.Pairs(batch["chosen"], batch["rejected"],
-                            batch["pair_mask"])
-  ref = jax.lax.stop_gradient(_seq_logps(state.model(ref_params), batch,
-                                         vocab_chunk))
-  ref_c, ref_r = preferences.gather_pairs(ref, pairs)
-
-  def loss_fn(params):
-    pol = _seq_logps(state.model(params), batch, vocab_chunk)
+  def loss_fn(params, mb):
+    pairs = preferences.Pairs(mb["chosen"], mb["rejected"], mb["pair_mask"])
+    ref = jax.lax.stop_gradient(_seq_logps(state.model(ref_params), mb,
+                                           vocab_chunk))
+    ref_c, ref_r = preferences.gather_pairs(ref, pairs)
+    pol = _seq_logps(state.model(params), mb, vocab_chunk)
     pol_c, pol_r = preferences.gather_pairs(pol, pairs)
     loss, metrics = losses.dpo(pol_c, pol_r, ref_c, ref_r, beta=beta,
                                loss_type=loss_type,
@@ -148,8 +148,10 @@ def train_step(state: state_lib.TrainState, ref_params, batch: dict,
                                pair_mask=pairs.mask, reduce=reduce)
     return state_lib.inject_nan(loss, state.step, nan_at_step), metrics
 
-  return state_lib.grad_step(state, loss_fn, schedule=schedule,
-                             grad_accum=grad_accum)
+  return state_lib.grad_step(
+      state, loss_fn, batch, schedule=schedule, grad_accum=grad_accum,
+      micro_batches=micro_batches,
+      weight_fn=lambda mb: losses.dpo_weight(mb["pair_mask"], reduce))
 
 
 def step_kwargs(config) -> dict:

@@ -59,25 +59,27 @@ def reference_logps(model, batch: dict, *, vocab_chunk=None):
 def train_step(state: state_lib.TrainState, batch: dict, nan_at_step=-1, *,
                eps_low: float, eps_high: float, beta_kl: float,
                aggregation: str, schedule, grad_accum: int = 1,
-               vocab_chunk: int | None = None):
+               micro_batches: int = 1, vocab_chunk: int | None = None):
   """One clipped policy-gradient update. `batch` holds `ref_logps` (from
-  `reference_logps`) when beta_kl > 0. Pure; jit it."""
-  ref = batch.get("ref_logps")
+  `reference_logps`) when beta_kl > 0; `micro_batches` slices of its
+  prompts run one at a time (`state.grad_step`). Pure; jit it."""
+  max_len = batch["responses"].shape[-1]
 
-  def loss_fn(params):
-    lp = scoring.response_logps(state.model(params), batch["prompt_tokens"],
-                                batch["prompt_mask"], batch["responses"],
-                                batch["response_mask"],
-                                vocab_chunk=vocab_chunk)
+  def loss_fn(params, mb):
+    lp = scoring.response_logps(state.model(params), mb["prompt_tokens"],
+                                mb["prompt_mask"], mb["responses"],
+                                mb["response_mask"], vocab_chunk=vocab_chunk)
     loss, metrics = losses.grpo(
-        lp, batch["old_logps"], ref, batch["response_mask"],
-        batch["advantages"], eps_low=eps_low, eps_high=eps_high,
-        beta_kl=beta_kl, aggregation=aggregation,
-        max_len=batch["responses"].shape[-1])
+        lp, mb["old_logps"], mb.get("ref_logps"), mb["response_mask"],
+        mb["advantages"], eps_low=eps_low, eps_high=eps_high,
+        beta_kl=beta_kl, aggregation=aggregation, max_len=max_len)
     return state_lib.inject_nan(loss, state.step, nan_at_step), metrics
 
-  return state_lib.grad_step(state, loss_fn, schedule=schedule,
-                             grad_accum=grad_accum)
+  return state_lib.grad_step(
+      state, loss_fn, batch, schedule=schedule, grad_accum=grad_accum,
+      micro_batches=micro_batches,
+      weight_fn=lambda mb: losses.grpo_weight(mb["response_mask"],
+                                              aggregation))
 
 
 def step_kwargs(config) -> dict:

@@ -50,19 +50,21 @@ def _seq_logps(model, batch, vocab_chunk):
 
 def train_step(state: state_lib.TrainState, ref_params, batch: dict,
                nan_at_step=-1, *, beta: float, schedule, grad_accum: int = 1,
-               vocab_chunk: int | None = None):
-  """One LDL update. Pure; jit it."""
-  ref = jax.lax.stop_gradient(_seq_logps(state.model(ref_params), batch,
-                                         vocab_chunk))
-
-  def loss_fn(params):
-    pol = _seq_logps(state.model(params), batch, vocab_chunk)
-    loss, metrics = losses.ldl(pol - ref, batch["label_dist"],
-                               batch["member_mask"], beta=beta)
+               micro_batches: int = 1, vocab_chunk: int | None = None):
+  """One LDL update (the reference scored inside, per micro-batch). Pure;
+  jit it."""
+  def loss_fn(params, mb):
+    ref = jax.lax.stop_gradient(_seq_logps(state.model(ref_params), mb,
+                                           vocab_chunk))
+    pol = _seq_logps(state.model(params), mb, vocab_chunk)
+    loss, metrics = losses.ldl(pol - ref, mb["label_dist"],
+                               mb["member_mask"], beta=beta)
     return state_lib.inject_nan(loss, state.step, nan_at_step), metrics
 
-  return state_lib.grad_step(state, loss_fn, schedule=schedule,
-                             grad_accum=grad_accum)
+  return state_lib.grad_step(
+      state, loss_fn, batch, schedule=schedule, grad_accum=grad_accum,
+      micro_batches=micro_batches,
+      weight_fn=lambda mb: jnp.sum(jnp.any(mb["member_mask"], axis=-1)))
 
 
 def step_kwargs(config) -> dict:

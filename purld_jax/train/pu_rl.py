@@ -145,7 +145,8 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
       state = st.state
       step_fn = sharded.jit_train_step(functools.partial(
           recipe.train_step, schedule=st.schedule,
-          grad_accum=config.opt.grad_accum, vocab_chunk=vocab_chunk,
+          grad_accum=config.opt.grad_accum,
+          micro_batches=config.opt.micro_batches, vocab_chunk=vocab_chunk,
           **recipe.step_kwargs(config)), st.state_sh, _kinds(recipe),
           mesh=mesh)
       for step in range(st.start, steps):

@@ -27,6 +27,7 @@ import shutil
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from purld_jax import anchors as anchors_lib
@@ -105,7 +106,8 @@ def make_batch(tok: tokenizer_lib.Tokenizer, batch: data_lib.PromptBatch,
 
 def train_step(state: state_lib.TrainState, batch: dict,
                nan_at_step: jax.Array | int = -1, *, schedule,
-               grad_accum: int = 1, vocab_chunk: int | None = None,
+               grad_accum: int = 1, micro_batches: int = 1,
+               vocab_chunk: int | None = None,
                response_len: int | None = None):
   """One SFT step: (state, batch) -> (state, metrics). Pure; jit it.
 
@@ -114,21 +116,25 @@ def train_step(state: state_lib.TrainState, batch: dict,
     batch: `make_batch` arrays.
     nan_at_step: i32[] test hook (`state.inject_nan`); -1 = never.
     schedule: the learning-rate schedule (reported as `lr`).
-    grad_accum: micro-batches per update (for the reported lr).
+    grad_accum: batches per update across calls (for the reported lr).
+    micro_batches: slices of the batch run one at a time inside the step
+      (`state.grad_step`): less memory, the same update.
     vocab_chunk: `scoring.token_logps` memory knob.
     response_len: the longest response (`sft.max_response_len`): only the
       last that many columns, where `make_batch` puts the responses, are
       projected onto the vocabulary. None = every column.
   """
-  def loss_fn(params):
-    logps = scoring.token_logps(state.model(params), batch["tokens"],
-                                batch["mask"], vocab_chunk=vocab_chunk,
+  def loss_fn(params, mb):
+    logps = scoring.token_logps(state.model(params), mb["tokens"],
+                                mb["mask"], vocab_chunk=vocab_chunk,
                                 last=response_len)
-    loss, metrics = losses.sft_nll(logps, batch["loss_mask"])
+    loss, metrics = losses.sft_nll(logps, mb["loss_mask"])
     return state_lib.inject_nan(loss, state.step, nan_at_step), metrics
 
-  return state_lib.grad_step(state, loss_fn, schedule=schedule,
-                             grad_accum=grad_accum)
+  return state_lib.grad_step(
+      state, loss_fn, batch, schedule=schedule, grad_accum=grad_accum,
+      micro_batches=micro_batches,
+      weight_fn=lambda mb: jnp.sum(mb["loss_mask"].astype(jnp.float32)))
 
 
 # ----------------------------------------------------------------------------
@@ -217,6 +223,7 @@ def run(config, workdir: str) -> str:
       step_fn = sharded.jit_train_step(functools.partial(
           train_step, schedule=stage.schedule,
           grad_accum=config.opt.grad_accum,
+          micro_batches=config.opt.micro_batches,
           vocab_chunk=config.model.vocab_chunk or None,
           response_len=config.sft.max_response_len), stage.state_sh,
           ("batch", "replicated"), mesh=mesh)

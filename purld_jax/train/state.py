@@ -104,19 +104,105 @@ class TrainState:
                      nonfinite_grads=f32(bad_grads))
 
 
-def grad_step(state: TrainState, loss_fn, *, schedule, grad_accum: int = 1):
-  """value_and_grad of `loss_fn(params) -> (loss, metrics)` at state.params,
-  then `apply_grads`; the body every stage's jitted step shares.
+def grad_step(state: TrainState, loss_fn, batch, *, schedule,
+              grad_accum: int = 1, micro_batches: int = 1, weight_fn=None):
+  """value_and_grad of `loss_fn(params, batch) -> (loss, metrics)` at
+  state.params, then `apply_grads`; the body every stage's jitted step shares.
+
+  With `micro_batches` = n > 1 the batch is cut into n strided slices of
+  its leading axis (rows i, i + n, i + 2n, ...: under a data-parallel
+  sharding every slice stays spread over all devices) and a `lax.scan`
+  runs forward and backward on one slice at a time, so only one slice's
+  activations are alive; the update is the same single optimizer step.
+  Every loss here is a masked mean sum(x * w) / W over the batch, so the
+  whole batch's loss is sum_j (W_j / W) loss_j, with W_j = `weight_fn(slice
+  j)` (tokens, pairs or prompts, whatever the loss divides by): the
+  gradient and loss are those of the full batch up to summation order.
+  Metrics combine the same way, except counts (`COUNT_METRICS`, summed) and
+  `*_min` / `*_max` (min / max): exact where a metric averages over the
+  loss's own units (DPO's margin with reduce "pairs", GRPO's per-token
+  metrics with aggregation "token"), else a weighted mean of per-slice means.
+
+  Args:
+    state: the train state.
+    loss_fn: (params, batch) -> (loss f32[], metrics dict of f32[]).
+    batch: dict of arrays with one leading axis B (prompts).
+    schedule: the learning-rate schedule (reported as `lr`).
+    grad_accum: batches per optimizer update across calls (`optax.MultiSteps`;
+      only the reported lr uses it here).
+    micro_batches: slices per call (must divide B); 1 = the whole batch.
+    weight_fn: batch -> f32[] the loss's denominator on that batch; needed
+      when micro_batches > 1.
 
   Returns:
     (new state, metrics): loss_fn's metrics plus `loss`, `lr` (the rate of
     this update: schedule(step // grad_accum)) and `apply_grads`'s.
   """
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if micro_batches == 1:
+    (loss, metrics), grads = grad_fn(state.params, batch)
+  else:
+    if weight_fn is None:
+      raise ValueError("micro_batches > 1 needs the loss's weight_fn")
+    loss, metrics, grads = _accumulate(grad_fn, state.params,
+                                       split_micro(batch, micro_batches),
+                                       weight_fn)
   lr = schedule(state.step // grad_accum)
   state, update = state.apply_grads(grads, loss=loss)
   return state, dict(metrics, **update, loss=loss, lr=lr)
+
+
+COUNT_METRICS = ("tokens", "pairs")
+
+
+def split_micro(batch, n: int):
+  """[B, ...] leaves -> [n, B / n, ...]: slice j holds rows j, j + n, ...
+
+  Raises:
+    ValueError: a leaf's leading axis is not divisible by n, or the leaves
+      disagree on B.
+  """
+  sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+  if len(sizes) != 1:
+    raise ValueError(f"micro-batching needs one leading axis, got {sizes}")
+  (b,) = sizes
+  if b % n:
+    raise ValueError(f"opt.micro_batches={n} does not divide the batch of "
+                     f"{b} prompts")
+  return jax.tree.map(
+      lambda x: jnp.moveaxis(x.reshape((b // n, n) + x.shape[1:]), 1, 0),
+      batch)
+
+
+def _accumulate(grad_fn, params, micro, weight_fn):
+  """Weighted sum over the leading axis of `micro` of grad_fn's loss,
+  metrics and gradients (see `grad_step`)."""
+  w = jax.vmap(weight_fn)(micro).astype(jnp.float32)  # [n]
+  total = jnp.sum(w)
+  frac = jnp.where(total > 0, w / jnp.maximum(total, 1e-30), 0.0)
+
+  def body(carry, xs):
+    loss_acc, grads_acc = carry
+    mb, f = xs
+    (loss, metrics), grads = grad_fn(params, mb)
+    grads_acc = jax.tree.map(lambda a, g: a + f * g.astype(a.dtype),
+                             grads_acc, grads)
+    return (loss_acc + f * loss, grads_acc), metrics
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (loss, grads), per = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                    (micro, frac))
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+  def combine(name, v):
+    if name in COUNT_METRICS:
+      return jnp.sum(v)
+    if name.endswith("_min"):
+      return jnp.min(v)
+    if name.endswith("_max"):
+      return jnp.max(v)
+    return jnp.sum(frac * v)
+  return loss, {k: combine(k, v) for k, v in per.items()}, grads
 
 
 def abstract_arrays(graphdef, param_shapes, tx: optax.GradientTransformation,
