@@ -21,7 +21,10 @@ Sides, each in its own process:
                the old policy's; scheme "oracle" with the reward as
                verifier), `grpo.build_batch`, `grpo.reference_logps` (jitted,
                each prompt once for its K responses), one jitted
-               `grpo.train_step` on all B*K rows.
+               `grpo.train_step` on all B*K rows, run as `--micro-batches`
+               slices of the prompts inside the step (default B: one
+               prompt's K rows at a time, as trl_accum) under one
+               optimizer update.
   trl_onebatch GRPOTrainer, all B*K completions in one micro-batch.
   trl_accum    GRPOTrainer, K completions per micro-batch and B
                gradient-accumulation steps (its lower-memory setting).
@@ -79,12 +82,13 @@ def run_ours(s: dict) -> dict:
       preference=types.SimpleNamespace(tau_label=1.0),
       pu=types.SimpleNamespace(center=True),
       loss=types.SimpleNamespace(grpo=types.SimpleNamespace(advantage="std")))
-  ref_fn = jax.jit(lambda p, b: grpo.reference_logps(nnx.merge(graphdef, p),
-                                                     b))
+  micro = s["micro_batches"]
+  ref_fn = jax.jit(lambda p, b: grpo.reference_logps(
+      nnx.merge(graphdef, p), b, micro_batches=micro))
   step_fn = jax.jit(functools.partial(
       grpo.train_step, eps_low=s["epsilon"], eps_high=s["epsilon"],
-      beta_kl=s["beta"], aggregation="token", schedule=schedule),
-      donate_argnums=0)
+      beta_kl=s["beta"], aggregation="token", schedule=schedule,
+      micro_batches=micro), donate_argnums=0)
   phases = peers.Phases()
   iters, tokens = [], 0
 
@@ -195,19 +199,26 @@ def main(argv=None):
   parser.add_argument("--completions", type=int, default=8)
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--beta", type=float, default=0.04)
-  parser.add_argument("--remat", default="full",
+  parser.add_argument("--remat", default="none",
                       help="ours' model.remat: none | full | dots (full: "
                       "layer activations recomputed in the backward pass)")
+  parser.add_argument("--micro-batches", type=int, default=None,
+                      help="ours' opt.micro_batches: prompt slices run one "
+                      "after another inside the jitted step and the "
+                      "reference pass (default: B, one prompt's K "
+                      "completions per slice, TRL's accumulation layout)")
   peers.add_common_args(parser, SIDES)
   args = parser.parse_args(argv)
   if args.quick:
     args.prompts, args.completions, args.new_tokens = 2, 2, 8
     args.iterations = 1
+  micro = args.prompts if args.micro_batches is None else args.micro_batches
   settings = dict(prompts=args.prompts, completions=args.completions,
                   new_tokens=args.new_tokens, iterations=args.iterations,
                   beta=args.beta, epsilon=0.2, lr=1e-6, temperature=1.0,
                   aggregation="token (DAPO)", optimizer_steps=1,
                   rate_rows=512, omp_wait=args.omp_wait, remat=args.remat,
+                  micro_batches=micro,
                   quick=args.quick)
   sides = peers.run_sides(MODULE, args.sides, settings)
   from purld_jax.models import embedded

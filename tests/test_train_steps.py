@@ -102,6 +102,20 @@ def test_split_micro_by_hand():
   assert_array_equal(s["b"][1], [[2, 3], [6, 7], [10, 11]])
   with np.testing.assert_raises_regex(ValueError, "does not divide"):
     state_lib.split_micro(batch, 4)
+  assert_array_equal(state_lib.merge_micro(s["b"]), batch["b"])
+  # map_micro: a row-wise function on slices == on the batch.
+  out = state_lib.map_micro(lambda mb: mb["b"].sum(-1) * 10 + mb["a"], batch, 3)
+  assert_array_equal(out, [1 * 10 + 0, 5 * 10 + 1, 9 * 10 + 2, 13 * 10 + 3,
+                           17 * 10 + 4, 21 * 10 + 5])
+
+
+def test_grpo_reference_logps_in_slices():
+  model = core_fixtures.random_tiny_model(seed=7)
+  batch = _grpo_batch()
+  one = grpo.reference_logps(model, batch, vocab_chunk=8)
+  four = grpo.reference_logps(model, batch, vocab_chunk=8, micro_batches=4)
+  assert one.shape == (4, 3, 7)
+  assert_allclose(four, one, rtol=1e-6, atol=1e-6)
 
 
 def _grpo_batch(b=4, k=3, p=6, t=7, seed=1):

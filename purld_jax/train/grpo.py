@@ -47,13 +47,17 @@ def build_batch(group, config) -> dict:
               old_logps=group.old_logps, advantages=adv)
 
 
-def reference_logps(model, batch: dict, *, vocab_chunk=None):
+def reference_logps(model, batch: dict, *, vocab_chunk=None,
+                    micro_batches: int = 1):
   """f32[B, K, T] the reference's log-probs of the candidates (once per
-  iteration, before the inner updates)."""
-  return scoring.response_logps(model, batch["prompt_tokens"],
-                                batch["prompt_mask"], batch["responses"],
-                                batch["response_mask"],
-                                vocab_chunk=vocab_chunk)
+  iteration, before the inner updates), `micro_batches` slices of the
+  prompts at a time (`state.map_micro`)."""
+  keys = ("prompt_tokens", "prompt_mask", "responses", "response_mask")
+  return state_lib.map_micro(
+      lambda mb: scoring.response_logps(
+          model, mb["prompt_tokens"], mb["prompt_mask"], mb["responses"],
+          mb["response_mask"], vocab_chunk=vocab_chunk),
+      {k: batch[k] for k in keys}, micro_batches)
 
 
 def train_step(state: state_lib.TrainState, batch: dict, nan_at_step=-1, *,

@@ -122,7 +122,8 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   vocab_chunk = config.model.vocab_chunk or None
   ref_logps_fn = sharded.jit_fn(
       lambda params, batch: grpo.reference_logps(
-          nnx.merge(graphdef, params), batch, vocab_chunk=vocab_chunk),
+          nnx.merge(graphdef, params), batch, vocab_chunk=vocab_chunk,
+          micro_batches=config.opt.micro_batches),
       param_sh, ("batch",), mesh=mesh)
   sp, rp = rollout.with_stop_ids(sampling_params(config), tok), \
       ranking_params(config)

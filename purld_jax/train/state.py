@@ -174,6 +174,19 @@ def split_micro(batch, n: int):
       batch)
 
 
+def merge_micro(x: jax.Array) -> jax.Array:
+  """The inverse of `split_micro` for one array: [n, B / n, ...] -> [B, ...]."""
+  return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+
+def map_micro(fn, batch, n: int):
+  """fn(batch) computed on n strided slices one after another (lax.map),
+  the [B, ...] result reassembled: fn's peak memory / n, the same values."""
+  if n == 1:
+    return fn(batch)
+  return jax.tree.map(merge_micro, jax.lax.map(fn, split_micro(batch, n)))
+
+
 def _accumulate(grad_fn, params, micro, weight_fn):
   """Weighted sum over the leading axis of `micro` of grad_fn's loss,
   metrics and gradients (see `grad_step`)."""
