@@ -1,0 +1,299 @@
+r"""The cell runner of every study: one `python -m purld_jax.main` per cell.
+
+  runner = Runner("experiments/main_table/small")
+  ref = Cell("sft", "configs/demo.py", {"recipe": "sft"})
+  dpo = Cell("purld_dpo_s0", "configs/demo.py", {"recipe": "dpo"}, seed=0,
+             reference="sft")
+  runner.run_all([ref, dpo])     # a finished cell is skipped on a re-run
+
+A cell is (name, config file[:variant], overrides, seed). It runs in its own
+subprocess, so a crash or a kill loses at most that cell (and the job inside
+resumes from its last checkpoint on the next call), into
+STUDY_DIR/cells/<name>/ (its WORKDIR), with its output in log.txt there.
+
+Shared reference: a cell with `reference="sft"` reuses that cell's stage 1
+(main.py skips stage 1 when WORKDIR/reference/SFT.json holds the same
+sft.steps; nothing in main.py or pu_rl.py changes). Before launching, the
+runner links WORKDIR/reference to the reference cell's, copies its anchor
+ledger (no anchor is paid twice with a real teacher) and its held-out answers
+of the `before` and `sft` models (heldout.py re-uses an evaluation whose
+settings match; the `sft` settings name this cell's own reference path, which
+holds the same weights), so every RL cell pays only for its PU-RL stage and
+its `final` evaluation, and all cells are compared on the same SFT model.
+
+A cell is done when its `done` file exists (default eval/summary.json, the
+last file heldout.py writes). Its settings are kept in cell.json; a done or
+half-run cell whose settings changed is an error (delete its folder to run it
+again), never silently mixed. Every launch appends to STUDY_DIR/cells.jsonl:
+name, command, return code, wall time (s), status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CELLS = "cells"
+LOG = "cells.jsonl"
+SPEC = "cell.json"
+SUMMARY = os.path.join("eval", "summary.json")
+SHARED_EVALS = ("before", "sft")  # models whose held-out answers are shared
+
+
+class CellError(RuntimeError):
+  """A cell that cannot be run as asked (changed settings, no reference)."""
+
+
+def format_value(value: Any) -> str:
+  """A config value as ml_collections' --config.KEY=VALUE parser reads it."""
+  if isinstance(value, bool):
+    return str(value)
+  if isinstance(value, (tuple, list)):
+    inner = ",".join(format_value(v) for v in value)
+    return f"({inner},)" if len(value) == 1 else f"({inner})"
+  return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One run of the main job.
+
+  Attributes:
+    name: folder name under STUDY_DIR/cells (unique in a study).
+    config: config file and variant, e.g. "configs/demo.py:tiny".
+    overrides: config key -> value, as --config.KEY=VALUE.
+    seed: config.seed (the run's RNG: sampling keys).
+    reference: name of the cell whose stage 1 this one reuses ('' = own).
+    done: file (relative to the cell's workdir) whose presence means done.
+  """
+
+  name: str
+  config: str
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  seed: int = 0
+  reference: str = ""
+  done: str = SUMMARY
+
+  def args(self, workdir: str) -> list[str]:
+    """Arguments after the interpreter."""
+    return (["-m", "purld_jax.main", f"--config={self.config}",
+             f"--workdir={os.path.abspath(workdir)}",
+             f"--config.seed={self.seed}"]
+            + [f"--config.{k}={format_value(v)}"
+               for k, v in self.overrides.items()])
+
+  def spec(self) -> dict:
+    return dict(name=self.name, config=self.config, seed=self.seed,
+                overrides={k: format_value(v)
+                           for k, v in self.overrides.items()},
+                reference=self.reference, done=self.done)
+
+
+def _copy_sqlite(src: str, dst: str) -> None:
+  """A consistent copy of an SQLite file (WAL included) via the backup API."""
+  tmp = f"{dst}.tmp-{os.getpid()}"
+  source = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
+  target = sqlite3.connect(tmp)
+  try:
+    source.backup(target)
+  finally:
+    source.close()
+    target.close()
+  os.replace(tmp, dst)
+
+
+def adopt_reference(workdir: str, ref_workdir: str) -> None:
+  """Makes `workdir` start from `ref_workdir`'s stage 1 (module docstring):
+  reference/ linked, the anchor ledger and the before/sft evaluations
+  copied. Idempotent: what the cell already has is left alone."""
+  workdir, ref_workdir = os.path.abspath(workdir), os.path.abspath(ref_workdir)
+  os.makedirs(workdir, exist_ok=True)
+  link = os.path.join(workdir, "reference")
+  if not os.path.lexists(link):
+    os.symlink(os.path.join(ref_workdir, "reference"), link)
+  ledger = os.path.join(ref_workdir, "anchors.sqlite")
+  if os.path.isfile(ledger) and not os.path.exists(
+      os.path.join(workdir, "anchors.sqlite")):
+    _copy_sqlite(ledger, os.path.join(workdir, "anchors.sqlite"))
+  src_eval, dst_eval = (os.path.join(d, "eval") for d in (ref_workdir, workdir))
+  for name in SHARED_EVALS:
+    answers = os.path.join(src_eval, f"{name}.jsonl")
+    settings = os.path.join(src_eval, f"{name}.settings.json")
+    if not (os.path.isfile(answers) and os.path.isfile(settings)) or \
+        os.path.exists(os.path.join(dst_eval, f"{name}.settings.json")):
+      continue
+    os.makedirs(dst_eval, exist_ok=True)
+    with open(settings, encoding="utf-8") as f:
+      meta = json.load(f)
+    if meta.get("source") == os.path.join(ref_workdir, "reference"):
+      meta["source"] = link  # the same weights, under this cell's path
+    shutil.copyfile(answers, os.path.join(dst_eval, f"{name}.jsonl"))
+    with open(os.path.join(dst_eval, f"{name}.settings.json"), "w",
+              encoding="utf-8") as f:
+      json.dump(meta, f)
+
+
+def _launch(cmd, *, cwd, env, log_path):
+  with open(log_path, "a", encoding="utf-8") as log:
+    return subprocess.run(cmd, cwd=cwd, env=env, stdout=log,
+                          stderr=subprocess.STDOUT, check=False).returncode
+
+
+class Runner:
+  """Runs cells of one study (module docstring).
+
+  Args:
+    study_dir: the study's folder (cells/ and cells.jsonl inside).
+    env: the children's environment (default: this one).
+    python: the interpreter of the children.
+    launch: launch(cmd, cwd=, env=, log_path=) -> return code (tests count
+      launches through it).
+    echo: print one line per cell to stderr.
+  """
+
+  def __init__(self, study_dir: str, *, env: Mapping[str, str] | None = None,
+               python: str = sys.executable,
+               launch: Callable[..., int] = _launch, echo: bool = True):
+    self.study_dir = os.path.abspath(study_dir)
+    self.env = dict(os.environ if env is None else env)
+    self.python = python
+    self.launch = launch
+    self.echo = echo
+
+  def workdir(self, name: str) -> str:
+    return os.path.join(self.study_dir, CELLS, name)
+
+  def command(self, cell: Cell) -> list[str]:
+    return [self.python] + cell.args(self.workdir(cell.name))
+
+  def shell_line(self, cell: Cell) -> str:
+    return shlex.join(self.command(cell))
+
+  def is_done(self, cell: Cell) -> bool:
+    return os.path.exists(os.path.join(self.workdir(cell.name), cell.done))
+
+  def _say(self, text: str) -> None:
+    if self.echo:
+      print(f"[cells] {text}", file=sys.stderr, flush=True)
+
+  def _check_spec(self, cell: Cell) -> None:
+    path = os.path.join(self.workdir(cell.name), SPEC)
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+      if old != cell.spec():
+        raise CellError(
+            f"cell {cell.name!r}: {self.workdir(cell.name)} was run with "
+            f"other settings ({old} != {cell.spec()}); delete it to run it "
+            "again")
+    else:
+      os.makedirs(self.workdir(cell.name), exist_ok=True)
+      with open(path, "w", encoding="utf-8") as f:
+        json.dump(cell.spec(), f, indent=2)
+
+  def records(self) -> list[dict]:
+    """Every launch recorded in cells.jsonl, oldest first."""
+    path = os.path.join(self.study_dir, LOG)
+    if not os.path.exists(path):
+      return []
+    with open(path, encoding="utf-8") as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def wall_s(self, name: str) -> float | None:
+    """Seconds of the cell's launches up to its first success (a resumed
+    cell's time adds up); None when it never finished."""
+    total, finished = 0.0, False
+    for r in self.records():
+      if r["name"] == name:
+        total += r["wall_s"]
+        if r["status"] == "done":
+          finished = True
+          break
+    return total if finished else None
+
+  def _record(self, cell: Cell, rc: int, wall: float, status: str) -> None:
+    os.makedirs(self.study_dir, exist_ok=True)
+    rec = dict(name=cell.name, status=status, rc=rc, wall_s=round(wall, 2),
+               finished=datetime.datetime.now().isoformat(timespec="seconds"),
+               command=self.shell_line(cell))
+    with open(os.path.join(self.study_dir, LOG), "a", encoding="utf-8") as f:
+      f.write(json.dumps(rec) + "\n")
+
+  def run(self, cell: Cell) -> str:
+    """Runs `cell` unless done: 'skipped', 'done', 'failed' or 'blocked'
+    (its reference cell is not done)."""
+    if self.is_done(cell):
+      self._check_spec(cell)
+      self._say(f"{cell.name}: done already, skipped")
+      return "skipped"
+    if cell.reference:
+      ref = self.workdir(cell.reference)
+      if not os.path.isfile(os.path.join(ref, "reference", "SFT.json")):
+        self._say(f"{cell.name}: blocked (reference cell {cell.reference!r} "
+                  "has no reference/)")
+        return "blocked"
+    self._check_spec(cell)
+    if cell.reference:
+      adopt_reference(self.workdir(cell.name), self.workdir(cell.reference))
+    log_path = os.path.join(self.workdir(cell.name), "log.txt")
+    self._say(f"{cell.name}: running (log {log_path})")
+    t0 = time.perf_counter()
+    rc = self.launch(self.command(cell), cwd=ROOT, env=self.env,
+                     log_path=log_path)
+    wall = time.perf_counter() - t0
+    status = "done" if rc == 0 and self.is_done(cell) else "failed"
+    self._record(cell, rc, wall, status)
+    self._say(f"{cell.name}: {status} in {wall:.0f} s (rc {rc})")
+    return status
+
+  def run_all(self, cells: Sequence[Cell]) -> dict[str, str]:
+    """Runs every cell in order (a failed one does not stop the others);
+    name -> status."""
+    names = [c.name for c in cells]
+    if len(set(names)) != len(names):
+      raise CellError(f"duplicate cell names in {names}")
+    return {c.name: self.run(c) for c in cells}
+
+  def dry_run(self, cells: Sequence[Cell], out=sys.stdout) -> None:
+    """Prints each cell's status and command line."""
+    for c in cells:
+      state = "done" if self.is_done(c) else "todo"
+      ref = f" (stage 1 from cell {c.reference})" if c.reference else ""
+      print(f"# {c.name} [{state}]{ref}\n{self.shell_line(c)}", file=out)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+  """["rl.steps=1", ...] -> {"rl.steps": "1"} (values kept as text)."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"override {item!r}: expected KEY=VALUE")
+    out[key.removeprefix("config.")] = value
+  return out
+
+
+def write_csv(path: str, rows: Sequence[Mapping[str, Any]],
+              fields: Sequence[str]) -> None:
+  import csv  # pylint: disable=g-import-not-at-top
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    w = csv.DictWriter(f, fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+
+
+def markdown_table(rows: Sequence[Sequence[str]], head: Sequence[str]) -> str:
+  lines = ["| " + " | ".join(head) + " |",
+           "|" + "|".join("---" for _ in head) + "|"]
+  lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
+  return "\n".join(lines)
