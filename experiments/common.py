@@ -264,8 +264,10 @@ class Runner:
       raise CellError(f"duplicate cell names in {names}")
     return {c.name: self.run(c) for c in cells}
 
-  def dry_run(self, cells: Sequence[Cell], out=sys.stdout) -> None:
-    """Prints each cell's status and command line."""
+  def dry_run(self, cells: Sequence[Cell], out=None) -> None:
+    """Prints each cell's status and command line (to `out`, default
+    stdout)."""
+    out = out or sys.stdout
     for c in cells:
       state = "done" if self.is_done(c) else "todo"
       ref = f" (stage 1 from cell {c.reference})" if c.reference else ""

@@ -1,0 +1,175 @@
+"""experiments/: the cell runner, main_table and ablation on the tiny model.
+
+The two end-to-end tests run real `python -m purld_jax.main` children on
+configs/demo.py:tiny (16 train prompts, 1 SFT and 1 PU-RL step, 4 held-out
+prompts): about a minute each.
+"""
+
+import csv
+import io
+import json
+import os
+
+import pytest
+
+from experiments import ablation
+from experiments import common
+from experiments import main_table
+from tests import train_fixtures
+
+# Every cell of the end-to-end tests: short runs on the small train file.
+TINY = ["--scale=tiny", f"--override=data.train_path="
+        f"{train_fixtures.small_train_path()}", "--override=sft.steps=1",
+        "--override=rl.steps=1", "--override=ckpt.async_save=False"]
+
+
+class Counting:
+  """A Runner launcher that counts launches (and really launches)."""
+
+  def __init__(self, real=True):
+    self.cmds, self.real = [], real
+
+  def __call__(self, cmd, **kwargs):
+    self.cmds.append(cmd)
+    return common._launch(cmd, **kwargs) if self.real else 0  # pylint: disable=protected-access
+
+
+def _runner(out, launch):
+  return common.Runner(str(out), env=train_fixtures.subprocess_env(),
+                       launch=launch, echo=False)
+
+
+@pytest.fixture(scope="module")
+def main_study(tmp_path_factory):
+  """experiments.main_table on tiny with two methods; (out dir, launcher)."""
+  out = tmp_path_factory.mktemp("main_table")
+  launch = Counting()
+  table = main_table.main(TINY + [f"--out={out}",
+                                  "--methods=sft_only,purld_dpo"],
+                          runner=_runner(out, launch))
+  return out, launch, table
+
+
+def test_main_table_writes_one_row_per_method(main_study):
+  out, launch, table = main_study
+  assert len(launch.cmds) == 2  # the shared reference, then one RL cell
+  assert [r["method"] for r in table] == ["before", "sft_only", "purld_dpo"]
+  assert all(r["status"] == "done" and r["prompts"] == 4 for r in table)
+  assert "gain" in table[2] and "gain" not in table[1]
+  assert table[2]["teacher_calls_per_prompt"] == 1.0
+  with open(out / "table.csv", encoding="utf-8") as f:
+    assert [r["method"] for r in csv.DictReader(f)] == [
+        "before", "sft_only", "purld_dpo"]
+  md = (out / "table.md").read_text()
+  assert "PU-RLD DPO" in md and "SFT on anchors" in md
+  assert (out / "accuracy.png").stat().st_size > 0
+  # The RL cell started from the shared reference: stage 1 and the before /
+  # sft evaluations were not run again.
+  cell = out / "cells" / "purld_dpo_s0"
+  assert os.path.realpath(cell / "reference") == str(
+      out / "cells" / "sft" / "reference")
+  log = (cell / "log.txt").read_text()
+  assert "[sft] already done" in log
+  assert "[eval] sft: already evaluated" in log
+  recs = [json.loads(l) for l in (out / "cells.jsonl").read_text().splitlines()]
+  assert [(r["name"], r["status"]) for r in recs] == [
+      ("sft", "done"), ("purld_dpo_s0", "done")]
+  assert all(r["wall_s"] > 0 for r in recs)
+
+
+def test_finished_cells_are_skipped_on_rerun(main_study):
+  out, _, first = main_study
+  launch = Counting()
+  table = main_table.main(TINY + [f"--out={out}",
+                                  "--methods=sft_only,purld_dpo"],
+                          runner=_runner(out, launch))
+  assert not launch.cmds
+  assert [r["accuracy"] for r in table] == [r["accuracy"] for r in first]
+  # A changed setting of a finished cell is an error, not a silent mix.
+  with pytest.raises(common.CellError, match="other settings"):
+    main_table.main(TINY + [f"--out={out}", "--methods=purld_dpo",
+                            "--override=rl.batch_size=4"],
+                    runner=_runner(out, Counting(real=False)))
+
+
+def test_ablation_agreement_grid_on_a_tiny_pool(main_study, tmp_path):
+  ref_out, _, _ = main_study
+  launch = Counting()
+  res = ablation.main(TINY + [
+      f"--out={tmp_path}", f"--reference_from={ref_out}/cells/sft",
+      "--k_max=4", "--pool_prompts=4", "--pool_steps=1", "--ks=2,4",
+      "--subsample_seeds=0,1", "--schemes=anchor_recon,similarity",
+      "--train_ks=2", "--train_schemes=similarity", "--losses=dpo"],
+                     runner=_runner(tmp_path, launch))
+  names = [c[c.index("-m") + 3].split("/cells/")[1] for c in launch.cmds]
+  assert names == ["pool", "k2_similarity_dpo_s0"]  # the reference reused
+  grid = res["agreement"]
+  assert [(r["scheme"], r["k"]) for r in grid] == [
+      (s, k) for s in ("anchor_recon", "similarity", "oracle") for k in (2, 4)]
+  assert all(r["prompts"] == 4 and r["seeds"] == 2 for r in grid)
+  with open(tmp_path / "agreement.csv", encoding="utf-8") as f:
+    assert len(list(csv.DictReader(f))) == 6
+  with open(tmp_path / "agreement_rows.csv", encoding="utf-8") as f:
+    assert len(list(csv.DictReader(f))) == 12  # x 2 sub-sampling seeds
+  assert (tmp_path / "kendall_tau.png").stat().st_size > 0
+  assert [r["method"] for r in res["training"]] == [
+      "sft_only", "K2/similarity/dpo"]
+  assert res["training"][1]["status"] == "done"
+  md = (tmp_path / "table.md").read_text()
+  assert "Self-ranking vs oracle" in md and "Training grid" in md
+
+
+def test_dry_runs_list_the_cells(capsys):
+  main_table.main(["--scale=paper", "--dry_run", "--seeds=0,1"])
+  out = capsys.readouterr().out
+  cells = [l.split()[1] for l in out.splitlines() if l.startswith("# ")]
+  assert cells == ["sft"] + [f"{m.key}_s{s}" for m in main_table.METHODS[1:]
+                             for s in (0, 1)]
+  assert "--config=configs/baselines/oracle_grpo.py" in out
+  assert "--config.teacher.base_url=http://127.0.0.1:8080/v1" in out
+  ablation.main(["--scale=small", "--dry_run", "--full"])
+  out = capsys.readouterr().out
+  cells = [l.split()[1] for l in out.splitlines() if l.startswith("# ")
+           and not l.startswith("# then")]
+  assert cells[:2] == ["sft", "pool"] and len(cells) == 2 + 60
+  assert "--config.sampling.num_candidates=16" in out
+
+
+def test_method_overrides_match_their_config_files():
+  """The small-scale overrides are what the method's own config file sets
+  (beside the scale: K, steps; and the PU-RLD rows' --scheme)."""
+  from configs import common as cfg_common  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+
+  def flat(c, prefix=""):
+    out = {}
+    for k, v in c.items():
+      if hasattr(v, "items"):
+        out.update(flat(v, f"{prefix}{k}."))
+      else:
+        out[prefix + k] = v
+    return out
+
+  base = flat(cfg_common.base())
+  for m in main_table.METHODS:
+    mod = importlib.import_module(m.config[:-3].replace("/", "."))
+    own = {k: v for k, v in flat(mod.get_config()).items()
+           if base.get(k) != v and k not in main_table.SCALE_KEYS}
+    if m.key == "sft_only":
+      assert own == {"recipe": "dpo"}
+      continue
+    assert own == {k: v for k, v in m.overrides.items() if base[k] != v}, m
+
+
+def test_runner_blocks_without_reference_and_formats_values(tmp_path):
+  launch = Counting(real=False)
+  runner = _runner(tmp_path, launch)
+  cell = common.Cell("x", "configs/demo.py:tiny", {"data.buckets": (64,),
+                                                   "export.dir": ""},
+                     reference="missing")
+  assert runner.run(cell) == "blocked" and not launch.cmds
+  assert "--config.data.buckets=(64,)" in runner.command(cell)
+  assert "--config.export.dir=" in runner.command(cell)
+  buf = io.StringIO()
+  runner.dry_run([cell], out=buf)
+  assert "# x [todo] (stage 1 from cell missing)" in buf.getvalue()
