@@ -59,6 +59,7 @@ def main(argv):
   from purld_jax import prompts  # pylint: disable=g-import-not-at-top
   from purld_jax import ranking  # pylint: disable=g-import-not-at-top
   from purld_jax import sampling  # pylint: disable=g-import-not-at-top
+  from purld_jax import templates  # pylint: disable=g-import-not-at-top
   from purld_jax.models import embedded  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
@@ -86,7 +87,7 @@ def main(argv):
            for i in range(n)]
   answers = [p.answer for p in batch.prompts[:n]]
   correct = np.array([
-      [evaluate.verify(tok.decode(ranking.cut_at_stop(y, tok.stop_ids)), a)
+      [evaluate.verify(tok.decode(templates.cut_at_stop(y, tok.stop_ids)), a)
        for y in g] for g, a in zip(cands, answers)])
   msgs = [p.as_dicts() for p in batch.prompts[:n]]
   print(f"model {path}; {n} prompts of {_PROMPTS.value}; K={k}, "

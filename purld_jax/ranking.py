@@ -2,11 +2,9 @@
 step 3).
 
 Three layers:
-  (a) host-side template helpers (numpy, Python over rows: off the hot path)
-      turn (prompt messages, anchor text, candidate token ids) into
-      left-padded `ScoringBatch`es of R rows: tokens i32[R, T],
-      attention_mask bool[R, T] and target_mask bool[R, T] (the scored
-      suffix; T here is the whole template row). Rows are ordered b * K + k.
+  (a) `templates.py`: the prompts, and host-side rows built from them
+      (`templates.ScoringBatch`: left-padded tokens, attention and target
+      masks, rows ordered b * K + k);
   (b) pure jitted score functions of log-prob arrays -> f32[B, K], wrapped
       in stop_gradient (scores are labels, never differentiated);
   (c) `score_group`, the glue that builds the rows, runs the model through
@@ -19,9 +17,9 @@ model is reached only through four log-prob functions (`Scorers`): by
 default `scoring.jitted_*` on the model (`model_scorers`); a trainer under a
 mesh passes its own, jitted with shardings (`sharded.jit_scorers`).
 
-Candidates are token-id lists (see `candidate_lists` for sampler arrays);
-every scheme first cuts a candidate at its first stop id (the stop token
-itself is dropped). An empty candidate gets score 0 from the log-prob
+Candidates are token-id lists (`templates.candidate_lists` turns sampler
+arrays into them); every scheme first cuts a candidate at its first stop id
+(the stop token itself is dropped). An empty candidate gets score 0 from the log-prob
 schemes (nothing to average) and is judged as empty text.
 """
 
@@ -36,50 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from purld_jax import scoring
+from purld_jax import templates
 from purld_jax.models import tokenizer as tok_lib
 
 SCHEMES = ("judge", "pmi", "anchor_recon", "pairwise_judge", "self_reward",
            "similarity", "oracle", "teacher_judge")
 PAIRWISE_AGGREGATIONS = ("bradley_terry", "win_count")
 SIMILARITY_METRICS = ("rouge_l", "token_f1")
-
-# Default templates (user turns). Placeholders: {prompt}, {reference} (the
-# anchor), {response} / {response_a} / {response_b} (decoded candidates),
-# {draft} (a candidate shown as a draft).
-JUDGE_TEMPLATE = (
-    "Question:\n{prompt}\n\nReference answer:\n{reference}\n\n"
-    "Candidate answer:\n{response}\n\n"
-    "Is the candidate answer as good as the reference answer? "
-    "Answer Yes or No.")
-SELF_REWARD_TEMPLATE = (
-    "Question:\n{prompt}\n\nCandidate answer:\n{response}\n\n"
-    "Is the candidate answer a good answer to the question? "
-    "Answer Yes or No.")
-PAIRWISE_TEMPLATE = (
-    "Question:\n{prompt}\n\nReference answer:\n{reference}\n\n"
-    "Response A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
-    "Using the reference answer as a guide, is Response A better than "
-    "Response B? Answer Yes or No.")
-PMI_TEMPLATE = "{prompt}\n\nA reference answer:\n{reference}"
-RECON_TEMPLATE = (
-    "{prompt}\n\nA draft answer:\n{draft}\n\nWrite the final answer.")
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoringBatch:
-  """Left-padded rows for one model call (numpy, host side).
-
-  Attributes:
-    tokens: i32[R, T].
-    attention_mask: bool[R, T], False on padding.
-    target_mask: bool[R, T], True on the scored suffix (candidate or anchor
-      tokens); all False for judge rows, which are read after the last
-      column (`scoring.last_logps`).
-  """
-  tokens: np.ndarray
-  attention_mask: np.ndarray
-  target_mask: np.ndarray
-
 
 @dataclasses.dataclass(frozen=True)
 class Scorers:
@@ -114,166 +75,6 @@ def model_scorers(model, *, vocab_chunk: int | None = None) -> Scorers:
 
 
 # ----------------------------------------------------------------------------
-# (a) host-side template helpers
-
-
-def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
-  """`ids` up to (not including) the first stop id."""
-  out = []
-  for i in ids:
-    if int(i) in stop_ids:
-      break
-    out.append(int(i))
-  return out
-
-
-def candidate_lists(tokens: np.ndarray, mask: np.ndarray
-                    ) -> list[list[list[int]]]:
-  """Sampler arrays i32[B, K, T] + bool[B, K, T] -> B x K token-id lists."""
-  tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
-  return [[tokens[b, k][mask[b, k]].tolist() for k in range(tokens.shape[1])]
-          for b in range(tokens.shape[0])]
-
-
-def prompt_text(messages: Sequence[dict]) -> str:
-  """A prompt conversation as plain text for a template: the content of a
-  single user turn as is; otherwise "role: content" lines."""
-  if len(messages) == 1 and messages[0]["role"] == "user":
-    return messages[0]["content"]
-  return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
-def _with_last_user(messages: Sequence[dict], content: str) -> list[dict]:
-  """`messages` with the last user turn's content replaced."""
-  out = [dict(m) for m in messages]
-  last = max(i for i, m in enumerate(out) if m["role"] == "user")
-  out[last]["content"] = content
-  return out
-
-
-def _finish(rows, n_target, pad_id, pad_multiple, length=None) -> ScoringBatch:
-  """Left-pads rows to `length` (default: longest, rounded up to
-  pad_multiple); the last n_target[r] tokens of row r are targets."""
-  if length is None:
-    longest = max(len(r) for r in rows)
-    length = -(-longest // pad_multiple) * pad_multiple
-  tokens, mask = tok_lib.pad_left(rows, pad_id, length)
-  cols = np.arange(length)[None, :]
-  target = cols >= length - np.asarray(n_target, np.int64)[:, None]
-  return ScoringBatch(tokens, mask, target & mask)
-
-
-def judge_batch(tok, prompts, anchors, candidates, *,
-                template: str = JUDGE_TEMPLATE,
-                pad_multiple: int = 16) -> ScoringBatch:
-  """One judge conversation per candidate, R = B * K rows.
-
-  Args:
-    tok: `models.tokenizer.Tokenizer`.
-    prompts: B prompt conversations (lists of {"role", "content"}).
-    anchors: B anchor texts (ignored by templates without {reference}, such
-      as SELF_REWARD_TEMPLATE).
-    candidates: B lists of K token-id lists.
-    template: user-turn text with {prompt}, {reference}, {response}.
-    pad_multiple: T is rounded up to a multiple of this (fewer recompiles).
-  """
-  rows = []
-  for msgs, anchor, group in zip(prompts, anchors, candidates):
-    for ids in group:
-      text = tok.decode(cut_at_stop(ids, tok.stop_ids))
-      user = template.format(prompt=prompt_text(msgs), reference=anchor,
-                             response=text)
-      rows.append(tok.encode_chat([{"role": "user", "content": user}]))
-  return _finish(rows, [0] * len(rows), tok.pad_id, pad_multiple)
-
-
-def ordered_pairs(k: int) -> tuple[np.ndarray, np.ndarray]:
-  """np.int32[K (K - 1)] (i, j), every ordered pair i != j, row-major."""
-  i, j = np.nonzero(~np.eye(k, dtype=bool))
-  return i.astype(np.int32), j.astype(np.int32)
-
-
-def pairwise_batch(tok, prompts, anchors, candidates, *,
-                   template: str = PAIRWISE_TEMPLATE,
-                   pad_multiple: int = 16) -> ScoringBatch:
-  """One judge conversation per ordered pair (A = y_i, B = y_j), both
-  orders, R = B * K (K - 1) rows in `ordered_pairs(K)` order per prompt."""
-  rows = []
-  for msgs, anchor, group in zip(prompts, anchors, candidates):
-    texts = [tok.decode(cut_at_stop(ids, tok.stop_ids)) for ids in group]
-    for i, j in zip(*ordered_pairs(len(group))):
-      user = template.format(prompt=prompt_text(msgs), reference=anchor,
-                             response_a=texts[i], response_b=texts[j])
-      rows.append(tok.encode_chat([{"role": "user", "content": user}]))
-  return _finish(rows, [0] * len(rows), tok.pad_id, pad_multiple)
-
-
-def pmi_batches(tok, prompts, anchors, candidates, *,
-                template: str = PMI_TEMPLATE, pad_multiple: int = 16
-                ) -> tuple[ScoringBatch, ScoringBatch]:
-  """Each candidate after two contexts, R = B * K rows each, same T.
-
-  With the anchor: the last user turn becomes template(prompt, reference);
-  without: the prompt as is. The candidate's tokens are appended after the
-  generation prompt unchanged (no re-tokenisation) and are the targets;
-  left padding to a common T puts them at the same columns in both batches.
-  """
-  with_a, plain, n = [], [], []
-  for msgs, anchor, group in zip(prompts, anchors, candidates):
-    last = [m for m in msgs if m["role"] == "user"][-1]["content"]
-    ctx_a = tok.encode_chat(_with_last_user(
-        msgs, template.format(prompt=last, reference=anchor)))
-    ctx = tok.encode_chat(msgs)
-    for ids in group:
-      y = cut_at_stop(ids, tok.stop_ids)
-      with_a.append(ctx_a + y)
-      plain.append(ctx + y)
-      n.append(len(y))
-  longest = max(len(r) for r in with_a + plain)
-  length = -(-longest // pad_multiple) * pad_multiple
-  return (_finish(with_a, n, tok.pad_id, pad_multiple, length),
-          _finish(plain, n, tok.pad_id, pad_multiple, length))
-
-
-def recon_batch(tok, prompts, anchors, candidates, *,
-                template: str = RECON_TEMPLATE,
-                pad_multiple: int = 16) -> ScoringBatch:
-  """The candidate shown as a draft, the anchor as the answer to score.
-
-  The last user turn becomes template(prompt, draft = decoded candidate);
-  the targets are tok.encode(anchor) after the generation prompt (no
-  end-of-turn token). R = B * K rows.
-  """
-  rows, n = [], []
-  for msgs, anchor, group in zip(prompts, anchors, candidates):
-    last = [m for m in msgs if m["role"] == "user"][-1]["content"]
-    a = tok.encode(anchor)
-    for ids in group:
-      draft = tok.decode(cut_at_stop(ids, tok.stop_ids))
-      ctx = tok.encode_chat(_with_last_user(
-          msgs, template.format(prompt=last, draft=draft)))
-      rows.append(ctx + a)
-      n.append(len(a))
-  return _finish(rows, n, tok.pad_id, pad_multiple)
-
-
-def answer_token_ids(tok, word: str) -> tuple[int, ...]:
-  """Ids of the single-token encodings of `word` and " " + `word`.
-
-  The judge's p("Yes") sums over these variants (logsumexp), so it does not
-  matter whether the model puts a space before its answer.
-  """
-  ids = []
-  for text in (word, " " + word):
-    enc = tok.encode(text)
-    if len(enc) == 1 and enc[0] not in ids:
-      ids.append(int(enc[0]))
-  if not ids:
-    raise ValueError(f"{word!r} is not a single token in this vocabulary")
-  return tuple(ids)
-
-
-# ----------------------------------------------------------------------------
 # (b) pure score functions
 
 
@@ -285,8 +86,8 @@ def judge(answer_logps: jax.Array, *, yes_ids: tuple[int, ...],
   Args:
     answer_logps: f32[B, K, V] next-token log-probs after each judge row
       (any leading axes work: [B, K(K-1), V] for pairwise rows).
-    yes_ids, no_ids: token ids of the answers (`answer_token_ids`); the
-      probabilities of the variants are summed.
+    yes_ids, no_ids: token ids of the answers
+      (`templates.answer_token_ids`); the variants' probabilities are summed.
 
   Returns:
     f32[B, K].
@@ -298,7 +99,7 @@ def judge(answer_logps: jax.Array, *, yes_ids: tuple[int, ...],
 
 def self_reward(answer_logps: jax.Array, *, yes_ids: tuple[int, ...],
                 no_ids: tuple[int, ...]) -> jax.Array:
-  """The judge on SELF_REWARD_TEMPLATE rows (no anchor): a baseline.
+  """The judge on templates.SELF_REWARD_TEMPLATE rows (no anchor): a baseline.
   f32[B, K, V] -> f32[B, K]."""
   return judge(answer_logps, yes_ids=yes_ids, no_ids=no_ids)
 
@@ -335,10 +136,10 @@ def anchor_recon(logps: jax.Array, target_mask: jax.Array) -> jax.Array:
 
 
 def pair_matrix(pair_scores: jax.Array, k: int) -> jax.Array:
-  """f32[B, K (K - 1)] in `ordered_pairs(K)` order -> f32[B, K, K] with
-  out[b, i, j] = score of the row showing y_i as A and y_j as B (0 on the
+  """f32[B, K (K - 1)] in `templates.ordered_pairs(K)` order -> f32[B, K, K]
+  with out[b, i, j] = score of the row showing y_i as A and y_j as B (0 on the
   diagonal)."""
-  i, j = ordered_pairs(k)
+  i, j = templates.ordered_pairs(k)
   out = jnp.zeros(pair_scores.shape[:-1] + (k, k), pair_scores.dtype)
   return out.at[..., i, j].set(pair_scores)
 
@@ -491,7 +292,8 @@ def _rows_in_chunks(fn, arrays, rows_per_call: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class SharedRows:
-  """A `ScoringBatch` of G groups of M rows as (shared prefix, suffixes).
+  """A `templates.ScoringBatch` of G groups of M rows as (shared prefix,
+  suffixes).
 
   The rows of one group (one prompt's candidates) agree on a long head (the
   chat template, the prompt, the anchor): it is run once per group and the
@@ -507,7 +309,7 @@ class SharedRows:
   suffix_mask: np.ndarray
 
 
-def share_prefixes(batch: ScoringBatch, m: int, *, pad_id: int,
+def share_prefixes(batch: templates.ScoringBatch, m: int, *, pad_id: int,
                    pad_multiple: int) -> SharedRows | None:
   """Splits each group of `m` consecutive rows at their longest common
   prefix, kept short enough that every suffix holds its targets and at
@@ -551,7 +353,7 @@ def _groups_in_chunks(fn, shared: SharedRows, rows_per_call: int):
            shared.suffix_mask), max(1, rows_per_call // m))
 
 
-def _token_logps(scorers: Scorers, batch: ScoringBatch, m: int,
+def _token_logps(scorers: Scorers, batch: templates.ScoringBatch, m: int,
                  rows_per_call, pad_id: int, pad_multiple: int):
   """f32[R, T] `scoring.token_logps` of the rows where targets are (0 on the
   shared prefix, never a target), each group's prefix run once."""
@@ -570,7 +372,7 @@ def _token_logps(scorers: Scorers, batch: ScoringBatch, m: int,
   return out
 
 
-def _answer_logps(scorers: Scorers, batch: ScoringBatch, m: int,
+def _answer_logps(scorers: Scorers, batch: templates.ScoringBatch, m: int,
                   rows_per_call, pad_id: int, pad_multiple: int):
   """f32[R, V] log p(next token) after each row, each group's prefix run
   once."""
@@ -641,7 +443,8 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
                      "(teacher_judge.TeacherJudge via rollout.collect(judge=))")
   b = len(candidates)
   k = len(candidates[0])
-  groups = [[cut_at_stop(y, tok.stop_ids) for y in g] for g in candidates]
+  groups = [[templates.cut_at_stop(y, tok.stop_ids) for y in g]
+            for g in candidates]
   if score_anchor:
     groups = [g + [tok.encode(a)] for g, a in zip(groups, anchors)]
   m = k + 1 if score_anchor else k
@@ -652,33 +455,37 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
     scorers = model_scorers(model, vocab_chunk=vocab_chunk)
 
   if scheme in ("judge", "self_reward", "pairwise_judge"):
-    yes = answer_token_ids(tok, yes_word)
-    no = answer_token_ids(tok, no_word)
+    yes = templates.answer_token_ids(tok, yes_word)
+    no = templates.answer_token_ids(tok, no_word)
     if scheme == "pairwise_judge":
-      batch = pairwise_batch(tok, prompts, anchors, groups,
-                             template=template or PAIRWISE_TEMPLATE, **pad)
+      batch = templates.pairwise_batch(
+          tok, prompts, anchors, groups,
+          template=template or templates.PAIRWISE_TEMPLATE, **pad)
       logps = _answer_logps(scorers, batch, m * (m - 1), **run)
       l = judge(jnp.asarray(logps).reshape(b, m * (m - 1), -1),
                 yes_ids=yes, no_ids=no)
       s = pairwise_judge(pair_matrix(l, m), aggregation=aggregation,
                          iters=bt_iters, bt_prior=bt_prior)
     else:
-      default = JUDGE_TEMPLATE if scheme == "judge" else SELF_REWARD_TEMPLATE
-      batch = judge_batch(tok, prompts, anchors, groups,
-                          template=template or default, **pad)
+      default = (templates.JUDGE_TEMPLATE if scheme == "judge"
+                 else templates.SELF_REWARD_TEMPLATE)
+      batch = templates.judge_batch(tok, prompts, anchors, groups,
+                                    template=template or default, **pad)
       logps = _answer_logps(scorers, batch, m, **run)
       s = judge(jnp.asarray(logps).reshape(b, m, -1), yes_ids=yes,
                 no_ids=no)
   elif scheme == "pmi":
-    with_a, plain = pmi_batches(tok, prompts, anchors, groups,
-                                template=template or PMI_TEMPLATE, **pad)
+    with_a, plain = templates.pmi_batches(
+        tok, prompts, anchors, groups,
+        template=template or templates.PMI_TEMPLATE, **pad)
     lw = _token_logps(scorers, with_a, m, **run)
     lo = _token_logps(scorers, plain, m, **run)
     s = pmi(lw.reshape(b, m, -1), lo.reshape(b, m, -1),
             with_a.target_mask.reshape(b, m, -1))
   elif scheme == "anchor_recon":
-    batch = recon_batch(tok, prompts, anchors, groups,
-                        template=template or RECON_TEMPLATE, **pad)
+    batch = templates.recon_batch(
+        tok, prompts, anchors, groups,
+        template=template or templates.RECON_TEMPLATE, **pad)
     lp = _token_logps(scorers, batch, m, **run)
     s = anchor_recon(lp.reshape(b, m, -1),
                      batch.target_mask.reshape(b, m, -1))

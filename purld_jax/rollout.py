@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from purld_jax import ranking
+from purld_jax import templates
 from purld_jax import sampling as sampling_lib
 from purld_jax.models import tokenizer as tokenizer_lib
 
@@ -187,7 +188,7 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
     if judge is None:
       raise ValueError("ranking.scheme 'teacher_judge' needs a judge")
     scores, s_a = judge(batch.prompts, [
-        [tok.decode(ranking.cut_at_stop(ids, tok.stop_ids)) for ids in g]
+        [tok.decode(templates.cut_at_stop(ids, tok.stop_ids)) for ids in g]
         for g in lists], np.asarray(batch.valid))
   else:
     scores, s_a = ranking.score_group(

@@ -52,7 +52,7 @@ from absl import logging
 from purld_jax import anchors as anchors_lib
 from purld_jax import evaluate
 from purld_jax import prompts as prompts_lib
-from purld_jax import ranking
+from purld_jax import templates
 from purld_jax import teacher as teacher_lib
 
 FILENAME = "judgements.sqlite"
@@ -191,7 +191,7 @@ def items(prompts: Sequence[prompts_lib.Prompt],
           texts: Sequence[Sequence[str]]) -> list[list[JudgeItem]]:
   """B x K JudgeItems of the prompts' candidates (texts already decoded)."""
   return [[JudgeItem(id=f"{p.id}/k{k}",
-                     question=ranking.prompt_text(p.as_dicts()),
+                     question=templates.prompt_text(p.as_dicts()),
                      response=t, answer=p.answer)
            for k, t in enumerate(group)]
           for p, group in zip(prompts, texts)]

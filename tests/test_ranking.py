@@ -15,6 +15,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from purld_jax import ranking
 from purld_jax import scoring
+from purld_jax import templates
 from tests.core_fixtures import tiny_model, tiny_tok  # noqa: F401
 
 SETTINGS = hypothesis.settings(max_examples=25, deadline=None)
@@ -128,12 +129,12 @@ def test_oracle_hand():
 
 
 def test_small_helpers():
-  assert ranking.cut_at_stop([5, 6, 3, 7], (3,)) == [5, 6]
-  assert ranking.cut_at_stop([5, 6], (3,)) == [5, 6]
-  lists = ranking.candidate_lists(np.array([[[5, 6, 0], [7, 0, 0]]]),
+  assert templates.cut_at_stop([5, 6, 3, 7], (3,)) == [5, 6]
+  assert templates.cut_at_stop([5, 6], (3,)) == [5, 6]
+  lists = templates.candidate_lists(np.array([[[5, 6, 0], [7, 0, 0]]]),
                                   np.array([[[1, 1, 0], [1, 0, 0]]], bool))
   assert lists == [[[5, 6], [7]]]
-  i, j = ranking.ordered_pairs(3)
+  i, j = templates.ordered_pairs(3)
   assert list(zip(i.tolist(), j.tolist())) == [
       (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]
   m = ranking.pair_matrix(jnp.arange(1.0, 7.0)[None], 3)
@@ -152,15 +153,15 @@ def _cands(tok):
 
 
 def test_answer_token_ids(tiny_tok):
-  assert ranking.answer_token_ids(tiny_tok, "Yes") == tuple(
+  assert templates.answer_token_ids(tiny_tok, "Yes") == tuple(
       tiny_tok.encode("Yes"))
   with pytest.raises(ValueError):
-    ranking.answer_token_ids(tiny_tok, "two two")
+    templates.answer_token_ids(tiny_tok, "two two")
 
 
 def test_judge_batch_layout(tiny_tok):
   tok = tiny_tok
-  batch = ranking.judge_batch(tok, PROMPTS, ANCHORS, _cands(tok),
+  batch = templates.judge_batch(tok, PROMPTS, ANCHORS, _cands(tok),
                               pad_multiple=16)
   r, t = batch.tokens.shape
   assert r == 2 * 3 and t % 16 == 0
@@ -177,7 +178,7 @@ def test_pmi_batches_targets_are_the_candidate(tiny_tok):
   tok = tiny_tok
   cands = _cands(tok)
   cands[0][1] = cands[0][1] + [tok.stop_ids[0], 9, 9]  # cut at the stop id
-  with_a, plain = ranking.pmi_batches(tok, PROMPTS, ANCHORS, cands)
+  with_a, plain = templates.pmi_batches(tok, PROMPTS, ANCHORS, cands)
   assert with_a.tokens.shape == plain.tokens.shape
   assert_array_equal(with_a.target_mask, plain.target_mask)
   for r, ids in enumerate(y for g in _cands(tok) for y in g):
@@ -191,11 +192,11 @@ def test_pmi_batches_targets_are_the_candidate(tiny_tok):
 
 def test_recon_and_pairwise_batches(tiny_tok):
   tok = tiny_tok
-  batch = ranking.recon_batch(tok, PROMPTS, ANCHORS, _cands(tok))
+  batch = templates.recon_batch(tok, PROMPTS, ANCHORS, _cands(tok))
   for r in range(6):
     assert batch.tokens[r][batch.target_mask[r]].tolist() == tok.encode(
         ANCHORS[r // 3])
-  pairs = ranking.pairwise_batch(tok, PROMPTS, ANCHORS, _cands(tok))
+  pairs = templates.pairwise_batch(tok, PROMPTS, ANCHORS, _cands(tok))
   assert pairs.tokens.shape[0] == 2 * 3 * 2  # B K (K - 1)
 
 
@@ -280,16 +281,16 @@ def test_schemes_equal_a_direct_unpadded_computation(tiny_model, tiny_tok):
   y, anchor, msgs = _cands(tok)[b][k], ANCHORS[b], PROMPTS[b]
   a = tok.encode(anchor)
   recon_ctx = tok.encode_chat([msgs[0], {"role": "user", "content":
-                                         ranking.RECON_TEMPLATE.format(
+                                         templates.RECON_TEMPLATE.format(
                                              prompt=msgs[1]["content"],
                                              draft="mat")}])
   pmi_ctx = tok.encode_chat([msgs[0], {"role": "user", "content":
-                                       ranking.PMI_TEMPLATE.format(
+                                       templates.PMI_TEMPLATE.format(
                                            prompt=msgs[1]["content"],
                                            reference=anchor)}])
   judge_ctx = tok.encode_chat([{"role": "user", "content":
-                                ranking.JUDGE_TEMPLATE.format(
-                                    prompt=ranking.prompt_text(msgs),
+                                templates.JUDGE_TEMPLATE.format(
+                                    prompt=templates.prompt_text(msgs),
                                     reference=anchor, response="mat")}])
   yes, no = tok.encode("Yes")[0], tok.encode("No")[0]
   recon, with_a, plain, p_yes, p_no = _unpadded(model, [
@@ -310,7 +311,7 @@ def test_share_prefixes_by_hand():
   # Two groups of two left-padded rows (pad 0); the last token of each row
   # is a target.
   rows = [[5, 6, 7, 8], [5, 6, 9], [3, 4], [3, 4, 4, 1]]
-  batch = ranking._finish(rows, [1, 1, 1, 1], 0, 1)
+  batch = templates.finish_rows(rows, [1, 1, 1, 1], 0, 1)
   sh = ranking.share_prefixes(batch, 2, pad_id=0, pad_multiple=2)
   # Group 0 shares [5, 6]; group 1 shares [3] only: [3, 4] must keep its
   # target 4 in its suffix.
@@ -320,13 +321,13 @@ def test_share_prefixes_by_hand():
                                             [[4, 0, 0, 0], [4, 4, 1, 0]]])
   assert sh.suffix_mask.sum() == 2 + 1 + 1 + 3
   # A group whose rows differ at the first token cannot share: None.
-  assert ranking.share_prefixes(ranking._finish([[1, 2], [3, 2]], [1, 1], 0, 1),
-                                2, pad_id=0, pad_multiple=1) is None
+  rows = templates.finish_rows([[1, 2], [3, 2]], [1, 1], 0, 1)
+  assert ranking.share_prefixes(rows, 2, pad_id=0, pad_multiple=1) is None
 
 
 def test_shared_prefix_logps_equal_full_rows(tiny_model):
   rows = [[5, 6, 7, 8, 9], [5, 6, 9], [3, 4, 2], [3, 4, 4, 1, 7, 7]]
-  batch = ranking._finish(rows, [2, 1, 1, 3], 0, 8)
+  batch = templates.finish_rows(rows, [2, 1, 1, 3], 0, 8)
   want = np.asarray(scoring.jitted_token_logps(
       tiny_model, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)))
   scorers = ranking.model_scorers(tiny_model)

@@ -1,5 +1,5 @@
 r"""Baseline "self-rewarding" (METHOD.md): the student judges its own
-candidates WITHOUT the anchor (ranking.SELF_REWARD_TEMPLATE), DPO on best vs
+candidates WITHOUT the anchor (templates.SELF_REWARD_TEMPLATE), DPO on best vs
 worst.
 
   python -m purld_jax.main --config=configs/baselines/self_reward.py \

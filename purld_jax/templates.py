@@ -1,0 +1,214 @@
+"""The self-ranking's prompts: templates and the host-side rows they make.
+
+Layer (a) of the self-ranking (`ranking.py` runs the rows through the
+scorer model and turns log-probs into scores): numpy and Python over rows,
+off the hot path. Each builder turns (prompt messages, anchor text,
+candidate token ids) into a left-padded `ScoringBatch` of R rows, ordered
+b * K + k: tokens i32[R, T], attention_mask bool[R, T] and target_mask
+bool[R, T] (the scored suffix; T is the whole template row). Candidates are
+cut at their first stop id (the stop token itself dropped) before they are
+decoded into a template or appended as targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from purld_jax.models import tokenizer as tok_lib
+
+# Default templates (user turns). Placeholders: {prompt}, {reference} (the
+# anchor), {response} / {response_a} / {response_b} (decoded candidates),
+# {draft} (a candidate shown as a draft).
+JUDGE_TEMPLATE = (
+    "Question:\n{prompt}\n\nReference answer:\n{reference}\n\n"
+    "Candidate answer:\n{response}\n\n"
+    "Is the candidate answer as good as the reference answer? "
+    "Answer Yes or No.")
+SELF_REWARD_TEMPLATE = (
+    "Question:\n{prompt}\n\nCandidate answer:\n{response}\n\n"
+    "Is the candidate answer a good answer to the question? "
+    "Answer Yes or No.")
+PAIRWISE_TEMPLATE = (
+    "Question:\n{prompt}\n\nReference answer:\n{reference}\n\n"
+    "Response A:\n{response_a}\n\nResponse B:\n{response_b}\n\n"
+    "Using the reference answer as a guide, is Response A better than "
+    "Response B? Answer Yes or No.")
+PMI_TEMPLATE = "{prompt}\n\nA reference answer:\n{reference}"
+RECON_TEMPLATE = (
+    "{prompt}\n\nA draft answer:\n{draft}\n\nWrite the final answer.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringBatch:
+  """Left-padded rows for one model call (numpy, host side).
+
+  Attributes:
+    tokens: i32[R, T].
+    attention_mask: bool[R, T], False on padding.
+    target_mask: bool[R, T], True on the scored suffix (candidate or anchor
+      tokens); all False for judge rows, which are read after the last
+      column (`scoring.last_logps`).
+  """
+  tokens: np.ndarray
+  attention_mask: np.ndarray
+  target_mask: np.ndarray
+
+
+def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+  """`ids` up to (not including) the first stop id."""
+  out = []
+  for i in ids:
+    if int(i) in stop_ids:
+      break
+    out.append(int(i))
+  return out
+
+
+def candidate_lists(tokens: np.ndarray, mask: np.ndarray
+                    ) -> list[list[list[int]]]:
+  """Sampler arrays i32[B, K, T] + bool[B, K, T] -> B x K token-id lists."""
+  tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
+  return [[tokens[b, k][mask[b, k]].tolist() for k in range(tokens.shape[1])]
+          for b in range(tokens.shape[0])]
+
+
+def prompt_text(messages: Sequence[dict]) -> str:
+  """A prompt conversation as plain text for a template: the content of a
+  single user turn as is; otherwise "role: content" lines."""
+  if len(messages) == 1 and messages[0]["role"] == "user":
+    return messages[0]["content"]
+  return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def _with_last_user(messages: Sequence[dict], content: str) -> list[dict]:
+  """`messages` with the last user turn's content replaced."""
+  out = [dict(m) for m in messages]
+  last = max(i for i, m in enumerate(out) if m["role"] == "user")
+  out[last]["content"] = content
+  return out
+
+
+def finish_rows(rows, n_target, pad_id, pad_multiple, length=None
+                ) -> ScoringBatch:
+  """Left-pads rows to `length` (default: longest, rounded up to
+  pad_multiple); the last n_target[r] tokens of row r are targets."""
+  if length is None:
+    longest = max(len(r) for r in rows)
+    length = -(-longest // pad_multiple) * pad_multiple
+  tokens, mask = tok_lib.pad_left(rows, pad_id, length)
+  cols = np.arange(length)[None, :]
+  target = cols >= length - np.asarray(n_target, np.int64)[:, None]
+  return ScoringBatch(tokens, mask, target & mask)
+
+
+def judge_batch(tok, prompts, anchors, candidates, *,
+                template: str = JUDGE_TEMPLATE,
+                pad_multiple: int = 16) -> ScoringBatch:
+  """One judge conversation per candidate, R = B * K rows.
+
+  Args:
+    tok: `models.tokenizer.Tokenizer`.
+    prompts: B prompt conversations (lists of {"role", "content"}).
+    anchors: B anchor texts (ignored by templates without {reference}, such
+      as SELF_REWARD_TEMPLATE).
+    candidates: B lists of K token-id lists.
+    template: user-turn text with {prompt}, {reference}, {response}.
+    pad_multiple: T is rounded up to a multiple of this (fewer recompiles).
+  """
+  rows = []
+  for msgs, anchor, group in zip(prompts, anchors, candidates):
+    for ids in group:
+      text = tok.decode(cut_at_stop(ids, tok.stop_ids))
+      user = template.format(prompt=prompt_text(msgs), reference=anchor,
+                             response=text)
+      rows.append(tok.encode_chat([{"role": "user", "content": user}]))
+  return finish_rows(rows, [0] * len(rows), tok.pad_id, pad_multiple)
+
+
+def ordered_pairs(k: int) -> tuple[np.ndarray, np.ndarray]:
+  """np.int32[K (K - 1)] (i, j), every ordered pair i != j, row-major."""
+  i, j = np.nonzero(~np.eye(k, dtype=bool))
+  return i.astype(np.int32), j.astype(np.int32)
+
+
+def pairwise_batch(tok, prompts, anchors, candidates, *,
+                   template: str = PAIRWISE_TEMPLATE,
+                   pad_multiple: int = 16) -> ScoringBatch:
+  """One judge conversation per ordered pair (A = y_i, B = y_j), both
+  orders, R = B * K (K - 1) rows in `ordered_pairs(K)` order per prompt."""
+  rows = []
+  for msgs, anchor, group in zip(prompts, anchors, candidates):
+    texts = [tok.decode(cut_at_stop(ids, tok.stop_ids)) for ids in group]
+    for i, j in zip(*ordered_pairs(len(group))):
+      user = template.format(prompt=prompt_text(msgs), reference=anchor,
+                             response_a=texts[i], response_b=texts[j])
+      rows.append(tok.encode_chat([{"role": "user", "content": user}]))
+  return finish_rows(rows, [0] * len(rows), tok.pad_id, pad_multiple)
+
+
+def pmi_batches(tok, prompts, anchors, candidates, *,
+                template: str = PMI_TEMPLATE, pad_multiple: int = 16
+                ) -> tuple[ScoringBatch, ScoringBatch]:
+  """Each candidate after two contexts, R = B * K rows each, same T.
+
+  With the anchor: the last user turn becomes template(prompt, reference);
+  without: the prompt as is. The candidate's tokens are appended after the
+  generation prompt unchanged (no re-tokenisation) and are the targets;
+  left padding to a common T puts them at the same columns in both batches.
+  """
+  with_a, plain, n = [], [], []
+  for msgs, anchor, group in zip(prompts, anchors, candidates):
+    last = [m for m in msgs if m["role"] == "user"][-1]["content"]
+    ctx_a = tok.encode_chat(_with_last_user(
+        msgs, template.format(prompt=last, reference=anchor)))
+    ctx = tok.encode_chat(msgs)
+    for ids in group:
+      y = cut_at_stop(ids, tok.stop_ids)
+      with_a.append(ctx_a + y)
+      plain.append(ctx + y)
+      n.append(len(y))
+  longest = max(len(r) for r in with_a + plain)
+  length = -(-longest // pad_multiple) * pad_multiple
+  return (finish_rows(with_a, n, tok.pad_id, pad_multiple, length),
+          finish_rows(plain, n, tok.pad_id, pad_multiple, length))
+
+
+def recon_batch(tok, prompts, anchors, candidates, *,
+                template: str = RECON_TEMPLATE,
+                pad_multiple: int = 16) -> ScoringBatch:
+  """The candidate shown as a draft, the anchor as the answer to score.
+
+  The last user turn becomes template(prompt, draft = decoded candidate);
+  the targets are tok.encode(anchor) after the generation prompt (no
+  end-of-turn token). R = B * K rows.
+  """
+  rows, n = [], []
+  for msgs, anchor, group in zip(prompts, anchors, candidates):
+    last = [m for m in msgs if m["role"] == "user"][-1]["content"]
+    a = tok.encode(anchor)
+    for ids in group:
+      draft = tok.decode(cut_at_stop(ids, tok.stop_ids))
+      ctx = tok.encode_chat(_with_last_user(
+          msgs, template.format(prompt=last, draft=draft)))
+      rows.append(ctx + a)
+      n.append(len(a))
+  return finish_rows(rows, n, tok.pad_id, pad_multiple)
+
+
+def answer_token_ids(tok, word: str) -> tuple[int, ...]:
+  """Ids of the single-token encodings of `word` and " " + `word`.
+
+  The judge's p("Yes") sums over these variants (logsumexp), so it does not
+  matter whether the model puts a space before its answer.
+  """
+  ids = []
+  for text in (word, " " + word):
+    enc = tok.encode(text)
+    if len(enc) == 1 and enc[0] not in ids:
+      ids.append(int(enc[0]))
+  if not ids:
+    raise ValueError(f"{word!r} is not a single token in this vocabulary")
+  return tuple(ids)
