@@ -6,9 +6,11 @@ import functools
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from numpy.testing import assert_allclose, assert_array_equal
 
+from purld_jax import losses
 from purld_jax.train import dpo
 from purld_jax.train import grpo
 from purld_jax.train import ldl
@@ -159,26 +161,40 @@ def _one_vs_micro(step, args, n, keys):
     assert_allclose(g2, g1, rtol=1e-4, atol=4e-7)
 
 
-def test_dpo_micro_batches_equal_one_batch():
+def test_loss_weights_by_hand():
+  """The denominators the slices are weighted by (state.grad_step)."""
+  mask = np.zeros((2, 2, 5), bool)
+  mask[0, 0, :3] = mask[0, 1, :1] = mask[1, 1, :4] = True  # 8 tokens, 3 seqs
+  assert float(losses.grpo_weight(mask, "token")) == 8.0
+  assert float(losses.grpo_weight(mask, "sequence")) == 3.0
+  assert float(losses.grpo_weight(mask, "dr_grpo")) == 3.0
+  pairs = np.array([[1, 1, 0], [0, 0, 0], [0, 1, 0]], bool)
+  assert float(losses.dpo_weight(pairs, "pairs")) == 3.0
+  assert float(losses.dpo_weight(pairs, "prompts")) == 2.0
+
+
+@pytest.mark.parametrize("reduce", [
+    "pairs", pytest.param("prompts", marks=pytest.mark.slow)])
+def test_dpo_micro_batches_equal_one_batch(reduce):
   ref_params = nnx.split(core_fixtures.random_tiny_model(seed=8))[1]
-  batch = _batch(b=4, seed=3)
-  batch = dict(batch, **{k: np.concatenate([v, v[:1]]) for k, v in
-                         _batch(b=3, seed=3).items()})  # B = 4
+  batch = {k: np.concatenate([v, v[:1]])  # B = 4: prompt 0 again
+           for k, v in _batch(seed=3).items()}
   batch["pair_mask"][3] = [1, 1]
-  for reduce, metrics in (("pairs", ("margin", "accuracy", "pairs")),
-                          ("prompts", ("pairs",))):  # margin: per pair
-    step = functools.partial(dpo.train_step, beta=0.5, loss_type="sigmoid",
-                             label_smoothing=0.0, reduce=reduce)
-    _one_vs_micro(step, (ref_params, batch), 2, metrics)
+  metrics = ("margin", "accuracy", "pairs") if reduce == "pairs" else (
+      "pairs",)  # the margin averages per pair, the loss per prompt
+  step = functools.partial(dpo.train_step, beta=0.5, loss_type="sigmoid",
+                           label_smoothing=0.0, reduce=reduce)
+  _one_vs_micro(step, (ref_params, batch), 2, metrics)
 
 
-def test_grpo_micro_batches_equal_one_batch():
-  for aggregation in ("token", "sequence", "dr_grpo"):
-    step = functools.partial(grpo.train_step, eps_low=0.2, eps_high=0.28,
-                             beta_kl=0.1, aggregation=aggregation)
-    per_token = ("kl", "entropy") if aggregation == "token" else ()
-    _one_vs_micro(step, (_grpo_batch(),), 4 if aggregation == "token" else 2,
-                  ("tokens", "ratio_min", "ratio_max") + per_token)
+@pytest.mark.parametrize("aggregation", [
+    "token", "sequence", pytest.param("dr_grpo", marks=pytest.mark.slow)])
+def test_grpo_micro_batches_equal_one_batch(aggregation):
+  step = functools.partial(grpo.train_step, eps_low=0.2, eps_high=0.28,
+                           beta_kl=0.1, aggregation=aggregation)
+  per_token = ("kl", "entropy") if aggregation == "token" else ()
+  _one_vs_micro(step, (_grpo_batch(),), 4 if aggregation == "token" else 2,
+                ("tokens", "ratio_min", "ratio_max") + per_token)
 
 
 def test_ldl_and_sft_micro_batches_equal_one_batch():
