@@ -22,9 +22,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "[setup] installing run-time dependencies into .venv" >&2
 pip install -q -r requirements.txt
-pip install -q --no-deps $nodeps
 if [ "${1:-}" = "--test" ]; then
   echo "[setup] installing test dependencies (first time: llama.cpp compiles, ~9 min on 2 cores)" >&2
   pip install -q -r requirements-test.txt
 fi
+# Last: a later resolver run would list these wheels' (unneeded) dependencies
+# as missing.
+pip install -q --no-deps $nodeps
 printf '%s' "$want" > "$stamp"
