@@ -159,11 +159,17 @@ class Runner:
     launch: launch(cmd, cwd=, env=, log_path=) -> return code (tests count
       launches through it).
     echo: print one line per cell to stderr.
+    keep_checkpoints: keep a finished cell's ckpt/ (default: deleted once
+      the cell is done: they only serve resuming an unfinished cell, and a
+      demo-scale cell's three checkpoints take about 4 GB; its final/ model,
+      metrics and answers stay).
   """
 
   def __init__(self, study_dir: str, *, env: Mapping[str, str] | None = None,
                python: str = sys.executable,
-               launch: Callable[..., int] = _launch, echo: bool = True):
+               launch: Callable[..., int] = _launch, echo: bool = True,
+               keep_checkpoints: bool = False):
+    self.keep_checkpoints = keep_checkpoints
     self.study_dir = os.path.abspath(study_dir)
     self.env = dict(os.environ if env is None else env)
     self.python = python
@@ -252,6 +258,9 @@ class Runner:
                      log_path=log_path)
     wall = time.perf_counter() - t0
     status = "done" if rc == 0 and self.is_done(cell) else "failed"
+    if status == "done" and not self.keep_checkpoints:
+      shutil.rmtree(os.path.join(self.workdir(cell.name), "ckpt"),
+                    ignore_errors=True)
     self._record(cell, rc, wall, status)
     self._say(f"{cell.name}: {status} in {wall:.0f} s (rc {rc})")
     return status
