@@ -202,8 +202,8 @@ def validate(config) -> None:
   _choice(errors, config, "model.remat", llama.REMAT_POLICIES)
   _mesh(errors, config)
   n = config.opt.micro_batches
-  for key in ("sft.batch_size", "rl.batch_size"):
-    size = config[key.split(".")[0]][key.split(".")[1]]
+  for key, size in (("sft.batch_size", config.sft.batch_size),
+                    ("rl.batch_size", config.rl.batch_size)):
     if isinstance(n, int) and n > 0 and size % n:
       errors.append(f"opt.micro_batches={n}: does not divide {key}={size}")
   _prompt_file(errors, "data.train_path", config.data.train_path)

@@ -293,10 +293,11 @@ class RolloutStore:
     _replace_dir(tmp, self.step_dir(step))
 
   def record(self, step: int, group, batch: dict, *, prompt_batch, anchors,
-             teacher, scheme: str, recipe: str, verifier=None) -> float:
+             teacher, scheme: str, recipe: str, correct=None) -> float:
     """`write` from what the PU-RL loop holds: the `data.PromptBatch`, the
-    recipe's batch, ledger keys from the teacher's requests, correctness
-    from the verifier. Returns the seconds it took."""
+    recipe's batch, ledger keys from the teacher's requests, and the
+    candidates' correctness (`correctness`, computed once by the loop for
+    its oracle_* metrics too). Returns the seconds it took."""
     t0 = time.perf_counter()
     prompts = prompt_batch.prompts
     self.write(step, group, prompts=prompts, anchors=anchors,
@@ -305,8 +306,7 @@ class RolloutStore:
                             for p in prompts],
                scheme=scheme, recipe=recipe,
                preferences=preferences_of(batch, group),
-               correct=None if verifier is None else correctness(
-                   group.texts, [p.answer for p in prompts], verifier))
+               correct=correct)
     return time.perf_counter() - t0
 
   def add_scores(self, step: int, scheme: str, scores: np.ndarray,

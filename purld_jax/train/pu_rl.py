@@ -63,15 +63,13 @@ def ranking_params(config) -> rollout.RankingParams:
       pad_multiple=r.pad_multiple, vocab_chunk=config.model.vocab_chunk or None)
 
 
-def _oracle_agreement(group, prompts, verifier) -> dict:
-  """oracle_* metrics: the self-ranking against exact answer match, when
-  every prompt has a reference answer (diagnostics.ranking_vs_oracle);
-  the oracle is only watched, never trained on (unless ranking.scheme is
-  "oracle")."""
-  if any(p.answer is None for p in prompts.prompts):
+def _oracle_agreement(group, correct) -> dict:
+  """oracle_* metrics: the self-ranking against exact answer match
+  (`correct` f32[B, K], None unless every prompt has a reference answer;
+  diagnostics.ranking_vs_oracle); the oracle is only watched, never trained
+  on (unless ranking.scheme is "oracle")."""
+  if correct is None:
     return {}
-  correct = np.array([[verifier(b, t) for t in texts]
-                      for b, texts in enumerate(group.texts)])
   d = diagnostics.ranking_vs_oracle(group.scores, correct, group.valid)
   return {f"oracle_{k}": v for k, v in d.items()}
 
@@ -183,12 +181,14 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
                     response_len=float(cand_mask.sum(-1).mean()),
                     finished=float(group.finished.mean()),
                     teacher_calls=store.teacher_calls())
-        host.update(_oracle_agreement(group, prompts, verifier))
+        correct = rollout_store.correctness(
+            group.texts, [p.answer for p in prompts.prompts], verifier)
+        host.update(_oracle_agreement(group, correct))
         if rollouts is not None:  # a re-run step (resume) replaces its old copy
           host["store_s"] = rollouts.record(
               step + 1, group, batch, prompt_batch=prompts, anchors=anchors,
               teacher=teacher, scheme=config.ranking.scheme,
-              recipe=config.recipe, verifier=verifier)
+              recipe=config.recipe, correct=correct)
         host.update(teacher_judge.metrics(judge))
         st.step_done(step + 1, state, metrics, tokens=int(cand_mask.sum()),
                      host=host)
