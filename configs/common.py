@@ -38,6 +38,10 @@ def model() -> ml_collections.ConfigDict:
   c.cache_dir = ""             # where "embedded" is converted ('' = default)
   c.vocab_chunk = 0            # positions per logits chunk in scoring (0 = auto)
   c.remat = "none"             # per-layer rematerialisation: none | full | dots
+  # One lax.scan over the layers (weights stacked per call) instead of an
+  # unrolled loop: compiles one layer, not L (the demo's DPO step: 41 s
+  # instead of 93 s on 2 busy cores) but runs ~5-12 % slower on CPU.
+  c.scan_layers = False
   return c
 
 

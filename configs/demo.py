@@ -21,6 +21,7 @@ def get_config(arg: str = ""):
   c = common.base()
   c.recipe = "dpo"              # stage 2: DPO on self-ranked pairs
   c.model.path = "embedded"     # SmolLM2-135M-Instruct from the wheel
+  c.model.scan_layers = True    # a cold start compiles one layer, not 30
   c.data.train_path = "data/demo/train.jsonl"  # 256 one-step arithmetic questions
   c.data.eval_path = "data/demo/eval.jsonl"    # 128 held out
   c.data.buckets = (64,)        # questions: 42-59 tokens: one shape

@@ -255,8 +255,8 @@ def choose(logits_RV: jax.Array, keys_R: jax.Array, sampling: SamplingParams):
 class _Prefix:
   """The prompts' keys and values, written once, read by their K rows."""
 
-  k: tuple  # L x [B, G, P, H]
-  v: tuple  # L x [B, G, P, H]
+  k: jax.Array  # [L, B, G, P, H]
+  v: jax.Array  # [L, B, G, P, H]
   mask: jax.Array  # bool[B, P]
 
 
@@ -265,16 +265,17 @@ class _Own:
   """Keys and values of each row's own generated tokens, in chunks of
   `_CHUNK` slots so a step reads only the chunks written so far."""
 
-  k: tuple  # L x [R, G, C, H, _CHUNK], keys slot-minor for the q.k product
-  v: tuple  # L x [R, G, C, _CHUNK, H]   (C chunks)
+  k: jax.Array  # [L, R, G, C, H, _CHUNK], keys slot-minor for q.k
+  v: jax.Array  # [L, R, G, C, _CHUNK, H]   (C chunks)
 
 
 _CHUNK = 32
 _NEG = -1e30  # finite, as in llama.py: masked slots weigh exactly 0
 
 
-def _attend(q_RNH, pk_BGPH, pv_BGPH, pmask_BP, k_RGCHS, v_RGCSH, col):
-  """One query per row over its prompt's slots and its own slots <= col.
+def _attend(q_RNH, pk_BGPH, pv_BGPH, pmask_BP, own: _Own, layer, col):
+  """One query per row over its prompt's slots and its own slots <= col
+  (layer `layer` of `own`).
 
   Rows of a prompt are consecutive (r = b * K + k), so the prompt part is one
   [K * R_q, H] x [H, P] product per (prompt, kv head), never K copies of it.
@@ -285,7 +286,7 @@ def _attend(q_RNH, pk_BGPH, pv_BGPH, pmask_BP, k_RGCHS, v_RGCSH, col):
   r, n, h = q_RNH.shape
   b, g, p, _ = pk_BGPH.shape
   k, rq, dt = r // b, n // g, q_RNH.dtype
-  size = k_RGCHS.shape[-1]
+  size = own.k.shape[-1]
   scale = h ** -0.5
   q = q_RNH.reshape(r, g, rq, h)
   # [R, G, Rq, X] <-> [B, G, K * Rq, X]
@@ -303,8 +304,12 @@ def _attend(q_RNH, pk_BGPH, pv_BGPH, pmask_BP, k_RGCHS, v_RGCSH, col):
 
   def chunk(c, carry):
     acc, total, top = carry
-    kc = jax.lax.dynamic_index_in_dim(k_RGCHS, c, axis=2, keepdims=False)
-    vc = jax.lax.dynamic_index_in_dim(v_RGCSH, c, axis=2, keepdims=False)
+    # Only chunk c of this layer is read: no copy of the layer's cache.
+    at = (layer, 0, 0, c, 0, 0)
+    kc = jax.lax.dynamic_slice(own.k, at, (1, r, g, 1, h, size)).reshape(
+        r, g, h, size)
+    vc = jax.lax.dynamic_slice(own.v, at, (1, r, g, 1, size, h)).reshape(
+        r, g, size, h)
     lo = jnp.einsum("mgrh,mghs->mgrs", q, kc,
                     preferred_element_type=jnp.float32) * scale
     slots = c * size + jnp.arange(size)
@@ -325,29 +330,37 @@ def _decode(model, prefix: _Prefix, own: _Own, tok_R, pos_R, col):
   """Feeds one token per row: (logits f32[R, V], own cache with slot col).
 
   The same math as `Llama.extend` with T = 1 (its Block: attention and MLP
-  with pre-norms, residuals), on the shared-prefix cache layout.
+  with pre-norms, residuals), on the shared-prefix cache layout, through
+  `llama.over_layers` (scanned with `cfg.scan_layers`; never remat: no
+  gradient flows through sampling).
   """
   cfg = model.cfg
   x = jnp.take(model.embed[...], tok_R[:, None], axis=0).astype(cfg.dtype)
   inv_freq = llama.rope_inv_freq(cfg)
   zero = jnp.zeros((), jnp.int32)
-  ks, vs = list(own.k), list(own.v)
-  for i, layer in enumerate(model.layers):
+  c, at = col // _CHUNK, col % _CHUNK
+
+  def block(layer, carry, xs):
+    x, own = carry
+    i, pk, pv = xs
     q, k, v = layer.attn.project(layer.input_norm(x), pos_R[:, None],
                                  inv_freq)
-    c, at = col // _CHUNK, col % _CHUNK
-    ks[i] = jax.lax.dynamic_update_slice(
-        ks[i], k[:, 0, :, None, :, None].astype(ks[i].dtype),
-        (zero, zero, c, zero, at))
-    vs[i] = jax.lax.dynamic_update_slice(
-        vs[i], v[:, 0, :, None, None, :].astype(vs[i].dtype),
-        (zero, zero, c, at, zero))
-    o = _attend(q[:, 0], prefix.k[i], prefix.v[i], prefix.mask, ks[i], vs[i],
-                col)
+    # Written in place into the stacked cache (slot col of layer i).
+    own = own.replace(
+        k=jax.lax.dynamic_update_slice(
+            own.k, k[None, :, 0, :, None, :, None].astype(own.k.dtype),
+            (i, zero, zero, c, zero, at)),
+        v=jax.lax.dynamic_update_slice(
+            own.v, v[None, :, 0, :, None, None, :].astype(own.v.dtype),
+            (i, zero, zero, c, at, zero)))
+    o = _attend(q[:, 0], pk, pv, prefix.mask, own, i, col)
     x = x + layer.attn.output(o[:, None])
-    x = x + layer.mlp(layer.post_attn_norm(x))
-  return model.logits(model.final_norm(x))[:, 0], _pin(_Own(tuple(ks),
-                                                            tuple(vs)))
+    return (x + layer.mlp(layer.post_attn_norm(x)), own), None
+
+  layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+  (x, own), _ = llama.over_layers(model, block, (x, own),
+                                  (layers, prefix.k, prefix.v), remat="none")
+  return model.logits(model.final_norm(x))[:, 0], _pin(own)
 
 
 def _prefill(model, tokens_BP, mask_BP, slots: int, k: int):
@@ -359,36 +372,34 @@ def _prefill(model, tokens_BP, mask_BP, slots: int, k: int):
   h, cache = model.extend(tokens_BP, cache, positions=positions,
                           attention_mask=mask_BP, return_hidden=True)
   logits = model.logits(h[:, -1])
-  layers = range(cache.k.shape[0])
-  prefix = _Prefix(k=tuple(cache.k[i].swapaxes(1, 2) for i in layers),
-                   v=tuple(cache.v[i].swapaxes(1, 2) for i in layers),
+  prefix = _Prefix(k=cache.k.swapaxes(2, 3), v=cache.v.swapaxes(2, 3),
                    mask=mask_BP)
-  _, _, _, g, h = cache.k.shape
+  n_layers, _, _, g, h = cache.k.shape
   dt = cache.k.dtype
   c = -(-slots // _CHUNK)
-  own = _Own(
-      k=tuple(jnp.zeros((b * k, g, c, h, _CHUNK), dt) for _ in layers),
-      v=tuple(jnp.zeros((b * k, g, c, _CHUNK, h), dt) for _ in layers))
+  own = _Own(k=jnp.zeros((n_layers, b * k, g, c, h, _CHUNK), dt),
+             v=jnp.zeros((n_layers, b * k, g, c, _CHUNK, h), dt))
   return _pin(prefix), _pin(own), logits, positions[:, -1]
 
 
 # Logical axes of the caches (sharding.py): rows like the batch, kv heads
 # like kv_heads; a no-op outside `sharding.use_rules`.
 _CACHE_NAMES = {
-    (_Prefix, "k"): ("cache_batch", "cache_heads", "cache_len",
-                     "cache_head_dim"),
-    (_Prefix, "v"): ("cache_batch", "cache_heads", "cache_len",
-                     "cache_head_dim"),
-    (_Own, "k"): ("cache_batch", "cache_heads", None, "cache_head_dim", None),
-    (_Own, "v"): ("cache_batch", "cache_heads", None, None, "cache_head_dim"),
+    (_Prefix, "k"): ("cache_layers", "cache_batch", "cache_heads",
+                     "cache_len", "cache_head_dim"),
+    (_Prefix, "v"): ("cache_layers", "cache_batch", "cache_heads",
+                     "cache_len", "cache_head_dim"),
+    (_Own, "k"): ("cache_layers", "cache_batch", "cache_heads", None,
+                  "cache_head_dim", None),
+    (_Own, "v"): ("cache_layers", "cache_batch", "cache_heads", None, None,
+                  "cache_head_dim"),
 }
 
 
 def _pin(cache):
   """`cache` (_Prefix or _Own) with its arrays constrained to the mesh."""
-  pin = lambda field: tuple(
-      sharding.constrain(x, _CACHE_NAMES[(type(cache), field)])
-      for x in getattr(cache, field))
+  pin = lambda field: sharding.constrain(
+      getattr(cache, field), _CACHE_NAMES[(type(cache), field)])
   return cache.replace(k=pin("k"), v=pin("v"))
 
 

@@ -283,28 +283,20 @@ def _response_hidden(model, prefix: structs.KVCache, prompt_mask_BP,
   answers prompt b) over the prompts' keys and values in `prefix` ([L, B, P,
   G, H], read once per prompt, never copied M times) and their own.
 
-  The layers' own projections, norms and MLP, as in `llama.Block`; each
-  layer under `jax.checkpoint` with the model's remat policy
-  (`LlamaConfig.remat`), as the model's own layer loop.
+  The layers' own projections, norms and MLP, as in `llama.Block`, through
+  `llama.over_layers` (the model's remat policy and layer scan).
   """
   cfg = model.cfg
   x = jnp.take(model.embed[...], tokens_RT, axis=0).astype(cfg.dtype)
   inv_freq = llama.rope_inv_freq(cfg)
-  policy = llama.remat_policy(cfg.remat)
-  for i, layer in enumerate(model.layers):
-    layer_def, layer_state = nnx.split(layer)
 
-    def block(state, x, pk, pv, layer_def=layer_def):
-      layer = nnx.merge(layer_def, state)
-      q, k, v = layer.attn.project(layer.input_norm(x), positions_RT,
-                                   inv_freq)
-      o = _attend(q, k, v, pk, pv, prompt_mask_BP, mask_RT, m)
-      x = x + layer.attn.output(o)
-      return x + layer.mlp(layer.post_attn_norm(x))
+  def block(layer, x, prefix_kv):
+    q, k, v = layer.attn.project(layer.input_norm(x), positions_RT, inv_freq)
+    o = _attend(q, k, v, *prefix_kv, prompt_mask_BP, mask_RT, m)
+    x = x + layer.attn.output(o)
+    return x + layer.mlp(layer.post_attn_norm(x)), None
 
-    if policy is not None:
-      block = jax.checkpoint(block, policy=policy)
-    x = block(layer_state, x, prefix.k[i], prefix.v[i])
+  x, _ = llama.over_layers(model, block, x, (prefix.k, prefix.v))
   return model.final_norm(x)
 
 

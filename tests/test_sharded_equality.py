@@ -262,3 +262,47 @@ def test_batch_shardings_by_hand():
   assert sh["a"].spec == P(("data", "fsdp"), None, None)  # 8 % 4 == 0
   assert sh["b"].spec == P(None)  # 6 rows do not split over 4 devices
   assert sh["c"].spec == P()
+
+
+def test_scanned_layers_under_a_mesh_equal_the_unrolled_single_device():
+  """`scan_layers` (2 layers stacked per call) on mesh (2, 2, 2): the DPO
+  step's state and metrics and the greedy sampler's tokens equal the
+  unrolled model's on one device, and the params keep the rules' specs."""
+  cfg = _cfg().replace(num_layers=2)
+  graphdef, shapes = llama.abstract_model(cfg)
+  scan_def, _ = llama.abstract_model(cfg.replace(scan_layers=True))
+  rng = np.random.default_rng(3)
+  params = jax.tree.map(lambda x: (0.02 * rng.standard_normal(x.shape) if
+                                   len(x.shape) > 1 else np.ones(x.shape)
+                                   ).astype(np.float32), shapes)
+  s = _setup()
+  dpo_step, _ = s["steps"]
+  tx = s["state"].tx
+  make = lambda g: jax.tree.map(np.asarray, state_lib.TrainState.create(
+      g, params, tx, rng=jax.random.PRNGKey(0)))
+  nan = np.int32(-1)
+  want_state, want_metrics = jax.jit(dpo_step)(make(graphdef), params,
+                                               s["dpo_batch"], nan)
+  b = s["dpo_batch"]
+  sp = _sampling_params()["greedy"]
+  want_tokens = sampling.sample(graphdef, params, b["prompt_tokens"],
+                                b["prompt_mask"], s["key"],
+                                prompt_index=s["index"], num_candidates=K,
+                                sampling=sp).tokens
+
+  mesh = sharding.make_mesh((2, 2, 2))
+  p_sh = sharding.param_shardings(cfg, mesh)
+  state = make(scan_def)
+  state_sh = sharded.state_shardings(state, p_sh)
+  step = sharded.jit_train_step(dpo_step, state_sh,
+                                ("params", "batch", "replicated"), mesh=mesh)
+  new, metrics = step(jax.device_put(state, state_sh),
+                      jax.device_put(params, p_sh), b, nan)
+  _close(new.arrays(), want_state.arrays())
+  _close(metrics, want_metrics)
+  _assert_state_shardings(new, (2, 2, 2))
+  sample = sharded.jit_sampler(scan_def, p_sh, mesh=mesh, num_candidates=K,
+                               sampling=sp)
+  got = sample(jax.device_put(params, p_sh), b["prompt_tokens"],
+               b["prompt_mask"], s["key"], s["index"])
+  assert_array_equal(got.tokens, want_tokens)

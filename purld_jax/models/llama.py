@@ -69,6 +69,11 @@ class LlamaConfig:
   # in the backward pass), "dots" the weight matmuls' outputs (attention and
   # elementwise ops are recomputed). The values computed are the same.
   remat: str = "none"
+  # Run the layers as one `lax.scan` over their parameters stacked on a
+  # leading axis (`over_layers`): one layer is traced and compiled instead
+  # of L, so compilation is several times faster; each call stacks a copy
+  # of the layer weights. False: a Python loop, unrolled by XLA.
+  scan_layers: bool = False
 
   @property
   def q_per_kv(self) -> int:
@@ -125,6 +130,47 @@ def remat_policy(name: str):
           "full": jax.checkpoint_policies.nothing_saveable,
           "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
           }[name]
+
+
+def over_layers(model, body, carry, xs=None, *, remat: str | None = None):
+  """Runs `body(layer, carry, x_l) -> (carry, y_l)` through the L layers.
+
+  With `model.cfg.scan_layers`, one `lax.scan` over the layers' parameters
+  stacked on a leading axis (the layers share one graph definition), else a
+  Python loop. Each layer's step runs under `jax.checkpoint` with the remat
+  policy (`remat`, default `model.cfg.remat`). Both give the same values.
+
+  Args:
+    model: a `Llama`.
+    body: a pure function of (a `Block`, carry, x_l).
+    carry: a pytree threaded through the layers.
+    xs: None or a pytree of arrays with leading axis L; layer l sees x_l.
+
+  Returns:
+    (the last carry, the y_l stacked on a leading axis L; None if every y_l
+    is None).
+  """
+  policy = remat_policy(model.cfg.remat if remat is None else remat)
+  layer_def, _ = nnx.split(model.layers[0])
+
+  def step(state, c, x):
+    return body(nnx.merge(layer_def, state), c, x)
+
+  if policy is not None:
+    step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+  states = [nnx.split(layer)[1] for layer in model.layers]
+  if model.cfg.scan_layers:
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+    return jax.lax.scan(lambda c, sx: step(sx[0], c, sx[1]), carry,
+                        (stacked, xs))
+  ys = []
+  for l, state in enumerate(states):
+    x = None if xs is None else jax.tree.map(lambda a, l=l: a[l], xs)
+    carry, y = step(state, carry, x)
+    ys.append(y)
+  if all(y is None for y in ys):
+    return carry, None
+  return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
 def tiny_config(**overrides) -> LlamaConfig:
@@ -424,22 +470,19 @@ class Llama(nnx.Module):
       q_slot = write_at + jnp.arange(t)
       causal = slots[None, :] <= q_slot[:, None]  # [T, S]
       mask = causal[None] & slot_mask[:, None, :]
-    new_k, new_v = [], []
-    policy = remat_policy(cfg.remat)
-    for i, layer in enumerate(self.layers):
-      kc = cache.k[i] if cache is not None else None
-      vc = cache.v[i] if cache is not None else None
-      call = (Block.__call__ if policy is None
-              else nnx.remat(Block.__call__, policy=policy))
-      x, kc, vc = call(layer, x, positions_BT, inv_freq, kc, vc, mask,
-                       write_at)
+
+    def layer_step(layer, x, kv):
+      kc, vc = (None, None) if kv is None else kv
+      x, kc, vc = layer(x, positions_BT, inv_freq, kc, vc, mask, write_at)
       x = sharding.constrain(x, _ACT)
-      new_k.append(kc)
-      new_v.append(vc)
+      return x, (None if kv is None else (kc, vc))
+
+    x, new_kv = over_layers(
+        self, layer_step, x, None if cache is None else (cache.k, cache.v))
     h = self.final_norm(x)
     if cache is None:
       return h, None
-    new_cache = structs.KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v),
+    new_cache = structs.KVCache(k=new_kv[0], v=new_kv[1],
                                 mask=slot_mask, end=cache.end + t)
     return h, new_cache
 

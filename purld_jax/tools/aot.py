@@ -119,11 +119,7 @@ def _with_sharding(abstract, shardings):
 
 def lower_train_step(config, mesh, rules=sharding.DEFAULT_RULES):
   """(`jax.stages.Lowered`, Shapes) of the config's step under `mesh`."""
-  cfg = student_lib.architecture(
-      path=config.model.path, dtype_name=config.model.dtype,
-      param_dtype_name=config.model.param_dtype,
-      cache_dir=config.model.cache_dir,
-      remat=config.model.get("remat", "none"))
+  cfg = student_lib.config_architecture(config.model)
   s = shapes(config)
   recipe = _recipe(s.recipe)
   graphdef, param_shapes = llama.abstract_model(cfg)

@@ -122,32 +122,46 @@ def activation_bytes(cfg: llama.LlamaConfig, mesh, *, tokens: int,
 
 
 def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
-             grad_accum: int = 1, rules=sharding.DEFAULT_RULES) -> dict:
-  """Bytes per device by item (module docstring); `s` from `aot.shapes`."""
+             grad_accum: int = 1, micro_batches: int = 1,
+             rules=sharding.DEFAULT_RULES) -> dict:
+  """Bytes per device by item (module docstring); `s` from `aot.shapes`.
+
+  `micro_batches` n (`opt.micro_batches`): activations and logits are those
+  of one slice of b / n prompts, plus a gradient accumulator."""
   params = param_bytes(cfg, mesh, rules)
+  b = s.b // micro_batches  # prompts alive at a time
   if s.recipe == "sft":
-    tokens, attended = s.b * (s.p + s.t), s.b * (s.p + s.t) ** 2
+    tokens, attended = b * (s.p + s.t), b * (s.p + s.t) ** 2
   else:
-    tokens = s.b * (s.p + s.u * s.t)
-    attended = s.b * (s.p * s.p + s.u * s.t * (s.p + s.t))
-  dp = _split(mesh, ("act_batch",), s.b, rules)
+    tokens = b * (s.p + s.u * s.t)
+    attended = b * (s.p * s.p + s.u * s.t * (s.p + s.t))
+  dp = _split(mesh, ("act_batch",), b, rules)
+  dp_all = _split(mesh, ("act_batch",), s.b, rules)
   vp = _split(mesh, ("act_vocab",), cfg.vocab_size, rules)
   c = jnp.dtype(cfg.dtype).itemsize
   cache_heads = cfg.num_kv_heads // _split(mesh, ("cache_heads",),
                                            cfg.num_kv_heads, rules)
   kv = 2 * cfg.num_layers * cache_heads * cfg.head_dim * c
   own_t = -(-max(s.t - 1, 1) // _OWN_CHUNK) * _OWN_CHUNK
+  outside = cfg.vocab_size * cfg.hidden_size * (
+      1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size
+  in_layers = cfg.num_params() - outside
   out = dict(
       params=params,
       optimizer=params * (2 + (grad_accum > 1)),
       reference=params if s.recipe in ("dpo", "ldl") else 0,
-      gradients=params,
+      gradients=params * (1 + (micro_batches > 1)),
+      # scan_layers: the layers' weights stacked per call, and their
+      # gradient stacked before it is split back per layer.
+      stacked_layers=(2 * params * in_layers // cfg.num_params()
+                      if cfg.scan_layers else 0),
       activations=activation_bytes(cfg, mesh, tokens=tokens,
                                    attended=attended, remat=cfg.remat,
                                    rules=rules),
       logits=2 * 4 * min(tokens * cfg.vocab_size, _AUTO_CHUNK) // (dp * vp),
-      kv_cache=kv * (s.b * s.p + s.b * s.k * own_t) // dp,
-      kv_cache_naive=kv * s.b * s.k * (s.p + s.t) // dp)
+      # The sampler runs the whole batch (micro-batches are the step's).
+      kv_cache=kv * (s.b * s.p + s.b * s.k * own_t) // dp_all,
+      kv_cache_naive=kv * s.b * s.k * (s.p + s.t) // dp_all)
   for policy in llama.REMAT_POLICIES:
     out[f"activations_{policy}"] = activation_bytes(
         cfg, mesh, tokens=tokens, attended=attended, remat=policy,
@@ -157,10 +171,12 @@ def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
 
 def estimate_from_config(config, cfg: llama.LlamaConfig, mesh) -> dict:
   est = estimate(cfg, mesh, aot.shapes(config),
-                 grad_accum=config.opt.grad_accum)
+                 grad_accum=config.opt.grad_accum,
+                 micro_batches=config.opt.get("micro_batches", 1))
   est["_title"] = (f"{aot.shapes(config)}; mesh {dict(mesh.shape)}; params "
                    f"{jnp.dtype(cfg.param_dtype).name}, compute "
-                   f"{jnp.dtype(cfg.dtype).name}, remat {cfg.remat}; "
+                   f"{jnp.dtype(cfg.dtype).name}, remat {cfg.remat}, "
+                   f"scan_layers {cfg.scan_layers}; "
                    f"{cfg.num_params() / 1e6:.1f} M params")
   return est
 
@@ -174,7 +190,8 @@ def table(est: dict, compiled_stats=None) -> str:
   m = compiled_stats
   get = lambda name: None if m is None else getattr(m, name, None)
   args = est["params"] + est["optimizer"] + est["reference"]
-  temp = est["gradients"] + est["activations"] + est["logits"]
+  temp = (est["gradients"] + est["activations"] + est["logits"]
+          + est.get("stacked_layers", 0))
   rows = [
       ("params", est["params"], None),
       ("optimizer state", est["optimizer"], None),
@@ -184,6 +201,8 @@ def table(est: dict, compiled_stats=None) -> str:
       ("gradients", est["gradients"], None),
       ("activations kept for backward", est["activations"], None),
       ("logits chunk", est["logits"], None),
+      ("stacked layer weights + grads (scan)", est.get("stacked_layers", 0),
+       None),
       ("= temporaries", temp, get("temp_size_in_bytes")),
       ("outputs (new state; donated)", args - est["reference"],
        get("output_size_in_bytes")),
@@ -213,10 +232,7 @@ def main(argv) -> None:
   if FLAGS.devices:
     aot.fake_devices(FLAGS.devices)
   from purld_jax.train import student as student_lib  # pylint: disable=g-import-not-at-top
-  cfg = student_lib.architecture(
-      path=config.model.path, dtype_name=config.model.dtype,
-      param_dtype_name=config.model.param_dtype,
-      cache_dir=config.model.cache_dir, remat=config.model.remat)
+  cfg = student_lib.config_architecture(config.model)
   n = jax.device_count()
   mesh = abstract_mesh(config.mesh, n)
   stats = None

@@ -131,21 +131,32 @@ def resolve_path(path: str, cache_dir: str = "") -> str:
 
 
 def architecture(*, path: str, dtype_name: str, param_dtype_name: str,
-                 cache_dir: str = "", remat: str = "none"
-                 ) -> llama.LlamaConfig:
+                 cache_dir: str = "", remat: str = "none",
+                 scan_layers: bool = False) -> llama.LlamaConfig:
   """The LlamaConfig of `model.*` alone: only `config.json` is read, so a
   directory holding nothing else (configs/arch/) is enough for abstract
   shapes, AOT compiles and memory estimates."""
   dt, pdt = dtype(dtype_name), dtype(param_dtype_name)
   if path == TINY:
     return llama.tiny_config(vocab_size=128, dtype=dt, param_dtype=pdt,
-                             remat=remat)
+                             remat=remat, scan_layers=scan_layers)
   return hf.read_config(resolve_path(path, cache_dir), dtype=dt,
-                        param_dtype=pdt).replace(remat=remat)
+                        param_dtype=pdt).replace(remat=remat,
+                                                 scan_layers=scan_layers)
+
+
+def config_architecture(model_cfg) -> llama.LlamaConfig:
+  """`architecture` of the config's `model` block."""
+  return architecture(path=model_cfg.path, dtype_name=model_cfg.dtype,
+                      param_dtype_name=model_cfg.param_dtype,
+                      cache_dir=model_cfg.cache_dir,
+                      remat=model_cfg.get("remat", "none"),
+                      scan_layers=model_cfg.get("scan_layers", False))
 
 
 def make(*, path: str, dtype_name: str, param_dtype_name: str, init_seed: int,
-         cache_dir: str, workdir: str, remat: str = "none") -> Student:
+         cache_dir: str, workdir: str, remat: str = "none",
+         scan_layers: bool = False) -> Student:
   """The student of `model.*` (reads config and tokenizer, not weights).
 
   Args:
@@ -155,10 +166,12 @@ def make(*, path: str, dtype_name: str, param_dtype_name: str, init_seed: int,
     cache_dir: conversion cache of "embedded" ('' = default).
     workdir: run directory; the tiny tokenizer is written under it.
     remat: `LlamaConfig.remat` (what a layer keeps for the backward pass).
+    scan_layers: `LlamaConfig.scan_layers` (one scanned layer, not L).
   """
   hf_dir = None if path == TINY else resolve_path(path, cache_dir)
   cfg = architecture(path=hf_dir or TINY, dtype_name=dtype_name,
-                     param_dtype_name=param_dtype_name, remat=remat)
+                     param_dtype_name=param_dtype_name, remat=remat,
+                     scan_layers=scan_layers)
   if hf_dir is None:
     tok = char_tokenizer(pathlib.Path(workdir) / "tiny_tokenizer")
     return Student(cfg=cfg, hf_dir=None, init_seed=init_seed, tokenizer=tok)
@@ -171,4 +184,5 @@ def from_config(model_cfg, workdir: str) -> Student:
   return make(path=model_cfg.path, dtype_name=model_cfg.dtype,
               param_dtype_name=model_cfg.param_dtype,
               init_seed=model_cfg.init_seed, cache_dir=model_cfg.cache_dir,
-              workdir=workdir, remat=model_cfg.get("remat", "none"))
+              workdir=workdir, remat=model_cfg.get("remat", "none"),
+              scan_layers=model_cfg.get("scan_layers", False))

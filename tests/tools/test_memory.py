@@ -65,3 +65,28 @@ def test_table_without_compile_says_so():
   assert "not compiled here" in text
   with pytest.raises(ValueError, match="remat 'some' is not one of"):
     memory.estimate(CFG.replace(remat="some"), _mesh(1, 1, 1), s)
+
+
+def test_scan_layers_adds_the_stacked_copies_by_hand():
+  # scan_layers stacks the layers' weights (18432 matrix + 2 * 2 * 32 norm
+  # floats = 18560) per call, and their gradient: 2 * 18560 * 4 bytes.
+  s = aot.Shapes("dpo", b=2, k=2, p=3, t=5, u=2)
+  assert memory.estimate(CFG, _mesh(1, 1, 1), s)["stacked_layers"] == 0
+  est = memory.estimate(CFG.replace(scan_layers=True), _mesh(1, 1, 1), s)
+  assert est["stacked_layers"] == 2 * 18560 * 4
+  assert "stacked layer weights" in memory.table(est)
+
+
+def test_micro_batches_shrink_activations_by_hand():
+  # n = 2 slices of B 4 prompts: activations and logits of 2 prompts at a
+  # time, one more gradient-sized buffer (the accumulator); the sampler's
+  # cache is the whole batch's.
+  s = aot.Shapes("dpo", b=4, k=2, p=3, t=5, u=2)
+  half = aot.Shapes("dpo", b=2, k=2, p=3, t=5, u=2)
+  one = memory.estimate(CFG, _mesh(1, 1, 1), s)
+  two = memory.estimate(CFG, _mesh(1, 1, 1), s, micro_batches=2)
+  want = memory.estimate(CFG, _mesh(1, 1, 1), half)
+  assert two["activations"] == want["activations"] < one["activations"]
+  assert two["logits"] == want["logits"]
+  assert two["gradients"] == 2 * one["gradients"] == 2 * one["params"]
+  assert two["kv_cache"] == one["kv_cache"]
