@@ -21,6 +21,7 @@ def get_config(arg: str = ""):
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "dots"
+  c.model.scan_layers = True  # one layer compiled, not L (pod-scale compiles)
   c.data.max_prompt_len = 512
   c.data.buckets = (128, 256, 512)
   c.sampling.num_candidates = 8

@@ -26,6 +26,7 @@ def get_config(arg: str = ""):
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"
+  c.model.scan_layers = True  # one layer compiled, not L (pod-scale compiles)
   c.data.max_prompt_len = 1024
   c.data.buckets = (256, 512, 1024)
   c.sampling.num_candidates = 8
