@@ -160,7 +160,7 @@ def over_layers(model, body, carry, xs=None, *, remat: str | None = None):
     step = jax.checkpoint(step, policy=policy, prevent_cse=False)
   states = [nnx.split(layer)[1] for layer in model.layers]
   if model.cfg.scan_layers:
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+    stacked = _stack_layers(model, states)
     return jax.lax.scan(lambda c, sx: step(sx[0], c, sx[1]), carry,
                         (stacked, xs))
   ys = []
@@ -171,6 +171,22 @@ def over_layers(model, body, carry, xs=None, *, remat: str | None = None):
   if all(y is None for y in ys):
     return carry, None
   return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def _stack_layers(model, states):
+  """The layers' states stacked on a leading axis L, each stack constrained
+  to the parameter's own sharding (`sharding_names`) with L unsharded: an
+  FSDP-sharded weight stays sharded in the stack, not gathered whole."""
+  names = sharding.logical_axes(model.layers[0])
+
+  def stack(path, *leaves):
+    node = names
+    for key in path:
+      if isinstance(key, jax.tree_util.DictKey):
+        node = node[key.key]
+    return sharding.constrain(jnp.stack(leaves), (None,) + tuple(node))
+
+  return jax.tree_util.tree_map_with_path(stack, *states)
 
 
 def tiny_config(**overrides) -> LlamaConfig:
