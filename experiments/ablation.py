@@ -34,8 +34,10 @@ teacher). --reference_from=DIR reuses a finished `sft` cell of another study
 (e.g. experiments/main_table/small/cells/sft): its folder is linked in.
 
 Outputs in --out (default experiments/ablation/<scale>): table.md (both
-parts), agreement.csv (per scheme x K, mean and sd over sub-sampling seeds),
-agreement_rows.csv (per seed), kendall_tau.png (heatmap scheme x K),
+parts: table_agreement.md and table_training.md joined, each written by
+the last call that ran its part, with that call's command), agreement.csv
+(per scheme x K, mean and sd over sub-sampling seeds), agreement_rows.csv
+(per seed), kendall_tau.png (heatmap scheme x K),
 training.csv, training.png, cells/ and cells.jsonl. Re-running skips
 finished cells and stored scores.
 """
@@ -350,8 +352,8 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
     os.symlink(os.path.abspath(a.reference_from), runner.workdir(ref.name))
   statuses = runner.run_all(study + train)
   os.makedirs(a.out, exist_ok=True)
-  parts = [f"# Ablation ({a.scale} scale)\n\n`python -m experiments.ablation "
-           f"{' '.join(argv)}`\n\nCells: {json.dumps(statuses)}."]
+  head = (f"`python -m experiments.ablation {' '.join(argv)}`\n\nCells: "
+          f"{json.dumps(statuses)}.\n\n")
   out = {}
   if a.part in ("all", "agreement") and runner.is_done(study[1]):
     t0 = time.perf_counter()
@@ -365,7 +367,7 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
                      ("scheme", "k", "seeds", "steps", "prompts") + METRICS
                      + tuple(f"{m}_sd" for m in METRICS))
     heatmap(grid, os.path.join(a.out, "kendall_tau.png"))
-    parts.append(
+    write_section(a.out, "agreement", head +
         f"## (a) Self-ranking vs oracle on one pool (K_max = {a.k_max})\n\n"
         f"{a.pool_prompts * a.pool_steps} prompts x {a.k_max} candidates "
         "sampled by the SFT reference, re-scored by it; K candidates "
@@ -380,17 +382,39 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
                          a.seeds)
     common.write_csv(os.path.join(a.out, "training.csv"), rows, TRAIN_FIELDS)
     main_table.plot(rows, os.path.join(a.out, "training.png"))
-    parts.append("## (b) Training grid: K x scheme x loss\n\nHeld-out "
+    write_section(a.out, "training", head +
+                 "## (b) Training grid: K x scheme x loss\n\nHeld-out "
                  "accuracy after PU-RL from the shared SFT reference (mean "
                  f"over seeds {a.seeds}); logged: the oracle agreement of the "
                  "run's own ranking during training (mixed prompts).\n\n"
                  + training_markdown(rows))
     out["training"] = rows
-  text = "\n\n".join(parts) + "\n"
-  with open(os.path.join(a.out, "table.md"), "w", encoding="utf-8") as f:
-    f.write(text)
+  text = join_sections(a.out, a.scale)
   print(text)
   return out
+
+
+def write_section(out: str, part: str, text: str) -> None:
+  """table_<part>.md: one part's section with the command that made it;
+  table.md joins the sections there are, so running one part keeps the
+  other's table."""
+  with open(os.path.join(out, f"table_{part}.md"), "w",
+            encoding="utf-8") as f:
+    f.write(text.rstrip("\n") + "\n")
+
+
+def join_sections(out: str, scale: str) -> str:
+  """Writes and returns table.md: a title and the parts' sections there are."""
+  texts = []
+  for part in ("agreement", "training"):
+    path = os.path.join(out, f"table_{part}.md")
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        texts.append(f.read().rstrip("\n"))
+  text = f"# Ablation ({scale} scale)\n\n" + "\n\n".join(texts) + "\n"
+  with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  return text
 
 
 if __name__ == "__main__":

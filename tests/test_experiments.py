@@ -173,3 +173,17 @@ def test_runner_blocks_without_reference_and_formats_values(tmp_path):
   buf = io.StringIO()
   runner.dry_run([cell], out=buf)
   assert "# x [todo] (stage 1 from cell missing)" in buf.getvalue()
+
+
+def test_ablation_table_keeps_the_part_not_run(tmp_path):
+  """table.md joins the parts' sections: writing one part again keeps the
+  other's section (each section is its own file, with its command)."""
+  ablation.write_section(str(tmp_path), "agreement", "`cmd a`\n\n## (a) A\n")
+  ablation.write_section(str(tmp_path), "training", "`cmd b`\n\n## (b) B\n")
+  ablation.write_section(str(tmp_path), "training", "`cmd c`\n\n## (b) C\n")
+  want = "# Ablation (tiny scale)\n\n`cmd a`\n\n## (a) A\n\n`cmd c`\n\n## (b) C\n"
+  assert ablation.join_sections(str(tmp_path), "tiny") == want
+  assert (tmp_path / "table.md").read_text() == want
+  (tmp_path / "table_agreement.md").unlink()
+  assert ablation.join_sections(str(tmp_path), "tiny") == (
+      "# Ablation (tiny scale)\n\n`cmd c`\n\n## (b) C\n")
