@@ -50,7 +50,8 @@ def get_config(arg: str = ""):
   c.opt.warmup_steps = 2        # stage 2 warmup
   c.eval.batch_size = 32        # held-out prompts per greedy call
   c.eval.max_new_tokens = 12    # greedy answer length
-  c.ckpt.every_steps = 4        # a few per stage
+  c.ckpt.every_steps = 8        # + each stage's end: 3 saves in all (each
+                                # costs ~10-30 s of this CPU)
   c.export.dir = "export"       # WORKDIR/export: HF directory ...
   c.export.gguf = True          # ... and model-f16.gguf for llama.cpp
   return common.variant(c, arg, name="configs/demo.py")
