@@ -119,7 +119,17 @@ def put(tree, shardings):
   already carrying their sharding are kept; others are resharded."""
   def one(x, s):
     if isinstance(x, jax.Array):
-      return x if x.sharding == s else jax.device_put(x, s)
+      if x.sharding == s:
+        return x
+      if s.is_fully_addressable or not x.is_fully_addressable:
+        return jax.device_put(x, s)
+      # A process-local array (e.g. `jax.random.key(0)`, the same on every
+      # process) onto a mesh spanning processes: device_put cannot reach
+      # other processes' devices, so it goes through the host like numpy.
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(
+            one(np.asarray(jax.random.key_data(x)), s),
+            impl=jax.random.key_impl(x))
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(s, x, x.shape)
   if isinstance(shardings, jax.sharding.Sharding):
