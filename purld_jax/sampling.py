@@ -326,8 +326,9 @@ def _attend(q_RNH, pk_BGPH, pv_BGPH, pmask_BP, own: _Own, layer, col):
   return (acc / total[..., None].astype(dt)).reshape(r, n, h)
 
 
-def _decode(model, prefix: _Prefix, own: _Own, tok_R, pos_R, col):
+def _decode(model, layers, prefix: _Prefix, own: _Own, tok_R, pos_R, col):
   """Feeds one token per row: (logits f32[R, V], own cache with slot col).
+  `layers` is `llama.layer_states(model)`, built once per `sample` call.
 
   The same math as `Llama.extend` with T = 1 (its Block: attention and MLP
   with pre-norms, residuals), on the shared-prefix cache layout, through
@@ -357,9 +358,10 @@ def _decode(model, prefix: _Prefix, own: _Own, tok_R, pos_R, col):
     x = x + layer.attn.output(o[:, None])
     return (x + layer.mlp(layer.post_attn_norm(x)), own), None
 
-  layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+  index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
   (x, own), _ = llama.over_layers(model, block, (x, own),
-                                  (layers, prefix.k, prefix.v), remat="none")
+                                  (index, prefix.k, prefix.v), remat="none",
+                                  layers=layers)
   return model.logits(model.final_norm(x))[:, 0], _pin(own)
 
 
@@ -481,6 +483,9 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
       row_keys)
   prefix, own, logits_BV, last_pos = _prefill(
       model, prompt_tokens, prompt_mask.astype(bool), max(t - 1, 1), k)
+  # Outside the decode loop: with scan_layers the weights are stacked once
+  # per call, not once per token.
+  layers = llama.layer_states(model)
   state = _State(
       step=jnp.zeros((), jnp.int32),
       tokens=jnp.full((r, t), pad_id, jnp.int32),
@@ -498,7 +503,8 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
   def body(s: _State):
     last = jax.lax.dynamic_index_in_dim(s.tokens, s.step, axis=1,
                                         keepdims=False)
-    logits, own = _decode(model, prefix, s.own, last, s.positions, s.step)
+    logits, own = _decode(model, layers, prefix, s.own, last, s.positions,
+                          s.step)
     step = s.step + 1
     tok, lp, slp = choose(logits, step_keys(step), sampling)
     s = dataclasses.replace(s, step=step, positions=s.positions + 1, own=own)

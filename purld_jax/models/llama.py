@@ -132,7 +132,20 @@ def remat_policy(name: str):
           }[name]
 
 
-def over_layers(model, body, carry, xs=None, *, remat: str | None = None):
+def layer_states(model):
+  """(the layers' shared graph definition, their states): stacked on a
+  leading axis L with `model.cfg.scan_layers` (each call stacks a copy of
+  the weights: build it once outside a loop that runs the layers many
+  times, as the sampler's decode does), else a list of L states."""
+  splits = [nnx.split(layer) for layer in model.layers]
+  states = [state for _, state in splits]
+  if model.cfg.scan_layers:
+    states = _stack_layers(model, states)
+  return splits[0][0], states
+
+
+def over_layers(model, body, carry, xs=None, *, remat: str | None = None,
+                layers=None):
   """Runs `body(layer, carry, x_l) -> (carry, y_l)` through the L layers.
 
   With `model.cfg.scan_layers`, one `lax.scan` over the layers' parameters
@@ -145,24 +158,24 @@ def over_layers(model, body, carry, xs=None, *, remat: str | None = None):
     body: a pure function of (a `Block`, carry, x_l).
     carry: a pytree threaded through the layers.
     xs: None or a pytree of arrays with leading axis L; layer l sees x_l.
+    remat: overrides `model.cfg.remat`.
+    layers: `layer_states(model)`, when the caller built it already.
 
   Returns:
     (the last carry, the y_l stacked on a leading axis L; None if every y_l
     is None).
   """
   policy = remat_policy(model.cfg.remat if remat is None else remat)
-  layer_def, _ = nnx.split(model.layers[0])
+  layer_def, states = layers if layers is not None else layer_states(model)
 
   def step(state, c, x):
     return body(nnx.merge(layer_def, state), c, x)
 
   if policy is not None:
     step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-  states = [nnx.split(layer)[1] for layer in model.layers]
   if model.cfg.scan_layers:
-    stacked = _stack_layers(model, states)
     return jax.lax.scan(lambda c, sx: step(sx[0], c, sx[1]), carry,
-                        (stacked, xs))
+                        (states, xs))
   ys = []
   for l, state in enumerate(states):
     x = None if xs is None else jax.tree.map(lambda a, l=l: a[l], xs)

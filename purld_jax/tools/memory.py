@@ -191,7 +191,7 @@ def table(est: dict, compiled_stats=None) -> str:
   get = lambda name: None if m is None else getattr(m, name, None)
   args = est["params"] + est["optimizer"] + est["reference"]
   temp = (est["gradients"] + est["activations"] + est["logits"]
-          + est.get("stacked_layers", 0))
+          + est["stacked_layers"])
   rows = [
       ("params", est["params"], None),
       ("optimizer state", est["optimizer"], None),
@@ -201,8 +201,7 @@ def table(est: dict, compiled_stats=None) -> str:
       ("gradients", est["gradients"], None),
       ("activations kept for backward", est["activations"], None),
       ("logits chunk", est["logits"], None),
-      ("stacked layer weights + grads (scan)", est.get("stacked_layers", 0),
-       None),
+      ("stacked layer weights + grads (scan)", est["stacked_layers"], None),
       ("= temporaries", temp, get("temp_size_in_bytes")),
       ("outputs (new state; donated)", args - est["reference"],
        get("output_size_in_bytes")),

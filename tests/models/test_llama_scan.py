@@ -143,3 +143,30 @@ def test_over_layers_visits_layers_in_order():
     assert int(last) == 123
     assert_array_equal(seen, [0, 1, 12])
 
+
+
+def test_sampler_stacks_the_weights_once_not_per_token():
+  """With the scan the layer weights are stacked before the decode loop
+  (`llama.layer_states` in `sampling.sample`), never inside its body."""
+  m = core_fixtures.random_tiny_model(num_layers=LAYERS, scan_layers=True)
+  g, p = nnx.split(m)
+  sp = sampling.SamplingParams(max_new_tokens=4, temperature=1.0)
+  jaxpr = jax.make_jaxpr(lambda p: sampling.sample.__wrapped__(
+      g, p, jnp.ones((2, 8), jnp.int32), jnp.ones((2, 8), bool),
+      jax.random.key(0), prompt_index=jnp.arange(2, dtype=jnp.int32),
+      num_candidates=2, sampling=sp))(p).jaxpr
+
+  def stacks(jaxpr, in_loop, out):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "stack":
+        out[in_loop] += 1
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else [v]):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            stacks(inner, in_loop or eqn.primitive.name == "while", out)
+    return out
+
+  found = stacks(jaxpr, False, {False: 0, True: 0})
+  assert found[True] == 0
+  assert found[False] >= 9  # 9 weights per layer, stacked at least once
