@@ -308,3 +308,43 @@ def markdown_table(rows: Sequence[Sequence[str]], head: Sequence[str]) -> str:
            "|" + "|".join("---" for _ in head) + "|"]
   lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
   return "\n".join(lines)
+
+
+def anchor_quality(workdir: str, prompts_path: str) -> dict | None:
+  """How good the teacher's stored anchors are, by the prompts' reference
+  answers (`evaluate.verify`: the last number): None without a ledger.
+
+  Returns dict(teacher, simulated, anchors, with_answer, right, accuracy,
+  accuracy_lo, accuracy_hi, truncated, mean_completion_tokens,
+  mean_latency_s); the CI is a 95 % bootstrap over the anchors that have a
+  reference answer. Reads WORKDIR/anchors.sqlite read-only.
+  """
+  from purld_jax import anchors, evaluate, prompts  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, anchors.FILENAME)
+  if not os.path.exists(path):
+    return None
+  answers = {p.id: p.answer for p in prompts.read_jsonl(prompts_path)}
+  db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+  try:
+    got = db.execute(
+        "SELECT prompt_id, text, teacher, simulated, truncated, "
+        "completion_tokens, latency_s FROM anchors").fetchall()
+  finally:
+    db.close()
+  if not got:
+    return None
+  right = np.array([evaluate.verify(text, answers[pid]) for pid, text, *_
+                    in got if answers.get(pid) is not None])
+  lo, hi = (evaluate.bootstrap_ci(right) if right.size
+            else (float("nan"), float("nan")))
+  tokens = [r[5] for r in got if r[5] is not None]
+  return dict(teacher=sorted({r[2] for r in got}),
+              simulated=any(bool(r[3]) for r in got), anchors=len(got),
+              with_answer=int(right.size), right=int(right.sum()),
+              accuracy=float(right.mean()) if right.size else float("nan"),
+              accuracy_lo=lo, accuracy_hi=hi,
+              truncated=sum(bool(r[4]) for r in got),
+              mean_completion_tokens=(float(np.mean(tokens)) if tokens
+                                      else float("nan")),
+              mean_latency_s=float(np.mean([r[6] for r in got])))

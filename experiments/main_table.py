@@ -21,6 +21,11 @@ Scales:
          dataset teacher: anchors are the reference answers; the teacher
          judge is simulated too: it scores by the reference answer, i.e. it
          is the oracle) with the method's overrides (METHODS).
+         --teacher=endpoint asks a real OpenAI-compatible teacher instead
+         (--teacher_url, --teacher_model, --teacher_key_env), e.g. the
+         optional Qwen2.5-Coder-0.5B of `python -m purld_jax.tools.get_teacher`
+         served by llama.cpp; the table then says how many of its anchors
+         are right.
   tiny   the same on configs/demo.py:tiny (random tiny model): tests.
   paper  each method's own config file (configs/purld_*.py,
          configs/baselines/*.py) with --student, the task files and an
@@ -108,12 +113,17 @@ SCALE_KEYS = ("sampling.num_candidates", "sft.steps", "rl.steps")
 STUDY_OVERRIDES = {"export.dir": ""}  # no serving export per cell
 
 
+def _teacher_overrides(a) -> dict:
+  """The OpenAI-compatible endpoint of --teacher_url/_model/_key_env."""
+  return {"teacher.backend": "openai", "teacher.base_url": a.teacher_url,
+          "teacher.model": a.teacher_model,
+          "teacher.api_key_env": a.teacher_key_env}
+
+
 def _paper_overrides(a) -> dict:
   return {"model.path": a.student, "model.dtype": "bfloat16",
           "data.train_path": a.train_path, "data.eval_path": a.eval_path,
-          "teacher.backend": "openai", "teacher.base_url": a.teacher_url,
-          "teacher.model": a.teacher_model,
-          "teacher.api_key_env": a.teacher_key_env, **STUDY_OVERRIDES}
+          **_teacher_overrides(a), **STUDY_OVERRIDES}
 
 
 def base(scale: str, paper: Mapping[str, Any] = ()) -> tuple[str, dict]:
@@ -317,13 +327,21 @@ def parse_args(argv):
                  help="KEY=VALUE for every cell (repeatable)")
   p.add_argument("--dry_run", action="store_true",
                  help="list the cells and their commands; run nothing")
+  p.add_argument("--teacher", choices=("simulated", "endpoint"),
+                 default="simulated",
+                 help="small/tiny scale: the dataset backend (reference "
+                 "answers as anchors, SIMULATED) or the OpenAI-compatible "
+                 "endpoint of --teacher_url/--teacher_model/--teacher_key_env "
+                 "(e.g. a llama.cpp server); paper scale: always the endpoint")
   for name, default in (("student", "/path/to/Qwen2.5-0.5B-Instruct"),
                         ("train_path", "runs/tasks/gsm8k/train.jsonl"),
                         ("eval_path", "runs/tasks/gsm8k/eval.jsonl"),
                         ("teacher_url", "http://127.0.0.1:8080/v1"),
                         ("teacher_model", "default"),
                         ("teacher_key_env", "OPENAI_API_KEY")):
-    p.add_argument(f"--{name}", default=default, help="paper scale")
+    p.add_argument(f"--{name}", default=default,
+                   help="paper scale" + (", or --teacher=endpoint" if
+                                         name.startswith("teacher") else ""))
   a = p.parse_args(argv)
   a.seeds = [int(s) for s in a.seeds.split(",") if s]
   a.methods = [m for m in a.methods.split(",") if m]
@@ -331,13 +349,44 @@ def parse_args(argv):
   if unknown:
     p.error(f"unknown methods {unknown}; known: {list(BY_KEY)}")
   a.out = a.out or os.path.join(_ROOT, "experiments", "main_table", a.scale)
+  if a.scale == "paper":
+    a.teacher = "endpoint"
   return a
+
+
+def teacher_line(a, runner: common.Runner) -> str:
+  """What taught the cells, and how good its stored anchors are."""
+  if a.teacher == "simulated":
+    return ("Teacher: SIMULATED (dataset backend: anchors are reference "
+            "answers; teacher_judge scores by the reference answer = oracle).")
+  line = (f"Teacher: the endpoint {a.teacher_url} (model "
+          f"`{a.teacher_model}`); teacher_judge, if run, asks it too.")
+  ref = runner.workdir(REFERENCE)
+  try:
+    with open(os.path.join(ref, "config.json"), encoding="utf-8") as f:
+      train_path = json.load(f)["data"]["train_path"]
+  except (OSError, KeyError, ValueError):
+    return line
+  if not os.path.isabs(train_path):
+    train_path = os.path.join(_ROOT, train_path)
+  q = common.anchor_quality(ref, train_path)
+  if q is None or not q["with_answer"]:
+    return line
+  return line + (
+      f" Its anchors ({', '.join(q['teacher'])}): {q['right']} of "
+      f"{q['with_answer']} training prompts right by the reference answer, "
+      f"{100 * q['accuracy']:.1f} % [{100 * q['accuracy_lo']:.1f}, "
+      f"{100 * q['accuracy_hi']:.1f}]; {q['truncated']} truncated; "
+      f"{q['mean_completion_tokens']:.1f} completion tokens and "
+      f"{q['mean_latency_s']:.2f} s per anchor on average.")
 
 
 def main(argv=None, *, runner: common.Runner | None = None):
   a = parse_args(sys.argv[1:] if argv is None else argv)
-  study = cells(a.scale, a.methods, a.seeds, scheme=a.scheme,
-                extra=common.parse_overrides(a.override),
+  extra = common.parse_overrides(a.override)
+  if a.scale != "paper" and a.teacher == "endpoint":
+    extra = {**_teacher_overrides(a), **extra}
+  study = cells(a.scale, a.methods, a.seeds, scheme=a.scheme, extra=extra,
                 paper=_paper_overrides(a) if a.scale == "paper" else {})
   runner = runner or common.Runner(a.out)
   if a.dry_run:
@@ -349,10 +398,7 @@ def main(argv=None, *, runner: common.Runner | None = None):
             f"\n\nCells: {json.dumps(statuses)}. PU-RLD self-ranking: "
             f"{a.scheme}. Accuracy: mean over seeds {a.seeds}, 95% bootstrap "
             "CI over held-out prompts; gain: paired against the shared SFT "
-            "reference. " + ("Teacher: SIMULATED (dataset backend: anchors "
-                              "are reference answers; teacher_judge scores "
-                              "by the reference answer = oracle)."
-                              if a.scale != "paper" else ""))
+            "reference. " + teacher_line(a, runner))
   table = write(runner, a.methods, a.seeds, a.out, header)
   print(markdown(table, header))
   return table

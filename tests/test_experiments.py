@@ -187,3 +187,73 @@ def test_ablation_table_keeps_the_part_not_run(tmp_path):
   (tmp_path / "table_agreement.md").unlink()
   assert ablation.join_sections(str(tmp_path), "tiny") == (
       "# Ablation (tiny scale)\n\n`cmd c`\n\n## (b) C\n")
+
+
+def test_small_scale_with_a_real_teacher_endpoint(capsys, tmp_path):
+  """--teacher=endpoint: every small cell asks the endpoint; the default
+  stays the simulated dataset teacher."""
+  out = str(tmp_path / "study")
+  main_table.main(["--scale=small", "--dry_run", "--methods=purld_dpo",
+                   "--teacher=endpoint", "--teacher_url=http://h:1/v1",
+                   "--teacher_model=qwen", "--teacher_key_env=", f"--out={out}"])
+  lines = [l for l in capsys.readouterr().out.splitlines()
+           if l.startswith("/")]
+  assert len(lines) == 2  # sft, purld_dpo_s0
+  for line in lines:
+    assert "--config.teacher.backend=openai" in line
+    assert "--config.teacher.base_url=http://h:1/v1" in line
+    assert "--config.teacher.model=qwen" in line
+    assert line.endswith("--config.teacher.api_key_env=") or (
+        "--config.teacher.api_key_env= " in line)
+  main_table.main(["--scale=small", "--dry_run", "--methods=purld_dpo",
+                   f"--out={out}"])
+  assert "teacher.backend" not in capsys.readouterr().out
+
+
+class _Teacher:
+  """Answers the reference, except 'wrong' for the prompt ids in `bad`."""
+
+  simulated, max_concurrency, label = False, 1, "fake:teacher"
+
+  def __init__(self, bad):
+    self.bad = set(bad)
+
+  def request(self, prompt):
+    from purld_jax import teacher  # pylint: disable=g-import-not-at-top
+    return teacher.Request(messages=prompt.messages, backend="fake",
+                           model="m", params=())
+
+  def prepare(self):
+    pass
+
+  def ask(self, prompt, on_attempt=None):
+    from purld_jax import teacher  # pylint: disable=g-import-not-at-top
+    text = "no idea" if prompt.id in self.bad else f"It is {prompt.answer}."
+    return teacher.Reply(text=text, finish_reason="stop", truncated=False,
+                         prompt_tokens=5, completion_tokens=len(text),
+                         latency_s=0.5, attempts=(), simulated=False,
+                         teacher=self.label)
+
+
+def test_anchor_quality_counts_the_right_anchors(tmp_path):
+  from purld_jax import anchors, prompts  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "train.jsonl"
+  rows = [{"id": f"p{i}", "prompt": f"{i} + 1?", "answer": str(i + 1)}
+          for i in range(5)]
+  rows.append({"id": "nolabel", "prompt": "hello"})  # no reference answer
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert common.anchor_quality(str(tmp_path), str(path)) is None  # no ledger
+  store = anchors.AnchorStore(tmp_path, _Teacher(bad={"p1", "p3"}))
+  store.fetch(prompts.read_jsonl(path))
+  store.close()
+  q = common.anchor_quality(str(tmp_path), str(path))
+  # 6 anchors; 5 with an answer, 3 of them right (p0, p2, p4).
+  assert (q["anchors"], q["with_answer"], q["right"]) == (6, 5, 3)
+  assert q["accuracy"] == pytest.approx(0.6)
+  assert q["accuracy_lo"] <= 0.6 <= q["accuracy_hi"]
+  assert q["teacher"] == ["fake:teacher"] and not q["simulated"]
+  assert q["truncated"] == 0 and q["mean_latency_s"] == pytest.approx(0.5)
+  texts = ["It is 1.", "no idea", "It is 3.", "no idea", "It is 5.",
+           "It is None."]  # the fake's text for the prompt with no answer
+  assert q["mean_completion_tokens"] == pytest.approx(
+      sum(map(len, texts)) / 6)
