@@ -58,3 +58,33 @@ def cli_env(**extra) -> dict:
 def run_cli(command: str, *, env=None, timeout=120, **kw) -> subprocess.CompletedProcess:
   return subprocess.run(cli_args(command, **kw), capture_output=True, text=True,
                         cwd=REPO, env=env or cli_env(), timeout=timeout)
+
+
+class ScriptedTeacher:
+  """A `teacher.Teacher` whose reply to a prompt is `answer(prompt)`; counts
+  its asks (`asked`). Replies carry `latency_s` and, as completion tokens,
+  the reply's length in characters."""
+
+  simulated, max_concurrency = False, 1
+
+  def __init__(self, answer, *, label: str = "fake:teacher",
+               latency_s: float = 0.0):
+    self.answer, self.label, self.latency_s = answer, label, latency_s
+    self.asked = 0
+
+  def request(self, prompt):
+    from purld_jax import teacher  # pylint: disable=g-import-not-at-top
+    return teacher.Request(messages=prompt.messages, backend="fake",
+                           model="m", params=())
+
+  def prepare(self):
+    pass
+
+  def ask(self, prompt, on_attempt=None):
+    from purld_jax import teacher  # pylint: disable=g-import-not-at-top
+    self.asked += 1
+    text = self.answer(prompt)
+    return teacher.Reply(text=text, finish_reason="stop", truncated=False,
+                         prompt_tokens=1, completion_tokens=len(text),
+                         latency_s=self.latency_s, attempts=(),
+                         simulated=False, teacher=self.label)

@@ -15,6 +15,7 @@ import pytest
 from experiments import ablation
 from experiments import common
 from experiments import main_table
+from tests import fixtures_teacher
 from tests import train_fixtures
 
 # Every cell of the end-to-end tests: short runs on the small train file.
@@ -210,31 +211,6 @@ def test_small_scale_with_a_real_teacher_endpoint(capsys, tmp_path):
   assert "teacher.backend" not in capsys.readouterr().out
 
 
-class _Teacher:
-  """Answers the reference, except 'wrong' for the prompt ids in `bad`."""
-
-  simulated, max_concurrency, label = False, 1, "fake:teacher"
-
-  def __init__(self, bad):
-    self.bad = set(bad)
-
-  def request(self, prompt):
-    from purld_jax import teacher  # pylint: disable=g-import-not-at-top
-    return teacher.Request(messages=prompt.messages, backend="fake",
-                           model="m", params=())
-
-  def prepare(self):
-    pass
-
-  def ask(self, prompt, on_attempt=None):
-    from purld_jax import teacher  # pylint: disable=g-import-not-at-top
-    text = "no idea" if prompt.id in self.bad else f"It is {prompt.answer}."
-    return teacher.Reply(text=text, finish_reason="stop", truncated=False,
-                         prompt_tokens=5, completion_tokens=len(text),
-                         latency_s=0.5, attempts=(), simulated=False,
-                         teacher=self.label)
-
-
 def test_anchor_quality_counts_the_right_anchors(tmp_path):
   from purld_jax import anchors, prompts  # pylint: disable=g-import-not-at-top
   path = tmp_path / "train.jsonl"
@@ -243,7 +219,10 @@ def test_anchor_quality_counts_the_right_anchors(tmp_path):
   rows.append({"id": "nolabel", "prompt": "hello"})  # no reference answer
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   assert common.anchor_quality(str(tmp_path), str(path)) is None  # no ledger
-  store = anchors.AnchorStore(tmp_path, _Teacher(bad={"p1", "p3"}))
+  fake = fixtures_teacher.ScriptedTeacher(
+      lambda p: "no idea" if p.id in ("p1", "p3") else f"It is {p.answer}.",
+      latency_s=0.5)
+  store = anchors.AnchorStore(tmp_path, fake)
   store.fetch(prompts.read_jsonl(path))
   store.close()
   q = common.anchor_quality(str(tmp_path), str(path))

@@ -15,8 +15,8 @@ from experiments import common
 from experiments import writing
 from purld_jax import evaluate
 from purld_jax import prompts as prompts_lib
-from purld_jax import teacher as teacher_lib
 from purld_jax import winrate
+from tests import fixtures_teacher
 from tests import train_fixtures
 from tests.fixtures_teacher import fault_server  # noqa: F401
 
@@ -30,28 +30,6 @@ def _write_answers(runner, cell, model, texts):
       lengths=np.array([len(t.split()) for t in texts]),
       finished=np.ones(len(IDS), bool), correct=np.full(len(IDS), np.nan))
   evaluate.write(os.path.join(runner.workdir(cell), "eval"), [answers])
-
-
-class _Teacher:
-  simulated, max_concurrency, label = False, 1, "fake:teacher"
-
-  def __init__(self):
-    self.asked = 0
-
-  def request(self, prompt):
-    return teacher_lib.Request(messages=prompt.messages, backend="fake",
-                               model="m", params=())
-
-  def prepare(self):
-    pass
-
-  def ask(self, prompt, on_attempt=None):
-    self.asked += 1
-    text = "t " * 3  # 3 words
-    return teacher_lib.Reply(text=text, finish_reason="stop", truncated=False,
-                             prompt_tokens=1, completion_tokens=3,
-                             latency_s=0.0, attempts=(), simulated=False,
-                             teacher=self.label)
 
 
 def _longer(messages):
@@ -79,7 +57,7 @@ def test_judging_and_the_table_by_hand(tmp_path):
   _write_answers(runner, "sft", "sft", ["b b", "b", "b b", "b b"])
   _write_answers(runner, "purld_dpo_s0", "final",
                  ["c c c c", "c c c c", "c", "c c c"])
-  teacher = _Teacher()
+  teacher = fixtures_teacher.ScriptedTeacher(lambda p: "t " * 3)  # 3 words
   texts = writing.teacher_answers(str(tmp_path), teacher, PROMPTS)
   assert teacher.asked == 4 and set(texts) == set(IDS)
   assert writing.teacher_answers(str(tmp_path), teacher, PROMPTS) == texts
