@@ -69,6 +69,11 @@ WRITING = {
     "sampling.max_new_tokens": 96,  # K candidates per prompt
     "eval.max_new_tokens": 160,
     "rl.steps": 8,
+    # A llama.cpp server answers one request at a time: with 4 in flight the
+    # last waits for three 256-token answers and timed out at 120 s here
+    # (2-core CPU). A hosted endpoint can take --override=teacher.max_concurrency=4.
+    "teacher.max_concurrency": 1,
+    "teacher.timeout_s": 600.0,
 }
 TEACHER_EVAL = "teacher_eval"  # the teacher's own held-out answers (a ledger)
 
@@ -94,11 +99,15 @@ def comparisons(methods: Sequence[str], seeds: Sequence[int]) -> list[Comparison
   return out
 
 
-def _teacher_cfg(url: str, model: str, key_env: str, max_tokens: int):
+def _teacher_cfg(url: str, model: str, key_env: str, max_tokens: int,
+                 extra: dict):
+  """The endpoint's TeacherConfig, with the cells' concurrency and timeout."""
   from purld_jax import teacher  # pylint: disable=g-import-not-at-top
   return teacher.TeacherConfig.from_mapping(dict(
       backend="openai", base_url=url, model=model, api_key_env=key_env,
-      max_tokens=max_tokens))
+      max_tokens=max_tokens,
+      max_concurrency=int(extra["teacher.max_concurrency"]),
+      timeout_s=float(extra["teacher.timeout_s"])))
 
 
 def teacher_answers(out: str, teacher, prompts) -> dict[str, str]:
@@ -282,9 +291,9 @@ def main(argv=None, *, runner: common.Runner | None = None):
   prompts = prompts_lib.read_jsonl(eval_path)
   teacher = teacher_lib.make(_teacher_cfg(
       a.teacher_url, a.teacher_model, a.teacher_key_env,
-      int(extra["teacher.max_tokens"])))
+      int(extra["teacher.max_tokens"]), extra))
   judge = teacher_lib.make(_teacher_cfg(a.judge_url, a.judge_model,
-                                        a.judge_key_env, 48))
+                                        a.judge_key_env, 48, extra))
   print(f"[writing] the teacher's held-out answers ({len(prompts)} prompts; "
         f"asked once, then read from {TEACHER_EVAL}/)", flush=True)
   teacher_texts = teacher_answers(a.out, teacher, prompts)
