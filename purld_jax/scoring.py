@@ -39,6 +39,16 @@ def _chunk(rows: int, n: int, vocab: int, vocab_chunk: int | None) -> int:
   return max(1, min(vocab_chunk, n))
 
 
+def _pick(logits_BCV: jax.Array, target_BC: jax.Array) -> jax.Array:
+  """f32[B, C] logits_BCV[b, c, target_BC[b, c]], as a sum of the logits
+  masked by (iota over V == target): exact (one term is not zero), and on
+  vocab-parallel logits (V split across devices, sharding.py) a local
+  masked sum then an all-reduce of [B, C], with no gather along V."""
+  v = jax.lax.broadcasted_iota(jnp.int32, logits_BCV.shape, 2)
+  return jnp.sum(jnp.where(v == target_BC[..., None], logits_BCV, 0.0),
+                 axis=-1)
+
+
 def _picked_logps(model, h_BND: jax.Array, target_BN: jax.Array,
                   vocab_chunk: int | None) -> jax.Array:
   """f32[B, N] log_softmax(logits(h))[target], a chunk of N at a time.
@@ -63,8 +73,7 @@ def _picked_logps(model, h_BND: jax.Array, target_BN: jax.Array,
   def one_chunk(args):
     h_bcd, t_bc = args
     logits_bcv = model.logits(h_bcd).astype(jnp.float32)
-    picked = jnp.take_along_axis(logits_bcv, t_bc[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits_bcv, axis=-1)
+    return _pick(logits_bcv, t_bc) - jax.nn.logsumexp(logits_bcv, axis=-1)
 
   out = jax.lax.map(one_chunk, (h_c, t_c))  # [chunks, B, c]
   return out.swapaxes(0, 1).reshape(b, n_chunks * c)[:, :n]
@@ -287,7 +296,7 @@ def _response_hidden(model, prefix: structs.KVCache, prompt_mask_BP,
   `llama.over_layers` (the model's remat policy and layer scan).
   """
   cfg = model.cfg
-  x = jnp.take(model.embed[...], tokens_RT, axis=0).astype(cfg.dtype)
+  x = model.embed_tokens(tokens_RT)
   inv_freq = llama.rope_inv_freq(cfg)
 
   def block(layer, x, prefix_kv):

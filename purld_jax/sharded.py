@@ -16,7 +16,9 @@ traced inside `sharding.use_rules(mesh, rules)` so the model's activation
 constraints apply. The choices:
 
 - Parameters follow the rules (`sharding.param_shardings`): with the
-  default rules embed on fsdp, heads / mlp / vocab on tensor.
+  default rules embed on fsdp, heads / mlp on tensor, and the embedding
+  table / lm_head split on vocab over (fsdp, tensor), whole on their
+  hidden dim (vocab-parallel, see sharding.py).
 - Optimizer state mirrors the parameters: each leaf of the optimizer state
   that corresponds to a parameter (Adam's mu and nu, MultiSteps' gradient
   accumulator) gets that parameter's sharding (`optax.tree_map_params`);

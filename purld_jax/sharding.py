@@ -6,15 +6,34 @@ Mesh axes (always all three, size 1 where unused):
   tensor  Megatron-style split of heads, mlp and vocab
 
 Parameters are created with logical axis names (models/llama.py):
-  vocab, embed, q_heads, kv_heads, head_dim, mlp
-activations use act_batch, act_len, act_embed, act_heads, act_vocab, and the
-KV cache cache_layers, cache_batch, cache_len, cache_heads, cache_head_dim.
+  vocab, table_embed, embed, q_heads, kv_heads, head_dim, mlp
+activations use act_batch, act_len, act_embed, act_heads, logits_batch,
+act_vocab, and the KV cache cache_layers, cache_batch, cache_len,
+cache_heads, cache_head_dim.
 A rule list maps each logical name to mesh axes (or None: replicated). It is
 data in the config, e.g. `config.mesh.rules`; `DEFAULT_RULES` is below.
 
 A logical axis whose size is not divisible by the mesh axes it maps to is
 replicated instead (e.g. SmolLM2's 3 kv heads on tensor=2); the choice is
 made per array, so it is visible in `describe`.
+
+The vocabulary is vocab-parallel: the embedding table [V, D] (and an untied
+lm_head [D, V]) is split on V over (fsdp, tensor) and whole on D (its
+hidden dim is `table_embed`, not `embed`, so the layers' weights keep embed
+on fsdp). A layer's weights are small and gathered one layer at a time; the
+table is not (Qwen2.5-1.5B: 151936 x 1536 f32 = 0.9 GB, tied), and split
+on D over fsdp it was all-gathered whole on every device for the lookup
+and the logits, its gradient all-reduced whole. Split on V it never moves:
+the lookup (`Llama.embed_tokens`) is a masked local gather whose result,
+the [B, T, D] rows of the device's data shard, is all-reduced over the V
+shards and sliced to the device's rows (XLA's gather partitioning; the
+backward pass gathers the rows' gradients the same way and scatters into
+the local shard); the logits (`Llama.logits`) are computed against the
+local rows, split [rows over data, V over (fsdp, tensor)] (`logits_batch`,
+`act_vocab`): the hidden states, not the table, are gathered across
+fsdp, and the log-softmax reduces over the split V with all-reduces of
+per-row scalars (scoring.py). With fsdp = tensor = 1 nothing changes.
+The HLO check is tests/test_sharding.py; the figures, `tools/aot.py`.
 
 The K candidate axis is never sharded: a prompt's K candidates live on
 the device of the prompt (its B index follows act_batch / cache_batch), so
@@ -40,7 +59,8 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 DEFAULT_RULES: Rules = (
     # parameters
-    ("vocab", "tensor"),
+    ("vocab", ("fsdp", "tensor")),
+    ("table_embed", None),  # D of the embedding table and lm_head
     ("embed", "fsdp"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -51,7 +71,8 @@ DEFAULT_RULES: Rules = (
     ("act_len", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
-    ("act_vocab", "tensor"),
+    ("logits_batch", "data"),  # rows of the logits (V takes fsdp, tensor)
+    ("act_vocab", ("fsdp", "tensor")),
     # KV cache
     ("cache_layers", None),
     ("cache_batch", ("data", "fsdp")),

@@ -150,12 +150,14 @@ def _expected_specs(shape):
   """Specs the default rules give on mesh `shape` (axes of size 1 drop)."""
   fsdp = "fsdp" if shape[1] > 1 else None
   tensor = "tensor" if shape[2] > 1 else None
+  vocab = tuple(a for a in (fsdp, tensor) if a)  # vocab-parallel tables
+  vocab = vocab[0] if len(vocab) == 1 else vocab or None
   return {("layers", 0, "attn", "q_proj"): P(fsdp, tensor, None),
           ("layers", 0, "attn", "k_proj"): P(fsdp, tensor, None),
           ("layers", 0, "attn", "o_proj"): P(tensor, None, fsdp),
           ("layers", 0, "mlp", "down_proj"): P(tensor, fsdp),
-          ("embed",): P(tensor, fsdp),
-          ("lm_head",): P(fsdp, tensor),
+          ("embed",): P(vocab, None),
+          ("lm_head",): P(None, vocab),
           ("final_norm", "scale"): P(fsdp)}
 
 

@@ -21,7 +21,10 @@ divide its mesh axes counts whole) and the dtypes:
                               time: + that layer's `none` share
                       rows split over data x fsdp
   logits              one vocabulary chunk of scoring (at most 2^27 f32
-                      values over all rows), twice (logits, softmax)
+                      values over all rows), twice (logits, softmax),
+                      split on rows by logits_batch and on V by act_vocab
+                      (vocab-parallel: the table is never gathered, so
+                      the estimate counts it split like the params)
   KV cache            sampling B prompts x K candidates: ours keeps the
                       prompt once (B x P) + each row's own T slots (in
                       chunks of 32); the naive layout B K x (P + T) is
@@ -135,9 +138,10 @@ def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
   else:
     tokens = b * (s.p + s.u * s.t)
     attended = b * (s.p * s.p + s.u * s.t * (s.p + s.t))
-  dp = _split(mesh, ("act_batch",), b, rules)
   dp_all = _split(mesh, ("act_batch",), s.b, rules)
-  vp = _split(mesh, ("act_vocab",), cfg.vocab_size, rules)
+  # Logits are vocab-parallel: rows split by logits_batch, V by act_vocab.
+  logit_pieces = _pieces(mesh, sharding.spec(
+      ("logits_batch", "act_vocab"), rules, mesh, (b, cfg.vocab_size)))
   c = jnp.dtype(cfg.dtype).itemsize
   cache_heads = cfg.num_kv_heads // _split(mesh, ("cache_heads",),
                                            cfg.num_kv_heads, rules)
@@ -158,7 +162,7 @@ def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
       activations=activation_bytes(cfg, mesh, tokens=tokens,
                                    attended=attended, remat=cfg.remat,
                                    rules=rules),
-      logits=2 * 4 * min(tokens * cfg.vocab_size, _AUTO_CHUNK) // (dp * vp),
+      logits=2 * 4 * min(tokens * cfg.vocab_size, _AUTO_CHUNK) // logit_pieces,
       # The sampler runs the whole batch (micro-batches are the step's).
       kv_cache=kv * (s.b * s.p + s.b * s.k * own_t) // dp_all,
       kv_cache_naive=kv * s.b * s.k * (s.p + s.t) // dp_all)

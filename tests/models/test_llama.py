@@ -96,7 +96,8 @@ def test_params_carry_logical_axis_names():
   model = _model()
   q = model.layers[0].attn.q_proj
   assert q.get_metadata()["out_sharding"] == ("embed", "q_heads", "head_dim")
-  assert model.embed.get_metadata()["out_sharding"] == ("vocab", "embed")
+  assert model.embed.get_metadata()["out_sharding"] == ("vocab",
+                                                        "table_embed")
 
 
 def test_rope_llama3_scaling_by_hand():
@@ -112,3 +113,14 @@ def test_rope_llama3_scaling_by_hand():
   s = (16 / (2 * np.pi) - 1) / 3
   np.testing.assert_allclose(np.asarray(llama.rope_inv_freq(cfg)),
                              [(1 - s) / 8 + s, 0.0125], rtol=1e-5)
+
+
+def test_embed_tokens_in_chunks_equals_one_lookup(monkeypatch):
+  """Over `_LOOKUP_ELEMENTS` the lookup runs a slice of T at a time (5
+  tokens of 3 rows x 32 wide in chunks of 2, the last one padded)."""
+  model = _model()
+  tokens = jnp.asarray(np.arange(15).reshape(3, 5) * 7 % 128, jnp.int32)
+  want = jnp.take(model.embed.value, tokens, axis=0)
+  monkeypatch.setattr(llama, "_LOOKUP_ELEMENTS", 2 * 3 * 32)
+  assert llama.lookup_chunk(3, 5, 32) == 2
+  np.testing.assert_array_equal(model.embed_tokens(tokens), want)
