@@ -27,10 +27,11 @@ Comparisons (model vs reference, on the 32 held-out prompts):
   METHOD vs sft        what PU-RL added (the paper's claim)
   sft    vs teacher    how far from the teacher (its own held-out answers,
   METHOD vs teacher    asked once each and kept in OUT/teacher_eval/)
-The judge is the teacher endpoint unless --judge_url/--judge_model say
-otherwise; judging with the teacher itself favours answers like its own,
-which is the point of distillation but not a neutral judge: the table says
-which judge it was.
+--compare picks among them (before, sft, teacher; default all): each costs
+two judge calls per held-out prompt. The judge is the teacher endpoint
+unless --judge_url/--judge_model say otherwise; judging with the teacher
+itself favours answers like its own, which is the point of distillation
+but not a neutral judge: the table says which judge it was.
 
 Outputs in --out (default experiments/writing/<scale>): table.md,
 table.csv, winrate.png, judgements.jsonl (every pair: both verdicts, the
@@ -85,17 +86,28 @@ class Comparison:
   label: str
 
 
-def comparisons(methods: Sequence[str], seeds: Sequence[int]) -> list[Comparison]:
+KINDS = ("before", "sft", "teacher")  # what the models are compared with
+
+
+def comparisons(methods: Sequence[str], seeds: Sequence[int],
+                kinds: Sequence[str] = KINDS) -> list[Comparison]:
+  """kinds: before (SFT vs the initial student), sft (each method vs SFT),
+  teacher (SFT and each method vs the teacher's answers)."""
   ref = main_table.REFERENCE
-  out = [Comparison(f"{ref}:sft", f"{ref}:before", "SFT vs initial student")]
   runs = [(m, s) for m in methods if m != "sft_only" for s in seeds]
-  out += [Comparison(f"{m}_s{s}:final", f"{ref}:sft",
-                     f"{main_table.BY_KEY[m].label} (seed {s}) vs SFT")
-          for m, s in runs]
-  out.append(Comparison(f"{ref}:sft", "teacher", "SFT vs teacher"))
-  out += [Comparison(f"{m}_s{s}:final", "teacher",
-                     f"{main_table.BY_KEY[m].label} (seed {s}) vs teacher")
-          for m, s in runs]
+  out = []
+  if "before" in kinds:
+    out.append(Comparison(f"{ref}:sft", f"{ref}:before",
+                          "SFT vs initial student"))
+  if "sft" in kinds:
+    out += [Comparison(f"{m}_s{s}:final", f"{ref}:sft",
+                       f"{main_table.BY_KEY[m].label} (seed {s}) vs SFT")
+            for m, s in runs]
+  if "teacher" in kinds:
+    out.append(Comparison(f"{ref}:sft", "teacher", "SFT vs teacher"))
+    out += [Comparison(f"{m}_s{s}:final", "teacher",
+                       f"{main_table.BY_KEY[m].label} (seed {s}) vs teacher")
+            for m, s in runs]
   return out
 
 
@@ -252,6 +264,12 @@ def parse_args(argv):
   p.add_argument("--teacher_model", default="default")
   p.add_argument("--teacher_key_env", default="OPENAI_API_KEY",
                  help="NAME of the env var holding the key ('' = none)")
+  p.add_argument("--compare", default=",".join(KINDS),
+                 help="comma list of what the models are compared with: "
+                 "before (SFT vs the initial student), sft (each method vs "
+                 "SFT), teacher (SFT and each method vs the teacher's own "
+                 "held-out answers; asks the teacher once per prompt). Each "
+                 "costs 2 judge calls per held-out prompt and comparison")
   p.add_argument("--judge_url", default="", help="default: --teacher_url")
   p.add_argument("--judge_model", default="", help="default: --teacher_model")
   p.add_argument("--judge_key_env", default=None,
@@ -259,6 +277,10 @@ def parse_args(argv):
   a = p.parse_args(argv)
   a.seeds = [int(s) for s in a.seeds.split(",") if s]
   a.methods = [m for m in a.methods.split(",") if m]
+  a.compare = [k for k in a.compare.split(",") if k]
+  if set(a.compare) - set(KINDS):
+    p.error(f"--compare: unknown {sorted(set(a.compare) - set(KINDS))}; "
+            f"known: {list(KINDS)}")
   unknown = [m for m in a.methods if m not in main_table.BY_KEY]
   if unknown:
     p.error(f"unknown methods {unknown}; known: {list(main_table.BY_KEY)}")
@@ -294,13 +316,15 @@ def main(argv=None, *, runner: common.Runner | None = None):
       int(extra["teacher.max_tokens"]), extra))
   judge = teacher_lib.make(_teacher_cfg(a.judge_url, a.judge_model,
                                         a.judge_key_env, 48, extra))
-  print(f"[writing] the teacher's held-out answers ({len(prompts)} prompts; "
-        f"asked once, then read from {TEACHER_EVAL}/)", flush=True)
-  teacher_texts = teacher_answers(a.out, teacher, prompts)
+  teacher_texts = None
+  if "teacher" in a.compare:
+    print(f"[writing] the teacher's held-out answers ({len(prompts)} "
+          f"prompts; asked once, then read from {TEACHER_EVAL}/)", flush=True)
+    teacher_texts = teacher_answers(a.out, teacher, prompts)
   print(f"[writing] judging with {judge.label} (both orders; cached in "
         "winrate/)", flush=True)
-  rows = judge_all(runner, comparisons(a.methods, a.seeds), prompts, judge,
-                   teacher_texts)
+  rows = judge_all(runner, comparisons(a.methods, a.seeds, a.compare),
+                   prompts, judge, teacher_texts)
   header = (
       f"# Writing: win rates ({a.scale} scale)\n\n"
       f"`python -m experiments.writing {' '.join(argv)}`\n\n"

@@ -48,6 +48,11 @@ def test_comparisons_name_every_side():
       ("purld_dpo_s0:final", "sft:sft"), ("purld_dpo_s1:final", "sft:sft"),
       ("sft:sft", "teacher"),
       ("purld_dpo_s0:final", "teacher"), ("purld_dpo_s1:final", "teacher")]
+  got = writing.comparisons(["purld_dpo"], [0], ["sft", "before"])
+  assert [(c.model, c.reference) for c in got] == [
+      ("sft:sft", "sft:before"), ("purld_dpo_s0:final", "sft:sft")]
+  with pytest.raises(SystemExit):
+    writing.parse_args(["--compare=sft,anchor"])
 
 
 def test_judging_and_the_table_by_hand(tmp_path):
