@@ -144,9 +144,11 @@ def _answers(runner: common.Runner, spec: str, teacher_texts):
 
 
 def judge_all(runner: common.Runner, comps: Sequence[Comparison], prompts,
-              judge, teacher_texts, *, seed: int = 0) -> list[dict]:
+              judge, teacher_texts, *, seed: int = 0,
+              samples: int = 2000) -> list[dict]:
   """One row per comparison whose two sides exist: the `winrate.WinRate`
-  summary, plus per-pair records under "pairs"."""
+  summary (`samples` bootstrap resamples), plus per-pair records under
+  "pairs_detail"."""
   from purld_jax import winrate  # pylint: disable=g-import-not-at-top
   store = winrate.open_store(runner.study_dir, judge)
   rows = []
@@ -160,7 +162,8 @@ def judge_all(runner: common.Runner, comps: Sequence[Comparison], prompts,
         continue
       ps = [p for p in prompts if p.id in model and p.id in ref]
       w = winrate.winrate(store, ps, [model[p.id] for p in ps],
-                          [ref[p.id] for p in ps], seed=seed)
+                          [ref[p.id] for p in ps], seed=seed,
+                          samples=samples)
       pairs = [dict(comparison=c.label, id=i, verdicts=list(v),
                     outcome=None if np.isnan(o) else float(o),
                     words_model=float(a), words_reference=float(b))

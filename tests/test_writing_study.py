@@ -69,7 +69,7 @@ def test_judging_and_the_table_by_hand(tmp_path):
   assert teacher.asked == 4  # stored in the ledger: never asked twice
   comps = writing.comparisons(["purld_dpo", "purld_grpo"], [0])
   judge = winrate.CallableJudge(_longer, model="longer")
-  rows = writing.judge_all(runner, comps, PROMPTS, judge, texts)
+  rows = writing.judge_all(runner, comps, PROMPTS, judge, texts, samples=200)
   by = {r["label"]: r for r in rows}
   # sft vs before: 2>1 win, 1=1 tie, 2<4 loss, 2=2 tie -> (1 + .5 + 0 + .5)/4.
   r = by["SFT vs initial student"]
@@ -91,7 +91,8 @@ def test_judging_and_the_table_by_hand(tmp_path):
   # Judging again asks nothing (the ledger) and gives the same rows.
   calls = []
   again = writing.judge_all(runner, comps, PROMPTS, winrate.CallableJudge(
-      lambda m: calls.append(m) or _longer(m), model="longer"), texts)
+      lambda m: calls.append(m) or _longer(m), model="longer"), texts,
+      samples=200)
   assert not calls
   assert [r.get("win_rate") for r in again] == [r.get("win_rate") for r in rows]
   text = writing.write(rows, str(tmp_path), "# header")
