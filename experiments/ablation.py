@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Sequence
@@ -222,25 +223,52 @@ def _logged_oracle(workdir: str) -> dict:
   return out
 
 
+_TRAIN_NAME = re.compile(r"^k(\d+)_(.+)_(" + "|".join(LOSSES) + r")_s(\d+)$")
+
+
+def finished_training(runner: common.Runner) -> list[tuple[int, str, str, int]]:
+  """(K, scheme, loss, seed) of every finished training cell in the study's
+  folder, whichever call ran it."""
+  root = os.path.join(runner.study_dir, common.CELLS)
+  out = []
+  for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+    m = _TRAIN_NAME.match(name)
+    if m and runner.is_done(common.Cell(name, "")):
+      out.append((int(m[1]), m[2], m[3], int(m[4])))
+  return out
+
+
+def _order(scheme: str, loss: str) -> tuple:
+  rank = lambda x, xs: (xs.index(x), x) if x in xs else (len(xs), x)
+  return rank(scheme, SCHEMES), rank(loss, LOSSES)
+
+
 def training_rows(runner, ks, schemes, losses, seeds) -> list[dict]:
-  sft = main_table._answers(runner, main_table.REFERENCE, "sft")  # pylint: disable=protected-access
+  """The SFT reference, then one row per K x scheme x loss: the requested
+  ones (a row 'not run' where no seed finished) and every other finished
+  cell in the study's folder, so a call that runs a few more cells still
+  reports the whole grid. Each row averages the seeds that finished."""
+  groups: dict[tuple[int, str, str], set[int]] = {
+      (k, s, l): set(seeds) for k in ks for s in schemes for l in losses}
+  for k, s, l, seed in finished_training(runner):
+    groups.setdefault((k, s, l), set()).add(seed)
+  sft = main_table.cell_answers(runner, main_table.REFERENCE, "sft")
   rows = [dict(method="sft_only", k="", scheme="", loss="SFT reference",
                **main_table.accuracy_row(runner, [main_table.REFERENCE],
                                          model="sft"))]
-  for k in ks:
-    for scheme in schemes:
-      for loss in losses:
-        names = [train_name(k, scheme, loss, s) for s in seeds]
-        row = dict(method=f"K{k}/{scheme}/{loss}", k=k, scheme=scheme,
-                   loss=loss, **main_table.accuracy_row(runner, names,
-                                                        sft=sft))
-        logged = [_logged_oracle(runner.workdir(n)) for n in names
-                  if runner.is_done(common.Cell(n, ""))]
-        for m in ("oracle_mixed_groups", "oracle_top_right",
-                  "oracle_pair_accuracy"):
-          v = [x[m] for x in logged if np.isfinite(x[m])]
-          row[m] = float(np.mean(v)) if v else float("nan")
-        rows.append(row)
+  for (k, scheme, loss) in sorted(groups, key=lambda g: (g[0],
+                                                         *_order(*g[1:]))):
+    names = [train_name(k, scheme, loss, s) for s in sorted(groups[
+        (k, scheme, loss)])]
+    row = dict(method=f"K{k}/{scheme}/{loss}", k=k, scheme=scheme,
+               loss=loss, **main_table.accuracy_row(runner, names, sft=sft))
+    logged = [_logged_oracle(runner.workdir(n)) for n in names
+              if runner.is_done(common.Cell(n, ""))]
+    for m in ("oracle_mixed_groups", "oracle_top_right",
+              "oracle_pair_accuracy"):
+      v = [x[m] for x in logged if np.isfinite(x[m])]
+      row[m] = float(np.mean(v)) if v else float("nan")
+    rows.append(row)
   return rows
 
 
@@ -385,8 +413,10 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
     write_section(a.out, "training", head +
                  "## (b) Training grid: K x scheme x loss\n\nHeld-out "
                  "accuracy after PU-RL from the shared SFT reference (mean "
-                 f"over seeds {a.seeds}); logged: the oracle agreement of the "
-                 "run's own ranking during training (mixed prompts).\n\n"
+                 "over the seeds that finished: `seeds`); every finished "
+                 "cell in the study's folder is listed, not only this call's;"
+                 " logged: the oracle agreement of the run's own ranking "
+                 "during training (mixed prompts).\n\n"
                  + training_markdown(rows))
     out["training"] = rows
   text = join_sections(a.out, a.scale)

@@ -180,7 +180,9 @@ def cells(scale: str, methods: Sequence[str], seeds: Sequence[int], *,
 # The table
 
 
-def _answers(runner, cell_name: str, model: str):
+def cell_answers(runner, cell_name: str, model: str):
+  """`model`'s held-out answers (evaluate.Answers) in cell `cell_name`
+  (eval/<model>.jsonl), or None when the cell has none."""
   from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
   path = os.path.join(runner.workdir(cell_name), "eval", f"{model}.jsonl")
   return evaluate.read_answers(path, model) if os.path.exists(path) else None
@@ -206,7 +208,7 @@ def accuracy_row(runner: common.Runner, names: Sequence[str], *,
   prompt, wall time of the cells (s). status 'not run' without any."""
   from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
   done = [n for n in names if runner.is_done(common.Cell(n, ""))]
-  answers = [a for a in (_answers(runner, n, model) for n in done)
+  answers = [a for a in (cell_answers(runner, n, model) for n in done)
              if a is not None]
   if not answers:
     return dict(status="not run", seeds=0)
@@ -232,7 +234,7 @@ def rows(runner: common.Runner, methods: Sequence[str],
          seeds: Sequence[int]) -> list[dict]:
   """One row per method (and the initial student) from the finished cells;
   a method with no finished cell has status 'not run'."""
-  sft = _answers(runner, REFERENCE, "sft")
+  sft = cell_answers(runner, REFERENCE, "sft")
   out = [dict(method="before", label="initial student (no training)",
               **accuracy_row(runner, [REFERENCE], model="before", sft=sft),
               )]

@@ -139,7 +139,7 @@ def _answers(runner: common.Runner, spec: str, teacher_texts):
   if spec == "teacher":
     return teacher_texts
   cell, model = spec.split(":")
-  got = main_table._answers(runner, cell, model)  # pylint: disable=protected-access
+  got = main_table.cell_answers(runner, cell, model)
   return None if got is None else dict(zip(got.ids, got.texts))
 
 

@@ -236,3 +236,38 @@ def test_anchor_quality_counts_the_right_anchors(tmp_path):
            "It is None."]  # the fake's text for the prompt with no answer
   assert q["mean_completion_tokens"] == pytest.approx(
       sum(map(len, texts)) / 6)
+
+
+def _fake_cell(out, name, model, correct):
+  """A finished cell folder: eval/<model>.jsonl with `correct` per prompt."""
+  d = out / "cells" / name / "eval"
+  d.mkdir(parents=True)
+  with open(d / f"{model}.jsonl", "w", encoding="utf-8") as f:
+    for i, c in enumerate(correct):
+      f.write(json.dumps(dict(id=f"p{i}", answer="", tokens=1, finished=True,
+                              correct=c)) + "\n")
+  (d / "summary.json").write_text("[]")
+
+
+def test_training_table_lists_every_finished_cell_of_the_folder(tmp_path):
+  # Cells left by earlier calls (other K, scheme, seed) join the requested
+  # ones; a requested cell with no finished seed is 'not run'.
+  _fake_cell(tmp_path, "sft", "sft", [1, 0, 0, 0])
+  _fake_cell(tmp_path, "k4_pmi_dpo_s0", "final", [1, 1, 0, 0])
+  _fake_cell(tmp_path, "k2_anchor_recon_grpo_s0", "final", [1, 1, 1, 0])
+  _fake_cell(tmp_path, "k2_anchor_recon_grpo_s1", "final", [1, 0, 1, 0])
+  (tmp_path / "cells" / "k8_judge_dpo_s0").mkdir()  # started, never finished
+  runner = _runner(tmp_path, Counting(real=False))
+  assert ablation.finished_training(runner) == [
+      (2, "anchor_recon", "grpo", 0), (2, "anchor_recon", "grpo", 1),
+      (4, "pmi", "dpo", 0)]
+  rows = ablation.training_rows(runner, [4], ["judge"], ["dpo"], [0])
+  assert [r["method"] for r in rows] == [
+      "sft_only", "K2/anchor_recon/grpo", "K4/judge/dpo", "K4/pmi/dpo"]
+  assert [r["status"] for r in rows] == ["done", "done", "not run", "done"]
+  # K2: mean of the seeds per prompt (1, .5, 1, 0) = .625; SFT .25.
+  assert rows[1]["seeds"] == 2 and rows[1]["accuracy"] == pytest.approx(.625)
+  assert rows[1]["gain"] == pytest.approx(.375)
+  assert rows[3]["seeds"] == 1 and rows[3]["gain"] == pytest.approx(.25)
+  md = ablation.training_markdown(rows)
+  assert "| 4 | judge | dpo | not run |" in md
