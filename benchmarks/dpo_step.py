@@ -83,12 +83,15 @@ def run_ours(s: dict) -> dict:
       donate_argnums=0)
   ref_fn = jax.jit(lambda p, bt: dpo._seq_logps(nnx.merge(graphdef, p), bt,
                                                 None))
-  iters = []
+  iters, phases = [], peers.Phases()
+  step_fn, temp = peers.compile_jit(phases, "compile_train_step", step_fn,
+                                    state, ref_params, batch)
   for it in range(1 + s["iterations"]):
     start = time.perf_counter()
     state, metrics = step_fn(state, ref_params, batch)
     jax.block_until_ready(state.params)
     total = time.perf_counter() - start
+    phases.add("train_step", total)
     iters.append(dict(train_step=total, total=total))
     print(f"  ours step {it}{' (warm-up)' if it == 0 else ''}: {total:.2f} s;"
           f" loss {float(metrics['loss']):.4f}", flush=True)
@@ -98,8 +101,10 @@ def run_ours(s: dict) -> dict:
     start = time.perf_counter()
     jax.block_until_ready(ref_fn(ref_params, batch))
     ref_s.append(time.perf_counter() - start)
+  phases.add("ref_forward_apart", float(np.sum(ref_s)))
   return peers.side_result(
       iters, ref_forward_apart_s=float(np.median(ref_s)),
+      rss_after_mb=phases.rss_mb, xla_temp_mb=dict(train_step=temp),
       prompt_tokens=[len(i) for i in batch_p.ids],
       response_tokens=int(both_mask.sum()),
       scored_shape=list(batch["members"].shape),
@@ -143,7 +148,8 @@ def run_trl(side: str, s: dict) -> dict:
     phases.wrap(trainer.model, "forward", "policy_forward")
     phases.wrap(trainer.accelerator, "backward", "backward")
     trainer.train()
-  return peers.trl_result(trainer, ds, iters, path, s["rate_rows"])
+  return peers.trl_result(trainer, ds, iters, path, s["rate_rows"],
+                          rss_after_mb=phases.rss_mb)
 
 
 def run_side(side: str, settings: dict) -> dict:

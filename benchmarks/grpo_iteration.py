@@ -90,7 +90,7 @@ def run_ours(s: dict) -> dict:
       beta_kl=s["beta"], aggregation="token", schedule=schedule,
       micro_batches=micro), donate_argnums=0)
   phases = peers.Phases()
-  iters, tokens = [], 0
+  iters, tokens, temps = [], 0, {}
 
   for it in range(1 + s["iterations"]):
     start = time.perf_counter()
@@ -104,8 +104,14 @@ def run_ours(s: dict) -> dict:
     phases.add("reward", group.timings["score_s"])
     with phases("build_batch"):
       batch = grpo.build_batch(group, config)
+    if it == 0:  # compiled apart: its time and memory are their own phases
+      ref_fn, temps["ref_logps"] = peers.compile_jit(
+          phases, "compile_ref_logps", ref_fn, ref_params, batch)
     with phases("ref_logps"):
       batch["ref_logps"] = jax.block_until_ready(ref_fn(ref_params, batch))
+    if it == 0:
+      step_fn, temps["train_step"] = peers.compile_jit(
+          phases, "compile_train_step", step_fn, state, batch)
     with phases("train_step"):
       state, metrics = step_fn(state, batch)
       jax.block_until_ready(state.params)
@@ -121,6 +127,7 @@ def run_ours(s: dict) -> dict:
           f"{group.scores.mean():.3f}, tokens {tokens}", flush=True)
     iters.append(times)
   return peers.side_result(iters, completion_tokens=tokens,
+              rss_after_mb=phases.rss_mb, xla_temp_mb=temps,
               prompt_tokens=[len(i) for i in batch_p.ids],
               padded_prompt=int(batch_p.tokens.shape[1]),
               matmul_gflops=peers.jax_matmul_gflops(s["rate_rows"], cfg))
@@ -179,7 +186,8 @@ def run_trl(side: str, s: dict) -> dict:
     phases.wrap(trainer.accelerator, "backward", "backward")
     trainer.train()
   return peers.trl_result(trainer, ds, iters, path, s["rate_rows"],
-                          mean_completion_length=lengths)
+                          mean_completion_length=lengths,
+                          rss_after_mb=phases.rss_mb)
 
 
 def run_side(side: str, settings: dict) -> dict:

@@ -84,10 +84,14 @@ def forward_flops(dims: dict, prompt_tokens: int, response_tokens: int
 
 
 class Phases:
-  """Seconds per named phase, summed, reset per iteration."""
+  """Seconds per named phase, summed, reset per iteration; and the process's
+  RSS high-water mark (MB) the first time each phase ends (`rss_mb`, in
+  that order; 'start' when made): the first phase whose mark equals the
+  final peak is where the peak happened."""
 
   def __init__(self):
     self.seconds: dict[str, float] = {}
+    self.rss_mb: dict[str, float] = {"start": sampling_bench.peak_rss_mb()}
 
   @contextlib.contextmanager
   def __call__(self, name: str):
@@ -99,6 +103,7 @@ class Phases:
 
   def add(self, name: str, secs: float):
     self.seconds[name] = self.seconds.get(name, 0.0) + secs
+    self.rss_mb.setdefault(name, sampling_bench.peak_rss_mb())
 
   def take(self) -> dict:
     out, self.seconds = self.seconds, {}
@@ -246,6 +251,14 @@ def report(bench: str, settings: dict, sides: dict, useful_gflop: float,
   for label, fmt in lines:
     print(f"{label:26}" + "".join(f"{fmt(s):>{width}}"
                                   for s in sides.values()))
+  for name, s in sides.items():
+    if s.get("rss_after_mb"):
+      print(f"{name}: RSS high-water mark (MB) when each phase first "
+            "ended: " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                      s["rss_after_mb"].items()))
+    if s.get("xla_temp_mb"):
+      print(f"{name}: XLA temporaries of one call (MB, memory_analysis): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in s["xla_temp_mb"].items()))
   ours = sides.get("ours")
   ratios = {}
   if ours:
@@ -306,6 +319,15 @@ def print_iteration(label: str, i: int, times: dict, extra: str = ""):
         f"{times['total']:.2f} s " + " ".join(
             f"{k}={v:.2f}" for k, v in times.items() if k != "total")
         + extra, flush=True)
+
+
+def compile_jit(phases: Phases, name: str, fn, *args):
+  """fn (jitted) compiled for args, timed and memory-marked as phase `name`;
+  (the compiled callable, XLA's temporaries for one call in MB)."""
+  with phases(name):
+    compiled = fn.lower(*args).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+  return compiled, temp
 
 
 def side_result(iters: list[dict], **extra) -> dict:
