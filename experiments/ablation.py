@@ -38,7 +38,8 @@ parts: table_agreement.md and table_training.md joined, each written by
 the last call that ran its part, with that call's command), agreement.csv
 (per scheme x K, mean and sd over sub-sampling seeds), agreement_rows.csv
 (per seed), kendall_tau.png (heatmap scheme x K),
-training.csv, training.png, cells/ and cells.jsonl. Re-running skips
+training.csv, training.png, k_trend.png (gain over SFT vs K per scheme x
+loss, beside the pool's pair accuracy vs K), cells/ and cells.jsonl. Re-running skips
 finished cells and stored scores.
 """
 
@@ -410,6 +411,9 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
                          a.seeds)
     common.write_csv(os.path.join(a.out, "training.csv"), rows, TRAIN_FIELDS)
     main_table.plot(rows, os.path.join(a.out, "training.png"))
+    grid = out.get("agreement") or read_agreement(
+        os.path.join(a.out, "agreement.csv"))
+    k_trend(rows, grid, os.path.join(a.out, "k_trend.png"))
     write_section(a.out, "training", head +
                  "## (b) Training grid: K x scheme x loss\n\nHeld-out "
                  "accuracy after PU-RL from the shared SFT reference (mean "
@@ -422,6 +426,88 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
   text = join_sections(a.out, a.scale)
   print(text)
   return out
+
+
+def k_series(rows: Sequence[dict], key: str = "gain"
+             ) -> dict[tuple[str, str], list[tuple[int, float, float, float]]]:
+  """{(scheme, loss): [(K, value, lo, hi), ...] by K} of the finished rows.
+
+  `rows`: training_rows (value = `key`, its CI `key`_lo/_hi) or the
+  agreement grid (loss "", value = `key`, no CI: lo = hi = value). Only
+  series with >= 1 finished K; NaN values are dropped.
+  """
+  out: dict[tuple[str, str], list] = {}
+  for r in rows:
+    if r.get("status", "done") != "done" or r.get("k") in ("", None):
+      continue
+    v = r.get(key)
+    if v is None or not np.isfinite(v):
+      continue
+    lo, hi = r.get(f"{key}_lo", v), r.get(f"{key}_hi", v)
+    out.setdefault((r["scheme"], r.get("loss", "")), []).append(
+        (int(r["k"]), float(v), float(lo), float(hi)))
+  return {g: sorted(pts) for g, pts in sorted(
+      out.items(), key=lambda kv: _order(*kv[0]))}
+
+
+def read_agreement(path: str) -> list[dict]:
+  """agreement.csv back as rows (numbers as floats; K as int)."""
+  import csv  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8", newline="") as f:
+    rows = list(csv.DictReader(f))
+  num = lambda x: float(x) if x not in ("", None) else float("nan")
+  return [dict(r, k=int(r["k"]), **{m: num(r[m]) for m in METRICS})
+          for r in rows]
+
+
+def k_trend(training: Sequence[dict], agreement_grid: Sequence[dict],
+            path: str) -> None:
+  """k_trend.png: gain over SFT vs K per scheme x loss (paired 95 % CIs),
+  and beside it the pair accuracy vs K per scheme on the one pool."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  gain = k_series(training, "gain")
+  agree = {g: p for g, p in k_series(agreement_grid, "pair_accuracy").items()
+           if g[0] != "oracle"}
+  panels = 1 + bool(agree)
+  fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4), squeeze=False)
+  ax = axes[0][0]
+  colors = {s: plt.cm.tab10(i) for i, s in enumerate(SCHEMES)}
+  styles = {"dpo": "-o", "grpo": "--s", "ldl": ":^"}
+  ks = sorted({k for pts in list(gain.values()) + list(agree.values())
+               for k, *_ in pts})
+  for n, ((scheme, loss), pts) in enumerate(gain.items()):
+    k, v, lo, hi = (np.array(x, np.float64) for x in zip(*pts))
+    shift = 1 + 0.03 * (n - len(gain) / 2)  # keep error bars apart (log x)
+    ax.errorbar(k * shift, 100 * v, yerr=[100 * (v - lo), 100 * (hi - v)],
+                fmt=styles.get(loss, "-o"), capsize=3, ms=5,
+                color=colors.get(scheme, "k"), label=f"{scheme} {loss}")
+  ax.axhline(0, lw=1, color="k")
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(ks, [str(k) for k in ks])
+  ax.set_xlabel("K (candidates per prompt)")
+  ax.set_ylabel("held-out gain over SFT (pt), paired 95% CI")
+  ax.set_title("(b) training grid")
+  ax.legend(fontsize=7)
+  if agree:
+    ax = axes[0][1]
+    for (scheme, _), pts in agree.items():
+      k, v, _, _ = (np.array(x, np.float64) for x in zip(*pts))
+      ax.plot(k, v, "-o", color=colors.get(scheme, "k"), label=scheme)
+    ax.axhline(0.5, ls="--", lw=1, color="k")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("K (sub-sampled from one pool)")
+    ax.set_ylabel("pair accuracy vs oracle (mixed prompts)")
+    ax.set_title("(a) ranking agreement (chance 0.5)")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def write_section(out: str, part: str, text: str) -> None:

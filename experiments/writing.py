@@ -111,13 +111,16 @@ def comparisons(methods: Sequence[str], seeds: Sequence[int],
   return out
 
 
+JUDGE_TOP_LOGPROBS = 10  # probability scoring: alternatives per position
+
+
 def _teacher_cfg(url: str, model: str, key_env: str, max_tokens: int,
-                 extra: dict):
+                 extra: dict, top_logprobs: int = 0):
   """The endpoint's TeacherConfig, with the cells' concurrency and timeout."""
   from purld_jax import teacher  # pylint: disable=g-import-not-at-top
   return teacher.TeacherConfig.from_mapping(dict(
       backend="openai", base_url=url, model=model, api_key_env=key_env,
-      max_tokens=max_tokens,
+      max_tokens=max_tokens, top_logprobs=top_logprobs,
       max_concurrency=int(extra["teacher.max_concurrency"]),
       timeout_s=float(extra["teacher.timeout_s"])))
 
@@ -144,7 +147,7 @@ def _answers(runner: common.Runner, spec: str, teacher_texts):
 
 
 def judge_all(runner: common.Runner, comps: Sequence[Comparison], prompts,
-              judge, teacher_texts, *, seed: int = 0,
+              judge, teacher_texts, *, scoring: str = "verdict", seed: int = 0,
               samples: int = 2000) -> list[dict]:
   """One row per comparison whose two sides exist: the `winrate.WinRate`
   summary (`samples` bootstrap resamples), plus per-pair records under
@@ -162,8 +165,8 @@ def judge_all(runner: common.Runner, comps: Sequence[Comparison], prompts,
         continue
       ps = [p for p in prompts if p.id in model and p.id in ref]
       w = winrate.winrate(store, ps, [model[p.id] for p in ps],
-                          [ref[p.id] for p in ps], seed=seed,
-                          samples=samples)
+                          [ref[p.id] for p in ps], scoring=scoring,
+                          seed=seed, samples=samples)
       pairs = [dict(comparison=c.label, id=i, verdicts=list(v),
                     outcome=None if np.isnan(o) else float(o),
                     words_model=float(a), words_reference=float(b))
@@ -277,6 +280,14 @@ def parse_args(argv):
   p.add_argument("--judge_model", default="", help="default: --teacher_model")
   p.add_argument("--judge_key_env", default=None,
                  help="default: --teacher_key_env")
+  p.add_argument("--judge_scoring", choices=("verdict", "probability"),
+                 default="verdict",
+                 help="verdict: the judge's one-line verdict per order; "
+                 "probability: the verdict tokens' probabilities (the judge "
+                 f"is asked for its top {JUDGE_TOP_LOGPROBS} logprobs), "
+                 "P(model better) averaged over both orders; for small "
+                 "judges that answer the same letter in both orders "
+                 "(purld_jax/winrate.py)")
   a = p.parse_args(argv)
   a.seeds = [int(s) for s in a.seeds.split(",") if s]
   a.methods = [m for m in a.methods.split(",") if m]
@@ -317,8 +328,11 @@ def main(argv=None, *, runner: common.Runner | None = None):
   teacher = teacher_lib.make(_teacher_cfg(
       a.teacher_url, a.teacher_model, a.teacher_key_env,
       int(extra["teacher.max_tokens"]), extra))
-  judge = teacher_lib.make(_teacher_cfg(a.judge_url, a.judge_model,
-                                        a.judge_key_env, 48, extra))
+  prob = a.judge_scoring == "probability"
+  # Probability scoring reads the token after "Verdict:": 8 tokens suffice.
+  judge = teacher_lib.make(_teacher_cfg(
+      a.judge_url, a.judge_model, a.judge_key_env, 8 if prob else 48, extra,
+      top_logprobs=JUDGE_TOP_LOGPROBS if prob else 0))
   teacher_texts = None
   if "teacher" in a.compare:
     print(f"[writing] the teacher's held-out answers ({len(prompts)} "
@@ -327,14 +341,20 @@ def main(argv=None, *, runner: common.Runner | None = None):
   print(f"[writing] judging with {judge.label} (both orders; cached in "
         "winrate/)", flush=True)
   rows = judge_all(runner, comparisons(a.methods, a.seeds, a.compare),
-                   prompts, judge, teacher_texts)
+                   prompts, judge, teacher_texts, scoring=a.judge_scoring)
   header = (
       f"# Writing: win rates ({a.scale} scale)\n\n"
       f"`python -m experiments.writing {' '.join(argv)}`\n\n"
       f"Cells: {json.dumps(statuses)}. Teacher (anchors and the `teacher` "
       f"reference answers): {teacher.label}. Judge: {judge.label}, both "
-      "orders (a disagreement is a tie); W/T/L of the first-named model; "
-      "win rate = mean outcome (tie = 0.5) over judged pairs; LC = the "
+      + ("orders (a disagreement is a tie); W/T/L of the first-named model; "
+         "win rate = mean outcome (tie = 0.5) over judged pairs; "
+         if not prob else
+         "orders, PROBABILITY scoring: a pair's outcome is P(model better) "
+         "from the verdict token's probabilities, averaged over the two "
+         "orders; W/T/L = outcomes above / at / below 0.5; win rate = mean "
+         "outcome over judged pairs; ")
+      + "LC = the "
       "length-controlled win rate (winrate.py: the win probability at the "
       "reference's length); 95 % bootstrap CIs over prompts. PU-RLD "
       f"self-ranking: {a.scheme}; seeds {a.seeds}.")

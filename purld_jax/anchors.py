@@ -70,7 +70,7 @@ from purld_jax import prompts as prompts_lib
 from purld_jax import teacher as teacher_lib
 
 FILENAME = "anchors.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: anchors.logprobs (JSON or NULL)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS anchors (
@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS anchors (
   simulated INTEGER NOT NULL, messages TEXT NOT NULL, params TEXT NOT NULL,
   text TEXT NOT NULL, finish_reason TEXT NOT NULL, truncated INTEGER NOT NULL,
   prompt_tokens INTEGER, completion_tokens INTEGER, latency_s REAL NOT NULL,
-  attempts INTEGER NOT NULL, errors TEXT NOT NULL, created_at REAL NOT NULL);
+  attempts INTEGER NOT NULL, errors TEXT NOT NULL, created_at REAL NOT NULL,
+  logprobs TEXT);
 CREATE TABLE IF NOT EXISTS requests (
   id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL,
   prompt_id TEXT NOT NULL, backend TEXT NOT NULL, pid INTEGER NOT NULL,
@@ -123,6 +124,7 @@ class Anchor:
   truncated: bool
   simulated: bool   # True: a reference answer (dataset backend), not a teacher
   teacher: str      # the teacher's label
+  logprobs: teacher_lib.Logprobs | None = None  # when the request asked for them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +155,14 @@ class FetchReport:
   failed: tuple             # ((prompt_id, message), ...)
 
 
+def _logprobs(stored: str | None) -> teacher_lib.Logprobs | None:
+  """The `logprobs` column back as tuples (JSON made them lists)."""
+  if stored is None:
+    return None
+  return tuple(tuple((str(t), float(lp)) for t, lp in pos)
+               for pos in json.loads(stored))
+
+
 class Ledger:
   """The SQLite ledger; thread-safe (one connection behind a lock)."""
 
@@ -173,6 +183,8 @@ class Ledger:
     if version > SCHEMA_VERSION:
       raise AnchorError(f"{self.path} has ledger schema {version}; this code "
                         f"reads up to {SCHEMA_VERSION}")
+    if version == 1:  # every row kept; the new column is NULL for them
+      self._db.execute("ALTER TABLE anchors ADD COLUMN logprobs TEXT")
     self._db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
 
   def close(self):
@@ -201,17 +213,19 @@ class Ledger:
         fcntl.flock(f, fcntl.LOCK_UN)
 
   def rows(self, keys: Sequence[str]) -> dict[str, dict]:
-    """key -> {text, finish_reason, truncated, simulated, teacher}, stored only."""
+    """key -> {text, finish_reason, truncated, simulated, teacher, logprobs},
+    stored only."""
     out = {}
     with self._lock:
       for i in range(0, len(keys), 500):
         chunk = list(keys[i:i + 500])
         out.update((key, dict(text=text, finish_reason=finish,
                               truncated=bool(trunc), simulated=bool(sim),
-                              teacher=label))
-                   for key, text, finish, trunc, sim, label in self._db.execute(
+                              teacher=label, logprobs=_logprobs(lp)))
+                   for key, text, finish, trunc, sim, label, lp
+                   in self._db.execute(
                        "SELECT key, text, finish_reason, truncated, simulated, "
-                       "teacher FROM anchors WHERE key IN "
+                       "teacher, logprobs FROM anchors WHERE key IN "
                        f"({','.join('?' * len(chunk))})", chunk))
     return out
 
@@ -246,14 +260,16 @@ class Ledger:
     with self._tx() as db:
       new = db.execute(
           "INSERT OR IGNORE INTO anchors VALUES "
-          "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+          "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
           (key, prompt_id, request_id, reply.teacher, request.backend,
            request.model, int(reply.simulated),
            json.dumps(request.messages, ensure_ascii=False),
            json.dumps(dict(request.params), ensure_ascii=False), reply.text,
            reply.finish_reason, int(reply.truncated), reply.prompt_tokens,
            reply.completion_tokens, reply.latency_s, len(reply.attempts),
-           json.dumps(errors), time.time())).rowcount
+           json.dumps(errors), time.time(),
+           None if reply.logprobs is None else json.dumps(
+               reply.logprobs, ensure_ascii=False))).rowcount
       db.execute("UPDATE requests SET outcome=?, finished_at=? WHERE id=?",
                  ("stored" if new else "answer_existed", time.time(), request_id))
 

@@ -80,6 +80,10 @@ class TeacherConfig:
   backoff_max_s: float = _field(60.0, "longest wait (s), a server's Retry-After too")
   on_truncated: str = _field("keep", "answer cut at max_tokens: keep (flagged), "
                              "retry or error")
+  top_logprobs: int = _field(0, "> 0: also ask for the N most likely tokens "
+                             "at each answer position, with log-probabilities "
+                             "(OpenAI `logprobs`; a probability judge reads "
+                             "them); 0 = not asked")
 
   def __post_init__(self):
     if self.backend not in BACKENDS:
@@ -92,7 +96,7 @@ class TeacherConfig:
       if getattr(self, name) < 1:
         raise ConfigError(f"teacher.{name} must be >= 1, got {getattr(self, name)}")
     for name in ("timeout_s", "backoff_base_s", "backoff_max_s", "max_retries",
-                 "temperature"):
+                 "temperature", "top_logprobs"):
       if getattr(self, name) < 0:
         raise ConfigError(f"teacher.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -134,6 +138,9 @@ class Attempt:
   completion_tokens: int | None = None
 
 
+Logprobs = tuple[tuple[tuple[str, float], ...], ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class Reply:
   """A teacher's answer to one prompt."""
@@ -147,6 +154,10 @@ class Reply:
   attempts: tuple[Attempt, ...]
   simulated: bool             # True for the dataset backend
   teacher: str                # Teacher.label
+  # Per answer position ((token, log-prob), ...): the chosen token, then the
+  # other top alternatives, most likely first; None when not asked for
+  # (TeacherConfig.top_logprobs = 0). See parse_logprobs.
+  logprobs: Logprobs | None = None
 
 
 class Teacher(Protocol):
@@ -252,6 +263,27 @@ def parse_completion(body: str, *, on_truncated: str) -> tuple[str, str, tuple]:
   return text, finish, tokens
 
 
+def parse_logprobs(body: str) -> Logprobs | None:
+  """choices[0].logprobs.content of a chat-completion body, as
+  ((token, log-prob), ...) per answer position: the chosen token first, then
+  the other `top_logprobs` alternatives, most likely first. None when the
+  body has no logprobs (the server ignored the request)."""
+  try:
+    content = json.loads(body)["choices"][0]["logprobs"]["content"]
+  except (json.JSONDecodeError, TypeError, KeyError, IndexError):
+    return None
+  if not isinstance(content, list):
+    return None
+  out = []
+  for pos in content:
+    chosen = (str(pos["token"]), float(pos["logprob"]))
+    others = sorted(((str(a["token"]), float(a["logprob"]))
+                     for a in pos.get("top_logprobs") or ()
+                     if str(a["token"]) != chosen[0]), key=lambda t: -t[1])
+    out.append((chosen, *others))
+  return tuple(out)
+
+
 def with_retries(send: Callable[[], tuple[str, str, tuple]], *, max_retries: int,
                  delay: Callable[[int], float], max_wait_s: float,
                  sleep: Callable[[float], None] = time.sleep,
@@ -328,10 +360,12 @@ class OpenAITeacher:
     self._rng = random.Random()
 
   def request(self, prompt):
+    params = (("max_tokens", int(self.cfg.max_tokens)),
+              ("temperature", float(self.cfg.temperature)))
+    if self.cfg.top_logprobs:  # only then: earlier ledgers' keys unchanged
+      params += (("top_logprobs", int(self.cfg.top_logprobs)),)
     return Request(messages=request_messages(prompt, self.cfg.system_prompt),
-                   backend="openai", model=self.cfg.model,
-                   params=(("max_tokens", int(self.cfg.max_tokens)),
-                           ("temperature", float(self.cfg.temperature))))
+                   backend="openai", model=self.cfg.model, params=params)
 
   def prepare(self):
     with self._lock:
@@ -345,10 +379,12 @@ class OpenAITeacher:
   def _send_once(self, messages):
     import openai  # pylint: disable=g-import-not-at-top
     client, cfg = self.prepare(), self.cfg
+    extra = (dict(logprobs=True, top_logprobs=cfg.top_logprobs)
+             if cfg.top_logprobs else {})
     try:
       raw = client.chat.completions.with_raw_response.create(
           model=cfg.model, messages=[{"role": r, "content": c} for r, c in messages],
-          temperature=cfg.temperature, max_tokens=cfg.max_tokens)
+          temperature=cfg.temperature, max_tokens=cfg.max_tokens, **extra)
     except openai.APITimeoutError:
       raise _Retryable("timeout", f"no answer within {cfg.timeout_s}s") from None
     except openai.APIConnectionError as e:
@@ -368,20 +404,21 @@ class OpenAITeacher:
               404: f" (check base_url {cfg.base_url!r} and model {cfg.model!r})"}
       raise TeacherError(f"HTTP {status}: {msg}{hint.get(status, '')}",
                          kind=f"http_{status}", fatal=fatal) from None
-    return parse_completion(raw.text, on_truncated=cfg.on_truncated)
+    parsed = parse_completion(raw.text, on_truncated=cfg.on_truncated)
+    return parsed + ((parse_logprobs(raw.text) if cfg.top_logprobs else None),)
 
   def ask(self, prompt, on_attempt=None):
     cfg, messages = self.cfg, self.request(prompt).messages
     delay = lambda n: backoff_delay(n, base_s=cfg.backoff_base_s,
                                     max_s=cfg.backoff_max_s, u=self._rng.random())
     t0 = time.monotonic()
-    (text, finish, tokens), attempts = with_retries(
+    (text, finish, tokens, logprobs), attempts = with_retries(
         lambda: self._send_once(messages), max_retries=cfg.max_retries,
         delay=delay, max_wait_s=cfg.backoff_max_s, on_attempt=on_attempt)
     return Reply(text=text, finish_reason=finish, truncated=finish == "length",
                  prompt_tokens=tokens[0], completion_tokens=tokens[1],
                  latency_s=time.monotonic() - t0, attempts=attempts,
-                 simulated=False, teacher=self.label)
+                 simulated=False, teacher=self.label, logprobs=logprobs)
 
 
 class DatasetTeacher:

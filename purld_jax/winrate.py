@@ -18,10 +18,32 @@ is counted (`unparseable`) and its pair is left out of the rates
 request that failed after its retries is counted in `failed` and its pair
 left out the same way. `judged` says how many pairs the rates are over.
 
+Probability scoring (`scoring="probability"`), for small judges whose
+one-line verdict is the same letter whatever the order (a 0.5B-1.5B model
+answers "Verdict: A" to nearly everything, so every pair is a tie): the
+judge is asked for the top log-probabilities of its reply's tokens
+(`teacher.TeacherConfig.top_logprobs`), and at the verdict position (the
+token after "Verdict:", else a bare "A"/"B"/"tie" reply's first token) the
+probabilities of the three verdicts are read, each summed over the listed
+tokens that spell it (" A", "A", "a", ...), and renormalised over the
+three: (pA, pB, ptie). The model's outcome in one order is
+P(model better) = p_model + ptie / 2 (p_model = pA when the model's answer
+is A); the pair's outcome is the mean over the two orders. A judge biased
+toward one position by a constant cancels out (pA = 0.8 in both orders
+gives 0.8 and 0.2, mean 0.5), while a preference for the model's answer
+that survives the swap moves the outcome above 0.5. Outcomes are in
+[0, 1]; W/T/L count outcomes above, at (within `TIE_TOL`) and below 0.5;
+`disagreements` counts pairs whose two orders favour different answers
+(P(model better) above 0.5 in one, below in the other: a judge that says
+"A" in both orders disagrees with itself on every pair). An order
+without logprobs or without a verdict position is unreadable (as an
+unparseable verdict is in verdict scoring).
+
 Length control (in the spirit of AlpacaEval 2's length-controlled win rate,
 simplified to one model and no per-instruction term): with
 d_i = len_model_i - len_reference_i and s = std(d) (population std over the
-pairs), the per-pair outcome y_i in {0, 0.5, 1} is fitted by a fractional
+pairs), the per-pair outcome y_i in [0, 1] ({0, 0.5, 1} with verdict
+scoring) is fitted by a fractional
 logistic regression
 
     P(win_i) = sigmoid(b0 + b1 * tanh(d_i / s))          (tanh term 0 if s = 0)
@@ -125,6 +147,61 @@ def parse_verdict(text: str) -> str | None:
     return None
   v = found[-1].lower()
   return "tie" if v == "tie" else v.upper()
+
+
+_VERDICT_PREFIX = re.compile(r"verdict\W{0,6}$", re.IGNORECASE)
+SCORINGS = ("verdict", "probability")
+TIE_TOL = 1e-9  # |outcome - 0.5| counted a tie (probabilities round)
+
+
+def _verdict_token(token: str) -> str | None:
+  t = re.sub(r"[\W_]+", "", token).lower()
+  return {"a": "A", "b": "B", "tie": "tie"}.get(t)
+
+
+def verdict_position(logprobs: teacher_lib.Logprobs) -> int | None:
+  """Index of the verdict token: the first position right after text ending
+  in "Verdict:" (any case, up to 6 non-word characters after it) whose
+  chosen token spells a verdict; else position 0 when its chosen token does
+  (a bare reply); else None."""
+  text = ""
+  for i, pos in enumerate(logprobs):
+    if _VERDICT_PREFIX.search(text) and _verdict_token(pos[0][0]):
+      return i
+    text += pos[0][0]
+  if logprobs and _verdict_token(logprobs[0][0][0]):
+    return 0
+  return None
+
+
+def verdict_probs(logprobs: teacher_lib.Logprobs | None
+                  ) -> tuple[float, float, float] | None:
+  """(pA, pB, ptie) at `verdict_position`, renormalised over the three (each
+  summed over the listed tokens that spell it); None without logprobs, a
+  verdict position, or any verdict probability."""
+  if not logprobs:
+    return None
+  i = verdict_position(logprobs)
+  if i is None:
+    return None
+  mass = {"A": 0.0, "B": 0.0, "tie": 0.0}
+  for token, lp in logprobs[i]:
+    v = _verdict_token(token)
+    if v is not None:
+      mass[v] += float(np.exp(lp))
+  total = sum(mass.values())
+  if total <= 0:
+    return None
+  return mass["A"] / total, mass["B"] / total, mass["tie"] / total
+
+
+def order_probability(probs: tuple[float, float, float] | None, *,
+                      model_first: bool) -> float:
+  """P(model better) in one order: p_model + ptie / 2; NaN for None."""
+  if probs is None:
+    return float("nan")
+  p_a, p_b, p_tie = probs
+  return (p_a if model_first else p_b) + p_tie / 2
 
 
 def order_outcome(verdict: str | None, *, model_first: bool) -> float:
@@ -263,6 +340,8 @@ class Judged:
 
   model_first: tuple[str | None, ...]       # reply text; None: request failed
   reference_first: tuple[str | None, ...]
+  model_first_logprobs: tuple               # Reply.logprobs per pair, or None
+  reference_first_logprobs: tuple
   judgements: int       # distinct judge requests this evaluation needs
   cached: int           # of those, already in the ledger before it
   judge_calls: int      # HTTP attempts made now (retries included)
@@ -294,12 +373,14 @@ def judge_pairs(store: anchors_lib.AnchorStore,
     calls += len(getattr(result, "attempts", ()) or ())
 
   report = store.fetch(list(missing.values()), on_done=count)
-  got = {q.id: (None if a is None else a.text)
-         for q, a in zip(todo, store.lookup(todo))}
+  got = dict(zip([q.id for q in todo], store.lookup(todo)))
+  pick = lambda tag, attr: tuple(
+      getattr(got[asks[(p.id, tag)].id], attr, None) for p in prompts)
   return Judged(
-      model_first=tuple(got[asks[(p.id, "model_first")].id] for p in prompts),
-      reference_first=tuple(got[asks[(p.id, "reference_first")].id]
-                            for p in prompts),
+      model_first=pick("model_first", "text"),
+      reference_first=pick("reference_first", "text"),
+      model_first_logprobs=pick("model_first", "logprobs"),
+      reference_first_logprobs=pick("reference_first", "logprobs"),
       judgements=distinct, cached=distinct - len(missing), judge_calls=calls,
       failed=report.failed)
 
@@ -320,6 +401,7 @@ class WinRate:
   """
 
   ids: tuple[str, ...]
+  scoring: str          # "verdict" or "probability"
   outcomes: np.ndarray
   verdicts: tuple[tuple[str | None, str | None], ...]
   len_model: np.ndarray
@@ -370,13 +452,17 @@ def winrate(store: anchors_lib.AnchorStore,
             len_model: Sequence[float] | None = None,
             len_reference: Sequence[float] | None = None,
             template: str = TEMPLATE, system: str = SYSTEM,
-            unparseable: str = "exclude", seed: int = 0,
-            samples: int = 2000) -> WinRate:
+            unparseable: str = "exclude", scoring: str = "verdict",
+            seed: int = 0, samples: int = 2000) -> WinRate:
   """The model's answers against the reference answers, prompt by prompt.
 
   Lengths default to whitespace-separated words of each answer; pass token
   counts for both sides or for neither (one unit for the difference).
+  `scoring="probability"` needs a judge asked for logprobs (module
+  docstring).
   """
+  if scoring not in SCORINGS:
+    raise ValueError(f"scoring={scoring!r}; known: {', '.join(SCORINGS)}")
   judged = judge_pairs(store, prompts, model, reference, template=template,
                        system=system)
   v1 = [None if t is None else parse_verdict(t) for t in judged.model_first]
@@ -389,20 +475,35 @@ def winrate(store: anchors_lib.AnchorStore,
   lm = words(model) if len_model is None else np.asarray(len_model, np.float64)
   lr = (words(reference) if len_reference is None
         else np.asarray(len_reference, np.float64))
-  outcomes = pair_outcomes(v1, v2, unparseable=unparseable)
+  if scoring == "verdict":
+    outcomes = pair_outcomes(v1, v2, unparseable=unparseable)
+    disagree = sum(a is not None and b is not None
+                   and order_outcome(a, model_first=True)
+                   != order_outcome(b, model_first=False)
+                   for a, b in zip(v1, v2))
+  else:
+    p1 = [verdict_probs(lp) for lp in judged.model_first_logprobs]
+    p2 = [verdict_probs(lp) for lp in judged.reference_first_logprobs]
+    unread = sum(t is not None and p is None
+                 for ts, ps in ((judged.model_first, p1),
+                                (judged.reference_first, p2))
+                 for t, p in zip(ts, ps))
+    o1 = np.array([order_probability(p, model_first=True) for p in p1])
+    o2 = np.array([order_probability(p, model_first=False) for p in p2])
+    outcomes = (o1 + o2) / 2
+    if unparseable == "tie":
+      outcomes[np.isnan(outcomes)] = 0.5
+    disagree = int(np.sum((o1 - 0.5) * (o2 - 0.5) < 0))
   keep = ~np.isnan(outcomes)
   y = outcomes[keep]
-  disagree = sum(a is not None and b is not None
-                 and order_outcome(a, model_first=True)
-                 != order_outcome(b, model_first=False)
-                 for a, b in zip(v1, v2))
   rate, rate_ci, lc, lc_ci = _rates(y, lm[keep], lr[keep], seed=seed,
                                     samples=samples)
   return WinRate(
-      ids=tuple(p.id for p in prompts), outcomes=outcomes,
+      ids=tuple(p.id for p in prompts), scoring=scoring, outcomes=outcomes,
       verdicts=tuple(zip(v1, v2)), len_model=lm, len_reference=lr,
-      pairs=len(prompts), judged=int(keep.sum()), wins=int((y == 1).sum()),
-      losses=int((y == 0).sum()), ties=int((y == 0.5).sum()),
+      pairs=len(prompts), judged=int(keep.sum()),
+      wins=int((y > 0.5 + TIE_TOL).sum()), losses=int((y < 0.5 - TIE_TOL).sum()),
+      ties=int((np.abs(y - 0.5) <= TIE_TOL).sum()),
       disagreements=int(disagree), unparseable=int(unread),
       failed=len(judged.failed), win_rate=rate, win_rate_ci=rate_ci,
       lc_win_rate=lc, lc_win_rate_ci=lc_ci, judgements=judged.judgements,

@@ -13,6 +13,10 @@ usage = (words in all messages, words in the answer). Faults are queued with
   "empty_content"         200 with content ""
   "truncated"             200 with half the answer and finish_reason "length"
 
+A request with ``"logprobs": true`` also gets ``choices[0].logprobs.content``
+from ``logprobs_for(answer, top_logprobs)`` (tests replace it to script a
+judge's verdict probabilities).
+
 Every request is recorded (``requests``: messages, Authorization header, fault).
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import collections
 import http.server
 import json
+import re
 import socket
 import struct
 import threading
@@ -29,6 +34,16 @@ import time
 
 def answer_for(text: str) -> str:
   return f"ANSWER: {text}"
+
+
+def logprobs_for(text: str, top: int) -> list[dict]:
+  """One token per word (with its leading space), log-prob -0.25, and `top`
+  alternatives: the token itself, then "?" at -3.0."""
+  out = []
+  for tok in re.findall(r"\s*\S+", text):
+    alts = [{"token": tok, "logprob": -0.25}, {"token": "?", "logprob": -3.0}]
+    out.append({"token": tok, "logprob": -0.25, "top_logprobs": alts[:top]})
+  return out
 
 
 def _words(s: str) -> int:
@@ -133,6 +148,9 @@ class FaultServer:
     choices = [] if kind == "empty_choices" else [{
         "index": 0, "finish_reason": finish,
         "message": {"role": "assistant", "content": text}}]
+    if choices and body.get("logprobs"):
+      choices[0]["logprobs"] = {
+          "content": logprobs_for(text, int(body.get("top_logprobs") or 0))}
     h._json(200, {
         "id": "chatcmpl-fault", "object": "chat.completion", "created": 0,
         "model": body.get("model", "fault"), "choices": choices,

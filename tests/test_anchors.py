@@ -363,3 +363,39 @@ def test_llamacpp_50_prompts_kill_resume_then_zero_calls(tmp_path, llamacpp_serv
   assert anchors.Ledger(kw["workdir"]).stats() == s  # no new intent, no call
   print(f"\nllama.cpp: {n} anchors (max_tokens 16) in {seconds:.1f}s with one "
         f"kill; {s.calls} completed calls, {s.resent_after_kill} re-sent after it")
+
+
+# ---------------------------------------------------------------- schema
+
+V1_ANCHORS = """CREATE TABLE anchors (
+  key TEXT PRIMARY KEY, prompt_id TEXT NOT NULL, request_id INTEGER NOT NULL,
+  teacher TEXT NOT NULL, backend TEXT NOT NULL, model TEXT NOT NULL,
+  simulated INTEGER NOT NULL, messages TEXT NOT NULL, params TEXT NOT NULL,
+  text TEXT NOT NULL, finish_reason TEXT NOT NULL, truncated INTEGER NOT NULL,
+  prompt_tokens INTEGER, completion_tokens INTEGER, latency_s REAL NOT NULL,
+  attempts INTEGER NOT NULL, errors TEXT NOT NULL, created_at REAL NOT NULL);
+PRAGMA user_version = 1;"""
+
+
+def test_a_v1_ledger_keeps_its_rows_and_gains_logprobs(tmp_path, fault_server):
+  # A ledger written before logprobs existed (schema 1, by hand) opens: its
+  # row is read back without logprobs, and new rows keep theirs.
+  db = sqlite3.connect(tmp_path / anchors.FILENAME)
+  db.executescript(V1_ANCHORS)
+  db.execute("INSERT INTO anchors VALUES ('k1', 'q0', 1, 't', 'openai', 'm', 0, "
+             "'[]', '{}', 'old answer', 'stop', 0, 1, 2, 0.5, 1, '[]', 0.0)")
+  db.commit()
+  db.close()
+  store = _store(tmp_path, fault_server.base_url, top_logprobs=1)
+  try:
+    old = store.ledger.rows(["k1"])["k1"]
+    assert (old["text"], old["logprobs"]) == ("old answer", None)
+    got, = store.get_or_query(Q[:1])
+  finally:
+    store.close()
+  assert got.logprobs == tuple(((tok, -0.25),)
+                               for tok in ("ANSWER:", " question", " 0"))
+  db = sqlite3.connect(tmp_path / anchors.FILENAME)
+  assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+  assert db.execute("SELECT count(*) FROM anchors").fetchone()[0] == 2
+  db.close()

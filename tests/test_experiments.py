@@ -113,6 +113,7 @@ def test_ablation_agreement_grid_on_a_tiny_pool(main_study, tmp_path):
   with open(tmp_path / "agreement_rows.csv", encoding="utf-8") as f:
     assert len(list(csv.DictReader(f))) == 12  # x 2 sub-sampling seeds
   assert (tmp_path / "kendall_tau.png").stat().st_size > 0
+  assert (tmp_path / "k_trend.png").stat().st_size > 0
   assert [r["method"] for r in res["training"]] == [
       "sft_only", "K2/similarity/dpo"]
   assert res["training"][1]["status"] == "done"
@@ -271,3 +272,15 @@ def test_training_table_lists_every_finished_cell_of_the_folder(tmp_path):
   assert rows[3]["seeds"] == 1 and rows[3]["gain"] == pytest.approx(.25)
   md = ablation.training_markdown(rows)
   assert "| 4 | judge | dpo | not run |" in md
+  # The K-trend series: finished rows only, schemes in SCHEMES order.
+  series = ablation.k_series(rows)
+  assert list(series) == [("pmi", "dpo"), ("anchor_recon", "grpo")]
+  (k, gain, lo, hi), = series[("anchor_recon", "grpo")]
+  assert k == 2 and gain == pytest.approx(.375) and lo <= gain <= hi
+  grid = [dict(scheme="pmi", k=8, pair_accuracy=.7),
+          dict(scheme="pmi", k=2, pair_accuracy=.6),
+          dict(scheme="judge", k=2, pair_accuracy=float("nan"))]
+  assert ablation.k_series(grid, "pair_accuracy") == {
+      ("pmi", ""): [(2, .6, .6, .6), (8, .7, .7, .7)]}
+  ablation.k_trend(rows, grid, str(tmp_path / "k.png"))
+  assert (tmp_path / "k.png").stat().st_size > 0

@@ -260,3 +260,40 @@ def test_ask_many_bounded_and_fatal_cancels(fault_server):
   with pytest.raises(teacher.TeacherError, match="HTTP 401"):
     list(teacher.ask_many(t, items * 5, ask=t.ask))
   assert fault_server.calls() < 4 + 20  # the rest were cancelled
+
+
+# ---------------------------------------------------------------- logprobs
+
+def test_parse_logprobs_chosen_first_then_alternatives():
+  body = json.dumps({"choices": [{"message": {"content": "Verdict: B."},
+                                  "logprobs": {"content": [
+      {"token": "Verdict:", "logprob": -0.1,
+       "top_logprobs": [{"token": "Verdict:", "logprob": -0.1}]},
+      {"token": " B", "logprob": -0.9, "top_logprobs": [
+          {"token": " tie", "logprob": -2.0}, {"token": " A", "logprob": -0.6},
+          {"token": " B", "logprob": -0.9}]},
+      {"token": ".", "logprob": -0.2}]}}]})
+  # The sampled " B" first although " A" was likelier; the rest by log-prob.
+  assert teacher.parse_logprobs(body) == (
+      (("Verdict:", -0.1),),
+      ((" B", -0.9), (" A", -0.6), (" tie", -2.0)),
+      ((".", -0.2),))
+  no_logprobs = json.dumps({"choices": [{"message": {"content": "x"}}]})
+  assert teacher.parse_logprobs(no_logprobs) is None
+  assert teacher.parse_logprobs("not json") is None
+
+
+def test_top_logprobs_asked_and_kept_only_when_configured(fault_server):
+  plain = teacher.make(_cfg(fault_server.base_url))
+  asked = teacher.make(_cfg(fault_server.base_url, top_logprobs=2))
+  # Not asking keeps the request (so earlier ledgers' keys) as it was.
+  assert plain.request(PROMPT).params == (("max_tokens", 512),
+                                          ("temperature", 0.0))
+  assert asked.request(PROMPT).params[-1] == ("top_logprobs", 2)
+  assert plain.ask(PROMPT).logprobs is None
+  reply = asked.ask(PROMPT)
+  # "ANSWER: two words": one token per word, the fault server's scheme.
+  assert reply.logprobs == tuple(((tok, -0.25), ("?", -3.0))
+                                 for tok in ("ANSWER:", " two", " words"))
+  with pytest.raises(teacher.ConfigError, match="top_logprobs must be >= 0"):
+    _cfg(fault_server.base_url, top_logprobs=-1)

@@ -1,5 +1,6 @@
 """Pairwise win rate: verdicts, both orders, the judgement cache, LC fit."""
 
+import dataclasses
 import re
 
 import numpy as np
@@ -294,3 +295,109 @@ def test_lc_interval_brackets_the_estimate():
   lo, hi = evaluate.bootstrap_stat_ci(winrate.length_controlled_winrate, wins,
                                       len_model, len_ref, samples=200)
   assert lo <= lc <= hi and hi - lo < 0.2
+
+
+# ---------------------------------------------------------------- probability scoring
+
+
+def _lp(*pairs):
+  return tuple((tok, float(np.log(p))) for tok, p in pairs)
+
+
+class ProbJudge(winrate.CallableJudge):
+  """Replies "Verdict: X" (X the likeliest) with logprobs whose verdict
+  position carries probs(messages) = (pA, pB, ptie)."""
+
+  def ask(self, prompt, on_attempt=None):
+    p_a, p_b, p_tie = self.fn(prompt.as_dicts())
+    alts = sorted(((" A", p_a), (" B", p_b), (" tie", p_tie)),
+                  key=lambda t: -t[1])
+    reply = super().ask(prompt, on_attempt)
+    return dataclasses.replace(
+        reply, text="Verdict:" + alts[0][0],
+        logprobs=(_lp(("Ver", .99), ("tie", .01)), _lp(("dict", 1.)),
+                  _lp((":", 1.)), _lp(*(a for a in alts if a[1] > 0))))
+
+
+def run_prob(tmp_path, probs, **kw):
+  store = winrate.open_store(tmp_path, ProbJudge(probs, model="prob"))
+  try:
+    return winrate.winrate(store, PROMPTS, MODEL, REFERENCE, samples=200, **kw)
+  finally:
+    store.close()
+
+
+def test_verdict_probs_by_hand():
+  # The "tie" listed at position 0 ("Ver") is not the verdict: position 3 is,
+  # right after "Verdict:"; " A" and "a" both spell A; " C" is no verdict.
+  lps = (_lp(("Ver", .9), ("tie", .1)), _lp(("dict", 1.)), _lp((":", 1.)),
+         _lp((" A", .5), (" B", .2), ("a", .1), (" tie", .1), (" C", .1)))
+  assert winrate.verdict_position(lps) == 3
+  assert_allclose(winrate.verdict_probs(lps), (.6 / .9, .2 / .9, .1 / .9))
+  # A bare reply: the first token is the verdict.
+  assert_allclose(winrate.verdict_probs((_lp(("B", .7), ("A", .3)),)),
+                  (.3, .7, 0.))
+  assert winrate.verdict_probs((_lp(("Both", .9), (" A", .1)),)) is None
+  assert winrate.verdict_probs(None) is None
+  # P(model better): pA + ptie/2 when the model is A, pB + ptie/2 when B.
+  assert winrate.order_probability((.6, .3, .1), model_first=True) == (
+      pytest.approx(.65))
+  assert winrate.order_probability((.6, .3, .1), model_first=False) == (
+      pytest.approx(.35))
+
+
+def test_probability_scoring_cancels_a_constant_position_bias(tmp_path):
+  # pA = .8 whatever is shown: .8 model first, .2 reference first -> .5.
+  w = run_prob(tmp_path, lambda m: (.8, .2, 0.), scoring="probability")
+  assert_allclose(w.outcomes, .5)
+  # Each order favours whichever answer is A: a disagreement on every pair.
+  assert (w.scoring, w.ties, w.win_rate, w.disagreements) == (
+      "probability", N, .5, N)
+
+
+def test_probability_scoring_sees_a_preference_that_verdicts_hide(tmp_path):
+  # The judge always says "A", but A is likelier when the model's answer is
+  # A (.9) than when the reference's is (.6): model first P(model) = .9,
+  # reference first P(model) = pB = .4; the pair's outcome (.9 + .4) / 2.
+  probs = lambda m: (.9, .1, 0.) if shown(m)[0].startswith("MODEL") else (
+      .6, .4, 0.)
+  verdicts = run_prob(tmp_path, probs)
+  assert (verdicts.ties, verdicts.win_rate) == (N, .5)
+  w = run_prob(tmp_path, probs, scoring="probability")
+  assert_allclose(w.outcomes, .65)
+  assert (w.wins, w.losses, w.disagreements) == (N, 0, N)  # .9 vs .4
+  assert w.win_rate == pytest.approx(.65)
+  assert w.judge_calls == 0  # the same judgements, from the ledger
+
+
+def test_probability_scoring_without_logprobs_is_unreadable(tmp_path):
+  # A text-only judge: no probabilities to read, every pair left out.
+  w = run(tmp_path, prefers_model, scoring="probability")
+  assert (w.judged, w.unparseable) == (0, 2 * N)
+  assert np.isnan(w.win_rate)
+  with pytest.raises(ValueError, match="scoring='vote'"):
+    run(tmp_path, prefers_model, scoring="vote")
+
+
+def test_probability_scoring_through_an_openai_compatible_server(
+    tmp_path, monkeypatch):
+  # The fault server as a judge that says "Verdict: A" with pA = .75: the
+  # logprobs travel over HTTP into the ledger and back; win rate .5.
+  monkeypatch.setattr(fault_server_lib, "answer_for", lambda _: "Verdict: A")
+  monkeypatch.setattr(fault_server_lib, "logprobs_for", lambda text, top: [
+      {"token": "Verdict:", "logprob": 0.0, "top_logprobs": []},
+      {"token": " A", "logprob": float(np.log(.75)), "top_logprobs": [
+          {"token": " A", "logprob": float(np.log(.75))},
+          {"token": " B", "logprob": float(np.log(.25))}][:top]}])
+  with fault_server_lib.FaultServer() as server:
+    cfg = teacher_lib.TeacherConfig(
+        base_url=server.base_url, model="judge", api_key_env="",
+        max_tokens=8, top_logprobs=5, max_concurrency=2)
+    store = winrate.open_store(tmp_path, teacher_lib.make(cfg))
+    try:
+      w = winrate.winrate(store, PROMPTS, MODEL, REFERENCE, samples=50,
+                          scoring="probability")
+    finally:
+      store.close()
+  assert_allclose(w.outcomes, .5)
+  assert (w.judged, w.unparseable, w.judge_calls) == (N, 0, 2 * N)

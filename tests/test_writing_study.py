@@ -136,3 +136,14 @@ def test_the_study_end_to_end_on_the_tiny_model(tmp_path, fault_server):  # noqa
   asked = len(fault_server.requests)
   writing.main(argv, runner=runner)  # everything stored: no request
   assert len(fault_server.requests) == asked
+
+
+def test_judge_scoring_flag_asks_for_logprobs():
+  a = writing.parse_args(["--judge_scoring=probability"])
+  assert a.judge_scoring == "probability"
+  cfg = writing._teacher_cfg("http://x/v1", "j", "", 8, writing.WRITING,
+                             top_logprobs=writing.JUDGE_TOP_LOGPROBS)
+  assert (cfg.top_logprobs, cfg.max_tokens) == (writing.JUDGE_TOP_LOGPROBS, 8)
+  assert writing.parse_args([]).judge_scoring == "verdict"
+  with pytest.raises(SystemExit):
+    writing.parse_args(["--judge_scoring=vote"])
