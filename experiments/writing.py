@@ -27,8 +27,10 @@ Comparisons (model vs reference, on the 32 held-out prompts):
   METHOD vs sft        what PU-RL added (the paper's claim)
   sft    vs teacher    how far from the teacher (its own held-out answers,
   METHOD vs teacher    asked once each and kept in OUT/teacher_eval/)
---compare picks among them (before, sft, teacher; default all): each costs
-two judge calls per held-out prompt. The judge is the teacher endpoint
+  sft    vs shuffled   a check of the judge: SFT's answers against the same
+                       words in a random order, which must lose
+--compare picks among them (default before, sft, teacher; shuffled only
+when named): each costs two judge calls per held-out prompt. The judge is the teacher endpoint
 unless --judge_url/--judge_model say otherwise; judging with the teacher
 itself favours answers like its own, which is the point of distillation
 but not a neutral judge: the table says which judge it was.
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -86,13 +89,19 @@ class Comparison:
   label: str
 
 
-KINDS = ("before", "sft", "teacher")  # what the models are compared with
+# What the models are compared with; `shuffled` is a check of the judge,
+# not of a model, so it is asked for by name only.
+KINDS = ("before", "sft", "teacher", "shuffled")
+DEFAULT_KINDS = KINDS[:3]
+SHUFFLED = "shuffled:"  # a reference spec: 'shuffled:cell:model'
 
 
 def comparisons(methods: Sequence[str], seeds: Sequence[int],
-                kinds: Sequence[str] = KINDS) -> list[Comparison]:
+                kinds: Sequence[str] = DEFAULT_KINDS) -> list[Comparison]:
   """kinds: before (SFT vs the initial student), sft (each method vs SFT),
-  teacher (SFT and each method vs the teacher's answers)."""
+  teacher (SFT and each method vs the teacher's answers), shuffled (SFT vs
+  its own answers with their words shuffled: same words, same length, no
+  sense; a judge that reads the answers must prefer the originals)."""
   ref = main_table.REFERENCE
   runs = [(m, s) for m in methods if m != "sft_only" for s in seeds]
   out = []
@@ -108,7 +117,18 @@ def comparisons(methods: Sequence[str], seeds: Sequence[int],
     out += [Comparison(f"{m}_s{s}:final", "teacher",
                        f"{main_table.BY_KEY[m].label} (seed {s}) vs teacher")
             for m, s in runs]
+  if "shuffled" in kinds:
+    out.append(Comparison(f"{ref}:sft", f"{SHUFFLED}{ref}:sft",
+                          "SFT vs SFT words shuffled (judge check)"))
   return out
+
+
+def shuffle_words(text: str, key: str) -> str:
+  """`text`'s words (whitespace-split) in an order fixed by `key`."""
+  words = text.split()
+  seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+  order = np.random.default_rng(seed).permutation(len(words))
+  return " ".join(words[i] for i in order)
 
 
 JUDGE_TOP_LOGPROBS = 10  # probability scoring: alternatives per position
@@ -141,6 +161,10 @@ def _answers(runner: common.Runner, spec: str, teacher_texts):
   """(ids, texts) of 'cell:model', or of the teacher; None if not there."""
   if spec == "teacher":
     return teacher_texts
+  if spec.startswith(SHUFFLED):
+    got = _answers(runner, spec[len(SHUFFLED):], teacher_texts)
+    return None if got is None else {i: shuffle_words(t, i)
+                                     for i, t in got.items()}
   cell, model = spec.split(":")
   got = main_table.cell_answers(runner, cell, model)
   return None if got is None else dict(zip(got.ids, got.texts))
@@ -270,12 +294,14 @@ def parse_args(argv):
   p.add_argument("--teacher_model", default="default")
   p.add_argument("--teacher_key_env", default="OPENAI_API_KEY",
                  help="NAME of the env var holding the key ('' = none)")
-  p.add_argument("--compare", default=",".join(KINDS),
+  p.add_argument("--compare", default=",".join(DEFAULT_KINDS),
                  help="comma list of what the models are compared with: "
                  "before (SFT vs the initial student), sft (each method vs "
                  "SFT), teacher (SFT and each method vs the teacher's own "
-                 "held-out answers; asks the teacher once per prompt). Each "
-                 "costs 2 judge calls per held-out prompt and comparison")
+                 "held-out answers; asks the teacher once per prompt), "
+                 "shuffled (SFT vs its own answers, words shuffled: a check "
+                 "that the judge reads; not in the default). Each costs 2 "
+                 "judge calls per held-out prompt and comparison")
   p.add_argument("--judge_url", default="", help="default: --teacher_url")
   p.add_argument("--judge_model", default="", help="default: --teacher_model")
   p.add_argument("--judge_key_env", default=None,

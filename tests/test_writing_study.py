@@ -147,3 +147,19 @@ def test_judge_scoring_flag_asks_for_logprobs():
   assert writing.parse_args([]).judge_scoring == "verdict"
   with pytest.raises(SystemExit):
     writing.parse_args(["--judge_scoring=vote"])
+
+
+def test_shuffled_control_keeps_the_words_and_loses_the_order(tmp_path):
+  runner = common.Runner(str(tmp_path))
+  _write_answers(runner, "sft", "sft", ["a b c", "d e", "f", "g h i j"])
+  got = writing._answers(runner, "shuffled:sft:sft", None)
+  assert got == {i: writing.shuffle_words(t, i) for i, t in zip(
+      IDS, ["a b c", "d e", "f", "g h i j"])}
+  text = "one two three four five six seven eight"
+  a, b = writing.shuffle_words(text, "w0"), writing.shuffle_words(text, "w0")
+  assert a == b and sorted(a.split()) == sorted(text.split()) and a != text
+  assert writing.shuffle_words(text, "w1") != a  # the key picks the order
+  got = writing.comparisons(["purld_dpo"], [0], ["shuffled"])
+  assert [(c.model, c.reference) for c in got] == [
+      ("sft:sft", "shuffled:sft:sft")]
+  assert "shuffled" not in writing.parse_args([]).compare
