@@ -409,7 +409,8 @@ def main(argv=None):
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL,
                       help="which size (default: %(default)s; 1.5b is the "
-                      "stronger judge, about 1.1 GB and 3x slower on a CPU)")
+                      "stronger judge: 1.1 GB, and it prefilled about half as fast "
+                      "as the 0.5B here, 17 against 32 tokens/s on 2 cores)")
   parser.add_argument("--out", type=pathlib.Path, default=None, metavar="PATH",
                       help="where the GGUF goes (default: "
                       f"{default_out().parent}/<the model's file>); its record "
