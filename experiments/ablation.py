@@ -322,6 +322,11 @@ def parse_args(argv):
   p.add_argument("--out", default="")
   p.add_argument("--override", action="append", default=[],
                  help="KEY=VALUE for every cell (repeatable)")
+  p.add_argument("--train_override", action="append", default=[],
+                 help="KEY=VALUE for the training cells only (repeatable): "
+                 "ablate a PU-RL knob from an unchanged SFT reference, e.g. "
+                 "--train_override=pu.include_anchor=False; give it its own "
+                 "--out, since a cell's name does not say it")
   p.add_argument("--dry_run", action="store_true")
   p.add_argument("--reference_from", default="",
                  help="a finished `sft` cell folder of another study")
@@ -358,6 +363,7 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   a = parse_args(argv)
   extra = common.parse_overrides(a.override)
+  train_extra = {**extra, **common.parse_overrides(a.train_override)}
   runner = runner or common.Runner(a.out)
   ref = main_table.reference_cell(a.scale, extra=extra)
   study = [ref]
@@ -367,7 +373,7 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
   train = []
   if a.part in ("all", "training"):
     train = train_cells(a.scale, a.train_ks, a.train_schemes, a.losses,
-                        a.seeds, extra=extra)
+                        a.seeds, extra=train_extra)
   if a.dry_run:
     runner.dry_run(study + train)
     if a.part != "training":

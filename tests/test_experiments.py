@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import re
 
 import pytest
 
@@ -135,6 +136,21 @@ def test_dry_runs_list_the_cells(capsys):
            and not l.startswith("# then")]
   assert cells[:2] == ["sft", "pool"] and len(cells) == 2 + 60
   assert "--config.sampling.num_candidates=16" in out
+
+def test_train_override_reaches_the_training_cells_only(capsys, tmp_path):
+  ablation.main(["--scale=small", "--dry_run", f"--out={tmp_path}",
+                 "--train_ks=4", "--train_schemes=judge", "--losses=ldl",
+                 "--train_override=pu.include_anchor=False",
+                 "--override=eval.num_prompts=8"])
+  out = capsys.readouterr().out
+  blocks = dict(re.findall(r"^# (\S+) \[todo\].*\n(.*)$", out, re.M))
+  assert list(blocks) == ["sft", "pool", "k4_judge_ldl_s0"]
+  assert "--config.pu.include_anchor=False" in blocks["k4_judge_ldl_s0"]
+  assert "--config.pu.include_anchor" not in blocks["sft"]
+  assert "--config.pu.include_anchor" not in blocks["pool"]
+  for line in blocks.values():  # --override still reaches every cell
+    assert "--config.eval.num_prompts=8" in line
+
 
 
 def test_method_overrides_match_their_config_files():
