@@ -212,15 +212,30 @@ def train_cells(scale: str, ks, schemes, losses, seeds, *, extra=(),
           for seed in seeds]
 
 
-def _logged_oracle(workdir: str) -> dict:
+LOGGED = ("oracle_mixed_groups", "oracle_top_right", "oracle_pair_accuracy",
+          "score_std", "label_sharpness")
+
+
+def _logged(workdir: str) -> dict:
+  """Means over the run's steps (metrics.jsonl) of its own ranking's oracle
+  agreement, its score spread, and for LDL the label sharpness
+  1 - H(d) / log m (0: d uniform over the m members, 1: one member)."""
   from purld_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   out = {}
   recs = metrics_lib.read(workdir)
-  for m in ("oracle_mixed_groups", "oracle_top_right",
-            "oracle_pair_accuracy"):
-    v = np.array([float(r[m]) for r in recs if m in r], np.float64)
-    v = v[np.isfinite(v)]
-    out[m] = float(v.mean()) if len(v) else float("nan")
+  mean = lambda v: (float(v[np.isfinite(v)].mean()) if np.isfinite(v).any()
+                    else float("nan"))
+  for m in LOGGED[:4]:
+    out[m] = mean(np.array([float(r[m]) for r in recs if m in r], np.float64))
+  h = np.array([float(r["entropy_label"]) for r in recs
+                if "entropy_label" in r], np.float64)
+  out["label_sharpness"] = float("nan")
+  path = os.path.join(workdir, "config.json")
+  if len(h) and os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      cfg = json.load(f)
+    m = cfg["sampling"]["num_candidates"] + bool(cfg["pu"]["include_anchor"])
+    out["label_sharpness"] = 1.0 - mean(h) / np.log(m)
   return out
 
 
@@ -263,10 +278,9 @@ def training_rows(runner, ks, schemes, losses, seeds) -> list[dict]:
         (k, scheme, loss)])]
     row = dict(method=f"K{k}/{scheme}/{loss}", k=k, scheme=scheme,
                loss=loss, **main_table.accuracy_row(runner, names, sft=sft))
-    logged = [_logged_oracle(runner.workdir(n)) for n in names
+    logged = [_logged(runner.workdir(n)) for n in names
               if runner.is_done(common.Cell(n, ""))]
-    for m in ("oracle_mixed_groups", "oracle_top_right",
-              "oracle_pair_accuracy"):
+    for m in LOGGED:
       v = [x[m] for x in logged if np.isfinite(x[m])]
       row[m] = float(np.mean(v)) if v else float("nan")
     rows.append(row)
@@ -275,15 +289,14 @@ def training_rows(runner, ks, schemes, losses, seeds) -> list[dict]:
 
 TRAIN_FIELDS = ("method", "k", "scheme", "loss", "status", "seeds",
                 "prompts", "accuracy", "accuracy_lo", "accuracy_hi", "gain",
-                "gain_lo", "gain_hi", "oracle_mixed_groups",
-                "oracle_top_right", "oracle_pair_accuracy", "wall_s")
+                "gain_lo", "gain_hi") + LOGGED + ("wall_s",)
 
 
 def training_markdown(rows: Sequence[dict]) -> str:
   body = []
   for r in rows:
     if r["status"] != "done":
-      body.append([r["k"], r["scheme"], r["loss"], r["status"]] + [""] * 5)
+      body.append([r["k"], r["scheme"], r["loss"], r["status"]] + [""] * 7)
       continue
     pct = lambda x: _f(100 * x, "{:.1f}")
     gain = (f"{100 * r['gain']:+.1f} [{100 * r['gain_lo']:+.1f}, "
@@ -293,11 +306,14 @@ def training_markdown(rows: Sequence[dict]) -> str:
                  f"{pct(r['accuracy_hi'])}]", gain,
                  _f(r.get("oracle_top_right", np.nan)),
                  _f(r.get("oracle_pair_accuracy", np.nan)),
+                 _f(r.get("score_std", np.nan)),
+                 _f(r.get("label_sharpness", np.nan), "{:.2f}"),
                  _f(r["wall_s"], "{:.0f}")])
   return common.markdown_table(body, [
       "K", "scheme", "loss", "seeds", "accuracy % [95% CI]",
       "gain vs SFT, pt [paired 95% CI]", "logged top-1 right",
-      "logged pair accuracy", "wall time (s)"])
+      "logged pair accuracy", "logged score sd", "LDL label sharpness",
+      "wall time (s)"])
 
 
 # ----------------------------------------------------------------------------
@@ -425,8 +441,10 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
                  "accuracy after PU-RL from the shared SFT reference (mean "
                  "over the seeds that finished: `seeds`); every finished "
                  "cell in the study's folder is listed, not only this call's;"
-                 " logged: the oracle agreement of the run's own ranking "
-                 "during training (mixed prompts).\n\n"
+                 " logged, means over the run's steps: the oracle agreement "
+                 "of its own ranking (mixed prompts), the sd of its scores "
+                 "within a group, and for LDL the label sharpness 1 - "
+                 "H(d) / log(members) (0: a uniform target).\n\n"
                  + training_markdown(rows))
     out["training"] = rows
   text = join_sections(a.out, a.scale)

@@ -8,6 +8,7 @@ prompts): about a minute each.
 import csv
 import io
 import json
+import math
 import os
 import re
 
@@ -264,6 +265,35 @@ def _fake_cell(out, name, model, correct):
       f.write(json.dumps(dict(id=f"p{i}", answer="", tokens=1, finished=True,
                               correct=c)) + "\n")
   (d / "summary.json").write_text("[]")
+
+
+def test_training_rows_carry_the_runs_logged_score_spread_and_label_sharpness(
+    tmp_path):
+  _fake_cell(tmp_path, "sft", "sft", [1, 0])
+  for name, ldl in (("k4_pmi_ldl_s0", True), ("k4_pmi_dpo_s0", False)):
+    _fake_cell(tmp_path, name, "final", [1, 1])
+    d = tmp_path / "cells" / name
+    (d / "config.json").write_text(json.dumps(dict(
+        sampling=dict(num_candidates=4), pu=dict(include_anchor=ldl))))
+    # Two steps: H(d) = log 5 (uniform over K + 1 = 5 members), then 0 (one
+    # member); the score sd .1 then .3; a NaN oracle step is skipped.
+    recs = [dict(step=1, score_std=.1, oracle_pair_accuracy=.5),
+            dict(step=2, score_std=.3, oracle_pair_accuracy=float("nan"))]
+    if ldl:
+      recs[0]["entropy_label"], recs[1]["entropy_label"] = math.log(5), 0.0
+    (d / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in recs))
+  runner = _runner(tmp_path, Counting(real=False))
+  rows = {r["method"]: r for r in ablation.training_rows(
+      runner, [4], ["pmi"], ["dpo", "ldl"], [0])}
+  ldl, dpo = rows["K4/pmi/ldl"], rows["K4/pmi/dpo"]
+  assert ldl["score_std"] == pytest.approx(.2)
+  assert ldl["oracle_pair_accuracy"] == pytest.approx(.5)
+  # 1 - mean H / log 5 = 1 - (log 5 / 2) / log 5.
+  assert ldl["label_sharpness"] == pytest.approx(.5)
+  assert math.isnan(dpo["label_sharpness"])
+  md = ablation.training_markdown(list(rows.values()))
+  assert "| 0.200 | 0.50 |" in md
 
 
 def test_training_table_lists_every_finished_cell_of_the_folder(tmp_path):
