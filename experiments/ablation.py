@@ -213,13 +213,29 @@ def train_cells(scale: str, ks, schemes, losses, seeds, *, extra=(),
 
 
 LOGGED = ("oracle_mixed_groups", "oracle_top_right", "oracle_pair_accuracy",
-          "score_std", "label_sharpness")
+          "score_std", "label_sharpness", "label_anchor_share")
+
+
+def anchor_share(rollouts) -> float:
+  """Mean over valid prompts of d's mass on the anchor, the label
+  distribution's last member when it has K + 1 (LDL with
+  `pu.include_anchor`); NaN when no rollout has one.
+
+  rollouts: `rollout_store.Rollout`s (`preferences["label_dist"]` f32[B,
+  K + 1], `valid` bool[B], `k`)."""
+  mass = []
+  for r in rollouts:
+    d = r.preferences.get("label_dist")
+    if d is not None and d.shape[1] == r.k + 1:
+      mass.append(np.asarray(d)[np.asarray(r.valid, bool), -1])
+  return float(np.concatenate(mass).mean()) if mass else float("nan")
 
 
 def _logged(workdir: str) -> dict:
   """Means over the run's steps (metrics.jsonl) of its own ranking's oracle
   agreement, its score spread, and for LDL the label sharpness
-  1 - H(d) / log m (0: d uniform over the m members, 1: one member)."""
+  1 - H(d) / log m (0: d uniform over the m members, 1: one member) and
+  the mass d puts on the anchor (`anchor_share`, from the rollout store)."""
   from purld_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   out = {}
   recs = metrics_lib.read(workdir)
@@ -236,6 +252,12 @@ def _logged(workdir: str) -> dict:
       cfg = json.load(f)
     m = cfg["sampling"]["num_candidates"] + bool(cfg["pu"]["include_anchor"])
     out["label_sharpness"] = 1.0 - mean(h) / np.log(m)
+  out["label_anchor_share"] = float("nan")
+  store = os.path.join(workdir, "rollouts")
+  if len(h) and os.path.isdir(store):
+    from purld_jax import rollout_store  # pylint: disable=g-import-not-at-top
+    out["label_anchor_share"] = anchor_share(
+        rollout_store.RolloutStore.open(store).iter())
   return out
 
 
@@ -296,7 +318,7 @@ def training_markdown(rows: Sequence[dict]) -> str:
   body = []
   for r in rows:
     if r["status"] != "done":
-      body.append([r["k"], r["scheme"], r["loss"], r["status"]] + [""] * 7)
+      body.append([r["k"], r["scheme"], r["loss"], r["status"]] + [""] * 8)
       continue
     pct = lambda x: _f(100 * x, "{:.1f}")
     gain = (f"{100 * r['gain']:+.1f} [{100 * r['gain_lo']:+.1f}, "
@@ -308,12 +330,13 @@ def training_markdown(rows: Sequence[dict]) -> str:
                  _f(r.get("oracle_pair_accuracy", np.nan)),
                  _f(r.get("score_std", np.nan)),
                  _f(r.get("label_sharpness", np.nan), "{:.2f}"),
+                 _f(r.get("label_anchor_share", np.nan), "{:.2f}"),
                  _f(r["wall_s"], "{:.0f}")])
   return common.markdown_table(body, [
       "K", "scheme", "loss", "seeds", "accuracy % [95% CI]",
       "gain vs SFT, pt [paired 95% CI]", "logged top-1 right",
       "logged pair accuracy", "logged score sd", "LDL label sharpness",
-      "wall time (s)"])
+      "LDL d on anchor", "wall time (s)"])
 
 
 # ----------------------------------------------------------------------------
@@ -444,7 +467,8 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
                  " logged, means over the run's steps: the oracle agreement "
                  "of its own ranking (mixed prompts), the sd of its scores "
                  "within a group, and for LDL the label sharpness 1 - "
-                 "H(d) / log(members) (0: a uniform target).\n\n"
+                 "H(d) / log(members) (0: a uniform target) and d's mass on "
+                 "the anchor (uniform: 1 / (K + 1)).\n\n"
                  + training_markdown(rows))
     out["training"] = rows
   text = join_sections(a.out, a.scale)

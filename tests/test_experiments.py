@@ -12,6 +12,7 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 
 from experiments import ablation
@@ -292,8 +293,24 @@ def test_training_rows_carry_the_runs_logged_score_spread_and_label_sharpness(
   # 1 - mean H / log 5 = 1 - (log 5 / 2) / log 5.
   assert ldl["label_sharpness"] == pytest.approx(.5)
   assert math.isnan(dpo["label_sharpness"])
+  # No rollout store in these fake cells: no anchor share.
+  assert math.isnan(ldl["label_anchor_share"])
   md = ablation.training_markdown(list(rows.values()))
-  assert "| 0.200 | 0.50 |" in md
+  assert "| 0.200 | 0.50 | n/a |" in md
+
+
+def test_anchor_share_reads_the_label_distributions_last_member():
+  import types  # pylint: disable=g-import-not-at-top
+  r = lambda d, valid, k: types.SimpleNamespace(
+      preferences={"label_dist": np.array(d)}, valid=np.array(valid), k=k)
+  with_anchor = r([[.1, .2, .7], [.5, .5, 0.], [.3, .3, .4]],
+                  [True, True, False], 2)   # the invalid row is left out
+  no_anchor = r([[.5, .5]], [True], 2)      # K columns: LDL without anchor
+  assert ablation.anchor_share([with_anchor, no_anchor]) == pytest.approx(
+      (.7 + 0.) / 2)
+  assert math.isnan(ablation.anchor_share([no_anchor]))
+  dpo = types.SimpleNamespace(preferences={}, valid=np.array([True]), k=2)
+  assert math.isnan(ablation.anchor_share([dpo]))
 
 
 def test_training_table_lists_every_finished_cell_of_the_folder(tmp_path):
