@@ -313,6 +313,27 @@ def test_anchor_share_reads_the_label_distributions_last_member():
   assert math.isnan(ablation.anchor_share([dpo]))
 
 
+def test_compare_pairs_two_sides_on_the_same_prompts(tmp_path, capsys):
+  from experiments import compare  # pylint: disable=g-import-not-at-top
+  _fake_cell(tmp_path, "a", "final", [1, 0, 0, 0])
+  _fake_cell(tmp_path, "b0", "final", [1, 1, 0, 0])
+  _fake_cell(tmp_path, "b1", "final", [1, 0, 1, 0])
+  cells = tmp_path / "cells"
+  r = compare.main([f"--a={cells / 'a'}", f"--b={cells / 'b0'},{cells / 'b1'}"])
+  # B per prompt (1, .5, .5, 0): .5; A .25; B - A = (0 + .5 + .5 + 0) / 4.
+  assert (r["a"], r["b"], r["diff"]) == (.25, .5, .25)
+  assert r["diff_lo"] <= .25 <= r["diff_hi"]
+  assert (r["only_a"], r["only_b"], r["prompts"]) == (0, 2, 4)
+  assert "B - A over 4 prompts: +25.0 pt" in capsys.readouterr().out
+  with pytest.raises(FileNotFoundError, match="sft.jsonl"):
+    compare.compare([str(cells / "a")], [str(cells / "b0")], model_a="sft")
+  (cells / "a" / "eval" / "final.jsonl").write_text(
+      json.dumps(dict(id="other", answer="", tokens=1, finished=True,
+                      correct=1)) + "\n")
+  with pytest.raises(ValueError, match="held-out prompts differ"):
+    compare.compare([str(cells / "a")], [str(cells / "b0")])
+
+
 def test_training_table_lists_every_finished_cell_of_the_folder(tmp_path):
   # Cells left by earlier calls (other K, scheme, seed) join the requested
   # ones; a requested cell with no finished seed is 'not run'.
