@@ -134,7 +134,9 @@ def agreement(workdir: str, schemes: Sequence[str], ks: Sequence[int],
   """(per-seed rows, per scheme x K rows: mean and sd over seeds)."""
   from experiments import rerank  # pylint: disable=g-import-not-at-top
   from purld_jax import rollout_store  # pylint: disable=g-import-not-at-top
-  store = rollout_store.RolloutStore.open(os.path.join(workdir, "rollouts"))
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    store_dir = json.load(f)["rollout_store"]["dir"]
+  store = rollout_store.RolloutStore.open(os.path.join(workdir, store_dir))
   names = [PREFIX + s for s in list(schemes) + ["oracle"]]
   per_seed = rerank.agreement_table(store, names, ks, seeds)
   for r in per_seed:
@@ -245,16 +247,18 @@ def _logged(workdir: str) -> dict:
     out[m] = mean(np.array([float(r[m]) for r in recs if m in r], np.float64))
   h = np.array([float(r["entropy_label"]) for r in recs
                 if "entropy_label" in r], np.float64)
-  out["label_sharpness"] = float("nan")
+  out["label_sharpness"] = out["label_anchor_share"] = float("nan")
   path = os.path.join(workdir, "config.json")
-  if len(h) and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      cfg = json.load(f)
-    m = cfg["sampling"]["num_candidates"] + bool(cfg["pu"]["include_anchor"])
-    out["label_sharpness"] = 1.0 - mean(h) / np.log(m)
-  out["label_anchor_share"] = float("nan")
-  store = os.path.join(workdir, "rollouts")
-  if len(h) and os.path.isdir(store):
+  if not len(h) or not os.path.exists(path):
+    return out
+  with open(path, encoding="utf-8") as f:
+    cfg = json.load(f)
+  m = cfg["sampling"]["num_candidates"] + bool(cfg["pu"]["include_anchor"])
+  out["label_sharpness"] = 1.0 - mean(h) / np.log(m)
+  # os.path.join keeps an absolute rollout_store.dir as it is.
+  store = os.path.join(workdir, cfg.get("rollout_store", {}).get("dir",
+                                                                 "rollouts"))
+  if os.path.isdir(store):
     from purld_jax import rollout_store  # pylint: disable=g-import-not-at-top
     out["label_anchor_share"] = anchor_share(
         rollout_store.RolloutStore.open(store).iter())

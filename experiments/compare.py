@@ -26,23 +26,19 @@ if _ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from experiments import main_table  # noqa: E402
 from purld_jax import evaluate  # noqa: E402
 
 
 def side(folders: Sequence[str], model: str) -> tuple[tuple, np.ndarray]:
   """(prompt ids, f64[N] per-prompt correctness averaged over `folders`)."""
-  ids, rows = None, []
-  for d in folders:
-    path = os.path.join(d, "eval", f"{model}.jsonl")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: no answers (is the cell finished? "
-                              f"try --model=sft or before)")
-    a = evaluate.read_answers(path, model)
-    if ids is not None and a.ids != ids:
-      raise ValueError(f"{path}: held-out prompts differ from {folders[0]}")
-    ids = a.ids
-    rows.append(a.correct)
-  return ids, np.mean(rows, axis=0)
+  answers = [main_table.folder_answers(d, model) for d in folders]
+  for d, a in zip(folders, answers):
+    if a is None:
+      raise FileNotFoundError(
+          f"{os.path.join(d, 'eval', model + '.jsonl')}: no answers (is the "
+          f"cell finished? try --model=sft or before)")
+  return main_table.pooled(answers, list(folders))
 
 
 def compare(a: Sequence[str], b: Sequence[str], *, model: str = "final",

@@ -180,12 +180,27 @@ def cells(scale: str, methods: Sequence[str], seeds: Sequence[int], *,
 # The table
 
 
-def cell_answers(runner, cell_name: str, model: str):
-  """`model`'s held-out answers (evaluate.Answers) in cell `cell_name`
-  (eval/<model>.jsonl), or None when the cell has none."""
+def folder_answers(workdir: str, model: str):
+  """`model`'s held-out answers (evaluate.Answers) in the cell folder
+  `workdir` (eval/<model>.jsonl), or None when it has none."""
   from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
-  path = os.path.join(runner.workdir(cell_name), "eval", f"{model}.jsonl")
+  path = os.path.join(workdir, "eval", f"{model}.jsonl")
   return evaluate.read_answers(path, model) if os.path.exists(path) else None
+
+
+def cell_answers(runner, cell_name: str, model: str):
+  """`folder_answers` of the runner's cell `cell_name`."""
+  return folder_answers(runner.workdir(cell_name), model)
+
+
+def pooled(answers: Sequence, where: Sequence[str]) -> tuple[tuple, np.ndarray]:
+  """(prompt ids, f64[N] per-prompt correctness averaged over `answers`, one
+  evaluate.Answers per seed). Raises naming `where` when prompt sets differ."""
+  ids = answers[0].ids
+  for a, w in zip(answers, where):
+    if a.ids != ids:
+      raise ValueError(f"{w}: held-out prompts differ from {where[0]}")
+  return ids, np.mean([a.correct for a in answers], axis=0)
 
 
 def _teacher_calls(workdir: str) -> float:
@@ -208,17 +223,16 @@ def accuracy_row(runner: common.Runner, names: Sequence[str], *,
   prompt, wall time of the cells (s). status 'not run' without any."""
   from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
   done = [n for n in names if runner.is_done(common.Cell(n, ""))]
-  answers = [a for a in (cell_answers(runner, n, model) for n in done)
-             if a is not None]
-  if not answers:
+  found = [(n, cell_answers(runner, n, model)) for n in done]
+  found = [(n, a) for n, a in found if a is not None]
+  if not found:
     return dict(status="not run", seeds=0)
-  ids = answers[0].ids
-  if any(a.ids != ids for a in answers) or (sft and sft.ids != ids):
-    raise ValueError(f"{names}: held-out prompts differ between cells")
-  correct = np.mean([a.correct for a in answers], axis=0)
+  ids, correct = pooled([a for _, a in found], [n for n, _ in found])
+  if sft is not None and sft.ids != ids:
+    raise ValueError(f"{names}: held-out prompts differ from {REFERENCE}")
   lo, hi = evaluate.bootstrap_ci(correct)
   walls = [runner.wall_s(n) for n in done]
-  r = dict(status="done", seeds=len(answers), prompts=len(ids),
+  r = dict(status="done", seeds=len(found), prompts=len(ids),
            accuracy=float(correct.mean()), accuracy_lo=lo, accuracy_hi=hi,
            teacher_calls_per_prompt=float(np.mean(
                [_teacher_calls(runner.workdir(n)) for n in done])),

@@ -139,6 +139,7 @@ def test_dry_runs_list_the_cells(capsys):
   assert cells[:2] == ["sft", "pool"] and len(cells) == 2 + 60
   assert "--config.sampling.num_candidates=16" in out
 
+
 def test_train_override_reaches_the_training_cells_only(capsys, tmp_path):
   ablation.main(["--scale=small", "--dry_run", f"--out={tmp_path}",
                  "--train_ks=4", "--train_schemes=judge", "--losses=ldl",
@@ -152,7 +153,6 @@ def test_train_override_reaches_the_training_cells_only(capsys, tmp_path):
   assert "--config.pu.include_anchor" not in blocks["pool"]
   for line in blocks.values():  # --override still reaches every cell
     assert "--config.eval.num_prompts=8" in line
-
 
 
 def test_method_overrides_match_their_config_files():
@@ -368,3 +368,4 @@ def test_training_table_lists_every_finished_cell_of_the_folder(tmp_path):
       ("pmi", ""): [(2, .6, .6, .6), (8, .7, .7, .7)]}
   ablation.k_trend(rows, grid, str(tmp_path / "k.png"))
   assert (tmp_path / "k.png").stat().st_size > 0
+
