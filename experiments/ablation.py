@@ -265,15 +265,37 @@ def _logged(workdir: str) -> dict:
   return out
 
 
+LOGGED_FILE = "logged.json"
+
+
+def logged_of(runner: common.Runner, name: str) -> dict:
+  """`_logged` of finished cell `name`, computed once from its folder and
+  stored in it as logged.json, which is kept (common.keep): the rollout
+  store it reads is too large to keep. A kept copy alone answers from it."""
+  path = os.path.join(runner.results(name), LOGGED_FILE)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return {m: float(v) for m, v in json.load(f).items()}
+  out = _logged(runner.results(name))
+  if runner.results(name) == runner.workdir(name):
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(out, f)  # NaN is written as NaN, which json.load reads
+    runner.keep(name)
+  return out
+
+
 _TRAIN_NAME = re.compile(r"^k(\d+)_(.+)_(" + "|".join(LOSSES) + r")_s(\d+)$")
 
 
 def finished_training(runner: common.Runner) -> list[tuple[int, str, str, int]]:
   """(K, scheme, loss, seed) of every finished training cell in the study's
-  folder, whichever call ran it."""
-  root = os.path.join(runner.study_dir, common.CELLS)
+  folder (cells/ or kept/), whichever call ran it."""
+  names = set()
+  for sub in (common.CELLS, common.KEPT):
+    root = os.path.join(runner.study_dir, sub)
+    names.update(os.listdir(root) if os.path.isdir(root) else ())
   out = []
-  for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+  for name in sorted(names):
     m = _TRAIN_NAME.match(name)
     if m and runner.is_done(common.Cell(name, "")):
       out.append((int(m[1]), m[2], m[3], int(m[4])))
@@ -304,7 +326,7 @@ def training_rows(runner, ks, schemes, losses, seeds) -> list[dict]:
         (k, scheme, loss)])]
     row = dict(method=f"K{k}/{scheme}/{loss}", k=k, scheme=scheme,
                loss=loss, **main_table.accuracy_row(runner, names, sft=sft))
-    logged = [_logged(runner.workdir(n)) for n in names
+    logged = [logged_of(runner, n) for n in names
               if runner.is_done(common.Cell(n, ""))]
     for m in LOGGED:
       v = [x[m] for x in logged if np.isfinite(x[m])]

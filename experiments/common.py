@@ -26,6 +26,15 @@ last file heldout.py writes). Its settings are kept in cell.json; a done or
 half-run cell whose settings changed is an error (delete its folder to run it
 again), never silently mixed. Every launch appends to STUDY_DIR/cells.jsonl:
 name, command, return code, wall time (s), status.
+
+Kept results: cells/ holds gigabytes and is not committed, so once a cell is
+done the runner also copies its small files (the JSON and JSONL files at its
+top level and in eval/, each under KEEP_MAX_BYTES: settings, metrics,
+held-out answers) to STUDY_DIR/kept/<name>/, which is committed. A cell whose
+folder is gone (a fresh clone, another machine) but whose kept copy is there
+counts as done and the tables read the kept copy (`Runner.results`), so a
+study's rows survive and a re-run only adds cells. What needs the weights
+(a reference cell's stage 1 for new cells) is gone with the folder.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ LOG = "cells.jsonl"
 SPEC = "cell.json"
 SUMMARY = os.path.join("eval", "summary.json")
 SHARED_EVALS = ("before", "sft")  # models whose held-out answers are shared
+KEPT = "kept"
+KEEP_MAX_BYTES = 2 << 20  # larger files are not kept (module docstring)
 
 
 class CellError(RuntimeError):
@@ -143,6 +154,26 @@ def adopt_reference(workdir: str, ref_workdir: str) -> None:
       json.dump(meta, f)
 
 
+def keep(workdir: str, kept_dir: str) -> list[str]:
+  """Copies `workdir`'s small result files (the .json/.jsonl files at its
+  top level and in eval/, each at most KEEP_MAX_BYTES) into `kept_dir`,
+  replacing what is there; returns their paths relative to `workdir`."""
+  out = []
+  for sub in ("", "eval"):
+    src = os.path.join(workdir, sub)
+    if not os.path.isdir(src):
+      continue
+    for name in sorted(os.listdir(src)):
+      path = os.path.join(src, name)
+      if (name.endswith((".json", ".jsonl")) and os.path.isfile(path)
+          and not os.path.islink(path)
+          and os.path.getsize(path) <= KEEP_MAX_BYTES):
+        os.makedirs(os.path.join(kept_dir, sub), exist_ok=True)
+        shutil.copyfile(path, os.path.join(kept_dir, sub, name))
+        out.append(os.path.join(sub, name))
+  return out
+
+
 def _launch(cmd, *, cwd, env, log_path):
   with open(log_path, "a", encoding="utf-8") as log:
     return subprocess.run(cmd, cwd=cwd, env=env, stdout=log,
@@ -179,6 +210,23 @@ class Runner:
   def workdir(self, name: str) -> str:
     return os.path.join(self.study_dir, CELLS, name)
 
+  def kept_dir(self, name: str) -> str:
+    return os.path.join(self.study_dir, KEPT, name)
+
+  def results(self, name: str, done: str = SUMMARY) -> str:
+    """The folder to read cell `name`'s results from: its workdir when it
+    holds `done`, else its kept copy when that does (module docstring),
+    else its workdir."""
+    for d in (self.workdir(name), self.kept_dir(name)):
+      if os.path.exists(os.path.join(d, done)):
+        return d
+    return self.workdir(name)
+
+  def keep(self, name: str) -> list[str]:
+    """Copies finished cell `name`'s small files to kept/<name>/ (`keep`);
+    a study calls it again after writing a file of its own there."""
+    return keep(self.workdir(name), self.kept_dir(name))
+
   def command(self, cell: Cell) -> list[str]:
     return [self.python] + cell.args(self.workdir(cell.name))
 
@@ -186,24 +234,26 @@ class Runner:
     return shlex.join(self.command(cell))
 
   def is_done(self, cell: Cell) -> bool:
-    return os.path.exists(os.path.join(self.workdir(cell.name), cell.done))
+    """Its done file is in its workdir or in its kept copy."""
+    return os.path.exists(os.path.join(self.results(cell.name, cell.done),
+                                       cell.done))
 
   def _say(self, text: str) -> None:
     if self.echo:
       print(f"[cells] {text}", file=sys.stderr, flush=True)
 
   def _check_spec(self, cell: Cell) -> None:
-    path = os.path.join(self.workdir(cell.name), SPEC)
+    folder = self.results(cell.name, cell.done)
+    path = os.path.join(folder, SPEC)
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         old = json.load(f)
       if old != cell.spec():
         raise CellError(
-            f"cell {cell.name!r}: {self.workdir(cell.name)} was run with "
-            f"other settings ({old} != {cell.spec()}); delete it to run it "
-            "again")
+            f"cell {cell.name!r}: {folder} was run with other settings "
+            f"({old} != {cell.spec()}); delete it to run it again")
     else:
-      os.makedirs(self.workdir(cell.name), exist_ok=True)
+      os.makedirs(folder, exist_ok=True)
       with open(path, "w", encoding="utf-8") as f:
         json.dump(cell.spec(), f, indent=2)
 
@@ -240,13 +290,19 @@ class Runner:
     (its reference cell is not done)."""
     if self.is_done(cell):
       self._check_spec(cell)
+      if not os.path.isdir(self.kept_dir(cell.name)):
+        self.keep(cell.name)  # a cell finished before kept/ existed
       self._say(f"{cell.name}: done already, skipped")
       return "skipped"
     if cell.reference:
       ref = self.workdir(cell.reference)
       if not os.path.isfile(os.path.join(ref, "reference", "SFT.json")):
+        gone = (" (only its kept results are here: delete "
+                f"{self.kept_dir(cell.reference)} to run it again)"
+                if os.path.isdir(self.kept_dir(cell.reference))
+                and not os.path.isdir(ref) else "")
         self._say(f"{cell.name}: blocked (reference cell {cell.reference!r} "
-                  "has no reference/)")
+                  f"has no reference/){gone}")
         return "blocked"
     self._check_spec(cell)
     if cell.reference:
@@ -258,9 +314,11 @@ class Runner:
                      log_path=log_path)
     wall = time.perf_counter() - t0
     status = "done" if rc == 0 and self.is_done(cell) else "failed"
-    if status == "done" and not self.keep_checkpoints:
-      shutil.rmtree(os.path.join(self.workdir(cell.name), "ckpt"),
-                    ignore_errors=True)
+    if status == "done":
+      self.keep(cell.name)
+      if not self.keep_checkpoints:
+        shutil.rmtree(os.path.join(self.workdir(cell.name), "ckpt"),
+                      ignore_errors=True)
     self._record(cell, rc, wall, status)
     self._say(f"{cell.name}: {status} in {wall:.0f} s (rc {rc})")
     return status

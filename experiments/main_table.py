@@ -189,8 +189,8 @@ def folder_answers(workdir: str, model: str):
 
 
 def cell_answers(runner, cell_name: str, model: str):
-  """`folder_answers` of the runner's cell `cell_name`."""
-  return folder_answers(runner.workdir(cell_name), model)
+  """`folder_answers` of the runner's cell `cell_name` (or its kept copy)."""
+  return folder_answers(runner.results(cell_name), model)
 
 
 def pooled(answers: Sequence, where: Sequence[str]) -> tuple[tuple, np.ndarray]:
@@ -235,7 +235,7 @@ def accuracy_row(runner: common.Runner, names: Sequence[str], *,
   r = dict(status="done", seeds=len(found), prompts=len(ids),
            accuracy=float(correct.mean()), accuracy_lo=lo, accuracy_hi=hi,
            teacher_calls_per_prompt=float(np.mean(
-               [_teacher_calls(runner.workdir(n)) for n in done])),
+               [_teacher_calls(runner.results(n)) for n in done])),
            wall_s=(sum(walls) if None not in walls else float("nan")))
   if sft is not None and model != "sft":
     glo, ghi = evaluate.paired_ci(sft.correct, correct)
@@ -377,7 +377,7 @@ def teacher_line(a, runner: common.Runner) -> str:
             "answers; teacher_judge scores by the reference answer = oracle).")
   line = (f"Teacher: the endpoint {a.teacher_url} (model "
           f"`{a.teacher_model}`); teacher_judge, if run, asks it too.")
-  ref = runner.workdir(REFERENCE)
+  ref = runner.results(REFERENCE)
   try:
     with open(os.path.join(ref, "config.json"), encoding="utf-8") as f:
       train_path = json.load(f)["data"]["train_path"]

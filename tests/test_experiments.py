@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -369,3 +370,87 @@ def test_training_table_lists_every_finished_cell_of_the_folder(tmp_path):
   ablation.k_trend(rows, grid, str(tmp_path / "k.png"))
   assert (tmp_path / "k.png").stat().st_size > 0
 
+
+class FakeCell:
+  """A launcher that 'runs' a cell by writing a finished cell's files: small
+  JSON/JSONL results, a large metrics file, weights and a nested JSON."""
+
+  def __init__(self):
+    self.cmds = []
+
+  def __call__(self, cmd, **kwargs):
+    self.cmds.append(cmd)
+    workdir = next(a.split("=", 1)[1] for a in cmd if
+                   a.startswith("--workdir="))
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    os.makedirs(os.path.join(workdir, "final"), exist_ok=True)
+    with open(os.path.join(workdir, "eval", "final.jsonl"), "w") as f:
+      f.write(json.dumps(dict(id="p0", answer="", tokens=1, finished=True,
+                              correct=1)) + "\n")
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(dict(seed=0), f)
+    with open(os.path.join(workdir, "big.jsonl"), "w") as f:
+      f.write("x" * (common.KEEP_MAX_BYTES + 1))
+    with open(os.path.join(workdir, "final", "model.json"), "w") as f:
+      f.write("{}")
+    with open(os.path.join(workdir, "final", "w.safetensors"), "wb") as f:
+      f.write(b"\0" * 16)
+    with open(os.path.join(workdir, common.SUMMARY), "w") as f:
+      f.write("[]")
+    return 0
+
+
+def test_kept_results_outlive_the_cell_folder(tmp_path):
+  launch = FakeCell()
+  runner = _runner(tmp_path, launch)
+  cell = common.Cell("k4_pmi_ldl_s0", "configs/demo.py:tiny", {"recipe": "ldl"})
+  assert runner.run(cell) == "done" and len(launch.cmds) == 1
+  kept = tmp_path / "kept" / "k4_pmi_ldl_s0"
+  got = sorted(str(p.relative_to(kept)) for p in kept.rglob("*")
+               if p.is_file())
+  # Small JSON/JSONL files at the top and in eval/ only: not the file over
+  # KEEP_MAX_BYTES, not final/ (weights).
+  assert got == ["cell.json", "config.json", "eval/final.jsonl",
+                 "eval/summary.json"]
+  shutil.rmtree(tmp_path / "cells")  # a fresh clone: the folder is gone
+  assert runner.is_done(cell)
+  assert runner.results(cell.name) == str(kept)
+  assert runner.run(cell) == "skipped" and len(launch.cmds) == 1
+  assert not (tmp_path / "cells" / cell.name).exists()  # nothing recreated
+  a = main_table.cell_answers(runner, cell.name, "final")
+  assert a.ids == ("p0",) and list(a.correct) == [1]
+  # Settings are still checked against the kept copy.
+  changed = common.Cell(cell.name, cell.config, {"recipe": "dpo"})
+  with pytest.raises(common.CellError, match="other settings"):
+    runner.run(changed)
+  # A cell whose reference has only kept results cannot start: it needs the
+  # reference's weights, and says where the kept copy is.
+  child = common.Cell("x", "configs/demo.py:tiny", reference=cell.name)
+  assert runner.run(child) == "blocked" and len(launch.cmds) == 1
+
+
+def test_training_rows_are_the_same_from_the_kept_copies(tmp_path):
+  _fake_cell(tmp_path, "sft", "sft", [1, 0, 0, 0])
+  _fake_cell(tmp_path, "k4_pmi_ldl_s0", "final", [1, 1, 0, 0])
+  d = tmp_path / "cells" / "k4_pmi_ldl_s0"
+  (d / "config.json").write_text(json.dumps(dict(
+      sampling=dict(num_candidates=4), pu=dict(include_anchor=True))))
+  (d / "metrics.jsonl").write_text(json.dumps(dict(
+      step=1, score_std=.25, entropy_label=0.0)) + "\n")
+  runner = _runner(tmp_path, Counting(real=False))
+  for name in ("sft", "k4_pmi_ldl_s0"):
+    runner.keep(name)  # what Runner.run does once a cell is done
+  first = ablation.training_rows(runner, [4], ["pmi"], ["ldl"], [0])
+  assert first[1]["score_std"] == pytest.approx(.25)
+  assert first[1]["label_sharpness"] == pytest.approx(1.0)  # H(d) = 0
+  # logged.json, written from the cell folder, went to the kept copy too.
+  assert (tmp_path / "kept" / "k4_pmi_ldl_s0" / "logged.json").exists()
+  shutil.rmtree(tmp_path / "cells")
+  again = ablation.training_rows(runner, [4], ["pmi"], ["ldl"], [0])
+  assert [r["method"] for r in again] == ["sft_only", "K4/pmi/ldl"]
+  for a, b in zip(first, again):
+    for key in ("accuracy", "gain", "score_std", "label_sharpness",
+                "label_anchor_share"):
+      if key in a:
+        assert a[key] == pytest.approx(b[key], nan_ok=True)
+  assert again[1]["gain"] == pytest.approx(.25)  # (2 - 1) / 4 prompts
