@@ -454,6 +454,12 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
   os.makedirs(a.out, exist_ok=True)
   head = (f"`python -m experiments.ablation {' '.join(argv)}`\n\nCells: "
           f"{json.dumps(statuses)}.\n\n")
+  lost = runner.lost()
+  if lost:
+    note = (f"Not in this table: {', '.join(lost)}: cells.jsonl records them "
+            "as done, but neither their folder nor a kept copy is here.")
+    print(f"[ablation] {note}", file=sys.stderr)
+    head += f"{note}\n\n"
   out = {}
   if a.part in ("all", "agreement") and runner.is_done(study[1]):
     t0 = time.perf_counter()

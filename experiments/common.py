@@ -277,6 +277,15 @@ class Runner:
           break
     return total if finished else None
 
+  def lost(self) -> list[str]:
+    """Cells that cells.jsonl records as done but that have neither their
+    folder's done file nor a kept copy here (e.g. finished on another
+    machine before kept/ existed): a table that lists every finished cell
+    misses them, and should say so."""
+    done = dict.fromkeys(r["name"] for r in self.records()
+                         if r["status"] == "done")
+    return [n for n in done if not self.is_done(Cell(n, ""))]
+
   def _record(self, cell: Cell, rc: int, wall: float, status: str) -> None:
     os.makedirs(self.study_dir, exist_ok=True)
     rec = dict(name=cell.name, status=status, rc=rc, wall_s=round(wall, 2),

@@ -427,6 +427,9 @@ def test_kept_results_outlive_the_cell_folder(tmp_path):
   # reference's weights, and says where the kept copy is.
   child = common.Cell("x", "configs/demo.py:tiny", reference=cell.name)
   assert runner.run(child) == "blocked" and len(launch.cmds) == 1
+  assert runner.lost() == []
+  shutil.rmtree(tmp_path / "kept")  # a cell finished before kept/ existed
+  assert runner.lost() == [cell.name]  # cells.jsonl still says it is done
 
 
 def test_training_rows_are_the_same_from_the_kept_copies(tmp_path):
