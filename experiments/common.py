@@ -146,8 +146,11 @@ def adopt_reference(workdir: str, ref_workdir: str) -> None:
     os.makedirs(dst_eval, exist_ok=True)
     with open(settings, encoding="utf-8") as f:
       meta = json.load(f)
-    if meta.get("source") == os.path.join(ref_workdir, "reference"):
-      meta["source"] = link  # the same weights, under this cell's path
+    # The same weights, under this cell's path (the reference cell may be
+    # reached through a link: ablation --reference_from).
+    if os.path.realpath(str(meta.get("source"))) == os.path.realpath(
+        os.path.join(ref_workdir, "reference")):
+      meta["source"] = link
     shutil.copyfile(answers, os.path.join(dst_eval, f"{name}.jsonl"))
     with open(os.path.join(dst_eval, f"{name}.settings.json"), "w",
               encoding="utf-8") as f:

@@ -457,3 +457,25 @@ def test_training_rows_are_the_same_from_the_kept_copies(tmp_path):
       if key in a:
         assert a[key] == pytest.approx(b[key], nan_ok=True)
   assert again[1]["gain"] == pytest.approx(.25)  # (2 - 1) / 4 prompts
+
+
+def test_adopt_reference_shares_the_sft_answers_through_a_linked_reference(
+    tmp_path):
+  # The reference cell lives in another study and is linked in (ablation
+  # --reference_from); its sft answers name its own reference/ path.
+  ref = tmp_path / "main" / "cells" / "sft"
+  (ref / "reference").mkdir(parents=True)
+  (ref / "eval").mkdir()
+  (ref / "eval" / "sft.jsonl").write_text("{}\n")
+  (ref / "eval" / "sft.settings.json").write_text(json.dumps(dict(
+      source=str(ref / "reference"), num_prompts=0)))
+  link = tmp_path / "study" / "cells" / "sft"
+  link.parent.mkdir(parents=True)
+  link.symlink_to(ref)
+  cell = tmp_path / "study" / "cells" / "k4_pmi_ldl_s0"
+  common.adopt_reference(str(cell), str(link))
+  meta = json.loads((cell / "eval" / "sft.settings.json").read_text())
+  # Rewritten to this cell's reference/, so heldout.py re-uses the answers.
+  assert meta == dict(source=str(cell / "reference"), num_prompts=0)
+  assert (cell / "eval" / "sft.jsonl").read_text() == "{}\n"
+  assert os.path.realpath(cell / "reference") == str(ref / "reference")
