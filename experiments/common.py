@@ -281,13 +281,14 @@ class Runner:
     return total if finished else None
 
   def lost(self) -> list[str]:
-    """Cells that cells.jsonl records as done but that have neither their
-    folder's done file nor a kept copy here (e.g. finished on another
-    machine before kept/ existed): a table that lists every finished cell
-    misses them, and should say so."""
+    """Cells that cells.jsonl records as done but that have neither a
+    folder nor a kept copy here (e.g. finished on another machine before
+    kept/ existed): a table that lists every finished cell misses them, and
+    should say so."""
     done = dict.fromkeys(r["name"] for r in self.records()
                          if r["status"] == "done")
-    return [n for n in done if not self.is_done(Cell(n, ""))]
+    return [n for n in done if not os.path.isdir(self.workdir(n))
+            and not os.path.isdir(self.kept_dir(n))]
 
   def _record(self, cell: Cell, rc: int, wall: float, status: str) -> None:
     os.makedirs(self.study_dir, exist_ok=True)

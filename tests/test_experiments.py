@@ -123,6 +123,23 @@ def test_ablation_agreement_grid_on_a_tiny_pool(main_study, tmp_path):
   assert res["training"][1]["status"] == "done"
   md = (tmp_path / "table.md").read_text()
   assert "Self-ranking vs oracle" in md and "Training grid" in md
+  # A fresh clone: cells/ is gone, kept/ is committed. Only the pool runs
+  # again (part a needs its rollout store, which is not kept); part (b) is
+  # rebuilt from the kept copies.
+  shutil.rmtree(tmp_path / "cells")
+  again = Counting()
+  res2 = ablation.main(TINY + [
+      f"--out={tmp_path}", f"--reference_from={ref_out}/cells/sft",
+      "--k_max=4", "--pool_prompts=4", "--pool_steps=1", "--ks=2,4",
+      "--subsample_seeds=0,1", "--schemes=anchor_recon,similarity",
+      "--train_ks=2", "--train_schemes=similarity", "--losses=dpo"],
+                      runner=_runner(tmp_path, again))
+  assert [c[c.index("-m") + 3].split("/cells/")[1] for c in again.cmds] == [
+      "pool"]
+  assert [r["kendall_tau"] for r in res2["agreement"]] == pytest.approx(
+      [r["kendall_tau"] for r in grid], nan_ok=True)
+  assert res2["training"][1]["accuracy"] == res["training"][1]["accuracy"]
+  assert res2["training"][1]["gain"] == res["training"][1]["gain"]
 
 
 def test_dry_runs_list_the_cells(capsys):
