@@ -100,12 +100,12 @@ def test_finished_cells_are_skipped_on_rerun(main_study):
 def test_ablation_agreement_grid_on_a_tiny_pool(main_study, tmp_path):
   ref_out, _, _ = main_study
   launch = Counting()
-  res = ablation.main(TINY + [
+  argv = TINY + [
       f"--out={tmp_path}", f"--reference_from={ref_out}/cells/sft",
       "--k_max=4", "--pool_prompts=4", "--pool_steps=1", "--ks=2,4",
       "--subsample_seeds=0,1", "--schemes=anchor_recon,similarity",
-      "--train_ks=2", "--train_schemes=similarity", "--losses=dpo"],
-                     runner=_runner(tmp_path, launch))
+      "--train_ks=2", "--train_schemes=similarity", "--losses=dpo"]
+  res = ablation.main(argv, runner=_runner(tmp_path, launch))
   names = [c[c.index("-m") + 3].split("/cells/")[1] for c in launch.cmds]
   assert names == ["pool", "k2_similarity_dpo_s0"]  # the reference reused
   grid = res["agreement"]
@@ -128,12 +128,7 @@ def test_ablation_agreement_grid_on_a_tiny_pool(main_study, tmp_path):
   # rebuilt from the kept copies.
   shutil.rmtree(tmp_path / "cells")
   again = Counting()
-  res2 = ablation.main(TINY + [
-      f"--out={tmp_path}", f"--reference_from={ref_out}/cells/sft",
-      "--k_max=4", "--pool_prompts=4", "--pool_steps=1", "--ks=2,4",
-      "--subsample_seeds=0,1", "--schemes=anchor_recon,similarity",
-      "--train_ks=2", "--train_schemes=similarity", "--losses=dpo"],
-                      runner=_runner(tmp_path, again))
+  res2 = ablation.main(argv, runner=_runner(tmp_path, again))
   assert [c[c.index("-m") + 3].split("/cells/")[1] for c in again.cmds] == [
       "pool"]
   assert [r["kendall_tau"] for r in res2["agreement"]] == pytest.approx(
