@@ -51,7 +51,7 @@ import os
 import re
 import sys
 import time
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
@@ -92,6 +92,22 @@ def pool_cell(scale: str, *, k_max: int, prompts: int, steps: int,
                                        "meta.json"))
 
 
+def _cell_config(workdir: str) -> dict | None:
+  """The cell's config.json (what main.py ran with), or None without one."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _store_path(workdir: str, cfg: Mapping[str, Any]) -> str:
+  """The cell's rollout store: config `rollout_store.dir`, relative to the
+  workdir (os.path.join keeps an absolute one as it is)."""
+  return os.path.join(workdir, cfg.get("rollout_store", {}).get(
+      "dir", "rollouts"))
+
+
 def score_pool(workdir: str, schemes: Sequence[str], *,
                pairwise_steps: int) -> list[tuple[int, str]]:
   """Re-scores the pool's steps with every scheme (and oracle) by the
@@ -100,10 +116,8 @@ def score_pool(workdir: str, schemes: Sequence[str], *,
   from experiments import rerank  # pylint: disable=g-import-not-at-top
   from purld_jax import models  # pylint: disable=g-import-not-at-top
   from purld_jax import rollout_store  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    cfg = json.load(f)
-  store = rollout_store.RolloutStore.open(os.path.join(
-      workdir, cfg["rollout_store"]["dir"]))
+  cfg = _cell_config(workdir)
+  store = rollout_store.RolloutStore.open(_store_path(workdir, cfg))
   steps = store.steps()
   todo = {s: [x for x in list(schemes) + ["oracle"]
               if PREFIX + x not in store.schemes(s)] for s in steps}
@@ -134,9 +148,8 @@ def agreement(workdir: str, schemes: Sequence[str], ks: Sequence[int],
   """(per-seed rows, per scheme x K rows: mean and sd over seeds)."""
   from experiments import rerank  # pylint: disable=g-import-not-at-top
   from purld_jax import rollout_store  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    store_dir = json.load(f)["rollout_store"]["dir"]
-  store = rollout_store.RolloutStore.open(os.path.join(workdir, store_dir))
+  store = rollout_store.RolloutStore.open(
+      _store_path(workdir, _cell_config(workdir)))
   names = [PREFIX + s for s in list(schemes) + ["oracle"]]
   per_seed = rerank.agreement_table(store, names, ks, seeds)
   for r in per_seed:
@@ -248,16 +261,12 @@ def _logged(workdir: str) -> dict:
   h = np.array([float(r["entropy_label"]) for r in recs
                 if "entropy_label" in r], np.float64)
   out["label_sharpness"] = out["label_anchor_share"] = float("nan")
-  path = os.path.join(workdir, "config.json")
-  if not len(h) or not os.path.exists(path):
+  cfg = _cell_config(workdir)
+  if not len(h) or cfg is None:
     return out
-  with open(path, encoding="utf-8") as f:
-    cfg = json.load(f)
   m = cfg["sampling"]["num_candidates"] + bool(cfg["pu"]["include_anchor"])
   out["label_sharpness"] = 1.0 - mean(h) / np.log(m)
-  # os.path.join keeps an absolute rollout_store.dir as it is.
-  store = os.path.join(workdir, cfg.get("rollout_store", {}).get("dir",
-                                                                 "rollouts"))
+  store = _store_path(workdir, cfg)
   if os.path.isdir(store):
     from purld_jax import rollout_store  # pylint: disable=g-import-not-at-top
     out["label_anchor_share"] = anchor_share(
@@ -272,12 +281,13 @@ def logged_of(runner: common.Runner, name: str) -> dict:
   """`_logged` of finished cell `name`, computed once from its folder and
   stored in it as logged.json, which is kept (common.keep): the rollout
   store it reads is too large to keep. A kept copy alone answers from it."""
-  path = os.path.join(runner.results(name), LOGGED_FILE)
+  folder = runner.results(name)
+  path = os.path.join(folder, LOGGED_FILE)
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       return {m: float(v) for m, v in json.load(f).items()}
-  out = _logged(runner.results(name))
-  if runner.results(name) == runner.workdir(name):
+  out = _logged(folder)
+  if folder == runner.workdir(name):
     with open(path, "w", encoding="utf-8") as f:
       json.dump(out, f)  # NaN is written as NaN, which json.load reads
     runner.keep(name)

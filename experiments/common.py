@@ -238,8 +238,8 @@ class Runner:
 
   def is_done(self, cell: Cell) -> bool:
     """Its done file is in its workdir or in its kept copy."""
-    return os.path.exists(os.path.join(self.results(cell.name, cell.done),
-                                       cell.done))
+    return any(os.path.exists(os.path.join(d, cell.done))
+               for d in (self.workdir(cell.name), self.kept_dir(cell.name)))
 
   def _say(self, text: str) -> None:
     if self.echo:
