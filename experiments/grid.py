@@ -1,0 +1,200 @@
+r"""The ablation grid at a glance: several studies' part (b) merged into one
+K x scheme matrix per loss.
+
+  python -m experiments.grid experiments/ablation/small experiments/ablation/small_b \
+      --out=experiments/ablation/grid_small
+
+Each STUDY is a folder that `python -m experiments.ablation --part=training`
+wrote (its training.csv). Training grids are run in batches, one folder per
+batch, and each folder's table lists only its own cells; this command reads
+the tables back (no weights needed, so it works on a fresh clone), keeps,
+for every K x scheme x loss, the row with the most seeds (a tie: the study
+named last), and writes into --out:
+  grid.md   per loss, a K x scheme table of the gain over SFT (paired 95 %
+            CI, seeds, the study it comes from), then what is not run yet;
+  grid.csv  the chosen rows, with a `study` column;
+  grid.png  one heatmap per loss (gain in points; '*' where the CI excludes 0).
+
+The gains are only comparable when every study trained from the same SFT
+reference (`--reference_from`), so the command refuses studies whose SFT
+rows differ. It cannot see a `--train_override`: name only studies of the
+plain grid (not, e.g., ablation/small_anchor_out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from experiments import ablation
+from experiments import common
+
+GRID_FIELDS = ("k", "scheme", "loss", "seeds", "gain", "gain_lo", "gain_hi",
+               "accuracy", "oracle_pair_accuracy", "wall_s", "study")
+
+
+class GridError(ValueError):
+  pass
+
+
+def _num(x: str) -> float:
+  return float(x) if x not in ("", None) else float("nan")
+
+
+def read_training(study: str) -> tuple[dict, list[dict]]:
+  """(SFT row, finished grid rows) of STUDY/training.csv, numbers parsed."""
+  path = os.path.join(study, "training.csv")
+  if not os.path.exists(path):
+    raise GridError(f"{path}: no such file (is {study!r} a study folder "
+                    "written by `experiments.ablation --part=training`?)")
+  with open(path, encoding="utf-8", newline="") as f:
+    rows = list(csv.DictReader(f))
+  sft = [r for r in rows if r["method"] == "sft_only"]
+  if len(sft) != 1:
+    raise GridError(f"{path}: expected one sft_only row, found {len(sft)}")
+  out = []
+  for line, r in enumerate(rows, start=2):
+    if r["method"] == "sft_only" or r["status"] != "done":
+      continue
+    try:
+      out.append(dict(k=int(r["k"]), scheme=r["scheme"], loss=r["loss"],
+                      seeds=int(r["seeds"]), study=study,
+                      **{m: _num(r[m]) for m in (
+                          "gain", "gain_lo", "gain_hi", "accuracy",
+                          "oracle_pair_accuracy", "wall_s")}))
+    except (KeyError, ValueError) as e:
+      raise GridError(f"{path}, line {line}: {e!r}") from e
+  return sft[0], out
+
+
+def merge(studies: Sequence[str]) -> list[dict]:
+  """The chosen row per (K, scheme, loss) over STUDIES: most seeds, then the
+  study named last. Raises GridError if two studies' SFT rows differ."""
+  chosen: dict[tuple[int, str, str], dict] = {}
+  first = None
+  for study in studies:
+    sft, rows = read_training(study)
+    key = (sft["prompts"], sft["accuracy"])
+    if first is None:
+      first = (study, key)
+    elif key != first[1]:
+      raise GridError(
+          f"{study}: its SFT reference (prompts, accuracy) = {key} differs "
+          f"from {first[0]}'s {first[1]}; the gains are not comparable")
+    for r in rows:
+      g = (r["k"], r["scheme"], r["loss"])
+      if g not in chosen or r["seeds"] >= chosen[g]["seeds"]:
+        chosen[g] = r
+  return [chosen[g] for g in sorted(
+      chosen, key=lambda g: (g[0], *ablation._order(g[1], g[2])))]  # pylint: disable=protected-access
+
+
+def _gain(r: dict) -> str:
+  star = "**" if r["gain_lo"] > 0 or r["gain_hi"] < 0 else ""
+  return (f"{star}{100 * r['gain']:+.1f}{star} [{100 * r['gain_lo']:+.1f}, "
+          f"{100 * r['gain_hi']:+.1f}]")
+
+
+def markdown(rows: Sequence[dict], studies: Sequence[str],
+             grid=ablation.FULL_TRAIN) -> str:
+  """Per loss a table, schemes down and K across; then the count and the
+  cells of `grid` not run yet."""
+  by = {(r["k"], r["scheme"], r["loss"]): r for r in rows}
+  ks = sorted(set(grid["ks"]) | {r["k"] for r in rows})
+  schemes = list(grid["schemes"]) + sorted(
+      {r["scheme"] for r in rows} - set(grid["schemes"]))
+  tag = {s: chr(ord("a") + i) for i, s in enumerate(studies)}
+  parts = ["Gain of held-out accuracy over the shared SFT reference, points "
+           "[paired 95 % CI]; bold where the CI excludes 0; `xN`: N seeds "
+           "averaged; (a), (b), ...: the study the row comes from:",
+           "\n".join(f"- ({tag[s]}) `{s}`" for s in studies)]
+  for loss in grid["losses"]:
+    body = []
+    for s in schemes:
+      cells = []
+      for k in ks:
+        r = by.get((k, s, loss))
+        cells.append("" if r is None else
+                     f"{_gain(r)} x{r['seeds']} ({tag[r['study']]})")
+      if any(cells):
+        body.append([s] + cells)
+    parts.append(f"### {loss.upper()}\n\n" + (common.markdown_table(
+        body, ["scheme"] + [f"K = {k}" for k in ks]) if body else "none run"))
+  full = [(k, s, l) for k in grid["ks"] for s in grid["schemes"]
+          for l in grid["losses"]]
+  missing = [g for g in full if g not in by]
+  two = sum(1 for g in full if g in by and by[g]["seeds"] >= 2)
+  parts.append(
+      f"{len(full) - len(missing)} of the {len(full)} cells of the full grid "
+      f"run, {two} of them with two seeds or more. Not run: " +
+      (", ".join(f"K{k} {s} {l}" for k, s, l in missing) or "none") + ".")
+  return "\n\n".join(parts) + "\n"
+
+
+def heatmap(rows: Sequence[dict], path: str, grid=ablation.FULL_TRAIN) -> None:
+  """grid.png: one panel per loss, schemes x K, colour = gain (pt)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  by = {(r["k"], r["scheme"], r["loss"]): r for r in rows}
+  ks, schemes, losses = list(grid["ks"]), list(grid["schemes"]), grid["losses"]
+  lim = max([abs(100 * r["gain"]) for r in rows if math.isfinite(r["gain"])]
+            + [1.0])
+  fig, axes = plt.subplots(1, len(losses), figsize=(3.6 * len(losses) + 1.6,
+                                                    3.6), squeeze=False)
+  for n, (ax, loss) in enumerate(zip(axes[0], losses)):
+    v = np.full((len(schemes), len(ks)), np.nan)
+    for i, s in enumerate(schemes):
+      for j, k in enumerate(ks):
+        r = by.get((k, s, loss))
+        if r is None:
+          ax.text(j, i, "not run", ha="center", va="center", fontsize=6,
+                  color="0.5")
+          continue
+        v[i, j] = 100 * r["gain"]
+        sig = "*" if r["gain_lo"] > 0 or r["gain_hi"] < 0 else ""
+        ax.text(j, i, f"{v[i, j]:+.1f}{sig}\nx{r['seeds']}", ha="center",
+                va="center", fontsize=7,
+                color="w" if abs(v[i, j]) > 0.6 * lim else "k")
+    im = ax.imshow(v, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+    ax.set_yticks(range(len(schemes)), schemes if n == 0 else [])
+    ax.set_xlabel("K (candidates per prompt)")
+    ax.set_title(loss.upper())
+  fig.colorbar(im, ax=axes[0].tolist(), label="gain over SFT (pt)")
+  fig.suptitle("held-out gain over SFT; * paired 95% CI excludes 0; "
+               "xN: seeds", fontsize=9)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+
+def main(argv=None) -> str:
+  p = argparse.ArgumentParser(prog="python -m experiments.grid",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("studies", nargs="+", help="study folders (training.csv)")
+  p.add_argument("--out", required=True, help="folder for grid.md/csv/png")
+  a = p.parse_args(argv)
+  try:
+    rows = merge(a.studies)
+  except GridError as e:
+    p.error(str(e))
+  os.makedirs(a.out, exist_ok=True)
+  text = (f"# The ablation grid, merged\n\n`python -m experiments.grid "
+          f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+          + markdown(rows, a.studies))
+  with open(os.path.join(a.out, "grid.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  common.write_csv(os.path.join(a.out, "grid.csv"), rows, GRID_FIELDS)
+  heatmap(rows, os.path.join(a.out, "grid.png"))
+  print(text)
+  return text
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,110 @@
+"""experiments/grid.py: merging studies' training tables, by hand-made CSVs."""
+
+import csv
+import os
+
+import pytest
+
+from experiments import ablation
+from experiments import grid
+
+FIELDS = ablation.TRAIN_FIELDS
+
+
+def _study(root, name, rows, sft_accuracy=0.15):
+  """A study folder whose training.csv holds the SFT row and `rows`
+  ((K, scheme, loss, seeds, gain, lo, hi) or a dict of overrides)."""
+  folder = os.path.join(root, name)
+  os.makedirs(folder)
+  out = [dict(method="sft_only", k="", scheme="", loss="SFT reference",
+              status="done", seeds=1, prompts=128, accuracy=sft_accuracy)]
+  for k, scheme, loss, seeds, gain, lo, hi in rows:
+    out.append(dict(method=f"K{k}/{scheme}/{loss}", k=k, scheme=scheme,
+                    loss=loss, status="done", seeds=seeds, prompts=128,
+                    accuracy=sft_accuracy + gain, gain=gain, gain_lo=lo,
+                    gain_hi=hi, oracle_pair_accuracy=0.9, wall_s=200))
+  with open(os.path.join(folder, "training.csv"), "w", newline="",
+            encoding="utf-8") as f:
+    w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(out)
+  return folder
+
+
+def test_merge_keeps_most_seeds_then_the_last_study(tmp_path):
+  a = _study(tmp_path, "a", [(4, "pmi", "ldl", 2, 0.09, 0.03, 0.15),
+                             (8, "pmi", "ldl", 1, 0.05, -0.02, 0.12),
+                             (2, "judge", "dpo", 1, -0.1, -0.2, -0.04)])
+  b = _study(tmp_path, "b", [(4, "pmi", "ldl", 1, 0.01, -0.05, 0.07),
+                             (8, "pmi", "ldl", 1, 0.02, -0.04, 0.08),
+                             (16, "similarity", "grpo", 2, 0.0, -0.05, 0.05)])
+  rows = grid.merge([a, b])
+  got = {(r["k"], r["scheme"], r["loss"]): (r["study"], r["gain"])
+         for r in rows}
+  assert got == {
+      (2, "judge", "dpo"): (a, -0.1),
+      (4, "pmi", "ldl"): (a, 0.09),  # two seeds beat b's one
+      (8, "pmi", "ldl"): (b, 0.02),  # a tie: the study named last
+      (16, "similarity", "grpo"): (b, 0.0)}
+  # sorted by K, then scheme and loss in the grid's order
+  assert [r["k"] for r in rows] == [2, 4, 8, 16]
+
+
+def test_markdown_marks_significance_seeds_study_and_the_missing(tmp_path):
+  a = _study(tmp_path, "a", [(4, "pmi", "ldl", 2, 0.09, 0.03, 0.15)])
+  b = _study(tmp_path, "b", [(2, "judge", "dpo", 1, -0.1, -0.2, -0.04),
+                             (8, "similarity", "ldl", 1, 0.02, -0.04, 0.08)])
+  g = dict(ks=(2, 4, 8), schemes=("judge", "pmi", "similarity"),
+           losses=("dpo", "ldl"))
+  md = grid.markdown(grid.merge([a, b]), [a, b], grid=g)
+  assert "| pmi |  | **+9.0** [+3.0, +15.0] x2 (a) |  |" in md
+  assert "| judge | **-10.0** [-20.0, -4.0] x1 (b) |  |  |" in md
+  assert "| similarity |  |  | +2.0 [-4.0, +8.0] x1 (b) |" in md
+  # a scheme with no row under a loss gets no line there
+  dpo = md.split("### DPO")[1].split("### LDL")[0]
+  assert "| pmi |" not in dpo and "| similarity |" not in dpo
+  # 3 of 3 x 3 x 2 = 18 cells, one with two seeds; 15 listed as not run
+  assert "3 of the 18 cells of the full grid run, 1 of them with two" in md
+  tail = md.split("Not run: ")[1]
+  assert tail.count(",") == 14 and "K4 pmi ldl" not in tail
+  assert "K2 pmi dpo" in tail
+
+
+def test_studies_with_different_sft_references_are_refused(tmp_path):
+  a = _study(tmp_path, "a", [(4, "pmi", "ldl", 1, 0.09, 0.03, 0.15)])
+  b = _study(tmp_path, "b", [(4, "pmi", "dpo", 1, 0.0, -0.1, 0.1)],
+             sft_accuracy=0.2)
+  with pytest.raises(grid.GridError, match="b: its SFT reference"):
+    grid.merge([a, b])
+
+
+def test_a_bad_row_names_the_file_and_line(tmp_path):
+  a = _study(tmp_path, "a", [(4, "pmi", "ldl", 1, 0.09, 0.03, 0.15),
+                             (8, "pmi", "ldl", 1, 0.05, 0.0, 0.1)])
+  path = os.path.join(a, "training.csv")
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text.replace("K8/pmi/ldl,8,", "K8/pmi/ldl,eight,"))
+  with pytest.raises(grid.GridError, match=r"training.csv, line 4"):
+    grid.merge([a])
+  with pytest.raises(grid.GridError, match="no such file"):
+    grid.merge([str(tmp_path / "nowhere")])
+
+
+def test_main_writes_the_three_files(tmp_path, capsys):
+  a = _study(tmp_path, "a", [(4, "pmi", "ldl", 2, 0.09, 0.03, 0.15),
+                             (2, "anchor_recon", "grpo", 1, -0.01, -0.06,
+                              0.04)])
+  out = str(tmp_path / "out")
+  text = grid.main([a, f"--out={out}"])
+  assert sorted(os.listdir(out)) == ["grid.csv", "grid.md", "grid.png"]
+  assert text.startswith("# The ablation grid, merged")
+  with open(os.path.join(out, "grid.csv"), encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["k"], r["scheme"], r["loss"], r["study"]) for r in rows] == [
+      ("2", "anchor_recon", "grpo", a), ("4", "pmi", "ldl", a)]
+  assert os.path.getsize(os.path.join(out, "grid.png")) > 10_000
+  with pytest.raises(SystemExit):
+    grid.main([a, str(tmp_path / "nowhere"), f"--out={out}"])
+  assert "no such file" in capsys.readouterr().err
