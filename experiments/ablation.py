@@ -16,18 +16,23 @@ of --subsample_seeds. Per scheme x K: the share of prompts with both right
 and wrong candidates (mixed), and on those the share of (right, wrong) pairs
 ordered right (pair accuracy), the top-scored candidate right (top-1), the
 mean Kendall tau-b of scores vs correctness. pairwise_judge scores
-(K+1) K pairs per prompt (272 at K = 16): it is scored on the first
---pairwise_steps steps only (its `steps` column says how many).
+(K+1) K pairs per prompt (272 at K = 16, about 2 h per pool step on a
+2-core CPU), so it is not in the default --schemes; named, it is scored on
+the first --pairwise_steps steps only (its `steps` column says how many);
+--k_max=8 --schemes=pairwise_judge,... takes about 17 min here.
 
 (b) Training grid: K x scheme x loss (dpo | grpo | ldl, the PU-RLD rows of
 experiments/main_table.py) x --seeds, one cell each from the shared SFT
 reference, held-out accuracy with CIs and the gain over SFT (paired), and
 the oracle agreement the run logged during training (metrics.jsonl).
-Default at small scale: K in {4, 8} x {anchor_recon, judge, similarity} x
-dpo, seed 0 (6 cells, about 1 h on this 2-core CPU); --full: K in
+Default: K in {4, 8} x {anchor_recon, pmi, similarity} x ldl, seed 0 (6
+cells; LDL is the loss on which the schemes separate at small scale:
+experiments/README.md); with part (a) and the SFT cell within an hour on
+this 2-core CPU (experiments/README.md, "Cost"). --full: K in
 {2, 4, 8, 16} x {judge, pmi, anchor_recon, pairwise_judge, similarity} x
 {dpo, grpo, ldl} = 60 cells per seed, 10-20 h per seed here (K = 16 and
-pairwise_judge dominate): for a GPU host.
+pairwise_judge dominate): for a GPU host. `python -m experiments.grid`
+merges several studies' part (b) into one K x scheme table per loss.
 
 Small scale = configs/demo.py (SmolLM2-135M, arithmetic, SIMULATED dataset
 teacher). --reference_from=DIR reuses a finished `sft` cell of another study
@@ -67,8 +72,10 @@ PREFIX = "ref_"  # stored as scores/ref_<scheme>: scored by the reference
 SCHEMES = ("judge", "pmi", "anchor_recon", "pairwise_judge", "similarity",
            "self_reward")
 LOSSES = ("dpo", "grpo", "ldl")
-DEFAULT_TRAIN = dict(ks=(4, 8), schemes=("anchor_recon", "judge",
-                                         "similarity"), losses=("dpo",))
+DEFAULT_TRAIN = dict(ks=(4, 8), schemes=("anchor_recon", "pmi",
+                                         "similarity"), losses=("ldl",))
+# Part (a) by default: every scheme but pairwise_judge (quadratic in K_max).
+DEFAULT_AGREEMENT = tuple(s for s in SCHEMES if s != "pairwise_judge")
 FULL_TRAIN = dict(ks=(2, 4, 8, 16), schemes=SCHEMES[:5], losses=LOSSES)
 METRICS = ("sample_accuracy", "mixed_groups", "top_right", "pair_accuracy",
            "kendall_tau")
@@ -410,7 +417,9 @@ def parse_args(argv):
   p.add_argument("--pool_steps", type=int, default=2)
   p.add_argument("--pairwise_steps", type=int, default=1)
   p.add_argument("--ks", default="2,4,8,16", help="agreement: sub-sampled K")
-  p.add_argument("--schemes", default=",".join(SCHEMES))
+  p.add_argument("--schemes", default=",".join(DEFAULT_AGREEMENT),
+                 help="agreement: the schemes that re-score the pool; add "
+                 "pairwise_judge by name (with --k_max=8 on a CPU)")
   p.add_argument("--subsample_seeds", default="0,1,2,3,4")
   p.add_argument("--full", action="store_true", help="the whole training "
                  "grid (else the documented default subset)")

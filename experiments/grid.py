@@ -1,7 +1,7 @@
 r"""The ablation grid at a glance: several studies' part (b) merged into one
 K x scheme matrix per loss.
 
-  python -m experiments.grid experiments/ablation/small experiments/ablation/small_b \
+  python -m experiments.grid experiments/ablation/small_a experiments/ablation/small_b \
       --out=experiments/ablation/grid_small
 
 Each STUDY is a folder that `python -m experiments.ablation --part=training`

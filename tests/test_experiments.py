@@ -151,6 +151,18 @@ def test_dry_runs_list_the_cells(capsys):
            and not l.startswith("# then")]
   assert cells[:2] == ["sft", "pool"] and len(cells) == 2 + 60
   assert "--config.sampling.num_candidates=16" in out
+  # The default: the hour-long small study (README, "Cost"); part (a)
+  # without the quadratic pairwise_judge.
+  ablation.main(["--scale=small", "--dry_run"])
+  out = capsys.readouterr().out
+  cells = [l.split()[1] for l in out.splitlines() if l.startswith("# ")
+           and not l.startswith("# then")]
+  assert cells == ["sft", "pool"] + [
+      f"k{k}_{s}_ldl_s0" for k in (4, 8)
+      for s in ("anchor_recon", "pmi", "similarity")]
+  then = [l for l in out.splitlines() if l.startswith("# then")]
+  assert len(then) == 1 and "'judge'" in then[0]
+  assert "pairwise_judge" not in then[0].split("(pairwise_judge on")[0]
 
 
 def test_train_override_reaches_the_training_cells_only(capsys, tmp_path):
