@@ -319,7 +319,8 @@ def finished_training(runner: common.Runner) -> list[tuple[int, str, str, int]]:
   return out
 
 
-def _order(scheme: str, loss: str) -> tuple:
+def grid_order(scheme: str, loss: str) -> tuple:
+  """Sort key: schemes and losses in SCHEMES / LOSSES order, others after."""
   rank = lambda x, xs: (xs.index(x), x) if x in xs else (len(xs), x)
   return rank(scheme, SCHEMES), rank(loss, LOSSES)
 
@@ -338,7 +339,7 @@ def training_rows(runner, ks, schemes, losses, seeds) -> list[dict]:
                **main_table.accuracy_row(runner, [main_table.REFERENCE],
                                          model="sft"))]
   for (k, scheme, loss) in sorted(groups, key=lambda g: (g[0],
-                                                         *_order(*g[1:]))):
+                                                         *grid_order(*g[1:]))):
     names = [train_name(k, scheme, loss, s) for s in sorted(groups[
         (k, scheme, loss)])]
     row = dict(method=f"K{k}/{scheme}/{loss}", k=k, scheme=scheme,
@@ -364,8 +365,7 @@ def training_markdown(rows: Sequence[dict]) -> str:
       body.append([r["k"], r["scheme"], r["loss"], r["status"]] + [""] * 8)
       continue
     pct = lambda x: _f(100 * x, "{:.1f}")
-    gain = (f"{100 * r['gain']:+.1f} [{100 * r['gain_lo']:+.1f}, "
-            f"{100 * r['gain_hi']:+.1f}]" if "gain" in r else "(reference)")
+    gain = common.gain_text(r) if "gain" in r else "(reference)"
     body.append([r["k"], r["scheme"], r["loss"], r["seeds"],
                  f"{pct(r['accuracy'])} [{pct(r['accuracy_lo'])}, "
                  f"{pct(r['accuracy_hi'])}]", gain,
@@ -546,7 +546,7 @@ def k_series(rows: Sequence[dict], key: str = "gain"
     out.setdefault((r["scheme"], r.get("loss", "")), []).append(
         (int(r["k"]), float(v), float(lo), float(hi)))
   return {g: sorted(pts) for g, pts in sorted(
-      out.items(), key=lambda kv: _order(*kv[0]))}
+      out.items(), key=lambda kv: grid_order(*kv[0]))}
 
 
 def read_agreement(path: str) -> list[dict]:

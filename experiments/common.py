@@ -374,6 +374,14 @@ def write_csv(path: str, rows: Sequence[Mapping[str, Any]],
     w.writerows(rows)
 
 
+def gain_text(row: Mapping[str, Any], *, bold_significant: bool = False) -> str:
+  """'+7.8 [+0.0, +15.6]': a row's gain and paired CI (fractions) in points;
+  with bold_significant, the number in **bold** where the CI excludes 0."""
+  g, lo, hi = (100 * row[k] for k in ("gain", "gain_lo", "gain_hi"))
+  star = "**" if bold_significant and (lo > 0 or hi < 0) else ""
+  return f"{star}{g:+.1f}{star} [{lo:+.1f}, {hi:+.1f}]"
+
+
 def markdown_table(rows: Sequence[Sequence[str]], head: Sequence[str]) -> str:
   lines = ["| " + " | ".join(head) + " |",
            "|" + "|".join("---" for _ in head) + "|"]

@@ -1,8 +1,8 @@
 r"""Paired comparison of finished cells: B minus A on the same held-out prompts.
 
   python -m experiments.compare \
-      --a=experiments/ablation/small_anchor_out/cells/k4_pmi_ldl_s0 \
-      --b=experiments/ablation/small_a/cells/k4_pmi_ldl_s0
+      --a=experiments/ablation/small_b/cells/k4_pmi_grpo_s0 \
+      --b=experiments/ablation/small_b/cells/k4_pmi_ldl_s0
 
 Each side is one cell folder or several (comma-separated: seeds, averaged per
 prompt first, as the study tables do); a folder's answers are

@@ -92,13 +92,7 @@ def merge(studies: Sequence[str]) -> list[dict]:
       if g not in chosen or r["seeds"] >= chosen[g]["seeds"]:
         chosen[g] = r
   return [chosen[g] for g in sorted(
-      chosen, key=lambda g: (g[0], *ablation._order(g[1], g[2])))]  # pylint: disable=protected-access
-
-
-def _gain(r: dict) -> str:
-  star = "**" if r["gain_lo"] > 0 or r["gain_hi"] < 0 else ""
-  return (f"{star}{100 * r['gain']:+.1f}{star} [{100 * r['gain_lo']:+.1f}, "
-          f"{100 * r['gain_hi']:+.1f}]")
+      chosen, key=lambda g: (g[0], *ablation.grid_order(g[1], g[2])))]
 
 
 def markdown(rows: Sequence[dict], studies: Sequence[str],
@@ -121,7 +115,7 @@ def markdown(rows: Sequence[dict], studies: Sequence[str],
       for k in ks:
         r = by.get((k, s, loss))
         cells.append("" if r is None else
-                     f"{_gain(r)} x{r['seeds']} ({tag[r['study']]})")
+                     f"{common.gain_text(r, bold_significant=True)} x{r['seeds']} ({tag[r['study']]})")
       if any(cells):
         body.append([s] + cells)
     parts.append(f"### {loss.upper()}\n\n" + (common.markdown_table(

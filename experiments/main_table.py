@@ -281,8 +281,7 @@ def markdown(table: Sequence[dict], header: str) -> str:
       continue
     acc = f"{_pct(r['accuracy'])} [{_pct(r['accuracy_lo'])}, " \
           f"{_pct(r['accuracy_hi'])}]"
-    gain = (f"{100 * r['gain']:+.1f} [{100 * r['gain_lo']:+.1f}, "
-            f"{100 * r['gain_hi']:+.1f}]" if "gain" in r else "(reference)"
+    gain = (common.gain_text(r) if "gain" in r else "(reference)"
             if r["method"] == "sft_only" else "")
     wall = "" if not np.isfinite(r["wall_s"]) else f"{r['wall_s']:.0f}"
     body.append([r["label"], r["seeds"], r["prompts"], acc, gain,
