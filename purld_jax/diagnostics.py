@@ -18,6 +18,8 @@ signal (host-side numpy; logged per step by train/pu_rl.py):
 
 `kendall_tau_rows` (tau-b, ties handled) is the rank correlation of scores
 with correctness per prompt, for the studies (rollout_store.agreement).
+`shorter_preferred` asks the same of length: how often a scheme scores the
+shorter of two candidates higher (experiments/length_bias.py).
 """
 
 from __future__ import annotations
@@ -78,3 +80,39 @@ def kendall_tau_rows(x: np.ndarray, y: np.ndarray,
 def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
   """Kendall's tau-b of two orderings f[K] (`kendall_tau_rows`)."""
   return float(kendall_tau_rows(np.asarray(x)[None], np.asarray(y)[None])[0])
+
+
+def shorter_preferred(scores: np.ndarray, lengths: np.ndarray,
+                      valid: np.ndarray | None = None, *,
+                      ties: str = "half") -> np.ndarray:
+  """Per prompt, the share of its candidate pairs of unequal length whose
+  shorter member scores higher: f64[B].
+
+  Args:
+    scores: f[B, K] a scheme's scores (or oracle correctness).
+    lengths: i[B, K] candidate lengths (tokens).
+    valid: bool[B]; False rows are NaN.
+    ties: "half" counts a pair scored equal as 1/2; "skip" leaves it out
+      (for correctness: of the (right, wrong) pairs of unequal length, the
+      share whose right member is the shorter).
+
+  Returns:
+    f64[B]: over the pairs (i, j) with lengths[i] < lengths[j], credit 1 if
+    s_i > s_j, 1/2 if s_i == s_j, else 0, averaged; 0.5 is indifference to
+    length. NaN where no pair counts (every candidate the same length).
+  """
+  if ties not in ("half", "skip"):
+    raise ValueError(f"ties={ties!r}: 'half' or 'skip'")
+  s = np.asarray(scores, np.float64)
+  n = np.asarray(lengths)
+  shorter = n[:, :, None] < n[:, None, :]  # [B, K, K]: i shorter than j
+  diff = s[:, :, None] - s[:, None, :]
+  if ties == "skip":
+    shorter = shorter & (diff != 0)
+  credit = np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
+  pairs = shorter.sum((1, 2))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    out = np.where(pairs > 0, (credit * shorter).sum((1, 2)) / pairs, np.nan)
+  if valid is not None:
+    out = np.where(np.asarray(valid, bool), out, np.nan)
+  return out

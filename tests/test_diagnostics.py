@@ -1,6 +1,7 @@
 """Self-ranking vs oracle agreement, by hand."""
 
 import numpy as np
+import pytest
 
 from purld_jax import diagnostics
 
@@ -35,3 +36,36 @@ def test_a_perfect_and_a_reversed_ranking():
   reverse = diagnostics.ranking_vs_oracle(-(correct + 0.1 * noise), correct)
   assert perfect["pair_accuracy"] == 1.0 and perfect["top_right"] == 1.0
   assert reverse["pair_accuracy"] == 0.0 and reverse["top_right"] == 0.0
+
+
+def test_shorter_preferred_by_hand():
+  scores = np.array([[3.0, 2.0, 1.0],    # shortest scored highest: 3 of 3
+                     [1.0, 2.0, 3.0],    # longest scored highest: 0 of 3
+                     [1.0, 1.0, 0.0],    # lengths 1, 1, 2: pairs (0,2) 1>0,
+                     #                     (1,2) 1>0; (0,1) equal length
+                     [2.0, 2.0, 5.0],    # lengths 1, 3, 3: (0,1) tie, (0,2)
+                     #                     2<5 -> 0.5 of 2
+                     [4.0, 5.0, 6.0],    # one length: no pair -> NaN
+                     [3.0, 2.0, 1.0]])   # invalid -> NaN
+  lengths = np.array([[1, 2, 3], [1, 2, 3], [1, 1, 2], [1, 3, 3], [2, 2, 2],
+                      [1, 2, 3]])
+  valid = np.array([True] * 5 + [False])
+  got = diagnostics.shorter_preferred(scores, lengths, valid)
+  np.testing.assert_array_equal(got[:4], [1.0, 0.0, 1.0, 0.25])
+  assert np.isnan(got[4]) and np.isnan(got[5])
+
+
+def test_shorter_preferred_skipping_ties_reads_correctness():
+  # Right is 1. Row 0: the right one (length 1) is shorter than both wrong
+  # ones -> 1; the wrong pair (lengths 2, 2) is no pair. Row 1: the right
+  # one is the longest; the (wrong, wrong) pair (0,1) is a tie, skipped ->
+  # 0 of 2. Row 2: all wrong: every pair a tie -> NaN (with ties="half": 0.5).
+  correct = np.array([[1, 0, 0], [0, 0, 1], [0, 0, 0]])
+  lengths = np.array([[1, 2, 2], [1, 2, 3], [1, 2, 3]])
+  got = diagnostics.shorter_preferred(correct, lengths, ties="skip")
+  np.testing.assert_array_equal(got[:2], [1.0, 0.0])
+  assert np.isnan(got[2])
+  half = diagnostics.shorter_preferred(correct, lengths)
+  np.testing.assert_array_equal(half, [1.0, 0.5 * 1 / 3, 0.5])
+  with pytest.raises(ValueError, match="ties"):
+    diagnostics.shorter_preferred(correct, lengths, ties="drop")

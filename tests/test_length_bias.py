@@ -1,0 +1,130 @@
+"""experiments/length_bias.py on a hand-made rollout store and eval files."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import length_bias
+from purld_jax import prompts as prompts_lib
+from purld_jax import rollout
+from purld_jax import rollout_store
+
+
+def _group(lengths, finished, scores, valid) -> rollout.Group:
+  """B prompts x K candidates whose member masks hold `lengths` tokens (the
+  stop token included where `finished`); the anchor member has 2 tokens."""
+  lengths = np.asarray(lengths)
+  finished = np.asarray(finished, bool)
+  b, k = lengths.shape
+  t = 6
+  full = np.concatenate([lengths + finished, np.full((b, 1), 2)], axis=1)
+  member_mask = np.arange(t) < full[..., None]
+  return rollout.Group(
+      prompt_tokens=np.ones((b, 4), np.int32),
+      prompt_mask=np.ones((b, 4), bool),
+      members=member_mask.astype(np.int32) * 7, member_mask=member_mask,
+      old_logps=np.zeros((b, k, t), np.float32), finished=finished,
+      scores=np.asarray(scores, np.float32),
+      anchor_score=np.zeros(b, np.float32), valid=np.asarray(valid, bool),
+      texts=[[f"c{i}{j}" for j in range(k)] for i in range(b)], timings={})
+
+
+def _store(path):
+  """Two steps of a K = 3 'pmi' run, the second with a filler prompt."""
+  store = rollout_store.RolloutStore(path)
+  ps = [prompts_lib.Prompt.from_text(f"q{i}", id=f"p{i}", answer="1")
+        for i in range(2)]
+  common = dict(prompts=ps, anchors=["a", "a"], anchor_keys=["0", "1"],
+                scheme="pmi", recipe="grpo")
+  # Step 1. Prompt 0: lengths 0 (empty), 1, 2, scores 0 > -1 > -2: the
+  # shorter always wins (1.0), the empty one is top; right: candidate 1 only
+  # -> right vs wrong pairs of unequal length: (1 vs 0) right longer, (1 vs
+  # 2) right shorter -> 0.5. Prompt 1: lengths 1, 1, 3 (the last unfinished),
+  # scores -1, -3, -2: pairs (0,2) wins, (1,2) loses -> 0.5; all wrong -> no
+  # oracle pair.
+  store.write(1, _group([[0, 1, 2], [1, 1, 3]], [[1, 1, 1], [1, 1, 0]],
+                        [[0.0, -1.0, -2.0], [-1.0, -3.0, -2.0]], [1, 1]),
+              correct=np.array([[0, 1, 0], [0, 0, 0]], np.float32), **common)
+  # Step 2. Prompt 0: lengths 2, 2, 2: no pair (dropped). Prompt 1: filler.
+  store.write(2, _group([[2, 2, 2], [0, 1, 2]], [[1, 1, 1], [1, 1, 1]],
+                        [[1.0, 2.0, 3.0], [0.0, -1.0, -2.0]], [1, 0]),
+              correct=np.array([[1, 0, 0], [0, 0, 0]], np.float32), **common)
+
+
+def test_candidate_lengths_leave_out_the_stop_token(tmp_path):
+  _store(tmp_path / "run" / "rollouts")
+  r = rollout_store.RolloutStore.open(tmp_path / "run" / "rollouts").read(1)
+  np.testing.assert_array_equal(length_bias.candidate_lengths(r),
+                                [[0, 1, 2], [1, 1, 3]])
+
+
+def test_cell_rows_by_hand(tmp_path):
+  _store(tmp_path / "run" / "rollouts")
+  (row,) = length_bias.cell_rows(str(tmp_path / "run"))
+  assert row["scheme"] == "pmi" and row["steps"] == 2
+  assert row["prompts"] == 2  # step 2: one prompt of equal lengths, a filler
+  assert row["candidates"] == 9  # valid prompts only
+  assert row["shorter_pref"] == pytest.approx((1.0 + 0.5) / 2)
+  assert row["oracle_pref"] == 0.5 and row["oracle_prompts"] == 1
+  assert row["empty"] == 1 and row["empty_groups"] == 1
+  assert row["empty_top"] == 1
+  assert row["tokens_first"] == pytest.approx(8 / 6)
+  assert row["tokens_last"] == 2.0
+  lo, hi = row["shorter_pref_lo"], row["shorter_pref_hi"]
+  assert 0.5 <= lo <= row["shorter_pref"] <= hi <= 1.0
+
+
+def test_cell_rows_refuse_a_missing_scheme_and_store(tmp_path):
+  _store(tmp_path / "run" / "rollouts")
+  with pytest.raises(ValueError, match=r"rollouts: no scores for \['judge'\]"):
+    length_bias.cell_rows(str(tmp_path / "run"), ["judge"])
+  with pytest.raises(FileNotFoundError, match="nothing.rollouts"):
+    length_bias.cell_rows(str(tmp_path / "nothing"))
+
+
+def _answers(path, tokens, finished, correct):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    for i, (n, fin, c) in enumerate(zip(tokens, finished, correct)):
+      f.write(json.dumps(dict(id=f"e{i}", answer="x" * n, tokens=n,
+                              finished=fin, correct=c)) + "\n")
+
+
+def test_heldout_row_counts_answers_of_at_most_one_token(tmp_path):
+  cell = tmp_path / "k2_pmi_grpo_s0"
+  # tokens include the stop where finished: 1 -> empty, 2 -> one token,
+  # 2 unfinished -> two tokens, 4 -> three.
+  _answers(cell / "eval" / "final.jsonl", [1, 2, 2, 4], [1, 1, 0, 1],
+           [0.0, 1.0, 0.0, None])
+  _answers(cell / "eval" / "sft.jsonl", [4, 4, 2, 3], [1, 1, 1, 1],
+           [1.0, 1.0, 0.0, None])
+  (cell / "cell.json").write_text(json.dumps(dict(overrides={
+      "recipe": "grpo", "ranking.scheme": "pmi",
+      "sampling.num_candidates": "2"})))
+  row = length_bias.heldout_row(str(cell))
+  assert (row["scheme"], row["loss"], row["k"]) == ("pmi", "grpo", "2")
+  assert row["prompts"] == 4
+  assert row["short"] == 2 and row["tokens"] == (0 + 1 + 2 + 3) / 4
+  assert row["accuracy"] == pytest.approx(1 / 3)  # the None prompt left out
+  assert row["sft_short"] == 1 and row["sft_tokens"] == (3 + 3 + 1 + 2) / 4
+  assert row["sft_accuracy"] == pytest.approx(2 / 3)
+  assert length_bias.heldout_row(str(tmp_path / "empty")) is None
+
+
+def test_main_writes_both_tables_and_names_a_bad_folder(tmp_path, capsys):
+  _store(tmp_path / "run" / "rollouts")
+  _answers(tmp_path / "run" / "eval" / "final.jsonl", [2, 3], [1, 1],
+           [1.0, 0.0])
+  out = tmp_path / "out"
+  rows = length_bias.main([str(tmp_path / "run"), f"--out={out}"])
+  assert len(rows) == 2
+  text = (out / "length_bias.md").read_text()
+  assert "| pmi | 2 | 2 |" in text and "1 (SFT -)" in text
+  assert (out / "length_bias.csv").read_text().startswith("cell,scheme,")
+  assert (out / "heldout_lengths.csv").read_text().count("\n") == 2
+  assert (out / "length_bias.png").stat().st_size > 0
+  assert "0.75 [" in capsys.readouterr().out
+  with pytest.raises(FileNotFoundError, match="neither rollouts"):
+    length_bias.main([str(tmp_path / "nothing")])
