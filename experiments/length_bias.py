@@ -26,7 +26,9 @@ re-ranking study's ref_* ones), over every stored step's real prompts:
 
 And for each cell with held-out answers (eval/final.jsonl, as kept/ folders
 hold them): how many greedy answers have at most one token before the stop
-(a one-digit number, or nothing), their mean length and the accuracy, for
+(a one-digit number, or nothing), their mean length, how many distinct
+answers there are and how often the commonest one is given (a policy that
+collapsed onto one answer shows here), and the accuracy, for
 the trained model and for SFT (eval/sft.jsonl) on the same prompts.
 
 Needs no model: it reads what is already on disk. Writes length_bias.md,
@@ -37,6 +39,7 @@ length_bias.csv (the rollout rows), heldout_lengths.csv and length_bias.png
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -58,8 +61,10 @@ COLUMNS = ("cell", "scheme", "steps", "prompts", "candidates", "tokens_first",
            "tokens_last", "empty", "empty_top", "empty_groups",
            "shorter_pref", "shorter_pref_lo", "shorter_pref_hi",
            "oracle_pref", "oracle_prompts")
-HELDOUT_COLUMNS = ("cell", "scheme", "loss", "k", "prompts", "short", "tokens", "accuracy",
-                   "sft_short", "sft_tokens", "sft_accuracy")
+HELDOUT_COLUMNS = ("cell", "scheme", "loss", "k", "prompts", "short", "tokens",
+                   "accuracy", "top_answer", "top_count", "distinct",
+                   "sft_short", "sft_tokens", "sft_accuracy", "sft_top_answer",
+                   "sft_top_count", "sft_distinct")
 
 
 def candidate_lengths(r: rollout_store.Rollout) -> np.ndarray:
@@ -73,7 +78,9 @@ def candidate_lengths(r: rollout_store.Rollout) -> np.ndarray:
 def label(workdir: str) -> str:
   """The cell's name in the tables: its path without a leading
   experiments/ and cells/ (two studies' `pool` cells stay apart)."""
-  parts = os.path.normpath(os.path.relpath(workdir)).split(os.sep)
+  rel = os.path.relpath(workdir)
+  path = workdir if rel.startswith("..") else rel
+  parts = os.path.normpath(path).split(os.sep)
   if parts[0] == "experiments":
     parts = parts[1:]
   return "/".join(x for x in parts if x not in ("cells", "kept")) or "."
@@ -165,26 +172,37 @@ def heldout_row(workdir: str) -> dict | None:
   for prefix, a in (("", final), ("sft_", sft)):
     if a is None:
       row.update({f"{prefix}short": None, f"{prefix}tokens": np.nan,
-                  f"{prefix}accuracy": np.nan})
+                  f"{prefix}accuracy": np.nan, f"{prefix}top_answer": None,
+                  f"{prefix}top_count": None, f"{prefix}distinct": None})
       continue
     n = answer_lengths(a)
+    counts = collections.Counter(t.strip() for t in a.texts)
+    top, top_count = counts.most_common(1)[0]
     row.update({f"{prefix}short": int((n <= 1).sum()),
                 f"{prefix}tokens": float(n.mean()),
-                f"{prefix}accuracy": float(np.nanmean(a.correct))})
+                f"{prefix}accuracy": float(np.nanmean(a.correct)),
+                f"{prefix}top_answer": top, f"{prefix}top_count": top_count,
+                f"{prefix}distinct": len(counts)})
   return row
 
 
 def heldout_table(rows: Sequence[dict]) -> str:
   """The markdown table of `heldout_row`s."""
   f = lambda x, d=2: "-" if x is None or np.isnan(x) else f"{x:.{d}f}"
+  sft = lambda r, key: "-" if r[key] is None else r[key]
+  said = lambda r, p: ("-" if r[p + "top_answer"] is None else
+                       f"{json.dumps(r[p + 'top_answer'], ensure_ascii=False)}"
+                       f" x {r[p + 'top_count']}")
   body = [[r["cell"], str(r["prompts"]),
-           f"{r['short']} (SFT {'-' if r['sft_short'] is None else r['sft_short']})",
+           f"{r['short']} (SFT {sft(r, 'sft_short')})",
            f"{f(r['tokens'])} (SFT {f(r['sft_tokens'])})",
+           f"{r['distinct']} (SFT {sft(r, 'sft_distinct')})",
+           f"{said(r, '')} (SFT {said(r, 'sft_')})",
            f"{f(100 * r['accuracy'], 1)} (SFT {f(100 * r['sft_accuracy'], 1)})"]
           for r in rows]
   return common.markdown_table(
       body, ["cell", "prompts", "answers of <= 1 token", "mean tokens",
-             "accuracy %"])
+             "distinct answers", "commonest answer", "accuracy %"])
 
 
 def table(rows: Sequence[dict]) -> str:

@@ -84,11 +84,12 @@ def test_cell_rows_refuse_a_missing_scheme_and_store(tmp_path):
     length_bias.cell_rows(str(tmp_path / "nothing"))
 
 
-def _answers(path, tokens, finished, correct):
+def _answers(path, tokens, finished, correct, texts=None):
   os.makedirs(os.path.dirname(path), exist_ok=True)
+  texts = texts or ["x" * n for n in tokens]
   with open(path, "w", encoding="utf-8") as f:
-    for i, (n, fin, c) in enumerate(zip(tokens, finished, correct)):
-      f.write(json.dumps(dict(id=f"e{i}", answer="x" * n, tokens=n,
+    for i, (n, fin, c, t) in enumerate(zip(tokens, finished, correct, texts)):
+      f.write(json.dumps(dict(id=f"e{i}", answer=t, tokens=n,
                               finished=fin, correct=c)) + "\n")
 
 
@@ -97,9 +98,9 @@ def test_heldout_row_counts_answers_of_at_most_one_token(tmp_path):
   # tokens include the stop where finished: 1 -> empty, 2 -> one token,
   # 2 unfinished -> two tokens, 4 -> three.
   _answers(cell / "eval" / "final.jsonl", [1, 2, 2, 4], [1, 1, 0, 1],
-           [0.0, 1.0, 0.0, None])
+           [0.0, 1.0, 0.0, None], ["", "7", "7 ", "7a7"])
   _answers(cell / "eval" / "sft.jsonl", [4, 4, 2, 3], [1, 1, 1, 1],
-           [1.0, 1.0, 0.0, None])
+           [1.0, 1.0, 0.0, None], ["12", "34", "5", "67"])
   (cell / "cell.json").write_text(json.dumps(dict(overrides={
       "recipe": "grpo", "ranking.scheme": "pmi",
       "sampling.num_candidates": "2"})))
@@ -110,6 +111,10 @@ def test_heldout_row_counts_answers_of_at_most_one_token(tmp_path):
   assert row["accuracy"] == pytest.approx(1 / 3)  # the None prompt left out
   assert row["sft_short"] == 1 and row["sft_tokens"] == (3 + 3 + 1 + 2) / 4
   assert row["sft_accuracy"] == pytest.approx(2 / 3)
+  # "7" and "7 " are one answer once stripped: 3 distinct, "7" twice.
+  assert (row["top_answer"], row["top_count"], row["distinct"]) == ("7", 2, 3)
+  assert (row["sft_top_count"], row["sft_distinct"]) == (1, 4)
+  assert row["sft_top_answer"] == "12"  # a four-way tie: the first given
   assert length_bias.heldout_row(str(tmp_path / "empty")) is None
 
 
@@ -121,7 +126,8 @@ def test_main_writes_both_tables_and_names_a_bad_folder(tmp_path, capsys):
   rows = length_bias.main([str(tmp_path / "run"), f"--out={out}"])
   assert len(rows) == 2
   text = (out / "length_bias.md").read_text()
-  assert "| pmi | 2 | 2 |" in text and "1 (SFT -)" in text
+  assert "| pmi | 2 | 2 |" in text and "| 2 | 1 (SFT -) | 1.50 (SFT -) |" in text
+  assert '| 2 (SFT -) | "xx" x 1 (SFT -) | 50.0 (SFT -) |' in text
   assert (out / "length_bias.csv").read_text().startswith("cell,scheme,")
   assert (out / "heldout_lengths.csv").read_text().count("\n") == 2
   assert (out / "length_bias.png").stat().st_size > 0
