@@ -101,6 +101,9 @@ def ranking() -> ml_collections.ConfigDict:
   c.bt_iters = 100            # pairwise_judge: Bradley-Terry MM iterations
   c.bt_prior = 0.1            # pairwise_judge: Bradley-Terry pseudo-wins
   c.metric = "rouge_l"        # similarity: rouge_l | token_f1
+  # pmi: also score the stop token ending each candidate (an empty answer is
+  # then scored, not 0); off = METHOD.md (response tokens only).
+  c.pmi_stop = False
   c.rows_per_call = 64        # scoring rows per model call (memory knob)
   c.pad_multiple = 16         # scoring row lengths rounded up to this
   return c

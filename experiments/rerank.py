@@ -127,7 +127,8 @@ def main(argv):
   if f.schemes:
     model, tok = models.load_pretrained(
         f.model or os.path.join(f.workdir, "reference"), dtype=jnp.float32)
-    done = rerank(store, model, tok, f.schemes, prefix=f.prefix)
+    done = rerank(store, model, tok, f.schemes, prefix=f.prefix,
+                  pmi_stop=f.pmi_stop)
     print(f"scored {len(done)} (step, scheme) pairs", file=sys.stderr)
   rows = agreement_table(store, names + list(f.stored),
                          ks=[int(k) for k in f.ks],
@@ -152,6 +153,8 @@ if __name__ == "__main__":
   flags.DEFINE_list("schemes", "judge,pmi,anchor_recon,similarity",
                     "schemes to score the stored candidates with")
   flags.DEFINE_string("prefix", "ref_", "stored as scores/<prefix><scheme>")
+  flags.DEFINE_bool("pmi_stop", False, "pmi also scores each candidate's "
+                    "stop token (ranking.pmi_stop; give it its own --prefix)")
   flags.DEFINE_list("stored", "", "also tabulate these stored score names "
                     "(e.g. the run's own: judge)")
   flags.DEFINE_list("ks", "2,4", "group sizes sub-sampled")

@@ -404,7 +404,7 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
                 bt_iters: int = 100, bt_prior: float = 0.1,
                 metric: str = "rouge_l",
                 verifier: Callable[[int, str], float] | None = None,
-                rows_per_call: int = 64, vocab_chunk: int | None = None,
+                pmi_stop: bool = False, rows_per_call: int = 64, vocab_chunk: int | None = None,
                 pad_multiple: int = 16, scorers: Scorers | None = None):
   """Self-ranking scores of a batch of groups (METHOD.md steps 3 and 4).
 
@@ -425,6 +425,10 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
     aggregation, bt_iters, bt_prior: `pairwise_judge` knobs.
     metric: `similarity` metric.
     verifier: `oracle` callback verifier(b, text) -> reward.
+    pmi_stop: `pmi` also scores the stop token that ended a candidate (and
+      an end of turn after the anchor), so stopping is a token like any
+      other: an empty candidate scores log pi(stop | x, a) - log pi(stop |
+      x), not 0. Off: METHOD.md's mean over the response tokens only.
     rows_per_call: most rows per model call (memory knob; every call of
       one `score_group` has the same row count, so a fixed (B, K) compiles
       once per row length).
@@ -475,9 +479,15 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
       s = judge(jnp.asarray(logps).reshape(b, m, -1), yes_ids=yes,
                 no_ids=no)
   elif scheme == "pmi":
+    if pmi_stop:  # candidates through their stop; the anchor + end of turn
+      groups = [[list(y) for y in g] for g in candidates]
+      if score_anchor:
+        groups = [g + [tok.encode(a) + [tok.stop_ids[0]]]
+                  for g, a in zip(groups, anchors)]
     with_a, plain = templates.pmi_batches(
         tok, prompts, anchors, groups,
-        template=template or templates.PMI_TEMPLATE, **pad)
+        template=template or templates.PMI_TEMPLATE, keep_stop=pmi_stop,
+        **pad)
     lw = _token_logps(scorers, with_a, m, **run)
     lo = _token_logps(scorers, plain, m, **run)
     s = pmi(lw.reshape(b, m, -1), lo.reshape(b, m, -1),

@@ -49,6 +49,7 @@ class RankingParams:
   bt_iters: int = 100
   bt_prior: float = 0.1
   metric: str = "rouge_l"
+  pmi_stop: bool = False
   rows_per_call: int = 64
   pad_multiple: int = 16
   vocab_chunk: int | None = None
@@ -196,7 +197,8 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
         template=rp.template or None, score_anchor=True,
         yes_word=rp.yes_word, no_word=rp.no_word, aggregation=rp.aggregation,
         bt_iters=rp.bt_iters, bt_prior=rp.bt_prior, metric=rp.metric,
-        verifier=verifier, rows_per_call=rp.rows_per_call,
+        verifier=verifier, pmi_stop=rp.pmi_stop,
+        rows_per_call=rp.rows_per_call,
         vocab_chunk=rp.vocab_chunk, pad_multiple=rp.pad_multiple,
         scorers=scorers)
   t2 = time.perf_counter()

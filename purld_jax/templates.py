@@ -67,6 +67,12 @@ def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
   return out
 
 
+def through_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+  """`ids` up to and including the first stop id (all of `ids` when none)."""
+  cut = cut_at_stop(ids, stop_ids)
+  return cut + [int(ids[len(cut)])] if len(cut) < len(ids) else cut
+
+
 def candidate_lists(tokens: np.ndarray, mask: np.ndarray
                     ) -> list[list[list[int]]]:
   """Sampler arrays i32[B, K, T] + bool[B, K, T] -> B x K token-id lists."""
@@ -150,9 +156,12 @@ def pairwise_batch(tok, prompts, anchors, candidates, *,
 
 
 def pmi_batches(tok, prompts, anchors, candidates, *,
-                template: str = PMI_TEMPLATE, pad_multiple: int = 16
-                ) -> tuple[ScoringBatch, ScoringBatch]:
+                template: str = PMI_TEMPLATE, pad_multiple: int = 16,
+                keep_stop: bool = False) -> tuple[ScoringBatch, ScoringBatch]:
   """Each candidate after two contexts, R = B * K rows each, same T.
+
+  A candidate is cut at its first stop id, which is kept as its last target
+  with `keep_stop` (`ranking.pmi_stop`).
 
   With the anchor: the last user turn becomes template(prompt, reference);
   without: the prompt as is. The candidate's tokens are appended after the
@@ -166,7 +175,7 @@ def pmi_batches(tok, prompts, anchors, candidates, *,
         msgs, template.format(prompt=last, reference=anchor)))
     ctx = tok.encode_chat(msgs)
     for ids in group:
-      y = cut_at_stop(ids, tok.stop_ids)
+      y = (through_stop if keep_stop else cut_at_stop)(ids, tok.stop_ids)
       with_a.append(ctx_a + y)
       plain.append(ctx + y)
       n.append(len(y))

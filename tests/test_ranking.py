@@ -392,3 +392,48 @@ def test_smollm2_documented_example():
   assert [len(tok.encode(t)) for t in texts] == [7, 7, 7, 4]
   assert_allclose(out["similarity"], [8 / 14, 1.0, 12 / 14, 2 / 11],
                   rtol=1e-6)
+
+
+def test_pmi_stop_scores_the_stop_token(tiny_model, tiny_tok):
+  tok, model = tiny_tok, tiny_model
+  stop = tok.stop_ids[0]
+  b, msgs, anchor = 1, PROMPTS[1], ANCHORS[1]
+  y = tok.encode("mat")
+  cands = _cands(tok)
+  cands[b][0] = y + [stop] + tok.encode("dog")  # finished: "mat" + stop
+  cands[b][1] = [stop]                           # empty
+  cands[b][2] = list(y)                          # unfinished: no stop
+  pmi_ctx = tok.encode_chat([msgs[0], {"role": "user", "content":
+                                       templates.PMI_TEMPLATE.format(
+                                           prompt=msgs[1]["content"],
+                                           reference=anchor)}])
+  plain_ctx = tok.encode_chat(msgs)
+  a = tok.encode(anchor) + [stop]
+  wa_y, pl_y, wa_e, pl_e, wa_a, pl_a = _unpadded(model, [
+      pmi_ctx + y + [stop], plain_ctx + y + [stop], pmi_ctx + [stop],
+      plain_ctx + [stop], pmi_ctx + a, plain_ctx + a])
+  s, s_a = _score(model, tok, "pmi", cands=cands, pmi_stop=True)
+  n = len(y) + 1
+  assert_allclose(s[b, 0], (wa_y[-n:] - pl_y[-n:]).mean(), atol=1e-5)
+  assert_allclose(s[b, 1], wa_e[-1] - pl_e[-1], atol=1e-5)
+  assert abs(s[b, 1]) > 1e-4   # the empty candidate is scored, not 0
+  assert_allclose(s_a[b], (wa_a[-len(a):] - pl_a[-len(a):]).mean(), atol=1e-5)
+  # The unfinished candidate has no stop to score: as without the knob.
+  off, _ = _score(model, tok, "pmi", cands=cands)
+  assert_allclose(s[b, 2], off[b, 2], atol=1e-5)
+  assert off[b, 1] == 0.0 and abs(s[b, 0] - off[b, 0]) > 1e-6
+
+
+def test_through_stop():
+  assert templates.through_stop([5, 6, 2, 7], (2, 3)) == [5, 6, 2]
+  assert templates.through_stop([3, 9], (2, 3)) == [3]
+  assert templates.through_stop([5, 6], (2, 3)) == [5, 6]
+
+
+def test_config_ranking_pmi_stop_reaches_the_scorer_params():
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from purld_jax.train import pu_rl  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  assert pu_rl.ranking_params(c).pmi_stop is False  # METHOD.md's default
+  c.ranking.pmi_stop = True
+  assert pu_rl.ranking_params(c).pmi_stop is True
