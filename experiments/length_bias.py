@@ -32,8 +32,8 @@ collapsed onto one answer shows here), and the accuracy, for
 the trained model and for SFT (eval/sft.jsonl) on the same prompts.
 
 Needs no model: it reads what is already on disk. Writes length_bias.md,
-length_bias.csv (the rollout rows), heldout_lengths.csv and length_bias.png
-(both as pictures) to --out.
+length_bias.csv (the rollout rows), heldout_lengths.csv, and both as
+pictures (length_preference.png, heldout_lengths.png) to --out.
 """
 
 from __future__ import annotations
@@ -221,27 +221,24 @@ def table(rows: Sequence[dict]) -> str:
              "right is shorter (prompts)"])
 
 
-def plot(rows: Sequence[dict], held: Sequence[dict], path: str) -> None:
-  """length_bias.png: left, each stored (cell, scheme)'s shorter-preferred
-  share with its CI (x: correctness's share); right, each cell's held-out
-  answers of <= 1 token against its accuracy (colour: scheme, marker: loss;
-  stars: SFT)."""
+def plot(rows: Sequence[dict], held: Sequence[dict], out: str) -> list[str]:
+  """Pictures into folder `out`: length_preference.png, each stored (cell,
+  scheme)'s shorter-preferred share with its CI against correctness's; and
+  heldout_lengths.png, each cell's held-out answers of <= 1 token against
+  its accuracy (colour: scheme, marker: loss; stars: SFT). Returns the
+  paths written."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  panels = [x for x in (rows, held) if x]
-  fig, axes = plt.subplots(1, len(panels), squeeze=False,
-                           figsize=(6.4 * len(panels), 0.5 + 0.28 * max(
-                               len(rows), 12)))
-  axes = list(axes[0])
+  paths = []
   if rows:
-    ax = axes.pop(0)
+    fig, ax = plt.subplots(figsize=(7.5, 1.0 + 0.24 * len(rows)))
     y = np.arange(len(rows))[::-1]
     m = np.array([r["shorter_pref"] for r in rows])
     lo = np.array([r["shorter_pref_lo"] for r in rows])
     hi = np.array([r["shorter_pref_hi"] for r in rows])
     ax.errorbar(m, y, xerr=[m - lo, hi - m], fmt="o", ms=4, capsize=2,
-                label="scheme: shorter scored higher")
+                label="scheme: shorter scored higher (95 % CI)")
     ax.plot([r["oracle_pref"] for r in rows], y, "x", color="C3",
             label="correctness: right one shorter")
     ax.axvline(0.5, color="0.5", ls="--", lw=0.8)
@@ -250,9 +247,12 @@ def plot(rows: Sequence[dict], held: Sequence[dict], path: str) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of unequal-length pairs (0.5: blind to length)")
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("which candidate the ranking prefers", fontsize=9)
+    ax.set_title("which of two candidates the ranking prefers", fontsize=9)
+    paths.append(os.path.join(out, "length_preference.png"))
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    plt.close(fig)
   if held:
-    ax = axes.pop(0)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     schemes = sorted({r["scheme"] for r in held})
     markers = dict(dpo="s", grpo="^", ldl="o")
     for r in held:
@@ -273,8 +273,10 @@ def plot(rows: Sequence[dict], held: Sequence[dict], path: str) -> None:
     ax.set_ylabel("held-out accuracy (%)")
     ax.legend(fontsize=7)
     ax.set_title("trained cells: short answers and accuracy", fontsize=9)
-  fig.savefig(path, dpi=120, bbox_inches="tight")
-  plt.close(fig)
+    paths.append(os.path.join(out, "heldout_lengths.png"))
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    plt.close(fig)
+  return paths
 
 
 def main(argv=None) -> list[dict]:
@@ -321,10 +323,12 @@ def main(argv=None) -> list[dict]:
                f"candidate scores highest, of those with both an empty and "
                f"a non-empty one. answers of <= 1 token: held-out greedy "
                f"answers with at most one token before the stop.\n")
+      for path in plot(rows, held, a.out):
+        name = os.path.basename(path)
+        fh.write(f"\n![{name[:-4].replace('_', ' ')}]({name})\n")
     common.write_csv(os.path.join(a.out, "length_bias.csv"), rows, COLUMNS)
     common.write_csv(os.path.join(a.out, "heldout_lengths.csv"), held,
                      HELDOUT_COLUMNS)
-    plot(rows, held, os.path.join(a.out, "length_bias.png"))
   return rows + held
 
 

@@ -130,7 +130,9 @@ def test_main_writes_both_tables_and_names_a_bad_folder(tmp_path, capsys):
   assert '| 2 (SFT -) | "xx" x 1 (SFT -) | 50.0 (SFT -) |' in text
   assert (out / "length_bias.csv").read_text().startswith("cell,scheme,")
   assert (out / "heldout_lengths.csv").read_text().count("\n") == 2
-  assert (out / "length_bias.png").stat().st_size > 0
+  assert "![heldout lengths](heldout_lengths.png)" in text
+  assert (out / "length_preference.png").stat().st_size > 0
+  assert (out / "heldout_lengths.png").stat().st_size > 0
   assert "0.75 [" in capsys.readouterr().out
   with pytest.raises(FileNotFoundError, match="neither rollouts"):
     length_bias.main([str(tmp_path / "nothing")])
