@@ -205,6 +205,41 @@ def heldout_table(rows: Sequence[dict]) -> str:
              "distinct answers", "commonest answer", "accuracy %"])
 
 
+def summary_table(held: Sequence[dict]) -> str:
+  """`heldout_row`s grouped by loss x scheme: cells, and the range over
+  them of short answers, distinct answers and accuracy, with the most
+  repeated answer of any of them. A cell run in two studies (the same
+  name: the same setting and seed) counts once."""
+  seen, groups = set(), {}
+  for r in held:
+    name = r["cell"].rsplit("/", 1)[-1]
+    if name in seen:
+      continue
+    seen.add(name)
+    groups.setdefault((r["loss"], r["scheme"]), []).append(r)
+  span = lambda v, fmt="{}": (fmt.format(min(v)) if min(v) == max(v) else
+                              f"{fmt.format(min(v))}-{fmt.format(max(v))}")
+  body = []
+  for (loss, scheme), rs in sorted(groups.items()):
+    top = max(rs, key=lambda r: r["top_count"])
+    body.append([loss.upper() or "-", scheme or "-", str(len(rs)),
+                 span([r["short"] for r in rs]),
+                 span([r["distinct"] for r in rs]),
+                 f"{json.dumps(top['top_answer'], ensure_ascii=False)} x "
+                 f"{top['top_count']}",
+                 span([100 * r["accuracy"] for r in rs], "{:.1f}")])
+  sft = next((r for r in held if r["sft_short"] is not None), None)
+  if sft is not None:
+    body.append(["SFT", "", "", str(sft["sft_short"]),
+                 str(sft["sft_distinct"]),
+                 f"{json.dumps(sft['sft_top_answer'], ensure_ascii=False)}"
+                 f" x {sft['sft_top_count']}",
+                 f"{100 * sft['sft_accuracy']:.1f}"])
+  return common.markdown_table(
+      body, ["loss", "scheme", "cells", "answers of <= 1 token",
+             "distinct answers", "most repeated answer", "accuracy %"])
+
+
 def table(rows: Sequence[dict]) -> str:
   """The markdown table of `rows`."""
   f = lambda x: "-" if x is None or np.isnan(x) else f"{x:.2f}"
@@ -304,8 +339,9 @@ def main(argv=None) -> list[dict]:
     elif not has_store:
       raise FileNotFoundError(f"{cell}: neither rollouts/ nor "
                               f"eval/final.jsonl")
-  md = "\n\n".join(t for t in (table(rows) if rows else "",
-                                heldout_table(held) if held else "") if t)
+  md = "\n\n".join(t for t in (
+      table(rows) if rows else "", summary_table(held) if held else "",
+      heldout_table(held) if held else "") if t)
   print(md)
   if a.out:
     os.makedirs(a.out, exist_ok=True)

@@ -136,3 +136,19 @@ def test_main_writes_both_tables_and_names_a_bad_folder(tmp_path, capsys):
   assert "0.75 [" in capsys.readouterr().out
   with pytest.raises(FileNotFoundError, match="neither rollouts"):
     length_bias.main([str(tmp_path / "nothing")])
+
+
+def test_summary_groups_cells_by_loss_and_scheme_once_each():
+  row = lambda cell, loss, short, distinct, top, count, acc: dict(
+      cell=cell, loss=loss, scheme="pmi", short=short, distinct=distinct,
+      top_answer=top, top_count=count, accuracy=acc, sft_short=52,
+      sft_distinct=39, sft_top_answer="1", sft_top_count=30,
+      sft_accuracy=0.148)
+  held = [row("a/k2_pmi_grpo_s0", "grpo", 122, 16, "2", 28, 0.0),
+          row("a/k2_pmi_grpo_s1", "grpo", 65, 25, "1", 30, 0.133),
+          row("b/k2_pmi_grpo_s1", "grpo", 1, 1, "x", 99, 0.9),  # a rerun
+          row("a/k4_pmi_ldl_s0", "ldl", 32, 35, "10", 25, 0.25)]
+  md = length_bias.summary_table(held)
+  assert '| GRPO | pmi | 2 | 65-122 | 16-25 | "1" x 30 | 0.0-13.3 |' in md
+  assert '| LDL | pmi | 1 | 32 | 35 | "10" x 25 | 25.0 |' in md
+  assert '| SFT |  |  | 52 | 39 | "1" x 30 | 14.8 |' in md
