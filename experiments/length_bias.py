@@ -67,12 +67,18 @@ HELDOUT_COLUMNS = ("cell", "scheme", "loss", "k", "prompts", "short", "tokens",
                    "sft_top_count", "sft_distinct")
 
 
+def tokens_before_stop(tokens: np.ndarray, finished: np.ndarray
+                       ) -> np.ndarray:
+  """i64[...]: token counts that include a finished answer's stop token,
+  without it."""
+  return np.asarray(tokens, np.int64) - np.asarray(finished, np.int64)
+
+
 def candidate_lengths(r: rollout_store.Rollout) -> np.ndarray:
   """i64[B, K] tokens of each candidate before its stop token (the stored
   member mask holds the stop token of a finished candidate)."""
-  k = r.finished.shape[1]
-  return (r.member_mask[:, :k].sum(-1).astype(np.int64)
-          - r.finished.astype(np.int64))
+  return tokens_before_stop(r.member_mask[:, :r.finished.shape[1]].sum(-1),
+                            r.finished)
 
 
 def label(workdir: str) -> str:
@@ -139,12 +145,6 @@ def cell_rows(workdir: str, schemes: Sequence[str] | None = None
   return rows
 
 
-def answer_lengths(answers) -> np.ndarray:
-  """i64[N] tokens of each held-out answer before its stop token."""
-  return (np.asarray(answers.lengths, np.int64)
-          - np.asarray(answers.finished, np.int64))
-
-
 def cell_setting(workdir: str) -> dict:
   """scheme, loss and K from the cell's cell.json overrides ('' where it
   has none: a plain run's workdir)."""
@@ -175,7 +175,7 @@ def heldout_row(workdir: str) -> dict | None:
                   f"{prefix}accuracy": np.nan, f"{prefix}top_answer": None,
                   f"{prefix}top_count": None, f"{prefix}distinct": None})
       continue
-    n = answer_lengths(a)
+    n = tokens_before_stop(a.lengths, a.finished)  # lengths count the stop
     counts = collections.Counter(t.strip() for t in a.texts)
     top, top_count = counts.most_common(1)[0]
     row.update({f"{prefix}short": int((n <= 1).sum()),

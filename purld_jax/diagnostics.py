@@ -47,12 +47,16 @@ def ranking_vs_oracle(scores: np.ndarray, correct: np.ndarray,
     return out
   s, r = scores[mixed], right[mixed]
   out["top_right"] = float(r[np.arange(len(s)), s.argmax(-1)].mean())
-  # [G, K, K]: candidate i right, j wrong; credit 1 if s_i > s_j, 1/2 if tie.
-  pair = r[:, :, None] & ~r[:, None, :]
-  diff = s[:, :, None] - s[:, None, :]
-  credit = np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
-  out["pair_accuracy"] = float((credit * pair).sum() / pair.sum())
+  pair = r[:, :, None] & ~r[:, None, :]  # [G, K, K]: i right, j wrong
+  out["pair_accuracy"] = float((_pair_credit(s) * pair).sum() / pair.sum())
   return out
+
+
+def _pair_credit(s: np.ndarray) -> np.ndarray:
+  """f64[B, K, K] from scores f[B, K]: 1 where s_i > s_j, 1/2 where
+  s_i == s_j, else 0."""
+  diff = s[:, :, None] - s[:, None, :]
+  return np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
 
 
 def kendall_tau_rows(x: np.ndarray, y: np.ndarray,
@@ -106,10 +110,9 @@ def shorter_preferred(scores: np.ndarray, lengths: np.ndarray,
   s = np.asarray(scores, np.float64)
   n = np.asarray(lengths)
   shorter = n[:, :, None] < n[:, None, :]  # [B, K, K]: i shorter than j
-  diff = s[:, :, None] - s[:, None, :]
+  credit = _pair_credit(s)
   if ties == "skip":
-    shorter = shorter & (diff != 0)
-  credit = np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
+    shorter = shorter & (credit != 0.5)
   pairs = shorter.sum((1, 2))
   with np.errstate(invalid="ignore", divide="ignore"):
     out = np.where(pairs > 0, (credit * shorter).sum((1, 2)) / pairs, np.nan)

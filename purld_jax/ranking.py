@@ -404,8 +404,9 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
                 bt_iters: int = 100, bt_prior: float = 0.1,
                 metric: str = "rouge_l",
                 verifier: Callable[[int, str], float] | None = None,
-                pmi_stop: bool = False, rows_per_call: int = 64, vocab_chunk: int | None = None,
-                pad_multiple: int = 16, scorers: Scorers | None = None):
+                pmi_stop: bool = False, rows_per_call: int = 64,
+                vocab_chunk: int | None = None, pad_multiple: int = 16,
+                scorers: Scorers | None = None):
   """Self-ranking scores of a batch of groups (METHOD.md steps 3 and 4).
 
   Args:
@@ -479,11 +480,10 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
       s = judge(jnp.asarray(logps).reshape(b, m, -1), yes_ids=yes,
                 no_ids=no)
   elif scheme == "pmi":
-    if pmi_stop:  # candidates through their stop; the anchor + end of turn
-      groups = [[list(y) for y in g] for g in candidates]
-      if score_anchor:
-        groups = [g + [tok.encode(a) + [tok.stop_ids[0]]]
-                  for g, a in zip(groups, anchors)]
+    if pmi_stop:  # candidates uncut (pmi_batches keeps each one's stop)
+      groups = [list(g) + ([tok.encode(a) + [tok.stop_ids[0]]]
+                           if score_anchor else [])
+                for g, a in zip(candidates, anchors)]
     with_a, plain = templates.pmi_batches(
         tok, prompts, anchors, groups,
         template=template or templates.PMI_TEMPLATE, keep_stop=pmi_stop,
