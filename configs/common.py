@@ -104,6 +104,9 @@ def ranking() -> ml_collections.ConfigDict:
   # pmi: also score the stop token ending each candidate (an empty answer is
   # then scored, not 0); off = METHOD.md (response tokens only).
   c.pmi_stop = False
+  # Remove the linear trend of score on candidate length inside groups (one
+  # slope per batch, ranking.length_debias); off = METHOD.md.
+  c.length_debias = False
   c.rows_per_call = 64        # scoring rows per model call (memory knob)
   c.pad_multiple = 16         # scoring row lengths rounded up to this
   return c

@@ -67,20 +67,6 @@ HELDOUT_COLUMNS = ("cell", "scheme", "loss", "k", "prompts", "short", "tokens",
                    "sft_top_count", "sft_distinct")
 
 
-def tokens_before_stop(tokens: np.ndarray, finished: np.ndarray
-                       ) -> np.ndarray:
-  """i64[...]: token counts that include a finished answer's stop token,
-  without it."""
-  return np.asarray(tokens, np.int64) - np.asarray(finished, np.int64)
-
-
-def candidate_lengths(r: rollout_store.Rollout) -> np.ndarray:
-  """i64[B, K] tokens of each candidate before its stop token (the stored
-  member mask holds the stop token of a finished candidate)."""
-  return tokens_before_stop(r.member_mask[:, :r.finished.shape[1]].sum(-1),
-                            r.finished)
-
-
 def label(workdir: str) -> str:
   """The cell's name in the tables: its path without a leading
   experiments/ and cells/ (two studies' `pool` cells stay apart)."""
@@ -116,7 +102,7 @@ def cell_rows(workdir: str, schemes: Sequence[str] | None = None
     for r in steps:
       keep = np.asarray(r.valid, bool)
       s = np.asarray(r.scores[name], np.float64)[keep]
-      n = candidate_lengths(r)[keep]
+      n = rollout_store.candidate_lengths(r)[keep]
       mean_len.append(float(n.mean()))
       pref.append(diagnostics.shorter_preferred(s, n))
       if r.correct is not None:
@@ -175,7 +161,8 @@ def heldout_row(workdir: str) -> dict | None:
                   f"{prefix}accuracy": np.nan, f"{prefix}top_answer": None,
                   f"{prefix}top_count": None, f"{prefix}distinct": None})
       continue
-    n = tokens_before_stop(a.lengths, a.finished)  # lengths count the stop
+    # a.lengths count the stop token
+    n = rollout_store.tokens_before_stop(a.lengths, a.finished)
     counts = collections.Counter(t.strip() for t in a.texts)
     top, top_count = counts.most_common(1)[0]
     row.update({f"{prefix}short": int((n <= 1).sum()),

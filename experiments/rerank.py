@@ -11,8 +11,14 @@ WORKDIR/reference) under scores/<prefix><scheme> (steps already scored are
 skipped: a killed study resumes), then prints, for each scheme and K (K
 candidates sub-sampled from the stored pool per prompt, per seed),
 `diagnostics.ranking_vs_oracle` and the mean per-prompt Kendall tau-b of
-the scores with correctness. Needs prompts with answers (oracle
-correctness is stored only then).
+the scores with correctness, and `diagnostics.shorter_preferred` (the share
+of unequal-length candidate pairs whose shorter member scores higher).
+Needs prompts with answers (oracle correctness is stored only then).
+
+--length_debias adds a row SCHEME+length_debias per scheme: its scores
+after `ranking.length_debias` (the linear length trend inside groups
+removed, one slope per stored step), computed from the stored scores, with
+no model: what `ranking.length_debias=True` would have handed the losses.
 
 The run's own scores (scores/<ranking.scheme>) came from the policy snapshot
 of each step when ranking.scorer = "policy"; --model scores every step with
@@ -85,34 +91,52 @@ def agreement(scores: np.ndarray, correct: np.ndarray,
 def agreement_table(store: rollout_store.RolloutStore,
                     schemes: Sequence[str],
                     ks: Sequence[int], seeds: Sequence[int], *,
-                    steps: Sequence[int] | None = None) -> list[dict]:
+                    steps: Sequence[int] | None = None,
+                    length_debias: bool = False) -> list[dict]:
   """One row per (scheme, k, seed): `agreement` over the prompts of every
   stored step with oracle correctness, k candidates sub-sampled per prompt
   (`rollout_store.subsample`). Steps lacking a scheme's scores are left
-  out of its rows (the row's `steps` counts those used)."""
+  out of its rows (the row's `steps` counts those used).
+
+  length_debias: also a row per scheme named DEBIASED.format(scheme): its
+  sub-sampled scores through `ranking.length_debias`, one slope per stored
+  step (as training with `ranking.length_debias` fits it per batch)."""
   rollouts = [r for r in store.iter(steps) if r.correct is not None]
   if not rollouts:
     raise ValueError(f"{store.path}: no step has oracle correctness")
   rows = []
   for scheme in schemes:
-    for k in ks:
-      for seed in seeds:
-        parts = [rollout_store.subsample(r, k, seed) for r in rollouts
-                 if scheme in r.scores]
-        if not parts:
-          continue
-        cat = lambda f: np.concatenate([f(p) for p in parts])
-        row = dict(scheme=scheme, k=k, seed=seed, steps=len(parts),
-                   prompts=int(cat(lambda p: p.valid).sum()))
-        row.update(agreement(cat(lambda p: p.scores[scheme]),
-                             cat(lambda p: p.correct),
-                             cat(lambda p: p.valid)))
-        rows.append(row)
+    for name, debias in [(scheme, False)] + (
+        [(DEBIASED.format(scheme), True)] if length_debias else []):
+      for k in ks:
+        for seed in seeds:
+          parts = [rollout_store.subsample(r, k, seed) for r in rollouts
+                   if scheme in r.scores]
+          if not parts:
+            continue
+          cat = lambda f: np.concatenate([f(p) for p in parts])
+          score = lambda p: p.scores[scheme]
+          if debias:
+            score = lambda p: ranking.length_debias(
+                p.scores[scheme], rollout_store.candidate_lengths(p),
+                p.valid)[0]
+          row = dict(scheme=name, k=k, seed=seed, steps=len(parts),
+                     prompts=int(cat(lambda p: p.valid).sum()))
+          row.update(agreement(cat(score), cat(lambda p: p.correct),
+                               cat(lambda p: p.valid)))
+          short = cat(lambda p: diagnostics.shorter_preferred(
+              score(p), rollout_store.candidate_lengths(p), p.valid))
+          short = short[np.isfinite(short)]  # prompts with unequal lengths
+          row["shorter_preferred"] = (float(short.mean()) if len(short)
+                                      else np.nan)
+          rows.append(row)
   return rows
 
 
+DEBIASED = "{}+length_debias"
 FIELDS = ("scheme", "k", "seed", "steps", "prompts", "sample_accuracy",
-          "mixed_groups", "top_right", "pair_accuracy", "kendall_tau")
+          "mixed_groups", "top_right", "pair_accuracy", "kendall_tau",
+          "shorter_preferred")
 
 
 def main(argv):
@@ -132,7 +156,8 @@ def main(argv):
     print(f"scored {len(done)} (step, scheme) pairs", file=sys.stderr)
   rows = agreement_table(store, names + list(f.stored),
                          ks=[int(k) for k in f.ks],
-                         seeds=[int(s) for s in f.seeds])
+                         seeds=[int(s) for s in f.seeds],
+                         length_debias=f.length_debias)
   print(" ".join(f"{c:>15}" for c in FIELDS))
   for r in rows:
     print(" ".join(f"{r[c]:>15.4f}" if isinstance(r[c], float)
@@ -155,6 +180,9 @@ if __name__ == "__main__":
   flags.DEFINE_string("prefix", "ref_", "stored as scores/<prefix><scheme>")
   flags.DEFINE_bool("pmi_stop", False, "pmi also scores each candidate's "
                     "stop token (ranking.pmi_stop; give it its own --prefix)")
+  flags.DEFINE_bool("length_debias", False, "also tabulate each score "
+                    "through ranking.length_debias (rows SCHEME"
+                    "+length_debias; no model needed)")
   flags.DEFINE_list("stored", "", "also tabulate these stored score names "
                     "(e.g. the run's own: judge)")
   flags.DEFINE_list("ks", "2,4", "group sizes sub-sampled")

@@ -272,6 +272,57 @@ def oracle(texts: Sequence[Sequence[str]],
                      for b, group in enumerate(texts)], np.float32)
 
 
+def length_debias(scores: np.ndarray, lengths: np.ndarray,
+                  valid: np.ndarray | None = None, *,
+                  anchor_score: np.ndarray | None = None,
+                  anchor_length: np.ndarray | None = None):
+  """Removes the linear trend of score on length inside groups
+  (`ranking.length_debias`), one slope for the whole batch (host side).
+
+  beta = sum_{b,k} (s_bk - mean_b s)(n_bk - mean_b n)
+         / sum_{b,k} (n_bk - mean_b n)^2     over valid rows b,
+  s'_bk = s_bk - beta (n_bk - mean_b n),     means over b's K candidates.
+
+  The slope is pooled over the batch because a group of K = 2 alone fits
+  any line exactly; centring inside each group keeps the comparison within
+  a prompt (a prompt whose answers are long is not penalised against one
+  whose answers are short). Only the order inside a group matters to the
+  losses, and it changes only where lengths differ. The anchor, when
+  given, is shifted by the same line: s'_a = s_a - beta (n_a - mean_b n).
+  beta is 0 when no valid group has two lengths.
+
+  Args:
+    scores: f[B, K] a scheme's scores.
+    lengths: i[B, K] candidate tokens before the stop.
+    valid: bool[B] rows fitted and shifted (default all); others unchanged.
+    anchor_score: f[B] s_a, or None.
+    anchor_length: i[B] the anchor's tokens; needed with anchor_score.
+
+  Returns:
+    (scores f32[B, K], anchor_score f32[B] or None, beta float).
+  """
+  s = np.asarray(scores, np.float64)
+  n = np.asarray(lengths, np.float64)
+  if s.shape != n.shape or s.ndim != 2:
+    raise ValueError(f"scores {s.shape} and lengths {n.shape}: want the "
+                     "same [B, K]")
+  v = (np.ones(s.shape[0], bool) if valid is None
+       else np.asarray(valid, bool))
+  mean_n = n.mean(1, keepdims=True)
+  dn = np.where(v[:, None], n - mean_n, 0.0)
+  ds = np.where(v[:, None], s - s.mean(1, keepdims=True), 0.0)
+  var = float((dn * dn).sum())
+  beta = float((ds * dn).sum() / var) if var > 0 else 0.0
+  out = (s - beta * dn).astype(np.float32)
+  if anchor_score is None:
+    return out, None, beta
+  if anchor_length is None:
+    raise ValueError("anchor_score needs anchor_length")
+  da = np.where(v, np.asarray(anchor_length, np.float64) - mean_n[:, 0], 0.0)
+  return (out, (np.asarray(anchor_score, np.float64) - beta * da)
+          .astype(np.float32), beta)
+
+
 # ----------------------------------------------------------------------------
 # (c) glue: run the scorer model over the rows of one group batch
 

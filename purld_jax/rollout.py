@@ -50,6 +50,7 @@ class RankingParams:
   bt_prior: float = 0.1
   metric: str = "rouge_l"
   pmi_stop: bool = False
+  length_debias: bool = False
   rows_per_call: int = 64
   pad_multiple: int = 16
   vocab_chunk: int | None = None
@@ -71,6 +72,8 @@ class Group:
     valid: bool[B] False on filler rows.
     texts: B lists of K decoded candidates (logs, rollout store).
     timings: seconds per phase: sample_s, score_s.
+    stats: host-side figures of the step for the logs (length_slope: the
+      slope `ranking.length_debias` removed, when on).
   """
 
   prompt_tokens: np.ndarray
@@ -84,6 +87,7 @@ class Group:
   valid: np.ndarray
   texts: list
   timings: dict
+  stats: dict = dataclasses.field(default_factory=dict)
 
   @property
   def k(self) -> int:
@@ -201,6 +205,12 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
         rows_per_call=rp.rows_per_call,
         vocab_chunk=rp.vocab_chunk, pad_multiple=rp.pad_multiple,
         scorers=scorers)
+  stats = {}
+  if rp.length_debias:
+    scores, s_a, stats["length_slope"] = ranking.length_debias(
+        scores, [[len(templates.cut_at_stop(ids, tok.stop_ids)) for ids in g]
+                 for g in lists], np.asarray(batch.valid), anchor_score=s_a,
+        anchor_length=[len(tok.encode(a)) for a in anchors])
   t2 = time.perf_counter()
   anchor_ids = anchor_members(tok, messages, anchors, max_len=max_anchor_len)
   members, member_mask = pack_members(np.asarray(cands.tokens),
@@ -217,4 +227,4 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
                scores=np.asarray(scores, np.float32),
                anchor_score=np.asarray(s_a, np.float32),
                valid=np.asarray(batch.valid), texts=texts,
-               timings=dict(sample_s=t1 - t0, score_s=t2 - t1))
+               timings=dict(sample_s=t1 - t0, score_s=t2 - t1), stats=stats)

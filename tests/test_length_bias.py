@@ -56,7 +56,7 @@ def _store(path):
 def test_candidate_lengths_leave_out_the_stop_token(tmp_path):
   _store(tmp_path / "run" / "rollouts")
   r = rollout_store.RolloutStore.open(tmp_path / "run" / "rollouts").read(1)
-  np.testing.assert_array_equal(length_bias.candidate_lengths(r),
+  np.testing.assert_array_equal(rollout_store.candidate_lengths(r),
                                 [[0, 1, 2], [1, 1, 3]])
 
 

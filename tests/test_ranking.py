@@ -437,3 +437,60 @@ def test_config_ranking_pmi_stop_reaches_the_scorer_params():
   assert pu_rl.ranking_params(c).pmi_stop is False  # METHOD.md's default
   c.ranking.pmi_stop = True
   assert pu_rl.ranking_params(c).pmi_stop is True
+
+
+def test_length_debias_by_hand():
+  # Group 0: lengths (2, 4) around 3, scores (1, 3) around 2: one point of
+  # score per token. Group 1 has one length: it says nothing about the
+  # slope. beta = (-1 * -1 + 1 * 1) / (1 + 1) = 1.
+  s = np.array([[1.0, 3.0], [0.0, 7.0]])
+  n = np.array([[2, 4], [5, 5]])
+  out, s_a, beta = ranking.length_debias(
+      s, n, anchor_score=np.array([5.0, 1.0]), anchor_length=np.array([3, 9]))
+  assert beta == 1.0
+  np.testing.assert_allclose(out, [[2.0, 2.0], [0.0, 7.0]])  # a tie; as was
+  # The anchor moves by the same line from its group's mean length:
+  # 5 - 1 * (3 - 3) = 5; 1 - 1 * (9 - 5) = -3.
+  np.testing.assert_allclose(s_a, [5.0, -3.0])
+
+
+def test_length_debias_pools_the_slope_and_skips_filler_rows():
+  # Group 0: dn = (-1, 1), ds = (-2, 2) (slope 2); group 1: dn = (-2, 2),
+  # ds = (2, -2) (slope -1 over a spread twice as wide).
+  # Pooled: beta = (2 + 2 - 4 - 4) / (1 + 1 + 4 + 4) = -0.4.
+  s = np.array([[0.0, 4.0], [3.0, -1.0]])
+  n = np.array([[1, 3], [2, 6]])
+  out, s_a, beta = ranking.length_debias(s, n)
+  assert s_a is None
+  np.testing.assert_allclose(beta, -4.0 / 10.0)
+  np.testing.assert_allclose(out[0], [0.0 - 0.4, 4.0 + 0.4], rtol=1e-6)
+  # A filler row neither feeds the slope nor moves.
+  out, _, beta = ranking.length_debias(s, n, np.array([True, False]))
+  assert beta == 2.0
+  np.testing.assert_allclose(out, [[2.0, 2.0], [3.0, -1.0]])
+
+
+def test_length_debias_edge_cases():
+  s = np.array([[1.0, 2.0, 3.0]])
+  out, _, beta = ranking.length_debias(s, np.array([[4, 4, 4]]))
+  assert beta == 0.0  # no spread of lengths: nothing to remove
+  np.testing.assert_array_equal(out, s)
+  # Scores exactly linear in length plus a per-prompt offset: all removed.
+  n = np.array([[1, 5, 9], [2, 3, 10]])
+  out, _, beta = ranking.length_debias(0.5 * n + np.array([[7.0], [-3.0]]), n)
+  np.testing.assert_allclose(beta, 0.5)
+  np.testing.assert_allclose(out - out.mean(1, keepdims=True), 0.0,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="same"):
+    ranking.length_debias(s, np.array([4, 4, 4]))
+  with pytest.raises(ValueError, match="anchor_length"):
+    ranking.length_debias(s, np.array([[1, 2, 3]]), anchor_score=np.ones(1))
+
+
+def test_config_ranking_length_debias_reaches_the_scorer_params():
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from purld_jax.train import pu_rl  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  assert pu_rl.ranking_params(c).length_debias is False  # METHOD.md's
+  c.ranking.length_debias = True
+  assert pu_rl.ranking_params(c).length_debias is True

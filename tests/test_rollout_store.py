@@ -1,6 +1,7 @@
 """The rollout store: round trip, overwrite, sub-sampling, re-ranking,
 Kendall tau, and the PU-RL loop writing it (resume included)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -247,6 +248,30 @@ def test_agreement_table_over_the_stored_pool(tmp_path):
   assert full["top_right"] == 1.0 and full["pair_accuracy"] == 0.75
   for r in rows:
     assert 0.0 <= r["sample_accuracy"] <= 1.0
+
+
+def test_agreement_table_length_debias_rows(tmp_path):
+  # Prompt 0's candidates have 1, 2, 3, 4 tokens (none finished, so no
+  # stop token to leave out) and pmi scores 4, 3, 2, 1: the shorter always
+  # scores higher, by exactly one point per token. Removing that line
+  # leaves four equal scores: every pair a tie, half credit. Prompt 1 is
+  # filler: it neither feeds the slope nor counts.
+  store = rollout_store.RolloutStore(tmp_path)
+  g = _group(b=2, k=4, t=5)
+  n = np.array([[1, 2, 3, 4, 5], [5, 1, 5, 1, 5]])
+  g = dataclasses.replace(g, member_mask=np.arange(5) < n[..., None],
+                          finished=np.zeros((2, 4), bool))
+  _write(store, 1, g, correct=np.array([[1, 0, 1, 0], [0, 1, 0, 0]],
+                                       np.float32))
+  store.add_scores(1, "pmi", np.array([[4, 3, 2, 1], [1, 2, 3, 4]],
+                                      np.float32))
+  rows = rerank_lib.agreement_table(store, ["pmi"], ks=[4], seeds=[0],
+                                       length_debias=True)
+  raw, flat = rows
+  assert (raw["scheme"], flat["scheme"]) == ("pmi", "pmi+length_debias")
+  assert raw["shorter_preferred"] == 1.0 and raw["pair_accuracy"] == 0.75
+  assert flat["shorter_preferred"] == 0.5 and flat["pair_accuracy"] == 0.5
+  assert np.isnan(flat["kendall_tau"])  # no order left to correlate
 
 
 def test_rerank_fills_missing_schemes_and_resumes(tmp_path, char_tok):  # noqa: F811

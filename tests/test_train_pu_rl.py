@@ -53,12 +53,16 @@ def test_grpo_advantages_by_hand():
   np.testing.assert_array_equal(adv[1], [0.0, 0.0])
 
 
-@pytest.mark.parametrize("recipe", ["dpo", "grpo", "ldl"])
-def test_recipe_runs_end_to_end(recipe, tmp_path, jit_cache):  # noqa: F811
+# grpo also runs with ranking.length_debias on (its slope is logged).
+@pytest.mark.parametrize("recipe,debias", [("dpo", False), ("grpo", True),
+                                           ("ldl", False)])
+def test_recipe_runs_end_to_end(recipe, debias, tmp_path,
+                                jit_cache):  # noqa: F811
   c = train_fixtures.tiny_config(**{
       "recipe": recipe, "rl.steps": 2, "sft.steps": 1,
       "log.tensorboard": False, "ranking.yes_word": "Y",
-      "ranking.no_word": "N", "ckpt.async_save": False})
+      "ranking.no_word": "N", "ckpt.async_save": False,
+      "ranking.length_debias": debias})
   out = pu_rl.run(c, str(tmp_path))
   assert os.path.isfile(os.path.join(out, "model.safetensors"))
   with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
@@ -68,6 +72,9 @@ def test_recipe_runs_end_to_end(recipe, tmp_path, jit_cache):  # noqa: F811
   for r in rl:
     assert np.isfinite(r["loss"]) and r["teacher_calls"] == 0.0
     assert {"sample_s", "score_s", "update_s", "score_std"} <= set(r)
+    assert ("length_slope" in r) == debias
+    if debias:
+      assert np.isfinite(r["length_slope"])
     # The demo prompts have answers: the ranking is checked against them.
     assert 0.0 <= r["oracle_sample_accuracy"] <= 1.0
     assert 0.0 <= r["oracle_mixed_groups"] <= 1.0

@@ -60,7 +60,8 @@ def ranking_params(config) -> rollout.RankingParams:
       scheme=r.scheme, template=r.template or None, yes_word=r.yes_word,
       no_word=r.no_word, aggregation=r.aggregation, bt_iters=r.bt_iters,
       bt_prior=r.bt_prior, metric=r.metric,
-      pmi_stop=r.pmi_stop, rows_per_call=r.rows_per_call,
+      pmi_stop=r.pmi_stop, length_debias=r.length_debias,
+      rows_per_call=r.rows_per_call,
       pad_multiple=r.pad_multiple, vocab_chunk=config.model.vocab_chunk or None)
 
 
@@ -175,7 +176,8 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
         # next sampling needs these params anyway: nothing overlaps).
         jax.block_until_ready(state.params)
         cand_mask = group.member_mask[:, :group.k]
-        host = dict(group.timings, update_s=time.perf_counter() - t0,
+        host = dict(group.timings, **group.stats,
+                    update_s=time.perf_counter() - t0,
                     score_mean=float(group.scores.mean()),
                     score_std=float(group.scores.std(axis=1).mean()),
                     anchor_score=float(group.anchor_score.mean()),
