@@ -291,6 +291,11 @@ def length_debias(scores: np.ndarray, lengths: np.ndarray,
   given, is shifted by the same line: s'_a = s_a - beta (n_a - mean_b n).
   beta is 0 when no valid group has two lengths.
 
+  Caution: a linear fit only removes a linear trend, and candidates tied
+  in s are split by length (by the sign of beta): on a 0/1 score such as
+  the oracle's, the debiased order of the wrong answers is their length
+  order (experiments/README.md measures both on the stored pool).
+
   Args:
     scores: f[B, K] a scheme's scores.
     lengths: i[B, K] candidate tokens before the stop.
