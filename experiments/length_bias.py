@@ -301,6 +301,33 @@ def plot(rows: Sequence[dict], held: Sequence[dict], out: str) -> list[str]:
   return paths
 
 
+def reglob(args: Sequence[str]) -> list[str]:
+  """ARGS with each run of paths in one folder that is exactly what a shell
+  glob DIR/PREFIX* matches (PREFIX their longest common start) written as
+  that glob: the command a reader can re-type, not its expansion.
+
+  ["d/k2_a", "d/k4_b", "--out=o"] -> ["d/k*", "--out=o"] when d holds no
+  other k* entry; a path that is not a folder is left as it is."""
+  import glob  # pylint: disable=g-import-not-at-top
+  out, i = [], 0
+  while i < len(args):
+    head = os.path.dirname(args[i])
+    j = i
+    while (j < len(args) and not args[j].startswith("-") and
+           os.path.dirname(args[j]) == head and os.path.isdir(args[j])):
+      j += 1
+    if j - i >= 2:
+      names = [os.path.basename(x) for x in args[i:j]]
+      pattern = os.path.join(head, os.path.commonprefix(names) + "*")
+      if sorted(glob.glob(pattern)) == sorted(args[i:j]):
+        out.append(pattern)
+        i = j
+        continue
+    out.append(args[i])
+    i += 1
+  return out
+
+
 def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(
       prog="python -m experiments.length_bias",
@@ -333,7 +360,7 @@ def main(argv=None) -> list[dict]:
   if a.out:
     os.makedirs(a.out, exist_ok=True)
     command = "python -m experiments.length_bias " + " ".join(
-        sys.argv[1:] if argv is None else argv)
+        reglob(sys.argv[1:] if argv is None else argv))
     with open(os.path.join(a.out, "length_bias.md"), "w",
               encoding="utf-8") as fh:
       fh.write(f"# Length preference of the ranking schemes\n\n`{command}`\n\n"

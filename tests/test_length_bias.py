@@ -152,3 +152,18 @@ def test_summary_groups_cells_by_loss_and_scheme_once_each():
   assert '| GRPO | pmi | 2 | 65-122 | 16-25 | "1" x 30 | 0.0-13.3 |' in md
   assert '| LDL | pmi | 1 | 32 | 35 | "10" x 25 | 25.0 |' in md
   assert '| SFT |  |  | 52 | 39 | "1" x 30 | 14.8 |' in md
+
+
+def test_reglob_writes_back_the_glob_a_shell_expanded(tmp_path):
+  d = tmp_path / "cells"
+  for name in ("k2_a", "k4_b", "pool"):
+    (d / name).mkdir(parents=True)
+  k = [str(d / "k2_a"), str(d / "k4_b")]
+  # Exactly what d/k* matches: written back as the glob.
+  assert length_bias.reglob(k + ["--out=o"]) == [str(d / "k*"), "--out=o"]
+  # Not all of d/k*: kept as given (the glob would add k4_b).
+  assert length_bias.reglob(k[:1] + [str(d / "pool")]) == [
+      k[0], str(d / "pool")]
+  # One path, or paths that are not folders, stay.
+  assert length_bias.reglob([k[0]]) == [k[0]]
+  assert length_bias.reglob(["x/k1", "x/k2"]) == ["x/k1", "x/k2"]
