@@ -56,6 +56,7 @@ from experiments import main_table  # noqa: E402
 from purld_jax import diagnostics  # noqa: E402
 from purld_jax import evaluate  # noqa: E402
 from purld_jax import rollout_store  # noqa: E402
+from purld_jax import sampling  # noqa: E402
 
 COLUMNS = ("cell", "scheme", "steps", "prompts", "candidates", "tokens_first",
            "tokens_last", "empty", "empty_top", "empty_groups",
@@ -162,7 +163,7 @@ def heldout_row(workdir: str) -> dict | None:
                   f"{prefix}top_count": None, f"{prefix}distinct": None})
       continue
     # a.lengths count the stop token
-    n = rollout_store.tokens_before_stop(a.lengths, a.finished)
+    n = sampling.tokens_before_stop(a.lengths, a.finished)
     counts = collections.Counter(t.strip() for t in a.texts)
     top, top_count = counts.most_common(1)[0]
     row.update({f"{prefix}short": int((n <= 1).sum()),

@@ -208,8 +208,8 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
   stats = {}
   if rp.length_debias:
     scores, s_a, stats["length_slope"] = ranking.length_debias(
-        scores, [[len(templates.cut_at_stop(ids, tok.stop_ids)) for ids in g]
-                 for g in lists], np.asarray(batch.valid), anchor_score=s_a,
+        scores, sampling_lib.tokens_before_stop(cands.lengths, cands.finished),
+        np.asarray(batch.valid), anchor_score=s_a,
         anchor_length=[len(tok.encode(a)) for a in anchors])
   t2 = time.perf_counter()
   anchor_ids = anchor_members(tok, messages, anchors, max_len=max_anchor_len)

@@ -61,6 +61,7 @@ import numpy as np
 import tensorstore as ts
 
 from purld_jax import anchors as anchors_lib
+from purld_jax import sampling
 
 META = "meta.json"
 TEXTS = "texts.jsonl"
@@ -386,18 +387,11 @@ class RolloutStore:
 # Sub-sampled groups (studies of K)
 
 
-def tokens_before_stop(tokens: np.ndarray, finished: np.ndarray
-                       ) -> np.ndarray:
-  """i64[...]: token counts that include a finished answer's stop token,
-  without it."""
-  return np.asarray(tokens, np.int64) - np.asarray(finished, np.int64)
-
-
 def candidate_lengths(r: Rollout) -> np.ndarray:
   """i64[B, K] tokens of each candidate before its stop token (the stored
   member mask holds the stop token of a finished candidate)."""
-  return tokens_before_stop(r.member_mask[:, :r.finished.shape[1]].sum(-1),
-                            r.finished)
+  return sampling.tokens_before_stop(
+      r.member_mask[:, :r.finished.shape[1]].sum(-1), r.finished)
 
 
 def subsample(r: Rollout, k: int, seed: int) -> Rollout:

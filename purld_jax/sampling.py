@@ -116,6 +116,14 @@ class Candidates:
   mask: jax.Array
 
 
+def tokens_before_stop(tokens: np.ndarray, finished: np.ndarray
+                       ) -> np.ndarray:
+  """i64[...]: answer lengths without the stop token, from counts that
+  include a finished answer's (`Candidates.lengths`, a stored member mask).
+  """
+  return np.asarray(tokens, np.int64) - np.asarray(finished, np.int64)
+
+
 # ----------------------------------------------------------------------------
 # Token choice
 
