@@ -13,7 +13,13 @@ named last), and writes into --out:
   grid.md   per loss, a K x scheme table of the gain over SFT (paired 95 %
             CI, seeds, the study it comes from), then what is not run yet;
   grid.csv  the chosen rows, with a `study` column;
-  grid.png  one heatmap per loss (gain in points; '*' where the CI excludes 0).
+  grid.png  one heatmap per loss (gain in points; '*' where the CI excludes 0);
+  seeds.md, seeds.csv, seeds.png
+            every chosen row with two seeds or more whose per-seed held-out
+            answers are on disk (the study's cells/ or kept/): each seed's
+            gain, the gain's interval over prompts and seeds together
+            (`evaluate.seed_prompt_ci`; the grid's CI is over prompts only),
+            and the paired difference between the seeds (`seed_rows`).
 
 The gains are only comparable when every study trained from the same SFT
 reference (`--reference_from`), so the command refuses studies whose SFT
@@ -34,6 +40,8 @@ import numpy as np
 
 from experiments import ablation
 from experiments import common
+from experiments import main_table
+from purld_jax import evaluate
 
 GRID_FIELDS = ("k", "scheme", "loss", "seeds", "gain", "gain_lo", "gain_hi",
                "accuracy", "oracle_pair_accuracy", "wall_s", "study")
@@ -131,6 +139,152 @@ def markdown(rows: Sequence[dict], studies: Sequence[str],
   return "\n\n".join(parts) + "\n"
 
 
+SEED_FIELDS = ("k", "scheme", "loss", "seeds", "seed_gains", "gain", "gain_lo",
+               "gain_hi", "gain_lo_seeds", "gain_hi_seeds", "seed_spread",
+               "spread_lo", "spread_hi", "study")
+
+
+def seed_rows(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+  """(one dict per chosen row with >= 2 seeds whose per-seed answers are
+  on disk, the multi-seed rows whose are not).
+
+  From the row's study folder: each seed's final held-out answers and the
+  study's SFT answers give `seed_gains` (in seed order), the two-stage
+  interval `gain_lo_seeds`/`gain_hi_seeds` (prompts and seeds resampled,
+  `evaluate.seed_prompt_ci`) and `seed_spread` = largest minus smallest
+  seed gain with the paired CI of those two seeds over the same prompts
+  (`spread_lo`, `spread_hi`): an interval that excludes 0 says the seeds
+  differ by more than prompt sampling explains. With S > 2 seeds the pair is
+  picked after looking, so that interval is optimistic.
+
+  Raises GridError when a study's training.csv counts other seeds than its
+  folder holds (the table is stale: re-run the study's command).
+  """
+  done, missing = [], []
+  runners: dict[str, common.Runner] = {}
+  for r in rows:
+    if r["seeds"] < 2:
+      continue
+    runner = runners.setdefault(r["study"],
+                                common.Runner(r["study"], echo=False))
+    seeds = sorted(seed for k, s, l, seed in ablation.finished_training(
+        runner) if (k, s, l) == (r["k"], r["scheme"], r["loss"]))
+    names = [ablation.train_name(r["k"], r["scheme"], r["loss"], x)
+             for x in seeds]
+    answers = [main_table.cell_answers(runner, n, "final") for n in names]
+    sft = main_table.cell_answers(runner, main_table.REFERENCE, "sft")
+    if not names or sft is None or any(a is None for a in answers):
+      missing.append(r)
+      continue
+    if len(seeds) != r["seeds"]:
+      raise GridError(
+          f"{os.path.join(r['study'], 'training.csv')}: K{r['k']} "
+          f"{r['scheme']} {r['loss']} has {r['seeds']} seeds, but the "
+          f"folder holds {len(seeds)} finished ({', '.join(names)}); re-run "
+          "the study's command to rebuild its tables")
+    main_table.pooled([sft] + answers, [main_table.REFERENCE] + names)
+    correct = np.stack([a.correct for a in answers])  # [S, N]
+    gains = (correct - sft.correct[None]).mean(axis=1)
+    lo, hi = evaluate.seed_prompt_ci(correct, baseline=sft.correct)
+    a, b = int(np.argmin(gains)), int(np.argmax(gains))
+    slo, shi = evaluate.paired_ci(correct[a], correct[b])
+    done.append(dict(
+        k=r["k"], scheme=r["scheme"], loss=r["loss"], seeds=len(seeds),
+        seed_list=seeds, seed_gains=[float(g) for g in gains],
+        gain=float(gains.mean()), gain_lo=r["gain_lo"], gain_hi=r["gain_hi"],
+        gain_lo_seeds=lo, gain_hi_seeds=hi,
+        seed_spread=float(gains[b] - gains[a]), spread_lo=slo, spread_hi=shi,
+        study=r["study"]))
+  return done, missing
+
+
+def _excludes_zero(lo: float, hi: float) -> bool:
+  return lo > 0 or hi < 0
+
+
+def seed_markdown(seeds: Sequence[dict], missing: Sequence[dict]) -> str:
+  """seeds.md's body: the table of `seed_rows`, then the counts."""
+  pt = lambda x: f"{100 * x:+.1f}"
+  ci = lambda lo, hi: f"[{pt(lo)}, {pt(hi)}]"
+  body = []
+  for r in seeds:
+    sig_p = _excludes_zero(r["gain_lo"], r["gain_hi"])
+    sig_s = _excludes_zero(r["gain_lo_seeds"], r["gain_hi_seeds"])
+    apart = _excludes_zero(r["spread_lo"], r["spread_hi"])
+    bold = lambda text, on: f"**{text}**" if on else text
+    spread = f"{100 * r['seed_spread']:.1f}"
+    body.append([
+        str(r["k"]), r["scheme"], r["loss"],
+        ", ".join(f"s{x} {pt(g)}" for x, g in zip(r["seed_list"],
+                                                   r["seed_gains"])),
+        f"{bold(pt(r['gain']), sig_p)} {ci(r['gain_lo'], r['gain_hi'])}",
+        f"{bold(pt(r['gain']), sig_s)} "
+        f"{ci(r['gain_lo_seeds'], r['gain_hi_seeds'])}",
+        f"{bold(spread, apart)} {ci(r['spread_lo'], r['spread_hi'])}"])
+  parts = [
+      "Every grid cell with two seeds or more whose per-seed answers are on "
+      "disk. Gains over SFT in points, bold where the interval excludes 0. "
+      "*over prompts*: the grid's paired CI of the seed-averaged answers "
+      "(prompts resampled); *over seeds and prompts*: prompts and seeds both "
+      "resampled (`evaluate.seed_prompt_ci`); *seeds apart*: largest minus "
+      "smallest seed gain, paired 95 % CI over the same prompts (bold: the "
+      "seeds differ by more than prompt sampling explains).",
+      common.markdown_table(body, [
+          "K", "scheme", "loss", "gain per seed", "gain [CI over prompts]",
+          "gain [CI over seeds and prompts]", "seeds apart, pt [paired CI]"])
+      if body else "No cell with two seeds has its per-seed answers here."]
+  if seeds:
+    sig_p = [r for r in seeds if _excludes_zero(r["gain_lo"], r["gain_hi"])]
+    kept = [r for r in sig_p
+            if _excludes_zero(r["gain_lo_seeds"], r["gain_hi_seeds"])]
+    apart = [r for r in seeds
+             if _excludes_zero(r["spread_lo"], r["spread_hi"])]
+    name = lambda r: f"K{r['k']} {r['scheme']} {r['loss']}"
+    parts.append(
+        f"{len(seeds)} cells. Seeds apart beyond prompt noise: "
+        f"{len(apart)} ({', '.join(map(name, apart)) or 'none'}). "
+        f"Significant over prompts: {len(sig_p)}; of these, still "
+        f"significant over seeds and prompts: {len(kept)}"
+        + (f" (not: {', '.join(name(r) for r in sig_p if r not in kept)})"
+           if len(kept) < len(sig_p) else "") + ".")
+  if missing:
+    parts.append(
+        "Per-seed answers not on disk (the grid's prompt-only CI stands): " +
+        ", ".join(f"K{r['k']} {r['scheme']} {r['loss']} x{r['seeds']} "
+                  f"(`{r['study']}`)" for r in missing) + ".")
+  return "\n\n".join(parts) + "\n"
+
+
+def seed_plot(seeds: Sequence[dict], path: str,
+              grid=ablation.FULL_TRAIN) -> None:
+  """seeds.png: one panel per loss; per cell its seeds' gains (dots joined
+  by a line) and the interval over seeds and prompts (grey bar)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  losses = [l for l in grid["losses"] if any(r["loss"] == l for r in seeds)]
+  if not losses:
+    return
+  fig, axes = plt.subplots(len(losses), 1, figsize=(9, 2.6 * len(losses)),
+                           squeeze=False)
+  for ax, loss in zip(axes[:, 0], losses):
+    rs = [r for r in seeds if r["loss"] == loss]
+    for x, r in enumerate(rs):
+      ax.plot([x, x], [100 * r["gain_lo_seeds"], 100 * r["gain_hi_seeds"]],
+              color="0.8", lw=6, solid_capstyle="butt", zorder=1)
+      g = [100 * v for v in r["seed_gains"]]
+      ax.plot([x] * len(g), g, "-o", color="C0", ms=4, zorder=2)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(range(len(rs)),
+                  [f"K{r['k']}\n{r['scheme']}" for r in rs], fontsize=6)
+    ax.set_ylabel(f"{loss.upper()}: gain (pt)")
+  fig.suptitle("held-out gain over SFT per training seed (dots); grey: 95% "
+               "CI over seeds and prompts", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+
 def heatmap(rows: Sequence[dict], path: str, grid=ablation.FULL_TRAIN) -> None:
   """grid.png: one panel per loss, schemes x K, colour = gain (pt)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -186,6 +340,19 @@ def main(argv=None) -> str:
     f.write(text)
   common.write_csv(os.path.join(a.out, "grid.csv"), rows, GRID_FIELDS)
   heatmap(rows, os.path.join(a.out, "grid.png"))
+  try:
+    seeds, missing = seed_rows(rows)
+  except GridError as e:
+    p.error(str(e))
+  with open(os.path.join(a.out, "seeds.md"), "w", encoding="utf-8") as f:
+    f.write("# The grid's seeds\n\n`python -m experiments.grid "
+            f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+            + seed_markdown(seeds, missing))
+  common.write_csv(os.path.join(a.out, "seeds.csv"),
+                   [dict(r, seed_gains=";".join(f"{g:.6f}" for g in
+                                                r["seed_gains"]))
+                    for r in seeds], SEED_FIELDS)
+  seed_plot(seeds, os.path.join(a.out, "seeds.png"))
   print(text)
   return text
 

@@ -106,6 +106,41 @@ def paired_ci(a: np.ndarray, b: np.ndarray, **kwargs) -> tuple[float, float]:
                       **kwargs)
 
 
+def seed_prompt_ci(values_SN: np.ndarray, *, baseline: np.ndarray | None = None,
+                   samples: int = 2000, seed: int = 0, level: float = 0.95
+                   ) -> tuple[float, float]:
+  """Two-stage percentile-bootstrap interval of the mean of `values_SN`
+  f[S, N] (S training seeds x the same N prompts), minus `baseline` f[N]
+  per prompt when given (a paired gain).
+
+  Each draw resamples the N prompts (one draw shared by every seed and the
+  baseline, so a gain stays paired) and, independently, the S seeds, both
+  with replacement; the statistic is the mean over the drawn seeds and
+  prompts. `bootstrap_ci` resamples prompts only, so it leaves out how much
+  a result moves from one training seed to the next; this interval keeps
+  both. The prompt draws are `bootstrap_ci`'s for the same `seed`, so with
+  S = 1 the two intervals are equal (`paired_ci` with a baseline). With
+  S = 2 a seed draw is one seed twice (half the draws) or both, so a seed
+  that alone is far off widens the interval towards it.
+  """
+  v = np.asarray(values_SN, np.float64)
+  if v.ndim != 2 or v.shape[0] < 1 or v.shape[1] < 1:
+    raise ValueError(f"values_SN must be [seeds, prompts], got {v.shape}")
+  if baseline is not None:
+    b = np.asarray(baseline, np.float64)
+    if b.shape != v.shape[1:]:
+      raise ValueError(f"baseline {b.shape} does not match {v.shape[1:]}")
+    v = v - b[None]
+  s, n = v.shape
+  idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+  per_seed = np.stack([row[idx].mean(axis=1) for row in v], axis=1)
+  pick = np.random.default_rng([seed, 1]).integers(0, s, size=(samples, s))
+  means = np.take_along_axis(per_seed, pick, axis=1).mean(axis=1)
+  tail = (1.0 - level) / 2 * 100
+  lo, hi = np.percentile(means, [tail, 100 - tail])
+  return float(lo), float(hi)
+
+
 # ----------------------------------------------------------------------------
 # Greedy answers
 

@@ -47,6 +47,39 @@ def test_paired_ci_sees_a_consistent_gain_an_unpaired_view_would_hide():
   assert evaluate.bootstrap_ci(a)[1] > evaluate.bootstrap_ci(b)[0]
 
 
+def test_seed_prompt_ci_with_one_seed_is_the_paired_ci():
+  rng = np.random.default_rng(1)
+  sft = (rng.random(40) < 0.3).astype(float)
+  run = (rng.random(40) < 0.5).astype(float)
+  assert evaluate.seed_prompt_ci(run[None], baseline=sft, samples=500,
+                                 seed=4) == evaluate.paired_ci(
+                                     sft, run, samples=500, seed=4)
+  # two identical seeds: every seed draw gives the same means
+  assert evaluate.seed_prompt_ci(np.stack([run, run]), samples=500) == (
+      evaluate.bootstrap_ci(run, samples=500))
+
+
+def test_seed_prompt_ci_widens_to_the_seeds_a_prompt_ci_hides():
+  # Seed 0 gets every prompt wrong, seed 1 every prompt right. Averaged per
+  # prompt (what the grid's CI resamples) every prompt is 0.5: [0.5, 0.5].
+  # Resampling seeds, a draw is seed 0 twice (mean 0, p = 1/4), one of each
+  # (0.5, p = 1/2) or seed 1 twice (1, p = 1/4), whatever the prompts: the
+  # 2.5th and 97.5th percentiles are 0 and 1.
+  runs = np.stack([np.zeros(10), np.ones(10)])
+  assert evaluate.bootstrap_ci(runs.mean(axis=0)) == (0.5, 0.5)
+  assert evaluate.seed_prompt_ci(runs) == (0.0, 1.0)
+  # a baseline is subtracted per prompt: the gain's interval moves by it
+  assert evaluate.seed_prompt_ci(runs, baseline=np.full(10, 0.25)) == (
+      -0.25, 0.75)
+
+
+def test_seed_prompt_ci_refuses_bad_shapes():
+  with pytest.raises(ValueError, match="seeds, prompts"):
+    evaluate.seed_prompt_ci(np.ones(5))
+  with pytest.raises(ValueError, match="baseline"):
+    evaluate.seed_prompt_ci(np.ones((2, 5)), baseline=np.ones(4))
+
+
 def _answers(name, correct, lengths=None):
   n = len(correct)
   return evaluate.Answers(

@@ -1,6 +1,7 @@
 """experiments/grid.py: merging studies' training tables, by hand-made CSVs."""
 
 import csv
+import json
 import os
 
 import pytest
@@ -92,13 +93,71 @@ def test_a_bad_row_names_the_file_and_line(tmp_path):
     grid.merge([str(tmp_path / "nowhere")])
 
 
+def _kept_answers(study, cell, model, correct):
+  """A finished cell's kept copy with `model`'s held-out answers."""
+  folder = os.path.join(study, "kept", cell, "eval")
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, f"{model}.jsonl"), "w",
+            encoding="utf-8") as f:
+    for i, c in enumerate(correct):
+      f.write(json.dumps(dict(id=f"p{i}", answer="7", tokens=2,
+                              finished=True, correct=c)) + "\n")
+  with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump({}, f)
+
+
+def test_seed_rows_read_each_seeds_answers(tmp_path):
+  a = _study(tmp_path, "a", [(4, "pmi", "ldl", 2, 0.0, -0.2, 0.2),
+                             (8, "judge", "dpo", 2, -0.1, -0.2, -0.04),
+                             (2, "pmi", "grpo", 1, 0.0, -0.1, 0.1)])
+  _kept_answers(a, "sft", "sft", [0, 0, 1, 1])
+  # seed 0 gains prompt 0 (+25 pt), seed 1 loses prompt 3 (-25 pt)
+  _kept_answers(a, "k4_pmi_ldl_s0", "final", [1, 0, 1, 1])
+  _kept_answers(a, "k4_pmi_ldl_s1", "final", [0, 0, 1, 0])
+  _kept_answers(a, "k2_pmi_grpo_s0", "final", [0, 0, 1, 1])
+  rows = grid.merge([a])
+  seeds, missing = grid.seed_rows(rows)
+  # the one-seed row is left out; K8 judge dpo has no answers on disk
+  assert [(r["k"], r["scheme"], r["loss"]) for r in missing] == [
+      (8, "judge", "dpo")]
+  (r,) = seeds
+  assert r["seed_list"] == [0, 1]
+  assert r["seed_gains"] == [0.25, -0.25]
+  assert r["gain"] == 0.0 and r["seed_spread"] == 0.5
+  # seed 0 minus seed 1 per prompt: [1, 0, 0, 1], a mean of 0.5 that a
+  # resample can take from 0 to 1
+  assert 0.0 <= r["spread_lo"] <= 0.5 <= r["spread_hi"] <= 1.0
+  # the seed draw alone spans -25 .. +25 (one seed twice)
+  assert r["gain_lo_seeds"] <= -0.25 and r["gain_hi_seeds"] >= 0.25
+  md = grid.seed_markdown(seeds, missing)
+  assert "| 4 | pmi | ldl | s0 +25.0, s1 -25.0 | +0.0 [-20.0, +20.0] |" in md
+  assert "1 cells. Seeds apart beyond prompt noise: " in md
+  assert "K8 judge dpo x2" in md.split("not on disk")[1]
+  grid.seed_plot(seeds, str(tmp_path / "seeds.png"))
+  assert os.path.getsize(tmp_path / "seeds.png") > 10_000
+
+
+def test_seed_rows_refuse_a_stale_table(tmp_path):
+  a = _study(tmp_path, "a", [(4, "pmi", "ldl", 3, 0.0, -0.2, 0.2)])
+  _kept_answers(a, "sft", "sft", [0, 1])
+  for s in (0, 1):
+    _kept_answers(a, f"k4_pmi_ldl_s{s}", "final", [1, 1])
+  with pytest.raises(grid.GridError, match="has 3 seeds, but the folder "
+                     "holds 2 finished"):
+    grid.seed_rows(grid.merge([a]))
+
+
 def test_main_writes_the_three_files(tmp_path, capsys):
   a = _study(tmp_path, "a", [(4, "pmi", "ldl", 2, 0.09, 0.03, 0.15),
                              (2, "anchor_recon", "grpo", 1, -0.01, -0.06,
                               0.04)])
   out = str(tmp_path / "out")
   text = grid.main([a, f"--out={out}"])
-  assert sorted(os.listdir(out)) == ["grid.csv", "grid.md", "grid.png"]
+  # no per-seed answers on disk: seeds.md says so, and there is no plot
+  assert sorted(os.listdir(out)) == ["grid.csv", "grid.md", "grid.png",
+                                     "seeds.csv", "seeds.md"]
+  with open(os.path.join(out, "seeds.md"), encoding="utf-8") as f:
+    assert "K4 pmi ldl x2" in f.read().split("not on disk")[1]
   assert text.startswith("# The ablation grid, merged")
   with open(os.path.join(out, "grid.csv"), encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
