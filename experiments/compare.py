@@ -9,8 +9,11 @@ prompt first, as the study tables do); a folder's answers are
 eval/<--model>.jsonl (`final` by default; `sft` or `before` for a reference
 cell). Prints each side's accuracy with its 95 % bootstrap CI over prompts and
 the paired difference mean(b - a) with its paired 95 % bootstrap CI
-(`evaluate.paired_ci`), and the prompts only one side gets right. Refuses
-sides whose held-out prompts differ.
+(`evaluate.paired_ci`), and the prompts only one side gets right. With
+several seeds on a side it also prints the difference's interval over seeds
+and prompts (`evaluate.seed_prompt_ci`: each side's seeds resampled too),
+which a result that hangs on one seed widens. Refuses sides whose held-out
+prompts differ.
 """
 
 from __future__ import annotations
@@ -31,29 +34,38 @@ from purld_jax import evaluate  # noqa: E402
 
 
 def side(folders: Sequence[str], model: str) -> tuple[tuple, np.ndarray]:
-  """(prompt ids, f64[N] per-prompt correctness averaged over `folders`)."""
+  """(prompt ids, f64[S, N] per-prompt correctness of each of the S
+  `folders`)."""
   answers = [main_table.folder_answers(d, model) for d in folders]
   for d, a in zip(folders, answers):
     if a is None:
       raise FileNotFoundError(
           f"{os.path.join(d, 'eval', model + '.jsonl')}: no answers (is the "
           f"cell finished? try --model=sft or before)")
-  return main_table.pooled(answers, list(folders))
+  ids, _ = main_table.pooled(answers, list(folders))
+  return ids, np.stack([a.correct for a in answers])
 
 
 def compare(a: Sequence[str], b: Sequence[str], *, model: str = "final",
             model_a: str | None = None) -> dict:
-  """Accuracies of the two sides, mean(b - a) and its paired CI."""
-  ids_a, ca = side(a, model_a or model)
-  ids_b, cb = side(b, model)
+  """Accuracies of the two sides, mean(b - a) and its paired CI over
+  prompts (seeds averaged per prompt first) and, `diff_lo_seeds` /
+  `diff_hi_seeds`, over seeds and prompts (`evaluate.seed_prompt_ci`; the
+  same interval when each side is one folder)."""
+  ids_a, sa = side(a, model_a or model)
+  ids_b, sb = side(b, model)
   if ids_a != ids_b:
     raise ValueError(f"{a[0]} and {b[0]}: held-out prompts differ")
+  ca, cb = sa.mean(axis=0), sb.mean(axis=0)
   lo_a, hi_a = evaluate.bootstrap_ci(ca)
   lo_b, hi_b = evaluate.bootstrap_ci(cb)
   lo, hi = evaluate.paired_ci(ca, cb)
-  return dict(prompts=len(ids_a), a=float(ca.mean()), a_lo=lo_a, a_hi=hi_a,
+  slo, shi = evaluate.seed_prompt_ci(sb, baseline=sa)
+  return dict(prompts=len(ids_a), seeds_a=len(sa), seeds_b=len(sb),
+              a=float(ca.mean()), a_lo=lo_a, a_hi=hi_a,
               b=float(cb.mean()), b_lo=lo_b, b_hi=hi_b,
               diff=float((cb - ca).mean()), diff_lo=lo, diff_hi=hi,
+              diff_lo_seeds=slo, diff_hi_seeds=shi,
               only_a=int(np.sum(ca > cb)), only_b=int(np.sum(cb > ca)))
 
 
@@ -75,6 +87,10 @@ def main(argv=None) -> dict:
   print(f"B - A over {r['prompts']} prompts: {100 * r['diff']:+.1f} pt "
         f"[{100 * r['diff_lo']:+.1f}, {100 * r['diff_hi']:+.1f}] (paired 95 % "
         f"CI); better on A only: {r['only_a']}, on B only: {r['only_b']}")
+  if max(r["seeds_a"], r["seeds_b"]) > 1:
+    print(f"  over seeds ({r['seeds_a']} A, {r['seeds_b']} B) and prompts: "
+          f"[{100 * r['diff_lo_seeds']:+.1f}, {100 * r['diff_hi_seeds']:+.1f}]"
+          " (evaluate.seed_prompt_ci)")
   return r
 
 

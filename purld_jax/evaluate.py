@@ -110,32 +110,43 @@ def seed_prompt_ci(values_SN: np.ndarray, *, baseline: np.ndarray | None = None,
                    samples: int = 2000, seed: int = 0, level: float = 0.95
                    ) -> tuple[float, float]:
   """Two-stage percentile-bootstrap interval of the mean of `values_SN`
-  f[S, N] (S training seeds x the same N prompts), minus `baseline` f[N]
-  per prompt when given (a paired gain).
+  f[S, N] (S training seeds x the same N prompts), minus `baseline` when
+  given: f[N] (one run, e.g. the SFT reference: a paired gain) or f[S2, N]
+  (S2 seeds of another method: a paired difference of two methods).
 
-  Each draw resamples the N prompts (one draw shared by every seed and the
-  baseline, so a gain stays paired) and, independently, the S seeds, both
-  with replacement; the statistic is the mean over the drawn seeds and
-  prompts. `bootstrap_ci` resamples prompts only, so it leaves out how much
-  a result moves from one training seed to the next; this interval keeps
-  both. The prompt draws are `bootstrap_ci`'s for the same `seed`, so with
-  S = 1 the two intervals are equal (`paired_ci` with a baseline). With
-  S = 2 a seed draw is one seed twice (half the draws) or both, so a seed
-  that alone is far off widens the interval towards it.
+  Each draw resamples the N prompts (one draw shared by every seed of both
+  sides, so differences stay paired) and, independently, the S seeds (and
+  the baseline's S2), all with replacement; the statistic is the mean over
+  the drawn seeds and prompts. `bootstrap_ci` resamples prompts only, so it
+  leaves out how much a result moves from one training seed to the next;
+  this interval keeps both. The prompt draws are `bootstrap_ci`'s for the
+  same `seed`, so with one seed a side the two intervals agree
+  (`paired_ci` with a baseline). With S = 2 a seed draw is one seed twice
+  (half the draws) or both, so a seed that alone is far off widens the
+  interval towards it.
   """
   v = np.asarray(values_SN, np.float64)
   if v.ndim != 2 or v.shape[0] < 1 or v.shape[1] < 1:
     raise ValueError(f"values_SN must be [seeds, prompts], got {v.shape}")
-  if baseline is not None:
-    b = np.asarray(baseline, np.float64)
-    if b.shape != v.shape[1:]:
-      raise ValueError(f"baseline {b.shape} does not match {v.shape[1:]}")
-    v = v - b[None]
-  s, n = v.shape
+  b = None if baseline is None else np.asarray(baseline, np.float64)
+  if b is not None and (b.ndim not in (1, 2) or b.shape[-1] != v.shape[1]
+                        or b.shape[0] < 1):
+    raise ValueError(f"baseline {b.shape} does not match [seeds, "
+                     f"{v.shape[1]}] or [{v.shape[1]}]")
+  if b is not None and b.ndim == 1:
+    v, b = v - b[None], None
+  n = v.shape[1]
   idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
-  per_seed = np.stack([row[idx].mean(axis=1) for row in v], axis=1)
-  pick = np.random.default_rng([seed, 1]).integers(0, s, size=(samples, s))
-  means = np.take_along_axis(per_seed, pick, axis=1).mean(axis=1)
+
+  def seed_means(x, stream):
+    per_seed = np.stack([row[idx].mean(axis=1) for row in x], axis=1)
+    pick = np.random.default_rng([seed, stream]).integers(
+        0, x.shape[0], size=(samples, x.shape[0]))
+    return np.take_along_axis(per_seed, pick, axis=1).mean(axis=1)
+
+  means = seed_means(v, 1)
+  if b is not None:
+    means = means - seed_means(b, 2)
   tail = (1.0 - level) / 2 * 100
   lo, hi = np.percentile(means, [tail, 100 - tail])
   return float(lo), float(hi)

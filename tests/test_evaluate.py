@@ -73,11 +73,30 @@ def test_seed_prompt_ci_widens_to_the_seeds_a_prompt_ci_hides():
       -0.25, 0.75)
 
 
+def test_seed_prompt_ci_of_two_methods_resamples_both_sides_seeds():
+  rng = np.random.default_rng(2)
+  a = (rng.random(30) < 0.4).astype(float)
+  b = (rng.random(30) < 0.6).astype(float)
+  # one seed a side: the paired CI (up to rounding: means are subtracted
+  # here, answers there)
+  assert evaluate.seed_prompt_ci(b[None], baseline=a[None]) == pytest.approx(
+      evaluate.paired_ci(a, b), abs=1e-12)
+  # B's two seeds agree, A's are 0 and 1 everywhere: B - A draws are
+  # m - 0, m - 0.5 or m - 1 (p = 1/4, 1/2, 1/4) up to prompt noise, which
+  # is 0 on A's constant rows; B = 0.5 on every prompt removes it on B's
+  hi_lo = evaluate.seed_prompt_ci(np.full((2, 30), 0.5),
+                                  baseline=np.stack([np.zeros(30),
+                                                     np.ones(30)]))
+  assert hi_lo == (-0.5, 0.5)
+
+
 def test_seed_prompt_ci_refuses_bad_shapes():
   with pytest.raises(ValueError, match="seeds, prompts"):
     evaluate.seed_prompt_ci(np.ones(5))
   with pytest.raises(ValueError, match="baseline"):
     evaluate.seed_prompt_ci(np.ones((2, 5)), baseline=np.ones(4))
+  with pytest.raises(ValueError, match="baseline"):
+    evaluate.seed_prompt_ci(np.ones((2, 5)), baseline=np.ones((1, 2, 5)))
 
 
 def _answers(name, correct, lengths=None):

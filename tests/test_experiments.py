@@ -349,7 +349,18 @@ def test_compare_pairs_two_sides_on_the_same_prompts(tmp_path, capsys):
   assert (r["a"], r["b"], r["diff"]) == (.25, .5, .25)
   assert r["diff_lo"] <= .25 <= r["diff_hi"]
   assert (r["only_a"], r["only_b"], r["prompts"]) == (0, 2, 4)
-  assert "B - A over 4 prompts: +25.0 pt" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "B - A over 4 prompts: +25.0 pt" in out
+  # b0 and b1 each gain +25 alone (on different prompts), so drawing a
+  # seed twice keeps the mean; the interval holds it
+  assert (r["seeds_a"], r["seeds_b"]) == (1, 2)
+  assert r["diff_lo_seeds"] <= .25 <= r["diff_hi_seeds"]
+  assert "over seeds (1 A, 2 B) and prompts: [" in out
+  # one folder a side: the same interval as the paired CI, not printed
+  one = compare.main([f"--a={cells / 'a'}", f"--b={cells / 'b0'}"])
+  assert (one["diff_lo_seeds"], one["diff_hi_seeds"]) == pytest.approx(
+      (one["diff_lo"], one["diff_hi"]), abs=1e-12)
+  assert "over seeds" not in capsys.readouterr().out
   with pytest.raises(FileNotFoundError, match="sft.jsonl"):
     compare.compare([str(cells / "a")], [str(cells / "b0")], model_a="sft")
   (cells / "a" / "eval" / "final.jsonl").write_text(
