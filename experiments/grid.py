@@ -258,7 +258,8 @@ def seed_markdown(seeds: Sequence[dict], missing: Sequence[dict]) -> str:
 def seed_plot(seeds: Sequence[dict], path: str,
               grid=ablation.FULL_TRAIN) -> None:
   """seeds.png: one panel per loss; per cell its seeds' gains (dots joined
-  by a line) and the interval over seeds and prompts (grey bar)."""
+  by a line, red where the seeds' paired CI excludes 0) and the interval
+  over seeds and prompts (grey bar)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -273,13 +274,16 @@ def seed_plot(seeds: Sequence[dict], path: str,
       ax.plot([x, x], [100 * r["gain_lo_seeds"], 100 * r["gain_hi_seeds"]],
               color="0.8", lw=6, solid_capstyle="butt", zorder=1)
       g = [100 * v for v in r["seed_gains"]]
-      ax.plot([x] * len(g), g, "-o", color="C0", ms=4, zorder=2)
+      apart = _excludes_zero(r["spread_lo"], r["spread_hi"])
+      ax.plot([x] * len(g), g, "-o", color="C3" if apart else "C0", ms=4,
+              zorder=2)
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks(range(len(rs)),
                   [f"K{r['k']}\n{r['scheme']}" for r in rs], fontsize=6)
     ax.set_ylabel(f"{loss.upper()}: gain (pt)")
-  fig.suptitle("held-out gain over SFT per training seed (dots); grey: 95% "
-               "CI over seeds and prompts", fontsize=9)
+  fig.suptitle("held-out gain over SFT per training seed (dots; red: the "
+               "seeds differ beyond prompt noise); grey: 95% CI over seeds "
+               "and prompts", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
