@@ -50,7 +50,6 @@ from experiments import length_bias  # noqa: E402
 from experiments import main_table  # noqa: E402
 from purld_jax import diagnostics  # noqa: E402
 from purld_jax import evaluate  # noqa: E402
-from purld_jax import rollout_store  # noqa: E402
 
 COLUMNS = ("cell", "scheme", "word", "steps", "candidates", "share_first",
            "share_last", "prompts", "word_pref", "word_pref_lo",
@@ -68,13 +67,7 @@ def cell_rows(workdir: str, words: Sequence[str],
               schemes: Sequence[str] | None = None) -> list[dict]:
   """One row per (score stored in `workdir`/rollouts, word): COLUMNS; only
   the scores named in `schemes` when given (none: no row)."""
-  path = os.path.join(workdir, "rollouts")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: no rollout store (is {workdir} a "
-                            f"PU-RL cell's workdir?)")
-  rollouts = list(rollout_store.RolloutStore.open(path).iter())
-  if not rollouts:
-    raise ValueError(f"{path}: no stored step")
+  rollouts = length_bias.read_rollouts(workdir)
   held = {m: main_table.folder_answers(workdir, m) for m in ("final", "sft")}
   rows = []
   names = sorted({s for r in rollouts for s in r.scores})

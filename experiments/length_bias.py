@@ -79,9 +79,8 @@ def label(workdir: str) -> str:
   return "/".join(x for x in parts if x not in ("cells", "kept")) or "."
 
 
-def cell_rows(workdir: str, schemes: Sequence[str] | None = None
-              ) -> list[dict]:
-  """One row per scheme scored in `workdir`/rollouts (COLUMNS)."""
+def read_rollouts(workdir: str) -> list[rollout_store.Rollout]:
+  """Every stored step of `workdir`/rollouts; errors name the folder."""
   path = os.path.join(workdir, "rollouts")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no rollout store (is {workdir} a "
@@ -89,6 +88,14 @@ def cell_rows(workdir: str, schemes: Sequence[str] | None = None
   rollouts = list(rollout_store.RolloutStore.open(path).iter())
   if not rollouts:
     raise ValueError(f"{path}: no stored step")
+  return rollouts
+
+
+def cell_rows(workdir: str, schemes: Sequence[str] | None = None
+              ) -> list[dict]:
+  """One row per scheme scored in `workdir`/rollouts (COLUMNS)."""
+  rollouts = read_rollouts(workdir)
+  path = os.path.join(workdir, "rollouts")
   names = sorted({s for r in rollouts for s in r.scores})
   if schemes:
     missing = sorted(set(schemes) - set(names))
