@@ -1,13 +1,15 @@
-r"""Does a self-judge reward candidates that say its own answer words?
+r"""Do a run's scores reward candidates that begin with given words?
 
   python -m experiments.answer_words experiments/ablation/small_b/cells/k* \
       --schemes=judge,pairwise_judge --words=No,Yes \
       --out=experiments/ablation/answer_words
 
 The judge schemes read the policy's candidates inside a template that ends
-"... Answer Yes or No." and score the log-probs of those two words. A
-candidate that itself begins with one of them can sway that answer, and a
-policy trained on the scores can learn to say it. For each cell (a run's
+"... Answer Yes or No." and score the log-probs of those two words; a
+candidate that itself says one of them may sway the judge, and a policy
+trained on the scores can learn to say what the judge rewards (here:
+"No", whatever the judge's answer words; experiments/README.md). For each
+cell (a run's
 workdir with its rollouts/ store, purld_jax/rollout_store.py), each score
 stored in it and each word, over every stored step's real prompts:
 
@@ -161,7 +163,8 @@ def main(argv=None) -> list[dict]:
         length_bias.reglob(sys.argv[1:] if argv is None else argv))
     with open(os.path.join(a.out, "answer_words.md"), "w",
               encoding="utf-8") as fh:
-      fh.write(f"# Do the scores reward the judge's own answer words?\n\n"
+      fh.write(f"# Do the scores reward candidates that begin with these "
+               f"words?\n\n"
                f"`{command}`\n\n{md}\n\npreferred: of a prompt's (begins "
                f"with the word, does not) candidate pairs, the share whose "
                f"candidate with the word scores higher (0.5: blind to it), "
