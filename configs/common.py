@@ -201,6 +201,9 @@ def evaluation() -> ml_collections.ConfigDict:
 def ckpt() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.every_steps = 50          # save every N steps (and at the end of a stage)
+  c.every_minutes = 0.0       # also save once this long passed since the last
+                              # save: bounds what kill -9 costs (0 = off)
+  c.save_on_sigterm = True    # SIGTERM: save the step in progress, exit 143
   c.keep = 3                  # newest checkpoints kept per stage
   c.async_save = True         # write in the background while training goes on
   return c

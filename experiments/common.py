@@ -25,7 +25,9 @@ A cell is done when its `done` file exists (default eval/summary.json, the
 last file heldout.py writes). Its settings are kept in cell.json; a done or
 half-run cell whose settings changed is an error (delete its folder to run it
 again), never silently mixed. Every launch appends to STUDY_DIR/cells.jsonl:
-name, command, return code, wall time (s), status.
+name, command, return code, wall time (s), status. SIGTERM to a study (a
+scheduler's notice) reaches the running cell, which saves its step and exits;
+the study records the cell 'stopped' and exits 143 (a re-run resumes it).
 
 Kept results: cells/ holds gigabytes and is not committed, so once a cell is
 done the runner also copies its small files (the JSON and JSONL files at its
@@ -45,9 +47,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -58,6 +62,7 @@ SPEC = "cell.json"
 SUMMARY = os.path.join("eval", "summary.json")
 SHARED_EVALS = ("before", "sft")  # models whose held-out answers are shared
 KEPT = "kept"
+STOPPED_EXIT = 143  # 128 + SIGTERM, as purld_jax.main exits after one
 KEEP_MAX_BYTES = 2 << 20  # larger files are not kept (module docstring)
 
 
@@ -177,10 +182,33 @@ def keep(workdir: str, kept_dir: str) -> list[str]:
   return out
 
 
+_STOP = {"requested": False}  # set when SIGTERM reached this runner
+
+
 def _launch(cmd, *, cwd, env, log_path):
+  """Runs `cmd` to its end; a SIGTERM to this process meanwhile is passed on
+  to the child (which saves its step and exits 143) and noted, so the
+  runner stops after this cell (`Runner.run`). A second SIGTERM ends this
+  process at once."""
   with open(log_path, "a", encoding="utf-8") as log:
-    return subprocess.run(cmd, cwd=cwd, env=env, stdout=log,
-                          stderr=subprocess.STDOUT, check=False).returncode
+    child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log,
+                             stderr=subprocess.STDOUT)
+    main = threading.current_thread() is threading.main_thread()
+
+    def forward(signum, frame):
+      del frame
+      if _STOP["requested"]:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+      _STOP["requested"] = True
+      child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward) if main else None
+    try:
+      return child.wait()
+    finally:
+      if main:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Runner:
@@ -300,7 +328,8 @@ class Runner:
 
   def run(self, cell: Cell) -> str:
     """Runs `cell` unless done: 'skipped', 'done', 'failed' or 'blocked'
-    (its reference cell is not done)."""
+    (its reference cell is not done). SIGTERM while it runs (`_launch`)
+    records it as 'stopped' and exits with status 143."""
     if self.is_done(cell):
       self._check_spec(cell)
       if not os.path.isdir(self.kept_dir(cell.name)):
@@ -327,6 +356,9 @@ class Runner:
                      log_path=log_path)
     wall = time.perf_counter() - t0
     status = "done" if rc == 0 and self.is_done(cell) else "failed"
+    stop, _STOP["requested"] = _STOP["requested"], False
+    if stop and status != "done":  # (a cell in its evaluation may finish)
+      status = "stopped"
     if status == "done":
       self.keep(cell.name)
       if not self.keep_checkpoints:
@@ -334,6 +366,10 @@ class Runner:
                       ignore_errors=True)
     self._record(cell, rc, wall, status)
     self._say(f"{cell.name}: {status} in {wall:.0f} s (rc {rc})")
+    if stop:
+      print(f"SIGTERM: the study stopped at cell {cell.name} ({status}); "
+            "run the same command again to resume", file=sys.stderr)
+      raise SystemExit(STOPPED_EXIT)
     return status
 
   def run_all(self, cells: Sequence[Cell]) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Checkpoints with orbax: train state, data iterator and config in one step.
 
   ckpt = checkpoint.Checkpointer(workdir / "ckpt" / "sft", every_steps=50,
-                                 keep=3, async_save=True)
+                                 keep=3, async_save=True, every_minutes=30)
   restored = checkpoint.restore_latest(ckpt, abstract_arrays, data_iter)
   if restored is None: arrays = init(), else arrays = restored.arrays
   ...
@@ -14,6 +14,10 @@ A step directory `<directory>/<step>/` holds three items:
   config  the run's config as JSON
 Orbax writes into a temporary directory and renames it when complete, so a
 kill -9 leaves either a whole step or none; `keep` newest steps are kept.
+A step is due every `every_steps` steps and, with `every_minutes`, also once
+that long has passed since this process's last save (or its start): what a
+kill -9 can cost is then bounded in time, whatever a step takes. Process 0's
+clock decides for all processes.
 With `async_save` the arrays are copied off the device before `save` returns
 (so the caller may donate them to the next step) and written in the
 background; the iterator state is snapshotted at the call, as a plain dict.
@@ -26,9 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -56,11 +62,17 @@ class Checkpointer:
   """An orbax CheckpointManager over one stage's directory."""
 
   def __init__(self, directory: str | os.PathLike, *, every_steps: int,
-               keep: int, async_save: bool = True):
+               keep: int, async_save: bool = True, every_minutes: float = 0.0,
+               clock: Callable[[], float] = time.monotonic):
     if every_steps < 1:
       raise ValueError(f"every_steps {every_steps} < 1")
+    if every_minutes < 0:
+      raise ValueError(f"every_minutes {every_minutes} < 0")
     self.directory = os.path.abspath(os.fspath(directory))
     self.every_steps = every_steps
+    self.every_minutes = every_minutes
+    self._clock = clock
+    self._t_saved = clock()
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -76,8 +88,17 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def due(self, step: int) -> bool:
-    """True every `every_steps` steps."""
-    return step % self.every_steps == 0
+    """True every `every_steps` steps, or (with `every_minutes`) when that
+    long has passed since the last save. With `every_minutes` and several
+    processes this is a collective: every process calls it at every step."""
+    by_steps = step % self.every_steps == 0
+    if not self.every_minutes:
+      return by_steps
+    late = self._clock() - self._t_saved >= 60.0 * self.every_minutes
+    if jax.process_count() > 1:  # process 0's clock decides for all
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      late = bool(multihost_utils.broadcast_one_to_all(np.int32(late)))
+    return by_steps or late
 
   def save(self, step: int, arrays: Any, *, data_iter=None,
            config: dict | None = None, force: bool = False) -> bool:
@@ -87,6 +108,7 @@ class Checkpointer:
       return False
     data = {"process_count": jax.process_count(),
             "iterator": None if data_iter is None else data_iter.get_state()}
+    self._t_saved = self._clock()
     return self._manager.save(
         step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(arrays),

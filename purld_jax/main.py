@@ -240,7 +240,8 @@ def validate(config) -> None:
     _positive(errors, config, key)
   for key in ("sft.steps", "rl.steps", "sft.learning_rate",
               "opt.learning_rate", "opt.weight_decay", "opt.clip_norm",
-              "sampling.temperature", "model.vocab_chunk"):
+              "sampling.temperature", "model.vocab_chunk",
+              "ckpt.every_minutes"):
     _positive(errors, config, key, zero_ok=True)
   if errors:
     raise ConfigError("config errors:\n  " + "\n  ".join(errors))
@@ -308,11 +309,17 @@ def _main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; see --help")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
+  from purld_jax import preemption  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS.config
   try:
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
+    with preemption.on_sigterm(config.ckpt.get("save_on_sigterm", True)):
+      run(config, flags.FLAGS.workdir)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except preemption.Preempted as e:
+    print(e, file=sys.stderr)
+    return preemption.EXIT_CODE
   return 0
 
 

@@ -118,3 +118,32 @@ def test_metrics_truncate_on_resume(tmp_path):
   assert [(r["stage"], r["step"], r["loss"]) for r in records] == [
       ("sft", 1, 1.0), ("sft", 2, 2.0), ("rl", 1, "nan"), ("sft", 3, 30.0)]
   assert os.path.exists(tmp_path / metrics_lib.FILENAME)
+
+
+def test_every_minutes_by_a_fake_clock(tmp_path):
+  now = [0.0]
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=100, keep=5,
+                                 async_save=False, every_minutes=1.0,
+                                 clock=lambda: now[0])
+  assert not ckpt.due(1)
+  now[0] = 59.9
+  assert not ckpt.due(2)
+  now[0] = 60.0  # a minute since the start
+  assert ckpt.due(3)
+  assert ckpt.save(3, _arrays(3.0), force=True)
+  now[0] = 119.0  # 59 s since that save
+  assert not ckpt.due(4)
+  assert ckpt.due(100)  # the step cadence still holds
+  now[0] = 120.0
+  assert ckpt.due(5)
+  assert not ckpt.save(3, _arrays(3.0), force=True)  # saved already
+  ckpt.close()
+  assert checkpoint.complete_steps(tmp_path) == [3]
+
+  off = checkpoint.Checkpointer(tmp_path / "off", every_steps=100, keep=5,
+                                clock=lambda: 1e9)
+  assert not off.due(1)  # every_minutes=0: steps only
+  off.close()
+  with pytest.raises(ValueError, match="every_minutes -1"):
+    checkpoint.Checkpointer(tmp_path / "bad", every_steps=1, keep=1,
+                            every_minutes=-1)

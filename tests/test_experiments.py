@@ -12,6 +12,9 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -514,3 +517,44 @@ def test_adopt_reference_shares_the_sft_answers_through_a_linked_reference(
   assert meta == dict(source=str(cell / "reference"), num_prompts=0)
   assert (cell / "eval" / "sft.jsonl").read_text() == "{}\n"
   assert os.path.realpath(cell / "reference") == str(ref / "reference")
+
+
+class _Trapping(common.Runner):
+  """A runner whose cells are a child that waits for SIGTERM, notes it in
+  its workdir and exits 143 (what purld_jax.main does after saving)."""
+
+  def command(self, cell):
+    workdir = self.workdir(cell.name)
+    code = ("import os, signal, sys, time\n"
+            f"d = {workdir!r}\n"
+            "def term(*_):\n"
+            "  open(os.path.join(d, 'got_term'), 'w').close(); sys.exit(143)\n"
+            "signal.signal(signal.SIGTERM, term)\n"
+            "open(os.path.join(d, 'started'), 'w').close()\n"
+            "time.sleep(60)\n")
+    return [self.python, "-c", code]
+
+
+def test_sigterm_reaches_the_running_cell_and_stops_the_study(tmp_path):
+  runner = _Trapping(str(tmp_path), echo=False)
+  cells = [common.Cell(n, "configs/demo.py:tiny", {}) for n in ("a", "b")]
+  started = os.path.join(runner.workdir("a"), "started")
+
+  def signal_when_started():
+    deadline = time.time() + 60
+    while not os.path.exists(started) and time.time() < deadline:
+      time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGTERM)  # to the study, not the cell
+
+  before = signal.getsignal(signal.SIGTERM)
+  threading.Thread(target=signal_when_started, daemon=True).start()
+  with pytest.raises(SystemExit) as e:
+    runner.run_all(cells)
+  assert e.value.code == 143
+  assert os.path.exists(os.path.join(runner.workdir("a"), "got_term"))
+  assert not os.path.exists(runner.workdir("b"))  # the study stopped
+  with open(os.path.join(tmp_path, common.LOG), encoding="utf-8") as f:
+    recs = [json.loads(line) for line in f]
+  assert [(r["name"], r["status"], r["rc"]) for r in recs] == [
+      ("a", "stopped", 143)]
+  assert signal.getsignal(signal.SIGTERM) is before

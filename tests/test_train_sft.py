@@ -1,10 +1,12 @@
-"""Stage 1 (SFT on anchors): batches by hand, exact resume after kill -9,
-teacher calls after resume, the NaN policy, the reference, the plots."""
+"""Stage 1 (SFT on anchors): batches by hand, exact resume after kill -9 and
+after SIGTERM, teacher calls after resume, the NaN policy, the reference,
+the plots."""
 
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -103,21 +105,44 @@ def _ledger_requests(workdir):
 N = 3  # kill after N steps, resume to 2N
 
 
-def test_exact_resume_after_kill_9(tmp_path, jit_cache):  # noqa: F811
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, jit_cache):  # noqa: F811
+  """(config, workdir) of an uninterrupted 2N-step run, saved every N."""
   del jit_cache
   cfg = tiny_config(**{"sft.steps": 2 * N, "ckpt.every_steps": N})
-  full = str(tmp_path / "full")
-  sft.run(cfg, full)  # uninterrupted 2N (and fills the compilation cache)
+  full = str(tmp_path_factory.mktemp("full"))
+  sft.run(cfg, full)  # (and fills the compilation cache)
+  return cfg, full
 
-  killed = str(tmp_path / "killed")
+
+def _child(cfg, workdir, every_steps):
+  """`python -m purld_jax.main` of the tiny SFT run, paused after step N."""
   cmd = [sys.executable, "-m", "purld_jax.main",
-         "--config=configs/sft.py:tiny", f"--workdir={killed}",
+         "--config=configs/sft.py:tiny", f"--workdir={workdir}",
          f"--config.data.train_path={cfg.data.train_path}",
          f"--config.data.eval_path={cfg.data.eval_path}",
-         f"--config.sft.steps={2 * N}", f"--config.ckpt.every_steps={N}",
+         f"--config.sft.steps={2 * N}",
+         f"--config.ckpt.every_steps={every_steps}",
          f"--config.debug.pause_after_step={N}", ONE_DEVICE]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(),
+  return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _resume_and_compare(cfg, full, killed, before):
+  sft.run(cfg, killed)  # resumes from step N
+  _assert_bit_identical(_restore(killed, 2 * N), _restore(full, 2 * N))
+  after = _ledger_requests(killed)
+  assert after.requests == before.requests  # no teacher call after resume
+  assert after.asked_after_stored == 0
+  steps = [r["step"] for r in metrics_lib.read(killed)]
+  assert steps == list(range(1, 2 * N + 1))  # each step once
+  assert sft.is_done(killed, 2 * N)
+
+
+def test_exact_resume_after_kill_9(tmp_path, full_run):
+  cfg, full = full_run
+  killed = str(tmp_path / "killed")
+  proc = _child(cfg, killed, every_steps=N)
   # The child blocks once step N is saved (debug.pause_after_step): the
   # kill lands at a known point, whatever the machine's speed.
   step_dir = os.path.join(killed, "ckpt", "sft", str(N))
@@ -133,16 +158,35 @@ def test_exact_resume_after_kill_9(tmp_path, jit_cache):  # noqa: F811
   assert not os.path.exists(os.path.join(killed, "reference"))
   before = _ledger_requests(killed)
   assert before.anchors == SMALL_TRAIN  # prefetched: every train prompt
+  _resume_and_compare(cfg, full, killed, before)
 
-  sft.run(cfg, killed)  # resumes from step N
 
-  _assert_bit_identical(_restore(killed, 2 * N), _restore(full, 2 * N))
-  after = _ledger_requests(killed)
-  assert after.requests == before.requests  # no teacher call after resume
-  assert after.asked_after_stored == 0
-  steps = [r["step"] for r in metrics_lib.read(killed)]
-  assert steps == list(range(1, 2 * N + 1))  # each step once
-  assert sft.is_done(killed, 2 * N)
+def test_sigterm_saves_a_step_that_was_not_due(tmp_path, full_run):
+  """SIGTERM at step N of a run that saves every 100 steps: step N is saved
+  anyway, the exit status is 143, and the resume is exact."""
+  cfg, full = full_run
+  killed = str(tmp_path / "term")
+  proc = _child(cfg, killed, every_steps=100)
+  lines = []
+  reader = threading.Thread(
+      target=lambda: lines.extend(iter(proc.stdout.readline, b"")),
+      daemon=True)
+  reader.start()
+  deadline = time.time() + 240
+  while not any(b"paused after step" in ln for ln in lines):
+    assert proc.poll() is None and time.time() < deadline, b"".join(lines)
+    time.sleep(0.05)
+  sft_dir = os.path.join(killed, "ckpt", "sft")
+  assert checkpoint_lib.complete_steps(sft_dir) == []  # step N was not due
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 143
+  reader.join(timeout=10)
+  out = b"".join(lines).decode(errors="replace")
+  assert f"[sft] SIGTERM: stopped after step {N} (checkpoint " in out, out
+  assert "run the same command again to resume" in out
+  assert checkpoint_lib.complete_steps(sft_dir) == [N]
+  assert not os.path.exists(os.path.join(killed, "reference"))
+  _resume_and_compare(cfg, full, killed, _ledger_requests(killed))
 
 
 def test_nan_skip_keeps_params_and_goes_on(tmp_path, jit_cache):  # noqa: F811

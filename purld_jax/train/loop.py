@@ -33,6 +33,7 @@ import tqdm
 
 from purld_jax import checkpoint as checkpoint_lib
 from purld_jax import metrics as metrics_lib
+from purld_jax import preemption
 from purld_jax import sharded
 from purld_jax.train import state as state_lib
 
@@ -113,18 +114,35 @@ class Loop:
                  config: dict | None = None) -> bool:
     """Saves when `step` is due for a checkpoint, after reading the pending
     metrics (so every checkpointed step has its metrics record, and a stop
-    under the NaN policy comes before the save)."""
+    under the NaN policy comes before the save). After a SIGTERM (any
+    process's: `preemption.stop_agreed`) the step is saved whether due or
+    not and `preemption.Preempted` is raised once the write is done."""
     saved = False
-    if self.ckpt is not None and self.ckpt.due(step):
+    stop = preemption.stop_agreed()
+    if self.ckpt is not None and (stop or self.ckpt.due(step)):
       self._flush()
-      saved = self.ckpt.save(step, arrays, data_iter=data_iter, config=config)
+      saved = self.ckpt.save(step, arrays, data_iter=data_iter, config=config,
+                             force=True)
     if step == self.pause_after_step:  # the kill tests' hook
       if self.ckpt is not None:
         self.ckpt.wait()
       print(f"[{self.stage}] paused after step {step} "
             "(debug.pause_after_step)", file=sys.stderr, flush=True)
-      while True:
-        time.sleep(60)
+      while not preemption.requested():  # only a signal ends the pause
+        time.sleep(0.1)
+      stop = True
+      if self.ckpt is not None:  # a step that was not due: saved now
+        self._flush()
+        saved = self.ckpt.save(step, arrays, data_iter=data_iter,
+                               config=config, force=True) or saved
+    if stop:
+      directory = None
+      if self.ckpt is not None:
+        self.ckpt.wait()
+        directory = self.ckpt.directory
+      self._flush()
+      self.close()
+      raise preemption.Preempted(self.stage, step, directory)
     return saved
 
   def finish(self, step: int, arrays, *, data_iter=None,
@@ -199,7 +217,8 @@ class Stage:
     c = self._config
     self.ckpt = checkpoint_lib.Checkpointer(
         f"{self._workdir}/ckpt/{self.name}", every_steps=c.ckpt.every_steps,
-        keep=c.ckpt.keep, async_save=c.ckpt.async_save)
+        keep=c.ckpt.keep, async_save=c.ckpt.async_save,
+        every_minutes=c.ckpt.every_minutes)
     try:
       abstract = checkpoint_lib.abstract_like(self._abstract.arrays(),
                                               self.state_sh.arrays())
