@@ -30,7 +30,9 @@ prompts (95 % bootstrap CI over prompts):
   rank        its mean rank in the group (1 = best, ties averaged).
 
 A scheme that ranks `No` above a wrong number gives a policy a reason to
-answer "No". Writes probes.md, probes.csv (one row per scheme x probe) and
+answer "No". --template swaps the scheme's template (one scheme at a
+time), to test whether a judge question of one's own fixes what the
+default one rewards. Writes probes.md, probes.csv (one row per scheme x probe) and
 probes.png (top share per scheme and probe) to --out.
 """
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from typing import Sequence
@@ -163,6 +166,14 @@ def score_probes(model, tok, prompts: Sequence[prompts_lib.Prompt],
   return names, out
 
 
+def shell_quote(arg: str) -> str:
+  """`arg` as one bash word on one line (a template's newlines as $'\\n')."""
+  if "\n" not in arg:
+    return shlex.quote(arg)
+  return "$'" + arg.replace("\\", "\\\\").replace("'", "\\'").replace(
+      "\n", "\\n") + "'"
+
+
 def table(rows: Sequence[dict], value: str) -> str:
   """Scheme x probe markdown of `value` ('top', 'over_anchor',
   'over_other' with CIs; 'rank' without)."""
@@ -225,6 +236,9 @@ def main(argv=None) -> list[dict]:
                  help="comma-separated ranking schemes")
   p.add_argument("--yes_word", default="Yes")
   p.add_argument("--no_word", default="No")
+  p.add_argument("--template", default=None,
+                 help="the scheme's template instead of its default "
+                      "(purld_jax/templates.py; one scheme only)")
   p.add_argument("--out", default=None,
                  help="folder for probes.md, probes.csv and probes.png")
   a = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -235,6 +249,8 @@ def main(argv=None) -> list[dict]:
   if bad or not schemes:
     p.error(f"--schemes: {bad or 'none'}; choose from "
             f"{[s for s in ranking.SCHEMES if s not in ('oracle', 'teacher_judge')]}")
+  if a.template is not None and len(schemes) != 1:
+    p.error(f"--template applies to one scheme; --schemes has {schemes}")
   try:
     prompts = prompts_lib.read_jsonl(a.prompts)
   except (OSError, prompts_lib.PromptFileError) as e:
@@ -250,7 +266,8 @@ def main(argv=None) -> list[dict]:
   model, tok = models.load_pretrained(path, dtype=jnp.float32)
   try:
     names, scores = score_probes(model, tok, prompts, schemes,
-                                 yes_word=a.yes_word, no_word=a.no_word)
+                                 yes_word=a.yes_word, no_word=a.no_word,
+                                 template=a.template)
   except ValueError as e:
     p.error(f"--prompts {a.prompts}: {e}")
   rows = [r for s in schemes for r in rows_for(s, names, scores[s])]
@@ -267,7 +284,8 @@ def main(argv=None) -> list[dict]:
     args = sys.argv[1:] if argv is None else argv
     with open(os.path.join(a.out, "probes.md"), "w", encoding="utf-8") as fh:
       fh.write(f"# Probe candidates: how each scheme scores fixed answers\n\n"
-               f"`python -m experiments.probes {' '.join(args)}`\n\n"
+               f"`python -m experiments.probes "
+               f"{' '.join(shell_quote(x) for x in args)}`\n\n"
                f"{len(prompts)} prompts of {a.prompts}, scorer "
                f"{a.model}; each prompt's group holds the probes "
                f"{', '.join(names)} (experiments/probes.py). Shares over "

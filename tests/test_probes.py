@@ -68,6 +68,22 @@ def test_scored_groups_on_the_tiny_model(tiny_model, tiny_tok):  # noqa: F811
   assert sim["empty"]["over_anchor"] == 0.0
   md = probes.table(list(sim.values()), "over_other")
   assert md.splitlines()[0].startswith("| scheme | anchor | off_by_one |")
+  # A template of one's own reaches the judge: other rows, other scores.
+  _, own = probes.score_probes(
+      tiny_model, tiny_tok, ps, ["judge"], yes_word="Yes", no_word="No",
+      template="Reference: {reference}\nAnswer: {response}\nSame? Yes or No.")
+  assert own["judge"].shape == scores["judge"].shape
+  assert not np.allclose(own["judge"], scores["judge"])
+
+
+def test_shell_quote_survives_bash():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  for arg in ["plain", "has space", "Q:\n{prompt}\n\nIt's \"x\" \\ y"]:
+    quoted = probes.shell_quote(arg)
+    assert "\n" not in quoted
+    out = subprocess.run(["bash", "-c", f"printf %s {quoted}"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == arg
 
 
 def test_cli_errors_name_the_flag(tmp_path, capsys):
@@ -78,3 +94,6 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
     probes.main([f"--prompts={tmp_path}/none.jsonl"])
   err = capsys.readouterr().err
   assert "--prompts: " in err and "none.jsonl" in err
+  with pytest.raises(SystemExit):
+    probes.main(["--schemes=judge,pmi", "--template={response}"])
+  assert "--template applies to one scheme" in capsys.readouterr().err
