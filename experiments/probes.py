@@ -261,7 +261,7 @@ def main(argv=None) -> list[dict]:
   from purld_jax import models  # pylint: disable=g-import-not-at-top
   from purld_jax.train import student  # pylint: disable=g-import-not-at-top
   path = student.resolve_path(a.model)
-  if path != "tiny" and not os.path.isfile(os.path.join(path, "config.json")):
+  if not os.path.isfile(os.path.join(path, "config.json")):
     p.error(f"--model: no config.json in {path}")
   model, tok = models.load_pretrained(path, dtype=jnp.float32)
   try:
