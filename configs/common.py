@@ -94,7 +94,9 @@ def ranking() -> ml_collections.ConfigDict:
   # | oracle (see METHOD.md step 3 and purld_jax/ranking.py).
   c.scheme = "judge"
   c.scorer = "policy"         # policy (sampling snapshot) | reference (pi_ref)
-  c.template = ""             # the scheme's user template ('' = its default)
+  # The scheme's user template ('' = its default); its placeholders are
+  # checked before any compute against templates.PLACEHOLDERS.
+  c.template = ""
   c.yes_word = "Yes"          # the judge's positive answer
   c.no_word = "No"            # the judge's negative answer
   c.aggregation = "bradley_terry"  # pairwise_judge: bradley_terry | win_count

@@ -251,6 +251,11 @@ def main(argv=None) -> list[dict]:
             f"{[s for s in ranking.SCHEMES if s not in ('oracle', 'teacher_judge')]}")
   if a.template is not None and len(schemes) != 1:
     p.error(f"--template applies to one scheme; --schemes has {schemes}")
+  if a.template is not None:
+    from purld_jax import templates  # pylint: disable=g-import-not-at-top
+    problems = templates.template_problems(schemes[0], a.template)
+    if problems:
+      p.error("--template: " + "; ".join(problems))
   try:
     prompts = prompts_lib.read_jsonl(a.prompts)
   except (OSError, prompts_lib.PromptFileError) as e:

@@ -219,6 +219,10 @@ def validate(config) -> None:
   _choice(errors, config, "ranking.scorer", ("policy", "reference"))
   _choice(errors, config, "ranking.aggregation", ranking.PAIRWISE_AGGREGATIONS)
   _choice(errors, config, "ranking.metric", ranking.SIMILARITY_METRICS)
+  if config.ranking.template:
+    from purld_jax import templates  # pylint: disable=g-import-not-at-top
+    errors.extend(f"ranking.template: {p}" for p in templates.template_problems(
+        config.ranking.scheme, config.ranking.template))
   _choice(errors, config, "pu.rule", preferences.POSITIVE_RULES)
   if not 0.0 <= config.pu.prior <= 1.0:
     errors.append(f"pu.prior={config.pu.prior!r}: must be in [0, 1]")

@@ -13,6 +13,7 @@ decoded into a template or appended as targets.
 from __future__ import annotations
 
 import dataclasses
+import string
 from typing import Sequence
 
 import numpy as np
@@ -39,6 +40,52 @@ PAIRWISE_TEMPLATE = (
 PMI_TEMPLATE = "{prompt}\n\nA reference answer:\n{reference}"
 RECON_TEMPLATE = (
     "{prompt}\n\nA draft answer:\n{draft}\n\nWrite the final answer.")
+
+
+# Per scheme: (the placeholders its template is filled with, those it must
+# hold: without them the scorer never sees the candidate, or the anchor).
+# Schemes without a template (similarity, oracle) are absent.
+PLACEHOLDERS = {
+    "judge": (("prompt", "reference", "response"), ("response",)),
+    "self_reward": (("prompt", "reference", "response"), ("response",)),
+    "pairwise_judge": (("prompt", "reference", "response_a", "response_b"),
+                       ("response_a", "response_b")),
+    "pmi": (("prompt", "reference"), ("reference",)),
+    "anchor_recon": (("prompt", "draft"), ("draft",)),
+    "teacher_judge": (("prompt", "response"), ("response",)),
+}
+
+
+def template_problems(scheme: str, template: str) -> list[str]:
+  """What is wrong with `template` as `scheme`'s template ([] if nothing).
+
+  Checked before any compute (`main.validate`, `ranking.template`): the
+  text must parse as a `str.format` string, use only the scheme's
+  placeholders (PLACEHOLDERS), and hold the required ones; a literal brace
+  is written {{ or }}. A scheme with no template accepts anything.
+  """
+  if scheme not in PLACEHOLDERS:
+    return []
+  allowed, required = PLACEHOLDERS[scheme]
+  try:
+    fields = [f for _, f, _, _ in string.Formatter().parse(template)
+              if f is not None]
+  except ValueError as e:
+    return [f"not a format string ({e}; a literal brace is written "
+            "{{ or }})"]
+  names = [f.split(".")[0].split("[")[0] for f in fields]
+  takes = ", ".join("{" + a + "}" for a in allowed)
+  problems = []
+  for n in dict.fromkeys(names):
+    if n not in allowed:
+      shown = "{" + n + "}" if n else "{} (a positional field)"
+      problems.append(f"unknown placeholder {shown}; scheme {scheme!r} "
+                      f"takes {takes}")
+  for r in required:
+    if r not in names:
+      problems.append(f"no {{{r}}}: scheme {scheme!r} would never show it "
+                      f"(takes {takes})")
+  return problems
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,6 +86,28 @@ def test_validation_names_every_bad_field_before_compute(tmp_path):
   assert not workdir.exists()  # nothing was started
 
 
+def test_ranking_template_is_checked_before_compute():
+  # A misspelt placeholder would otherwise surface as a KeyError at the
+  # first scoring step, after SFT and the teacher's anchors.
+  cfg = tiny_config(**{"ranking.scheme": "judge",
+                       "ranking.template": "{prompt} {reference} {respons}"})
+  with pytest.raises(main.ConfigError) as e:
+    main.validate(cfg)
+  text = str(e.value)
+  assert ("ranking.template: unknown placeholder {respons}; scheme 'judge' "
+          "takes {prompt}, {reference}, {response}") in text
+  assert "ranking.template: no {response}: scheme 'judge'" in text
+  # The same text is right for the self-reward judge, wrong for anchor_recon.
+  good = "Q: {prompt}\nA: {response}\nGood? Answer Yes or No. {{sic}}"
+  main.validate(tiny_config(**{"ranking.scheme": "self_reward",
+                               "ranking.template": good}))
+  with pytest.raises(main.ConfigError, match=r"no \{draft\}"):
+    main.validate(tiny_config(**{"ranking.scheme": "anchor_recon",
+                                 "ranking.template": good}))
+  with pytest.raises(main.ConfigError, match="not a format string"):
+    main.validate(tiny_config(**{"ranking.template": "{prompt {response}"}))
+
+
 def test_mesh_and_remat_are_validated_naming_the_field():
   # data x fsdp = 2 x 2 = 4: 6 and 2 are not multiples, 8 is.
   cfg = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,

@@ -98,5 +98,8 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
     probes.main(["--schemes=judge,pmi", "--template={response}"])
   assert "--template applies to one scheme" in capsys.readouterr().err
   with pytest.raises(SystemExit):
+    probes.main(["--schemes=judge", "--template={prompt} {answer}"])
+  assert "--template: unknown placeholder {answer}" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
     probes.main([f"--model={tmp_path}", "--num_prompts=1"])
   assert f"--model: no config.json in {tmp_path}" in capsys.readouterr().err

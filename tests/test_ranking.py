@@ -494,3 +494,26 @@ def test_config_ranking_length_debias_reaches_the_scorer_params():
   assert pu_rl.ranking_params(c).length_debias is False  # METHOD.md's
   c.ranking.length_debias = True
   assert pu_rl.ranking_params(c).length_debias is True
+
+
+def test_template_problems_by_hand():
+  defaults = {"judge": templates.JUDGE_TEMPLATE,
+              "self_reward": templates.SELF_REWARD_TEMPLATE,
+              "pairwise_judge": templates.PAIRWISE_TEMPLATE,
+              "pmi": templates.PMI_TEMPLATE,
+              "anchor_recon": templates.RECON_TEMPLATE}
+  for scheme, text in defaults.items():
+    assert templates.template_problems(scheme, text) == [], scheme
+  assert templates.template_problems("pairwise_judge", "{response_a}") == [
+      "no {response_b}: scheme 'pairwise_judge' would never show it (takes "
+      "{prompt}, {reference}, {response_a}, {response_b})"]
+  # pmi is filled with the prompt and the anchor only: a {response} is not.
+  assert templates.template_problems("pmi", "{prompt} {reference} {response}"
+                                     ) == ["unknown placeholder {response}; "
+                                           "scheme 'pmi' takes {prompt}, "
+                                           "{reference}"]
+  assert templates.template_problems("judge", "{response} {0}") == [
+      "unknown placeholder {0}; scheme 'judge' takes {prompt}, {reference}, "
+      "{response}"]
+  assert templates.template_problems("judge", "{response} {{literal}}") == []
+  assert templates.template_problems("similarity", "{anything") == []
