@@ -26,6 +26,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 
 # Config files import `configs.common`: make the repository root importable
 # whatever the current directory.
@@ -269,10 +270,38 @@ def use_jit_cache(value: str) -> str | None:
   return value
 
 
+def check_answer_words(config) -> None:
+  """Raises ConfigError unless the judge's answer words (`ranking.yes_word`,
+  `no_word`) are single tokens of the student's vocabulary, for a stage 2
+  whose scheme reads them. Reads the tokenizer only (no weights), so a bad
+  word is named before SFT and the teacher's anchors, not at the first
+  scoring step."""
+  from purld_jax import ranking  # pylint: disable=g-import-not-at-top
+  from purld_jax import templates  # pylint: disable=g-import-not-at-top
+  from purld_jax.train import student  # pylint: disable=g-import-not-at-top
+  if (config.recipe == "sft"
+      or config.ranking.scheme not in ranking.ANSWER_WORD_SCHEMES):
+    return
+  with tempfile.TemporaryDirectory() as tmp:  # the tiny model's tokenizer
+    tok = student.from_config(config.model, tmp).tokenizer
+  errors = []
+  for field in ("yes_word", "no_word"):
+    word = config.ranking[field]
+    try:
+      templates.answer_token_ids(tok, word)
+    except ValueError as e:
+      errors.append(f"ranking.{field}={word!r}: {e} (model.path="
+                    f"{config.model.path!r}); the judge's score reads one "
+                    "token per answer word")
+  if errors:
+    raise ConfigError("config errors:\n  " + "\n  ".join(errors))
+
+
 def run(config, workdir: str) -> None:
   """Validates `config`, then runs stage 1, (recipe != sft) stage 2 and the
   held-out evaluation."""
   validate(config)
+  check_answer_words(config)
   use_jit_cache(config.jit_cache_dir)
   import jax  # pylint: disable=g-import-not-at-top
   first = jax.process_index() == 0  # writes the run's files

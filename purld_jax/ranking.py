@@ -41,6 +41,8 @@ SCHEMES = ("judge", "pmi", "anchor_recon", "pairwise_judge", "self_reward",
            "similarity", "oracle", "teacher_judge")
 PAIRWISE_AGGREGATIONS = ("bradley_terry", "win_count")
 SIMILARITY_METRICS = ("rouge_l", "token_f1")
+# The schemes that read the judge's answer words (`ranking.yes_word`, `no_word`).
+ANSWER_WORD_SCHEMES = ("judge", "self_reward", "pairwise_judge")
 
 @dataclasses.dataclass(frozen=True)
 class Scorers:
@@ -515,7 +517,7 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
   if scorers is None and scheme not in ("similarity", "oracle"):
     scorers = model_scorers(model, vocab_chunk=vocab_chunk)
 
-  if scheme in ("judge", "self_reward", "pairwise_judge"):
+  if scheme in ANSWER_WORD_SCHEMES:
     yes = templates.answer_token_ids(tok, yes_word)
     no = templates.answer_token_ids(tok, no_word)
     if scheme == "pairwise_judge":

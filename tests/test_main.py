@@ -108,6 +108,31 @@ def test_ranking_template_is_checked_before_compute():
     main.validate(tiny_config(**{"ranking.template": "{prompt {response}"}))
 
 
+def test_answer_words_are_checked_before_compute(tmp_path):
+  # The tiny model's tokenizer is one token per character: "Y" is one
+  # token, "Yes" three. The check reads the tokenizer only.
+  cfg = tiny_config(**{"recipe": "dpo", "ranking.scheme": "judge",
+                       "ranking.yes_word": "Y", "ranking.no_word": "No"})
+  with pytest.raises(main.ConfigError) as e:
+    main.check_answer_words(cfg)
+  text = str(e.value)
+  assert "ranking.no_word='No': 'No' is not a single token" in text
+  assert "yes_word" not in text
+  cfg = tiny_config(**{"recipe": "dpo", "ranking.scheme": "judge",
+                       "ranking.yes_word": "Y", "ranking.no_word": "N"})
+  main.check_answer_words(cfg)
+  # Schemes that do not read the words, and stage 1 alone, are not checked.
+  for over in ({"ranking.scheme": "pmi"}, {"recipe": "sft"}):
+    main.check_answer_words(tiny_config(**{"recipe": "dpo",
+                                           "ranking.no_word": "No", **over}))
+  # main.run stops on it before anything is written.
+  workdir = tmp_path / "run"
+  with pytest.raises(main.ConfigError, match="ranking.yes_word='Yes'"):
+    main.run(tiny_config(**{"recipe": "dpo", "ranking.yes_word": "Yes"}),
+             str(workdir))
+  assert not workdir.exists()
+
+
 def test_mesh_and_remat_are_validated_naming_the_field():
   # data x fsdp = 2 x 2 = 4: 6 and 2 are not multiples, 8 is.
   cfg = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
