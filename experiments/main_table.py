@@ -203,6 +203,25 @@ def pooled(answers: Sequence, where: Sequence[str]) -> tuple[tuple, np.ndarray]:
   return ids, np.mean([a.correct for a in answers], axis=0)
 
 
+def seed_columns(answers: Sequence, seeds: Sequence[int], sft) -> dict:
+  """For two seeds or more (evaluate.Answers of one method, one per seed, on
+  `sft`'s prompts): `seed_gains` {seed: gain over `sft`} and the interval of
+  the mean gain that resamples seeds as well as prompts (`gain_lo_seeds`,
+  `gain_hi_seeds`; `evaluate.seed_prompt_ci`). {} for fewer seeds."""
+  from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
+  if len(answers) < 2:
+    return {}
+  correct = np.stack([a.correct for a in answers]).astype(np.float64)
+  lo, hi = evaluate.seed_prompt_ci(correct, baseline=sft.correct)
+  gains = (correct - np.asarray(sft.correct, np.float64)[None]).mean(axis=1)
+  return dict(seed_gains={int(s): float(g) for s, g in zip(seeds, gains)},
+              gain_lo_seeds=lo, gain_hi_seeds=hi)
+
+
+def _seed_of(name: str) -> int:
+  return int(name.rsplit("_s", 1)[1])
+
+
 def _teacher_calls(workdir: str) -> float:
   """1 anchor per training prompt + judge requests per prompt drawn."""
   from purld_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
@@ -218,8 +237,9 @@ def _teacher_calls(workdir: str) -> float:
 def accuracy_row(runner: common.Runner, names: Sequence[str], *,
                  model: str = "final", sft=None) -> dict:
   """Held-out accuracy of `model` in the finished cells `names` (one per
-  seed): mean over seeds, bootstrap CI over prompts of the per-prompt mean,
-  gain over `sft` (Answers) with its paired CI, teacher calls per training
+  seed, named ..._s<seed>): mean over seeds, bootstrap CI over prompts of
+  the per-prompt mean, gain over `sft` (Answers) with its paired CI (and,
+  with two seeds or more, `seed_columns`), teacher calls per training
   prompt, wall time of the cells (s). status 'not run' without any."""
   from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
   done = [n for n in names if runner.is_done(common.Cell(n, ""))]
@@ -241,6 +261,9 @@ def accuracy_row(runner: common.Runner, names: Sequence[str], *,
     glo, ghi = evaluate.paired_ci(sft.correct, correct)
     r.update(gain=float((correct - sft.correct).mean()), gain_lo=glo,
              gain_hi=ghi)
+    if len(found) > 1:  # one cell per seed, named ..._s<seed>
+      r.update(seed_columns([a for _, a in found],
+                            [_seed_of(n) for n, _ in found], sft))
   return r
 
 
@@ -266,6 +289,7 @@ def rows(runner: common.Runner, methods: Sequence[str],
 
 FIELDS = ("method", "label", "status", "seeds", "prompts", "accuracy",
           "accuracy_lo", "accuracy_hi", "gain", "gain_lo", "gain_hi",
+          "seed_gains", "gain_lo_seeds", "gain_hi_seeds",
           "teacher_calls_per_prompt", "wall_s")
 
 
@@ -273,11 +297,22 @@ def _pct(x) -> str:
   return "" if x is None or not np.isfinite(x) else f"{100 * x:.1f}"
 
 
+def seed_text(row: Mapping[str, Any]) -> tuple[str, str]:
+  """('s0 +7.8, s1 +7.0', '+7.4 [-0.8, +15.6]'): each seed's gain and the
+  gain's interval over seeds and prompts, in points; ('', '') without."""
+  if "seed_gains" not in row:
+    return "", ""
+  each = ", ".join(f"s{s} {100 * g:+.1f}" for s, g in row["seed_gains"].items())
+  return each, common.gain_text(dict(gain=row["gain"],
+                                     gain_lo=row["gain_lo_seeds"],
+                                     gain_hi=row["gain_hi_seeds"]))
+
+
 def markdown(table: Sequence[dict], header: str) -> str:
   body = []
   for r in table:
     if r["status"] != "done":
-      body.append([r["label"], r["status"], "", "", "", "", ""])
+      body.append([r["label"], r["status"], "", "", "", "", "", "", ""])
       continue
     acc = f"{_pct(r['accuracy'])} [{_pct(r['accuracy_lo'])}, " \
           f"{_pct(r['accuracy_hi'])}]"
@@ -285,10 +320,11 @@ def markdown(table: Sequence[dict], header: str) -> str:
             if r["method"] == "sft_only" else "")
     wall = "" if not np.isfinite(r["wall_s"]) else f"{r['wall_s']:.0f}"
     body.append([r["label"], r["seeds"], r["prompts"], acc, gain,
-                 f"{r['teacher_calls_per_prompt']:.2f}", wall])
+                 *seed_text(r), f"{r['teacher_calls_per_prompt']:.2f}", wall])
   return header + "\n\n" + common.markdown_table(
       body, ["method", "seeds", "held-out prompts", "accuracy % [95% CI]",
-             "gain vs SFT, pt [paired 95% CI]", "teacher calls / prompt",
+             "gain vs SFT, pt [paired 95% CI]", "each seed's gain, pt",
+             "gain, 95% CI over seeds and prompts", "teacher calls / prompt",
              "wall time (s)"]) + "\n"
 
 
@@ -322,7 +358,10 @@ def write(runner: common.Runner, methods, seeds, out: str,
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
     f.write(markdown(table, header))
-  common.write_csv(os.path.join(out, "table.csv"), table, FIELDS)
+  common.write_csv(os.path.join(out, "table.csv"), [
+      {**r, "seed_gains": ";".join(f"{s}:{g:.6f}" for s, g in
+                                   r["seed_gains"].items())}
+      if "seed_gains" in r else r for r in table], FIELDS)
   plot(table, os.path.join(out, "accuracy.png"))
   return table
 

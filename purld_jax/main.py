@@ -329,6 +329,9 @@ def run(config, workdir: str) -> None:
     print(f"[plot] {', '.join(plot.plot_workdir(workdir))}", file=sys.stderr)
   if config.export.dir:
     from purld_jax import export  # pylint: disable=g-import-not-at-top
+    from purld_jax import preemption  # pylint: disable=g-import-not-at-top
+    preemption.stop_before("export", "the export (training and evaluation "
+                           "are done)", workdir, collective=False)
     src, out = export.export(
         workdir, os.path.join(workdir, config.export.dir),
         source="final" if "final" in models else "reference",

@@ -12,9 +12,11 @@ in the ledger already.
 
 The grace period must cover the rest of one step plus one save; a step
 longer than that is lost, as under kill -9 (then `ckpt.every_minutes` bounds
-what a kill costs). Outside a training loop (held-out evaluation, export)
-the flag is not read and the run goes on; a second SIGTERM stops the
-process at once, as without the handler. With several processes the flag is OR-ed across them at
+what a kill costs). After training, the held-out evaluation reads the flag
+before each model and the export before it starts (`stop_before`): each
+model's answers are written when it finishes, so a stop there loses at most
+the model being decoded, and the resumed run skips what is on disk. A
+second SIGTERM stops the process at once, as without the handler. With several processes the flag is OR-ed across them at
 every step, so all hosts save the same step even when the signal reaches
 them at different times.
 """
@@ -35,13 +37,19 @@ _requested = threading.Event()
 
 
 class Preempted(Exception):
-  """The run stopped at a saved step because SIGTERM arrived."""
+  """The run stopped at a saved step (or, with `step` None, before a unit of
+  work named by `before`) because SIGTERM arrived."""
 
-  def __init__(self, stage: str, step: int, directory: str | None):
-    where = f" (checkpoint {directory}/{step})" if directory else ""
-    super().__init__(
-        f"[{stage}] SIGTERM: stopped after step {step}{where}; run the same "
-        "command again to resume from it")
+  def __init__(self, stage: str, step: int | None, directory: str | None,
+               before: str = ""):
+    if step is None:
+      where = f" (finished work in {directory})" if directory else ""
+      what = f"before {before}{where}; run the same command again to go on"
+    else:
+      where = f" (checkpoint {directory}/{step})" if directory else ""
+      what = (f"after step {step}{where}; run the same command again to "
+              "resume from it")
+    super().__init__(f"[{stage}] SIGTERM: stopped {what}")
     self.stage, self.step, self.directory = stage, step, directory
 
 
@@ -68,6 +76,16 @@ def stop_agreed() -> bool:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   flags = multihost_utils.process_allgather(np.int32(flag))
   return bool(np.any(flags))
+
+
+def stop_before(stage: str, before: str, directory: str | None = None, *,
+                collective: bool = True) -> None:
+  """Raises `Preempted` (step None) when a stop was asked for: call it
+  between units of work whose results are already on disk. `collective`:
+  every process calls it at the same point (`stop_agreed`); False where only
+  this process gets there (process 0's export)."""
+  if stop_agreed() if collective else requested():
+    raise Preempted(stage, None, directory, before=before)
 
 
 @contextlib.contextmanager

@@ -85,6 +85,32 @@ def test_main_table_writes_one_row_per_method(main_study):
   assert all(r["wall_s"] > 0 for r in recs)
 
 
+def _answers(correct):
+  from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
+  n = len(correct)
+  return evaluate.Answers(
+      name="final", ids=tuple(f"p{i}" for i in range(n)), texts=("",) * n,
+      lengths=np.ones(n, int), finished=np.ones(n, bool),
+      correct=np.asarray(correct, np.float64))
+
+
+def test_seed_columns_resample_the_seeds_too():
+  # Seed 0 right on every prompt, seed 1 on none, SFT on none. Over prompts
+  # the pooled gain is 0.5 on each prompt, so its interval is a point; over
+  # seeds a draw is {0, 0} (gain 1, p = 1/4), {1, 1} (0, 1/4) or one of each
+  # (0.5, 1/2), so the 95 % interval runs from 0 to 1.
+  sft = _answers([0, 0, 0, 0])
+  cols = main_table.seed_columns(
+      [_answers([1, 1, 1, 1]), _answers([0, 0, 0, 0])], [0, 1], sft)
+  assert cols["seed_gains"] == {0: 1.0, 1: 0.0}
+  assert (cols["gain_lo_seeds"], cols["gain_hi_seeds"]) == (0.0, 1.0)
+  assert main_table.seed_columns([_answers([1, 1, 1, 1])], [0], sft) == {}
+  row = dict(gain=0.5, **cols)
+  assert main_table.seed_text(row) == ("s0 +100.0, s1 +0.0",
+                                       "+50.0 [+0.0, +100.0]")
+  assert main_table.seed_text(dict(gain=0.5)) == ("", "")
+
+
 def test_finished_cells_are_skipped_on_rerun(main_study):
   out, _, first = main_study
   launch = Counting()

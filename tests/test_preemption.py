@@ -13,7 +13,9 @@ import pytest
 from purld_jax import checkpoint
 from purld_jax import preemption
 from purld_jax.train import loop as loop_lib
+from tests import train_fixtures
 from tests.train_fixtures import REPO
+from tests.train_fixtures import jit_cache  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -86,3 +88,77 @@ def test_a_second_sigterm_stops_at_once():
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == -signal.SIGTERM, proc.stderr
   assert proc.stdout == "first handled\n"
+
+
+def test_stop_before_raises_only_once_asked():
+  preemption.stop_before("eval", "evaluating sft")  # no stop asked: nothing
+  preemption.request()
+  with pytest.raises(preemption.Preempted) as e:
+    preemption.stop_before("eval", "evaluating sft (1 of 3 models done)",
+                           "/w/eval")
+  assert e.value.step is None and e.value.stage == "eval"
+  assert str(e.value) == (
+      "[eval] SIGTERM: stopped before evaluating sft (1 of 3 models done) "
+      "(finished work in /w/eval); run the same command again to go on")
+  with pytest.raises(preemption.Preempted, match=r"^\[export\] .* before x;"):
+    preemption.stop_before("export", "x", collective=False)
+
+
+def test_heldout_stops_between_models_and_resumes(
+    tmp_path, monkeypatch, capsys, jit_cache):  # noqa: F811
+  from purld_jax import evaluate
+  from purld_jax.train import heldout
+  c = train_fixtures.tiny_config(**{"eval.num_prompts": 3,
+                                    "eval.batch_size": 4})
+  decode = evaluate.greedy_answers
+  decoded = []
+
+  def decode_then_sigterm(*args, **kwargs):
+    decoded.append(kwargs["name"])
+    out = decode(*args, **kwargs)
+    preemption.request()  # as if SIGTERM came while this model decoded
+    return out
+
+  monkeypatch.setattr(evaluate, "greedy_answers", decode_then_sigterm)
+  models = {"before": "init", "sft": "init", "final": "init"}
+  with pytest.raises(preemption.Preempted,
+                     match=r"before evaluating sft \(1 of 3 models done\)"):
+    heldout.run(c, str(tmp_path), models)
+  assert decoded == ["before"]
+  assert sorted(os.listdir(tmp_path / "eval")) == [
+      "before.jsonl", "before.settings.json"]
+  preemption.clear()
+  monkeypatch.setattr(evaluate, "greedy_answers", decode)
+  rows = heldout.run(c, str(tmp_path), models)
+  assert [r["model"] for r in rows] == ["before", "sft", "final"]
+  assert "[eval] before: already evaluated" in capsys.readouterr().err
+  # The same weights, decoded before and after the stop: the same answers.
+  first, again = (evaluate.read_answers(str(tmp_path / "eval" / f"{m}.jsonl"),
+                                        m) for m in ("before", "final"))
+  assert first.texts == again.texts
+
+
+def test_main_stops_before_the_export_and_resumes_it(
+    tmp_path, monkeypatch, jit_cache):  # noqa: F811
+  from purld_jax import main
+  from purld_jax.train import heldout
+  c = train_fixtures.tiny_config(**{
+      "recipe": "sft", "sft.steps": 1, "data.eval_path": "",
+      "log.tensorboard": False, "ckpt.async_save": False,
+      "export.dir": "export"})
+  evaluate_heldout = heldout.run
+
+  def evaluate_then_sigterm(*args, **kwargs):
+    out = evaluate_heldout(*args, **kwargs)
+    preemption.request()  # as if SIGTERM came during the evaluation
+    return out
+
+  monkeypatch.setattr(heldout, "run", evaluate_then_sigterm)
+  with pytest.raises(preemption.Preempted, match=r"^\[export\] .* before the "
+                     r"export \(training and evaluation are done\)"):
+    main.run(c, str(tmp_path))
+  assert not (tmp_path / "export").exists()
+  preemption.clear()
+  monkeypatch.setattr(heldout, "run", evaluate_heldout)
+  main.run(c, str(tmp_path))
+  assert (tmp_path / "export" / "model.safetensors").exists()

@@ -9,7 +9,8 @@ baseline METHOD.md compares PU-RL with). Results land in WORKDIR/eval/; a
 model already evaluated with the same settings is not evaluated again, so a
 resumed run only pays for what is new. The sampler runs on the mesh of
 `config.mesh` (every process decodes the same global batches); process 0
-writes the files.
+writes the files. A SIGTERM (`preemption`) stops the run before the next
+model that is not on disk yet.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from purld_jax import data as data_lib
 from purld_jax import evaluate
+from purld_jax import preemption
 from purld_jax import prompts as prompts_lib
 from purld_jax import sharded
 from purld_jax.models import hf
@@ -75,7 +77,10 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
       pad_id=tok.pad_id))
   first = jax.process_index() == 0
   results = []
-  for name, src in models.items():
+  for k, (name, src) in enumerate(models.items()):
+    preemption.stop_before(
+        "eval", f"evaluating {name} ({k} of {len(models)} models done)",
+        out_dir)
     settings = _settings(config, src)
     meta_path = os.path.join(out_dir, f"{name}.settings.json")
     answers_path = os.path.join(out_dir, f"{name}.jsonl")
