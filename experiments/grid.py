@@ -183,9 +183,10 @@ def seed_rows(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
           f"folder holds {len(seeds)} finished ({', '.join(names)}); re-run "
           "the study's command to rebuild its tables")
     main_table.pooled([sft] + answers, [main_table.REFERENCE] + names)
+    cols = main_table.seed_columns(answers, seeds, sft)
+    lo, hi = cols["gain_lo_seeds"], cols["gain_hi_seeds"]
+    gains = np.array([cols["seed_gains"][x] for x in seeds])
     correct = np.stack([a.correct for a in answers])  # [S, N]
-    gains = (correct - sft.correct[None]).mean(axis=1)
-    lo, hi = evaluate.seed_prompt_ci(correct, baseline=sft.correct)
     a, b = int(np.argmin(gains)), int(np.argmax(gains))
     slo, shi = evaluate.paired_ci(correct[a], correct[b])
     done.append(dict(
