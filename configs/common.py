@@ -109,6 +109,12 @@ def ranking() -> ml_collections.ConfigDict:
   # Remove the linear trend of score on candidate length inside groups (one
   # slope per batch, ranking.length_debias); off = METHOD.md.
   c.length_debias = False
+  # A label-free answer gate (ranking.gate_passes): a candidate that fails it
+  # is ranked below the whole group, anchor included, by gate_margin.
+  # none | number (the candidate holds a number, where the anchor does);
+  # none = METHOD.md.
+  c.gate = "none"
+  c.gate_margin = 1.0
   c.rows_per_call = 64        # scoring rows per model call (memory knob)
   c.pad_multiple = 16         # scoring row lengths rounded up to this
   return c

@@ -220,6 +220,8 @@ def validate(config) -> None:
   _choice(errors, config, "ranking.scorer", ("policy", "reference"))
   _choice(errors, config, "ranking.aggregation", ranking.PAIRWISE_AGGREGATIONS)
   _choice(errors, config, "ranking.metric", ranking.SIMILARITY_METRICS)
+  _choice(errors, config, "ranking.gate", ranking.ANSWER_GATES)
+  _positive(errors, config, "ranking.gate_margin")
   if config.ranking.template:
     from purld_jax import templates  # pylint: disable=g-import-not-at-top
     errors.extend(f"ranking.template: {p}" for p in templates.template_problems(

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from purld_jax import evaluate
 from purld_jax import scoring
 from purld_jax import templates
 from purld_jax.models import tokenizer as tok_lib
@@ -43,6 +44,8 @@ PAIRWISE_AGGREGATIONS = ("bradley_terry", "win_count")
 SIMILARITY_METRICS = ("rouge_l", "token_f1")
 # The schemes that read the judge's answer words (`ranking.yes_word`, `no_word`).
 ANSWER_WORD_SCHEMES = ("judge", "self_reward", "pairwise_judge")
+# `ranking.gate`: label-free checks that a candidate gives an answer at all.
+ANSWER_GATES = ("none", "number")
 
 @dataclasses.dataclass(frozen=True)
 class Scorers:
@@ -328,6 +331,80 @@ def length_debias(scores: np.ndarray, lengths: np.ndarray,
   da = np.where(v, np.asarray(anchor_length, np.float64) - mean_n[:, 0], 0.0)
   return (out, (np.asarray(anchor_score, np.float64) - beta * da)
           .astype(np.float32), beta)
+
+
+def gate_passes(texts: Sequence[Sequence[str]], anchors: Sequence[str], *,
+                gate: str) -> np.ndarray:
+  """Which candidates pass the answer gate `gate` (`ranking.gate`), host side.
+
+  A gate reads only the candidate and the anchor, never a reference answer:
+  it is as available in the real setting as the anchor is.
+    "none": every candidate passes.
+    "number": a candidate passes when it holds a number
+      (`evaluate.last_number`), or when the anchor holds none (then the gate
+      cannot tell what an answer looks like, and stays open). Meant for
+      tasks whose answers are numbers: a bare "No" or "I don't know" fails.
+
+  Args:
+    texts: B lists of K decoded candidates (cut at their stop token).
+    anchors: B anchor texts.
+    gate: one of ANSWER_GATES.
+
+  Returns:
+    bool[B, K].
+  """
+  if gate not in ANSWER_GATES:
+    raise ValueError(f"gate {gate!r} not in {ANSWER_GATES}")
+  if len(texts) != len(anchors):
+    raise ValueError(f"{len(texts)} candidate groups for {len(anchors)} "
+                     "anchors")
+  if gate == "none":
+    return np.ones((len(texts), len(texts[0]) if texts else 0), bool)
+  return np.array([[evaluate.last_number(a) is None
+                    or evaluate.last_number(t) is not None for t in group]
+                   for group, a in zip(texts, anchors)], bool).reshape(
+                       len(texts), -1)
+
+
+def answer_gate(scores: np.ndarray, passed: np.ndarray,
+                anchor_score: np.ndarray, valid: np.ndarray | None = None, *,
+                margin: float = 1.0) -> np.ndarray:
+  """Ranks the candidates that fail the answer gate below every other
+  member of their group, the anchor included (host side).
+
+    floor_b = min(s_a, min_{k passed} s_bk)
+    s'_bk   = s_bk               if passed_bk
+              floor_b - margin   otherwise
+
+  so a failed candidate is the group's worst whatever the scheme paid it,
+  and failed candidates tie with each other: DPO's best-vs-worst rejects
+  one of them, a group that fails throughout gives no pair (all equal),
+  and GRPO's listwise targets put the least mass on them. The passing
+  candidates and s_a keep their scores, hence their order.
+
+  Args:
+    scores: f[B, K] a scheme's scores.
+    passed: bool[B, K] from `gate_passes`.
+    anchor_score: f[B] s_a.
+    valid: bool[B] rows to gate (default all); filler rows are unchanged.
+    margin: how far below the floor a failed candidate sits (> 0).
+
+  Returns:
+    f32[B, K].
+  """
+  s = np.asarray(scores, np.float64)
+  ok = np.asarray(passed, bool)
+  if s.shape != ok.shape or s.ndim != 2:
+    raise ValueError(f"scores {s.shape} and passed {ok.shape}: want the "
+                     "same [B, K]")
+  if not margin > 0:
+    raise ValueError(f"margin={margin!r}: must be > 0")
+  v = (np.ones(s.shape[0], bool) if valid is None
+       else np.asarray(valid, bool))
+  floor = np.minimum(np.asarray(anchor_score, np.float64),
+                     np.where(ok, s, np.inf).min(axis=1))
+  gated = np.where(ok | ~v[:, None], s, floor[:, None] - margin)
+  return gated.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------

@@ -51,6 +51,8 @@ class RankingParams:
   metric: str = "rouge_l"
   pmi_stop: bool = False
   length_debias: bool = False
+  gate: str = "none"
+  gate_margin: float = 1.0
   rows_per_call: int = 64
   pad_multiple: int = 16
   vocab_chunk: int | None = None
@@ -67,13 +69,15 @@ class Group:
     old_logps: f32[B, K, T] the sampling policy's log-probs of the candidates
       (temperature 1, unfiltered): PPO's old policy, for free.
     finished: bool[B, K] the candidate ended with a stop token.
-    scores: f32[B, K] self-ranking scores s_k.
+    scores: f32[B, K] self-ranking scores s_k (after `ranking.length_debias`
+      and `ranking.gate`, when on).
     anchor_score: f32[B] the anchor's own score s_a.
     valid: bool[B] False on filler rows.
     texts: B lists of K decoded candidates (logs, rollout store).
     timings: seconds per phase: sample_s, score_s.
     stats: host-side figures of the step for the logs (length_slope: the
-      slope `ranking.length_debias` removed, when on).
+      slope `ranking.length_debias` removed; gated: the share of the valid
+      prompts' candidates that failed `ranking.gate`; each when on).
   """
 
   prompt_tokens: np.ndarray
@@ -211,6 +215,14 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
         scores, sampling_lib.tokens_before_stop(cands.lengths, cands.finished),
         np.asarray(batch.valid), anchor_score=s_a,
         anchor_length=[len(tok.encode(a)) for a in anchors])
+  if rp.gate != "none":
+    passed = ranking.gate_passes(
+        [[tok.decode(templates.cut_at_stop(ids, tok.stop_ids)) for ids in g]
+         for g in lists], list(anchors), gate=rp.gate)
+    valid = np.asarray(batch.valid, bool)
+    scores = ranking.answer_gate(scores, passed, s_a, valid,
+                                 margin=rp.gate_margin)
+    stats["gated"] = float(1.0 - passed[valid].mean()) if valid.any() else 0.0
   t2 = time.perf_counter()
   anchor_ids = anchor_members(tok, messages, anchors, max_len=max_anchor_len)
   members, member_mask = pack_members(np.asarray(cands.tokens),

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
+from purld_jax import preferences
 from purld_jax import ranking
 from purld_jax import scoring
 from purld_jax import templates
@@ -494,6 +495,79 @@ def test_config_ranking_length_debias_reaches_the_scorer_params():
   assert pu_rl.ranking_params(c).length_debias is False  # METHOD.md's
   c.ranking.length_debias = True
   assert pu_rl.ranking_params(c).length_debias is True
+
+
+def test_gate_passes_by_hand():
+  texts = [["No", "It is 12.", "I don't know", "-3"],
+           ["Dear Sam,", "No", "", "1,000 words"]]
+  # Prompt 0's anchor holds a number: candidates without one fail. Prompt
+  # 1's anchor holds none: the gate cannot tell, every candidate passes.
+  passed = ranking.gate_passes(texts, ["The answer is 12", "Hi Sam!"],
+                               gate="number")
+  np.testing.assert_array_equal(passed, [[False, True, False, True],
+                                         [True, True, True, True]])
+  assert ranking.gate_passes(texts, ["12", "3"], gate="none").all()
+  with pytest.raises(ValueError, match="gate"):
+    ranking.gate_passes(texts, ["12", "3"], gate="digits")
+  with pytest.raises(ValueError, match="2 candidate groups for 1 anchors"):
+    ranking.gate_passes(texts, ["12"], gate="number")
+
+
+def test_answer_gate_by_hand():
+  # Group 0: "No" (k = 0) scored best by the judge fails the gate. The floor
+  # is min(s_a = 0.5, passing scores 1.0, -2.0) = -2.0; with margin 1 the
+  # failed candidates sit at -3.0, tied.
+  s = np.array([[5.0, 1.0, 4.0, -2.0],
+                [3.0, 2.0, 1.0, 0.0],
+                [1.0, 2.0, 3.0, 4.0]])
+  passed = np.array([[False, True, False, True],
+                     [True, True, True, True],
+                     [False, False, False, False]])
+  s_a = np.array([0.5, 9.0, -1.0])
+  out = ranking.answer_gate(s, passed, s_a, margin=1.0)
+  np.testing.assert_allclose(out[0], [-3.0, 1.0, -3.0, -2.0])
+  np.testing.assert_allclose(out[1], s[1])  # all pass: unchanged
+  # All fail: all at s_a - margin, tied (no DPO pair, zero advantages).
+  np.testing.assert_allclose(out[2], [-2.0] * 4)
+  assert out.dtype == np.float32
+  # The anchor is the floor when it scores below every passing candidate.
+  out = ranking.answer_gate(np.array([[2.0, 7.0]]), np.array([[True, False]]),
+                            np.array([-4.0]), margin=0.5)
+  np.testing.assert_allclose(out, [[2.0, -4.5]])
+  # The losses then reject the failed candidate: best vs worst picks it.
+  pairs = preferences.best_vs_worst(jnp.asarray(
+      ranking.answer_gate(s, passed, s_a)))
+  np.testing.assert_array_equal(np.asarray(pairs.chosen)[:2, 0], [1, 0])
+  assert int(pairs.rejected[0, 0]) in (0, 2)
+  assert int(pairs.rejected[1, 0]) == 3
+  assert list(np.asarray(pairs.mask)[:, 0]) == [True, True, False]
+
+
+def test_answer_gate_skips_filler_rows_and_checks_its_arguments():
+  s = np.array([[5.0, 1.0], [5.0, 1.0]])
+  passed = np.array([[False, True], [False, True]])
+  out = ranking.answer_gate(s, passed, np.zeros(2), np.array([True, False]))
+  np.testing.assert_allclose(out, [[-1.0, 1.0], [5.0, 1.0]])
+  with pytest.raises(ValueError, match="same"):
+    ranking.answer_gate(s, passed[0], np.zeros(2))
+  with pytest.raises(ValueError, match="margin"):
+    ranking.answer_gate(s, passed, np.zeros(2), margin=0.0)
+
+
+def test_config_ranking_gate_reaches_the_scorer_params_and_is_checked():
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from purld_jax import main  # pylint: disable=g-import-not-at-top
+  from purld_jax.train import pu_rl  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  assert pu_rl.ranking_params(c).gate == "none"  # METHOD.md's
+  c.ranking.gate, c.ranking.gate_margin = "number", 2.0
+  rp = pu_rl.ranking_params(c)
+  assert (rp.gate, rp.gate_margin) == ("number", 2.0)
+  c.ranking.gate, c.ranking.gate_margin = "digits", 0.0
+  with pytest.raises(main.ConfigError) as e:
+    main.validate(c)
+  assert "ranking.gate='digits': not one of ['none', 'number']" in str(e.value)
+  assert "ranking.gate_margin=0.0: must be > 0" in str(e.value)
 
 
 def test_template_problems_by_hand():

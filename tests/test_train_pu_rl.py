@@ -53,16 +53,18 @@ def test_grpo_advantages_by_hand():
   np.testing.assert_array_equal(adv[1], [0.0, 0.0])
 
 
-# grpo also runs with ranking.length_debias on (its slope is logged).
-@pytest.mark.parametrize("recipe,debias", [("dpo", False), ("grpo", True),
-                                           ("ldl", False)])
-def test_recipe_runs_end_to_end(recipe, debias, tmp_path,
+# grpo also runs with ranking.length_debias on (its slope is logged), dpo
+# with ranking.gate on (the share of candidates it failed is logged).
+@pytest.mark.parametrize("recipe,debias,gate", [("dpo", False, "number"),
+                                                ("grpo", True, "none"),
+                                                ("ldl", False, "none")])
+def test_recipe_runs_end_to_end(recipe, debias, gate, tmp_path,
                                 jit_cache):  # noqa: F811
   c = train_fixtures.tiny_config(**{
       "recipe": recipe, "rl.steps": 2, "sft.steps": 1,
       "log.tensorboard": False, "ranking.yes_word": "Y",
       "ranking.no_word": "N", "ckpt.async_save": False,
-      "ranking.length_debias": debias})
+      "ranking.length_debias": debias, "ranking.gate": gate})
   out = pu_rl.run(c, str(tmp_path))
   assert os.path.isfile(os.path.join(out, "model.safetensors"))
   with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
@@ -75,6 +77,9 @@ def test_recipe_runs_end_to_end(recipe, debias, tmp_path,
     assert ("length_slope" in r) == debias
     if debias:
       assert np.isfinite(r["length_slope"])
+    assert ("gated" in r) == (gate != "none")
+    if gate != "none":
+      assert 0.0 <= r["gated"] <= 1.0
     # The demo prompts have answers: the ranking is checked against them.
     assert 0.0 <= r["oracle_sample_accuracy"] <= 1.0
     assert 0.0 <= r["oracle_mixed_groups"] <= 1.0
