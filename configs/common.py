@@ -111,8 +111,8 @@ def ranking() -> ml_collections.ConfigDict:
   c.length_debias = False
   # A label-free answer gate (ranking.gate_passes): a candidate that fails it
   # is ranked below the whole group, anchor included, by gate_margin.
-  # none | number (the candidate holds a number, where the anchor does);
-  # none = METHOD.md.
+  # none | number (the candidate holds a number in digits, where the anchor
+  # does); none = METHOD.md.
   c.gate = "none"
   c.gate_margin = 1.0
   c.rows_per_call = 64        # scoring rows per model call (memory knob)

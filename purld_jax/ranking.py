@@ -343,7 +343,9 @@ def gate_passes(texts: Sequence[Sequence[str]], anchors: Sequence[str], *,
     "number": a candidate passes when it holds a number
       (`evaluate.last_number`), or when the anchor holds none (then the gate
       cannot tell what an answer looks like, and stays open). Meant for
-      tasks whose answers are numbers: a bare "No" or "I don't know" fails.
+      tasks whose answers are numbers: a bare "No" or "I don't know" fails,
+      and so does a number in words ("nine"), which the last-number
+      verifier would score wrong as well.
 
   Args:
     texts: B lists of K decoded candidates (cut at their stop token).

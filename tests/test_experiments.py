@@ -399,6 +399,50 @@ def test_compare_pairs_two_sides_on_the_same_prompts(tmp_path, capsys):
     compare.compare([str(cells / "a")], [str(cells / "b0")])
 
 
+def test_compare_studies_pairs_cells_by_name_and_pools_their_seeds(tmp_path):
+  from experiments import compare  # pylint: disable=g-import-not-at-top
+  a, b = tmp_path / "grid", tmp_path / "gate"
+  _fake_cell(a, "sft", "sft", [1, 0, 0, 0])
+  _fake_cell(b, "sft", "sft", [1, 0, 0, 0])
+  _fake_cell(a, "k4_judge_dpo_s0", "final", [0, 0, 0, 0])
+  _fake_cell(a, "k2_pmi_ldl_s0", "final", [1, 1, 0, 0])   # only in A
+  _fake_cell(b, "k4_judge_dpo_s0", "final", [1, 1, 0, 0])
+  _fake_cell(b, "k4_judge_dpo_s3", "final", [1, 1, 1, 0])
+  _fake_cell(b, "k4_judge_dpo_s9", "sft", [1, 1, 1, 1])   # unfinished: no final
+  # Kept copies count (A's seed 1 is only kept); a seed in both cells/ and
+  # kept/ is read from cells/ (A's seed 0: kept says all wrong but one).
+  _fake_cell(tmp_path / "k", "k4_judge_dpo_s1", "final", [1, 0, 0, 0])
+  _fake_cell(tmp_path / "k", "k4_judge_dpo_s0", "final", [1, 1, 1, 0])
+  (tmp_path / "k" / "cells").rename(a / "kept")
+  cells = compare.study_cells(str(a))
+  assert list(cells) == ["k2_pmi_ldl", "k4_judge_dpo"]
+  assert list(cells["k4_judge_dpo"]) == [0, 1]
+  assert cells["k4_judge_dpo"][1].endswith("kept/k4_judge_dpo_s1")
+  assert cells["k4_judge_dpo"][0].endswith("cells/k4_judge_dpo_s0")
+  assert list(compare.study_cells(str(b))["k4_judge_dpo"]) == [0, 3]
+  out = tmp_path / "out"
+  rows = compare.main([f"--study_a={a}", f"--study_b={b}", f"--out={out}"])
+  (r,) = rows
+  # A per prompt (.5, 0, 0, 0): .125; B (1, 1, .5, 0): .625; B - A = .5.
+  assert r["cell"] == "k4_judge_dpo" and (r["seeds_a"], r["seeds_b"]) == (2, 2)
+  assert (r["a"], r["b"], r["diff"]) == (.125, .625, .5)
+  assert (r["only_a"], r["only_b"]) == (0, 3)
+  assert r["acc_b_seeds"] == {0: .5, 3: .75}
+  md = (out / "compare.md").read_text()
+  assert "| k4_judge_dpo | s0 0.0, s1 25.0 | s0 50.0, s3 75.0 | +50.0 [" in md
+  assert "Only in A (1): k2_pmi_ldl." in md
+  assert "the same held-out answers in both studies" in md
+  assert (out / "compare.png").stat().st_size > 0
+  assert "k4_judge_dpo,2,2," in (out / "compare.csv").read_text()
+  # Another SFT model in B: said in the table.
+  (b / "cells" / "sft" / "eval" / "sft.jsonl").unlink()
+  (b / "cells" / "sft").rename(tmp_path / "old_sft")
+  _fake_cell(b, "sft", "sft", [0, 0, 0, 1])
+  assert "answers differ** (2 prompts" in compare.sft_check(str(a), str(b))
+  with pytest.raises(SystemExit):
+    compare.main([f"--study_a={a}", f"--study_b={b}"])   # no --out
+
+
 def test_training_table_lists_every_finished_cell_of_the_folder(tmp_path):
   # Cells left by earlier calls (other K, scheme, seed) join the requested
   # ones; a requested cell with no finished seed is 'not run'.
