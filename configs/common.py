@@ -114,7 +114,7 @@ def ranking() -> ml_collections.ConfigDict:
   # none | number (the candidate holds a number in digits, where the anchor
   # does); none = METHOD.md.
   c.gate = "none"
-  c.gate_margin = 1.0
+  c.gate_margin = 1.0         # a failed candidate sits this far below (> 0)
   c.rows_per_call = 64        # scoring rows per model call (memory knob)
   c.pad_multiple = 16         # scoring row lengths rounded up to this
   return c
