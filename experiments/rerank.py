@@ -19,6 +19,10 @@ Needs prompts with answers (oracle correctness is stored only then).
 after `ranking.length_debias` (the linear length trend inside groups
 removed, one slope per stored step), computed from the stored scores, with
 no model: what `ranking.length_debias=True` would have handed the losses.
+--gate=number likewise adds SCHEME+gate_number: the stored scores after
+`ranking.answer_gate` (candidates without a number, where the anchor has
+one, ranked below the group; the anchor's stored score needed), from the
+stored texts and anchors: what `ranking.gate=number` would have handed them.
 
 The run's own scores (scores/<ranking.scheme>) came from the policy snapshot
 of each step when ranking.scorer = "policy"; --model scores every step with
@@ -30,6 +34,7 @@ pairwise_judge (Bradley-Terry over the whole pool).
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import sys
 from typing import Sequence
@@ -92,7 +97,8 @@ def agreement_table(store: rollout_store.RolloutStore,
                     schemes: Sequence[str],
                     ks: Sequence[int], seeds: Sequence[int], *,
                     steps: Sequence[int] | None = None,
-                    length_debias: bool = False) -> list[dict]:
+                    length_debias: bool = False,
+                    gate: str = "none") -> list[dict]:
   """One row per (scheme, k, seed): `agreement` over the prompts of every
   stored step with oracle correctness, k candidates sub-sampled per prompt
   (`rollout_store.subsample`). Steps lacking a scheme's scores are left
@@ -100,14 +106,18 @@ def agreement_table(store: rollout_store.RolloutStore,
 
   length_debias: also a row per scheme named DEBIASED.format(scheme): its
   sub-sampled scores through `ranking.length_debias`, one slope per stored
-  step (as training with `ranking.length_debias` fits it per batch)."""
+  step (as training with `ranking.length_debias` fits it per batch).
+  gate: also a row per scheme named GATED.format(scheme, gate): its
+  sub-sampled scores through `ranking.answer_gate` with `gate`'s passes
+  (`ranking.gate_passes` of the stored texts and anchors)."""
   rollouts = [r for r in store.iter(steps) if r.correct is not None]
   if not rollouts:
     raise ValueError(f"{store.path}: no step has oracle correctness")
   rows = []
   for scheme in schemes:
-    for name, debias in [(scheme, False)] + (
-        [(DEBIASED.format(scheme), True)] if length_debias else []):
+    for name, how in [(scheme, None)] + (
+        [(DEBIASED.format(scheme), "debias")] if length_debias else []) + (
+            [(GATED.format(scheme, gate), "gate")] if gate != "none" else []):
       for k in ks:
         for seed in seeds:
           parts = [rollout_store.subsample(r, k, seed) for r in rollouts
@@ -116,10 +126,12 @@ def agreement_table(store: rollout_store.RolloutStore,
             continue
           cat = lambda f: np.concatenate([f(p) for p in parts])
           score = lambda p: p.scores[scheme]
-          if debias:
+          if how == "debias":
             score = lambda p: ranking.length_debias(
                 p.scores[scheme], rollout_store.candidate_lengths(p),
                 p.valid)[0]
+          elif how == "gate":
+            score = functools.partial(_gated, scheme=scheme, gate=gate)
           row = dict(scheme=name, k=k, seed=seed, steps=len(parts),
                      prompts=int(cat(lambda p: p.valid).sum()))
           row.update(agreement(cat(score), cat(lambda p: p.correct),
@@ -133,7 +145,19 @@ def agreement_table(store: rollout_store.RolloutStore,
   return rows
 
 
+def _gated(r: rollout_store.Rollout, *, scheme: str, gate: str
+           ) -> np.ndarray:
+  """`r`'s stored `scheme` scores through `ranking.answer_gate`."""
+  if scheme not in r.anchor_scores:
+    raise ValueError(f"step {r.step}: no stored anchor score for {scheme!r} "
+                     "(the gate's floor needs it)")
+  passed = ranking.gate_passes(r.texts, r.anchors, gate=gate)
+  return ranking.answer_gate(r.scores[scheme], passed,
+                             r.anchor_scores[scheme], r.valid)
+
+
 DEBIASED = "{}+length_debias"
+GATED = "{}+gate_{}"
 FIELDS = ("scheme", "k", "seed", "steps", "prompts", "sample_accuracy",
           "mixed_groups", "top_right", "pair_accuracy", "kendall_tau",
           "shorter_preferred")
@@ -157,7 +181,7 @@ def main(argv):
   rows = agreement_table(store, names + list(f.stored),
                          ks=[int(k) for k in f.ks],
                          seeds=[int(s) for s in f.seeds],
-                         length_debias=f.length_debias)
+                         length_debias=f.length_debias, gate=f.gate)
   print(" ".join(f"{c:>15}" for c in FIELDS))
   for r in rows:
     print(" ".join(f"{r[c]:>15.4f}" if isinstance(r[c], float)
@@ -183,6 +207,9 @@ if __name__ == "__main__":
   flags.DEFINE_bool("length_debias", False, "also tabulate each score "
                     "through ranking.length_debias (rows SCHEME"
                     "+length_debias; no model needed)")
+  flags.DEFINE_enum("gate", "none", list(ranking.ANSWER_GATES), "also "
+                    "tabulate each score through ranking.answer_gate with "
+                    "this gate (rows SCHEME+gate_GATE; no model needed)")
   flags.DEFINE_list("stored", "", "also tabulate these stored score names "
                     "(e.g. the run's own: judge)")
   flags.DEFINE_list("ks", "2,4", "group sizes sub-sampled")

@@ -274,6 +274,35 @@ def test_agreement_table_length_debias_rows(tmp_path):
   assert np.isnan(flat["kendall_tau"])  # no order left to correlate
 
 
+def test_agreement_table_gate_rows(tmp_path):
+  # Prompt 0 (its anchor "anchor 0" holds a number) has candidates "No",
+  # "4", "no idea", "7"; only "4" is right, and the judge scores "No"
+  # highest. Gated, "No" and "no idea" go below the anchor's 0.5 and the
+  # passing "7"'s -1: to floor -1 minus margin 1 = -2. Prompt 1 is filler.
+  store = rollout_store.RolloutStore(tmp_path)
+  g = dataclasses.replace(_group(b=2, k=4),
+                          texts=[["No", "4", "no idea", "7"],
+                                 ["No", "a", "b", "c"]])
+  _write(store, 1, g, correct=np.array([[0, 1, 0, 0], [0, 1, 0, 0]],
+                                       np.float32))
+  store.add_scores(1, "judge", np.array([[5, 1, 3, -1], [1, 2, 3, 4]],
+                                        np.float32),
+                   np.array([0.5, 0.0], np.float32), overwrite=True)
+  raw, gated = rerank_lib.agreement_table(store, ["judge"], ks=[4],
+                                          seeds=[0], gate="number")
+  assert (raw["scheme"], gated["scheme"]) == ("judge", "judge+gate_number")
+  # Right "4" (1) against the wrong 5, 3, -1: above one of three. Gated
+  # (-2, 1, -2, -1): above all three, and the top.
+  assert raw["pair_accuracy"] == pytest.approx(1 / 3)
+  assert raw["top_right"] == 0.0
+  assert gated["pair_accuracy"] == 1.0 and gated["top_right"] == 1.0
+  # A store without the anchor's score for the scheme: said, not guessed.
+  store.add_scores(1, "pmi", np.zeros((2, 4), np.float32))
+  with pytest.raises(ValueError, match="no stored anchor score for 'pmi'"):
+    rerank_lib.agreement_table(store, ["pmi"], ks=[4], seeds=[0],
+                               gate="number")
+
+
 def test_rerank_fills_missing_schemes_and_resumes(tmp_path, char_tok):  # noqa: F811
   tok = char_tok
   store = rollout_store.RolloutStore(tmp_path)
