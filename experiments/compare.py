@@ -65,7 +65,8 @@ def side(folders: Sequence[str], model: str) -> tuple[tuple, np.ndarray]:
 
 def compare(a: Sequence[str], b: Sequence[str], *, model: str = "final",
             model_a: str | None = None) -> dict:
-  """Accuracies of the two sides, mean(b - a) and its paired CI over
+  """Accuracies of the two sides (and of each folder: `a_per_seed`,
+  `b_per_seed`), mean(b - a) and its paired CI over
   prompts (seeds averaged per prompt first) and, `diff_lo_seeds` /
   `diff_hi_seeds`, over seeds and prompts (`evaluate.seed_prompt_ci`; the
   same interval when each side is one folder)."""
@@ -79,6 +80,8 @@ def compare(a: Sequence[str], b: Sequence[str], *, model: str = "final",
   lo, hi = evaluate.paired_ci(ca, cb)
   slo, shi = evaluate.seed_prompt_ci(sb, baseline=sa)
   return dict(prompts=len(ids_a), seeds_a=len(sa), seeds_b=len(sb),
+              a_per_seed=sa.mean(axis=1).tolist(),
+              b_per_seed=sb.mean(axis=1).tolist(),
               a=float(ca.mean()), a_lo=lo_a, a_hi=hi_a,
               b=float(cb.mean()), b_lo=lo_b, b_hi=hi_b,
               diff=float((cb - ca).mean()), diff_lo=lo, diff_hi=hi,
@@ -120,7 +123,8 @@ def sft_check(study_a: str, study_b: str) -> str:
     return "SFT references: **held-out prompts differ**."
   x, y = (np.asarray(v.correct, np.float64) for v in (a, b))
   differ = int(np.sum(~((x == y) | (np.isnan(x) & np.isnan(y)))))
-  if differ or [x.strip() for x in a.texts] != [x.strip() for x in b.texts]:
+  strip = lambda answers: [t.strip() for t in answers.texts]
+  if differ or strip(a) != strip(b):
     return (f"SFT references: **answers differ** ({differ} prompts scored "
             "differently): the two studies do not start from one model.")
   return "SFT references: the same held-out answers in both studies."
@@ -133,10 +137,9 @@ def compare_studies(study_a: str, study_b: str) -> tuple[list[dict], dict]:
   rows = []
   for name in sorted(set(ca) & set(cb)):
     r = compare(list(ca[name].values()), list(cb[name].values()))
-    per_seed = lambda cells: {s: float(main_table.folder_answers(
-        d, "final").correct.mean()) for s, d in cells.items()}
-    rows.append(dict(r, cell=name, acc_a_seeds=per_seed(ca[name]),
-                     acc_b_seeds=per_seed(cb[name])))
+    rows.append(dict(r, cell=name,
+                     acc_a_seeds=dict(zip(ca[name], r["a_per_seed"])),
+                     acc_b_seeds=dict(zip(cb[name], r["b_per_seed"]))))
   return rows, dict(only_a=sorted(set(ca) - set(cb)),
                     only_b=sorted(set(cb) - set(ca)))
 

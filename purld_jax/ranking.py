@@ -362,8 +362,8 @@ def gate_passes(texts: Sequence[Sequence[str]], anchors: Sequence[str], *,
                      "anchors")
   if gate == "none":
     return np.ones((len(texts), len(texts[0]) if texts else 0), bool)
-  return np.array([[evaluate.last_number(a) is None
-                    or evaluate.last_number(t) is not None for t in group]
+  has_number = lambda text: evaluate.last_number(text) is not None
+  return np.array([[not has_number(a) or has_number(t) for t in group]
                    for group, a in zip(texts, anchors)], bool).reshape(
                        len(texts), -1)
 

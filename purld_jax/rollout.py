@@ -190,15 +190,18 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
   lists = [[list(cands.tokens[i, j, :cands.lengths[i, j]]) for j in range(k)]
            for i in range(len(messages))]
   rp = ranking_params
+  # Candidates as text, cut at their stop id: what the teacher judge and the
+  # answer gate read (decoded once, only when one of them is on).
+  cut_texts = ([[tok.decode(templates.cut_at_stop(ids, tok.stop_ids))
+                 for ids in g] for g in lists]
+               if rp.scheme == "teacher_judge" or rp.gate != "none" else None)
   if scorers is None:
     scorers = ranking.model_scorers(nnx.merge(graphdef, scorer_params),
                                     vocab_chunk=rp.vocab_chunk)
   if rp.scheme == "teacher_judge":
     if judge is None:
       raise ValueError("ranking.scheme 'teacher_judge' needs a judge")
-    scores, s_a = judge(batch.prompts, [
-        [tok.decode(templates.cut_at_stop(ids, tok.stop_ids)) for ids in g]
-        for g in lists], np.asarray(batch.valid))
+    scores, s_a = judge(batch.prompts, cut_texts, np.asarray(batch.valid))
   else:
     scores, s_a = ranking.score_group(
         None, tok, messages, list(anchors), lists, scheme=rp.scheme,
@@ -216,9 +219,7 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
         np.asarray(batch.valid), anchor_score=s_a,
         anchor_length=[len(tok.encode(a)) for a in anchors])
   if rp.gate != "none":
-    passed = ranking.gate_passes(
-        [[tok.decode(templates.cut_at_stop(ids, tok.stop_ids)) for ids in g]
-         for g in lists], list(anchors), gate=rp.gate)
+    passed = ranking.gate_passes(cut_texts, list(anchors), gate=rp.gate)
     valid = np.asarray(batch.valid, bool)
     scores = ranking.answer_gate(scores, passed, s_a, valid,
                                  margin=rp.gate_margin)
