@@ -363,9 +363,11 @@ def gate_passes(texts: Sequence[Sequence[str]], anchors: Sequence[str], *,
   if gate == "none":
     return np.ones((len(texts), len(texts[0]) if texts else 0), bool)
   has_number = lambda text: evaluate.last_number(text) is not None
-  return np.array([[not has_number(a) or has_number(t) for t in group]
-                   for group, a in zip(texts, anchors)], bool).reshape(
-                       len(texts), -1)
+  rows = []
+  for group, anchor in zip(texts, anchors):
+    gate_open = not has_number(anchor)
+    rows.append([gate_open or has_number(t) for t in group])
+  return np.array(rows, bool).reshape(len(texts), -1)
 
 
 def answer_gate(scores: np.ndarray, passed: np.ndarray,
