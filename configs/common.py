@@ -102,6 +102,10 @@ def ranking() -> ml_collections.ConfigDict:
   c.aggregation = "bradley_terry"  # pairwise_judge: bradley_terry | win_count
   c.bt_iters = 100            # pairwise_judge: Bradley-Terry MM iterations
   c.bt_prior = 0.1            # pairwise_judge: Bradley-Terry pseudo-wins
+  # pairwise_judge: opponents per member. 0 = every pair, (K+1) K judge rows
+  # per prompt (METHOD.md); an even number n = a cyclic design, each member
+  # (anchor included) against n others, (K+1) n rows (templates.pair_design).
+  c.pair_opponents = 0
   c.metric = "rouge_l"        # similarity: rouge_l | token_f1
   # pmi: also score the stop token ending each candidate (an empty answer is
   # then scored, not 0); off = METHOD.md (response tokens only).

@@ -136,6 +136,7 @@ def score_pool(workdir: str, schemes: Sequence[str], *,
   kwargs = dict(yes_word=r["yes_word"], no_word=r["no_word"],
                 aggregation=r["aggregation"], bt_iters=r["bt_iters"],
                 bt_prior=r["bt_prior"], metric=r["metric"],
+                pair_opponents=r.get("pair_opponents", 0),
                 rows_per_call=r["rows_per_call"],
                 pad_multiple=r["pad_multiple"],
                 vocab_chunk=cfg["model"]["vocab_chunk"] or None)

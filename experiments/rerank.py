@@ -176,7 +176,7 @@ def main(argv):
     model, tok = models.load_pretrained(
         f.model or os.path.join(f.workdir, "reference"), dtype=jnp.float32)
     done = rerank(store, model, tok, f.schemes, prefix=f.prefix,
-                  pmi_stop=f.pmi_stop)
+                  pmi_stop=f.pmi_stop, pair_opponents=f.pair_opponents)
     print(f"scored {len(done)} (step, scheme) pairs", file=sys.stderr)
   rows = agreement_table(store, names + list(f.stored),
                          ks=[int(k) for k in f.ks],
@@ -204,6 +204,9 @@ if __name__ == "__main__":
   flags.DEFINE_string("prefix", "ref_", "stored as scores/<prefix><scheme>")
   flags.DEFINE_bool("pmi_stop", False, "pmi also scores each candidate's "
                     "stop token (ranking.pmi_stop; give it its own --prefix)")
+  flags.DEFINE_integer("pair_opponents", 0, "pairwise_judge: opponents "
+                       "per member (ranking.pair_opponents; 0 = every pair; "
+                       "give it its own --prefix)")
   flags.DEFINE_bool("length_debias", False, "also tabulate each score "
                     "through ranking.length_debias (rows SCHEME"
                     "+length_debias; no model needed)")

@@ -221,6 +221,10 @@ def validate(config) -> None:
   _choice(errors, config, "ranking.aggregation", ranking.PAIRWISE_AGGREGATIONS)
   _choice(errors, config, "ranking.metric", ranking.SIMILARITY_METRICS)
   _choice(errors, config, "ranking.gate", ranking.ANSWER_GATES)
+  opp = config.ranking.pair_opponents
+  if not isinstance(opp, int) or opp < 0 or opp % 2:
+    errors.append(f"ranking.pair_opponents={opp!r}: must be 0 (every pair) "
+                  "or an even number >= 2")
   _positive(errors, config, "ranking.gate_margin")
   if config.ranking.template:
     from purld_jax import templates  # pylint: disable=g-import-not-at-top

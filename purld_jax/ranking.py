@@ -140,11 +140,12 @@ def anchor_recon(logps: jax.Array, target_mask: jax.Array) -> jax.Array:
   return jax.lax.stop_gradient(scoring.mean_logps(logps, target_mask))
 
 
-def pair_matrix(pair_scores: jax.Array, k: int) -> jax.Array:
-  """f32[B, K (K - 1)] in `templates.ordered_pairs(K)` order -> f32[B, K, K]
-  with out[b, i, j] = score of the row showing y_i as A and y_j as B (0 on the
-  diagonal)."""
-  i, j = templates.ordered_pairs(k)
+def pair_matrix(pair_scores: jax.Array, k: int,
+                opponents: int = 0) -> jax.Array:
+  """f32[B, R] in `templates.ordered_pairs(K, opponents)` order ->
+  f32[B, K, K] with out[b, i, j] = score of the row showing y_i as A and y_j
+  as B (0 on the diagonal and on pairs the design leaves out)."""
+  i, j = templates.ordered_pairs(k, opponents)
   out = jnp.zeros(pair_scores.shape[:-1] + (k, k), pair_scores.dtype)
   return out.at[..., i, j].set(pair_scores)
 
@@ -154,7 +155,8 @@ def pair_matrix(pair_scores: jax.Array, k: int) -> jax.Array:
 def pairwise_judge(pair_logits: jax.Array, *,
                    aggregation: str = "bradley_terry", iters: int = 100,
                    bt_prior: float = 0.1,
-                   candidate_mask: jax.Array | None = None) -> jax.Array:
+                   candidate_mask: jax.Array | None = None,
+                   pair_mask: jax.Array | None = None) -> jax.Array:
   """Per-candidate scores from judge logits on ordered pairs.
 
   Both orders cancel position bias: z_ij = (l_ij - l_ji) / 2 (a constant
@@ -176,6 +178,9 @@ def pairwise_judge(pair_logits: jax.Array, *,
       0 gives the plain MLE, exact log-odds for two members).
     candidate_mask: bool[B, K]; masked members neither compare nor score
       (their score is 0).
+    pair_mask: bool[K, K] (or [B, K, K]), symmetric: the pairs that were
+      judged (`templates.pair_design`); default all. Pairs left out count
+      as no comparison (n_ij = 0), not as ties.
 
   Returns:
     f32[B, K].
@@ -187,7 +192,11 @@ def pairwise_judge(pair_logits: jax.Array, *,
   valid = (jnp.ones(pair_logits.shape[:-1], bool) if candidate_mask is None
            else candidate_mask.astype(bool))
   n = (valid[..., :, None] & valid[..., None, :]
-       & ~jnp.eye(k, dtype=bool)[None]).astype(jnp.float32)  # [B, K, K]
+       & ~jnp.eye(k, dtype=bool)[None])  # [B, K, K]
+  if pair_mask is not None:
+    pm = jnp.asarray(pair_mask, bool)
+    n = n & (pm[None] if pm.ndim == 2 else pm)
+  n = n.astype(jnp.float32)
   z = 0.5 * (pair_logits - jnp.swapaxes(pair_logits, -1, -2))
   p = jax.nn.sigmoid(z) * n
   if aggregation == "win_count":
@@ -543,7 +552,8 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
                 bt_iters: int = 100, bt_prior: float = 0.1,
                 metric: str = "rouge_l",
                 verifier: Callable[[int, str], float] | None = None,
-                pmi_stop: bool = False, rows_per_call: int = 64,
+                pmi_stop: bool = False, pair_opponents: int = 0,
+                rows_per_call: int = 64,
                 vocab_chunk: int | None = None, pad_multiple: int = 16,
                 scorers: Scorers | None = None):
   """Self-ranking scores of a batch of groups (METHOD.md steps 3 and 4).
@@ -563,6 +573,10 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
     yes_word, no_word: the judge's answers (judge, self_reward,
       pairwise_judge).
     aggregation, bt_iters, bt_prior: `pairwise_judge` knobs.
+    pair_opponents: `pairwise_judge`: 0 judges every pair of the K (+ anchor)
+      members, (M (M - 1) rows per prompt for M members); an even number
+      judges each member against that many others
+      (`templates.pair_design`, M * pair_opponents rows).
     metric: `similarity` metric.
     verifier: `oracle` callback verifier(b, text) -> reward.
     pmi_stop: `pmi` also scores the stop token that ended a candidate (and
@@ -602,14 +616,17 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
     yes = templates.answer_token_ids(tok, yes_word)
     no = templates.answer_token_ids(tok, no_word)
     if scheme == "pairwise_judge":
+      design = templates.pair_design(m, pair_opponents)
+      rows = int(design.sum())
       batch = templates.pairwise_batch(
-          tok, prompts, anchors, groups,
+          tok, prompts, anchors, groups, opponents=pair_opponents,
           template=template or templates.PAIRWISE_TEMPLATE, **pad)
-      logps = _answer_logps(scorers, batch, m * (m - 1), **run)
-      l = judge(jnp.asarray(logps).reshape(b, m * (m - 1), -1),
+      logps = _answer_logps(scorers, batch, rows, **run)
+      l = judge(jnp.asarray(logps).reshape(b, rows, -1),
                 yes_ids=yes, no_ids=no)
-      s = pairwise_judge(pair_matrix(l, m), aggregation=aggregation,
-                         iters=bt_iters, bt_prior=bt_prior)
+      s = pairwise_judge(pair_matrix(l, m, pair_opponents),
+                         aggregation=aggregation, iters=bt_iters,
+                         bt_prior=bt_prior, pair_mask=jnp.asarray(design))
     else:
       default = (templates.JUDGE_TEMPLATE if scheme == "judge"
                  else templates.SELF_REWARD_TEMPLATE)

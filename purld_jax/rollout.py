@@ -50,6 +50,7 @@ class RankingParams:
   bt_prior: float = 0.1
   metric: str = "rouge_l"
   pmi_stop: bool = False
+  pair_opponents: int = 0
   length_debias: bool = False
   gate: str = "none"
   gate_margin: float = 1.0
@@ -209,7 +210,7 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
         yes_word=rp.yes_word, no_word=rp.no_word, aggregation=rp.aggregation,
         bt_iters=rp.bt_iters, bt_prior=rp.bt_prior, metric=rp.metric,
         verifier=verifier, pmi_stop=rp.pmi_stop,
-        rows_per_call=rp.rows_per_call,
+        pair_opponents=rp.pair_opponents, rows_per_call=rp.rows_per_call,
         vocab_chunk=rp.vocab_chunk, pad_multiple=rp.pad_multiple,
         scorers=scorers)
   stats = {}

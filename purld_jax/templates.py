@@ -181,21 +181,44 @@ def judge_batch(tok, prompts, anchors, candidates, *,
   return finish_rows(rows, [0] * len(rows), tok.pad_id, pad_multiple)
 
 
-def ordered_pairs(k: int) -> tuple[np.ndarray, np.ndarray]:
-  """np.int32[K (K - 1)] (i, j), every ordered pair i != j, row-major."""
-  i, j = np.nonzero(~np.eye(k, dtype=bool))
+def pair_design(k: int, opponents: int = 0) -> np.ndarray:
+  """bool[K, K]: which members a pairwise judge compares (symmetric, False
+  on the diagonal; `ranking.pair_opponents`).
+
+  opponents = 0, or >= K - 1: every pair (K (K - 1) / 2 pairs). Else an even
+  number 2r: the cyclic design, member i meets i +- 1, ..., i +- r (mod K),
+  so every member has exactly `opponents` opponents (win counts stay
+  comparable) and the comparison graph is connected (Bradley-Terry is
+  identified): K r pairs, K * opponents ordered rows instead of K (K - 1).
+  """
+  if opponents < 0 or (opponents % 2 and opponents < k - 1):
+    raise ValueError(f"pair opponents={opponents}: must be 0 (all pairs) or "
+                     f"an even number >= 2 (or >= K - 1 = {k - 1})")
+  if opponents == 0 or opponents >= k - 1:
+    return ~np.eye(k, dtype=bool)
+  idx = np.arange(k)
+  gap = np.abs(idx[:, None] - idx[None, :])
+  return (np.minimum(gap, k - gap) >= 1) & (
+      np.minimum(gap, k - gap) <= opponents // 2)
+
+
+def ordered_pairs(k: int, opponents: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """np.int32[R] (i, j): both orders of every pair of `pair_design(K,
+  opponents)`, row-major (R = K (K - 1) for all pairs)."""
+  i, j = np.nonzero(pair_design(k, opponents))
   return i.astype(np.int32), j.astype(np.int32)
 
 
 def pairwise_batch(tok, prompts, anchors, candidates, *,
                    template: str = PAIRWISE_TEMPLATE,
-                   pad_multiple: int = 16) -> ScoringBatch:
+                   pad_multiple: int = 16, opponents: int = 0) -> ScoringBatch:
   """One judge conversation per ordered pair (A = y_i, B = y_j), both
-  orders, R = B * K (K - 1) rows in `ordered_pairs(K)` order per prompt."""
+  orders, in `ordered_pairs(K, opponents)` order per prompt (R = B * K
+  (K - 1) rows for all pairs, B * K * opponents for a sparse design)."""
   rows = []
   for msgs, anchor, group in zip(prompts, anchors, candidates):
     texts = [tok.decode(cut_at_stop(ids, tok.stop_ids)) for ids in group]
-    for i, j in zip(*ordered_pairs(len(group))):
+    for i, j in zip(*ordered_pairs(len(group), opponents)):
       user = template.format(prompt=prompt_text(msgs), reference=anchor,
                              response_a=texts[i], response_b=texts[j])
       rows.append(tok.encode_chat([{"role": "user", "content": user}]))

@@ -86,6 +86,55 @@ def test_pairwise_judge_recovers_consistent_strengths():
   assert_allclose(wins, [[s1, 1.0 - s1, 0.0]], rtol=1e-5)
 
 
+def test_pair_design_by_hand():
+  # K = 5, 2 opponents: i meets i - 1 and i + 1 (mod 5)
+  i, j = templates.ordered_pairs(5, 2)
+  assert list(zip(i.tolist(), j.tolist())) == [
+      (0, 1), (0, 4), (1, 0), (1, 2), (2, 1), (2, 3), (3, 2), (3, 4),
+      (4, 0), (4, 3)]
+  # K = 6, 4 opponents: offsets 1 and 2; the offset-3 pairs are left out
+  d = templates.pair_design(6, 4)
+  assert (d == d.T).all() and not d.diagonal().any()
+  assert d.sum(1).tolist() == [4] * 6
+  assert [int(x) for x in np.nonzero(~d[0])[0]] == [0, 3]
+  # 0, or as many as K - 1 or more: every pair, in the old order
+  full = (np.array([0, 0, 1, 1, 2, 2]), np.array([1, 2, 0, 2, 0, 1]))
+  for opp in (0, 2, 4, 5):
+    assert_array_equal(np.stack(templates.ordered_pairs(3, opp)),
+                       np.stack(full))
+  assert templates.pair_design(4, 3).sum() == 12  # odd but >= K - 1
+  for bad in (-2, 3):
+    with pytest.raises(ValueError, match="must be 0 .all pairs. or an even"):
+      templates.pair_design(6, bad)
+
+
+def test_pairwise_judge_sparse_design_by_hand():
+  # K = 4 on a cycle (2 opponents): 0-1, 1-2, 2-3, 3-0 judged, 0-2 and 1-3
+  # not (their logits are junk and must not count). Outcomes follow BT
+  # with strengths u, so the MLE over the connected cycle is u centred.
+  u = jnp.array([1.0, 0.0, -2.0, 0.5])
+  design = templates.pair_design(4, 2)
+  z = u[:, None] - u[None, :]
+  junk = jnp.array([[0, 0, 9, 0], [0, 0, 0, -9], [-9, 0, 0, 0],
+                    [0, 9, 0, 0]], jnp.float32)
+  l = _pair_logits((z + junk)[None], 0.7)
+  bt = ranking.pairwise_judge(l, bt_prior=0.0, iters=2000,
+                              pair_mask=jnp.asarray(design))
+  assert_allclose(bt, [u - u.mean()], atol=2e-3)
+  # win counts over the two opponents each meets
+  sg = lambda x: 1.0 / (1.0 + math.exp(-x))
+  wins = ranking.pairwise_judge(l, aggregation="win_count",
+                                pair_mask=jnp.asarray(design))
+  assert_allclose(wins, [[sg(1.0) + sg(0.5), sg(-1.0) + sg(2.0),
+                          sg(-2.0) + sg(-2.5), sg(2.5) + sg(-0.5)]],
+                  rtol=1e-5)
+  # pair_matrix puts a sparse design's rows where they belong, 0 elsewhere
+  m = ranking.pair_matrix(jnp.arange(1.0, 9.0)[None], 4, 2)
+  i, j = templates.ordered_pairs(4, 2)
+  assert_array_equal(np.asarray(m)[0][i, j], np.arange(1.0, 9.0))
+  assert not np.asarray(m)[0][~design].any()
+
+
 @SETTINGS
 @hypothesis.given(hnp.arrays(np.float32, (1, 4, 4), elements=st.floats(
     -4.0, 4.0, width=32)), st.permutations(range(4)))
@@ -199,6 +248,37 @@ def test_recon_and_pairwise_batches(tiny_tok):
         ANCHORS[r // 3])
   pairs = templates.pairwise_batch(tok, PROMPTS, ANCHORS, _cands(tok))
   assert pairs.tokens.shape[0] == 2 * 3 * 2  # B K (K - 1)
+  # K = 3 members with 2 opponents each is every pair again
+  assert templates.pairwise_batch(tok, PROMPTS, ANCHORS, _cands(tok),
+                                  opponents=2).tokens.shape[0] == 12
+
+
+def test_pairwise_judge_sparse_design_equals_the_full_rows_masked(
+    tiny_model, tiny_tok):
+  """pair_opponents = 2 with the anchor (M = 4 members): 8 judge rows per
+  prompt, not 12, and the scores are the full design's pair logits with
+  the two left-out pairs masked, through the same Bradley-Terry fit."""
+  tok, model = tiny_tok, tiny_model
+  groups = [g + [tok.encode(a)] for g, a in zip(_cands(tok), ANCHORS)]
+  full = templates.pairwise_batch(tok, PROMPTS, ANCHORS, groups)
+  assert full.tokens.shape[0] == 2 * 4 * 3
+  sparse = templates.pairwise_batch(tok, PROMPTS, ANCHORS, groups,
+                                    opponents=2)
+  assert sparse.tokens.shape[0] == 2 * 4 * 2
+  lp = np.asarray(ranking.model_scorers(model).last_logps(
+      jnp.asarray(full.tokens), jnp.asarray(full.attention_mask)))
+  yes = templates.answer_token_ids(tok, "Yes")
+  no = templates.answer_token_ids(tok, "No")
+  l = ranking.pair_matrix(ranking.judge(jnp.asarray(lp).reshape(2, 12, -1),
+                                        yes_ids=yes, no_ids=no), 4)
+  design = jnp.asarray(templates.pair_design(4, 2))
+  want = np.asarray(ranking.pairwise_judge(l, pair_mask=design))
+  s, s_a = _score(model, tok, "pairwise_judge", pair_opponents=2)
+  assert_allclose(s, want[:, :3], atol=1e-4)
+  assert_allclose(s_a, want[:, 3], atol=1e-4)
+  # and it differs from the full design (the left-out pairs mattered)
+  s_full, _ = _score(model, tok, "pairwise_judge")
+  assert np.abs(s - s_full).max() > 1e-4
 
 
 # ----------------------------------------------------------------------------
@@ -568,6 +648,22 @@ def test_config_ranking_gate_reaches_the_scorer_params_and_is_checked():
     main.validate(c)
   assert "ranking.gate='digits': not one of ['none', 'number']" in str(e.value)
   assert "ranking.gate_margin=0.0: must be > 0" in str(e.value)
+
+
+def test_config_ranking_pair_opponents_reaches_the_scorer_and_is_checked():
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from purld_jax import main  # pylint: disable=g-import-not-at-top
+  from purld_jax.train import pu_rl  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  assert pu_rl.ranking_params(c).pair_opponents == 0  # METHOD.md's
+  c.ranking.pair_opponents = 4
+  assert pu_rl.ranking_params(c).pair_opponents == 4
+  main.validate(c)
+  c.ranking.pair_opponents = 3
+  with pytest.raises(main.ConfigError) as e:
+    main.validate(c)
+  assert "ranking.pair_opponents=3: must be 0 (every pair) or an even" in str(
+      e.value)
 
 
 def test_template_problems_by_hand():

@@ -60,7 +60,8 @@ def ranking_params(config) -> rollout.RankingParams:
       scheme=r.scheme, template=r.template or None, yes_word=r.yes_word,
       no_word=r.no_word, aggregation=r.aggregation, bt_iters=r.bt_iters,
       bt_prior=r.bt_prior, metric=r.metric,
-      pmi_stop=r.pmi_stop, length_debias=r.length_debias, gate=r.gate,
+      pmi_stop=r.pmi_stop, pair_opponents=r.pair_opponents,
+      length_debias=r.length_debias, gate=r.gate,
       gate_margin=r.gate_margin,
       rows_per_call=r.rows_per_call,
       pad_multiple=r.pad_multiple, vocab_chunk=config.model.vocab_chunk or None)
