@@ -27,13 +27,15 @@ has finished seeds in both studies (in cells/ or kept/), and writes
 compare.md, compare.csv and compare.png (B - A per cell with both
 intervals) to --out. The two studies' SFT references are checked: their
 held-out answers should be the same (the table says so, or says which
-prompts differ).
+prompts differ). Each row names the config overrides that differ between
+the two sides' cells (their cell.json), e.g. `ranking.gate: - -> number`.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import sys
@@ -130,14 +132,43 @@ def sft_check(study_a: str, study_b: str) -> str:
   return "SFT references: the same held-out answers in both studies."
 
 
+def _overrides(folder: str) -> dict | None:
+  """The config overrides the cell ran with (its cell.json), or None."""
+  path = os.path.join(folder, "cell.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f).get("overrides", {})
+
+
+def override_diff(folders_a: Sequence[str], folders_b: Sequence[str]) -> str:
+  """What separates two sides' cells: 'KEY: A's value -> B's value' for
+  every config override that differs ('-' = not set), '; '-joined; 'none';
+  or 'n/a' where a cell.json is missing or a side's seeds disagree."""
+  sides = []
+  for folders in (folders_a, folders_b):
+    found = [_overrides(f) for f in folders]
+    if any(o is None for o in found) or any(o != found[0] for o in found):
+      return "n/a"
+    sides.append(found[0])
+  a, b = sides
+  diffs = [f"{k}: {a.get(k, '-')} -> {b.get(k, '-')}"
+           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return "; ".join(diffs) or "none"
+
+
 def compare_studies(study_a: str, study_b: str) -> tuple[list[dict], dict]:
   """`compare` for every cell name with finished seeds in both studies
-  (seeds pooled per side) -> (rows, {"only_a": names, "only_b": names})."""
+  (seeds pooled per side) -> (rows, {"only_a": names, "only_b": names});
+  each row's `overrides` says which config overrides separate the sides
+  (`override_diff`)."""
   ca, cb = study_cells(study_a), study_cells(study_b)
   rows = []
   for name in sorted(set(ca) & set(cb)):
     r = compare(list(ca[name].values()), list(cb[name].values()))
     rows.append(dict(r, cell=name,
+                     overrides=override_diff(list(ca[name].values()),
+                                             list(cb[name].values())),
                      acc_a_seeds=dict(zip(ca[name], r["a_per_seed"])),
                      acc_b_seeds=dict(zip(cb[name], r["b_per_seed"]))))
   return rows, dict(only_a=sorted(set(ca) - set(cb)),
@@ -154,10 +185,11 @@ def studies_markdown(rows, rest, study_a, study_b, sft_line, command) -> str:
            _seeds_text(r["acc_b_seeds"]),
            f"{pt(r['diff'])} [{pt(r['diff_lo'])}, {pt(r['diff_hi'])}]",
            f"[{pt(r['diff_lo_seeds'])}, {pt(r['diff_hi_seeds'])}]",
-           f"{r['only_a']} / {r['only_b']}"] for r in rows]
+           f"{r['only_a']} / {r['only_b']}", r["overrides"]] for r in rows]
   head = ["cell", "A: accuracy % per seed", "B: accuracy % per seed",
           "B - A, pt [paired 95% CI]", "B - A, 95% CI over seeds and prompts",
-          "prompts right only in A / only in B"]
+          "prompts right only in A / only in B",
+          "overrides that differ (A -> B)"]
   lines = [f"# {os.path.basename(study_b.rstrip('/'))} (B) against "
            f"{os.path.basename(study_a.rstrip('/'))} (A), cell by cell", "",
            f"`{command}`", "", f"A = `{study_a}`, B = `{study_b}`. "
@@ -209,7 +241,7 @@ def write_studies(study_a: str, study_b: str, out: str, command: str
   common.write_csv(os.path.join(out, "compare.csv"), flat, [
       "cell", "seeds_a", "seeds_b", "acc_a_seeds", "acc_b_seeds", "a", "b",
       "diff", "diff_lo", "diff_hi", "diff_lo_seeds", "diff_hi_seeds",
-      "only_a", "only_b", "prompts"])
+      "only_a", "only_b", "prompts", "overrides"])
   if rows:
     studies_plot(rows, os.path.join(out, "compare.png"))
   print(md)

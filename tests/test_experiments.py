@@ -420,9 +420,32 @@ def test_compare_studies_pairs_cells_by_name_and_pools_their_seeds(tmp_path):
   assert cells["k4_judge_dpo"][1].endswith("kept/k4_judge_dpo_s1")
   assert cells["k4_judge_dpo"][0].endswith("cells/k4_judge_dpo_s0")
   assert list(compare.study_cells(str(b))["k4_judge_dpo"]) == [0, 3]
+  # What separates the studies: the cells' overrides (cell.json), here the
+  # gate set in B only and the K changed; kept/ copies carry theirs too.
+  def overrides(folder, **kw):
+    (folder / "cell.json").write_text(json.dumps(dict(overrides=dict(
+        {"recipe": "dpo", "sampling.num_candidates": "4"}, **kw))))
+  overrides(a / "cells" / "k4_judge_dpo_s0")
+  overrides(a / "kept" / "k4_judge_dpo_s1")
+  for seed in (0, 3):
+    overrides(b / "cells" / f"k4_judge_dpo_s{seed}",
+              **{"ranking.gate": "number", "sampling.num_candidates": "8"})
+  assert compare.override_diff(
+      list(compare.study_cells(str(a))["k4_judge_dpo"].values()),
+      list(compare.study_cells(str(b))["k4_judge_dpo"].values())) == (
+          "ranking.gate: - -> number; sampling.num_candidates: 4 -> 8")
   out = tmp_path / "out"
   rows = compare.main([f"--study_a={a}", f"--study_b={b}", f"--out={out}"])
   (r,) = rows
+  assert r["overrides"] == (
+      "ranking.gate: - -> number; sampling.num_candidates: 4 -> 8")
+  # the same overrides: none; a seed without cell.json or seeds that
+  # disagree: n/a
+  cells_a = list(compare.study_cells(str(a))["k4_judge_dpo"].values())
+  assert compare.override_diff(cells_a, cells_a) == "none"
+  assert compare.override_diff(cells_a, cells_a + [str(tmp_path)]) == "n/a"
+  overrides(a / "kept" / "k4_judge_dpo_s1", recipe="grpo")
+  assert compare.override_diff(cells_a, cells_a) == "n/a"
   # A per prompt (.5, 0, 0, 0): .125; B (1, 1, .5, 0): .625; B - A = .5.
   assert r["cell"] == "k4_judge_dpo" and (r["seeds_a"], r["seeds_b"]) == (2, 2)
   assert (r["a"], r["b"], r["diff"]) == (.125, .625, .5)
@@ -430,6 +453,7 @@ def test_compare_studies_pairs_cells_by_name_and_pools_their_seeds(tmp_path):
   assert r["acc_b_seeds"] == {0: .5, 3: .75}
   md = (out / "compare.md").read_text()
   assert "| k4_judge_dpo | s0 0.0, s1 25.0 | s0 50.0, s3 75.0 | +50.0 [" in md
+  assert "| 0 / 3 | ranking.gate: - -> number; sampling.num" in md
   assert "Only in A (1): k2_pmi_ldl." in md
   assert "the same held-out answers in both studies" in md
   assert (out / "compare.png").stat().st_size > 0
