@@ -23,8 +23,13 @@ named last), and writes into --out:
 
 The gains are only comparable when every study trained from the same SFT
 reference (`--reference_from`), so the command refuses studies whose SFT
-rows differ. It cannot see a `--train_override`: name only studies of the
-plain grid (not, e.g., ablation/small_anchor_out).
+rows differ. It cannot see a `--train_override` in the STUDY arguments:
+name only studies of the plain grid there (not, e.g.,
+ablation/small_anchor_out). A study run with an override that makes a
+missing cell affordable (K = 16 pairwise_judge on a sparse pair design,
+`ranking.pair_opponents`) goes in `--fill=STUDY`: its rows fill only the
+cells no plain study has, marked with a dagger, and grid.md names the
+override (read from the study's table.md command line).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import argparse
 import csv
 import math
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -44,7 +50,9 @@ from experiments import main_table
 from purld_jax import evaluate
 
 GRID_FIELDS = ("k", "scheme", "loss", "seeds", "gain", "gain_lo", "gain_hi",
-               "accuracy", "oracle_pair_accuracy", "wall_s", "study")
+               "accuracy", "oracle_pair_accuracy", "wall_s", "study",
+               "variant")
+VARIANT = "\u2020"  # the dagger on a --fill row
 
 
 class GridError(ValueError):
@@ -81,12 +89,27 @@ def read_training(study: str) -> tuple[dict, list[dict]]:
   return sft[0], out
 
 
-def merge(studies: Sequence[str]) -> list[dict]:
+def study_overrides(study: str) -> list[str]:
+  """The `--train_override=` values on the command line that heads the
+  study's table.md (what `experiments.ablation` ran last there)."""
+  for name in ("table.md", "table_training.md"):
+    path = os.path.join(study, name)
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        return re.findall(r"--train_override[= ](\S+?)`?(?=\s|`|$)",
+                          f.readline())
+  return []
+
+
+def merge(studies: Sequence[str], fill: Sequence[str] = ()) -> list[dict]:
   """The chosen row per (K, scheme, loss) over STUDIES: most seeds, then the
-  study named last. Raises GridError if two studies' SFT rows differ."""
+  study named last; then the rows of the `fill` studies (same rule among
+  them) for the cells still empty, with `variant` True. Raises GridError if
+  two studies' SFT rows differ."""
   chosen: dict[tuple[int, str, str], dict] = {}
+  filled: dict[tuple[int, str, str], dict] = {}
   first = None
-  for study in studies:
+  for study in list(studies) + list(fill):
     sft, rows = read_training(study)
     key = (sft["prompts"], sft["accuracy"])
     if first is None:
@@ -95,27 +118,36 @@ def merge(studies: Sequence[str]) -> list[dict]:
       raise GridError(
           f"{study}: its SFT reference (prompts, accuracy) = {key} differs "
           f"from {first[0]}'s {first[1]}; the gains are not comparable")
+    target = filled if study in fill else chosen
     for r in rows:
       g = (r["k"], r["scheme"], r["loss"])
-      if g not in chosen or r["seeds"] >= chosen[g]["seeds"]:
-        chosen[g] = r
+      r["variant"] = study in fill
+      if g not in target or r["seeds"] >= target[g]["seeds"]:
+        target[g] = r
+  chosen.update({g: r for g, r in filled.items() if g not in chosen})
   return [chosen[g] for g in sorted(
       chosen, key=lambda g: (g[0], *ablation.grid_order(g[1], g[2])))]
 
 
 def markdown(rows: Sequence[dict], studies: Sequence[str],
-             grid=ablation.FULL_TRAIN) -> str:
+             grid=ablation.FULL_TRAIN, fill: Sequence[str] = ()) -> str:
   """Per loss a table, schemes down and K across; then the count and the
-  cells of `grid` not run yet."""
+  cells of `grid` not run yet (`fill` studies' rows marked VARIANT)."""
   by = {(r["k"], r["scheme"], r["loss"]): r for r in rows}
   ks = sorted(set(grid["ks"]) | {r["k"] for r in rows})
   schemes = list(grid["schemes"]) + sorted(
       {r["scheme"] for r in rows} - set(grid["schemes"]))
-  tag = {s: chr(ord("a") + i) for i, s in enumerate(studies)}
+  tag = {s: chr(ord("a") + i) for i, s in enumerate(list(studies) + list(fill))}
+  tag.update({s: tag[s] + VARIANT for s in fill})
+  lines = [f"- ({tag[s]}) `{s}`" for s in studies]
+  for s in fill:
+    over = ", ".join(f"`{o}`" for o in study_overrides(s)) or "not recorded"
+    lines.append(f"- ({tag[s]}) `{s}`: a variant that fills cells no plain "
+                 f"study has; run with {over}")
   parts = ["Gain of held-out accuracy over the shared SFT reference, points "
            "[paired 95 % CI]; bold where the CI excludes 0; `xN`: N seeds "
            "averaged; (a), (b), ...: the study the row comes from:",
-           "\n".join(f"- ({tag[s]}) `{s}`" for s in studies)]
+           "\n".join(lines)]
   for loss in grid["losses"]:
     body = []
     for s in schemes:
@@ -132,9 +164,13 @@ def markdown(rows: Sequence[dict], studies: Sequence[str],
           for l in grid["losses"]]
   missing = [g for g in full if g not in by]
   two = sum(1 for g in full if g in by and by[g]["seeds"] >= 2)
+  variants = [g for g in full if g in by and by[g].get("variant")]
   parts.append(
       f"{len(full) - len(missing)} of the {len(full)} cells of the full grid "
-      f"run, {two} of them with two seeds or more. Not run: " +
+      f"run, {two} of them with two seeds or more" +
+      (f"; {len(variants)} only as a variant ({VARIANT}: " +
+       ", ".join(f"K{k} {s} {l}" for k, s, l in variants) + ")"
+       if variants else "") + ". Not run: " +
       (", ".join(f"K{k} {s} {l}" for k, s, l in missing) or "none") + ".")
   return "\n\n".join(parts) + "\n"
 
@@ -312,7 +348,8 @@ def heatmap(rows: Sequence[dict], path: str, grid=ablation.FULL_TRAIN) -> None:
           continue
         v[i, j] = 100 * r["gain"]
         sig = "*" if r["gain_lo"] > 0 or r["gain_hi"] < 0 else ""
-        ax.text(j, i, f"{v[i, j]:+.1f}{sig}\nx{r['seeds']}", ha="center",
+        dag = VARIANT if r.get("variant") else ""
+        ax.text(j, i, f"{v[i, j]:+.1f}{sig}{dag}\nx{r['seeds']}", ha="center",
                 va="center", fontsize=7,
                 color="w" if abs(v[i, j]) > 0.6 * lim else "k")
     im = ax.imshow(v, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
@@ -322,7 +359,7 @@ def heatmap(rows: Sequence[dict], path: str, grid=ablation.FULL_TRAIN) -> None:
     ax.set_title(loss.upper())
   fig.colorbar(im, ax=axes[0].tolist(), label="gain over SFT (pt)")
   fig.suptitle("held-out gain over SFT; * paired 95% CI excludes 0; "
-               "xN: seeds", fontsize=9)
+               f"xN: seeds; {VARIANT}: a variant (see grid.md)", fontsize=9)
   fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
@@ -332,15 +369,19 @@ def main(argv=None) -> str:
                               description=__doc__.split("\n\n")[0])
   p.add_argument("studies", nargs="+", help="study folders (training.csv)")
   p.add_argument("--out", required=True, help="folder for grid.md/csv/png")
+  p.add_argument("--fill", action="append", default=[],
+                 help="a study run with a --train_override whose rows fill "
+                 "only cells no plain study has (marked as a variant); "
+                 "repeatable")
   a = p.parse_args(argv)
   try:
-    rows = merge(a.studies)
+    rows = merge(a.studies, a.fill)
   except GridError as e:
     p.error(str(e))
   os.makedirs(a.out, exist_ok=True)
   text = (f"# The ablation grid, merged\n\n`python -m experiments.grid "
           f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-          + markdown(rows, a.studies))
+          + markdown(rows, a.studies, fill=a.fill))
   with open(os.path.join(a.out, "grid.md"), "w", encoding="utf-8") as f:
     f.write(text)
   common.write_csv(os.path.join(a.out, "grid.csv"), rows, GRID_FIELDS)

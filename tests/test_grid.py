@@ -71,6 +71,32 @@ def test_markdown_marks_significance_seeds_study_and_the_missing(tmp_path):
   assert "K2 pmi dpo" in tail
 
 
+def test_fill_studies_fill_only_the_empty_cells_as_a_named_variant(tmp_path):
+  a = _study(tmp_path, "a", [(4, "pmi", "ldl", 2, 0.09, 0.03, 0.15)])
+  v = _study(tmp_path, "v", [(4, "pmi", "ldl", 2, -0.5, -0.6, -0.4),
+                             (8, "pmi", "dpo", 1, -0.1, -0.2, -0.04)])
+  with open(os.path.join(v, "table.md"), "w", encoding="utf-8") as f:
+    f.write("`python -m experiments.ablation --scale=small --part=training "
+            "--out=v --train_override=ranking.pair_opponents=4 "
+            "--train_override=rl.steps=3`\n\nCells: ...\n")
+  assert grid.study_overrides(v) == ["ranking.pair_opponents=4",
+                                     "rl.steps=3"]
+  assert grid.study_overrides(a) == []  # no table.md
+  rows = grid.merge([a], fill=[v])
+  got = {(r["k"], r["scheme"], r["loss"]): (r["study"], r["variant"])
+         for r in rows}
+  # K4 pmi ldl stays the plain study's (the variant's is not used there)
+  assert got == {(4, "pmi", "ldl"): (a, False), (8, "pmi", "dpo"): (v, True)}
+  g = dict(ks=(4, 8), schemes=("pmi",), losses=("dpo", "ldl"))
+  md = grid.markdown(rows, [a], grid=g, fill=[v])
+  assert "| pmi |  | **-10.0** [-20.0, -4.0] x1 (b\u2020) |" in md
+  assert ("(b\u2020) `" + v + "`: a variant that fills cells no plain study "
+          "has; run with `ranking.pair_opponents=4`, `rl.steps=3`") in md
+  assert ("2 of the 4 cells of the full grid run, 1 of them with two seeds "
+          "or more; 1 only as a variant (\u2020: K8 pmi dpo). Not run: "
+          "K4 pmi dpo, K8 pmi ldl.") in md
+
+
 def test_studies_with_different_sft_references_are_refused(tmp_path):
   a = _study(tmp_path, "a", [(4, "pmi", "ldl", 1, 0.09, 0.03, 0.15)])
   b = _study(tmp_path, "b", [(4, "pmi", "dpo", 1, 0.0, -0.1, 0.1)],
@@ -161,8 +187,9 @@ def test_main_writes_the_three_files(tmp_path, capsys):
   assert text.startswith("# The ablation grid, merged")
   with open(os.path.join(out, "grid.csv"), encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
-  assert [(r["k"], r["scheme"], r["loss"], r["study"]) for r in rows] == [
-      ("2", "anchor_recon", "grpo", a), ("4", "pmi", "ldl", a)]
+  assert [(r["k"], r["scheme"], r["loss"], r["study"], r["variant"])
+          for r in rows] == [("2", "anchor_recon", "grpo", a, "False"),
+                             ("4", "pmi", "ldl", a, "False")]
   assert os.path.getsize(os.path.join(out, "grid.png")) > 10_000
   with pytest.raises(SystemExit):
     grid.main([a, str(tmp_path / "nowhere"), f"--out={out}"])
