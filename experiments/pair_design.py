@@ -20,9 +20,10 @@ K candidates with the full one, per prompt:
   best_same     the share of prompts whose top candidate is the same;
   worst_same    the same for the bottom one;
   pair_same     both the same: DPO's best-vs-worst pair unchanged (CI);
+  mixed         prompts whose candidates are partly right;
   pair_accuracy, top_right, kendall_tau
-                the ranking against oracle correctness (`rerank.agreement`,
-                over the prompts whose candidates are partly right);
+                the ranking against oracle correctness
+                (`diagnostics.ranking_vs_oracle`, over the mixed prompts);
   rows          judge rows per prompt; seconds: the scoring wall time
                 (timings.json, from the run that scored it).
 
@@ -52,7 +53,8 @@ from purld_jax import templates  # noqa: E402
 SCHEME = "pairwise_judge"
 COLUMNS = ("opponents", "rows", "seconds", "prompts", "tau_full",
            "tau_full_lo", "tau_full_hi", "best_same", "worst_same",
-           "pair_same", "pair_same_lo", "pair_same_hi", "pair_accuracy",
+           "pair_same", "pair_same_lo", "pair_same_hi", "mixed",
+           "pair_accuracy",
            "top_right", "kendall_tau")
 
 
@@ -97,7 +99,8 @@ def design_rows(scores: Mapping[int, np.ndarray], correct: np.ndarray | None,
       agree = diagnostics.ranking_vs_oracle(s, np.asarray(correct)[valid])
       tau_o = diagnostics.kendall_tau_rows(s, np.asarray(correct)[valid])
       tau_o = tau_o[np.isfinite(tau_o)]
-      row.update(pair_accuracy=agree["pair_accuracy"],
+      row.update(mixed=int(round(agree["mixed_groups"] * len(s))),
+                 pair_accuracy=agree["pair_accuracy"],
                  top_right=agree["top_right"],
                  kendall_tau=float(tau_o.mean()) if len(tau_o) else np.nan)
     out.append(row)
@@ -116,13 +119,15 @@ def table(rows: Sequence[dict], members: int) -> str:
            f"{_fmt(r['tau_full_hi'])}]", _fmt(r["best_same"]),
            _fmt(r["worst_same"]),
            f"{_fmt(r['pair_same'])} [{_fmt(r['pair_same_lo'])}, "
-           f"{_fmt(r['pair_same_hi'])}]", _fmt(r.get("pair_accuracy")),
+           f"{_fmt(r['pair_same_hi'])}]", r.get("mixed", "n/a"),
+           _fmt(r.get("pair_accuracy")),
            _fmt(r.get("top_right")), _fmt(r.get("kendall_tau"))]
           for r in rows]
   return common.markdown_table(body, (
       f"opponents (of {members - 1})", "judge rows / prompt",
       "scoring s", "tau vs all pairs [95 % CI]", "same best", "same worst",
-      "same DPO pair [95 % CI]", "oracle pair acc.", "oracle top right",
+      "same DPO pair [95 % CI]", "prompts partly right",
+      "oracle pair acc.", "oracle top right",
       "oracle tau"))
 
 
@@ -130,6 +135,7 @@ def plot(rows: Sequence[dict], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = sorted(rows, key=lambda r: r["rows"])
   x = [r["rows"] for r in rows]
   fig, ax = plt.subplots(figsize=(6, 4))
   lo = [r["tau_full"] - r["tau_full_lo"] for r in rows]
@@ -141,7 +147,7 @@ def plot(rows: Sequence[dict], path: str) -> None:
   if all(r.get("pair_accuracy") is not None for r in rows):
     ax.plot(x, [r["pair_accuracy"] for r in rows], marker="^",
             label="oracle pair accuracy")
-  ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+  ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="oracle chance")
   ax.set_xlabel("judge rows per prompt")
   ax.set_ylim(0, 1.05)
   ax.set_title("pairwise_judge: sparse pair designs vs every pair")
@@ -218,7 +224,11 @@ def main(argv=None) -> list[dict]:
     row["rows"] = int(templates.pair_design(members, row["opponents"]).sum())
     row["seconds"] = timings.get(str(row["opponents"]))
   common.write_csv(os.path.join(a.out, "pair_design.csv"), rows, COLUMNS)
-  head = (f"# pairwise_judge: sparse pair designs\n\n`{a.workdir}`, steps "
+  command = ("python -m experiments.pair_design "
+             + " ".join(argv if argv is not None else sys.argv[1:]))
+  head = (f"# pairwise_judge: sparse pair designs\n\n`{command}`\n\n"
+          "Seconds: the scoring wall time (2-core CPU here). "
+          f"`{a.workdir}`, steps "
           f"{steps}: {rows[0]['prompts']} prompts x {members - 1} candidates "
           f"+ the anchor, scored by the cell's reference.\n\n")
   with open(os.path.join(a.out, "pair_design.md"), "w",

@@ -359,6 +359,7 @@ def test_pair_design_rows_by_hand():
   # (right, wrong) pairs: prompt 0 (1, 0) (1, 2), prompt 1 (1, 0) (2, 0).
   # Sparse wins 0 + 2 of 4, every pair 1 + 2 of 4; both top-right once.
   assert (row["pair_accuracy"], full_row["pair_accuracy"]) == (0.5, 0.75)
+  assert row["mixed"] == 2
   assert row["top_right"] == full_row["top_right"] == 0.5
   # tau-b with correctness: sparse -2/sqrt(6) and 2/sqrt(6), full 0 and
   # 2/sqrt(6) (pairs tied in correctness count in neither C nor D)
