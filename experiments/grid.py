@@ -90,14 +90,17 @@ def read_training(study: str) -> tuple[dict, list[dict]]:
 
 
 def study_overrides(study: str) -> list[str]:
-  """The `--train_override=` values on the command line that heads the
-  study's table.md (what `experiments.ablation` ran last there)."""
-  for name in ("table.md", "table_training.md"):
+  """The `--train_override=` values of the command line near the top of the
+  study's table_training.md or table.md (what `experiments.ablation` ran
+  last there)."""
+  for name in ("table_training.md", "table.md"):
     path = os.path.join(study, name)
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
-        return re.findall(r"--train_override[= ](\S+?)`?(?=\s|`|$)",
-                          f.readline())
+        head = [f.readline() for _ in range(5)]
+      for line in head:
+        if "python -m experiments.ablation" in line:
+          return re.findall(r"--train_override[= ](\S+?)`?(?=\s|`|$)", line)
   return []
 
 
@@ -231,7 +234,7 @@ def seed_rows(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
         gain=float(gains.mean()), gain_lo=r["gain_lo"], gain_hi=r["gain_hi"],
         gain_lo_seeds=lo, gain_hi_seeds=hi,
         seed_spread=float(gains[b] - gains[a]), spread_lo=slo, spread_hi=shi,
-        study=r["study"]))
+        study=r["study"], variant=bool(r.get("variant"))))
   return done, missing
 
 
@@ -251,7 +254,8 @@ def seed_markdown(seeds: Sequence[dict], missing: Sequence[dict]) -> str:
     bold = lambda text, on: f"**{text}**" if on else text
     spread = f"{100 * r['seed_spread']:.1f}"
     body.append([
-        str(r["k"]), r["scheme"], r["loss"],
+        str(r["k"]), r["scheme"] + (VARIANT if r.get("variant") else ""),
+        r["loss"],
         ", ".join(f"s{x} {pt(g)}" for x, g in zip(r["seed_list"],
                                                    r["seed_gains"])),
         f"{bold(pt(r['gain']), sig_p)} {ci(r['gain_lo'], r['gain_hi'])}",
@@ -265,7 +269,8 @@ def seed_markdown(seeds: Sequence[dict], missing: Sequence[dict]) -> str:
       "(prompts resampled); *over seeds and prompts*: prompts and seeds both "
       "resampled (`evaluate.seed_prompt_ci`); *seeds apart*: largest minus "
       "smallest seed gain, paired 95 % CI over the same prompts (bold: the "
-      "seeds differ by more than prompt sampling explains).",
+      "seeds differ by more than prompt sampling explains). "
+      f"{VARIANT}: a variant (grid.md names it).",
       common.markdown_table(body, [
           "K", "scheme", "loss", "gain per seed", "gain [CI over prompts]",
           "gain [CI over seeds and prompts]", "seeds apart, pt [paired CI]"])

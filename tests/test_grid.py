@@ -76,7 +76,8 @@ def test_fill_studies_fill_only_the_empty_cells_as_a_named_variant(tmp_path):
   v = _study(tmp_path, "v", [(4, "pmi", "ldl", 2, -0.5, -0.6, -0.4),
                              (8, "pmi", "dpo", 1, -0.1, -0.2, -0.04)])
   with open(os.path.join(v, "table.md"), "w", encoding="utf-8") as f:
-    f.write("`python -m experiments.ablation --scale=small --part=training "
+    f.write("# Ablation (small scale)\n\n"
+            "`python -m experiments.ablation --scale=small --part=training "
             "--out=v --train_override=ranking.pair_opponents=4 "
             "--train_override=rl.steps=3`\n\nCells: ...\n")
   assert grid.study_overrides(v) == ["ranking.pair_opponents=4",
