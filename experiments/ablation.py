@@ -99,7 +99,7 @@ def pool_cell(scale: str, *, k_max: int, prompts: int, steps: int,
                                        "meta.json"))
 
 
-def _cell_config(workdir: str) -> dict | None:
+def cell_config(workdir: str) -> dict | None:
   """The cell's config.json (what main.py ran with), or None without one."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -108,11 +108,24 @@ def _cell_config(workdir: str) -> dict | None:
     return json.load(f)
 
 
-def _store_path(workdir: str, cfg: Mapping[str, Any]) -> str:
+def store_path(workdir: str, cfg: Mapping[str, Any]) -> str:
   """The cell's rollout store: config `rollout_store.dir`, relative to the
   workdir (os.path.join keeps an absolute one as it is)."""
   return os.path.join(workdir, cfg.get("rollout_store", {}).get(
       "dir", "rollouts"))
+
+
+def scoring_kwargs(cfg: Mapping[str, Any]) -> dict:
+  """`ranking.score_group` keyword arguments from a cell's config.json: its
+  ranking settings, so a re-scoring ranks as the cell did."""
+  r = cfg["ranking"]
+  return dict(yes_word=r["yes_word"], no_word=r["no_word"],
+              aggregation=r["aggregation"], bt_iters=r["bt_iters"],
+              bt_prior=r["bt_prior"], metric=r["metric"],
+              pair_opponents=r.get("pair_opponents", 0),
+              rows_per_call=r["rows_per_call"],
+              pad_multiple=r["pad_multiple"],
+              vocab_chunk=cfg["model"]["vocab_chunk"] or None)
 
 
 def score_pool(workdir: str, schemes: Sequence[str], *,
@@ -123,8 +136,8 @@ def score_pool(workdir: str, schemes: Sequence[str], *,
   from experiments import rerank  # pylint: disable=g-import-not-at-top
   from purld_jax import models  # pylint: disable=g-import-not-at-top
   from purld_jax import rollout_store  # pylint: disable=g-import-not-at-top
-  cfg = _cell_config(workdir)
-  store = rollout_store.RolloutStore.open(_store_path(workdir, cfg))
+  cfg = cell_config(workdir)
+  store = rollout_store.RolloutStore.open(store_path(workdir, cfg))
   steps = store.steps()
   todo = {s: [x for x in list(schemes) + ["oracle"]
               if PREFIX + x not in store.schemes(s)] for s in steps}
@@ -132,14 +145,7 @@ def score_pool(workdir: str, schemes: Sequence[str], *,
     return []
   model, tok = models.load_pretrained(os.path.join(workdir, "reference"),
                                       dtype=jnp.float32)
-  r = cfg["ranking"]
-  kwargs = dict(yes_word=r["yes_word"], no_word=r["no_word"],
-                aggregation=r["aggregation"], bt_iters=r["bt_iters"],
-                bt_prior=r["bt_prior"], metric=r["metric"],
-                pair_opponents=r.get("pair_opponents", 0),
-                rows_per_call=r["rows_per_call"],
-                pad_multiple=r["pad_multiple"],
-                vocab_chunk=cfg["model"]["vocab_chunk"] or None)
+  kwargs = scoring_kwargs(cfg)
   done = []
   for scheme in list(schemes) + ["oracle"]:
     use = steps[:pairwise_steps] if scheme == "pairwise_judge" else steps
@@ -157,7 +163,7 @@ def agreement(workdir: str, schemes: Sequence[str], ks: Sequence[int],
   from experiments import rerank  # pylint: disable=g-import-not-at-top
   from purld_jax import rollout_store  # pylint: disable=g-import-not-at-top
   store = rollout_store.RolloutStore.open(
-      _store_path(workdir, _cell_config(workdir)))
+      store_path(workdir, cell_config(workdir)))
   names = [PREFIX + s for s in list(schemes) + ["oracle"]]
   per_seed = rerank.agreement_table(store, names, ks, seeds)
   for r in per_seed:
@@ -269,12 +275,12 @@ def _logged(workdir: str) -> dict:
   h = np.array([float(r["entropy_label"]) for r in recs
                 if "entropy_label" in r], np.float64)
   out["label_sharpness"] = out["label_anchor_share"] = float("nan")
-  cfg = _cell_config(workdir)
+  cfg = cell_config(workdir)
   if not len(h) or cfg is None:
     return out
   m = cfg["sampling"]["num_candidates"] + bool(cfg["pu"]["include_anchor"])
   out["label_sharpness"] = 1.0 - mean(h) / np.log(m)
-  store = _store_path(workdir, cfg)
+  store = store_path(workdir, cfg)
   if os.path.isdir(store):
     from purld_jax import rollout_store  # pylint: disable=g-import-not-at-top
     out["label_anchor_share"] = anchor_share(

@@ -390,6 +390,16 @@ class Runner:
       print(f"# {c.name} [{state}]{ref}\n{self.shell_line(c)}", file=out)
 
 
+def cell_overrides(folder: str) -> dict | None:
+  """The config overrides a cell ran with (its cell.json), or None where the
+  folder has no cell.json (a plain run's workdir)."""
+  path = os.path.join(folder, SPEC)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f).get("overrides", {})
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, str]:
   """["rl.steps=1", ...] -> {"rl.steps": "1"} (values kept as text)."""
   out = {}

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import sys
@@ -132,22 +131,13 @@ def sft_check(study_a: str, study_b: str) -> str:
   return "SFT references: the same held-out answers in both studies."
 
 
-def _overrides(folder: str) -> dict | None:
-  """The config overrides the cell ran with (its cell.json), or None."""
-  path = os.path.join(folder, "cell.json")
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f).get("overrides", {})
-
-
 def override_diff(folders_a: Sequence[str], folders_b: Sequence[str]) -> str:
   """What separates two sides' cells: 'KEY: A's value -> B's value' for
   every config override that differs ('-' = not set), '; '-joined; 'none';
   or 'n/a' where a cell.json is missing or a side's seeds disagree."""
   sides = []
   for folders in (folders_a, folders_b):
-    found = [_overrides(f) for f in folders]
+    found = [common.cell_overrides(f) for f in folders]
     if any(o is None for o in found) or any(o != found[0] for o in found):
       return "n/a"
     sides.append(found[0])

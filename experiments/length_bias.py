@@ -142,11 +142,7 @@ def cell_rows(workdir: str, schemes: Sequence[str] | None = None
 def cell_setting(workdir: str) -> dict:
   """scheme, loss and K from the cell's cell.json overrides ('' where it
   has none: a plain run's workdir)."""
-  path = os.path.join(workdir, "cell.json")
-  if not os.path.exists(path):
-    return dict(scheme="", loss="", k="")
-  with open(path, encoding="utf-8") as f:
-    o = json.load(f).get("overrides", {})
+  o = common.cell_overrides(workdir) or {}
   return dict(scheme=o.get("ranking.scheme", ""), loss=o.get("recipe", ""),
               k=o.get("sampling.num_candidates", ""))
 

@@ -175,11 +175,10 @@ def main(argv=None) -> list[dict]:
   from experiments import ablation  # pylint: disable=g-import-not-at-top
   from experiments import rerank  # pylint: disable=g-import-not-at-top
   from purld_jax import rollout_store  # pylint: disable=g-import-not-at-top
-  cfg = ablation._cell_config(a.workdir)  # pylint: disable=protected-access
+  cfg = ablation.cell_config(a.workdir)
   if cfg is None:
     p.error(f"{a.workdir}: no config.json (not a run's workdir)")
-  store = rollout_store.RolloutStore.open(ablation._store_path(  # pylint: disable=protected-access
-      a.workdir, cfg))
+  store = rollout_store.RolloutStore.open(ablation.store_path(a.workdir, cfg))
   steps = ([int(x) for x in a.steps.split(",") if x] if a.steps
            else store.steps())
   missing = sorted(set(steps) - set(store.steps()))
@@ -198,12 +197,8 @@ def main(argv=None) -> list[dict]:
     from purld_jax import models  # pylint: disable=g-import-not-at-top
     model, tok = models.load_pretrained(
         os.path.join(a.workdir, "reference"), dtype=jnp.float32)
-    r = cfg["ranking"]
-    kwargs = dict(yes_word=r["yes_word"], no_word=r["no_word"],
-                  aggregation=r["aggregation"], bt_iters=r["bt_iters"],
-                  bt_prior=r["bt_prior"], rows_per_call=r["rows_per_call"],
-                  pad_multiple=r["pad_multiple"],
-                  vocab_chunk=cfg["model"]["vocab_chunk"] or None)
+    kwargs = ablation.scoring_kwargs(cfg)
+    kwargs.pop("pair_opponents")  # each design sets its own
     for n in todo:
       t0 = time.perf_counter()
       rerank.rerank(store, model, tok, [SCHEME], prefix=f"ref_pairs{n}_",

@@ -196,10 +196,9 @@ def pair_design(k: int, opponents: int = 0) -> np.ndarray:
                      f"an even number >= 2 (or >= K - 1 = {k - 1})")
   if opponents == 0 or opponents >= k - 1:
     return ~np.eye(k, dtype=bool)
-  idx = np.arange(k)
-  gap = np.abs(idx[:, None] - idx[None, :])
-  return (np.minimum(gap, k - gap) >= 1) & (
-      np.minimum(gap, k - gap) <= opponents // 2)
+  gap = np.abs(np.arange(k)[:, None] - np.arange(k)[None, :])
+  cyclic = np.minimum(gap, k - gap)  # 0 on the diagonal
+  return (cyclic >= 1) & (cyclic <= opponents // 2)
 
 
 def ordered_pairs(k: int, opponents: int = 0) -> tuple[np.ndarray, np.ndarray]:
