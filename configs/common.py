@@ -61,7 +61,8 @@ def data() -> ml_collections.ConfigDict:
 def teacher() -> ml_collections.ConfigDict:
   """Exactly `purld_jax.teacher.TeacherConfig`: the black-box teacher."""
   c = ml_collections.ConfigDict()
-  c.backend = "openai"        # openai | dataset (reference answers: SIMULATED)
+  c.backend = "openai"        # openai | recorded (a real teacher's answers,
+                              # replayed) | dataset (reference answers: SIMULATED)
   c.base_url = "http://127.0.0.1:8080/v1"  # OpenAI-compatible endpoint, up to /v1
   c.model = "default"         # model name the endpoint expects
   c.api_key_env = "OPENAI_API_KEY"  # NAME of the env var with the key ('' = none)
@@ -74,6 +75,7 @@ def teacher() -> ml_collections.ConfigDict:
   c.backoff_base_s = 1.0      # first backoff wait (s), doubled each retry
   c.backoff_max_s = 60.0      # longest wait (s)
   c.on_truncated = "keep"     # anchor cut at max_tokens: keep | retry | error
+  c.recorded_path = ""        # backend recorded: tools/record_anchors.py's JSONL
   return c
 
 
@@ -125,11 +127,19 @@ def ranking() -> ml_collections.ConfigDict:
 
 
 def pu() -> ml_collections.ConfigDict:
+  """The anchor as the labelled positive (docs/METHOD.md step 4)."""
   c = ml_collections.ConfigDict()
-  c.center = True             # scores minus the anchor's own score s_a
-  c.prior = 0.0               # share of candidates as good as the anchor (0 = no split)
-  c.rule = "prior"            # likely positives: prior (top share) | anchor (s_k >= s_a)
-  c.include_anchor = False    # listwise: the anchor joins the group as member K+1
+  # gate: likely positives P = {k: s_k >= s_a - delta}, at most
+  #   ceil(prior * K) of them (the top); training moves toward P (and the
+  #   anchor) only; a group with P empty gives anchor-over-worst
+  #   (anchor_fallback) or nothing, never a candidate-vs-candidate pair.
+  # shift: scores minus s_a, nothing else (an ablation: a shift changes no
+  #   argmax, pair or softmax).
+  c.mode = "gate"
+  c.delta = 0.0               # gate: how far below s_a still counts as positive
+  c.prior = 0.5               # gate (and pairs "pu"): largest share of K in P
+  c.anchor_fallback = True    # gate: P empty -> anchor over worst (else nothing)
+  c.include_anchor = True     # listwise: the anchor is member K+1 of the group
   return c
 
 
@@ -156,7 +166,10 @@ def loss() -> ml_collections.ConfigDict:
   c.grpo.eps_high = 0.2         # upper side: 1 + eps_high (> eps_low: clip-higher)
   c.grpo.beta_kl = 0.04         # weight of the k3 KL to the reference
   c.grpo.aggregation = "token"  # token (DAPO) | sequence (GRPO) | dr_grpo
-  c.grpo.advantage = "std"      # std: (d - mean) / std | center: d - mean
+  # center: A = d - mean(d) | std: (d - mean(d)) / max(std(d), std_floor),
+  # so a group whose scores barely differ keeps small advantages.
+  c.grpo.advantage = "center"
+  c.grpo.std_floor = 0.1        # smallest divisor of "std" advantages
   c.grpo.inner_iterations = 1   # updates per sampled batch (PPO epochs)
   c.ldl = ml_collections.ConfigDict()
   c.ldl.beta = 1.0              # inverse temperature of the implied distribution
@@ -167,7 +180,9 @@ def opt() -> ml_collections.ConfigDict:
   """AdamW of the PU-RL stage; the SFT stage overrides lr/warmup (`sft`)."""
   c = ml_collections.ConfigDict()
   c.learning_rate = 1e-6      # peak learning rate
-  c.warmup_steps = 10         # linear warmup from 0 (optimizer updates)
+  # Linear warmup over this share of the stage's optimizer updates
+  # (rl.steps x inner iterations / grad_accum), then cosine to the floor.
+  c.warmup_frac = 0.1
   c.end_lr_ratio = 0.1        # cosine decays to learning_rate * end_lr_ratio
   c.b1 = 0.9                  # Adam beta1
   c.b2 = 0.95                 # Adam beta2
@@ -189,8 +204,8 @@ def sft() -> ml_collections.ConfigDict:
   c.steps = 100               # SFT steps on anchors (0 = skip stage 1)
   c.batch_size = 8            # prompts (with their anchors) per step, all processes
   c.learning_rate = 1e-5      # peak learning rate of stage 1
-  c.warmup_steps = 10         # its warmup (optimizer updates)
-  c.max_response_len = 256    # anchor tokens kept (+ end of turn)
+  c.warmup_frac = 0.1         # its warmup (share of its optimizer updates)
+  c.max_response_len = 512    # anchor tokens kept (+ end of turn) = teacher.max_tokens
   return c
 
 
@@ -205,7 +220,7 @@ def evaluation() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.num_prompts = 0           # held-out prompts evaluated (0 = all of eval_path)
   c.batch_size = 16           # prompts per sampling call
-  c.max_new_tokens = 64       # greedy answer length
+  c.max_new_tokens = 512      # >= sampling and anchor budgets: answers must end
   c.every_steps = 0           # evaluate during PU-RL every N steps (0 = ends only)
   return c
 
@@ -319,12 +334,12 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sft.steps = 4
   c.sft.batch_size = 2
   c.sft.learning_rate = 1e-3
-  c.sft.warmup_steps = 1
+  c.sft.warmup_frac = 0.25
   c.sft.max_response_len = 8
   c.rl.steps = 4
   c.rl.batch_size = 2
   c.opt.learning_rate = 1e-3
-  c.opt.warmup_steps = 1
+  c.opt.warmup_frac = 0.25
   c.eval.num_prompts = 4
   c.eval.batch_size = 4
   c.eval.max_new_tokens = 8

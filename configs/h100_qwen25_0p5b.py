@@ -27,7 +27,7 @@ def get_config(arg: str = ""):
   c.sampling.num_candidates = 8
   c.sampling.max_new_tokens = 512
   c.sft.batch_size = 16
-  c.sft.max_response_len = 511
+  c.sft.max_response_len = 512  # >= teacher.max_tokens: anchors end
   c.rl.batch_size = 16
   c.mesh.data = 1
   c.mesh.fsdp = 1

@@ -33,6 +33,7 @@ def get_config(arg: str = ""):
   c.sampling.max_new_tokens = 1024
   c.sft.batch_size = 32
   c.sft.max_response_len = 1023
+  c.eval.max_new_tokens = 1024  # >= sampling.max_new_tokens: answers end
   c.rl.batch_size = 32
   c.mesh.data = 1
   c.mesh.fsdp = 16

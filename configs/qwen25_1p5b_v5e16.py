@@ -32,7 +32,7 @@ def get_config(arg: str = ""):
   c.sampling.num_candidates = 8
   c.sampling.max_new_tokens = 512
   c.sft.batch_size = 32
-  c.sft.max_response_len = 511
+  c.sft.max_response_len = 512  # >= teacher.max_tokens: anchors end
   c.rl.batch_size = 32
   c.mesh.data = 2
   c.mesh.fsdp = 8

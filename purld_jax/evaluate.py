@@ -12,6 +12,13 @@ same resampled prompts for both models), so the spread of a small eval set
 is in plain view. Per-prompt answers are written beside the summary so any
 number can be checked by hand.
 
+Evaluation never truncates silently: a model with fewer than `MIN_ENDED`
+(95 %) of its answers ended by a stop token within `eval.max_new_tokens`
+is scored on cut-off answers, so `summarize` prints a warning on stderr
+naming the model, the share and the fix (raise `eval.max_new_tokens`), and
+records it in the row (`truncation_warning`, in summary.json); the table
+marks its "ended" share with "!" and repeats the warning under it.
+
 Host-side orchestration around one jitted function (`sampling.sample` with
 temperature 0 and K = 1, or the caller's sharded version of it).
 """
@@ -22,6 +29,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from typing import Callable, Sequence
 
 import jax
@@ -32,6 +40,9 @@ from purld_jax import data as data_lib
 from purld_jax import sampling as sampling_lib
 
 GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+# Smallest share of held-out answers that must end (stop token reached
+# before `eval.max_new_tokens`); below it the evaluation warns loudly.
+MIN_ENDED = 0.95
 
 
 # ----------------------------------------------------------------------------
@@ -238,10 +249,41 @@ def greedy_answers(graphdef, params, tok, source: data_lib.Encoded, *,
 # Summary and table
 
 
-def summarize(results: Sequence[Answers], *, baseline: str, seed: int = 0
+def truncation_warning(r: Answers, *, max_new_tokens: int | None = None,
+                       where: str = "") -> str | None:
+  """The warning for a model whose held-out answers were cut: None when at
+  least `MIN_ENDED` of them ended with a stop token (or there are none).
+  `max_new_tokens` is the evaluation's budget; without it the text names the
+  length the unfinished answers stopped at (the budget: a cut answer is
+  exactly that long). `where` (e.g. the eval folder) is named too."""
+  n = len(r.ids)
+  if not n:
+    return None
+  ended = int(np.sum(r.finished))
+  share = ended / n
+  if share >= MIN_ENDED:
+    return None
+  if max_new_tokens is None:
+    cut = np.asarray(r.lengths)[~np.asarray(r.finished, bool)]
+    budget = f"cut at {int(cut.max())} tokens" if cut.size else "cut"
+  else:
+    budget = f"eval.max_new_tokens={max_new_tokens}"
+  place = f" ({where})" if where else ""
+  return (f"TRUNCATED EVALUATION: model {r.name!r}{place}: only {ended}/{n} "
+          f"= {100 * share:.1f}% of held-out answers ended (stop token) "
+          f"within the budget ({budget}), below the required "
+          f"{100 * MIN_ENDED:.0f}%; its accuracy scores cut-off answers and "
+          "is NOT valid. Fix: raise eval.max_new_tokens and evaluate again.")
+
+
+def summarize(results: Sequence[Answers], *, baseline: str, seed: int = 0,
+              max_new_tokens: int | None = None, where: str = ""
               ) -> list[dict]:
   """One row per model: accuracy, its 95 % CI, the paired gain over
-  `baseline` with its CI, mean answer length and share finished."""
+  `baseline` with its CI, mean answer length and share finished. A model
+  with less than `MIN_ENDED` of its answers finished gets a
+  `truncation_warning` (`truncation_warning`'s text, also printed on
+  stderr; `max_new_tokens` and `where` go into it)."""
   base = {r.name: r for r in results}.get(baseline)
   rows = []
   for r in results:
@@ -249,6 +291,11 @@ def summarize(results: Sequence[Answers], *, baseline: str, seed: int = 0
     row = dict(model=r.name, prompts=len(r.ids), scored=int(scored.sum()),
                mean_tokens=float(np.mean(r.lengths)) if len(r.ids) else 0.0,
                finished=float(np.mean(r.finished)) if len(r.ids) else 0.0)
+    warning = truncation_warning(r, max_new_tokens=max_new_tokens, where=where)
+    if warning:
+      row.update(truncation_warning=warning)
+      print(f"\n{'!' * 72}\nWARNING: {warning}\n{'!' * 72}\n",
+            file=sys.stderr)
     if scored.any():
       acc = r.correct[scored]
       row.update(accuracy=float(acc.mean()),
@@ -263,11 +310,13 @@ def summarize(results: Sequence[Answers], *, baseline: str, seed: int = 0
 
 
 def format_table(rows: Sequence[dict], *, baseline: str) -> str:
-  """The summary as a fixed-width text table."""
+  """The summary as a fixed-width text table; a truncated model's "ended"
+  share is marked "!" and its warning follows the table."""
   head = (f"{'model':<8} {'prompts':>7} {'accuracy':>9} {'95% CI':>15} "
           f"{'gain vs ' + baseline:>14} {'95% CI':>17} {'tokens':>7} "
           f"{'ended':>6}")
   lines = [head, "-" * len(head)]
+  warnings = []
   for r in rows:
     acc = f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else "n/a"
     ci = ("[{:.1f}, {:.1f}]".format(*(100 * x for x in r["accuracy_ci"]))
@@ -277,8 +326,11 @@ def format_table(rows: Sequence[dict], *, baseline: str) -> str:
            if "gain_ci" in r else "")
     lines.append(f"{r['model']:<8} {r['prompts']:>7} {acc:>9} {ci:>15} "
                  f"{gain:>14} {gci:>17} {r['mean_tokens']:>7.1f} "
-                 f"{100 * r['finished']:>5.0f}%")
-  return "\n".join(lines)
+                 f"{100 * r['finished']:>5.0f}%"
+                 + ("!" if r.get("truncation_warning") else ""))
+    if r.get("truncation_warning"):
+      warnings.append(f"WARNING: {r['truncation_warning']}")
+  return "\n".join(lines + warnings)
 
 
 def verdict(rows: Sequence[dict], *, baseline: str, final: str) -> str:

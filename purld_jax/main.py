@@ -230,7 +230,10 @@ def validate(config) -> None:
     from purld_jax import templates  # pylint: disable=g-import-not-at-top
     errors.extend(f"ranking.template: {p}" for p in templates.template_problems(
         config.ranking.scheme, config.ranking.template))
-  _choice(errors, config, "pu.rule", preferences.POSITIVE_RULES)
+  from purld_jax import pu as pu_lib  # pylint: disable=g-import-not-at-top
+  _choice(errors, config, "pu.mode", pu_lib.MODES)
+  _positive(errors, config, "pu.delta", zero_ok=True)
+  _positive(errors, config, "loss.grpo.std_floor")
   if not 0.0 <= config.pu.prior <= 1.0:
     errors.append(f"pu.prior={config.pu.prior!r}: must be in [0, 1]")
   _choice(errors, config, "preference.kind", ("pairwise", "listwise"))
@@ -247,15 +250,36 @@ def validate(config) -> None:
               "loss.dpo.beta", "loss.ldl.beta", "loss.grpo.inner_iterations",
               "opt.grad_accum", "opt.micro_batches", "sft.batch_size", "sft.max_response_len",
               "rl.batch_size", "data.max_prompt_len", "ckpt.every_steps",
-              "ckpt.keep", "log.every_steps", "eval.batch_size"):
+              "ckpt.keep", "log.every_steps", "eval.batch_size",
+              "eval.max_new_tokens"):
     _positive(errors, config, key)
   for key in ("sft.steps", "rl.steps", "sft.learning_rate",
               "opt.learning_rate", "opt.weight_decay", "opt.clip_norm",
               "sampling.temperature", "model.vocab_chunk",
               "ckpt.every_minutes"):
     _positive(errors, config, key, zero_ok=True)
+  _budgets(errors, config)
   if errors:
     raise ConfigError("config errors:\n  " + "\n  ".join(errors))
+
+
+def _budgets(errors, config) -> None:
+  """Token budgets that would cut each other's text: the held-out answers
+  get at least the candidates' budget, and (a teacher that generates) SFT
+  and scoring keep every anchor the teacher may write, end of turn
+  included. Tokenizers differ, so >= exactly, no slack. Candidates shorter
+  than anchors (sampling.max_new_tokens < sft.max_response_len) are fine."""
+  ev, smp = config.eval.max_new_tokens, config.sampling.max_new_tokens
+  if ev < smp:
+    errors.append(f"eval.max_new_tokens={ev!r} < sampling.max_new_tokens="
+                  f"{smp!r}: held-out answers would be cut shorter than "
+                  "training samples; raise eval.max_new_tokens")
+  keep, anchor = config.sft.max_response_len, config.teacher.max_tokens
+  if config.teacher.backend == "openai" and keep < anchor:
+    errors.append(f"sft.max_response_len={keep!r} < teacher.max_tokens="
+                  f"{anchor!r} (teacher.backend='openai'): anchors the "
+                  "teacher may write would be cut (without their end of "
+                  "turn) for SFT and scoring; raise sft.max_response_len")
 
 
 # ----------------------------------------------------------------------------

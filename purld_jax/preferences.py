@@ -270,8 +270,9 @@ def group_advantages(values: jax.Array, *, normalize: str = "std",
   """Group-relative advantages A_k = (v_k - mean v) [/ (std v + eps)].
 
   With v = d (a label distribution over the K candidates, summing to 1) the
-  group mean is 1/K and this is METHOD.md's A_k = (d_k - 1/K) / std(d);
-  raw rewards (oracle) work the same. The mean and the population std
+  group mean is 1/K; raw rewards (oracle) work the same. The recipes use
+  `pu.advantages`, which divides by max(std, floor) instead of std + eps
+  (docs/METHOD.md step 6). The mean and the population std
   (ddof 0) run over valid members. Values are shifted by the group max
   first (an exact no-op in real arithmetic), so equal values give A = 0
   exactly, not float noise divided by eps.

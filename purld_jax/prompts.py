@@ -41,11 +41,14 @@ class Prompt:
     id: the record's id (unique within its file).
     messages: ((role, content), ...), the conversation to answer.
     answer: the reference answer, or None.
+    solution: a worked reference solution (what the `dataset` teacher
+      answers when present), or None.
   """
 
   id: str
   messages: tuple[tuple[str, str], ...]
   answer: str | None = None
+  solution: str | None = None
 
   @classmethod
   def from_text(cls, text: str, *, id: str, answer: str | None = None) -> Prompt:
@@ -115,7 +118,8 @@ def parse_record(record: Any, *, where: str, default_id: str) -> Prompt:
         f"{where}: missing field: a record needs 'messages' or 'prompt'")
   pid = _scalar_text(record, "id", where)
   return Prompt(id=default_id if pid is None else pid, messages=messages,
-                answer=_scalar_text(record, "answer", where))
+                answer=_scalar_text(record, "answer", where),
+                solution=_scalar_text(record, "solution", where))
 
 
 def parse_lines(lines: Iterable[str], *, name: str) -> list[Prompt]:

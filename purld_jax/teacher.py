@@ -4,9 +4,12 @@ Backends behind one ``Teacher`` protocol:
 
   openai   any OpenAI-compatible ``/chat/completions`` endpoint, through the
            ``openai`` package with its own retries off; retries happen here.
-  dataset  the prompt's reference answer (``Prompt.answer``): a SIMULATED
+  dataset  the prompt's worked reference solution (``Prompt.solution``) or
+           else its reference answer (``Prompt.answer``): a SIMULATED
            perfect teacher, for ablations. Its replies say so
            (``Reply.simulated``, ``Teacher.label``).
+  recorded a real teacher's answers recorded by tools/record_anchors.py,
+           replayed from ``recorded_path`` (``recorded_teacher.py``).
 
 The API key is read from the environment variable whose *name* is
 ``TeacherConfig.api_key_env``; the key itself is held only by the HTTP client,
@@ -19,6 +22,15 @@ choices and empty content are retried up to ``max_retries`` times, waiting
 (capped at ``backoff_max_s``). Other 4xx fail at once. A truncated answer
 (``finish_reason == "length"``) is kept and flagged, retried, or an error, as
 ``on_truncated`` says. Every retry of an answered request may be billed.
+
+``on_truncated`` and the anchor ledger (``anchors.py``): a kept truncated
+answer is stored (it was paid for) but never used as an anchor
+(``Anchor.usable``); under ``'keep'`` and ``'error'`` it is never asked
+again. Under ``'retry'`` a truncated answer stored earlier is re-asked once,
+with the same request, and replaced if the new answer is complete; that
+re-ask is a new paid request (counted in the ledger's ``calls`` and
+``reasked``). Under ``'retry'`` an answer that is still truncated after
+``1 + max_retries`` attempts fails the request (each attempt billed).
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ from absl import logging
 
 from purld_jax import prompts as prompts_lib
 
-BACKENDS = ("openai", "dataset")
+BACKENDS = ("openai", "dataset", "recorded")
 TRUNCATED_POLICIES = ("keep", "retry", "error")
 DATASET_LABEL = "dataset (SIMULATED perfect teacher: the reference answers)"
 
@@ -78,8 +90,12 @@ class TeacherConfig:
   max_retries: int = _field(5, "retries after the first attempt")
   backoff_base_s: float = _field(1.0, "first backoff wait (s), doubled each retry")
   backoff_max_s: float = _field(60.0, "longest wait (s), a server's Retry-After too")
-  on_truncated: str = _field("keep", "answer cut at max_tokens: keep (flagged), "
-                             "retry or error")
+  on_truncated: str = _field("keep", "answer cut at max_tokens: keep (stored, "
+                             "flagged, never an anchor), retry (also re-asks a "
+                             "stored truncated answer once: paid again) or "
+                             "error")
+  recorded_path: str = _field("", "backend 'recorded': the JSONL of "
+                              "tools/record_anchors.py")
   top_logprobs: int = _field(0, "> 0: also ask for the N most likely tokens "
                              "at each answer position, with log-probabilities "
                              "(OpenAI `logprobs`; a probability judge reads "
@@ -434,7 +450,9 @@ class DatasetTeacher:
     # The answer is part of the request: a changed reference is a new anchor.
     return Request(messages=request_messages(prompt, self.cfg.system_prompt),
                    backend="dataset", model="reference-answer",
-                   params=(("answer", prompt.answer),))
+                   params=(("answer", prompt.answer),)
+                   + ((("solution", prompt.solution),) if prompt.solution
+                      else ()))
 
   def prepare(self):
     pass
@@ -446,7 +464,8 @@ class DatasetTeacher:
     attempt = Attempt(1, "ok")
     if on_attempt:
       on_attempt(attempt)
-    return Reply(text=prompt.answer, finish_reason="stop", truncated=False,
+    return Reply(text=prompt.solution or prompt.answer, finish_reason="stop",
+                 truncated=False,
                  prompt_tokens=None, completion_tokens=None, latency_s=0.0,
                  attempts=(attempt,), simulated=True, teacher=self.label)
 
@@ -455,6 +474,9 @@ def make(cfg: TeacherConfig, environ: Mapping[str, str] = os.environ) -> Teacher
   """The teacher for ``cfg.backend``."""
   if cfg.backend == "openai":
     return OpenAITeacher(cfg, environ)
+  if cfg.backend == "recorded":
+    from purld_jax import recorded_teacher  # pylint: disable=g-import-not-at-top
+    return recorded_teacher.RecordedTeacher(cfg)
   return DatasetTeacher(cfg)
 
 

@@ -113,6 +113,7 @@ def test_truncated_kept_is_flagged(tmp_path, fault_server):
   fault_server.push("truncated")
   a = _store(tmp_path, fault_server.base_url).get_or_query(Q[:1])[0]
   assert (a.truncated, a.finish_reason) == (True, "length")
+  assert (a.usable, a.problem) == (False, "truncated")  # stored, never an anchor
 
 
 def test_killed_intent_is_counted_as_duplicate(tmp_path):

@@ -99,13 +99,60 @@ def test_seed_prompt_ci_refuses_bad_shapes():
     evaluate.seed_prompt_ci(np.ones((2, 5)), baseline=np.ones((1, 2, 5)))
 
 
-def _answers(name, correct, lengths=None):
+def _answers(name, correct, lengths=None, finished=None):
   n = len(correct)
   return evaluate.Answers(
       name=name, ids=tuple(f"p{i}" for i in range(n)),
       texts=tuple("x" for _ in range(n)),
       lengths=np.asarray(lengths if lengths is not None else [3] * n),
-      finished=np.ones(n, bool), correct=np.asarray(correct, float))
+      finished=np.asarray(finished if finished is not None else [True] * n,
+                          bool),
+      correct=np.asarray(correct, float))
+
+
+def _ended(name, ended, n=100, cap=12):
+  """n answers, the first `ended` finished (5 tokens), the rest cut at
+  `cap` tokens (a cut answer is exactly the budget long)."""
+  return _answers(name, [1.0] * n, lengths=[5] * ended + [cap] * (n - ended),
+                  finished=[True] * ended + [False] * (n - ended))
+
+
+def test_truncated_evaluation_warns_loudly_and_is_recorded(capsys, tmp_path):
+  assert evaluate.MIN_ENDED == 0.95
+  # 94 of 100 answers ended: 94 % < 95 %, a warning; 95 of 100: none.
+  rows = evaluate.summarize([_ended("sft", 95), _ended("final", 94)],
+                            baseline="sft")
+  err = capsys.readouterr().err
+  by = {r["model"]: r for r in rows}
+  assert "truncation_warning" not in by["sft"]
+  warning = by["final"]["truncation_warning"]
+  for needle in ("TRUNCATED", "model 'final'", "94/100 = 94.0%",
+                 "cut at 12 tokens", "raise eval.max_new_tokens"):
+    assert needle in warning, (needle, warning)
+  assert f"WARNING: {warning}" in err
+  assert "'sft'" not in err
+  # The table marks the share and repeats the warning; summary.json keeps it.
+  table = evaluate.format_table(rows, baseline="sft")
+  assert "  94%!" in table and "  95%\n" in table
+  assert table.endswith(f"WARNING: {warning}")
+  evaluate.write(str(tmp_path), [], rows)
+  import json
+  saved = json.loads((tmp_path / "summary.json").read_text())
+  assert saved[1]["truncation_warning"] == warning
+  assert "truncation_warning" not in saved[0]
+  # The budget and the folder, when the caller gives them, are named.
+  rows = evaluate.summarize([_ended("before", 19, n=20)], baseline="sft",
+                            max_new_tokens=12, where="/w/eval")
+  assert "truncation_warning" not in rows[0]  # 19/20 = 95 %: no warning
+  rows = evaluate.summarize([_ended("before", 18, n=20)], baseline="sft",
+                            max_new_tokens=12, where="/w/eval")
+  warning = rows[0]["truncation_warning"]
+  assert ("model 'before' (/w/eval): only 18/20 = 90.0%" in warning
+          and "eval.max_new_tokens=12" in warning)
+  assert "/w/eval" in capsys.readouterr().err
+  # No answers at all: nothing to warn about.
+  assert "truncation_warning" not in evaluate.summarize(
+      [_answers("x", [])], baseline="x")[0]
 
 
 def test_summary_table_and_verdict():

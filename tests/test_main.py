@@ -172,6 +172,58 @@ def test_recipe_without_trainer_is_refused_before_compute(monkeypatch):
     main.validate(tiny_config(recipe="dpo"))
 
 
+def _budget_errors(**overrides):
+  try:
+    main.validate(tiny_config(**overrides))
+  except main.ConfigError as e:
+    return str(e)
+  return ""
+
+
+def test_budgets_that_would_cut_each_other_are_refused():
+  # Held-out answers shorter than the training candidates: refused, and
+  # equal budgets are fine.
+  text = _budget_errors(**{"recipe": "dpo", "sampling.max_new_tokens": 16,
+                           "eval.max_new_tokens": 15})
+  assert ("eval.max_new_tokens=15 < sampling.max_new_tokens=16: held-out "
+          "answers would be cut") in text
+  assert "raise eval.max_new_tokens" in text
+  assert not _budget_errors(**{"recipe": "dpo", "sampling.max_new_tokens": 16,
+                               "eval.max_new_tokens": 16})
+  # A generating teacher's longest anchor must fit SFT's response budget
+  # exactly (no slack: the tokenizers differ).
+  text = _budget_errors(**{"teacher.backend": "openai",
+                           "teacher.max_tokens": 9,
+                           "sft.max_response_len": 8})
+  assert ("sft.max_response_len=8 < teacher.max_tokens=9 "
+          "(teacher.backend='openai')") in text
+  assert "eval.max_new_tokens" not in text
+  assert not _budget_errors(**{"teacher.backend": "openai",
+                               "teacher.max_tokens": 8,
+                               "sft.max_response_len": 8})
+  # The dataset teacher writes nothing: its max_tokens bounds no anchor.
+  assert not _budget_errors(**{"teacher.backend": "dataset",
+                               "teacher.max_tokens": 512,
+                               "sft.max_response_len": 8})
+  # Both at once: both named.
+  text = _budget_errors(**{"teacher.backend": "openai",
+                           "teacher.max_tokens": 9, "sft.max_response_len": 8,
+                           "sampling.max_new_tokens": 8,
+                           "eval.max_new_tokens": 4})
+  assert "sft.max_response_len=8 <" in text
+  assert "eval.max_new_tokens=4 <" in text
+
+
+def test_candidates_may_be_shorter_than_anchors():
+  # sampling.max_new_tokens < sft.max_response_len (= teacher.max_tokens):
+  # an RL recipe samples short candidates against long anchors; accepted.
+  for recipe in ("dpo", "grpo", "ldl"):
+    assert not _budget_errors(**{
+        "recipe": recipe, "teacher.backend": "openai",
+        "teacher.max_tokens": 64, "sft.max_response_len": 64,
+        "sampling.max_new_tokens": 8, "eval.max_new_tokens": 64}), recipe
+
+
 @pytest.mark.parametrize("name", [
     "sft", "demo", "purld_dpo", "purld_grpo", "purld_ldl"])
 @pytest.mark.parametrize("variant", ["", "tiny"])

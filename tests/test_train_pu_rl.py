@@ -27,14 +27,14 @@ def test_pack_members_puts_the_anchor_last():
 def test_dpo_pairs_by_hand():
   # scores (0.1, 0.9, 0.5), s_a = 0.7: best is 1, worst 0.
   s, s_a = np.array([[0.1, 0.9, 0.5]]), np.array([0.7])
-  kw = dict(margin=0.0, center=True, prior=None, pu_rule="prior")
+  kw = dict(margin=0.0, mode="shift", prior=0.0)
   p = dpo.make_pairs(s, s_a, rule="best_vs_worst", **kw)
   assert (int(p.chosen[0, 0]), int(p.rejected[0, 0])) == (1, 0)
   p = dpo.make_pairs(s, s_a, rule="anchor_as_chosen", **kw)
   assert (int(p.chosen[0, 0]), int(p.rejected[0, 0])) == (3, 0)  # K = 3
-  # anchor rule: positives are s_k >= s_a -> only candidate 1; PU pairs are
-  # (1 over 0) and (1 over 2).
-  p = dpo.make_pairs(s, s_a, rule="pu", **dict(kw, pu_rule="anchor"))
+  # gate, delta 0, prior 1: positives are s_k >= s_a -> only candidate 1;
+  # PU pairs are (1 over 0) and (1 over 2); the fallback slot is absent.
+  p = dpo.make_pairs(s, s_a, rule="pu", **dict(kw, mode="gate", prior=1.0))
   got = {(int(c), int(r)) for c, r, m in zip(p.chosen[0], p.rejected[0],
                                               p.mask[0]) if m}
   assert got == {(1, 0), (1, 2)}
@@ -45,12 +45,19 @@ def test_dpo_pairs_by_hand():
 
 
 def test_grpo_advantages_by_hand():
-  # tau = 1, scores (0, log 3): d = (1/4, 3/4); mean 1/2, std 1/4 ->
-  # A = (-1, 1) (up to eps); equal scores give exactly 0.
-  adv = grpo.advantages(np.array([[0.0, np.log(3.0)], [2.0, 2.0]]),
-                        np.zeros(2), tau=1.0, center=False, normalize="std")
-  np.testing.assert_allclose(adv[0], [-1.0, 1.0], atol=1e-4)
+  # shift mode without the anchor, tau = 1, scores (0, log 3): d = (1/4,
+  # 3/4); mean 1/2, std 1/4 -> A = (-1, 1) under "std" (floor 0.1 < 1/4),
+  # (-1/4, 1/4) under "center"; equal scores give exactly 0.
+  s = np.array([[0.0, np.log(3.0)], [2.0, 2.0]])
+  kw = dict(tau=1.0, mode="shift", include_anchor=False)
+  adv = grpo.advantages(s, np.zeros(2), normalize="std", **kw)
+  np.testing.assert_allclose(adv[0], [-1.0, 1.0], atol=1e-5)
   np.testing.assert_array_equal(adv[1], [0.0, 0.0])
+  adv = grpo.advantages(s, np.zeros(2), normalize="center", **kw)
+  np.testing.assert_allclose(adv[0], [-0.25, 0.25], atol=1e-6)
+  # floor 0.5 > std 1/4: A = (d - mean) / 0.5 = (-1/2, 1/2)
+  adv = grpo.advantages(s, np.zeros(2), normalize="std", std_floor=0.5, **kw)
+  np.testing.assert_allclose(adv[0], [-0.5, 0.5], atol=1e-6)
 
 
 # grpo also runs with ranking.length_debias on (its slope is logged), dpo
@@ -107,7 +114,7 @@ def _restore_rl(cfg, workdir, step):
   graphdef, shapes = s.abstract()
   tx, _ = state_lib.optimizer_from_config(
       cfg.opt, learning_rate=cfg.opt.learning_rate,
-      warmup_steps=cfg.opt.warmup_steps, total_steps=cfg.rl.steps)
+      warmup_frac=cfg.opt.warmup_frac, total_steps=cfg.rl.steps)
   abstract = checkpoint_lib.abstract_like(state_lib.abstract_arrays(
       graphdef, shapes, tx, rng=jax.random.PRNGKey(cfg.seed)))
   ckpt = checkpoint_lib.Checkpointer(

@@ -72,7 +72,7 @@ def _restore(workdir, step, steps=6):
   graphdef, shapes = s.abstract()
   tx, _ = state_lib.optimizer_from_config(
       cfg.opt, learning_rate=cfg.sft.learning_rate,
-      warmup_steps=cfg.sft.warmup_steps, total_steps=steps)
+      warmup_frac=cfg.sft.warmup_frac, total_steps=steps)
   abstract = checkpoint_lib.abstract_like(state_lib.abstract_arrays(
       graphdef, shapes, tx, rng=jax.random.PRNGKey(cfg.seed)))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "ckpt", "sft"),

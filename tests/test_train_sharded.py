@@ -95,7 +95,7 @@ def test_stage_state_is_on_the_mesh_shardings(tmp_path):
   mesh, param_sh = loop_lib.mesh_setup(c, s.cfg, batch_sizes={})
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   with loop_lib.Stage(c, str(tmp_path), "sft", total_steps=2,
-                      learning_rate=1e-3, warmup_steps=0, graphdef=graphdef,
+                      learning_rate=1e-3, warmup_frac=0.0, graphdef=graphdef,
                       param_shapes=shapes, param_sh=param_sh,
                       init_params=s.init_params, data_iter=None) as st:
     got = jax.tree.map(lambda x: x.sharding, st.state.params)
@@ -118,7 +118,7 @@ def test_only_process_0_writes_metrics(tmp_path, monkeypatch):
   del mesh
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   with loop_lib.Stage(c, str(tmp_path), "sft", total_steps=1,
-                      learning_rate=1e-3, warmup_steps=0, graphdef=graphdef,
+                      learning_rate=1e-3, warmup_frac=0.0, graphdef=graphdef,
                       param_shapes=shapes, param_sh=param_sh,
                       init_params=s.init_params, data_iter=None,
                       teacher_label="t") as st:

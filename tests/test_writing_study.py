@@ -124,6 +124,7 @@ def test_the_study_end_to_end_on_the_tiny_model(tmp_path, fault_server):  # noqa
           "--override=data.buckets=(64,)", "--override=data.max_prompt_len=64",
           "--override=sft.steps=1", "--override=rl.steps=1",
           "--override=sft.max_response_len=32",
+          "--override=teacher.max_tokens=32",
           "--override=sampling.max_new_tokens=8",
           "--override=eval.max_new_tokens=8",
           "--override=ckpt.async_save=False"]

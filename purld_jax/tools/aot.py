@@ -125,7 +125,9 @@ def lower_train_step(config, mesh, rules=sharding.DEFAULT_RULES):
   graphdef, param_shapes = llama.abstract_model(cfg)
   tx, schedule = state_lib.optimizer_from_config(
       config.opt, learning_rate=config.opt.learning_rate,
-      warmup_steps=config.opt.warmup_steps, total_steps=config.rl.steps)
+      warmup_frac=config.opt.warmup_frac, total_steps=config.rl.steps,
+      updates_per_step=(config.loss.grpo.inner_iterations
+                        if config.recipe == "grpo" else 1))
   state = jax.eval_shape(lambda p: state_lib.TrainState.create(
       graphdef, p, tx, rng=jax.random.PRNGKey(0)), param_shapes)
   p_sh = sharding.param_shardings(cfg, mesh, rules)

@@ -2,7 +2,8 @@
 
 Pairs come from the self-ranking scores (`preference.pairs`): best over
 worst, every pair above a margin, likely-positive over unlabeled (PU), or
-the SPIN-like baseline anchor over worst. The loss is DPO (sigmoid, IPO or
+the SPIN-like baseline anchor over worst; under `pu.mode = "gate"` a chosen
+member is always a likely positive or the anchor (purld_jax/pu.py). The loss is DPO (sigmoid, IPO or
 hinge) on sequence log-probs of chosen and rejected members, the reference
 being the frozen SFT model. Only the members some pair uses are scored
 (`compact`), each prompt run once for them (`scoring.response_logps`).
@@ -16,6 +17,7 @@ import numpy as np
 
 from purld_jax import losses
 from purld_jax import preferences
+from purld_jax import pu as pu_lib
 from purld_jax import scoring
 from purld_jax.train import state as state_lib
 
@@ -23,23 +25,38 @@ STAGE = "dpo"
 
 
 def make_pairs(scores, anchor_score, *, rule: str, margin: float,
-               center: bool, prior: float | None, pu_rule: str,
+               mode: str = "gate", delta: float = 0.0, prior: float = 0.5,
+               anchor_fallback: bool = True,
                valid=None) -> preferences.Pairs:
-  """Pairs [B, M] over members (index K = the anchor) from scores [B, K]."""
+  """Pairs [B, M] over members (index K = the anchor) from scores [B, K].
+
+  `mode` is `pu.mode` (purld_jax/pu.py): "gate" trains only toward likely
+  positives (chosen in P, rejected outside; P empty: anchor over worst or
+  nothing); "shift" ranks s - s_a (the ablation; "pu" pairs then take the
+  top ceil(prior K) as positives). "anchor_as_chosen" is mode-free.
+  """
   scores, anchor_score = jnp.asarray(scores), jnp.asarray(anchor_score)
-  cal, positive = preferences.calibrate(scores, anchor_score, center=center,
-                                        prior=prior, rule=pu_rule)
-  if rule == "best_vs_worst":
-    pairs = preferences.best_vs_worst(cal, min_gap=margin)
-  elif rule == "margin":
-    pairs = preferences.margin_pairs(cal, margin=margin)
-  elif rule == "pu":
-    pairs = preferences.pu_pairs(positive)
-  elif rule == "anchor_as_chosen":
-    pairs = preferences.anchor_as_chosen(cal)
+  if rule not in pu_lib.PAIR_RULES:
+    raise ValueError(f"preference.pairs {rule!r} is not one of "
+                     f"{', '.join(pu_lib.PAIR_RULES)}")
+  if rule == "anchor_as_chosen":
+    pairs = preferences.anchor_as_chosen(scores)
+  elif mode == "gate":
+    positive = pu_lib.gate_positives(scores, anchor_score, delta=delta,
+                                     prior=prior)
+    pairs = pu_lib.gated_pairs(scores, positive, rule=rule, margin=margin,
+                               anchor_fallback=anchor_fallback)
+  elif mode == "shift":
+    cal, positive = preferences.calibrate(scores, anchor_score, center=True,
+                                          prior=prior or None)
+    if rule == "best_vs_worst":
+      pairs = preferences.best_vs_worst(cal, min_gap=margin)
+    elif rule == "margin":
+      pairs = preferences.margin_pairs(cal, margin=margin)
+    else:
+      pairs = preferences.pu_pairs(positive)
   else:
-    raise ValueError(f"preference.pairs {rule!r} is not one of best_vs_worst,"
-                     " margin, pu, anchor_as_chosen")
+    raise ValueError(f"pu.mode {mode!r} not in {pu_lib.MODES}")
   if valid is not None:
     pairs = pairs._replace(mask=pairs.mask & jnp.asarray(valid)[:, None])
   return pairs
@@ -50,8 +67,8 @@ def build_batch(group, config) -> dict:
   some pair uses are kept (`compact`)."""
   pu, pref = config.pu, config.preference
   pairs = make_pairs(group.scores, group.anchor_score, rule=pref.pairs,
-                     margin=pref.margin, center=pu.center,
-                     prior=pu.prior or None, pu_rule=pu.rule,
+                     margin=pref.margin, mode=pu.mode, delta=pu.delta,
+                     prior=pu.prior, anchor_fallback=pu.anchor_fallback,
                      valid=group.valid)
   # One member count for the whole run, so the step compiles once: the two
   # members of a best-vs-worst (or anchor-vs-worst) pair, else all of them.

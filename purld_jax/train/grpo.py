@@ -1,7 +1,8 @@
 """PU-RL with group advantages (METHOD.md steps 5-6, `recipe = "grpo"`).
 
-The label distribution d = softmax(s / tau_label) over the K candidates gives
-advantages A_k = (d_k - 1/K) / std(d) (or centred only); the update is the
+The label distribution d over the group (the anchor as member K + 1, mass
+only on likely positives under `pu.mode = "gate"`: purld_jax/pu.py) gives
+advantages A_k = d_k - mean(d) (or over max(std(d), std_floor)); the update is the
 PPO-style clipped ratio per token against the sampling policy's own
 log-probs (returned by the sampler: no extra pass) with a k3 KL to the
 frozen reference weighted by beta_kl. `inner_iterations` updates reuse one
@@ -15,20 +16,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from purld_jax import losses
-from purld_jax import preferences
+from purld_jax import pu as pu_lib
 from purld_jax import scoring
 from purld_jax.train import state as state_lib
 
 STAGE = "grpo"
 
 
-def advantages(scores, anchor_score, *, tau: float, center: bool,
-               normalize: str, valid=None) -> np.ndarray:
-  """A f32[B, K] from scores via the label distribution over candidates."""
+def advantages(scores, anchor_score, *, tau: float, normalize: str,
+               mode: str = "gate", delta: float = 0.0, prior: float = 0.5,
+               include_anchor: bool = True, anchor_fallback: bool = True,
+               std_floor: float = 0.1, valid=None) -> np.ndarray:
+  """A f32[B, K] for the candidates from scores [B, K] and s_a [B].
+
+  The label distribution d over the group (the anchor as member K + 1 when
+  include_anchor; `pu.listwise`), then A = d - mean(d) over all members
+  [/ max(std, std_floor)] (`pu.advantages`); the anchor's own advantage is
+  dropped: it is off-policy and never enters the PPO ratio. A group that
+  gives no signal (`keep` False) or an invalid prompt gets A = 0.
+  """
   scores, anchor_score = jnp.asarray(scores), jnp.asarray(anchor_score)
-  cal, _ = preferences.calibrate(scores, anchor_score, center=center)
-  d = preferences.label_distribution(cal, tau=tau)
-  adv = preferences.group_advantages(d, normalize=normalize)
+  d, keep = pu_lib.listwise(scores, anchor_score, mode=mode, tau=tau,
+                            delta=delta, prior=prior,
+                            include_anchor=include_anchor,
+                            anchor_fallback=anchor_fallback)
+  adv = pu_lib.advantages(d, normalize=normalize, std_floor=std_floor)
+  adv = jnp.where(keep[:, None], adv[:, :scores.shape[-1]], 0.0)
   if valid is not None:
     adv = jnp.where(jnp.asarray(valid)[:, None], adv, 0.0)
   return np.asarray(adv, np.float32)
@@ -36,10 +49,13 @@ def advantages(scores, anchor_score, *, tau: float, center: bool,
 
 def build_batch(group, config) -> dict:
   """Host arrays of one GRPO iteration from a `rollout.Group`."""
-  k = group.k
+  k, pu, g = group.k, config.pu, config.loss.grpo
   adv = advantages(group.scores, group.anchor_score,
-                   tau=config.preference.tau_label, center=config.pu.center,
-                   normalize=config.loss.grpo.advantage, valid=group.valid)
+                   tau=config.preference.tau_label, normalize=g.advantage,
+                   mode=pu.mode, delta=pu.delta, prior=pu.prior,
+                   include_anchor=pu.include_anchor,
+                   anchor_fallback=pu.anchor_fallback, std_floor=g.std_floor,
+                   valid=group.valid)
   return dict(prompt_tokens=group.prompt_tokens,
               prompt_mask=group.prompt_mask,
               responses=group.members[:, :k],

@@ -106,7 +106,9 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
       with open(meta_path, "w", encoding="utf-8") as f:
         json.dump(settings, f)
   baseline = "sft" if "sft" in models else "before"
-  rows = evaluate.summarize(results, baseline=baseline, seed=config.seed)
+  rows = evaluate.summarize(results, baseline=baseline, seed=config.seed,
+                            max_new_tokens=config.eval.max_new_tokens,
+                            where=out_dir)
   if first:
     evaluate.write(out_dir, [], rows)
   sharded.barrier("heldout")

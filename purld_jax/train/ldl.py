@@ -2,7 +2,8 @@
 
 The policy's implied distribution over the group, softmax_k(beta * sum_t
 log(pi/pi_ref)(y_k)), is fitted to the label distribution d = softmax(s /
-tau_label) by KL(d || implied). With `pu.include_anchor` the anchor joins the
+tau_label) (mass only on likely positives and the anchor under `pu.mode =
+"gate"`: purld_jax/pu.py) by KL(d || implied). With `pu.include_anchor` the anchor joins the
 group as member K+1: it is off-policy, so it enters this loss (its log-ratio
 is computed like any member's) and never a PPO ratio.
 """
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from purld_jax import losses
-from purld_jax import preferences
+from purld_jax import pu as pu_lib
 from purld_jax import scoring
 from purld_jax.train import state as state_lib
 
@@ -22,19 +23,19 @@ STAGE = "ldl"
 
 
 def build_batch(group, config) -> dict:
-  """Host arrays of one LDL step from a `rollout.Group`."""
-  k = group.k
-  include = bool(config.pu.include_anchor)
-  cal, _ = preferences.calibrate(jnp.asarray(group.scores),
-                                 jnp.asarray(group.anchor_score),
-                                 center=config.pu.center)
-  s_a = jnp.zeros_like(jnp.asarray(group.anchor_score)) if config.pu.center \
-      else jnp.asarray(group.anchor_score)
-  d = preferences.label_distribution(cal, tau=config.preference.tau_label,
-                                     anchor_score=s_a,
-                                     include_anchor=include)
+  """Host arrays of one LDL step from a `rollout.Group`: d from
+  `pu.listwise` over K (+ 1 with the anchor) members; a group that gives no
+  signal is masked out."""
+  k, pu = group.k, config.pu
+  include = bool(pu.include_anchor)
+  d, keep = pu_lib.listwise(jnp.asarray(group.scores),
+                            jnp.asarray(group.anchor_score), mode=pu.mode,
+                            tau=config.preference.tau_label, delta=pu.delta,
+                            prior=pu.prior, include_anchor=include,
+                            anchor_fallback=pu.anchor_fallback)
   m = k + 1 if include else k
-  member_mask = np.ones((len(group.valid), m), bool) & group.valid[:, None]
+  ok = np.asarray(keep) & np.asarray(group.valid, bool)
+  member_mask = np.ones((len(ok), m), bool) & ok[:, None]
   return dict(prompt_tokens=group.prompt_tokens,
               prompt_mask=group.prompt_mask, members=group.members[:, :m],
               token_mask=group.member_mask[:, :m],

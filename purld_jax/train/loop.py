@@ -167,7 +167,7 @@ class Stage:
   `Loop`. A context manager that closes them all (pending saves written).
 
     with loop.Stage(config, workdir, "sft", total_steps=100,
-                    learning_rate=1e-5, warmup_steps=10, graphdef=g,
+                    learning_rate=1e-5, warmup_frac=0.1, graphdef=g,
                     param_shapes=shapes, param_sh=param_sh,
                     init_params=load_params, data_iter=it,
                     teacher_label=teacher.label) as stage:
@@ -186,14 +186,16 @@ class Stage:
   """
 
   def __init__(self, config, workdir: str, name: str, *, total_steps: int,
-               learning_rate: float, warmup_steps: int, graphdef,
+               learning_rate: float, warmup_frac: float, graphdef,
                param_shapes, param_sh, init_params, data_iter,
-               teacher_label: str = ""):
+               teacher_label: str = "", updates_per_step: int = 1):
     self.name, self.total_steps, self.data_iter = name, total_steps, data_iter
     self.config_dict = config.to_dict()
+    # The schedule spans every optimizer update of the stage (a GRPO step
+    # makes `updates_per_step` of them): state_lib.optimizer_from_config.
     self.tx, self.schedule = state_lib.optimizer_from_config(
-        config.opt, learning_rate=learning_rate, warmup_steps=warmup_steps,
-        total_steps=total_steps)
+        config.opt, learning_rate=learning_rate, warmup_frac=warmup_frac,
+        total_steps=total_steps, updates_per_step=updates_per_step)
     self._graphdef, self._shapes = graphdef, param_shapes
     self._init_params, self._teacher_label = init_params, teacher_label
     self._workdir, self._config = workdir, config

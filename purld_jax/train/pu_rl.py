@@ -141,7 +141,8 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
     with loop_lib.Stage(
         config, workdir, stage, total_steps=steps,
         learning_rate=config.opt.learning_rate,
-        warmup_steps=config.opt.warmup_steps, graphdef=graphdef,
+        warmup_frac=config.opt.warmup_frac, updates_per_step=inner,
+        graphdef=graphdef,
         param_shapes=student.abstract()[1], param_sh=param_sh,
         init_params=lambda: ref_host, data_iter=it,
         teacher_label=teacher.label) as st:
@@ -154,7 +155,8 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
           mesh=mesh)
       for step in range(st.start, steps):
         prompts = next(it)
-        anchors = store.texts(prompts.prompts)
+        # an unusable (truncated, empty) anchor leaves its prompt out
+        prompts, anchors = store.for_batch(prompts)
         key = jax.random.fold_in(state.rng, state.step)
         scorer = ref_params if config.ranking.scorer == "reference" \
             else state.params
@@ -197,6 +199,8 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
         host.update(teacher_judge.metrics(judge))
         st.step_done(step + 1, state, metrics, tokens=int(cand_mask.sum()),
                      host=host)
+      if (line := store.summary()) and jax.process_index() == 0:
+        print(f"[{stage}] {line}", file=sys.stderr)
       st.finish(state)
   finally:
     store.close()

@@ -5,9 +5,12 @@
 Per step: a batch of prompts (data.py) -> their anchors from the ledger
 (anchors.py: the teacher is asked only for prompts it never answered) ->
 rows [prompt tokens | anchor tokens | end of turn], left-padded -> one jitted
-step, response-only NLL (losses.sft_nll). The result is written as a Hugging
-Face directory `<workdir>/reference/` (the frozen pi_ref of stage 2, and the
-"SFT on anchors" baseline); with `sft.steps = 0` it is the initial model.
+step, response-only NLL (losses.sft_nll). A prompt whose anchor is unusable
+(cut at the teacher's max_tokens, or empty) is an invalid row, not trained
+on; the stage prints how many, once, at its end. The result is written as a
+Hugging Face directory `<workdir>/reference/` (the frozen pi_ref of stage 2,
+and the "SFT on anchors" baseline); with `sft.steps = 0` it is the initial
+model.
 
 Workdir layout (shared with stage 2):
   anchors.sqlite        the anchor ledger
@@ -213,12 +216,12 @@ def run(config, workdir: str) -> str:
   try:
     with loop_lib.Stage(config, workdir, STAGE, total_steps=steps,
                         learning_rate=config.sft.learning_rate,
-                        warmup_steps=config.sft.warmup_steps,
+                        warmup_frac=config.sft.warmup_frac,
                         graphdef=graphdef, param_shapes=student.abstract()[1],
                         param_sh=param_sh, init_params=student.init_params,
                         data_iter=it, teacher_label=teacher.label) as stage:
       if config.data.prefetch_anchors:
-        store.texts(source.prompts)
+        store.anchors(source.prompts)
       state = stage.state
       step_fn = sharded.jit_train_step(functools.partial(
           train_step, schedule=stage.schedule,
@@ -229,13 +232,17 @@ def run(config, workdir: str) -> str:
           ("batch", "replicated"), mesh=mesh)
       nan_at_step = np.int32(config.debug.nan_at_step)
       for step in range(stage.start, steps):
-        prompts = next(it)
-        batch = make_batch(tok, prompts, store.texts(prompts.prompts),
+        # Rows whose anchor is truncated or empty are invalid: no loss.
+        prompts, answers = store.for_batch(next(it))
+        batch = make_batch(tok, prompts, answers,
                            max_response_len=config.sft.max_response_len,
                            buckets=config.data.buckets)
         state, metrics = step_fn(state, batch, nan_at_step)
         stage.step_done(step + 1, state, metrics,
                         tokens=int(batch["mask"].sum()))
+      unusable = store.summary()  # "N anchors truncated by ...; not trained on"
+      if unusable and jax.process_index() == 0:
+        print(f"[{STAGE}] {unusable}", file=sys.stderr)
       stage.finish(state)
   finally:
     store.close()

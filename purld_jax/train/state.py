@@ -18,6 +18,7 @@ the run then goes on (`nan_policy = "skip"`) or stops is the loop's call
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -293,13 +294,33 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int,
   return tx, schedule
 
 
-def optimizer_from_config(opt, *, learning_rate: float, warmup_steps: int,
-                          total_steps: int):
+def stage_updates(total_steps: int, *, updates_per_step: int = 1,
+                  grad_accum: int = 1) -> int:
+  """Optimizer updates in a stage: steps x updates per step (GRPO's inner
+  iterations) / grad_accum (batches per update), at least 1."""
+  return max(1, int(total_steps) * int(updates_per_step) // int(grad_accum))
+
+
+def warmup_updates(updates: int, warmup_frac: float) -> int:
+  """ceil(warmup_frac x updates) (float error never adds one)."""
+  return int(math.ceil(float(warmup_frac) * updates - 1e-9))
+
+
+def optimizer_from_config(opt, *, learning_rate: float, warmup_frac: float,
+                          total_steps: int, updates_per_step: int = 1):
   """`make_optimizer` from an `opt` config block, with the stage's lr, warmup
-  and length (stage 1 takes them from `sft`, stage 2 from `opt`)."""
+  share and length (stage 1 takes them from `sft`, stage 2 from `opt`).
+
+  The schedule counts optimizer updates: `total_steps` x `updates_per_step`
+  (GRPO's inner iterations on one sampled batch) / `opt.grad_accum`, so it
+  ends its cosine with the stage: the last update runs just above the
+  floor, which is reached one past it (`make_schedule`), never halfway."""
+  updates = stage_updates(total_steps, updates_per_step=updates_per_step,
+                          grad_accum=opt.grad_accum)
   return make_optimizer(
-      learning_rate=learning_rate, warmup_steps=warmup_steps,
-      total_steps=max(1, total_steps // opt.grad_accum),
+      learning_rate=learning_rate,
+      warmup_steps=warmup_updates(updates, warmup_frac),
+      total_steps=updates,
       end_lr_ratio=opt.end_lr_ratio, b1=opt.b1, b2=opt.b2, eps=opt.eps,
       weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
       grad_accum=opt.grad_accum)

@@ -1,0 +1,52 @@
+r"""The study protocol's small scale (docs/METHOD.md, Protocol): the embedded
+SmolLM2-135M on data/arith (short worked arithmetic, judged by the last
+number), CPU.
+
+  python -m purld_jax.main --config=configs/arith.py --workdir=workdirs/arith
+  python -m purld_jax.main --config=configs/arith.py:tiny --workdir=/tmp/a
+
+Anchors: the recorded answers of a real teacher (third_party/anchors/),
+so a clone trains without running it; --config.teacher.* points at a live
+OpenAI-compatible teacher instead. Budgets: evaluation, sampling and SFT
+never cut each other's text (main.validate), and evaluation is long enough
+that >= 95 % of answers end (heldout warns otherwise).
+"""
+
+from configs import common
+
+
+def get_config(arg: str = ""):
+  c = common.base()
+  c.recipe = "grpo"
+  c.model.path = "embedded"     # SmolLM2-135M-Instruct from the wheel
+  c.model.scan_layers = True    # a cold start compiles one layer, not 30
+  c.data.train_path = "data/arith/train.jsonl"  # 512 prompts with anchors
+  c.data.eval_path = "data/arith/dev.jsonl"     # 200; the ladder's held-out
+                                                # set is eval.jsonl (500)
+  c.data.buckets = (96,)        # prompts: < 80 tokens with the template
+  c.data.max_prompt_len = 96    # none is dropped
+  # Qwen2.5-Coder-1.5B-Instruct's recorded answers (one per train prompt;
+  # third_party/anchors/README.md has their provenance and accuracy).
+  c.teacher.backend = "recorded"
+  c.teacher.recorded_path = (
+      "third_party/anchors/arith_train.qwen2.5-coder-1.5b.jsonl")
+  c.teacher.api_key_env = ""
+  c.teacher.max_tokens = 128    # what the anchors were recorded with
+  c.sampling.num_candidates = 4
+  # Budgets (tokens): anchors <= 128 (p95 ~33), candidates <= 96, held-out
+  # answers <= 128; the untrained student's answers average ~22 tokens.
+  c.sampling.max_new_tokens = 96
+  c.sampling.temperature = 1.0
+  c.ranking.scheme = "anchor_recon"  # PU-RLD; the ladder's oracle rung overrides
+  c.sft.steps = 32
+  c.sft.batch_size = 8
+  c.sft.learning_rate = 1e-5
+  c.sft.max_response_len = 128  # = teacher.max_tokens: no anchor is cut
+  c.rl.steps = 32
+  c.rl.batch_size = 8
+  c.opt.learning_rate = 1e-6
+  c.eval.batch_size = 100       # 500 held-out prompts: 5 greedy calls
+  c.eval.max_new_tokens = 128   # >= sampling and anchor budgets
+  c.ckpt.every_steps = 16
+  c.ckpt.every_minutes = 5.0
+  return common.variant(c, arg, name="configs/arith.py")

@@ -1,0 +1,325 @@
+r"""The learning ladder (docs/METHOD.md, Protocol): can this setting show RL
+learning at all, before any method table is published?
+
+  python -m experiments.ladder                          # small scale, 3 seeds
+  python -m experiments.ladder --rungs=sft,oracle_grpo --seeds=0,1,2
+  python -m experiments.ladder --split=dev --out=experiments/ladder/sweep_lr1e-6 \
+      --override=opt.learning_rate=1e-6                 # a sweep cell, on dev
+  python -m experiments.ladder --scale=tiny --out=/tmp/ladder   # seconds a cell
+  python -m experiments.ladder --dry_run                # the commands, nothing run
+
+Rungs, each trained from the rung's own seed's SFT model (cell sft_s<seed>):
+  untrained    the initial student (greedy answers: one model for all seeds)
+  sft          stage 1 on the teacher's anchors
+  oracle_grpo  GRPO with the verifier as the reward (the upper bound)
+  anchor_dpo   DPO with the anchor as chosen, the worst candidate rejected
+  purld_dpo / purld_grpo / purld_ldl   PU-RLD with --scheme, pu.mode gate
+Each rung's gain over the one it is compared with ('vs') is paired by seed
+and prompt: the per-seed differences on the same prompts, with a 95 %
+interval that resamples both seeds and prompts (evaluate.seed_prompt_ci).
+Rules (the Protocol): sft must not be significantly below untrained (the
+interval's top >= 0); oracle_grpo must beat sft (the interval's bottom > 0).
+A failed rule is a bug or a setting to fix before a method table.
+
+Held-out set: --split=eval (data/arith/eval.jsonl, 500 prompts, the
+reported one) or --split=dev (200 prompts: choose hyper-parameters there,
+never on eval). Outputs in --out: ladder.md, ladder.csv, ladder.png and
+answers.json (every finished cell's per-prompt correctness and ended flags
+as 0/1 strings: the study's one compact file, committed as each cell
+finishes; the table is rebuilt from it alone). cells/ (weights, logs) and
+kept/ stay out of git. A re-run skips finished cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+
+from experiments import common  # noqa: E402
+
+SPLITS = {"eval": "data/arith/eval.jsonl", "dev": "data/arith/dev.jsonl"}
+# rung -> (label, the rung it is compared with, overrides of configs/arith.py)
+RUNGS: dict[str, tuple[str, str, dict]] = {
+    "untrained": ("initial student", "", {}),
+    "sft": ("SFT on anchors", "untrained", {"recipe": "sft"}),
+    "oracle_grpo": ("oracle-reward GRPO", "sft", {
+        "recipe": "grpo", "ranking.scheme": "oracle", "pu.mode": "shift",
+        "pu.include_anchor": False, "loss.grpo.advantage": "std"}),
+    "anchor_dpo": ("anchor-as-chosen DPO", "sft", {
+        "recipe": "dpo", "preference.pairs": "anchor_as_chosen"}),
+    "purld_dpo": ("PU-RLD DPO", "sft", {"recipe": "dpo"}),
+    "purld_grpo": ("PU-RLD GRPO", "sft", {"recipe": "grpo"}),
+    "purld_ldl": ("PU-RLD LDL", "sft", {"recipe": "ldl"}),
+}
+SELF_RANKING = ("purld_dpo", "purld_grpo", "purld_ldl")
+# rung -> (rule text, passes(lo, hi))
+RULES = {
+    "sft": ("not significantly below untrained", lambda lo, hi: hi >= 0),
+    "oracle_grpo": ("beats SFT, interval clear of zero",
+                    lambda lo, hi: lo > 0),
+}
+
+
+def config_file(scale: str) -> str:
+  return "configs/arith.py" + (":tiny" if scale == "tiny" else "")
+
+
+def cells(rungs: Sequence[str], seeds: Sequence[int], *, scale: str,
+          split: str, scheme: str = "anchor_recon",
+          extra: Mapping[str, Any] = ()) -> list[common.Cell]:
+  """sft_s<seed> for every seed (it also evaluates the untrained student),
+  then every other trained rung x seed from that seed's SFT model."""
+  base = {"data.eval_path": SPLITS[split]} if scale != "tiny" else {}
+  base.update(extra)
+  out = [common.Cell(f"sft_s{s}", config_file(scale),
+                     {**RUNGS["sft"][2], **base, "data.shuffle_seed": s},
+                     seed=s) for s in seeds]
+  for rung in rungs:
+    if rung in ("untrained", "sft"):
+      continue
+    more = {"ranking.scheme": scheme} if rung in SELF_RANKING else {}
+    out += [common.Cell(f"{rung}_s{s}", config_file(scale),
+                        {**RUNGS[rung][2], **more, **base,
+                         "data.shuffle_seed": s},
+                        seed=s, reference=f"sft_s{s}") for s in seeds]
+  return out
+
+
+ANSWERS = "answers.json"  # the study's one compact per-prompt file
+
+
+def _cell_model(rung: str, seed: int) -> tuple[str, str]:
+  return {"untrained": (f"sft_s{seed}", "before"),
+          "sft": (f"sft_s{seed}", "sft")}.get(rung, (f"{rung}_s{seed}",
+                                                     "final"))
+
+
+def _bits(x) -> str:
+  return "".join("1" if v else "0" for v in np.asarray(x, bool))
+
+
+def compact(runner: common.Runner, out: str, rungs, seeds) -> dict:
+  """Adds every finished cell's answers to out/answers.json: per cell and
+  model the prompt ids' order (a sha256), correct and ended as 0/1 strings
+  and the mean answer length; the file keeps what was there (a cell whose
+  folder is gone stays in the table). Returns the file's content."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
+  path = os.path.join(out, ANSWERS)
+  data = {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  for rung in rungs:
+    for seed in seeds:
+      cell, model = _cell_model(rung, seed)
+      if not runner.is_done(common.Cell(cell, "")):
+        continue
+      src = os.path.join(runner.results(cell), "eval", f"{model}.jsonl")
+      if not os.path.exists(src):
+        continue
+      a = evaluate.read_answers(src, model)
+      data[f"{cell}/{model}"] = dict(
+          ids_sha256=hashlib.sha256("\n".join(a.ids).encode()).hexdigest(),
+          prompts=len(a.ids), correct=_bits(a.correct == 1),
+          ended=_bits(a.finished),
+          mean_tokens=round(float(np.mean(a.lengths)), 2))
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=0, sort_keys=True)
+  return data
+
+
+def _answers(data: dict, rung: str, seed: int):
+  """(correct f64[N], ended bool[N], ids sha) of `rung` x `seed` from the
+  compact file's content, or None (not run yet)."""
+  rec = data.get("/".join(_cell_model(rung, seed)))
+  if rec is None:
+    return None
+  return (np.array([c == "1" for c in rec["correct"]], np.float64),
+          np.array([c == "1" for c in rec["ended"]], bool),
+          rec["ids_sha256"])
+
+
+def rows(data: dict, rungs: Sequence[str], seeds: Sequence[int]
+         ) -> list[dict]:
+  """One row per rung from the compact answers (`compact`): accuracy (mean
+  over its seeds, interval over seeds and prompts), share of answers that
+  ended, gain over its 'vs' rung paired by seed and prompt, and the verdict
+  of its rule. Raises naming the cells whose prompt sets differ."""
+  from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
+  got = {r: {s: _answers(data, r, s) for s in seeds}
+         for r in set(rungs) | {RUNGS[r][1] for r in rungs if RUNGS[r][1]}}
+  shas = {a[2] for per in got.values() for a in per.values() if a}
+  if len(shas) > 1:
+    raise ValueError("ladder: the cells were evaluated on different prompt "
+                     "sets (data.eval_path): one study, one split")
+  out = []
+  for rung in rungs:
+    label, vs, _ = RUNGS[rung]
+    have = {s: a for s, a in got[rung].items() if a is not None}
+    row = dict(rung=rung, label=label, vs=vs, seeds=len(have), verdict="")
+    if not have:
+      out.append(dict(row, status="not run"))
+      continue
+    correct = np.stack([a[0] for a in have.values()])
+    lo, hi = evaluate.seed_prompt_ci(correct)
+    row.update(status="done", prompts=correct.shape[1],
+               accuracy=float(correct.mean()), accuracy_lo=lo,
+               accuracy_hi=hi, ended=float(np.mean(
+                   [a[1].mean() for a in have.values()])))
+    below = {s: a for s, a in got.get(vs, {}).items() if a is not None}
+    pair = [s for s in have if s in below]
+    if vs and pair:
+      diff = np.stack([have[s][0] - below[s][0] for s in pair])
+      glo, ghi = evaluate.seed_prompt_ci(diff)
+      row.update(gain=float(diff.mean()), gain_lo=glo, gain_hi=ghi,
+                 paired_seeds=len(pair))
+      if rung in RULES:
+        text, ok = RULES[rung]
+        enough = len(pair) >= 3 and diff.shape[1] >= 500
+        row["verdict"] = ("PASS" if ok(glo, ghi) else "FAIL") + f": {text}" \
+            + ("" if enough else " (under the Protocol's 3 seeds x 500 "
+               "prompts: not a verdict to publish)")
+    out.append(row)
+  return out
+
+
+FIELDS = ("rung", "label", "status", "seeds", "prompts", "accuracy",
+          "accuracy_lo", "accuracy_hi", "ended", "vs", "gain", "gain_lo",
+          "gain_hi", "paired_seeds", "verdict")
+
+
+def _pct(x) -> str:
+  return "" if x is None or not np.isfinite(x) else f"{100 * x:.1f}"
+
+
+def markdown(table: Sequence[dict], header: str) -> str:
+  body = []
+  for r in table:
+    if r.get("status") != "done":
+      body.append([r["label"], "not run", "", "", "", "", ""])
+      continue
+    acc = (f"{_pct(r['accuracy'])} [{_pct(r['accuracy_lo'])}, "
+           f"{_pct(r['accuracy_hi'])}]")
+    gain = (f"{100 * r['gain']:+.1f} [{100 * r['gain_lo']:+.1f}, "
+            f"{100 * r['gain_hi']:+.1f}]" if "gain" in r else "")
+    body.append([r["label"], acc, _pct(r["ended"]), str(r["seeds"]),
+                 r["vs"] or "", gain, r["verdict"]])
+  return header + common.markdown_table(
+      body, ["rung", "accuracy % [95 % CI]", "ended %", "seeds", "vs",
+             "gain pt [95 % CI, seeds x prompts]", "verdict"]) + "\n"
+
+
+def plot(table: Sequence[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  done = [r for r in table if r.get("status") == "done"]
+  if not done:
+    return
+  fig, ax = plt.subplots(figsize=(1.4 * len(done) + 2, 3.2))
+  x = np.arange(len(done))
+  acc = np.array([100 * r["accuracy"] for r in done])
+  err = np.array([[100 * (r["accuracy"] - r["accuracy_lo"]) for r in done],
+                  [100 * (r["accuracy_hi"] - r["accuracy"]) for r in done]])
+  ax.bar(x, acc, yerr=err, capsize=4, color="#4c72b0")
+  ax.set_xticks(x, [r["rung"] for r in done], rotation=20)
+  ax.set_ylabel("held-out accuracy %")
+  ax.set_title("learning ladder (95 % CI over seeds and prompts)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write(runner, rungs, seeds, out: str, header: str) -> list[dict]:
+  table = rows(compact(runner, out, rungs, seeds), rungs, seeds)
+  with open(os.path.join(out, "ladder.md"), "w", encoding="utf-8") as f:
+    f.write(markdown(table, header))
+  common.write_csv(os.path.join(out, "ladder.csv"), table, FIELDS)
+  plot(table, os.path.join(out, "ladder.png"))
+  return table
+
+
+def _skip(cell, todo, recorded: set, runner) -> bool:
+  """A cell already in answers.json (e.g. a fresh clone of a finished
+  study) is not run again, unless a cell still to run needs its weights
+  (an SFT reference whose folder is gone)."""
+  if not any(k.startswith(cell.name + "/") for k in recorded):
+    return False
+  needed = any(c.reference == cell.name and not any(
+      k.startswith(c.name + "/") for k in recorded) for c in todo)
+  return not needed or runner.is_done(cell)
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(
+      prog="python -m experiments.ladder", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--rungs", default="untrained,sft,oracle_grpo",
+                 help=f"comma list of {', '.join(RUNGS)}")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--scale", choices=("small", "tiny"), default="small")
+  p.add_argument("--split", choices=tuple(SPLITS), default="eval")
+  p.add_argument("--scheme", default="anchor_recon",
+                 help="self-ranking scheme of the purld_* rungs")
+  p.add_argument("--out", default="", help="default experiments/ladder/"
+                 "<scale>_<split>")
+  p.add_argument("--override", action="append", default=[],
+                 metavar="KEY=VALUE", help="config override of every cell")
+  p.add_argument("--dry_run", action="store_true")
+  a = p.parse_args(argv)
+  a.rungs = [r for r in a.rungs.split(",") if r]
+  bad = [r for r in a.rungs if r not in RUNGS]
+  if bad:
+    p.error(f"--rungs: unknown {bad} (known: {', '.join(RUNGS)})")
+  try:
+    a.seeds = [int(s) for s in a.seeds.split(",") if s]
+  except ValueError:
+    p.error(f"--seeds={a.seeds!r}: a comma list of integers")
+  a.out = a.out or os.path.join("experiments", "ladder",
+                                f"{a.scale}_{a.split}")
+  return a
+
+
+def main(argv=None, *, runner: common.Runner | None = None) -> int:
+  a = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    extra = common.parse_overrides(a.override)
+  except ValueError as e:
+    print(f"ladder: {e}", file=sys.stderr)
+    return 2
+  os.makedirs(a.out, exist_ok=True)
+  runner = runner or common.Runner(a.out)
+  todo = cells(a.rungs, a.seeds, scale=a.scale, split=a.split,
+               scheme=a.scheme, extra=extra)
+  if a.dry_run:
+    runner.dry_run(todo)
+    return 0
+  header = (f"# Learning ladder ({a.scale}, {a.split} split)\n\n"
+            f"`python -m experiments.ladder {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
+  recorded = set(compact(runner, a.out, a.rungs, a.seeds))
+  try:
+    for cell in todo:
+      if _skip(cell, todo, recorded, runner):
+        continue
+      runner.run(cell)
+      write(runner, a.rungs, a.seeds, a.out, header)
+  except common.CellError as e:
+    print(f"ladder: {e}", file=sys.stderr)
+    write(runner, a.rungs, a.seeds, a.out, header)
+    return 1
+  print(open(os.path.join(a.out, "ladder.md"), encoding="utf-8").read())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

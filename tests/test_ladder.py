@@ -1,0 +1,125 @@
+"""experiments.ladder: cells, the compact answers file, gains and verdicts.
+
+The answers are made by hand (every prompt right or wrong by construction),
+so each gain is known exactly and the verdict follows from the rule.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import common
+from experiments import ladder
+
+N = 500
+
+
+def _write_cell(runner, cell, models):
+  """A finished cell folder: eval/<model>.jsonl (answers) + summary.json."""
+  d = os.path.join(runner.workdir(cell), "eval")
+  os.makedirs(d, exist_ok=True)
+  for model, correct in models.items():
+    with open(os.path.join(d, f"{model}.jsonl"), "w", encoding="utf-8") as f:
+      for i, c in enumerate(correct):
+        f.write(json.dumps(dict(id=f"eval-{i:04d}", answer="x", tokens=9,
+                                finished=True, correct=bool(c))) + "\n")
+  with open(os.path.join(d, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump([], f)
+
+
+def _right(k):
+  """The first k of N prompts right."""
+  return np.arange(N) < k
+
+
+def _study(tmp_path, oracle_right):
+  """3 seeds: untrained 150/500 right, sft 150 + seed (the same prompts
+  plus `seed` more), oracle GRPO `oracle_right(seed)`."""
+  runner = common.Runner(str(tmp_path), echo=False)
+  for s in range(3):
+    _write_cell(runner, f"sft_s{s}", {"before": _right(150),
+                                      "sft": _right(150 + s)})
+    _write_cell(runner, f"oracle_grpo_s{s}", {"final": oracle_right(s)})
+  rungs = ["untrained", "sft", "oracle_grpo"]
+  data = ladder.compact(runner, str(tmp_path), rungs, [0, 1, 2])
+  return {r["rung"]: r for r in ladder.rows(data, rungs, [0, 1, 2])}
+
+
+def test_gains_are_paired_by_seed_and_verdicts_follow_the_rules(tmp_path):
+  # oracle: sft's prompts + 50 more for every seed -> gain exactly +10 pt.
+  rows = _study(tmp_path, lambda s: _right(200 + s))
+  assert rows["untrained"]["accuracy"] == pytest.approx(0.3)
+  # sft gains (0 + 1 + 2) / 3 / 500 over untrained: not below it -> PASS
+  assert rows["sft"]["gain"] == pytest.approx(1 / 500)
+  assert rows["sft"]["verdict"].startswith("PASS")
+  o = rows["oracle_grpo"]
+  assert o["gain"] == pytest.approx(0.1) and o["gain_lo"] > 0.05
+  assert o["verdict"] == "PASS: beats SFT, interval clear of zero"
+  assert o["ended"] == 1.0 and o["prompts"] == N and o["seeds"] == 3
+
+
+def test_an_oracle_that_does_not_beat_sft_fails(tmp_path):
+  # oracle equals each seed's sft answers: gain 0, interval [0, 0] -> FAIL
+  rows = _study(tmp_path, lambda s: _right(150 + s))
+  assert rows["oracle_grpo"]["gain"] == 0.0
+  assert rows["oracle_grpo"]["verdict"].startswith("FAIL")
+
+
+def test_sft_significantly_below_untrained_fails(tmp_path):
+  runner = common.Runner(str(tmp_path), echo=False)
+  for s in range(3):  # SFT loses 100 of the 150 right prompts
+    _write_cell(runner, f"sft_s{s}", {"before": _right(150),
+                                      "sft": _right(50)})
+  data = ladder.compact(runner, str(tmp_path), ["untrained", "sft"], [0, 1, 2])
+  rows = ladder.rows(data, ["untrained", "sft"], [0, 1, 2])
+  assert rows[1]["gain"] == pytest.approx(-0.2)
+  assert rows[1]["verdict"].startswith("FAIL: not significantly below")
+
+
+def test_table_is_rebuilt_from_the_compact_file_alone(tmp_path):
+  _study(tmp_path, lambda s: _right(200))
+  rungs = ["untrained", "sft", "oracle_grpo"]
+  # the cell folders are gone (a fresh clone): answers.json still holds all
+  fresh = common.Runner(str(tmp_path / "elsewhere"), echo=False)
+  os.makedirs(fresh.study_dir)
+  os.replace(tmp_path / ladder.ANSWERS, tmp_path / "elsewhere" / ladder.ANSWERS)
+  data = ladder.compact(fresh, fresh.study_dir, rungs, [0, 1, 2])
+  rows = ladder.rows(data, rungs, [0, 1, 2])
+  assert [r["status"] for r in rows] == ["done"] * 3
+  assert rows[2]["gain"] == pytest.approx(np.mean([50, 49, 48]) / N)
+  rec = data["oracle_grpo_s0/final"]
+  assert rec["correct"] == "1" * 200 + "0" * 300 and rec["ended"] == "1" * N
+
+
+def test_few_seeds_or_prompts_are_not_a_publishable_verdict(tmp_path):
+  runner = common.Runner(str(tmp_path), echo=False)
+  _write_cell(runner, "sft_s0", {"before": _right(10), "sft": _right(10)})
+  _write_cell(runner, "oracle_grpo_s0", {"final": _right(400)})
+  rungs = ["untrained", "sft", "oracle_grpo"]
+  rows = ladder.rows(ladder.compact(runner, str(tmp_path), rungs, [0]),
+                     rungs, [0])
+  assert "not a verdict to publish" in rows[2]["verdict"]
+
+
+def test_dry_run_lists_sft_then_rungs_from_their_seed(capsys):
+  assert ladder.main(["--dry_run", "--seeds=0,1",
+                      "--rungs=untrained,sft,oracle_grpo,purld_dpo",
+                      "--out=/tmp/ladder_dry"]) == 0
+  cells = ladder.cells(["untrained", "sft", "oracle_grpo", "purld_dpo"],
+                       [0, 1], scale="small", split="eval")
+  assert [c.name for c in cells] == [
+      "sft_s0", "sft_s1", "oracle_grpo_s0", "oracle_grpo_s1",
+      "purld_dpo_s0", "purld_dpo_s1"]
+  assert cells[3].reference == "sft_s1"
+  assert cells[2].overrides["ranking.scheme"] == "oracle"
+  assert cells[4].overrides["ranking.scheme"] == "anchor_recon"
+  assert cells[0].overrides["data.eval_path"] == "data/arith/eval.jsonl"
+  assert "sft_s1" in capsys.readouterr().out
+
+
+def test_bad_rung_is_a_short_error(capsys):
+  with pytest.raises(SystemExit):
+    ladder.main(["--rungs=sft,nope"])
+  assert "unknown ['nope']" in capsys.readouterr().err
