@@ -3,8 +3,8 @@ learning at all, before any method table is published?
 
   python -m experiments.ladder                          # small scale, 3 seeds
   python -m experiments.ladder --rungs=sft,oracle_grpo --seeds=0,1,2
-  python -m experiments.ladder --split=dev --out=experiments/ladder/sweep_lr1e-6 \
-      --override=opt.learning_rate=1e-6                 # a sweep cell, on dev
+  python -m experiments.ladder --split=dev --seeds=0 --rungs=sft,oracle_grpo \
+      --train_override=opt.learning_rate=2e-6 --tag=_lr2e-6   # a sweep point
   python -m experiments.ladder --scale=tiny --out=/tmp/ladder   # seconds a cell
   python -m experiments.ladder --dry_run                # the commands, nothing run
 
@@ -74,9 +74,12 @@ def config_file(scale: str) -> str:
 
 def cells(rungs: Sequence[str], seeds: Sequence[int], *, scale: str,
           split: str, scheme: str = "anchor_recon",
-          extra: Mapping[str, Any] = ()) -> list[common.Cell]:
+          extra: Mapping[str, Any] = (), train: Mapping[str, Any] = (),
+          tag: str = "") -> list[common.Cell]:
   """sft_s<seed> for every seed (it also evaluates the untrained student),
-  then every other trained rung x seed from that seed's SFT model."""
+  then every other trained rung x seed from that seed's SFT model, named
+  <rung><tag>_s<seed>; `extra` overrides every cell, `train` the stage-2
+  cells only (a sweep: --tag names its point)."""
   base = {"data.eval_path": SPLITS[split]} if scale != "tiny" else {}
   base.update(extra)
   out = [common.Cell(f"sft_s{s}", config_file(scale),
@@ -86,8 +89,8 @@ def cells(rungs: Sequence[str], seeds: Sequence[int], *, scale: str,
     if rung in ("untrained", "sft"):
       continue
     more = {"ranking.scheme": scheme} if rung in SELF_RANKING else {}
-    out += [common.Cell(f"{rung}_s{s}", config_file(scale),
-                        {**RUNGS[rung][2], **more, **base,
+    out += [common.Cell(f"{rung}{tag}_s{s}", config_file(scale),
+                        {**RUNGS[rung][2], **more, **base, **dict(train),
                          "data.shuffle_seed": s},
                         seed=s, reference=f"sft_s{s}") for s in seeds]
   return out
@@ -96,9 +99,9 @@ def cells(rungs: Sequence[str], seeds: Sequence[int], *, scale: str,
 ANSWERS = "answers.json"  # the study's one compact per-prompt file
 
 
-def _cell_model(rung: str, seed: int) -> tuple[str, str]:
+def _cell_model(rung: str, seed: int, tag: str = "") -> tuple[str, str]:
   return {"untrained": (f"sft_s{seed}", "before"),
-          "sft": (f"sft_s{seed}", "sft")}.get(rung, (f"{rung}_s{seed}",
+          "sft": (f"sft_s{seed}", "sft")}.get(rung, (f"{rung}{tag}_s{seed}",
                                                      "final"))
 
 
@@ -106,7 +109,8 @@ def _bits(x) -> str:
   return "".join("1" if v else "0" for v in np.asarray(x, bool))
 
 
-def compact(runner: common.Runner, out: str, rungs, seeds) -> dict:
+def compact(runner: common.Runner, out: str, rungs, seeds,
+            tag: str = "") -> dict:
   """Adds every finished cell's answers to out/answers.json: per cell and
   model the prompt ids' order (a sha256), correct and ended as 0/1 strings
   and the mean answer length; the file keeps what was there (a cell whose
@@ -121,7 +125,7 @@ def compact(runner: common.Runner, out: str, rungs, seeds) -> dict:
       data = json.load(f)
   for rung in rungs:
     for seed in seeds:
-      cell, model = _cell_model(rung, seed)
+      cell, model = _cell_model(rung, seed, tag)
       if not runner.is_done(common.Cell(cell, "")):
         continue
       src = os.path.join(runner.results(cell), "eval", f"{model}.jsonl")
@@ -138,10 +142,10 @@ def compact(runner: common.Runner, out: str, rungs, seeds) -> dict:
   return data
 
 
-def _answers(data: dict, rung: str, seed: int):
+def _answers(data: dict, rung: str, seed: int, tag: str = ""):
   """(correct f64[N], ended bool[N], ids sha) of `rung` x `seed` from the
   compact file's content, or None (not run yet)."""
-  rec = data.get("/".join(_cell_model(rung, seed)))
+  rec = data.get("/".join(_cell_model(rung, seed, tag)))
   if rec is None:
     return None
   return (np.array([c == "1" for c in rec["correct"]], np.float64),
@@ -149,14 +153,14 @@ def _answers(data: dict, rung: str, seed: int):
           rec["ids_sha256"])
 
 
-def rows(data: dict, rungs: Sequence[str], seeds: Sequence[int]
-         ) -> list[dict]:
+def rows(data: dict, rungs: Sequence[str], seeds: Sequence[int],
+         tag: str = "") -> list[dict]:
   """One row per rung from the compact answers (`compact`): accuracy (mean
   over its seeds, interval over seeds and prompts), share of answers that
   ended, gain over its 'vs' rung paired by seed and prompt, and the verdict
   of its rule. Raises naming the cells whose prompt sets differ."""
   from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
-  got = {r: {s: _answers(data, r, s) for s in seeds}
+  got = {r: {s: _answers(data, r, s, tag) for s in seeds}
          for r in set(rungs) | {RUNGS[r][1] for r in rungs if RUNGS[r][1]}}
   shas = {a[2] for per in got.values() for a in per.values() if a}
   if len(shas) > 1:
@@ -240,12 +244,14 @@ def plot(table: Sequence[dict], path: str) -> None:
   plt.close(fig)
 
 
-def write(runner, rungs, seeds, out: str, header: str) -> list[dict]:
-  table = rows(compact(runner, out, rungs, seeds), rungs, seeds)
-  with open(os.path.join(out, "ladder.md"), "w", encoding="utf-8") as f:
+def write(runner, rungs, seeds, out: str, header: str,
+          tag: str = "") -> list[dict]:
+  table = rows(compact(runner, out, rungs, seeds, tag), rungs, seeds, tag)
+  name = f"ladder{tag}"
+  with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as f:
     f.write(markdown(table, header))
-  common.write_csv(os.path.join(out, "ladder.csv"), table, FIELDS)
-  plot(table, os.path.join(out, "ladder.png"))
+  common.write_csv(os.path.join(out, f"{name}.csv"), table, FIELDS)
+  plot(table, os.path.join(out, f"{name}.png"))
   return table
 
 
@@ -275,6 +281,11 @@ def parse_args(argv):
                  "<scale>_<split>")
   p.add_argument("--override", action="append", default=[],
                  metavar="KEY=VALUE", help="config override of every cell")
+  p.add_argument("--train_override", action="append", default=[],
+                 metavar="KEY=VALUE", help="config override of the stage-2 "
+                 "cells only (a sweep point; name it with --tag)")
+  p.add_argument("--tag", default="", help="suffix of the stage-2 cells' "
+                 "names and of ladder<tag>.md (e.g. _lr2e-6)")
   p.add_argument("--dry_run", action="store_true")
   a = p.parse_args(argv)
   a.rungs = [r for r in a.rungs.split(",") if r]
@@ -294,30 +305,32 @@ def main(argv=None, *, runner: common.Runner | None = None) -> int:
   a = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     extra = common.parse_overrides(a.override)
+    train = common.parse_overrides(a.train_override)
   except ValueError as e:
     print(f"ladder: {e}", file=sys.stderr)
     return 2
   os.makedirs(a.out, exist_ok=True)
   runner = runner or common.Runner(a.out)
   todo = cells(a.rungs, a.seeds, scale=a.scale, split=a.split,
-               scheme=a.scheme, extra=extra)
+               scheme=a.scheme, extra=extra, train=train, tag=a.tag)
   if a.dry_run:
     runner.dry_run(todo)
     return 0
   header = (f"# Learning ladder ({a.scale}, {a.split} split)\n\n"
             f"`python -m experiments.ladder {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
-  recorded = set(compact(runner, a.out, a.rungs, a.seeds))
+  recorded = set(compact(runner, a.out, a.rungs, a.seeds, a.tag))
   try:
     for cell in todo:
       if _skip(cell, todo, recorded, runner):
         continue
       runner.run(cell)
-      write(runner, a.rungs, a.seeds, a.out, header)
+      write(runner, a.rungs, a.seeds, a.out, header, a.tag)
   except common.CellError as e:
     print(f"ladder: {e}", file=sys.stderr)
-    write(runner, a.rungs, a.seeds, a.out, header)
+    write(runner, a.rungs, a.seeds, a.out, header, a.tag)
     return 1
-  print(open(os.path.join(a.out, "ladder.md"), encoding="utf-8").read())
+  table = write(runner, a.rungs, a.seeds, a.out, header, a.tag)
+  print(markdown(table, header))
   return 0
 
 

@@ -30,8 +30,8 @@ no member of the group parsed).
 
 The anchor's score: the anchor is not judged (K calls, not K + 1);
 `anchor_score` = the max of the group's K scores, i.e. the anchor is taken
-as at least as good as the best candidate (with `pu.center` the centred
-scores are <= 0, the best candidate's 0).
+as at least as good as the best candidate (under `pu.mode = "gate"` the
+candidates that tie with the best, s_k = s_a, are the likely positives).
 
 The `dataset` backend gets a SIMULATED judge: score SCORE_MAX when the
 candidate's last number equals the prompt's reference answer

@@ -123,3 +123,14 @@ def test_bad_rung_is_a_short_error(capsys):
   with pytest.raises(SystemExit):
     ladder.main(["--rungs=sft,nope"])
   assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_a_sweep_point_overrides_and_names_only_the_stage2_cells():
+  cells = ladder.cells(["sft", "oracle_grpo"], [0], scale="small",
+                       split="dev", train={"opt.learning_rate": 2e-6},
+                       tag="_lr2e-6")
+  assert [c.name for c in cells] == ["sft_s0", "oracle_grpo_lr2e-6_s0"]
+  assert "opt.learning_rate" not in cells[0].overrides
+  assert cells[1].overrides["opt.learning_rate"] == 2e-6
+  assert cells[1].overrides["data.eval_path"] == "data/arith/dev.jsonl"
+  assert cells[1].reference == "sft_s0"
