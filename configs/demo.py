@@ -25,6 +25,7 @@ from configs import common
 def _tiny():
   c = common.base()
   c.recipe = "dpo"
+  c.model.scan_layers = True
   c.data.train_path = "data/demo/train.jsonl"
   c.data.eval_path = "data/demo/eval.jsonl"
   c.teacher.backend = "dataset"

@@ -785,7 +785,13 @@ def _main(argv):
     return 2
 
 
-if __name__ == "__main__":
+def console_main():
+  """The `purld-anchors` command: the same as `python -m purld_jax.anchors`."""
+  global _FLAGS
   from absl import app  # pylint: disable=g-import-not-at-top
   _FLAGS = _define_flags()
   app.run(_main)
+
+
+if __name__ == "__main__":
+  console_main()

@@ -117,5 +117,10 @@ def main(argv):
           file=sys.stderr)
 
 
-if __name__ == "__main__":
+def console_main():
+  """The `purld-chat` command: the same as `python -m purld_jax.chat`."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  console_main()

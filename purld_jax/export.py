@@ -241,7 +241,12 @@ def main(argv):
   print(f"exported the {src.describe()}\n  -> {out}: {file_list(out)}")
 
 
-if __name__ == "__main__":
+def console_main():
+  """The `purld-export` command: the same as `python -m purld_jax.export`."""
   define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)
+
+
+if __name__ == "__main__":
+  console_main()
