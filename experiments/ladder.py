@@ -33,6 +33,8 @@ kept/ stay out of git. A re-run skips finished cells.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 from typing import Any, Mapping, Sequence
@@ -115,8 +117,6 @@ def compact(runner: common.Runner, out: str, rungs, seeds,
   model the prompt ids' order (a sha256), correct and ended as 0/1 strings
   and the mean answer length; the file keeps what was there (a cell whose
   folder is gone stays in the table). Returns the file's content."""
-  import hashlib  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
   from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
   path = os.path.join(out, ANSWERS)
   data = {}

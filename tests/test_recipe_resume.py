@@ -101,24 +101,6 @@ def _params(workdir, which):
   return hf.load_params(os.path.join(workdir, which), s.cfg)
 
 
-def _restore(cfg, workdir, step):
-  """The arrays of <workdir>/ckpt/<recipe>/<step>, on one device."""
-  s = student_lib.from_config(cfg.model, str(workdir))
-  graphdef, shapes = s.abstract()
-  tx, _ = state_lib.optimizer_from_config(
-      cfg.opt, learning_rate=cfg.opt.learning_rate,
-      warmup_frac=cfg.opt.warmup_frac, total_steps=cfg.rl.steps,
-      updates_per_step=RECIPES[cfg.recipe][1])
-  abstract = checkpoint_lib.abstract_like(state_lib.abstract_arrays(
-      graphdef, shapes, tx, rng=jax.random.PRNGKey(cfg.seed)))
-  ckpt = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, "ckpt", cfg.recipe), every_steps=1, keep=10)
-  try:
-    return ckpt.restore(step, abstract).arrays
-  finally:
-    ckpt.close()
-
-
 def _ledger(workdir):
   ledger = anchors_lib.Ledger(workdir, create=False)
   try:
@@ -185,12 +167,12 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(
   ckpt_dir = os.path.join(part, "ckpt", recipe)
   assert checkpoint_lib.complete_steps(ckpt_dir) == [K]  # K was not due
   assert [r["step"] for r in _rows(part, recipe)] == list(range(1, K + 1))
-  interrupted = _restore(cfg, part, K)
+  interrupted = train_fixtures.restore_rl_arrays(cfg, part, K)
   assert int(interrupted["step"]) == inner * K
 
   pu_rl.run(cfg, part)  # the same config: resumes from step K
 
-  got, want = _restore(cfg, part, N), _restore(cfg, full, N)
+  got, want = train_fixtures.restore_rl_arrays(cfg, part, N), train_fixtures.restore_rl_arrays(cfg, full, N)
   _assert_bit_identical(got, want)
   assert int(got["step"]) == inner * N
   # Adam's and the schedule's update counts: one per inner update.

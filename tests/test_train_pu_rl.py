@@ -105,26 +105,6 @@ def _rl_config(recipe, **kw):
       "ranking.yes_word": "Y", "ranking.no_word": "N", **kw})
 
 
-def _restore_rl(cfg, workdir, step):
-  import jax
-  from purld_jax import checkpoint as checkpoint_lib
-  from purld_jax.train import state as state_lib
-  from purld_jax.train import student
-  s = student.from_config(cfg.model, str(workdir))
-  graphdef, shapes = s.abstract()
-  tx, _ = state_lib.optimizer_from_config(
-      cfg.opt, learning_rate=cfg.opt.learning_rate,
-      warmup_frac=cfg.opt.warmup_frac, total_steps=cfg.rl.steps)
-  abstract = checkpoint_lib.abstract_like(state_lib.abstract_arrays(
-      graphdef, shapes, tx, rng=jax.random.PRNGKey(cfg.seed)))
-  ckpt = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, "ckpt", cfg.recipe), every_steps=1, keep=10)
-  try:
-    return ckpt.restore(step, abstract).arrays
-  finally:
-    ckpt.close()
-
-
 @pytest.mark.parametrize("recipe", ["dpo", "grpo"])
 def test_exact_resume_after_kill_9(recipe, tmp_path, jit_cache):  # noqa: F811
   """N steps, kill -9, resume to 2N: bit-identical to an uninterrupted 2N
@@ -167,8 +147,8 @@ def test_exact_resume_after_kill_9(recipe, tmp_path, jit_cache):  # noqa: F811
 
   pu_rl.run(cfg, killed)  # stage 1 is done; stage 2 resumes from step N
 
-  _assert_bit_identical(_restore_rl(cfg, killed, 2 * N),
-                        _restore_rl(cfg, full, 2 * N))
+  _assert_bit_identical(train_fixtures.restore_rl_arrays(cfg, killed, 2 * N),
+                        train_fixtures.restore_rl_arrays(cfg, full, 2 * N))
   ledger = anchors_lib.Ledger(killed, create=False)
   after = ledger.stats()
   ledger.close()

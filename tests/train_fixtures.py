@@ -86,3 +86,28 @@ def char_tok(tmp_path_factory):
   """The tiny model's character-level chat tokenizer."""
   from purld_jax.train import student
   return student.char_tokenizer(tmp_path_factory.mktemp("char_tok") / "tok")
+
+
+def restore_rl_arrays(cfg, workdir, step):
+  """The train-state arrays of <workdir>/ckpt/<recipe>/<step> of a PU-RL
+  run of `cfg`, on one device (its optimizer built as the stage builds it:
+  GRPO's inner iterations count as updates)."""
+  import jax
+  from purld_jax import checkpoint as checkpoint_lib
+  from purld_jax.train import state as state_lib
+  from purld_jax.train import student
+  s = student.from_config(cfg.model, str(workdir))
+  graphdef, shapes = s.abstract()
+  inner = (cfg.loss.grpo.inner_iterations if cfg.recipe == "grpo" else 1)
+  tx, _ = state_lib.optimizer_from_config(
+      cfg.opt, learning_rate=cfg.opt.learning_rate,
+      warmup_frac=cfg.opt.warmup_frac, total_steps=cfg.rl.steps,
+      updates_per_step=inner)
+  abstract = checkpoint_lib.abstract_like(state_lib.abstract_arrays(
+      graphdef, shapes, tx, rng=jax.random.PRNGKey(cfg.seed)))
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "ckpt", cfg.recipe), every_steps=1, keep=10)
+  try:
+    return ckpt.restore(step, abstract).arrays
+  finally:
+    ckpt.close()

@@ -117,7 +117,7 @@ def record(a, base_url: str, model: str, teacher_file: dict) -> dict:
       prompts_file=a.prompts, prompts_sha256=_sha256(a.prompts),
       prompts=len(prompts), answered=len(rows),
       missing=len(prompts) - len(rows),
-      failed=len(getattr(report, "failed", ()) or ()),
+      failed=len(report.failed),
       usable=sum(r["usable"] for r in rows),
       truncated=sum(r["finish_reason"] == "length" for r in rows),
       accuracy=(sum(r["correct"] for r in scored) / len(scored)
