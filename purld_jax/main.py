@@ -201,6 +201,7 @@ def validate(config) -> None:
     _choice(errors, config, key, ("float32", "bfloat16"))
   from purld_jax.models import llama  # pylint: disable=g-import-not-at-top
   _choice(errors, config, "model.remat", llama.REMAT_POLICIES)
+  _choice(errors, config, "ckpt.keep_finished", ("last", "all", "none"))
   _mesh(errors, config)
   n = config.opt.micro_batches
   for key, size in (("sft.batch_size", config.sft.batch_size),
@@ -337,6 +338,9 @@ def run(config, workdir: str) -> None:
   first = jax.process_index() == 0  # writes the run's files
   os.makedirs(workdir, exist_ok=True)
   if first:
+    from purld_jax import preemption  # pylint: disable=g-import-not-at-top
+    for path in preemption.remove_stale_tmp(workdir):
+      print(f"[run] removed {path}: left by a killed writer", file=sys.stderr)
     with open(os.path.join(workdir, "config.json"), "w",
               encoding="utf-8") as f:
       json.dump(config.to_dict(), f, indent=2, default=list)
@@ -362,12 +366,14 @@ def run(config, workdir: str) -> None:
     from purld_jax import preemption  # pylint: disable=g-import-not-at-top
     preemption.stop_before("export", "the export (training and evaluation "
                            "are done)", workdir, collective=False)
-    src, out = export.export(
+    src, out, written = export.export(
         workdir, os.path.join(workdir, config.export.dir),
         source="final" if "final" in models else "reference",
-        gguf=config.export.gguf, overwrite=True)
+        gguf=config.export.gguf, overwrite=True, skip_if_current=True)
     print(f"[export] the {src.describe()}\n  -> {out}: "
-          f"{export.file_list(out)}", file=sys.stderr)
+          f"{export.file_list(out)}"
+          + ("" if written else " (up to date: not written again)"),
+          file=sys.stderr)
 
 
 def _main(argv):

@@ -12,6 +12,7 @@ ever loaded.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -137,6 +138,20 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
         f"{path}: neither {SAFETENSORS} nor {INDEX} found (only safetensors "
         "checkpoints are read; .bin pickles are never loaded)")
   return {k: single for k in _keys_of(single)}
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+  """Hex sha256 over a checkpoint directory's config.json and weight files
+  (names and bytes, sorted by name): a model whose weights changed is a new
+  key for what is derived from it (evaluations, exports)."""
+  path = pathlib.Path(path)
+  digest = hashlib.sha256()
+  for f in sorted(set(_tensor_files(path).values()) | {path / "config.json"}):
+    digest.update(f.name.encode() + b"\0")
+    with open(f, "rb") as fh:
+      for chunk in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(chunk)
+  return digest.hexdigest()
 
 
 def _keys_of(file: pathlib.Path) -> list[str]:

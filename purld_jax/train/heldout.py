@@ -6,8 +6,9 @@ Evaluates, with the same greedy decoding (`eval.*`), the models a run made:
   final   stage 2's result (recipes other than sft),
 and prints `evaluate.format_table` with gains over the SFT reference (the
 baseline METHOD.md compares PU-RL with). Results land in WORKDIR/eval/; a
-model already evaluated with the same settings is not evaluated again, so a
-resumed run only pays for what is new. The sampler runs on the mesh of
+model already evaluated with the same settings (its weights' content hash
+included) is not evaluated again, so a resumed run only pays for what is
+new and a retrained one is evaluated afresh. The sampler runs on the mesh of
 `config.mesh` (every process decodes the same global batches); process 0
 writes the files. A SIGTERM (`preemption`) stops the run before the next
 model that is not on disk yet.
@@ -35,7 +36,14 @@ EVAL_DIR = "eval"
 
 
 def _settings(config, source: str) -> dict:
-  return dict(source=source, eval_path=os.path.abspath(config.data.eval_path),
+  """What an evaluation depends on: a stored one with equal settings is
+  reused. `model` is the weights' content hash (`hf.weights_digest`), so a
+  model retrained at the same path (a run extended with more steps) is
+  evaluated again; the initial student is named by `model.path`."""
+  model = (f"init:{config.model.path}" if source == "init"
+           else hf.weights_digest(source))
+  return dict(source=source, model=model,
+              eval_path=os.path.abspath(config.data.eval_path),
               num_prompts=config.eval.num_prompts,
               max_new_tokens=config.eval.max_new_tokens,
               buckets=list(config.data.buckets),

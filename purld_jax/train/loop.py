@@ -262,6 +262,8 @@ class Stage:
     """Reads the last metrics, saves the final step, reports skips."""
     self.loop.finish(self.total_steps, state.arrays(),
                      data_iter=self.data_iter, config=self.config_dict)
+    if self._config.ckpt.keep_finished == "last":  # what an extension needs
+      self.ckpt.keep_only(self.total_steps)
     if self.loop.skipped:
       print(f"[{self.name}] {self.loop.skipped} update(s) skipped: "
             "non-finite loss or gradients (opt.nan_policy='skip')",

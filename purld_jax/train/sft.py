@@ -184,6 +184,19 @@ def _write_reference(graphdef, params, tok, out: str, *, steps: int,
   os.replace(tmp, out)
 
 
+def drop_checkpoints(config, workdir: str, stage: str) -> None:
+  """With `ckpt.keep_finished = "none"`, deletes a finished stage's
+  checkpoints (its model directory is written: nothing reads them but an
+  extension of the run, which then starts the stage over)."""
+  if config.ckpt.keep_finished != "none" or jax.process_index() != 0:
+    return
+  path = os.path.join(os.path.abspath(workdir), "ckpt", stage)
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+    print(f"[{stage}] checkpoints deleted (ckpt.keep_finished=none): {path}",
+          file=sys.stderr)
+
+
 def run(config, workdir: str) -> str:
   """Runs (or resumes, or skips when done) stage 1; returns the reference
   directory."""
@@ -246,5 +259,7 @@ def run(config, workdir: str) -> str:
       stage.finish(state)
   finally:
     store.close()
-  return save_reference(graphdef, state.params, tok, workdir, steps=steps,
-                        teacher_label=teacher.label)
+  out = save_reference(graphdef, state.params, tok, workdir, steps=steps,
+                       teacher_label=teacher.label)
+  drop_checkpoints(config, workdir, STAGE)
+  return out
