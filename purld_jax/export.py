@@ -289,6 +289,8 @@ def main(argv):
 
 def console_main():
   """The `purld-export` command: the same as `python -m purld_jax.export`."""
+  from purld_jax import quiet  # pylint: disable=g-import-not-at-top
+  quiet.libraries()
   define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)

@@ -397,6 +397,8 @@ def _main(argv):
 
 def main():
   from purld_jax import distributed  # pylint: disable=g-import-not-at-top
+  from purld_jax import quiet  # pylint: disable=g-import-not-at-top
+  quiet.libraries()  # no "PyTorch was not found", no libtpu INFO line
   distributed.initialize()  # before any other JAX call; no-op on one process
   define_flags()
   app.run(_main, flags_parser=parse_flags)

@@ -50,12 +50,24 @@ def _settings(config, source: str) -> dict:
               max_prompt_len=config.data.max_prompt_len)
 
 
-def _progress(config, name: str, total: int):
+def _progress(config, name: str, total: int, *, compiles: bool):
+  """A progress bar over the batches of model `name`; with `compiles` (the
+  first model evaluated: the sampler is compiled on its first batch) it says
+  so until that batch is done."""
   if not config.log.progress:
     return None
   import tqdm  # pylint: disable=g-import-not-at-top
-  return lambda it: tqdm.tqdm(it, total=total, desc=f"[eval] {name}",
-                              unit="batch", file=sys.stderr, leave=False)
+
+  def show(batches):
+    bar = tqdm.tqdm(batches, total=total, desc=f"[eval] {name}",
+                    unit="batch", file=sys.stderr, leave=False)
+    if compiles:
+      bar.set_postfix_str("compiling the first batch ...", refresh=True)
+    for i, batch in enumerate(bar):
+      yield batch
+      if i == 0 and compiles:
+        bar.set_postfix_str("", refresh=False)
+  return show
 
 
 def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
@@ -85,6 +97,7 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
       pad_id=tok.pad_id))
   first = jax.process_index() == 0
   results = []
+  evaluated = 0  # models run through the sampler by this process
   for k, (name, src) in enumerate(models.items()):
     preemption.stop_before(
         "eval", f"evaluating {name} ({k} of {len(models)} models done)",
@@ -107,8 +120,10 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
         batch_size=config.eval.batch_size,
         max_new_tokens=config.eval.max_new_tokens,
         buckets=config.data.buckets, limit=limit,
-        progress=_progress(config, name, batches) if first else None,
+        progress=(_progress(config, name, batches, compiles=not evaluated)
+                  if first else None),
         sampler=sampler))
+    evaluated += 1
     if first:
       evaluate.write(out_dir, results[-1:])
       with open(meta_path, "w", encoding="utf-8") as f:

@@ -184,6 +184,7 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
           micro_batches=config.opt.micro_batches, vocab_chunk=vocab_chunk,
           **recipe.step_kwargs(config)), st.state_sh, _kinds(recipe),
           mesh=mesh)
+      st.loop.compiling()
       for step in range(st.start, steps):
         prompts = next(it)
         # an unusable (truncated, empty) anchor leaves its prompt out

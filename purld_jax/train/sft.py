@@ -244,6 +244,7 @@ def run(config, workdir: str) -> str:
           response_len=config.sft.max_response_len), stage.state_sh,
           ("batch", "replicated"), mesh=mesh)
       nan_at_step = np.int32(config.debug.nan_at_step)
+      stage.loop.compiling()
       for step in range(stage.start, steps):
         # Rows whose anchor is truncated or empty are invalid: no loss.
         prompts, answers = store.for_batch(next(it))
