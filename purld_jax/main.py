@@ -39,6 +39,8 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from purld_jax import redact  # noqa: E402
+
 RECIPES = ("sft", "dpo", "grpo", "ldl")
 # Stage 2 of every RL recipe: a module with run(config, workdir,
 # reference_dir=...); the recipe's own step lives in train/<recipe>.py.
@@ -102,7 +104,7 @@ def parse(argv, flag_values=flags.FLAGS):
     if config is not None:
       config.keys()  # a config that failed to load raises here
   except Exception as e:  # pylint: disable=broad-except
-    raise CommandLineError(_describe(e, argv)) from None
+    raise CommandLineError(redact.hide(_describe(e, argv), argv)) from None
   finally:
     sys.argv = saved_argv
   if config is None:
@@ -185,6 +187,8 @@ def validate(config) -> None:
   from purld_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
   from purld_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   errors = []
+  if (bad := redact.check_key_env(config.teacher.api_key_env)) is not None:
+    errors.append(bad)  # before config.json is written with it
   _choice(errors, config, "recipe", RECIPES)
   if config.recipe in RECIPES and config.recipe != "sft":
     for module in (STAGE2_RUNNER, f"purld_jax.train.{config.recipe}"):
@@ -197,6 +201,13 @@ def validate(config) -> None:
       os.path.join(path, "config.json")):
     errors.append(f"model.path={path!r}: not 'tiny', 'embedded' or a "
                   "Hugging Face directory with config.json")
+  elif path not in ("tiny", "embedded"):
+    from purld_jax.models import hf  # pylint: disable=g-import-not-at-top
+    from purld_jax.models import hf_config  # pylint: disable=g-import-not-at-top
+    try:
+      hf.check_files(path)
+    except (hf.CheckpointError, hf_config.ConfigError) as e:
+      errors.append(f"model.path: {e}")
   for key in ("model.dtype", "model.param_dtype"):
     _choice(errors, config, key, ("float32", "bfloat16"))
   from purld_jax.models import llama  # pylint: disable=g-import-not-at-top
@@ -331,6 +342,8 @@ def check_answer_words(config) -> None:
 def run(config, workdir: str) -> None:
   """Validates `config`, then runs stage 1, (recipe != sft) stage 2 and the
   held-out evaluation."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir}: exists and is not a directory")
   validate(config)
   check_answer_words(config)
   use_jit_cache(config.jit_cache_dir)
@@ -376,6 +389,23 @@ def run(config, workdir: str) -> None:
           file=sys.stderr)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+  """What a bad input raises (each message names the file, line, field or
+  URL): shown in one line, without a traceback."""
+  # pylint: disable=g-import-not-at-top
+  from purld_jax import anchors
+  from purld_jax import checkpoint
+  from purld_jax import prompts
+  from purld_jax import teacher
+  from purld_jax.models import hf
+  from purld_jax.models import hf_config
+  from purld_jax.train import state
+  return (ConfigError, prompts.PromptFileError, hf.CheckpointError,
+          hf_config.ConfigError, checkpoint.CheckpointError,
+          teacher.TeacherError, teacher.ConfigError, anchors.AnchorError,
+          state.NonFiniteError)
+
+
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; see --help")
@@ -386,8 +416,8 @@ def _main(argv):
   try:
     with preemption.on_sigterm(config.ckpt.get("save_on_sigterm", True)):
       run(config, flags.FLAGS.workdir)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except _user_errors() as e:  # the message names the file, field or URL
+    print(f"error: {redact.hide(str(e), sys.argv)}", file=sys.stderr)
     return 2
   except preemption.Preempted as e:
     print(e, file=sys.stderr)

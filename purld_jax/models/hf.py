@@ -140,6 +140,19 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
   return {k: single for k in _keys_of(single)}
 
 
+def check_files(path: str | os.PathLike) -> None:
+  """Raises CheckpointError (naming the file) unless `path`'s config.json
+  parses and every safetensors file's header reads and fits the file
+  (a torn download is caught here, before a run builds anything)."""
+  read_config(path)
+  files = _tensor_files(pathlib.Path(path))
+  if (pathlib.Path(path) / INDEX).is_file():  # shards: each header read
+    for f in sorted(set(files.values())):
+      if not f.is_file():
+        raise CheckpointError(f"{f}: missing (named by {INDEX})")
+      _keys_of(f)
+
+
 def weights_digest(path: str | os.PathLike) -> str:
   """Hex sha256 over a checkpoint directory's config.json and weight files
   (names and bytes, sorted by name): a model whose weights changed is a new
