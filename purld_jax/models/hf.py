@@ -143,8 +143,11 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
 def check_files(path: str | os.PathLike) -> None:
   """Raises CheckpointError (naming the file) unless `path`'s config.json
   parses and every safetensors file's header reads and fits the file
-  (a torn download is caught here, before a run builds anything)."""
+  (a torn download is caught here, before a run builds anything); a
+  directory with no weights file at all passes (its config is checked)."""
   read_config(path)
+  if not any((pathlib.Path(path) / n).is_file() for n in (SAFETENSORS, INDEX)):
+    return  # a config-only directory (AOT planning): weights come later
   files = _tensor_files(pathlib.Path(path))
   if (pathlib.Path(path) / INDEX).is_file():  # shards: each header read
     for f in sorted(set(files.values())):
