@@ -232,6 +232,10 @@ def ckpt() -> ml_collections.ConfigDict:
                               # save: bounds what kill -9 costs (0 = off)
   c.save_on_sigterm = True    # SIGTERM: save the step in progress, exit 143
   c.keep = 3                  # newest checkpoints kept per stage
+  c.keep_finished = "last"    # a finished stage keeps: last (its last step,
+                              # where an extended run resumes) | all (the
+                              # `keep` newest) | none (deleted once its model
+                              # is written; an extension starts over)
   c.async_save = True         # write in the background while training goes on
   return c
 

@@ -47,6 +47,8 @@ def get_config(arg: str = ""):
   c.opt.learning_rate = 2e-6
   c.eval.batch_size = 100       # the 200 dev prompts: 2 greedy calls a model
   c.ckpt.every_steps = 8
+  c.ckpt.keep_finished = "none"  # the workdir keeps the models and the
+                                 # export, not a finished stage's state
   c.export.dir = "export"       # WORKDIR/export: HF directory ...
   c.export.gguf = True          # ... and model-f16.gguf for llama.cpp
   return common.variant(c, arg, name="configs/demo.py")

@@ -244,6 +244,48 @@ def plot(table: Sequence[dict], path: str) -> None:
   plt.close(fig)
 
 
+CURVES = ("oracle_sample_accuracy", "kl", "entropy")
+
+
+def curves(out: str) -> dict:
+  """{stage-2 cell: {"step": [...], metric: [...]}} for CURVES, read from
+  each kept cell's metrics.jsonl (kept/<cell>/; the cells' own folders are
+  not in git): the training curves behind a rung's verdict, written to
+  curves.json (small: one row per step) and plotted to curves.png."""
+  got = {}
+  kept = os.path.join(out, "kept")
+  for name in sorted(os.listdir(kept)) if os.path.isdir(kept) else ():
+    path = os.path.join(kept, name, "metrics.jsonl")
+    if name.startswith("sft_") or not os.path.isfile(path):
+      continue
+    with open(path, encoding="utf-8") as f:
+      recs = [json.loads(line) for line in f if line.strip()]
+    recs = [r for r in recs if r.get("stage") != "sft"]
+    if recs:
+      got[name] = {"step": [r["step"] for r in recs], **{
+          k: [r.get(k) for r in recs] for k in CURVES}}
+  return got
+
+
+def plot_curves(data: dict, path: str, smooth: float = 0.8) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from purld_jax import plot as plot_lib  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
+  for name, c in data.items():
+    for ax, k in zip(axes, CURVES):
+      ys = [np.nan if v is None else v for v in c[k]]
+      ax.plot(c["step"], plot_lib.ema(ys, smooth), label=name)
+  for ax, k in zip(axes, CURVES):
+    ax.set_title(f"{k} (EMA {smooth})")
+    ax.set_xlabel("step")
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def write(runner, rungs, seeds, out: str, header: str,
           tag: str = "") -> list[dict]:
   table = rows(compact(runner, out, rungs, seeds, tag), rungs, seeds, tag)
@@ -252,6 +294,10 @@ def write(runner, rungs, seeds, out: str, header: str,
     f.write(markdown(table, header))
   common.write_csv(os.path.join(out, f"{name}.csv"), table, FIELDS)
   plot(table, os.path.join(out, f"{name}.png"))
+  if data := curves(out):
+    with open(os.path.join(out, "curves.json"), "w", encoding="utf-8") as f:
+      json.dump(data, f, separators=(",", ":"))
+    plot_curves(data, os.path.join(out, "curves.png"))
   return table
 
 

@@ -789,6 +789,8 @@ def console_main():
   """The `purld-anchors` command: the same as `python -m purld_jax.anchors`."""
   global _FLAGS
   from absl import app  # pylint: disable=g-import-not-at-top
+  from purld_jax import quiet  # pylint: disable=g-import-not-at-top
+  quiet.libraries()
   _FLAGS = _define_flags()
   app.run(_main)
 

@@ -136,6 +136,15 @@ class Checkpointer:
       data_iter.set_state(data["iterator"])
     return Restored(step=step, arrays=out.state, config=dict(out.config or {}))
 
+  def keep_only(self, step: int) -> list[int]:
+    """Deletes every saved step but `step` (a finished stage: its last step
+    is all that a resume or an extension needs); returns those deleted."""
+    self.wait()
+    gone = [s for s in self._manager.all_steps() if s != step]
+    for s in gone:
+      self._manager.delete(s)
+    return gone
+
   def wait(self) -> None:
     """Blocks until every save has been written."""
     self._manager.wait_until_finished()

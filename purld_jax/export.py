@@ -155,19 +155,58 @@ def load(src: Source, workdir: str):
   return nnx.merge(graphdef, params), student.tokenizer
 
 
+def _link_files(src: str, dst: str) -> None:
+  """`src`'s files in a new directory `dst`: hard links where the file
+  system allows (no second copy of the weights on disk), else copies. The
+  run writes its model directories anew (tmp + rename), never in place, so
+  a link keeps the bytes that were exported."""
+  os.makedirs(dst)
+  for name in sorted(os.listdir(src)):
+    path = os.path.join(src, name)
+    if not os.path.isfile(path):
+      continue
+    try:
+      os.link(path, os.path.join(dst, name))
+    except OSError:
+      shutil.copy2(path, os.path.join(dst, name))
+
+
 def file_list(out: str) -> str:
   names = sorted(os.listdir(out))
   size = sum(os.path.getsize(os.path.join(out, n)) for n in names)
   return f"{', '.join(names)} ({size / 1e6:.1f} MB)"
 
 
+def _stamp(src: Source, gguf: bool, dtype: str | None) -> dict:
+  """What an export is derived from: the source's weights (content hash of
+  an HF directory; stage and step of a checkpoint) and the options."""
+  from purld_jax.models import hf  # pylint: disable=g-import-not-at-top
+  weights = (hf.weights_digest(src.path) if src.stage is None
+             else f"{src.stage}/{src.step}")
+  return dict(weights=weights, gguf=bool(gguf), dtype=dtype or None)
+
+
+def up_to_date(out: str, src: Source, *, gguf: bool = False,
+               dtype: str | None = None) -> bool:
+  """True when `out` holds a whole export of these very weights with these
+  options (its EXPORT.json's stamp matches): writing it again is waste."""
+  try:
+    with open(os.path.join(out, PROVENANCE), encoding="utf-8") as f:
+      stamp = json.load(f).get("stamp")
+  except (OSError, ValueError):
+    return False
+  return stamp == _stamp(src, gguf, dtype)
+
+
 def export(workdir: str, out: str, *, source: str | None = None,
            gguf: bool = False, dtype: str | None = None,
-           overwrite: bool = False) -> tuple[Source, str]:
-  """Exports `workdir`'s model (see the module doc) to `out`.
+           overwrite: bool = False,
+           skip_if_current: bool = False) -> tuple[Source, str, bool]:
+  """Exports `workdir`'s model (see the module doc) to `out`;
+  `skip_if_current` leaves an `up_to_date` export as it is.
 
   Returns:
-    (the Source exported, out as an absolute path).
+    (the Source exported, out as an absolute path, whether it was written).
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from purld_jax import models  # pylint: disable=g-import-not-at-top
@@ -175,18 +214,25 @@ def export(workdir: str, out: str, *, source: str | None = None,
   if dtype not in (None, "") + _DTYPES:
     raise ExportError(f"--dtype={dtype!r}: not one of {list(_DTYPES)}")
   src = find_source(workdir, source)
+  stamp = _stamp(src, gguf, dtype)
+  if skip_if_current and up_to_date(out, src, gguf=gguf, dtype=dtype):
+    return src, out, False
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise ExportError(f"--out {out}: exists and is not empty (pass "
                       "--overwrite to replace it)")
-  model, tok = load(src, workdir)
   tmp = f"{out}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    models.save_pretrained(model, tok, tmp,
-                           dtype=getattr(jnp, dtype) if dtype else None)
+    if src.stage is None and not dtype:  # an HF directory as it is
+      _link_files(src.path, tmp)
+    else:
+      model, tok = load(src, workdir)
+      models.save_pretrained(model, tok, tmp,
+                             dtype=getattr(jnp, dtype) if dtype else None)
     with open(os.path.join(tmp, PROVENANCE), "w", encoding="utf-8") as f:
       json.dump(dict(workdir=workdir, source=src.kind, path=src.path,
-                     stage=src.stage, step=src.step), f, indent=2)
+                     stage=src.stage, step=src.step, stamp=stamp), f,
+                indent=2)
     if gguf:
       from purld_jax.tools import export_gguf  # pylint: disable=g-import-not-at-top
       export_gguf.write(tmp, os.path.join(tmp, GGUF_NAME),
@@ -197,7 +243,7 @@ def export(workdir: str, out: str, *, source: str | None = None,
   if os.path.exists(out):
     shutil.rmtree(out)
   os.replace(tmp, out)
-  return src, out
+  return src, out, True
 
 
 def define_flags() -> None:
@@ -232,8 +278,8 @@ def main(argv):
   from purld_jax.tools import export_gguf  # pylint: disable=g-import-not-at-top
   try:
     f = flags.FLAGS
-    src, out = export(f.workdir, f.out, source=f.source, gguf=f.gguf,
-                      dtype=f.dtype, overwrite=f.overwrite)
+    src, out, _ = export(f.workdir, f.out, source=f.source, gguf=f.gguf,
+                         dtype=f.dtype, overwrite=f.overwrite)
   except (ExportError, hf.CheckpointError, hf_config.ConfigError,
           export_gguf.ExportError) as e:
     print(f"export: error: {e}", file=sys.stderr)
@@ -243,6 +289,8 @@ def main(argv):
 
 def console_main():
   """The `purld-export` command: the same as `python -m purld_jax.export`."""
+  from purld_jax import quiet  # pylint: disable=g-import-not-at-top
+  quiet.libraries()
   define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import threading
 
@@ -108,3 +110,40 @@ def on_sigterm(enabled: bool = True):
   finally:
     signal.signal(signal.SIGTERM, previous)
     clear()
+
+
+_TMP = re.compile(r"\.tmp-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's live process
+    return True
+  return True
+
+
+def remove_stale_tmp(workdir: str, depth: int = 2) -> list[str]:
+  """Removes the `<name>.tmp-<pid>` directories and files that a killed
+  writer left (the export, the SFT reference, the final model are written
+  under such a name and renamed when whole), up to `depth` levels under
+  `workdir`, whose pid is no longer alive on this host; returns them."""
+  gone = []
+  for root, dirs, files in os.walk(workdir):
+    if root[len(workdir):].count(os.sep) >= depth:
+      dirs[:] = []
+      continue
+    for name in list(dirs) + files:
+      m = _TMP.search(name)
+      if not m or _alive(int(m.group(1))):
+        continue
+      path = os.path.join(root, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+        dirs.remove(name)
+      else:
+        os.remove(path)
+      gone.append(path)
+  return sorted(gone)

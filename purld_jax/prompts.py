@@ -146,5 +146,17 @@ def read_jsonl(path: str | os.PathLike) -> list[Prompt]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise PromptFileError(f"{path}: no such prompt file")
-  with open(path, encoding="utf-8") as f:
-    return parse_lines(f, name=path)
+  with open(path, "rb") as f:
+    raw = f.read().splitlines()
+  lines = []
+  for lineno, line in enumerate(raw, start=1):
+    try:
+      lines.append(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+      raise PromptFileError(f"{path}:{lineno}: not UTF-8 text (byte "
+                            f"{line[e.start]:#04x} at column {e.start + 1})"
+                            ) from None
+  prompts = parse_lines(lines, name=path)
+  if not prompts:
+    raise PromptFileError(f"{path}: no prompts (the file is empty)")
+  return prompts

@@ -63,6 +63,9 @@ def test_keep_n_and_cadence(tmp_path):
   ckpt.wait()
   assert ckpt.all_steps() == [6, 7]  # 2, 4 deleted; 1, 3, 5 never due
   assert not ckpt.save(7, _arrays(7.0), force=True)  # already there
+  assert ckpt.keep_only(7) == [6]  # a finished stage keeps its last step
+  assert ckpt.all_steps() == [7]
+  assert sorted(os.listdir(tmp_path)) == ["7"]
   ckpt.close()
 
 

@@ -81,7 +81,7 @@ def _transformers_logits(path, tokens):
 @pytest.mark.parametrize("variant", ["llama_untied", "qwen2"])
 def test_final_exports_with_the_same_logits(tmp_path, variant):
   tiny_model_dir(tmp_path / "run" / "final", variant)
-  src, out = export.export(tmp_path / "run", tmp_path / "out")
+  src, out, _ = export.export(tmp_path / "run", tmp_path / "out")
   assert (src.kind, src.path) == ("final", str(tmp_path / "run" / "final"))
   tokens = _tokens(0)
   want = np.asarray(models.load_model(tmp_path / "run" / "final")(
@@ -121,7 +121,7 @@ def test_latest_checkpoint_params_are_exported(tmp_path):
   _save_checkpoint(run, "dpo", 3, trained, base)
 
   # No final: the newest checkpoint, dpo step 3, with the trained params.
-  src, out = export.export(run, tmp_path / "out")
+  src, out, _ = export.export(run, tmp_path / "out")
   assert (src.kind, src.stage, src.step) == ("latest", "dpo", 3)
   got = hf.load_params(out, hf.read_config(out))
   jax.tree.map(npt.assert_array_equal, got, trained)
@@ -395,3 +395,29 @@ def test_smollm2_gguf_greedy_text_matches_jax(tmp_path):
     top2 = np.sort(logits)[-2:]
     assert top2[1] - top2[0] < MARGIN, (tok.decode(jax_ids), tok.decode(cpp_ids))
   llm.close()
+
+
+def test_an_export_of_the_same_weights_is_not_written_again(tmp_path):
+  tiny_model_dir(tmp_path / "run" / "final", "llama_untied")
+  out = tmp_path / "out"
+  _, _, written = export.export(tmp_path / "run", out, skip_if_current=True)
+  assert written
+  weights = out / "model.safetensors"
+  first = weights.stat().st_mtime_ns
+  _, _, written = export.export(tmp_path / "run", out, overwrite=True,
+                                skip_if_current=True)
+  assert not written and weights.stat().st_mtime_ns == first
+  # Other options (bfloat16) are another export: written.
+  _, _, written = export.export(tmp_path / "run", out, overwrite=True,
+                                dtype="bfloat16", skip_if_current=True)
+  assert written
+  # Changed weights (one byte of the source's safetensors): written again.
+  src = tmp_path / "run" / "final" / "model.safetensors"
+  data = bytearray(src.read_bytes())
+  data[-1] ^= 1
+  src.write_bytes(bytes(data))
+  assert not export.up_to_date(str(out), export.find_source(
+      str(tmp_path / "run")), dtype="bfloat16")
+  _, _, written = export.export(tmp_path / "run", out, overwrite=True,
+                                dtype="bfloat16", skip_if_current=True)
+  assert written

@@ -134,3 +134,21 @@ def test_a_sweep_point_overrides_and_names_only_the_stage2_cells():
   assert cells[1].overrides["opt.learning_rate"] == 2e-6
   assert cells[1].overrides["data.eval_path"] == "data/arith/dev.jsonl"
   assert cells[1].reference == "sft_s0"
+
+
+def test_curves_read_the_kept_stage2_metrics(tmp_path):
+  rows = [{"stage": "sft", "step": 1, "kl": 9.0},
+          {"stage": "grpo", "step": 1, "oracle_sample_accuracy": 0.25,
+           "kl": 0.0, "entropy": 0.5},
+          {"stage": "grpo", "step": 2, "oracle_sample_accuracy": 0.75,
+           "kl": 0.01}]
+  for name in ("oracle_grpo_s0", "sft_s0"):
+    (tmp_path / "kept" / name).mkdir(parents=True)
+    (tmp_path / "kept" / name / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+  got = ladder.curves(str(tmp_path))
+  assert got == {"oracle_grpo_s0": {
+      "step": [1, 2], "oracle_sample_accuracy": [0.25, 0.75],
+      "kl": [0.0, 0.01], "entropy": [0.5, None]}}
+  ladder.plot_curves(got, str(tmp_path / "curves.png"))
+  assert (tmp_path / "curves.png").stat().st_size > 0

@@ -166,7 +166,9 @@ def test_malformed_prompt_file_is_named_with_line(tmp_path):
 
 
 def test_recipe_without_trainer_is_refused_before_compute(monkeypatch):
-  monkeypatch.setattr(main, "STAGE2_RUNNER", "purld_jax.train.not_written")
+  from purld_jax import config_check
+  monkeypatch.setattr(config_check, "STAGE2_RUNNER",
+                      "purld_jax.train.not_written")
   with pytest.raises(main.ConfigError,
                      match="purld_jax.train.not_written is not written yet"):
     main.validate(tiny_config(recipe="dpo"))

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -39,11 +41,28 @@ def test_main_job_prints_the_before_after_table_and_resumes(
   assert "gain vs sft" in out.out and "final" in out.out
   assert ("beats sft" in out.out or "NOT significant" in out.out
           or "WORSE" in out.out)
-  # A second run finds every stage done and every model evaluated.
+  # A second run finds every stage done, every model evaluated and the
+  # export current; it removes what a killed writer left.
+  exported = (tmp_path / "export" / "model.safetensors").stat().st_mtime_ns
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True).stdout
+  (tmp_path / f"export.tmp-{int(dead)}").mkdir()
   main.run(c, str(tmp_path))
   err = capsys.readouterr().err
   for name in ("before", "sft", "final"):
     assert f"[eval] {name}: already evaluated" in err
+  assert "(up to date: not written again)" in err
+  assert (tmp_path / "export" / "model.safetensors").stat().st_mtime_ns \
+      == exported
+  assert not (tmp_path / f"export.tmp-{int(dead)}").exists()
+  # Extended by one step: the new final model is evaluated and exported
+  # again (it was once reported "already evaluated" with the old answers).
+  c.rl.steps = 3
+  main.run(c, str(tmp_path))
+  err = capsys.readouterr().err
+  assert "[eval] final: already evaluated" not in err
+  assert "[eval] sft: already evaluated" in err
+  assert "up to date" not in err
 
 
 def _answer(prompt_id):

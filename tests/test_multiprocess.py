@@ -133,7 +133,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs, tmp_path):
   # decides, broadcast to process 1): steps 3 and 4 are the two kept
   # (ckpt.keep = 2), where the step cadence alone keeps 2 and 4.
   port = _free_port()
-  procs = launch(["--config.ckpt.every_minutes=1e-6"])
+  procs = launch(["--config.ckpt.every_minutes=1e-6",
+                  "--config.ckpt.keep_finished=all"])
   logs = [p.communicate(timeout=1500)[0] for p in procs]
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i}:\n{log[-3000:]}"

@@ -162,3 +162,28 @@ def test_main_stops_before_the_export_and_resumes_it(
   monkeypatch.setattr(heldout, "run", evaluate_heldout)
   main.run(c, str(tmp_path))
   assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def test_remove_stale_tmp_only_takes_dead_writers_leftovers(tmp_path):
+  import subprocess
+  import sys
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  dead_pid = int(dead.stdout)
+  stale = [tmp_path / f"export.tmp-{dead_pid}",
+           tmp_path / "sub" / f"final.tmp-{dead_pid}"]
+  for d in stale:
+    (d / "inner").mkdir(parents=True)
+    (d / "inner" / "w.bin").write_bytes(b"x" * 10)
+  (tmp_path / f"x.json.tmp-{dead_pid}").write_text("{}")
+  live = tmp_path / f"reference.tmp-{os.getpid()}"  # a writer still at work
+  live.mkdir()
+  other = [tmp_path / "rollouts" / ".tmp-00000003-5a5b",  # not pid-named
+           tmp_path / "final", tmp_path / "a" / "b" / f"c.tmp-{dead_pid}"]
+  for d in other:
+    d.mkdir(parents=True)
+  gone = preemption.remove_stale_tmp(str(tmp_path))
+  assert gone == sorted(str(p) for p in stale + [
+      tmp_path / f"x.json.tmp-{dead_pid}"])
+  assert not any(p.exists() for p in stale)
+  assert live.is_dir() and all(d.is_dir() for d in other)  # deeper: left

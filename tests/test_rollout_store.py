@@ -412,7 +412,7 @@ def test_pu_rl_writes_the_store_and_a_resume_rewrites(tmp_path, jit_cache):  # n
   cfg = train_fixtures.tiny_config(**{
       "recipe": "dpo", "rl.steps": 2, "sft.steps": 1,
       "ckpt.every_steps": 1, "ckpt.async_save": False,
-      "log.tensorboard": False})
+      "ckpt.keep_finished": "all", "log.tensorboard": False})
   pu_rl.run(cfg, str(tmp_path))
   store = rollout_store.RolloutStore.open(tmp_path / "rollouts")
   assert store.steps() == [1, 2]
@@ -433,6 +433,7 @@ def test_pu_rl_writes_the_store_and_a_resume_rewrites(tmp_path, jit_cache):  # n
 
   # Killed after step 2's rollout, before its checkpoint: resume from 1.
   shutil.rmtree(tmp_path / "ckpt" / "dpo" / "2")
+  shutil.rmtree(tmp_path / pu_rl.FINAL)  # not written yet at that moment
   pu_rl.run(cfg, str(tmp_path))
   after = _stamps(tmp_path)
   assert list(after) == ["step_00000001", "step_00000002"]

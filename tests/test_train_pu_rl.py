@@ -61,18 +61,31 @@ def test_grpo_advantages_by_hand():
 
 
 # grpo also runs with ranking.length_debias on (its slope is logged), dpo
-# with ranking.gate on (the share of candidates it failed is logged).
-@pytest.mark.parametrize("recipe,debias,gate", [("dpo", False, "number"),
-                                                ("grpo", True, "none"),
-                                                ("ldl", False, "none")])
-def test_recipe_runs_end_to_end(recipe, debias, gate, tmp_path,
+# with ranking.gate on (the share of candidates it failed is logged); each
+# keeps its finished stages' checkpoints another way (ckpt.keep_finished).
+@pytest.mark.parametrize("recipe,debias,gate,keep", [
+    ("dpo", False, "number", "none"), ("grpo", True, "none", "last"),
+    ("ldl", False, "none", "all")])
+def test_recipe_runs_end_to_end(recipe, debias, gate, keep, tmp_path, capsys,
                                 jit_cache):  # noqa: F811
   c = train_fixtures.tiny_config(**{
       "recipe": recipe, "rl.steps": 2, "sft.steps": 1,
       "log.tensorboard": False, "ranking.yes_word": "Y",
       "ranking.no_word": "N", "ckpt.async_save": False,
+      "ckpt.every_steps": 1, "ckpt.keep": 3, "ckpt.keep_finished": keep,
       "ranking.length_debias": debias, "ranking.gate": gate})
   out = pu_rl.run(c, str(tmp_path))
+  ckpt = tmp_path / "ckpt"
+  steps = {s: sorted(os.listdir(ckpt / s)) if (ckpt / s).is_dir() else None
+           for s in ("sft", recipe)}
+  assert steps == {"none": {"sft": None, recipe: None},
+                   "last": {"sft": ["1"], recipe: ["2"]},
+                   "all": {"sft": ["1"], recipe: ["1", "2"]}}[keep]
+  # Finished: a second run trains nothing, whatever checkpoints are left.
+  capsys.readouterr()
+  assert pu_rl.run(c, str(tmp_path)) == out
+  err = capsys.readouterr().err
+  assert f"[{recipe}] already done" in err
   assert os.path.isfile(os.path.join(out, "model.safetensors"))
   with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]

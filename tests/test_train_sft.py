@@ -193,7 +193,8 @@ def test_nan_skip_keeps_params_and_goes_on(tmp_path, jit_cache):  # noqa: F811
   del jit_cache
   # 2N steps, as above: the same compiled step (the hook is traced).
   cfg = tiny_config(**{"sft.steps": 2 * N, "ckpt.every_steps": 1,
-                       "ckpt.keep": 10, "debug.nan_at_step": 2,
+                       "ckpt.keep": 10, "ckpt.keep_finished": "all",
+                       "debug.nan_at_step": 2,
                        "opt.nan_policy": "skip"})
   sft.run(cfg, str(tmp_path))
   one, two = _restore(tmp_path, 1), _restore(tmp_path, 2)

@@ -40,6 +40,7 @@ def _config(mesh, **kw):
   return train_fixtures.tiny_config(**{
       "sft.steps": 2 * N, "ckpt.every_steps": N, "sft.batch_size": 4,
       "rl.batch_size": 4, "log.tensorboard": False, "ckpt.async_save": False,
+      "ckpt.keep_finished": "all",
       "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor, **kw})
 
 

@@ -12,6 +12,7 @@ ever loaded.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -137,6 +138,36 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
         f"{path}: neither {SAFETENSORS} nor {INDEX} found (only safetensors "
         "checkpoints are read; .bin pickles are never loaded)")
   return {k: single for k in _keys_of(single)}
+
+
+def check_files(path: str | os.PathLike) -> None:
+  """Raises CheckpointError (naming the file) unless `path`'s config.json
+  parses and every safetensors file's header reads and fits the file
+  (a torn download is caught here, before a run builds anything); a
+  directory with no weights file at all passes (its config is checked)."""
+  read_config(path)
+  if not any((pathlib.Path(path) / n).is_file() for n in (SAFETENSORS, INDEX)):
+    return  # a config-only directory (AOT planning): weights come later
+  files = _tensor_files(pathlib.Path(path))
+  if (pathlib.Path(path) / INDEX).is_file():  # shards: each header read
+    for f in sorted(set(files.values())):
+      if not f.is_file():
+        raise CheckpointError(f"{f}: missing (named by {INDEX})")
+      _keys_of(f)
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+  """Hex sha256 over a checkpoint directory's config.json and weight files
+  (names and bytes, sorted by name): a model whose weights changed is a new
+  key for what is derived from it (evaluations, exports)."""
+  path = pathlib.Path(path)
+  digest = hashlib.sha256()
+  for f in sorted(set(_tensor_files(path).values()) | {path / "config.json"}):
+    digest.update(f.name.encode() + b"\0")
+    with open(f, "rb") as fh:
+      for chunk in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(chunk)
+  return digest.hexdigest()
 
 
 def _keys_of(file: pathlib.Path) -> list[str]:

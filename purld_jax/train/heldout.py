@@ -6,8 +6,9 @@ Evaluates, with the same greedy decoding (`eval.*`), the models a run made:
   final   stage 2's result (recipes other than sft),
 and prints `evaluate.format_table` with gains over the SFT reference (the
 baseline METHOD.md compares PU-RL with). Results land in WORKDIR/eval/; a
-model already evaluated with the same settings is not evaluated again, so a
-resumed run only pays for what is new. The sampler runs on the mesh of
+model already evaluated with the same settings (its weights' content hash
+included) is not evaluated again, so a resumed run only pays for what is
+new and a retrained one is evaluated afresh. The sampler runs on the mesh of
 `config.mesh` (every process decodes the same global batches); process 0
 writes the files. A SIGTERM (`preemption`) stops the run before the next
 model that is not on disk yet.
@@ -35,19 +36,38 @@ EVAL_DIR = "eval"
 
 
 def _settings(config, source: str) -> dict:
-  return dict(source=source, eval_path=os.path.abspath(config.data.eval_path),
+  """What an evaluation depends on: a stored one with equal settings is
+  reused. `model` is the weights' content hash (`hf.weights_digest`), so a
+  model retrained at the same path (a run extended with more steps) is
+  evaluated again; the initial student is named by `model.path`."""
+  model = (f"init:{config.model.path}" if source == "init"
+           else hf.weights_digest(source))
+  return dict(source=source, model=model,
+              eval_path=os.path.abspath(config.data.eval_path),
               num_prompts=config.eval.num_prompts,
               max_new_tokens=config.eval.max_new_tokens,
               buckets=list(config.data.buckets),
               max_prompt_len=config.data.max_prompt_len)
 
 
-def _progress(config, name: str, total: int):
+def _progress(config, name: str, total: int, *, compiles: bool):
+  """A progress bar over the batches of model `name`; with `compiles` (the
+  first model evaluated: the sampler is compiled on its first batch) it says
+  so until that batch is done."""
   if not config.log.progress:
     return None
   import tqdm  # pylint: disable=g-import-not-at-top
-  return lambda it: tqdm.tqdm(it, total=total, desc=f"[eval] {name}",
-                              unit="batch", file=sys.stderr, leave=False)
+
+  def show(batches):
+    bar = tqdm.tqdm(batches, total=total, desc=f"[eval] {name}",
+                    unit="batch", file=sys.stderr, leave=False)
+    if compiles:
+      bar.set_postfix_str("compiling the first batch ...", refresh=True)
+    for i, batch in enumerate(bar):
+      yield batch
+      if i == 0 and compiles:
+        bar.set_postfix_str("", refresh=False)
+  return show
 
 
 def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
@@ -77,6 +97,7 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
       pad_id=tok.pad_id))
   first = jax.process_index() == 0
   results = []
+  evaluated = 0  # models run through the sampler by this process
   for k, (name, src) in enumerate(models.items()):
     preemption.stop_before(
         "eval", f"evaluating {name} ({k} of {len(models)} models done)",
@@ -99,8 +120,10 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
         batch_size=config.eval.batch_size,
         max_new_tokens=config.eval.max_new_tokens,
         buckets=config.data.buckets, limit=limit,
-        progress=_progress(config, name, batches) if first else None,
+        progress=(_progress(config, name, batches, compiles=not evaluated)
+                  if first else None),
         sampler=sampler))
+    evaluated += 1
     if first:
       evaluate.write(out_dir, results[-1:])
       with open(meta_path, "w", encoding="utf-8") as f:

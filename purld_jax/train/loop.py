@@ -55,10 +55,18 @@ class Loop:
     self.skipped = 0            # updates skipped since this process started
     self.last: dict = {}        # the last metrics read (host floats)
     self._pending = None
+    self._first = True          # the next record is this process's first
     self._t_last = time.perf_counter()
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step,
                           desc=stage, unit="step", disable=not progress,
                           dynamic_ncols=True)
+
+  def compiling(self) -> None:
+    """Says on the progress bar that the first step compiles (for minutes
+    on a CPU, at 0 % otherwise); call it just before the stage's first
+    step. The next `record` shows how long that step took."""
+    if self._bar.n < (self._bar.total or 0):
+      self._bar.set_postfix_str("compiling the first step ...", refresh=True)
 
   def record(self, step: int, metrics: Mapping, *, tokens: int = 0,
              host: Mapping[str, float] | None = None) -> dict | None:
@@ -79,6 +87,10 @@ class Loop:
     jax.block_until_ready(metrics)
     now = time.perf_counter()
     elapsed, self._t_last = now - self._t_last, now
+    if self._first:  # shown until this step's metrics are read
+      self._first = False
+      self._bar.set_postfix_str(f"first step took {elapsed:.0f}s (compiling "
+                                "included)", refresh=True)
     previous = self._flush()
     self._pending = (step, metrics, tokens, dict(host or {}), elapsed)
     if self.sleep_s:
@@ -97,13 +109,13 @@ class Loop:
       values["tokens_per_s"] = tokens / max(elapsed, 1e-9)
     self.skipped += int(values.get("skipped", 0.0))
     self.last = values
-    self._bar.update(1)
     post = {"loss": f"{values.get('loss', float('nan')):.4g}"}
     if tokens:
       post["tok/s"] = f"{values['tokens_per_s']:.0f}"
     if self.skipped:
       post["skipped"] = self.skipped
     self._bar.set_postfix(post, refresh=False)
+    self._bar.update(1)  # drawn with this step's numbers
     if self.writer is not None and (step % self.log_every == 0
                                     or values.get("skipped")):
       self.writer.write(step, values)
@@ -262,6 +274,8 @@ class Stage:
     """Reads the last metrics, saves the final step, reports skips."""
     self.loop.finish(self.total_steps, state.arrays(),
                      data_iter=self.data_iter, config=self.config_dict)
+    if self._config.ckpt.keep_finished == "last":  # what an extension needs
+      self.ckpt.keep_only(self.total_steps)
     if self.loop.skipped:
       print(f"[{self.name}] {self.loop.skipped} update(s) skipped: "
             "non-finite loss or gradients (opt.nan_policy='skip')",

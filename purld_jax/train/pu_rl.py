@@ -16,7 +16,9 @@ run resumes to the bit and never asks the teacher twice (the ledger).
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
 import sys
 import time
 
@@ -45,6 +47,31 @@ from purld_jax.train import student as student_lib
 
 RECIPES = {"dpo": dpo, "grpo": grpo, "ldl": ldl}
 FINAL = "final"
+DONE = "FINAL.json"  # in FINAL: the stage's step count; written last
+
+
+def is_done(workdir: str, steps: int) -> bool:
+  """True when the final model of a stage 2 of `steps` steps is written."""
+  try:
+    with open(os.path.join(workdir, FINAL, DONE), encoding="utf-8") as f:
+      return json.load(f).get("steps") == steps
+  except (OSError, ValueError):
+    return False
+
+
+def _write_final(graphdef, params, tok, out: str, *, steps: int,
+                 recipe: str) -> None:
+  """The final HF directory, written beside `out` and renamed in whole (an
+  export may hold hard links to the old files: they are not overwritten)."""
+  from purld_jax import models  # pylint: disable=g-import-not-at-top
+  tmp = f"{out}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  models.save_pretrained(nnx.merge(graphdef, params), tok, tmp)
+  with open(os.path.join(tmp, DONE), "w", encoding="utf-8") as f:
+    json.dump({"steps": steps, "recipe": recipe}, f)
+  if os.path.exists(out):
+    shutil.rmtree(out)
+  os.replace(tmp, out)
 
 
 def sampling_params(config) -> sampling_lib.SamplingParams:
@@ -97,6 +124,10 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   recipe = RECIPES[config.recipe]
   stage = recipe.STAGE
   workdir = os.path.abspath(workdir)
+  if is_done(workdir, config.rl.steps):
+    print(f"[{stage}] already done: {os.path.join(workdir, FINAL)}",
+          file=sys.stderr)
+    return os.path.join(workdir, FINAL)
   student = student_lib.from_config(config.model, workdir)
   tok = student.tokenizer
   graphdef, ref_host = _reference(config, workdir, student, reference_dir)
@@ -153,6 +184,7 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
           micro_batches=config.opt.micro_batches, vocab_chunk=vocab_chunk,
           **recipe.step_kwargs(config)), st.state_sh, _kinds(recipe),
           mesh=mesh)
+      st.loop.compiling()
       for step in range(st.start, steps):
         prompts = next(it)
         # an unusable (truncated, empty) anchor leaves its prompt out
@@ -209,8 +241,9 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   out = os.path.join(workdir, FINAL)
   params = sharded.to_host(state.params)
   if jax.process_index() == 0:
-    from purld_jax import models  # pylint: disable=g-import-not-at-top
-    models.save_pretrained(nnx.merge(graphdef, params), tok, out)
+    _write_final(graphdef, params, tok, out, steps=steps,
+                 recipe=config.recipe)
     print(f"[{stage}] final model: {out}", file=sys.stderr)
   sharded.barrier("pu_rl.final")
+  sft.drop_checkpoints(config, workdir, stage)
   return out

@@ -184,6 +184,19 @@ def _write_reference(graphdef, params, tok, out: str, *, steps: int,
   os.replace(tmp, out)
 
 
+def drop_checkpoints(config, workdir: str, stage: str) -> None:
+  """With `ckpt.keep_finished = "none"`, deletes a finished stage's
+  checkpoints (its model directory is written: nothing reads them but an
+  extension of the run, which then starts the stage over)."""
+  if config.ckpt.keep_finished != "none" or jax.process_index() != 0:
+    return
+  path = os.path.join(os.path.abspath(workdir), "ckpt", stage)
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+    print(f"[{stage}] checkpoints deleted (ckpt.keep_finished=none): {path}",
+          file=sys.stderr)
+
+
 def run(config, workdir: str) -> str:
   """Runs (or resumes, or skips when done) stage 1; returns the reference
   directory."""
@@ -231,6 +244,7 @@ def run(config, workdir: str) -> str:
           response_len=config.sft.max_response_len), stage.state_sh,
           ("batch", "replicated"), mesh=mesh)
       nan_at_step = np.int32(config.debug.nan_at_step)
+      stage.loop.compiling()
       for step in range(stage.start, steps):
         # Rows whose anchor is truncated or empty are invalid: no loss.
         prompts, answers = store.for_batch(next(it))
@@ -246,5 +260,7 @@ def run(config, workdir: str) -> str:
       stage.finish(state)
   finally:
     store.close()
-  return save_reference(graphdef, state.params, tok, workdir, steps=steps,
-                        teacher_label=teacher.label)
+  out = save_reference(graphdef, state.params, tok, workdir, steps=steps,
+                       teacher_label=teacher.label)
+  drop_checkpoints(config, workdir, STAGE)
+  return out

@@ -74,7 +74,7 @@ def test_save_pretrained_round_trip(smollm2, tmp_path):
 
 
 def test_chat_demo_streams_the_greedy_answer(smollm2):
-  """chat.stream_greedy's cached decode is greedy under the full forward.
+  """chat.Decoder's cached decode is greedy under the full forward.
 
   One uncached forward over prompt + answer: at every answer position the
   argmax of the previous position's logits must be the token generated.
@@ -84,12 +84,12 @@ def test_chat_demo_streams_the_greedy_answer(smollm2):
   _, model, tok, _ = smollm2
   messages = [{"role": "user", "content": PROMPTS[0]}]
   out = io.StringIO()
-  text, n, _, _ = chat.stream_greedy(model, tok, messages, max_new_tokens=6,
-                                     out=out)
+  reply = chat.Decoder(model, tok, max_new_tokens=6, err=io.StringIO()).reply(
+      messages, out=out)
   prompt = tok.encode_chat(messages)
-  answer = tok.encode(text)
-  assert len(answer) == n and n > 0
+  answer = reply.ids
+  assert 0 < len(answer) <= 6 and tok.decode(answer) == reply.text
   logits = np.asarray(model(jnp.asarray([prompt + answer], jnp.int32)))[0]
   greedy = logits[len(prompt) - 1:-1].argmax(-1)
   np.testing.assert_array_equal(greedy, answer)
-  assert out.getvalue().strip() == text.strip()
+  assert out.getvalue().strip() == reply.text.strip()
