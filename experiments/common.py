@@ -444,9 +444,10 @@ def anchor_quality(workdir: str, prompts_path: str) -> dict | None:
   mean_latency_s); the CI is a 95 % bootstrap over the anchors that have a
   reference answer. Reads WORKDIR/anchors.sqlite read-only.
   """
-  from purld_jax import anchors, evaluate, prompts  # pylint: disable=g-import-not-at-top
+  from purld_jax import evaluate, prompts  # pylint: disable=g-import-not-at-top
+  from purld_jax import ledger as ledger_lib  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, anchors.FILENAME)
+  path = os.path.join(workdir, ledger_lib.FILENAME)
   if not os.path.exists(path):
     return None
   answers = {p.id: p.answer for p in prompts.read_jsonl(prompts_path)}

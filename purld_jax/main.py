@@ -210,7 +210,9 @@ def _main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; see --help")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
+  from purld_jax import ledger  # pylint: disable=g-import-not-at-top
   from purld_jax import preemption  # pylint: disable=g-import-not-at-top
+  from purld_jax import teacher  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   try:
     with preemption.on_sigterm(config.ckpt.get("save_on_sigterm", True)):
@@ -218,6 +220,11 @@ def _main(argv):
   except _user_errors() as e:  # the message names the file, field or URL
     print(f"error: {redact.hide(str(e), sys.argv)}", file=sys.stderr)
     return 2
+  except (ledger.AnchorError, teacher.ConfigError) as e:
+    # Anchors the teacher did not give (those stored are kept: a rerun asks
+    # only the rest), an unusable ledger, a teacher that cannot be asked.
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   except preemption.Preempted as e:
     print(e, file=sys.stderr)
     return preemption.EXIT_CODE

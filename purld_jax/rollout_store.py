@@ -60,7 +60,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorstore as ts
 
-from purld_jax import anchors as anchors_lib
+from purld_jax import ledger as ledger_lib
 from purld_jax import sampling
 
 META = "meta.json"
@@ -303,7 +303,7 @@ class RolloutStore:
     prompts = prompt_batch.prompts
     self.write(step, group, prompts=prompts, anchors=anchors,
                prompt_index=prompt_batch.index,
-               anchor_keys=[anchors_lib.ledger_key(teacher.request(p))
+               anchor_keys=[ledger_lib.ledger_key(teacher.request(p))
                             for p in prompts],
                scheme=scheme, recipe=recipe,
                preferences=preferences_of(batch, group),

@@ -16,15 +16,25 @@ The API key is read from the environment variable whose *name* is
 never in a config, a log line, an error message or the anchor ledger. An empty
 ``api_key_env`` means the server needs no key (a local llama.cpp).
 
-Retries: 429, 5xx, timeouts, connection errors, malformed bodies, empty
-choices and empty content are retried up to ``max_retries`` times, waiting
-``backoff_delay`` (exponential, equal jitter) or the server's ``Retry-After``
-(capped at ``backoff_max_s``). Other 4xx fail at once. A truncated answer
-(``finish_reason == "length"``) is kept and flagged, retried, or an error, as
-``on_truncated`` says. Every retry of an answered request may be billed.
+Retries: 429, 5xx, timeouts, connection errors (refused or reset), malformed
+bodies, empty choices and empty content are retried up to ``max_retries``
+times, waiting ``backoff_delay`` (exponential, equal jitter) or the server's
+``Retry-After`` (capped at ``backoff_max_s``). Other 4xx fail at once. A
+truncated answer (``finish_reason == "length"``) is kept and flagged, retried,
+or an error, as ``on_truncated`` says. Every retry of an answered request may
+be billed.
 
-``on_truncated`` and the anchor ledger (``anchors.py``): a kept truncated
-answer is stored (it was paid for) but never used as an anchor
+Fatal errors (``TeacherError.fatal``: later requests would fail too, so
+``ask_many`` starts no more): 401/403/404, and a server that could not be
+reached (kind ``unreachable``: connection refused, unknown host) while this
+teacher has never had an answer of any kind from it: the URL is wrong or the
+server is not up. Once the server has been reached, a refused connection is
+transient (a restart); a connection reset or dropped mid-request (kind
+``connection``), a timeout, a 429 or a 5xx is never fatal: the request fails
+alone once its retries are spent.
+
+``on_truncated`` and the anchor ledger (``anchors.py``, ``ledger.py``): a kept
+truncated answer is stored (it was paid for) but never used as an anchor
 (``Anchor.usable``); under ``'keep'`` and ``'error'`` it is never asked
 again. Under ``'retry'`` a truncated answer stored earlier is re-asked once,
 with the same request, and replaced if the new answer is complete; that
@@ -41,6 +51,7 @@ import email.utils
 import json
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -132,7 +143,7 @@ class TeacherConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  """What is asked, exactly: the ledger key is a hash of this (``anchors.py``)."""
+  """What is asked, exactly: the ledger key is a hash of this (``ledger.py``)."""
 
   messages: tuple[tuple[str, str], ...]  # as sent, system prompt included
   backend: str
@@ -305,12 +316,15 @@ def with_retries(send: Callable[[], tuple[str, str, tuple]], *, max_retries: int
                  sleep: Callable[[float], None] = time.sleep,
                  on_attempt: Callable[[Attempt], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
+                 fatal: Callable[[str], bool] = lambda kind: False,
                  ) -> tuple[tuple[str, str, tuple], tuple[Attempt, ...]]:
   """Calls ``send`` until it returns, retrying on _Retryable.
 
   ``delay(retry)`` is the backoff for retry 1, 2, ...; a server's Retry-After
   replaces it; both are capped at ``max_wait_s``. Returns (result, attempts);
-  raises TeacherError (with the attempts) once ``1 + max_retries`` are spent.
+  raises TeacherError (with the attempts) once ``1 + max_retries`` are spent,
+  fatal if ``fatal(kind of the last attempt)`` says so (asked then, after
+  ``on_attempt`` saw it). A retryable fault is never fatal by itself.
   """
   attempts: list[Attempt] = []
   for n in range(1, max_retries + 2):
@@ -328,7 +342,7 @@ def with_retries(send: Callable[[], tuple[str, str, tuple]], *, max_retries: int
       if last:
         raise TeacherError(
             f"gave up after {n} attempt(s); last: {e.kind}: {e}", kind=e.kind,
-            fatal=e.kind == "connection", attempts=tuple(attempts)) from None
+            fatal=fatal(e.kind), attempts=tuple(attempts)) from None
       logging.warning("teacher: attempt %d/%d failed (%s: %s); retrying in %.2fs",
                       n, max_retries + 1, e.kind, e, wait)
       sleep(wait)
@@ -347,6 +361,20 @@ def with_retries(send: Callable[[], tuple[str, str, tuple]], *, max_retries: int
       on_attempt(attempt)
     return result, tuple(attempts)
   raise AssertionError("unreachable")
+
+
+def never_connected(error: BaseException) -> bool:
+  """The connection was never opened (refused, unknown host, no route), as
+  opposed to one reset or dropped once open: from the exception's causes."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, (ConnectionRefusedError, socket.gaierror)):
+      return True
+    if type(error).__name__ == "ConnectError":  # httpx: connect() failed
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 # ---------------------------------------------------------------- backends
@@ -374,6 +402,16 @@ class OpenAITeacher:
     self.max_concurrency = cfg.max_concurrency
     self._client, self._lock = None, threading.Lock()
     self._rng = random.Random()
+    self._reached = threading.Event()  # the server has answered, somehow
+
+  def _seen(self, attempt: Attempt) -> None:
+    """Notes that the server was reached (any attempt but an unreachable)."""
+    if attempt.outcome != "unreachable":
+      self._reached.set()
+
+  def _fatal(self, kind: str) -> bool:
+    """An unreachable server is fatal only before its first contact."""
+    return kind == "unreachable" and not self._reached.is_set()
 
   def request(self, prompt):
     params = (("max_tokens", int(self.cfg.max_tokens)),
@@ -405,7 +443,10 @@ class OpenAITeacher:
       raise _Retryable("timeout", f"no answer within {cfg.timeout_s}s") from None
     except openai.APIConnectionError as e:
       cause = e.__cause__ or e
-      raise _Retryable("connection", f"cannot reach {cfg.base_url}: "
+      if never_connected(e):
+        raise _Retryable("unreachable", f"cannot reach {cfg.base_url}: "
+                         f"{type(cause).__name__}: {cause}") from None
+      raise _Retryable("connection", f"connection to {cfg.base_url} lost: "
                        f"{type(cause).__name__}: {cause}") from None
     except openai.APIStatusError as e:
       status, msg = e.status_code, str(e.message)[:200]
@@ -427,10 +468,16 @@ class OpenAITeacher:
     cfg, messages = self.cfg, self.request(prompt).messages
     delay = lambda n: backoff_delay(n, base_s=cfg.backoff_base_s,
                                     max_s=cfg.backoff_max_s, u=self._rng.random())
+    def seen(attempt):
+      self._seen(attempt)
+      if on_attempt:
+        on_attempt(attempt)
+
     t0 = time.monotonic()
     (text, finish, tokens, logprobs), attempts = with_retries(
         lambda: self._send_once(messages), max_retries=cfg.max_retries,
-        delay=delay, max_wait_s=cfg.backoff_max_s, on_attempt=on_attempt)
+        delay=delay, max_wait_s=cfg.backoff_max_s, on_attempt=seen,
+        fatal=self._fatal)
     return Reply(text=text, finish_reason=finish, truncated=finish == "length",
                  prompt_tokens=tokens[0], completion_tokens=tokens[1],
                  latency_s=time.monotonic() - t0, attempts=attempts,

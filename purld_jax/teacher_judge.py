@@ -15,7 +15,7 @@ asks for a score from SCORE_MIN to SCORE_MAX. `parse_score` reads the reply.
 Ledger: every judge request goes through the anchors' machinery
 (`anchors.AnchorStore`, same schema, same guarantees: an intent row under a
 flock before the request, the answer committed before it is used), in its own
-file `<workdir>/judgements.sqlite` (FILENAME), keyed by `anchors.ledger_key`
+file `<workdir>/judgements.sqlite` (FILENAME), keyed by `ledger.ledger_key`
 of the judge request (its canonical JSON: the judge conversation as sent,
 backend, model, generation params). So a resumed run never pays a judgement
 twice, and anchors and judgements are counted apart: `teacher_calls` (HTTP
@@ -52,6 +52,7 @@ from absl import logging
 from purld_jax import anchors as anchors_lib
 from purld_jax import evaluate
 from purld_jax import prompts as prompts_lib
+from purld_jax import shared_anchors
 from purld_jax import templates
 from purld_jax import teacher as teacher_lib
 
@@ -223,7 +224,7 @@ def group_scores(replies: Sequence[Sequence[str]], *, ids=None
 class TeacherJudge:
   """Judge scores of candidate groups through the ledger (a collective on
   several processes: process 0 holds the ledger and asks the teacher, the
-  reply texts reach the others as `anchors.broadcast_texts`)."""
+  reply texts reach the others as `shared_anchors.broadcast_texts`)."""
 
   def __init__(self, workdir, teacher: teacher_lib.Teacher, *,
                template: str | None = None, process_index: int | None = None):
@@ -251,7 +252,7 @@ class TeacherJudge:
                else [a.text for a in self.store.get_or_query(flat)])
     except anchors_lib.AnchorError as e:  # its words say "anchor"
       raise anchors_lib.AnchorError(f"teacher judge ({FILENAME}): {e}") from None
-    replies = anchors_lib.broadcast_texts(local, len(flat))
+    replies = shared_anchors.broadcast_texts(local, len(flat))
     scores = np.full((b, k), SCORE_MIN, np.float32)
     if rows:
       got, self.last_unparseable = group_scores(

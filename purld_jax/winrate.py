@@ -56,7 +56,7 @@ answer as long as the reference's. All wins (or all losses) give 1 (or 0).
 Intervals: 95 % percentile bootstrap over pairs (`evaluate.bootstrap_stat_ci`;
 the LC fit, s included, is redone on every resample).
 
-Cache: every judgement is a row of an `anchors.Ledger` at
+Cache: every judgement is a row of a `ledger.Ledger` at
 `<workdir>/winrate/anchors.sqlite`, through `anchors.AnchorStore`, so the
 ledger's guarantees hold (never paid twice; intents; attempts; stats). Its
 key is the hash of the exact judge request: the judge's backend and model,
@@ -80,6 +80,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from purld_jax import anchors as anchors_lib
+from purld_jax import ledger as ledger_lib
 from purld_jax import evaluate
 from purld_jax import prompts as prompts_lib
 from purld_jax import teacher as teacher_lib
@@ -364,7 +365,7 @@ def judge_pairs(store: anchors_lib.AnchorStore,
       asks[(p.id, tag)] = prompts_lib.Prompt(id=f"{p.id}#{tag}", messages=msgs)
   todo = list(asks.values())
   missing = store.missing(todo)
-  distinct = len({anchors_lib.ledger_key(store.teacher.request(q))
+  distinct = len({ledger_lib.ledger_key(store.teacher.request(q))
                   for q in todo})
   calls = 0
 

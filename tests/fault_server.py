@@ -2,7 +2,9 @@
 
 ``POST /v1/chat/completions`` answers ``answer_for(last user message)``, with
 usage = (words in all messages, words in the answer). Faults are queued with
-``push(...)`` and consumed one per request, in order; then it answers normally:
+``push(...)`` and consumed one per request, in order; then it answers normally.
+``always(text, fault)`` gives every request whose last message is ``text`` that
+fault instead (the queue untouched): one prompt that always fails. Faults:
 
   "ok"                    a normal answer
   ("status", code, hdrs)  an error status with a JSON error body and headers
@@ -57,6 +59,7 @@ class FaultServer:
     self.delay_s = delay_s
     self.requests: list[dict] = []
     self._faults = collections.deque()
+    self._always: dict[str, object] = {}
     self._lock = threading.Lock()
     self._stop = threading.Event()
     server = self
@@ -80,7 +83,7 @@ class FaultServer:
 
       def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        fault = server._next_fault()
+        fault = server._next_fault(body)
         with server._lock:
           server.requests.append({
               "messages": body.get("messages"), "fault": fault,
@@ -111,8 +114,19 @@ class FaultServer:
     with self._lock:
       self._faults.extend(faults)
 
-  def _next_fault(self):
+  def always(self, text: str, fault) -> None:
+    """Every request whose last message is `text` gets `fault`; None: no more."""
     with self._lock:
+      if fault is None:
+        self._always.pop(text, None)
+      else:
+        self._always[text] = fault
+
+  def _next_fault(self, body):
+    messages = body.get("messages") or [{}]
+    with self._lock:
+      if messages[-1].get("content") in self._always:
+        return self._always[messages[-1]["content"]]
       return self._faults.popleft() if self._faults else "ok"
 
   def calls(self) -> int:

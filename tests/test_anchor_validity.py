@@ -17,9 +17,11 @@ import pytest
 
 from purld_jax import anchors
 from purld_jax import data as data_lib
+from purld_jax import ledger as ledger_lib
 from purld_jax import prompts as prompts_lib
 from purld_jax import rollout
 from purld_jax import sampling as sampling_lib
+from purld_jax import shared_anchors
 from purld_jax import teacher as teacher_lib
 from purld_jax.train import sft
 from tests import fault_server as fault_lib
@@ -86,7 +88,7 @@ def _store(workdir, script, on_truncated="keep", asked=None):
 
 def _requests(store, prompt):
   """(outcome, prev_outcome) of the ledger's requests for `prompt`'s key."""
-  key = anchors.ledger_key(store.teacher.request(prompt))
+  key = ledger_lib.ledger_key(store.teacher.request(prompt))
   db = sqlite3.connect(store.ledger.path)
   try:
     return db.execute("SELECT outcome, prev_outcome FROM requests WHERE key=? "
@@ -105,7 +107,7 @@ def _requests(store, prompt):
     (" \n\t", "stop", False, "empty"),
 ])
 def test_answer_problem(text, finish, truncated, want):
-  assert anchors.answer_problem(text, finish, truncated) == want
+  assert ledger_lib.answer_problem(text, finish, truncated) == want
 
 
 def test_truncated_answer_is_stored_once_and_marked_unusable(tmp_path):
@@ -119,7 +121,7 @@ def test_truncated_answer_is_stored_once_and_marked_unusable(tmp_path):
   assert (s.anchors, s.truncated, s.unusable, s.requests, s.calls, s.reasked,
           s.asked_after_stored) == (3, 1, 1, 3, 3, 0, 0)
   assert "unusable (truncated or empty; never an anchor): 1" in (
-      anchors.format_stats(s))
+      ledger_lib.format_stats(s))
   assert t.asked == {"a": 1, "b": 1, "c": 1}
 
 
@@ -243,7 +245,7 @@ REQUEST = teacher_lib.Request((("user", "q"),), "openai", "m", ())
 
 
 def test_killed_reask_is_resent_once_and_counted(tmp_path):
-  ledger = anchors.Ledger(tmp_path)
+  ledger = ledger_lib.Ledger(tmp_path)
   rid = ledger.begin("k", "p", "openai")
   assert ledger.store(rid, "k", "p", REQUEST, _reply(FRAGMENT, "length")) == (
       "stored")
@@ -264,7 +266,7 @@ def test_asked_after_stored_still_counts_real_repeats(tmp_path):
   """Only the one re-ask of an unusable answer is excused: an ask after a
   usable answer, or a second re-ask (written by hand: begin refuses it), is
   counted."""
-  ledger = anchors.Ledger(tmp_path)
+  ledger = ledger_lib.Ledger(tmp_path)
   for key, text, finish in (("ok", "fine", "stop"), ("cut", FRAGMENT, "length")):
     ledger.store(ledger.begin(key, "p", "openai"), key, "p", REQUEST,
                  _reply(text, finish))
@@ -291,7 +293,7 @@ def _batch(tok):
 
 def test_sft_batch_trains_on_no_token_of_a_truncated_anchor(tmp_path, char_tok):  # noqa: F811
   t = FakeTeacher({"b": [(FRAGMENT, "length")]})
-  shared = anchors.SharedAnchors(tmp_path, t, process_index=0)
+  shared = shared_anchors.SharedAnchors(tmp_path, t, process_index=0)
   batch = _batch(char_tok)
   marked, texts = shared.for_batch(batch)
   assert texts == ["2", FRAGMENT, "42"]
@@ -310,7 +312,7 @@ def test_sft_batch_trains_on_no_token_of_a_truncated_anchor(tmp_path, char_tok):
 
 def test_summary_counts_each_prompt_once(tmp_path):
   t = FakeTeacher({"b": [(FRAGMENT, "length")], "c": [("", "stop")]})
-  shared = anchors.SharedAnchors(tmp_path, t, process_index=0)
+  shared = shared_anchors.SharedAnchors(tmp_path, t, process_index=0)
   assert shared.summary() is None
   for _ in range(3):
     shared.anchors(P)
@@ -324,7 +326,7 @@ def test_pu_rl_group_of_a_truncated_anchor_is_invalid(tmp_path, char_tok):  # no
   """`rollout.collect` copies the batch's `valid` into `Group.valid`, which
   every recipe masks with: for_batch's batch makes the group invalid."""
   t = FakeTeacher({"b": [(FRAGMENT, "length")]})
-  shared = anchors.SharedAnchors(tmp_path, t, process_index=0)
+  shared = shared_anchors.SharedAnchors(tmp_path, t, process_index=0)
   marked, texts = shared.for_batch(_batch(char_tok))
   k, tok = 2, char_tok
   ids = [tok.encode(s) + [tok.stop_ids[0]] for s in ("2", "5")]
@@ -375,7 +377,7 @@ def test_other_processes_get_the_texts_and_the_marks(tmp_path, monkeypatch,
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
-  shared = anchors.SharedAnchors(tmp_path, _NoTeacher())
+  shared = shared_anchors.SharedAnchors(tmp_path, _NoTeacher())
   marked, got = shared.for_batch(_batch(char_tok))
   assert got == texts and calls == [(6,), (len(blob),)]
   np.testing.assert_array_equal(marked.valid, [True, False, False])
@@ -407,6 +409,6 @@ def test_sft_run_trains_on_no_truncated_anchor_and_says_so_once(
   records = metrics_lib.read(str(tmp_path))
   assert [r["step"] for r in records] == [1, 2]
   assert [(r["tokens"], r["grad_norm"]) for r in records] == [(0.0, 0.0)] * 2
-  s = anchors.Ledger(tmp_path, create=False).stats()
+  s = ledger_lib.Ledger(tmp_path, create=False).stats()
   assert (s.anchors, s.unusable, s.calls) == (SMALL_TRAIN, SMALL_TRAIN,
                                               SMALL_TRAIN)

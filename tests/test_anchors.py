@@ -13,6 +13,7 @@ import time
 import pytest
 
 from purld_jax import anchors
+from purld_jax import ledger as ledger_lib
 from purld_jax import prompts
 from purld_jax import teacher
 from tests import fault_server as fault_lib
@@ -40,12 +41,12 @@ def test_key_is_sha256_of_canonical_json():
                         params=(("max_tokens", 16), ("temperature", 0.0)))
   want = ('{"backend":"openai","messages":[["user","hi"]],"model":"m",'
           '"params":{"max_tokens":16,"temperature":0.0},"v":1}')
-  assert anchors.canonical_json(req) == want
-  assert anchors.ledger_key(req) == hashlib.sha256(want.encode()).hexdigest()
+  assert ledger_lib.canonical_json(req) == want
+  assert ledger_lib.ledger_key(req) == hashlib.sha256(want.encode()).hexdigest()
 
 
 def test_key_depends_on_what_is_asked_only():
-  key = lambda p, **kw: anchors.ledger_key(
+  key = lambda p, **kw: ledger_lib.ledger_key(
       teacher.make(_cfg(**dict(dict(base_url="http://a/v1"), **kw))).request(p))
   p = Q[0]
   same = [prompts.Prompt("other-id", p.messages, "other answer")]
@@ -55,7 +56,7 @@ def test_key_depends_on_what_is_asked_only():
   for kw in ({"model": "m2"}, {"temperature": 0.7}, {"max_tokens": 7},
              {"system_prompt": "Be brief."}):
     assert key(p, **kw) != key(p), kw
-  dataset = lambda p: anchors.ledger_key(
+  dataset = lambda p: ledger_lib.ledger_key(
       teacher.make(teacher.TeacherConfig(backend="dataset")).request(p))
   assert dataset(p) != key(p)
   assert dataset(prompts.Prompt(p.id, p.messages, "new ref")) != dataset(p)
@@ -118,7 +119,7 @@ def test_truncated_kept_is_flagged(tmp_path, fault_server):
 
 def test_killed_intent_is_counted_as_duplicate(tmp_path):
   """An open intent (its process died) makes the next send a counted re-send."""
-  ledger = anchors.Ledger(tmp_path)
+  ledger = ledger_lib.Ledger(tmp_path)
   rid = ledger.begin("k", "p", "openai")
   ledger.record_attempt(rid, teacher.Attempt(1, "timeout", error="slow"))
   assert ledger.stats().unfinished == 1  # ... and then kill -9
@@ -161,13 +162,13 @@ def test_dataset_backend_rows_are_labelled(tmp_path):
   assert row[0] == 1 and "SIMULATED" in row[1]
   s = store.ledger.stats()
   assert (s.simulated, s.calls) == (2, 0)
-  assert "2 SIMULATED" in anchors.format_stats(s)
+  assert "2 SIMULATED" in ledger_lib.format_stats(s)
 
 
 # ---------------------------------------------------------------- kill -9
 
 def _ledger_counts(path):
-  db = sqlite3.connect(os.path.join(path, anchors.FILENAME))
+  db = sqlite3.connect(os.path.join(path, ledger_lib.FILENAME))
   rows = dict(db.execute("SELECT key, count(*) FROM requests GROUP BY key"))
   created = dict(db.execute("SELECT text, created_at FROM anchors"))
   return rows, created
@@ -195,7 +196,7 @@ def test_kill9_ten_times_then_resume(tmp_path):
                    model="m", api_key_env="", max_concurrency=4)
     assert done.returncode == 0, done.stderr
     received = list(server.requests)
-  s = anchors.Ledger(workdir).stats()
+  s = ledger_lib.Ledger(workdir).stats()
   assert (s.anchors, s.unfinished, s.failed, s.asked_after_stored) == (n, 0, 0, 0)
   assert s.resent_after_kill >= 10  # every kill left >= 1 request in flight
   assert "asked again after stored (must be 0): 0" in done.stdout
@@ -221,7 +222,7 @@ def test_kill9_ten_times_then_resume(tmp_path):
     again = run_cli("fetch", workdir=workdir, prompts=path, base_url=server.base_url,
                     model="m", api_key_env="")
     assert (again.returncode, server.calls()) == (0, 0)
-  assert anchors.Ledger(workdir).stats() == s
+  assert ledger_lib.Ledger(workdir).stats() == s
 
 
 # ---------------------------------------------------------------- the key canary
@@ -329,12 +330,12 @@ def test_llamacpp_fetch_then_zero_calls(tmp_path, llamacpp_server):
   kw = _llamacpp_kw(tmp_path, llamacpp_server, 8)
   done = run_cli("fetch", timeout=600, **kw)
   assert done.returncode == 0, done.stderr
-  s = anchors.Ledger(kw["workdir"]).stats()
+  s = ledger_lib.Ledger(kw["workdir"]).stats()
   assert (s.anchors, s.requests, s.failed) == (8, 8, 0)
   assert 0 < s.completion_tokens <= 16 * s.calls
   again = run_cli("fetch", **kw)
   assert again.returncode == 0 and "stored now 0" in again.stdout
-  assert anchors.Ledger(kw["workdir"]).stats() == s  # no new intent, no call
+  assert ledger_lib.Ledger(kw["workdir"]).stats() == s  # no new intent, no call
 
 
 @pytest.mark.llamacpp
@@ -345,10 +346,10 @@ def test_llamacpp_50_prompts_kill_resume_then_zero_calls(tmp_path, llamacpp_serv
   t0 = time.monotonic()
   proc = subprocess.Popen(cli_args("fetch", **kw), env=cli_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  db = os.path.join(kw["workdir"], anchors.FILENAME)
+  db = os.path.join(kw["workdir"], ledger_lib.FILENAME)
   deadline = time.monotonic() + 300
   while time.monotonic() < deadline:  # kill once some answers are stored
-    if os.path.exists(db) and anchors.Ledger(kw["workdir"]).stats().anchors >= 5:
+    if os.path.exists(db) and ledger_lib.Ledger(kw["workdir"]).stats().anchors >= 5:
       break
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
@@ -356,12 +357,12 @@ def test_llamacpp_50_prompts_kill_resume_then_zero_calls(tmp_path, llamacpp_serv
   done = run_cli("fetch", timeout=900, **kw)
   seconds = time.monotonic() - t0
   assert done.returncode == 0, done.stderr
-  s = anchors.Ledger(kw["workdir"]).stats()
+  s = ledger_lib.Ledger(kw["workdir"]).stats()
   assert (s.anchors, s.failed, s.asked_after_stored, s.unfinished) == (n, 0, 0, 0)
   assert s.requests == n + s.resent_after_kill
   again = run_cli("fetch", **kw)
   assert again.returncode == 0 and "stored now 0" in again.stdout
-  assert anchors.Ledger(kw["workdir"]).stats() == s  # no new intent, no call
+  assert ledger_lib.Ledger(kw["workdir"]).stats() == s  # no new intent, no call
   print(f"\nllama.cpp: {n} anchors (max_tokens 16) in {seconds:.1f}s with one "
         f"kill; {s.calls} completed calls, {s.resent_after_kill} re-sent after it")
 
@@ -381,7 +382,7 @@ PRAGMA user_version = 1;"""
 def test_a_v1_ledger_keeps_its_rows_and_gains_logprobs(tmp_path, fault_server):
   # A ledger written before logprobs existed (schema 1, by hand) opens: its
   # row is read back without logprobs, and new rows keep theirs.
-  db = sqlite3.connect(tmp_path / anchors.FILENAME)
+  db = sqlite3.connect(tmp_path / ledger_lib.FILENAME)
   db.executescript(V1_ANCHORS)
   db.execute("INSERT INTO anchors VALUES ('k1', 'q0', 1, 't', 'openai', 'm', 0, "
              "'[]', '{}', 'old answer', 'stop', 0, 1, 2, 0.5, 1, '[]', 0.0)")
@@ -396,7 +397,7 @@ def test_a_v1_ledger_keeps_its_rows_and_gains_logprobs(tmp_path, fault_server):
     store.close()
   assert got.logprobs == tuple(((tok, -0.25),)
                                for tok in ("ANSWER:", " question", " 0"))
-  db = sqlite3.connect(tmp_path / anchors.FILENAME)
+  db = sqlite3.connect(tmp_path / ledger_lib.FILENAME)
   assert db.execute("PRAGMA user_version").fetchone()[0] == 2
   assert db.execute("SELECT count(*) FROM anchors").fetchone()[0] == 2
   db.close()

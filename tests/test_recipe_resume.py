@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from purld_jax import anchors as anchors_lib
 from purld_jax import checkpoint as checkpoint_lib
+from purld_jax import ledger as ledger_lib
 from purld_jax import metrics as metrics_lib
 from purld_jax import preemption
 from purld_jax.models import hf
@@ -102,7 +102,7 @@ def _params(workdir, which):
 
 
 def _ledger(workdir):
-  ledger = anchors_lib.Ledger(workdir, create=False)
+  ledger = ledger_lib.Ledger(workdir, create=False)
   try:
     return ledger.stats()
   finally:

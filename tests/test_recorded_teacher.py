@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from purld_jax import anchors as anchors_lib
+from purld_jax import ledger as ledger_lib
 from purld_jax import prompts as prompts_lib
+from purld_jax import shared_anchors
 from purld_jax import teacher as teacher_lib
 
 
@@ -59,7 +60,7 @@ def test_truncated_recording_is_stored_but_never_an_anchor(tmp_path):
   t = _teacher(_file(tmp_path, ROWS))
   ps = [prompts_lib.Prompt.from_text(r["prompt"], id=f"p{i}")
         for i, r in enumerate(ROWS)]
-  store = anchors_lib.SharedAnchors(str(tmp_path / "w"), t)
+  store = shared_anchors.SharedAnchors(str(tmp_path / "w"), t)
   try:
     assert store.usable(ps) == [True, False]
   finally:
@@ -71,7 +72,7 @@ def test_a_rerecorded_anchor_is_a_new_request(tmp_path):
   a = _teacher(_file(tmp_path, ROWS)).request(p)
   rows = [dict(ROWS[0], anchor="5")] + ROWS[1:]
   b = _teacher(_file(tmp_path, rows)).request(p)
-  assert anchors_lib.ledger_key(a) != anchors_lib.ledger_key(b)
+  assert ledger_lib.ledger_key(a) != ledger_lib.ledger_key(b)
 
 
 def test_dataset_backend_answers_with_the_worked_solution(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from purld_jax import evaluate
+from purld_jax import ledger as ledger_lib
 from purld_jax import prompts as prompts_lib
 from purld_jax import ranking
 from purld_jax import teacher as teacher_lib
@@ -113,7 +114,10 @@ def test_second_run_pays_no_judge_call(tmp_path):
 def test_resume_after_interrupted_batch_pays_only_the_missing(tmp_path):
   broken = FakeTeacher(fail_at=5)  # 4 judgements stored, then the server dies
   judge = _judge(tmp_path, broken)
-  with pytest.raises(teacher_lib.TeacherError, match="server gone"):
+  # The 5th ask fails fatally and the 6th is never sent: 2 of 6 unanswered.
+  with pytest.raises(ledger_lib.AnchorError,
+                     match=r"teacher judge .*: 2 prompt\(s\) of 6 unanswered"
+                     r".*server gone"):
     judge(PROMPTS, TEXTS)
   judge.close()
   assert len(broken.asked) == 4

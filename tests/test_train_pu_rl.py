@@ -126,7 +126,7 @@ def test_exact_resume_after_kill_9(recipe, tmp_path, jit_cache):  # noqa: F811
   import subprocess
   import sys
   import time
-  from purld_jax import anchors as anchors_lib
+  from purld_jax import ledger as ledger_lib
   from tests.test_train_sft import _assert_bit_identical
   cfg = _rl_config(recipe)
   full = str(tmp_path / "full")
@@ -154,7 +154,7 @@ def test_exact_resume_after_kill_9(recipe, tmp_path, jit_cache):  # noqa: F811
   out = proc.communicate()[0].decode(errors="replace")
   assert proc.returncode == -signal.SIGKILL, out
   assert not os.path.exists(os.path.join(killed, "ckpt", recipe, str(2 * N)))
-  ledger = anchors_lib.Ledger(killed, create=False)
+  ledger = ledger_lib.Ledger(killed, create=False)
   before = ledger.stats()
   ledger.close()
 
@@ -162,7 +162,7 @@ def test_exact_resume_after_kill_9(recipe, tmp_path, jit_cache):  # noqa: F811
 
   _assert_bit_identical(train_fixtures.restore_rl_arrays(cfg, killed, 2 * N),
                         train_fixtures.restore_rl_arrays(cfg, full, 2 * N))
-  ledger = anchors_lib.Ledger(killed, create=False)
+  ledger = ledger_lib.Ledger(killed, create=False)
   after = ledger.stats()
   ledger.close()
   assert after.requests == before.requests

@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from purld_jax import anchors as anchors_lib
 from purld_jax import checkpoint as checkpoint_lib
 from purld_jax import data as data_lib
+from purld_jax import ledger as ledger_lib
 from purld_jax import metrics as metrics_lib
 from purld_jax import plot
 from purld_jax import prompts as prompts_lib
@@ -95,7 +95,7 @@ def _assert_bit_identical(a, b):
 
 
 def _ledger_requests(workdir):
-  ledger = anchors_lib.Ledger(workdir, create=False)
+  ledger = ledger_lib.Ledger(workdir, create=False)
   try:
     return ledger.stats()
   finally:

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from purld_jax import anchors as anchors_lib
 from purld_jax import metrics as metrics_lib
 from purld_jax import sharding
+from purld_jax import shared_anchors
 from purld_jax.models import hf
 from purld_jax.train import loop as loop_lib
 from purld_jax.train import pu_rl
@@ -152,7 +152,7 @@ def test_anchors_reach_other_processes_by_broadcast(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
-  shared = anchors_lib.SharedAnchors(tmp_path, _Teacher())
+  shared = shared_anchors.SharedAnchors(tmp_path, _Teacher())
   assert shared.store is None and shared.teacher_calls() == 0.0
   assert shared.texts([object()] * 4) == texts
   assert calls == [(4,), (len(blob),)]  # process 1 sent zeros of those shapes
@@ -161,4 +161,4 @@ def test_anchors_reach_other_processes_by_broadcast(tmp_path, monkeypatch):
 
 
 def test_broadcast_on_one_process_is_the_identity():
-  assert anchors_lib.broadcast_texts(["a", "b"], 2) == ["a", "b"]
+  assert shared_anchors.broadcast_texts(["a", "b"], 2) == ["a", "b"]

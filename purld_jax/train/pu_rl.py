@@ -26,7 +26,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from purld_jax import anchors as anchors_lib
 from purld_jax import data as data_lib
 from purld_jax import diagnostics
 from purld_jax import evaluate
@@ -35,6 +34,7 @@ from purld_jax import rollout
 from purld_jax import rollout_store
 from purld_jax import sampling as sampling_lib
 from purld_jax import sharded
+from purld_jax import shared_anchors
 from purld_jax import teacher as teacher_lib
 from purld_jax import teacher_judge
 from purld_jax.models import hf
@@ -136,7 +136,7 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   steps = config.rl.steps
   source = data_lib.encode(prompts_lib.read_jsonl(config.data.train_path),
                            tok, max_len=config.data.max_prompt_len)
-  store = anchors_lib.SharedAnchors(workdir, teacher)
+  store = shared_anchors.SharedAnchors(workdir, teacher)
   rollouts = (rollout_store.RolloutStore(os.path.join(
       workdir, config.rollout_store.dir)) if config.rollout_store.enabled
               and jax.process_index() == 0 else None)

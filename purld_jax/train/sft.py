@@ -33,12 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purld_jax import anchors as anchors_lib
 from purld_jax import data as data_lib
 from purld_jax import losses
 from purld_jax import prompts as prompts_lib
 from purld_jax import scoring
 from purld_jax import sharded
+from purld_jax import shared_anchors
 from purld_jax import teacher as teacher_lib
 from purld_jax.models import tokenizer as tokenizer_lib
 from purld_jax.train import loop as loop_lib
@@ -225,7 +225,7 @@ def run(config, workdir: str) -> str:
   mesh, param_sh = loop_lib.mesh_setup(
       config, student.cfg, batch_sizes={"sft.batch_size":
                                         config.sft.batch_size})
-  store = anchors_lib.SharedAnchors(workdir, teacher)
+  store = shared_anchors.SharedAnchors(workdir, teacher)
   try:
     with loop_lib.Stage(config, workdir, STAGE, total_steps=steps,
                         learning_rate=config.sft.learning_rate,
