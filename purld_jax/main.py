@@ -192,7 +192,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
   """What a bad input raises (each message names the file, line, field or
   URL): shown in one line, without a traceback."""
   # pylint: disable=g-import-not-at-top
-  from purld_jax import anchors
   from purld_jax import checkpoint
   from purld_jax import prompts
   from purld_jax import teacher
@@ -201,8 +200,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
   from purld_jax.train import state
   return (ConfigError, prompts.PromptFileError, hf.CheckpointError,
           hf_config.ConfigError, checkpoint.CheckpointError,
-          teacher.TeacherError, teacher.ConfigError, anchors.AnchorError,
-          state.NonFiniteError)
+          teacher.TeacherError, state.NonFiniteError)
 
 
 def _main(argv):
@@ -217,14 +215,14 @@ def _main(argv):
   try:
     with preemption.on_sigterm(config.ckpt.get("save_on_sigterm", True)):
       run(config, flags.FLAGS.workdir)
-  except _user_errors() as e:  # the message names the file, field or URL
-    print(f"error: {redact.hide(str(e), sys.argv)}", file=sys.stderr)
-    return 2
   except (ledger.AnchorError, teacher.ConfigError) as e:
     # Anchors the teacher did not give (those stored are kept: a rerun asks
     # only the rest), an unusable ledger, a teacher that cannot be asked.
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {redact.hide(str(e), sys.argv)}", file=sys.stderr)
     return 1
+  except _user_errors() as e:  # the message names the file, field or URL
+    print(f"error: {redact.hide(str(e), sys.argv)}", file=sys.stderr)
+    return 2
   except preemption.Preempted as e:
     print(e, file=sys.stderr)
     return preemption.EXIT_CODE

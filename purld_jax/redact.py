@@ -16,7 +16,9 @@ import re
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY_PREFIX = re.compile(r"^(sk|pk|rk|hf|gsk|xai|key)[-_]", re.I)
-_SECRET_FIELD = re.compile(r"(key|token|secret|password)", re.I)
+# A field that holds a secret: api_key, key, token, auth_token, secret, ...
+# (not max_tokens, not yes_word).
+_SECRET_FIELD = re.compile(r"(^|_)(api_?key|key|token|secret|password)$", re.I)
 HIDDEN = "<hidden>"
 
 
@@ -48,15 +50,15 @@ def check_key_env(name: str, field: str = "teacher.api_key_env") -> str | None:
 
 def hide(text: str, argv=()) -> str:
   """`text` with the values of key-like flags in `argv` (a field named
-  *key*, *token*, *secret*, *password*, e.g. --config.teacher.api_key=...)
-  and any key-looking flag value replaced by <hidden>."""
+  api_key, key, token, secret, password, e.g. --config.teacher.api_key=...;
+  not api_key_env, which holds a NAME) and any key-looking flag value
+  replaced by <hidden>."""
   for arg in argv:
     m = re.match(r"--?([^=]+)=(.+)$", str(arg))
     if not m:
       continue
     field, value = m.group(1).split(".")[-1], m.group(2)
-    secret = (_SECRET_FIELD.search(field) and not field.endswith("_env")
-              or looks_like_key(value))  # *_env holds a NAME, not a key
-    if secret:
+    secret = _SECRET_FIELD.search(field) or looks_like_key(value)
+    if secret and len(value) >= 4:  # "8" is nobody's key: text stays whole
       text = text.replace(value, HIDDEN)
   return text
