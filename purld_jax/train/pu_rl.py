@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -57,21 +56,6 @@ def is_done(workdir: str, steps: int) -> bool:
       return json.load(f).get("steps") == steps
   except (OSError, ValueError):
     return False
-
-
-def _write_final(graphdef, params, tok, out: str, *, steps: int,
-                 recipe: str) -> None:
-  """The final HF directory, written beside `out` and renamed in whole (an
-  export may hold hard links to the old files: they are not overwritten)."""
-  from purld_jax import models  # pylint: disable=g-import-not-at-top
-  tmp = f"{out}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  models.save_pretrained(nnx.merge(graphdef, params), tok, tmp)
-  with open(os.path.join(tmp, DONE), "w", encoding="utf-8") as f:
-    json.dump({"steps": steps, "recipe": recipe}, f)
-  if os.path.exists(out):
-    shutil.rmtree(out)
-  os.replace(tmp, out)
 
 
 def sampling_params(config) -> sampling_lib.SamplingParams:
@@ -241,8 +225,8 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   out = os.path.join(workdir, FINAL)
   params = sharded.to_host(state.params)
   if jax.process_index() == 0:
-    _write_final(graphdef, params, tok, out, steps=steps,
-                 recipe=config.recipe)
+    sft.write_model_dir(graphdef, params, tok, out, DONE,
+                        {"steps": steps, "recipe": config.recipe})
     print(f"[{stage}] final model: {out}", file=sys.stderr)
   sharded.barrier("pu_rl.final")
   sft.drop_checkpoints(config, workdir, stage)

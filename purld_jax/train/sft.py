@@ -170,18 +170,28 @@ def save_reference(graphdef, params, tok, workdir: str, *, steps: int,
   return out
 
 
-def _write_reference(graphdef, params, tok, out: str, *, steps: int,
-                     teacher_label: str) -> None:
+def write_model_dir(graphdef, params, tok, out: str, marker: str,
+                    record: dict) -> None:
+  """A stage's HF directory with its done `marker` file (`record` as JSON,
+  written last), written beside `out` and renamed in whole: a kill leaves
+  the old one or the new one, and an export's hard links to the old files
+  keep their bytes."""
   from purld_jax import models  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   tmp = f"{out}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   models.save_pretrained(nnx.merge(graphdef, params), tok, tmp)
-  with open(os.path.join(tmp, DONE), "w", encoding="utf-8") as f:
-    json.dump({"steps": steps, "teacher": teacher_label}, f)
+  with open(os.path.join(tmp, marker), "w", encoding="utf-8") as f:
+    json.dump(record, f)
   if os.path.exists(out):
     shutil.rmtree(out)
   os.replace(tmp, out)
+
+
+def _write_reference(graphdef, params, tok, out: str, *, steps: int,
+                     teacher_label: str) -> None:
+  write_model_dir(graphdef, params, tok, out, DONE,
+                  {"steps": steps, "teacher": teacher_label})
 
 
 def drop_checkpoints(config, workdir: str, stage: str) -> None:
