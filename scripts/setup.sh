@@ -22,12 +22,15 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 echo "[setup] installing run-time dependencies into .venv" >&2
+# The --no-deps wheels go first and come back last: a resolver run that saw
+# them would print their (unneeded) dependencies as conflicts ('make demo'
+# then 'make test' did).
+pip uninstall -q -y $(for w in $nodeps; do printf '%s ' "${w%%==*}"; done) \
+  2>/dev/null || true
 pip install -q -r requirements.txt -c requirements.lock
 if [ "${1:-}" = "--test" ]; then
   echo "[setup] installing test dependencies (first time: llama.cpp compiles, ~9 min on 2 cores)" >&2
   pip install -q -r requirements-test.txt -c requirements.lock
 fi
-# Last: a later resolver run would list these wheels' (unneeded) dependencies
-# as missing.
 pip install -q --no-deps $nodeps
 printf '%s' "$want" > "$stamp"
