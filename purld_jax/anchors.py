@@ -391,6 +391,8 @@ def console_main():
   from purld_jax import quiet  # pylint: disable=g-import-not-at-top
   quiet.libraries()
   _FLAGS = _define_flags()
+  from purld_jax import console  # pylint: disable=g-import-not-at-top
+  console.help_from(__name__)
   app.run(_main)
 
 

@@ -387,6 +387,8 @@ def console_main():
   """The `purld-chat` command: the same as `python -m purld_jax.chat`."""
   from purld_jax import quiet  # pylint: disable=g-import-not-at-top
   quiet.libraries()
+  from purld_jax import console  # pylint: disable=g-import-not-at-top
+  console.help_from(__name__)
   app.run(main)
 
 

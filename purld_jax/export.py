@@ -293,6 +293,8 @@ def console_main():
   quiet.libraries()
   define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
+  from purld_jax import console  # pylint: disable=g-import-not-at-top
+  console.help_from(__name__)
   app.run(main)
 
 

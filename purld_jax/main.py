@@ -235,6 +235,8 @@ def main():
   quiet.libraries()  # no "PyTorch was not found", no libtpu INFO line
   distributed.initialize()  # before any other JAX call; no-op on one process
   define_flags()
+  from purld_jax import console  # pylint: disable=g-import-not-at-top
+  console.help_from(__name__)
   app.run(_main, flags_parser=parse_flags)
 
 

@@ -10,9 +10,14 @@ import ast
 import importlib
 import os
 import re
+import subprocess
+import sys
 import tomllib
 
 import pytest
+
+from tests.train_fixtures import REPO
+from tests.train_fixtures import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,3 +118,20 @@ def test_every_subpackage_is_packaged():
              for d, _, files in os.walk(os.path.join(ROOT, "purld_jax"))
              if any(f.endswith(".py") for f in files)}
   assert found == on_disk
+
+
+@pytest.mark.parametrize("module,entry,flag", [
+    ("purld_jax.main", "main", "--workdir"),
+    ("purld_jax.export", "console_main", "--out")])
+def test_console_command_help_shows_the_doc_and_flags(module, entry, flag):
+  """A console script's __main__ is pip's wrapper (no docstring, no flags):
+  its --help must still show the module's docstring and flags."""
+  code = (f"import sys; sys.argv = ['/bin/purld-x', '--help']; "
+          f"from {module} import {entry}; {entry}()")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                        env=subprocess_env(), capture_output=True, text=True,
+                        timeout=300)
+  first_doc_line = importlib.import_module(module).__doc__.strip().split(
+      "\n")[0]
+  assert first_doc_line in proc.stdout, proc.stdout[-2000:]
+  assert f"  {flag}" in proc.stdout, proc.stdout[-2000:]
