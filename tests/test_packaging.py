@@ -135,3 +135,16 @@ def test_console_command_help_shows_the_doc_and_flags(module, entry, flag):
       "\n")[0]
   assert first_doc_line in proc.stdout, proc.stdout[-2000:]
   assert f"  {flag}" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_readme_demo_table_is_the_committed_demo_output():
+  """The README shows what `make demo` printed, kept in docs/demo_output.txt
+  (regenerate both together when the demo's numbers change)."""
+  with open(os.path.join(REPO, "docs", "demo_output.txt"),
+            encoding="utf-8") as f:
+    printed = f.read().strip("\n")
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  blocks = re.findall(r"```\n(model    prompts.*?)\n```", readme, flags=re.S)
+  assert blocks == [printed]
+  assert printed.splitlines()[-1].startswith("final is ")
