@@ -186,16 +186,19 @@ def _stamp(src: Source, gguf: bool, dtype: str | None) -> dict:
   return dict(weights=weights, gguf=bool(gguf), dtype=dtype or None)
 
 
+def _stored_stamp(out: str) -> dict | None:
+  try:
+    with open(os.path.join(out, PROVENANCE), encoding="utf-8") as f:
+      return json.load(f).get("stamp")
+  except (OSError, ValueError):
+    return None
+
+
 def up_to_date(out: str, src: Source, *, gguf: bool = False,
                dtype: str | None = None) -> bool:
   """True when `out` holds a whole export of these very weights with these
   options (its EXPORT.json's stamp matches): writing it again is waste."""
-  try:
-    with open(os.path.join(out, PROVENANCE), encoding="utf-8") as f:
-      stamp = json.load(f).get("stamp")
-  except (OSError, ValueError):
-    return False
-  return stamp == _stamp(src, gguf, dtype)
+  return _stored_stamp(out) == _stamp(src, gguf, dtype)
 
 
 def export(workdir: str, out: str, *, source: str | None = None,
@@ -214,8 +217,8 @@ def export(workdir: str, out: str, *, source: str | None = None,
   if dtype not in (None, "") + _DTYPES:
     raise ExportError(f"--dtype={dtype!r}: not one of {list(_DTYPES)}")
   src = find_source(workdir, source)
-  stamp = _stamp(src, gguf, dtype)
-  if skip_if_current and up_to_date(out, src, gguf=gguf, dtype=dtype):
+  stamp = _stamp(src, gguf, dtype)  # the weights hashed once
+  if skip_if_current and _stored_stamp(out) == stamp:
     return src, out, False
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise ExportError(f"--out {out}: exists and is not empty (pass "
