@@ -8,6 +8,7 @@ checkpoints that hold the adapters alone.
 import functools
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -327,3 +328,31 @@ def test_sft_checkpoints_adapters_and_resumes(tmp_path, capsys,
   assert set(again) == set(first)
   for name, value in first.items():
     npt.assert_allclose(again[name], value, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_grpo_on_a_lora_student_end_to_end(tmp_path, jit_cache):  # noqa: F811
+  """Stage 2 with LoRA: the first update's KL to the reference is 0 (the
+  policy IS the frozen reference at B = 0), the checkpoint holds adapters,
+  final/ is the merge over reference/ and final/adapter/ names it."""
+  c = train_fixtures.tiny_config(**{
+      "recipe": "grpo", "rl.steps": 2, "sft.steps": 1, "model.lora.rank": 4,
+      "model.lora.targets": ("q_proj", "v_proj", "down_proj"),
+      "log.tensorboard": False, "ranking.yes_word": "Y",
+      "ranking.no_word": "N", "ckpt.async_save": False,
+      "ckpt.every_steps": 1, "ckpt.keep_finished": "all"})
+  out = pu_rl.run(c, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f if '"grpo"' in line]
+  assert rows[0]["kl"] == 0.0 and rows[0]["grad_norm"] > 0
+  paths = _ckpt_param_paths(tmp_path / "ckpt" / "grpo" / "2")
+  assert {re.search(r"'(\w+_lora)'", p).group(1) for p in paths} == {
+      "q_proj_lora", "v_proj_lora", "down_proj_lora"}
+  meta = json.loads((tmp_path / "final" / sft.ADAPTER / lora.PEFT_CONFIG
+                     ).read_text())
+  assert meta["base_model_name_or_path"] == sft.reference_dir(str(tmp_path))
+  assert meta["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+  ref = st_numpy.load_file(tmp_path / "reference" / hf.SAFETENSORS)
+  final = st_numpy.load_file(os.path.join(out, hf.SAFETENSORS))
+  changed = {n for n in ref if not np.array_equal(ref[n], final[n])}
+  assert changed and all(n.split(".")[-2] in ("q_proj", "v_proj", "down_proj")
+                         for n in changed), sorted(changed)
