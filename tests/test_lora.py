@@ -22,6 +22,7 @@ from numpy import testing as npt
 from safetensors import numpy as st_numpy
 
 from purld_jax import config_check
+from purld_jax import export
 from purld_jax import losses
 from purld_jax import models
 from purld_jax import scoring
@@ -328,6 +329,19 @@ def test_sft_checkpoints_adapters_and_resumes(tmp_path, capsys,
   assert set(again) == set(first)
   for name, value in first.items():
     npt.assert_allclose(again[name], value, rtol=0, atol=1e-6, err_msg=name)
+  # Export of the LoRA checkpoint: its adapters merged into the base (the
+  # student's init for stage 1), and the adapters as OUT/adapter/.
+  src, exported, _ = export.export(work, tmp_path / "out", source="latest")
+  assert (src.stage, src.step) == ("sft", 4)
+  got = st_numpy.load_file(os.path.join(exported, hf.SAFETENSORS))
+  for name, value in first.items():
+    npt.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=name)
+  peft_dir = os.path.join(exported, export.ADAPTER)
+  npt.assert_array_equal(
+      st_numpy.load_file(os.path.join(peft_dir, lora.PEFT_WEIGHTS))[
+          "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"],
+      st_numpy.load_file(work / "reference" / sft.ADAPTER / lora.PEFT_WEIGHTS)[
+          "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"])
 
 
 def test_grpo_on_a_lora_student_end_to_end(tmp_path, jit_cache):  # noqa: F811
