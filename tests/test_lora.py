@@ -129,10 +129,13 @@ def _nll(state, batch):
   return float(losses.sft_nll(logps, batch["loss_mask"])[0])
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_sft_steps_train_only_the_adapters(scan):
+def _sft_steps(scan, shape, n=5):
+  """n jitted SFT steps (Adam, lr 1e-2) of a tiny LoRA model on a mesh of
+  `shape`: (state, the frozen tree passed in, its values before, the
+  adapters before, the batch)."""
   cfg, graphdef, adapters, base = _model_parts(scan)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  devices = jax.devices()[:int(np.prod(shape))]
+  mesh = sharding.make_mesh(shape, devices)
   ad_sh, base_sh = lora.split(sharding.param_shardings(cfg, mesh))
   frozen = sharded.put(base, base_sh)
   before = jax.tree.map(np.array, frozen)
@@ -151,11 +154,17 @@ def test_sft_steps_train_only_the_adapters(scan):
       ("batch", "replicated"), mesh=mesh)
   assert isinstance(step, sharded.FrozenStep)
   batch = _sft_batch()
-  nll0 = _nll(state, batch)
   start = jax.tree.map(np.array, state.params)
-  for _ in range(5):
+  for _ in range(n):
     state, metrics = step(state, batch, np.int32(-1))
-  assert float(metrics["grad_norm"]) > 0
+    assert float(metrics["grad_norm"]) > 0
+  return state, frozen, before, start, batch
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_sft_steps_train_only_the_adapters(scan):
+  state0 = _sft_steps(scan, (1, 1, 1), n=0)[0]
+  state, frozen, before, start, batch = _sft_steps(scan, (1, 1, 1))
   # The frozen base: the same arrays, never donated, bit-identical.
   assert state.frozen is frozen
   assert not any(x.is_deleted() for x in jax.tree.leaves(frozen))
@@ -166,8 +175,28 @@ def test_sft_steps_train_only_the_adapters(scan):
                          state.params, start)
   assert all(jax.tree.leaves(changed))
   assert set(state.arrays()) == {"params", "opt_state", "step", "rng"}
-  nll5 = _nll(state, batch)
+  nll0, nll5 = _nll(state0, batch), _nll(state, batch)
   assert nll5 < nll0 - 0.05, (nll0, nll5)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_sft_steps_on_a_2x2x2_mesh_equal_one_device():
+  """Adapters shard like their weights (A on fsdp by embed, B on tensor by
+  heads / mlp) and the steps give one device's adapters."""
+  one = _sft_steps(False, (1, 1, 1))[0]
+  state, frozen, before, _, _ = _sft_steps(False, (2, 2, 2))
+  q = state.params["layers"][0]["attn"]["q_proj_lora"]
+  assert q["lora_a"].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+  assert q["lora_b"].sharding.spec == jax.sharding.PartitionSpec(None,
+                                                                 "tensor")
+  down = state.params["layers"][1]["mlp"]["down_proj_lora"]
+  assert down["lora_a"].sharding.spec == jax.sharding.PartitionSpec(
+      "tensor", None)
+  jax.tree.map(npt.assert_array_equal, jax.tree.map(np.asarray, frozen),
+               before)
+  jax.tree.map(lambda a, b: npt.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
+               state.params, one.params)
 
 
 def test_dpo_reference_is_the_frozen_base_with_zero_adapters():
