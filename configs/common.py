@@ -42,6 +42,25 @@ def model() -> ml_collections.ConfigDict:
   # unrolled loop: compiles one layer, not L (the demo's DPO step: 41 s
   # instead of 93 s on 2 busy cores) but runs ~5-12 % slower on CPU.
   c.scan_layers = False
+  c.lora = lora()
+  return c
+
+
+# The projections LoRA may adapt (purld_jax/models/lora.py TARGETS).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                "up_proj", "down_proj")
+
+
+def lora() -> ml_collections.ConfigDict:
+  """LoRA students (purld_jax/models/lora.py): with rank > 0 each stage
+  trains only adapters on `targets` (delta = alpha / rank x A B, B = 0 at
+  the start) over a frozen base; model directories are written merged, the
+  adapters beside them as PEFT directories (`<dir>/adapter/`)."""
+  c = ml_collections.ConfigDict()
+  c.rank = 0                  # r; 0 = off (full fine-tuning)
+  c.alpha = 16.0              # the delta is scaled by alpha / rank
+  c.dropout = 0.0             # must be 0: the forward is pure (no rng)
+  c.targets = LORA_TARGETS    # a subset of LORA_TARGETS
   return c
 
 

@@ -76,6 +76,40 @@ def _mesh(errors, config) -> None:
                     f"{split} (batches are split over them)")
 
 
+def _lora(errors, config) -> None:
+  """model.lora: rank an integer >= 0; with rank > 0, alpha > 0, dropout 0
+  (refused, not ignored: the model's forward takes no rng) and targets a
+  non-empty subset of the projections, each once."""
+  from purld_jax.models import lora  # pylint: disable=g-import-not-at-top
+  c = config.model.get("lora")
+  if c is None:
+    return
+  rank = c.rank
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+    errors.append(f"model.lora.rank={rank!r}: must be an integer >= 0 "
+                  "(0 = off)")
+    return
+  if rank == 0:
+    return
+  if not isinstance(c.alpha, (int, float)) or c.alpha <= 0:
+    errors.append(f"model.lora.alpha={c.alpha!r}: must be > 0")
+  if c.dropout != 0:
+    errors.append(f"model.lora.dropout={c.dropout!r}: must be 0 (LoRA "
+                  "dropout is not implemented: the model's forward is pure "
+                  "and takes no rng)")
+  targets = c.targets
+  if isinstance(targets, str) or not targets:
+    errors.append(f"model.lora.targets={targets!r}: must be a non-empty "
+                  f"tuple of {list(lora.TARGETS)}")
+    return
+  bad = [t for t in targets if t not in lora.TARGETS]
+  if bad:
+    errors.append(f"model.lora.targets: {bad} not in {list(lora.TARGETS)}")
+  if len(set(targets)) != len(targets):
+    errors.append(f"model.lora.targets={tuple(targets)!r}: a target named "
+                  "twice")
+
+
 def validate(config) -> None:
   """Raises ConfigError listing every problem of `config` (no compute)."""
   from purld_jax import losses  # pylint: disable=g-import-not-at-top
@@ -109,6 +143,7 @@ def validate(config) -> None:
     _choice(errors, config, key, ("float32", "bfloat16"))
   from purld_jax.models import llama  # pylint: disable=g-import-not-at-top
   _choice(errors, config, "model.remat", llama.REMAT_POLICIES)
+  _lora(errors, config)
   _choice(errors, config, "ckpt.keep_finished", ("last", "all", "none"))
   _mesh(errors, config)
   n = config.opt.micro_batches

@@ -12,7 +12,10 @@ What is exported (--source):
   (default)  final when it exists, else latest
 
 OUT gets config.json, model.safetensors, the tokenizer files and EXPORT.json
-(what was exported); transformers' AutoModelForCausalLM / AutoTokenizer load
+(what was exported); a LoRA run's model (`model.lora.rank` > 0) is written
+merged (adapters folded into their weights) and its adapters as a PEFT
+directory OUT/adapter/ (adapter_config.json, adapter_model.safetensors;
+the base is model.path for stage 1, WORKDIR/reference for stage 2); transformers' AutoModelForCausalLM / AutoTokenizer load
 it. --gguf adds OUT/model-f16.gguf for llama.cpp (tools/export_gguf.py:
 llama/SmolLM2 or qwen2 models with a byte-level BPE tokenizer). OUT is
 written in a temporary directory and renamed when complete.
@@ -125,6 +128,25 @@ def find_source(workdir: str, source: str | None = None) -> Source:
 
 def load(src: Source, workdir: str):
   """(model, tokenizer) of `src`; params keep their stored dtype."""
+  return _load(src, workdir)[:2]
+
+
+def _lora_base(src: Source, workdir: str, student) -> tuple[str, dict]:
+  """(the base's directory or name, its params) under a LoRA checkpoint's
+  adapters: the student's init for stage 1, the reference for stage 2."""
+  from purld_jax.models import hf  # pylint: disable=g-import-not-at-top
+  if src.stage == "sft":
+    return student.hf_dir or "tiny", student.init_params()
+  ref = _hf_dir(workdir, REFERENCE)
+  if ref is None:
+    raise ExportError(f"{src.path}: a LoRA checkpoint of stage {src.stage!r} "
+                      f"needs its base {os.path.join(workdir, REFERENCE)}/, "
+                      "which is missing")
+  return ref, hf.load_params(ref, student.cfg)
+
+
+def _load(src: Source, workdir: str):
+  """(model, tokenizer, the base of its LoRA adapters or None)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
@@ -136,7 +158,7 @@ def load(src: Source, workdir: str):
       stored = json.load(f).get("dtype") or "float32"
     param_dtype = jnp.bfloat16 if stored == "bfloat16" else jnp.float32
     return models.load_pretrained(src.path, dtype=jnp.float32,
-                                  param_dtype=param_dtype)
+                                  param_dtype=param_dtype) + (None,)
   config = checkpoint_lib.saved_config(src.path)
   if "model" not in config:
     raise ExportError(f"{src.path}/config: the saved run config has no "
@@ -148,21 +170,33 @@ def load(src: Source, workdir: str):
     raise ExportError(f"{src.path}: the run's model.path {path!r} has no "
                       "config.json any more (the architecture and tokenizer "
                       "come from it)")
+  from purld_jax.models import lora  # pylint: disable=g-import-not-at-top
   student = student_lib.from_config(model_cfg, workdir)
   graphdef, shapes = student.abstract()
-  params = checkpoint_lib.restore_params(
-      src.path, checkpoint_lib.abstract_like(shapes))
-  return nnx.merge(graphdef, params), student.tokenizer
+  if student.cfg.lora is None:
+    params = checkpoint_lib.restore_params(
+        src.path, checkpoint_lib.abstract_like(shapes))
+    return nnx.merge(graphdef, params), student.tokenizer, None
+  # A LoRA checkpoint holds the adapters; the frozen base is its source's.
+  adapters = checkpoint_lib.restore_params(
+      src.path, checkpoint_lib.abstract_like(lora.split(shapes)[0]))
+  base_path, base = _lora_base(src, workdir, student)
+  return (nnx.merge(graphdef, lora.join(adapters, base)), student.tokenizer,
+          base_path)
 
 
 def _link_files(src: str, dst: str) -> None:
   """`src`'s files in a new directory `dst`: hard links where the file
-  system allows (no second copy of the weights on disk), else copies. The
-  run writes its model directories anew (tmp + rename), never in place, so
-  a link keeps the bytes that were exported."""
+  system allows (no second copy of the weights on disk), else copies;
+  subdirectories (a LoRA run's adapter/) likewise. The run writes its model
+  directories anew (tmp + rename), never in place, so a link keeps the
+  bytes that were exported."""
   os.makedirs(dst)
   for name in sorted(os.listdir(src)):
     path = os.path.join(src, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      _link_files(path, os.path.join(dst, name))
+      continue
     if not os.path.isfile(path):
       continue
     try:
@@ -229,9 +263,11 @@ def export(workdir: str, out: str, *, source: str | None = None,
     if src.stage is None and not dtype:  # an HF directory as it is
       _link_files(src.path, tmp)
     else:
-      model, tok = load(src, workdir)
+      model, tok, adapter_base = _load(src, workdir)
       models.save_pretrained(model, tok, tmp,
                              dtype=getattr(jnp, dtype) if dtype else None)
+      if adapter_base is not None:  # LoRA: the adapters beside the merge
+        _write_adapter(model, tmp, adapter_base, dtype)
     with open(os.path.join(tmp, PROVENANCE), "w", encoding="utf-8") as f:
       json.dump(dict(workdir=workdir, source=src.kind, path=src.path,
                      stage=src.stage, step=src.step, stamp=stamp), f,
@@ -247,6 +283,20 @@ def export(workdir: str, out: str, *, source: str | None = None,
     shutil.rmtree(out)
   os.replace(tmp, out)
   return src, out, True
+
+
+ADAPTER = "adapter"  # train/sft.py ADAPTER
+
+
+def _write_adapter(model, out: str, base: str, dtype: str | None) -> None:
+  """`model`'s LoRA adapters as the PEFT directory out/adapter/."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from purld_jax.models import lora  # pylint: disable=g-import-not-at-top
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  lora.write_peft(lora.split(params)[0], model.cfg, os.path.join(out, ADAPTER),
+                  base_model_name_or_path=base,
+                  dtype=getattr(jnp, dtype) if dtype else None)
 
 
 def define_flags() -> None:

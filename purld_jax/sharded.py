@@ -75,7 +75,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from purld_jax import sharding
 from purld_jax.train import state as state_lib
 
-KINDS = ("state", "params", "batch", "replicated")
+KINDS = ("state", "params", "batch", "replicated", "frozen")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -104,15 +104,16 @@ def opt_state_shardings(tx: optax.GradientTransformation, opt_state,
       transform_non_params=lambda _: replicated(mesh))
 
 
-def state_shardings(state: state_lib.TrainState, param_sh
+def state_shardings(state: state_lib.TrainState, param_sh, frozen_sh=None
                     ) -> state_lib.TrainState:
   """A TrainState whose leaves are the NamedShardings of `state`'s (which
-  may be abstract, e.g. `jax.eval_shape` of `TrainState.create`)."""
+  may be abstract, e.g. `jax.eval_shape` of `TrainState.create`); with
+  LoRA `param_sh` are the adapters' and `frozen_sh` the frozen base's."""
   mesh = jax.tree.leaves(param_sh)[0].mesh
   return state.replace(
       params=param_sh,
       opt_state=opt_state_shardings(state.tx, state.opt_state, param_sh, mesh),
-      step=replicated(mesh), rng=replicated(mesh))
+      step=replicated(mesh), rng=replicated(mesh), frozen=frozen_sh)
 
 
 def put(tree, shardings):
@@ -244,11 +245,44 @@ def jit_train_step(step_fn: Callable, state_sh: state_lib.TrainState,
       "replicated") for DPO / LDL (ref_params, batch, nan_at_step) or
       ("batch", "replicated") for SFT / GRPO.
     donate: donate the state (argument 0).
+
+  With a frozen base (LoRA: `state_sh.frozen` is not None) the step takes
+  the state's `frozen` as a separate argument that is neither donated nor
+  returned (`FrozenStep`): the base stays one set of buffers, which the
+  caller may also read (the reference of stage 2) while steps run.
   """
+  if state_sh.frozen is not None:
+    return FrozenStep(step_fn, state_sh, kinds, mesh=mesh, rules=rules,
+                      donate=donate)
   return Jitted(step_fn, ("state",) + tuple(kinds), mesh=mesh, rules=rules,
                 fixed=dict(state=state_sh, params=state_sh.params),
                 out=(state_sh, replicated(mesh)),
                 donate=(0,) if donate else ())
+
+
+class FrozenStep:
+  """`jit_train_step` of a state with a frozen base: step_fn(state, *args)
+  jitted as f(state without frozen, frozen, *args), the state donated, the
+  frozen base not; the returned state gets the caller's `frozen` back."""
+
+  def __init__(self, step_fn, state_sh, kinds, *, mesh, rules, donate):
+    def body(state, frozen, *args):
+      new, metrics = step_fn(state.replace(frozen=frozen), *args)
+      return new.replace(frozen=None), metrics
+    bare = state_sh.replace(frozen=None)
+    self.jitted = Jitted(body, ("state", "frozen") + tuple(kinds), mesh=mesh,
+                         rules=rules, fixed=dict(state=bare,
+                                                 params=state_sh.params,
+                                                 frozen=state_sh.frozen),
+                         out=(bare, replicated(mesh)),
+                         donate=(0,) if donate else ())
+
+  def __call__(self, state, *args):
+    new, metrics = self.jitted(state.replace(frozen=None), state.frozen, *args)
+    return new.replace(frozen=state.frozen), metrics
+
+  def lower(self, state, *args):
+    return self.jitted.lower(state.replace(frozen=None), state.frozen, *args)
 
 
 def jit_fn(fn: Callable, param_sh, kinds: Sequence[str], *, mesh: Mesh,

@@ -25,6 +25,7 @@ from flax import nnx
 
 from purld_jax.models import hf_config
 from purld_jax.models import llama
+from purld_jax.models import lora
 
 SAFETENSORS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -217,7 +218,8 @@ def load_params(path: str | os.PathLike, cfg: llama.LlamaConfig,
 
   Args:
     path: a Hugging Face model directory.
-    cfg: its config (see `read_config`).
+    cfg: its config (see `read_config`); LoRA adapters (`cfg.lora`) are not
+      in a checkpoint: the tree is the base model's (`lora.base_config`).
     shardings: optional pytree of `jax.sharding.Sharding` matching the tree;
       the arrays are placed there.
 
@@ -226,6 +228,7 @@ def load_params(path: str | os.PathLike, cfg: llama.LlamaConfig,
     mis-shaped.
   """
   path = pathlib.Path(path)
+  cfg = lora.base_config(cfg)
   files = _tensor_files(path)
   table = key_table(cfg)
   missing = [e.hf_name for e in table if e.hf_name not in files]
@@ -286,7 +289,8 @@ def save_params(model: llama.Llama, path: str | os.PathLike, *,
   """Writes config.json and safetensors (sharded above `max_shard_bytes`).
 
   Args:
-    model: the model to write.
+    model: the model to write; LoRA adapters are folded into their
+      weights (`lora.fold`): the directory holds the merged base model.
     path: output directory (created).
     dtype: dtype of the written tensors (default: the param dtype).
     extra_config: keys to keep in config.json (bos/eos ids and the like).
@@ -294,11 +298,11 @@ def save_params(model: llama.Llama, path: str | os.PathLike, *,
       plus an index when the total is larger.
   """
   from safetensors.numpy import save_file
-  cfg = model.cfg
+  params = lora.fold(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg)
+  cfg = lora.base_config(model.cfg)
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  tensors = to_hf_tensors(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg,
-                          dtype=dtype)
+  tensors = to_hf_tensors(params, cfg, dtype=dtype)
   dtype_name = str(next(iter(tensors.values())).dtype)
   cfg_json = hf_config.to_hf(cfg, torch_dtype=dtype_name, extra=extra_config)
   (path / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")

@@ -18,7 +18,8 @@ Three entry points share one `_forward`:
 
 Every parameter carries logical axis names (`sharding_names` metadata):
 weights use vocab, table_embed (D of the embedding table and lm_head),
-embed, q_heads, kv_heads, head_dim, mlp.
+embed, q_heads, kv_heads, head_dim, mlp. `LlamaConfig.lora` adds LoRA
+adapters (`nnx.LoRAParam`) beside the projections: models/lora.py.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from flax import nnx
 
 from purld_jax import sharding
 from purld_jax import structs
+from purld_jax.models import lora
 
 _NEG_INF = -1e30  # finite, so fully masked rows (pads) stay NaN-free
 _ACT = ("act_batch", "act_len", "act_embed")
@@ -76,6 +78,8 @@ class LlamaConfig:
   # of L, so compilation is several times faster; each call stacks a copy
   # of the layer weights. False: a Python loop, unrolled by XLA.
   scan_layers: bool = False
+  # LoRA adapters on the projections (models/lora.py), None = none.
+  lora: lora.LoraSpec | None = None
 
   @property
   def q_per_kv(self) -> int:
@@ -307,6 +311,7 @@ class Attention(nnx.Module):
                             param_dtype=pd, rngs=rngs)
       self.k_norm = RMSNorm(h, cfg.rms_norm_eps, name="head_dim",
                             param_dtype=pd, rngs=rngs)
+    lora.attach(self, cfg, lora.ATTN, rngs)
 
   def __call__(self, x_BTD, positions_BT, inv_freq, k_cache_BSGH,
                v_cache_BSGH, mask_BTS, write_at):
@@ -355,6 +360,8 @@ class Attention(nnx.Module):
     q = jnp.einsum("btd,dnh->btnh", x, self.q_proj.value.astype(dt))
     k = jnp.einsum("btd,dgh->btgh", x, self.k_proj.value.astype(dt))
     v = jnp.einsum("btd,dgh->btgh", x, self.v_proj.value.astype(dt))
+    q, k, v = (lora.add(self, name, x, y) for name, y in
+               (("q_proj", q), ("k_proj", k), ("v_proj", v)))
     if cfg.qkv_bias:
       q = q + self.q_bias.value.astype(dt)[None, None]
       k = k + self.k_bias.value.astype(dt)[None, None]
@@ -374,6 +381,7 @@ class Attention(nnx.Module):
     # transpose the whole o_proj weight on every call.
     w = self.o_proj.value.astype(dt).reshape(n * h, -1)
     out = (attn_BTNH.reshape(b * t, n * h) @ w).reshape(b, t, -1)
+    out = lora.add(self, "o_proj", attn_BTNH.reshape(b, t, n * h), out)
     if self.cfg.o_bias:
       out = out + self.o_bias.value.astype(dt)[None, None]
     return out
@@ -392,16 +400,18 @@ class MLP(nnx.Module):
       self.gate_bias = _param(rngs, (f,), ("mlp",), pd, init="zeros")
       self.up_bias = _param(rngs, (f,), ("mlp",), pd, init="zeros")
       self.down_bias = _param(rngs, (d,), ("embed",), pd, init="zeros")
+    lora.attach(self, cfg, lora.MLP, rngs)
 
   def __call__(self, x_BTD):
     dt = self.cfg.dtype
     x = x_BTD.astype(dt)
-    gate = x @ self.gate_proj.value.astype(dt)
-    up = x @ self.up_proj.value.astype(dt)
+    gate = lora.add(self, "gate_proj", x, x @ self.gate_proj.value.astype(dt))
+    up = lora.add(self, "up_proj", x, x @ self.up_proj.value.astype(dt))
     if self.cfg.mlp_bias:
       gate = gate + self.gate_bias.value.astype(dt)[None, None]
       up = up + self.up_bias.value.astype(dt)[None, None]
-    out = (jax.nn.silu(gate) * up) @ self.down_proj.value.astype(dt)
+    act = jax.nn.silu(gate) * up
+    out = lora.add(self, "down_proj", act, act @ self.down_proj.value.astype(dt))
     if self.cfg.mlp_bias:
       out = out + self.down_bias.value.astype(dt)[None, None]
     return out

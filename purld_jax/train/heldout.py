@@ -80,7 +80,8 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
     return None
   workdir = os.path.abspath(workdir)
   out_dir = os.path.join(workdir, EVAL_DIR)
-  student = student_lib.from_config(config.model, workdir)
+  # HF directories: merged models, no adapters (LoRA runs included)
+  student = student_lib.from_config(config.model, workdir).base()
   tok = student.tokenizer
   graphdef, _ = student.abstract()
   source = data_lib.encode(prompts_lib.read_jsonl(config.data.eval_path), tok,

@@ -194,13 +194,17 @@ class Stage:
   learning rate, warmup and length; `init_params()` (host arrays, the same
   on every process) runs only when there is no checkpoint to resume.
   `param_sh` are the params' NamedShardings (`sharding.param_shardings`);
-  `state_sh` the state's (`sharded.state_shardings`).
+  `state_sh` the state's (`sharded.state_shardings`). With LoRA the params
+  (`param_shapes`, `param_sh`, `init_params`) are the adapters' and
+  `frozen` the base (device arrays on `frozen_sh`): it joins the state,
+  never the checkpoint, so a resume restores the adapters alone.
   """
 
   def __init__(self, config, workdir: str, name: str, *, total_steps: int,
                learning_rate: float, warmup_frac: float, graphdef,
                param_shapes, param_sh, init_params, data_iter,
-               teacher_label: str = "", updates_per_step: int = 1):
+               teacher_label: str = "", updates_per_step: int = 1,
+               frozen=None, frozen_sh=None):
     self.name, self.total_steps, self.data_iter = name, total_steps, data_iter
     self.config_dict = config.to_dict()
     # The schedule spans every optimizer update of the stage (a GRPO step
@@ -211,6 +215,7 @@ class Stage:
     self._graphdef, self._shapes = graphdef, param_shapes
     self._init_params, self._teacher_label = init_params, teacher_label
     self._workdir, self._config = workdir, config
+    self._frozen = frozen
     self.rng = jax.random.PRNGKey(config.seed)
     self.ckpt = self.writer = self.loop = self.state = None
     self.start = 0
@@ -218,7 +223,8 @@ class Stage:
         lambda p: state_lib.TrainState.create(graphdef, p, self.tx,
                                               rng=self.rng), param_shapes)
     self.param_sh = param_sh
-    self.state_sh = sharded.state_shardings(self._abstract, param_sh)
+    self.state_sh = sharded.state_shardings(self._abstract, param_sh,
+                                            frozen_sh)
 
   def _init_arrays(self) -> dict:
     """The initial state's arrays, made on their shardings."""
@@ -240,7 +246,7 @@ class Stage:
           self.ckpt, abstract, self._init_arrays, data_iter=self.data_iter,
           config=self.config_dict)
       self.state = state_lib.TrainState(graphdef=self._graphdef, tx=self.tx,
-                                        **arrays)
+                                        frozen=self._frozen, **arrays)
       if self.start:
         print(f"[{self.name}] resumed from step {self.start}",
               file=sys.stderr)

@@ -8,7 +8,10 @@ One iteration, for a batch of prompts:
   6. the recipe's jitted `train_step` (reference params passed in, frozen).
 
 The reference is the SFT stage's output (stage 1 runs first, or is skipped
-with `sft.steps = 0`, when the reference is the initial model). Checkpoints
+with `sft.steps = 0`, when the reference is the initial model). With LoRA
+(`model.lora.rank` > 0) the policy is new adapters (B = 0) on that very
+reference, frozen: the reference of the KL / DPO / LDL terms is the same
+base arrays with zero adapters (`lora_views`), not a second copy. Checkpoints
 hold params, optimizer state, step, RNG and the data iterator, so a killed
 run resumes to the bit and never asks the teacher twice (the ledger).
 """
@@ -96,6 +99,24 @@ def _reference(config, workdir, student, ref_dir=None):
   return graphdef, hf.load_params(ref_dir, student.cfg)
 
 
+def lora_views(train, ref_host, param_sh):
+  """(ref_params, ref_full, full) of stage 2.
+
+  ref_params: what the recipes' steps take as the reference (`state.model
+    (ref_params)`): the reference params on `param_sh`, or with LoRA zero
+    adapters (the frozen base is the reference: B = 0 adds exactly 0).
+  ref_full: the reference's whole param tree (sampler, scorers, GRPO's
+    reference log-probs); with LoRA it holds `train.frozen`'s very arrays.
+  full: params -> the whole model's tree (the identity without LoRA).
+  """
+  if train.frozen is None:
+    ref = sharded.put(ref_host, param_sh)
+    return ref, ref, lambda p: p
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), train.shapes)
+  ref = sharded.put(zeros, train.shardings)
+  return ref, train.full(ref), train.full
+
+
 def _kinds(recipe) -> tuple[str, ...]:
   """Argument kinds after the state (sharded.jit_train_step)."""
   return (("batch", "replicated") if recipe is grpo
@@ -135,7 +156,12 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   mesh, param_sh = loop_lib.mesh_setup(
       config, student.cfg, batch_sizes={"rl.batch_size": config.rl.batch_size})
   ref_host = jax.tree.map(np.asarray, ref_host)
-  ref_params = sharded.put(ref_host, param_sh)
+  # With LoRA the policy is adapters on the frozen reference (read once).
+  train = student_lib.trainable(student, param_sh, lambda: ref_host,
+                                seed=config.seed + 1)
+  ref_params, ref_full, full = lora_views(train, ref_host, param_sh)
+  if train.frozen is not None:
+    del ref_host  # the frozen base on the devices is the one copy kept
   vocab_chunk = config.model.vocab_chunk or None
   ref_logps_fn = sharded.jit_fn(
       lambda params, batch: grpo.reference_logps(
@@ -157,10 +183,10 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
         config, workdir, stage, total_steps=steps,
         learning_rate=config.opt.learning_rate,
         warmup_frac=config.opt.warmup_frac, updates_per_step=inner,
-        graphdef=graphdef,
-        param_shapes=student.abstract()[1], param_sh=param_sh,
-        init_params=lambda: ref_host, data_iter=it,
-        teacher_label=teacher.label) as st:
+        graphdef=graphdef, param_shapes=train.shapes,
+        param_sh=train.shardings, init_params=train.init, data_iter=it,
+        teacher_label=teacher.label, frozen=train.frozen,
+        frozen_sh=train.frozen_sh) as st:
       state = st.state
       step_fn = sharded.jit_train_step(functools.partial(
           recipe.train_step, schedule=st.schedule,
@@ -174,11 +200,11 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
         # an unusable (truncated, empty) anchor leaves its prompt out
         prompts, anchors = store.for_batch(prompts)
         key = jax.random.fold_in(state.rng, state.step)
-        scorer = ref_params if config.ranking.scorer == "reference" \
-            else state.params
+        policy = full(state.params)
+        scorer = ref_full if config.ranking.scorer == "reference" else policy
         verifier = evaluate.batch_verifier([p.answer for p in prompts.prompts])
         group = rollout.collect(
-            graphdef, state.params, scorer, tok, prompts, anchors, key,
+            graphdef, policy, scorer, tok, prompts, anchors, key,
             k=k, sampling=sp, ranking_params=rp,
             max_anchor_len=config.sft.max_response_len, verifier=verifier,
             sampler=sampler, scorers=scorers(scorer), judge=judge)
@@ -186,7 +212,7 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
         batch = recipe.build_batch(group, config)
         if recipe is grpo:
           if config.loss.grpo.beta_kl > 0:
-            batch["ref_logps"] = ref_logps_fn(ref_params, batch)
+            batch["ref_logps"] = ref_logps_fn(ref_full, batch)
           for _ in range(inner - 1):  # PPO epochs over one sampled batch
             state, _ = step_fn(state, batch, nan_at_step)
           state, metrics = step_fn(state, batch, nan_at_step)
@@ -223,10 +249,12 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
     if judge is not None:
       judge.close()
   out = os.path.join(workdir, FINAL)
-  params = sharded.to_host(state.params)
+  params = sharded.to_host(full(state.params))  # LoRA: written merged
   if jax.process_index() == 0:
     sft.write_model_dir(graphdef, params, tok, out, DONE,
-                        {"steps": steps, "recipe": config.recipe})
+                        {"steps": steps, "recipe": config.recipe},
+                        adapter_base=sft.reference_dir(workdir)
+                        if reference_dir is None else reference_dir)
     print(f"[{stage}] final model: {out}", file=sys.stderr)
   sharded.barrier("pu_rl.final")
   sft.drop_checkpoints(config, workdir, stage)

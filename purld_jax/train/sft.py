@@ -19,6 +19,11 @@ Workdir layout (shared with stage 2):
   reference/            the result (safetensors + tokenizer + SFT.json)
 A workdir holding a checkpoint resumes from it; a finished stage is not run
 again.
+
+With LoRA (`model.lora.rank` > 0) only the adapters are trained and
+checkpointed; `reference/` holds the MERGED model (adapters folded into
+the base), so stage 2 starts new adapters at zero on top of the SFT result,
+and `reference/adapter/` the adapters as a PEFT directory on `model.path`.
 """
 
 from __future__ import annotations
@@ -158,40 +163,47 @@ def is_done(workdir: str, steps: int) -> bool:
 
 
 def save_reference(graphdef, params, tok, workdir: str, *, steps: int,
-                   teacher_label: str) -> str:
+                   teacher_label: str, adapter_base: str = "") -> str:
   """Writes the reference HF directory atomically (tmp dir, then rename);
-  process 0 writes, every process waits for it (the workdir is shared)."""
+  process 0 writes, every process waits for it (the workdir is shared).
+  `params` of a LoRA graphdef are written merged (`write_model_dir`)."""
   out = reference_dir(workdir)
   params = sharded.to_host(params)
   if jax.process_index() == 0:
-    _write_reference(graphdef, params, tok, out, steps=steps,
-                     teacher_label=teacher_label)
+    write_model_dir(graphdef, params, tok, out, DONE,
+                    {"steps": steps, "teacher": teacher_label},
+                    adapter_base=adapter_base)
   sharded.barrier("sft.reference")
   return out
 
 
+ADAPTER = "adapter"  # a LoRA run's PEFT adapter directory, in a model dir
+
+
 def write_model_dir(graphdef, params, tok, out: str, marker: str,
-                    record: dict) -> None:
+                    record: dict, *, adapter_base: str = "") -> None:
   """A stage's HF directory with its done `marker` file (`record` as JSON,
   written last), written beside `out` and renamed in whole: a kill leaves
   the old one or the new one, and an export's hard links to the old files
-  keep their bytes."""
+  keep their bytes. A LoRA model (its graphdef's cfg.lora) is written
+  merged, and its adapters as a PEFT directory `out/adapter/` whose
+  base_model_name_or_path is `adapter_base`."""
   from purld_jax import models  # pylint: disable=g-import-not-at-top
+  from purld_jax.models import lora  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   tmp = f"{out}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
-  models.save_pretrained(nnx.merge(graphdef, params), tok, tmp)
+  model = nnx.merge(graphdef, params)
+  models.save_pretrained(model, tok, tmp)
+  if model.cfg.lora is not None:
+    lora.write_peft(lora.split(params)[0], model.cfg,
+                    os.path.join(tmp, ADAPTER),
+                    base_model_name_or_path=adapter_base)
   with open(os.path.join(tmp, marker), "w", encoding="utf-8") as f:
     json.dump(record, f)
   if os.path.exists(out):
     shutil.rmtree(out)
   os.replace(tmp, out)
-
-
-def _write_reference(graphdef, params, tok, out: str, *, steps: int,
-                     teacher_label: str) -> None:
-  write_model_dir(graphdef, params, tok, out, DONE,
-                  {"steps": steps, "teacher": teacher_label})
 
 
 def drop_checkpoints(config, workdir: str, stage: str) -> None:
@@ -221,9 +233,9 @@ def run(config, workdir: str) -> str:
       teacher_lib.TeacherConfig.from_mapping(config.teacher.to_dict()))
   print(f"[{STAGE}] teacher: {teacher.label}", file=sys.stderr)
   graphdef, _ = student.abstract()
-  if steps == 0:
-    return save_reference(graphdef, student.init_params(), tok, workdir,
-                          steps=0, teacher_label=teacher.label)
+  if steps == 0:  # the base model as it is (no adapters)
+    return save_reference(student.base_graphdef(), student.init_params(),
+                          tok, workdir, steps=0, teacher_label=teacher.label)
 
   source = data_lib.encode(prompts_lib.read_jsonl(config.data.train_path),
                            tok, max_len=config.data.max_prompt_len)
@@ -235,14 +247,19 @@ def run(config, workdir: str) -> str:
   mesh, param_sh = loop_lib.mesh_setup(
       config, student.cfg, batch_sizes={"sft.batch_size":
                                         config.sft.batch_size})
+  # With LoRA: the adapters are trained, the base (read now) is frozen.
+  train = student_lib.trainable(student, param_sh, student.init_params,
+                                seed=config.seed)
   store = shared_anchors.SharedAnchors(workdir, teacher)
   try:
     with loop_lib.Stage(config, workdir, STAGE, total_steps=steps,
                         learning_rate=config.sft.learning_rate,
                         warmup_frac=config.sft.warmup_frac,
-                        graphdef=graphdef, param_shapes=student.abstract()[1],
-                        param_sh=param_sh, init_params=student.init_params,
-                        data_iter=it, teacher_label=teacher.label) as stage:
+                        graphdef=graphdef, param_shapes=train.shapes,
+                        param_sh=train.shardings, init_params=train.init,
+                        data_iter=it, teacher_label=teacher.label,
+                        frozen=train.frozen,
+                        frozen_sh=train.frozen_sh) as stage:
       if config.data.prefetch_anchors:
         store.anchors(source.prompts)
       state = stage.state
@@ -270,7 +287,8 @@ def run(config, workdir: str) -> str:
       stage.finish(state)
   finally:
     store.close()
-  out = save_reference(graphdef, state.params, tok, workdir, steps=steps,
-                       teacher_label=teacher.label)
+  out = save_reference(graphdef, state.full_params(), tok, workdir,
+                       steps=steps, teacher_label=teacher.label,
+                       adapter_base=student.hf_dir or student_lib.TINY)
   drop_checkpoints(config, workdir, STAGE)
   return out

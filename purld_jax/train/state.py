@@ -6,6 +6,11 @@
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state, update_metrics = state.apply_grads(grads, loss=loss)
 
+With LoRA (models/lora.py) `params` are the adapters alone and `frozen`
+holds the base weights: gradients, the optimizer state and `arrays()` (the
+checkpoint) cover the adapters only, and `model(params)` merges both; the
+frozen base is reloaded from its source on a resume, never checkpointed.
+
 `step` counts batches consumed (micro-batches when `grad_accum` > 1; the
 schedule counts optimizer updates). An update whose loss or gradients are
 not finite is never applied: `apply_grads` keeps the old params and
@@ -45,6 +50,9 @@ class TrainState:
     step: i32[] batches consumed so far.
     rng: u32[2] the run's key; per-step keys are fold_in(rng, step).
     tx: the optimizer (static).
+    frozen: None, or with LoRA the frozen base params (pure dict, every
+      param but the adapters): merged into the model, never trained nor
+      checkpointed (`sharded.jit_train_step` passes it undonated).
   """
 
   graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
@@ -53,23 +61,35 @@ class TrainState:
   step: jax.Array
   rng: jax.Array
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  frozen: Any = None
 
   @classmethod
   def create(cls, graphdef, params, tx: optax.GradientTransformation, *,
-             rng: jax.Array) -> TrainState:
+             rng: jax.Array, frozen=None) -> TrainState:
     return cls(graphdef=graphdef, params=params, opt_state=tx.init(params),
-               step=jnp.zeros((), jnp.int32), rng=rng, tx=tx)
+               step=jnp.zeros((), jnp.int32), rng=rng, tx=tx, frozen=frozen)
 
   def model(self, params=None):
-    """The model with `params` (default: this state's)."""
-    return nnx.merge(self.graphdef, self.params if params is None else params)
+    """The model with `params` (default: this state's), merged with the
+    frozen base when there is one (LoRA: `params` are the adapters)."""
+    params = self.params if params is None else params
+    if self.frozen is None:
+      return nnx.merge(self.graphdef, params)
+    return nnx.merge(self.graphdef, params, self.frozen)
+
+  def full_params(self, params=None) -> Any:
+    """The whole model's pure dict: `params` (default: this state's) with
+    the frozen base joined in (the same arrays, no copy)."""
+    from purld_jax.models import lora  # pylint: disable=g-import-not-at-top
+    params = self.params if params is None else params
+    return params if self.frozen is None else lora.join(params, self.frozen)
 
   def step_key(self) -> jax.Array:
     """fold_in(rng, step): this step's key, the same after a resume."""
     return jax.random.fold_in(self.rng, self.step)
 
   def arrays(self) -> dict:
-    """The checkpointed part: params, opt_state, step, rng."""
+    """The checkpointed part: params, opt_state, step, rng (not `frozen`)."""
     return dict(params=self.params, opt_state=self.opt_state, step=self.step,
                 rng=self.rng)
 

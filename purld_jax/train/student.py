@@ -9,6 +9,10 @@
 so a resumed run restores into `abstract()` and never loads them. Params are
 NNX's pure-dict layout (nested dicts of arrays): what the optimizer, the
 checkpoints and `nnx.merge(graphdef, params)` take.
+
+With `model.lora.rank` > 0 the architecture carries LoRA adapters
+(models/lora.py) and a stage trains only them (`trainable`): the base is
+frozen, loaded from its source on every start (resumes included).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +30,7 @@ import numpy as np
 from purld_jax.models import embedded
 from purld_jax.models import hf
 from purld_jax.models import llama
+from purld_jax.models import lora
 from purld_jax.models import tokenizer as tokenizer_lib
 
 TINY = "tiny"
@@ -94,14 +100,71 @@ class Student:
   tokenizer: tokenizer_lib.Tokenizer
 
   def abstract(self):
-    """(graphdef, params as jax.ShapeDtypeStruct): no weights are read."""
+    """(graphdef, params as jax.ShapeDtypeStruct): no weights are read.
+    With LoRA, the adapted model's (adapters and base)."""
     return llama.abstract_model(self.cfg)
 
+  def base_graphdef(self):
+    """The graphdef of the model without adapters (`init_params`' tree)."""
+    return llama.abstract_model(lora.base_config(self.cfg))[0]
+
+  def base(self) -> "Student":
+    """This student without adapters (what an HF directory holds)."""
+    return dataclasses.replace(self, cfg=lora.base_config(self.cfg))
+
   def init_params(self) -> dict:
-    """The initial params (pure dict): from hf_dir, or the random init."""
+    """The initial base params (pure dict, no adapters): from hf_dir, or
+    the random init."""
     if self.hf_dir is None:
-      return _random_params(self.cfg, self.init_seed)
+      return _random_params(lora.base_config(self.cfg), self.init_seed)
     return hf.load_params(self.hf_dir, self.cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+  """What a stage trains (`loop.Stage`'s param arguments).
+
+  Attributes:
+    shapes: the trained tree's jax.ShapeDtypeStruct (pure dict).
+    shardings: its NamedShardings.
+    init: () -> its initial host values (run only without a checkpoint).
+    frozen: None, or with LoRA the base params on `frozen_sh` (device).
+    frozen_sh: None, or the base's NamedShardings.
+  """
+
+  shapes: Any
+  shardings: Any
+  init: Callable[[], Any]
+  frozen: Any = None
+  frozen_sh: Any = None
+
+  def full(self, params):
+    """The whole model's params: `params` with the frozen base joined in."""
+    return params if self.frozen is None else lora.join(params, self.frozen)
+
+
+def trainable(student: Student, param_sh, base_init: Callable[[], dict], *,
+              seed: int = 0) -> Trainable:
+  """The whole model initialised by `base_init()`; with LoRA the adapters
+  (`lora.init_adapters(cfg, seed)`: B = 0, so the start is the base) over
+  `base_init()` put on its shardings, frozen (read now, resume or not).
+
+  Args:
+    student: the student (its cfg says whether LoRA is on).
+    param_sh: `sharding.param_shardings(student.cfg, mesh)` (full tree).
+    base_init: () -> base params on the host (pure dict, no adapters).
+    seed: the adapters' init seed.
+  """
+  from purld_jax import sharded  # pylint: disable=g-import-not-at-top
+  _, shapes = student.abstract()
+  if student.cfg.lora is None:
+    return Trainable(shapes, param_sh, base_init)
+  ad_shapes, _ = lora.split(shapes)
+  ad_sh, base_sh = lora.split(param_sh)
+  frozen = sharded.put(jax.tree.map(np.asarray, base_init()), base_sh)
+  return Trainable(ad_shapes, ad_sh,
+                   lambda: lora.init_adapters(student.cfg, seed),
+                   frozen=frozen, frozen_sh=base_sh)
 
 
 def _random_params(cfg: llama.LlamaConfig, seed: int) -> dict:
@@ -132,21 +195,25 @@ def resolve_path(path: str, cache_dir: str = "") -> str:
 
 def architecture(*, path: str, dtype_name: str, param_dtype_name: str,
                  cache_dir: str = "", remat: str = "none",
-                 scan_layers: bool = False) -> llama.LlamaConfig:
+                 scan_layers: bool = False,
+                 lora_spec: lora.LoraSpec | None = None) -> llama.LlamaConfig:
   """The LlamaConfig of `model.*` alone: only `config.json` is read, so a
   directory holding nothing else (configs/arch/) is enough for abstract
   shapes, AOT compiles and memory estimates."""
   dt, pdt = dtype(dtype_name), dtype(param_dtype_name)
   if path == TINY:
     return llama.tiny_config(vocab_size=128, dtype=dt, param_dtype=pdt,
-                             remat=remat, scan_layers=scan_layers)
+                             remat=remat, scan_layers=scan_layers,
+                             lora=lora_spec)
   return hf.read_config(resolve_path(path, cache_dir), dtype=dt,
                         param_dtype=pdt).replace(remat=remat,
-                                                 scan_layers=scan_layers)
+                                                 scan_layers=scan_layers,
+                                                 lora=lora_spec)
 
 
 def config_architecture(model_cfg) -> llama.LlamaConfig:
-  """`architecture` of the config's `model` block."""
+  """`architecture` of the config's `model` block, without `model.lora`
+  (tools/aot.py and tools/memory.py size a full fine-tune)."""
   return architecture(path=model_cfg.path, dtype_name=model_cfg.dtype,
                       param_dtype_name=model_cfg.param_dtype,
                       cache_dir=model_cfg.cache_dir,
@@ -156,7 +223,8 @@ def config_architecture(model_cfg) -> llama.LlamaConfig:
 
 def make(*, path: str, dtype_name: str, param_dtype_name: str, init_seed: int,
          cache_dir: str, workdir: str, remat: str = "none",
-         scan_layers: bool = False) -> Student:
+         scan_layers: bool = False,
+         lora_spec: lora.LoraSpec | None = None) -> Student:
   """The student of `model.*` (reads config and tokenizer, not weights).
 
   Args:
@@ -167,11 +235,12 @@ def make(*, path: str, dtype_name: str, param_dtype_name: str, init_seed: int,
     workdir: run directory; the tiny tokenizer is written under it.
     remat: `LlamaConfig.remat` (what a layer keeps for the backward pass).
     scan_layers: `LlamaConfig.scan_layers` (one scanned layer, not L).
+    lora_spec: `LlamaConfig.lora` (None: no adapters).
   """
   hf_dir = None if path == TINY else resolve_path(path, cache_dir)
   cfg = architecture(path=hf_dir or TINY, dtype_name=dtype_name,
                      param_dtype_name=param_dtype_name, remat=remat,
-                     scan_layers=scan_layers)
+                     scan_layers=scan_layers, lora_spec=lora_spec)
   if hf_dir is None:
     tok = char_tokenizer(pathlib.Path(workdir) / "tiny_tokenizer")
     return Student(cfg=cfg, hf_dir=None, init_seed=init_seed, tokenizer=tok)
@@ -185,4 +254,5 @@ def from_config(model_cfg, workdir: str) -> Student:
               param_dtype_name=model_cfg.param_dtype,
               init_seed=model_cfg.init_seed, cache_dir=model_cfg.cache_dir,
               workdir=workdir, remat=model_cfg.get("remat", "none"),
-              scan_layers=model_cfg.get("scan_layers", False))
+              scan_layers=model_cfg.get("scan_layers", False),
+              lora_spec=lora.spec_from_config(model_cfg.get("lora")))
