@@ -64,6 +64,8 @@ as jit itself compiles once per shape.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -225,11 +227,36 @@ class Jitted:
     """Runs the jit; host (numpy) arguments are put with their shardings."""
     in_sh = self.in_shardings(*args)
     args = tuple(put(a, sh) for a, sh in zip(args, in_sh))
-    return self.jit(*args)(*args)
+    fn = self.jit(*args)
+    if os.environ.get("PURLD_MEMORY_REPORT"):
+      _memory_report(self, fn, args)
+    return fn(*args)
 
   def lower(self, *args):
     """`jax.jit(...).lower(*args)`: args may be jax.ShapeDtypeStruct (AOT)."""
     return self.jit(*args).lower(*args)
+
+
+_REPORTED: set = set()
+
+
+def _memory_report(jitted, fn, args) -> None:
+  """With PURLD_MEMORY_REPORT set, the sizes XLA assigned to a compiled
+  program (arguments, outputs, temporaries, donated-and-reused), printed
+  once per program and argument shapes; it compiles the program a second
+  time, so it is for finding where memory goes, not for runs."""
+  shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args))
+  key = (id(jitted), hash(shapes))
+  if key in _REPORTED:
+    return
+  _REPORTED.add(key)
+  ma = fn.lower(*args).compile().memory_analysis()
+  gb = lambda n: f"{n / 2**30:.2f}"
+  fn_ = getattr(jitted.fn, "func", jitted.fn)  # a functools.partial's own
+  name = getattr(fn_, "__qualname__", "?")
+  print(f"[memory] {name} args {gb(ma.argument_size_in_bytes)} GiB, out "
+        f"{gb(ma.output_size_in_bytes)}, temp {gb(ma.temp_size_in_bytes)}, "
+        f"alias {gb(ma.alias_size_in_bytes)}", file=sys.stderr, flush=True)
 
 
 def jit_train_step(step_fn: Callable, state_sh: state_lib.TrainState,

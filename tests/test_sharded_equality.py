@@ -308,3 +308,24 @@ def test_scanned_layers_under_a_mesh_equal_the_unrolled_single_device():
   got = sample(jax.device_put(params, p_sh), b["prompt_tokens"],
                b["prompt_mask"], s["key"], s["index"])
   assert_array_equal(got.tokens, want_tokens)
+
+
+def test_memory_report_prints_each_program_once(monkeypatch, capsys):
+  """PURLD_MEMORY_REPORT=1: one line per compiled shape with XLA's sizes;
+  an f32[8, 1024] argument is 32 KiB = 0.00003 GiB, so check the name."""
+  monkeypatch.setenv("PURLD_MEMORY_REPORT", "1")
+  mesh = sharding.make_mesh((8, 1, 1))
+
+  def double_rows(params, x):
+    return x * params["w"]
+  f = sharded.jit_fn(double_rows, dict(w=sharded.replicated(mesh)),
+                     ("batch",), mesh=mesh)
+  w = dict(w=jnp.float32(2.0))
+  for _ in range(2):
+    out = f(w, np.ones((8, 1024), np.float32))
+  f(w, np.ones((4, 1024), np.float32))
+  np.testing.assert_array_equal(np.asarray(out), 2.0)
+  lines = [l for l in capsys.readouterr().err.splitlines()
+           if l.startswith("[memory] ")]
+  assert len(lines) == 2, lines  # shapes (8, 1024) and (4, 1024)
+  assert all("double_rows args" in l and "temp" in l for l in lines)

@@ -156,12 +156,15 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   mesh, param_sh = loop_lib.mesh_setup(
       config, student.cfg, batch_sizes={"rl.batch_size": config.rl.batch_size})
   ref_host = jax.tree.map(np.asarray, ref_host)
+  if student.cfg.lora is None:
+    # One copy of the reference, on the devices (a device_put copies even
+    # on CPU); the policy starts as a copy of it (Stage's jitted init).
+    ref_host = sharded.put(ref_host, param_sh)
   # With LoRA the policy is adapters on the frozen reference (read once).
-  train = student_lib.trainable(student, param_sh, lambda: ref_host,
+  train = student_lib.trainable(student, param_sh, lambda r=ref_host: r,
                                 seed=config.seed + 1)
   ref_params, ref_full, full = lora_views(train, ref_host, param_sh)
-  if train.frozen is not None:
-    del ref_host  # the frozen base on the devices is the one copy kept
+  del ref_host  # the reference on the devices is the one copy kept
   vocab_chunk = config.model.vocab_chunk or None
   ref_logps_fn = sharded.jit_fn(
       lambda params, batch: grpo.reference_logps(

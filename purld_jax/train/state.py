@@ -110,14 +110,18 @@ class TrainState:
     bad_loss = (jnp.zeros((), bool) if loss is None
                 else ~jnp.all(jnp.isfinite(loss)))
     ok = ~(bad_grads | bad_loss)
-    # Zeroed gradients keep NaN out of the (discarded) update arithmetic.
-    safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
-    updates, opt_state = self.tx.update(safe, self.opt_state, self.params)
-    params = optax.apply_updates(self.params, updates)
-    keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(ok, n, o), new, old)
-    new = self.replace(params=keep(params, self.params),
-                       opt_state=keep(opt_state, self.opt_state),
+    def update(params, opt_state, g):
+      updates, opt_state = self.tx.update(g, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    # lax.cond rather than choosing with jnp.where: the update runs only when
+    # it is applied, in place on the donated state, and no second copy of
+    # the params and moments is held to choose from (XLA temporaries of a
+    # SmolLM2-135M step: 0.81 -> 0.50 GiB).
+    params, opt_state = jax.lax.cond(
+        ok, update, lambda p, o, g: (p, o), self.params, self.opt_state,
+        grads)
+    new = self.replace(params=params, opt_state=opt_state,
                        step=self.step + 1)
     f32 = lambda b: b.astype(jnp.float32)
     return new, dict(grad_norm=grad_norm, skipped=f32(~ok),
