@@ -11,9 +11,12 @@ The reference is the SFT stage's output (stage 1 runs first, or is skipped
 with `sft.steps = 0`, when the reference is the initial model). With LoRA
 (`model.lora.rank` > 0) the policy is new adapters (B = 0) on that very
 reference, frozen: the reference of the KL / DPO / LDL terms is the same
-base arrays with zero adapters (`lora_views`), not a second copy. Checkpoints
-hold params, optimizer state, step, RNG and the data iterator, so a killed
-run resumes to the bit and never asks the teacher twice (the ledger).
+base arrays with zero adapters (`lora_views`), not a second copy; without
+LoRA `rl.reference_dtype` = "bfloat16" keeps that copy in bf16 (never
+checkpointed: every start, resumes included, reloads and casts it).
+Checkpoints hold params, optimizer state, step, RNG and the data iterator,
+so a killed run resumes to the bit and never asks the teacher twice (the
+ledger).
 """
 
 from __future__ import annotations
@@ -99,19 +102,43 @@ def _reference(config, workdir, student, ref_dir=None):
   return graphdef, hf.load_params(ref_dir, student.cfg)
 
 
-def lora_views(train, ref_host, param_sh):
+def cast_reference(ref_host, dtype_name: str = "float32"):
+  """The reference's host params stored in `dtype_name` (rl.reference_dtype):
+  "float32" leaves them as loaded (model.param_dtype); "bfloat16" rounds
+  every floating leaf to bf16 (half the bytes; the model casts each weight
+  to its compute dtype, model.dtype, where it is used)."""
+  if dtype_name == "float32":
+    return ref_host
+  if dtype_name != "bfloat16":
+    raise ValueError(f"rl.reference_dtype {dtype_name!r} not in "
+                     "('float32', 'bfloat16')")
+  bf16 = jax.numpy.bfloat16
+  return jax.tree.map(
+      lambda x: np.asarray(x, bf16)
+      if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, ref_host)
+
+
+def lora_views(train, ref_host, param_sh, reference_dtype: str = "float32"):
   """(ref_params, ref_full, full) of stage 2.
 
   ref_params: what the recipes' steps take as the reference (`state.model
-    (ref_params)`): the reference params on `param_sh`, or with LoRA zero
-    adapters (the frozen base is the reference: B = 0 adds exactly 0).
+    (ref_params)`): the reference params on `param_sh`, stored in
+    `reference_dtype` (`cast_reference`), or with LoRA zero adapters (the
+    frozen base is the reference: B = 0 adds exactly 0).
   ref_full: the reference's whole param tree (sampler, scorers, GRPO's
     reference log-probs); with LoRA it holds `train.frozen`'s very arrays.
   full: params -> the whole model's tree (the identity without LoRA).
+
+  Raises:
+    ValueError: `reference_dtype` is not "float32" with LoRA (the frozen
+      base is the policy's too: config_check refuses it first).
   """
   if train.frozen is None:
-    ref = sharded.put(ref_host, param_sh)
+    ref = sharded.put(cast_reference(ref_host, reference_dtype), param_sh)
     return ref, ref, lambda p: p
+  if reference_dtype != "float32":
+    raise ValueError(f"rl.reference_dtype={reference_dtype!r} does not apply "
+                     "with LoRA: the reference is the frozen base itself")
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), train.shapes)
   ref = sharded.put(zeros, train.shardings)
   return ref, train.full(ref), train.full
@@ -159,7 +186,10 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   # With LoRA the policy is adapters on the frozen reference (read once).
   train = student_lib.trainable(student, param_sh, lambda: ref_host,
                                 seed=config.seed + 1)
-  ref_params, ref_full, full = lora_views(train, ref_host, param_sh)
+  # The policy starts from ref_host as loaded (f32 master weights); only
+  # the frozen reference copy is stored in rl.reference_dtype.
+  ref_params, ref_full, full = lora_views(
+      train, ref_host, param_sh, config.rl.get("reference_dtype", "float32"))
   if train.frozen is not None:
     del ref_host  # the frozen base on the devices is the one copy kept
   vocab_chunk = config.model.vocab_chunk or None
