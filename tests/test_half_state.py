@@ -17,6 +17,7 @@ from flax import nnx
 from numpy.testing import assert_allclose, assert_array_equal
 
 from purld_jax.train import dpo
+from purld_jax.train import grpo
 from purld_jax.train import pu_rl
 from purld_jax.train import state as state_lib
 from tests import core_fixtures
@@ -165,9 +166,9 @@ def test_optimizer_from_config_reads_mu_dtype_and_stays_cached():
 
 def test_bf16_reference_scores_as_its_rounded_f32_copy():
   """The model casts every weight to its compute dtype (f32 here) where it
-  is used, so a bf16 param tree gives exactly the DPO reference log-probs
-  of the f32 tree holding the same (rounded) values, and the DPO step on
-  it is the same; the f32 reference differs from both (by the rounding)."""
+  is used, so a bf16 param tree gives exactly the DPO (and GRPO) reference
+  log-probs of the f32 tree holding the same (rounded) values, and the DPO
+  step on it is the same; the f32 reference differs (by the rounding)."""
   policy = core_fixtures.random_tiny_model(seed=7)
   graphdef, params = nnx.split(policy)
   ref32 = nnx.split(core_fixtures.random_tiny_model(seed=8))[1]
@@ -189,6 +190,13 @@ def test_bf16_reference_scores_as_its_rounded_f32_copy():
   jax.tree.map(assert_array_equal, out["bf16"][1], out["rounded"][1])
   assert out["bf16"][0] != out["f32"][0]
   assert_allclose(out["bf16"][0], out["f32"][0], rtol=1e-2)
+  # GRPO's KL reference log-probs f32[B, K, T], likewise.
+  from tests.test_train_steps import _grpo_batch  # pylint: disable=g-import-not-at-top
+  lps = {name: np.asarray(jax.jit(lambda p: grpo.reference_logps(
+      nnx.merge(graphdef, p), _grpo_batch(), vocab_chunk=8))(ref))
+         for name, ref in (("bf16", ref16), ("rounded", rounded))}
+  assert lps["bf16"].dtype == np.float32
+  assert_array_equal(lps["bf16"], lps["rounded"])
 
 
 def test_cast_reference_and_lora_views():
