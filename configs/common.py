@@ -215,6 +215,10 @@ def opt() -> ml_collections.ConfigDict:
   # a multiple of the data-parallel size, or each slice is resharded).
   c.micro_batches = 1
   c.nan_policy = "skip"       # non-finite loss/grads: skip the update | stop
+  # Adam's first moment: float32 (optax's default: the params' dtype) |
+  # bfloat16 (half its bytes; the params and the update stay f32; b1 0.9
+  # or 0.95, see state.make_optimizer). nu always stays in the params' dtype.
+  c.mu_dtype = "float32"
   return c
 
 
@@ -232,6 +236,12 @@ def rl() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.steps = 100               # PU-RL iterations (batches of prompts)
   c.batch_size = 8            # prompts per iteration, all processes
+  # The frozen reference of stage 2 (KL / DPO / LDL reference log-probs,
+  # ranking.scorer "reference"): float32 (as loaded, model.param_dtype) |
+  # bfloat16 (a bf16 copy, half its bytes; the model computes in
+  # model.dtype). Not with LoRA (model.lora.rank > 0): there the reference
+  # is the frozen base itself, one copy in model.param_dtype.
+  c.reference_dtype = "float32"
   return c
 
 

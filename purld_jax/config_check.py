@@ -110,6 +110,31 @@ def _lora(errors, config) -> None:
                   "twice")
 
 
+def _half_state(errors, config) -> None:
+  """opt.mu_dtype and rl.reference_dtype: bf16 mu needs a b1 that bf16
+  keeps (optax computes b1 mu in mu's dtype): `state.mu_bf16_gain` within
+  3 % of 1 (b1 = 0.9, 0.95, 0.98; not 0.97, 0.99); a bf16 reference needs
+  a reference of its own (not LoRA's frozen base, the policy's too)."""
+  from purld_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  _choice(errors, config, "opt.mu_dtype", state_lib.MU_DTYPES)
+  _choice(errors, config, "rl.reference_dtype", ("float32", "bfloat16"))
+  b1 = config.opt.b1
+  if (config.opt.mu_dtype == "bfloat16" and isinstance(b1, (int, float))
+      and abs(state_lib.mu_bf16_gain(b1) - 1.0) > 0.03):
+    errors.append(f"opt.mu_dtype='bfloat16' with opt.b1={b1!r}: b1 rounds "
+                  "to bf16 in b1 * mu, so mu would settle at "
+                  f"{state_lib.mu_bf16_gain(b1):.3g} x its f32 value (> 3 % "
+                  "off); use a b1 that bf16 keeps (0.9, 0.95, 0.98) or "
+                  "opt.mu_dtype='float32'")
+  lora = config.model.get("lora")
+  if (config.rl.reference_dtype == "bfloat16" and lora is not None
+      and isinstance(lora.rank, int) and lora.rank > 0):
+    errors.append("rl.reference_dtype='bfloat16' with model.lora.rank="
+                  f"{lora.rank}: the LoRA reference is the frozen base "
+                  "itself (one copy, model.param_dtype); set "
+                  "rl.reference_dtype='float32'")
+
+
 def validate(config) -> None:
   """Raises ConfigError listing every problem of `config` (no compute)."""
   from purld_jax import losses  # pylint: disable=g-import-not-at-top
@@ -144,6 +169,7 @@ def validate(config) -> None:
   from purld_jax.models import llama  # pylint: disable=g-import-not-at-top
   _choice(errors, config, "model.remat", llama.REMAT_POLICIES)
   _lora(errors, config)
+  _half_state(errors, config)
   _choice(errors, config, "ckpt.keep_finished", ("last", "all", "none"))
   _mesh(errors, config)
   n = config.opt.micro_batches

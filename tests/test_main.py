@@ -157,6 +157,33 @@ def test_mesh_and_remat_are_validated_naming_the_field():
   assert "mesh: at most one size may be -1" in str(e.value)
 
 
+def test_half_state_fields_are_validated_naming_the_field():
+  cfg = tiny_config(**{"opt.mu_dtype": "float16",
+                       "rl.reference_dtype": "int8"})
+  with pytest.raises(main.ConfigError) as e:
+    main.validate(cfg)
+  text = str(e.value)
+  assert ("opt.mu_dtype='float16': not one of ['float32', 'bfloat16']"
+          in text)
+  assert ("rl.reference_dtype='int8': not one of ['float32', 'bfloat16']"
+          in text)
+  # b1 = 0.99 is 0.98828125 in bf16: mu settles at 0.01 / 0.01171875.
+  with pytest.raises(main.ConfigError, match=re.escape(
+      "opt.mu_dtype='bfloat16' with opt.b1=0.99: b1 rounds to bf16 in "
+      "b1 * mu, so mu would settle at 0.853 x its f32 value")):
+    main.validate(tiny_config(**{"opt.mu_dtype": "bfloat16", "opt.b1": 0.99}))
+  # LoRA: the reference is the frozen base itself, not a copy to cast.
+  with pytest.raises(main.ConfigError, match=re.escape(
+      "rl.reference_dtype='bfloat16' with model.lora.rank=4: the LoRA "
+      "reference is the frozen base itself")):
+    main.validate(tiny_config(**{"rl.reference_dtype": "bfloat16",
+                                 "model.lora.rank": 4}))
+  main.validate(tiny_config(**{"opt.mu_dtype": "bfloat16", "opt.b1": 0.95,
+                               "rl.reference_dtype": "bfloat16"}))
+  main.validate(tiny_config(**{"opt.mu_dtype": "bfloat16",
+                               "model.lora.rank": 4}))
+
+
 def test_malformed_prompt_file_is_named_with_line(tmp_path):
   path = tmp_path / "p.jsonl"
   path.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')

@@ -140,8 +140,12 @@ def lower_train_step(config, mesh, rules=sharding.DEFAULT_RULES):
   batch = abstract_batch(s)
   nan = jax.ShapeDtypeStruct((), jnp.int32)
   if s.recipe in _WITH_REF:
+    ref_shapes = param_shapes  # rl.reference_dtype: the copy's storage
+    if config.rl.get("reference_dtype", "float32") == "bfloat16":
+      ref_shapes = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), param_shapes)
     kinds, args = ("params", "batch", "replicated"), (
-        _with_sharding(param_shapes, p_sh), batch, nan)
+        _with_sharding(ref_shapes, p_sh), batch, nan)
   else:
     kinds, args = ("batch", "replicated"), (batch, nan)
   step = sharded.jit_train_step(fn, state_sh, kinds, mesh=mesh, rules=rules)

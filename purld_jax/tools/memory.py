@@ -9,9 +9,11 @@ mesh sizes, the rules (`sharding.DEFAULT_RULES`: a dimension that does not
 divide its mesh axes counts whole) and the dtypes:
 
   params, gradients   one copy each in param_dtype, split as the rules say
-  optimizer           Adam's mu and nu (param_dtype, split like params),
+  optimizer           Adam's mu and nu (param_dtype, split like params;
+                      mu in bf16 with opt.mu_dtype = bfloat16),
                       + a gradient accumulator when opt.grad_accum > 1
   reference params    DPO and LDL steps take the frozen reference as input
+                      (in bf16 with rl.reference_dtype = bfloat16)
   activations         what the backward pass keeps, per layer and token, in
                       the compute dtype c (heads and F split over tensor):
                         none  c (4 D + 2 N H + 2 G H + 3 F) + (4 + c) N S
@@ -126,12 +128,18 @@ def activation_bytes(cfg: llama.LlamaConfig, mesh, *, tokens: int,
 
 def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
              grad_accum: int = 1, micro_batches: int = 1,
+             mu_dtype: str = "float32", reference_dtype: str = "float32",
              rules=sharding.DEFAULT_RULES) -> dict:
   """Bytes per device by item (module docstring); `s` from `aot.shapes`.
 
   `micro_batches` n (`opt.micro_batches`): activations and logits are those
-  of one slice of b / n prompts, plus a gradient accumulator."""
+  of one slice of b / n prompts, plus a gradient accumulator. `mu_dtype`,
+  `reference_dtype` (opt.mu_dtype, rl.reference_dtype): "bfloat16" counts
+  Adam's mu, the reference, at 2 bytes a parameter."""
   params = param_bytes(cfg, mesh, rules)
+  bf16 = params * 2 // jnp.dtype(cfg.param_dtype).itemsize
+  mu = bf16 if mu_dtype == "bfloat16" else params
+  ref = bf16 if reference_dtype == "bfloat16" else params
   b = s.b // micro_batches  # prompts alive at a time
   if s.recipe == "sft":
     tokens, attended = b * (s.p + s.t), b * (s.p + s.t) ** 2
@@ -152,8 +160,8 @@ def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
   in_layers = cfg.num_params() - outside
   out = dict(
       params=params,
-      optimizer=params * (2 + (grad_accum > 1)),
-      reference=params if s.recipe in ("dpo", "ldl") else 0,
+      optimizer=mu + params * (1 + (grad_accum > 1)),
+      reference=ref if s.recipe in ("dpo", "ldl") else 0,
       gradients=params * (1 + (micro_batches > 1)),
       # scan_layers: the layers' weights stacked per call, and their
       # gradient stacked before it is split back per layer.
@@ -176,7 +184,9 @@ def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
 def estimate_from_config(config, cfg: llama.LlamaConfig, mesh) -> dict:
   est = estimate(cfg, mesh, aot.shapes(config),
                  grad_accum=config.opt.grad_accum,
-                 micro_batches=config.opt.get("micro_batches", 1))
+                 micro_batches=config.opt.get("micro_batches", 1),
+                 mu_dtype=config.opt.get("mu_dtype", "float32"),
+                 reference_dtype=config.rl.get("reference_dtype", "float32"))
   est["_title"] = (f"{aot.shapes(config)}; mesh {dict(mesh.shape)}; params "
                    f"{jnp.dtype(cfg.param_dtype).name}, compute "
                    f"{jnp.dtype(cfg.dtype).name}, remat {cfg.remat}, "

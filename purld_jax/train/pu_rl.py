@@ -11,9 +11,12 @@ The reference is the SFT stage's output (stage 1 runs first, or is skipped
 with `sft.steps = 0`, when the reference is the initial model). With LoRA
 (`model.lora.rank` > 0) the policy is new adapters (B = 0) on that very
 reference, frozen: the reference of the KL / DPO / LDL terms is the same
-base arrays with zero adapters (`lora_views`), not a second copy. Checkpoints
-hold params, optimizer state, step, RNG and the data iterator, so a killed
-run resumes to the bit and never asks the teacher twice (the ledger).
+base arrays with zero adapters (`lora_views`), not a second copy; without
+LoRA `rl.reference_dtype` = "bfloat16" keeps that copy in bf16 (never
+checkpointed: every start, resumes included, reloads and casts it).
+Checkpoints hold params, optimizer state, step, RNG and the data iterator,
+so a killed run resumes to the bit and never asks the teacher twice (the
+ledger).
 """
 
 from __future__ import annotations
@@ -99,19 +102,43 @@ def _reference(config, workdir, student, ref_dir=None):
   return graphdef, hf.load_params(ref_dir, student.cfg)
 
 
-def lora_views(train, ref_host, param_sh):
+def cast_reference(ref_host, dtype_name: str = "float32"):
+  """The reference's host params stored in `dtype_name` (rl.reference_dtype):
+  "float32" leaves them as loaded (model.param_dtype); "bfloat16" rounds
+  every floating leaf to bf16 (half the bytes; the model casts each weight
+  to its compute dtype, model.dtype, where it is used)."""
+  if dtype_name == "float32":
+    return ref_host
+  if dtype_name != "bfloat16":
+    raise ValueError(f"rl.reference_dtype {dtype_name!r} not in "
+                     "('float32', 'bfloat16')")
+  bf16 = jax.numpy.bfloat16
+  return jax.tree.map(
+      lambda x: np.asarray(x, bf16)
+      if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, ref_host)
+
+
+def lora_views(train, ref_host, param_sh, reference_dtype: str = "float32"):
   """(ref_params, ref_full, full) of stage 2.
 
   ref_params: what the recipes' steps take as the reference (`state.model
-    (ref_params)`): the reference params on `param_sh`, or with LoRA zero
-    adapters (the frozen base is the reference: B = 0 adds exactly 0).
+    (ref_params)`): the reference params on `param_sh`, stored in
+    `reference_dtype` (`cast_reference`), or with LoRA zero adapters (the
+    frozen base is the reference: B = 0 adds exactly 0).
   ref_full: the reference's whole param tree (sampler, scorers, GRPO's
     reference log-probs); with LoRA it holds `train.frozen`'s very arrays.
   full: params -> the whole model's tree (the identity without LoRA).
+
+  Raises:
+    ValueError: `reference_dtype` is not "float32" with LoRA (the frozen
+      base is the policy's too: config_check refuses it first).
   """
   if train.frozen is None:
-    ref = sharded.put(ref_host, param_sh)
+    ref = sharded.put(cast_reference(ref_host, reference_dtype), param_sh)
     return ref, ref, lambda p: p
+  if reference_dtype != "float32":
+    raise ValueError(f"rl.reference_dtype={reference_dtype!r} does not apply "
+                     "with LoRA: the reference is the frozen base itself")
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), train.shapes)
   ref = sharded.put(zeros, train.shardings)
   return ref, train.full(ref), train.full
@@ -156,15 +183,20 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   mesh, param_sh = loop_lib.mesh_setup(
       config, student.cfg, batch_sizes={"rl.batch_size": config.rl.batch_size})
   ref_host = jax.tree.map(np.asarray, ref_host)
-  if student.cfg.lora is None:
+  ref_dtype = config.rl.get("reference_dtype", "float32")
+  if student.cfg.lora is None and ref_dtype == "float32":
     # One copy of the reference, on the devices (a device_put copies even
     # on CPU); the policy starts as a copy of it (Stage's jitted init).
     ref_host = sharded.put(ref_host, param_sh)
-  # With LoRA the policy is adapters on the frozen reference (read once).
-  train = student_lib.trainable(student, param_sh, lambda r=ref_host: r,
+  # The policy's f32 start (with LoRA: the frozen base, read once here),
+  # let go once the train state exists; only the frozen reference copy is
+  # stored in rl.reference_dtype.
+  held = [ref_host]
+  train = student_lib.trainable(student, param_sh, lambda: held[0],
                                 seed=config.seed + 1)
-  ref_params, ref_full, full = lora_views(train, ref_host, param_sh)
-  del ref_host  # the reference on the devices is the one copy kept
+  ref_params, ref_full, full = lora_views(train, ref_host, param_sh,
+                                          ref_dtype)
+  del ref_host
   vocab_chunk = config.model.vocab_chunk or None
   ref_logps_fn = sharded.jit_fn(
       lambda params, batch: grpo.reference_logps(
@@ -190,6 +222,7 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
         param_sh=train.shardings, init_params=train.init, data_iter=it,
         teacher_label=teacher.label, frozen=train.frozen,
         frozen_sh=train.frozen_sh) as st:
+      held.clear()
       state = st.state
       step_fn = sharded.jit_train_step(functools.partial(
           recipe.train_step, schedule=st.schedule,

@@ -33,6 +33,11 @@ import optax
 from flax import nnx
 
 NAN_POLICIES = ("skip", "stop")
+# opt.mu_dtype: Adam's first moment. "float32" is optax's default (mu in the
+# params' dtype: f32 with f32 params); "bfloat16" stores mu in bf16 (half the
+# bytes; the update is still computed in f32 from it). The second moment nu
+# always stays in the params' dtype (see `make_optimizer`).
+MU_DTYPES = ("float32", "bfloat16")
 
 
 class NonFiniteError(FloatingPointError):
@@ -287,7 +292,7 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int,
                    total_steps: int, end_lr_ratio: float = 0.1,
                    b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
                    weight_decay: float = 0.0, clip_norm: float = 1.0,
-                   grad_accum: int = 1
+                   grad_accum: int = 1, mu_dtype: str = "float32"
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with warmup + cosine, global-norm clipping and accumulation.
 
@@ -298,6 +303,18 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int,
     weight_decay: decoupled decay on matrices only (`decay_mask`).
     clip_norm: clip the (accumulated) gradient to this global norm; 0 = off.
     grad_accum: micro-batches averaged per update (`optax.MultiSteps`).
+    mu_dtype: "float32" (optax's default: the params' dtype) or "bfloat16":
+      Adam's first moment stored in bf16 (a name, not a dtype, so the
+      arguments stay hashable for the cache). The update and the (f32)
+      params are computed in f32; what bf16 costs, in optax 0.2.8: mu is
+      rounded when stored and again in `b1 * mu`, computed in mu's dtype
+      with b1 itself rounded to bf16 (0.9 -> 0.8984375), so for a steady
+      gradient mu settles at (1 - b1) / (1 - bf16(b1)) of its f32 value
+      (0.985 at b1 = 0.9; config_check refuses b1 where that is off by
+      > 3 %, `mu_bf16_gain`). The second moment nu is not offered in bf16:
+      at b2 = 0.999, bf16(b2) = 1.0 and nu could never shrink, a change of
+      nu under 2^-9 .. 2^-8 of it is lost in any case, and nu sits in every
+      step's denominator (benchmarks/README.md, "Half-precision state").
 
   Returns:
     (tx, schedule): schedule(update count) is the learning rate. Cached:
@@ -306,16 +323,28 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int,
   """
   if grad_accum < 1:
     raise ValueError(f"grad_accum {grad_accum} < 1")
+  if mu_dtype not in MU_DTYPES:
+    raise ValueError(f"mu_dtype {mu_dtype!r} not in {MU_DTYPES}")
   schedule = make_schedule(learning_rate=learning_rate,
                            warmup_steps=warmup_steps, total_steps=total_steps,
                            end_lr_ratio=end_lr_ratio)
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
-  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps,
-                           weight_decay=weight_decay, mask=decay_mask))
+  parts.append(optax.adamw(
+      schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+      mask=decay_mask,
+      mu_dtype=jnp.bfloat16 if mu_dtype == "bfloat16" else None))
   tx = optax.chain(*parts)
   if grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=grad_accum)
   return tx, schedule
+
+
+def mu_bf16_gain(b1: float) -> float:
+  """(1 - b1) / (1 - bf16(b1)): where a bf16 mu settles for a steady
+  gradient, as a share of the f32 mu (optax rounds b1 to mu's dtype in
+  b1 * mu); 0 when bf16(b1) = 1 (mu never decays)."""
+  rounded = float(jnp.asarray(b1, jnp.bfloat16))
+  return (1.0 - b1) / (1.0 - rounded) if rounded < 1.0 else 0.0
 
 
 def stage_updates(total_steps: int, *, updates_per_step: int = 1,
@@ -347,7 +376,7 @@ def optimizer_from_config(opt, *, learning_rate: float, warmup_frac: float,
       total_steps=updates,
       end_lr_ratio=opt.end_lr_ratio, b1=opt.b1, b2=opt.b2, eps=opt.eps,
       weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
-      grad_accum=opt.grad_accum)
+      grad_accum=opt.grad_accum, mu_dtype=opt.get("mu_dtype", "float32"))
 
 
 def check_finite(metrics: dict, *, step: int, policy: str) -> None:

@@ -44,15 +44,23 @@ def test_pod_configs_validate(name, variant, monkeypatch):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
-def test_tiny_dpo_step_compiles_on_8_devices(monkeypatch):
+@pytest.mark.parametrize("half", [False, True])
+def test_tiny_dpo_step_compiles_on_8_devices(half, monkeypatch):
+  """half: opt.mu_dtype and rl.reference_dtype bfloat16, so XLA's argument
+  bytes shrink by 2 bytes a parameter twice, as the estimate says."""
   monkeypatch.chdir(REPO)
   cfg = _config("qwen25_1p5b_v5e16", "tiny")
   cfg.rl.batch_size = 4  # 4 prompts over data x fsdp = 4
   cfg.data.max_prompt_len = 16
+  if half:
+    cfg.opt.mu_dtype = cfg.rl.reference_dtype = "bfloat16"
   mesh = sharding.make_mesh((2, 2, 2))
   compiled, _, s, arch = aot.compile_train_step(cfg, mesh)
   stats = compiled.memory_analysis()
-  est = memory.estimate(arch, mesh, s)
+  est = memory.estimate_from_config(cfg, arch, mesh)
+  if half:
+    assert est["optimizer"] == 3 * est["params"] // 2
+    assert est["reference"] == est["params"] // 2
   # Per device: params, Adam mu and nu, reference params, plus one prompt's
   # batch: prompt 16 (i32 + bool), members 2 x 8 (i32 + bool), pair
   # (2 x i32 + bool), and scalars (counters, step, rng, nan_at_step).

@@ -90,3 +90,16 @@ def test_micro_batches_shrink_activations_by_hand():
   assert two["logits"] == want["logits"]
   assert two["gradients"] == 2 * one["gradients"] == 2 * one["params"]
   assert two["kv_cache"] == one["kv_cache"]
+
+
+def test_half_state_counts_two_bytes_a_parameter_by_hand():
+  # opt.mu_dtype / rl.reference_dtype bfloat16: mu and the DPO reference at
+  # 2 bytes a parameter instead of 4 (f32 params); nu and the params stay.
+  s = aot.Shapes("dpo", b=2, k=2, p=3, t=5, u=2)
+  f32 = memory.estimate(CFG, _mesh(1, 1, 1), s)
+  half = memory.estimate(CFG, _mesh(1, 1, 1), s, mu_dtype="bfloat16",
+                         reference_dtype="bfloat16")
+  p = f32["params"]
+  assert f32["optimizer"] == 2 * p and f32["reference"] == p
+  assert half["optimizer"] == p + p // 2 and half["reference"] == p // 2
+  assert half["params"] == p and half["gradients"] == f32["gradients"]
