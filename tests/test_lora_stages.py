@@ -1,0 +1,84 @@
+"""LoRA runs end to end (issue 32's gaps): exporting a LoRA HF directory
+with --dtype keeps its adapter/; stage 2 DPO and LDL on a LoRA student;
+an exact resume of a LoRA stage 2 after kill -9.
+
+  .venv/bin/python -m pytest -q tests/test_lora_stages.py
+  .venv/bin/python -m pytest -q -m slow tests/test_lora_stages.py
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from numpy import testing as npt
+from safetensors import numpy as st_numpy
+
+from purld_jax import export
+from purld_jax.models import hf
+from purld_jax.models import llama
+from purld_jax.models import lora
+from purld_jax.train import sft
+from purld_jax.train import student as student_lib
+from tests.train_fixtures import char_tok  # noqa: F401  (fixture)
+
+# ----------------------------------------------------------------------------
+# Export of a LoRA run's HF directory with --dtype
+
+
+def _lora_final(workdir, tok, spec=lora.LoraSpec(rank=2, alpha=4.0)):
+  """WORKDIR/final/ as a LoRA stage writes it (the merge and adapter/),
+  adapters with B != 0; returns (cfg, adapters, base)."""
+  cfg = llama.tiny_config(lora=spec)
+  base = student_lib._random_params(lora.base_config(cfg), 0)  # pylint: disable=protected-access
+  rng = np.random.default_rng(5)
+  adapters = jax.tree.map(
+      lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype),
+      lora.init_adapters(cfg, 1))
+  graphdef, _ = llama.abstract_model(cfg)
+  sft.write_model_dir(graphdef, lora.join(adapters, base), tok,
+                      os.path.join(workdir, "final"), "DONE", {"steps": 1},
+                      adapter_base=os.path.join(workdir, "reference"))
+  return cfg, adapters, base
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_export_of_a_lora_dir_with_dtype_writes_its_adapter(
+    tmp_path, char_tok, dtype):  # noqa: F811
+  work = tmp_path / "w"
+  cfg, adapters, _ = _lora_final(str(work), char_tok)
+  src_adapter = work / "final" / sft.ADAPTER
+  want = st_numpy.load_file(src_adapter / lora.PEFT_WEIGHTS)
+  # By hand: layer 1's v_proj lora_B.weight is B^T [out = G H = 16, r = 2].
+  key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+  b = np.asarray(adapters["layers"][1]["attn"]["v_proj_lora"]["lora_b"])
+  npt.assert_array_equal(want[key], b.T)
+  src, out, written = export.export(work, tmp_path / "out", source="final",
+                                    dtype=dtype)
+  assert (src.kind, written) == ("final", True)
+  got = st_numpy.load_file(os.path.join(out, export.ADAPTER,
+                                        lora.PEFT_WEIGHTS))
+  assert set(got) == set(want) and len(got) == 2 * 7 * cfg.num_layers
+  np_dtype = np.dtype(getattr(jnp, dtype))
+  for name, value in want.items():
+    assert got[name].dtype == np_dtype, name
+    npt.assert_array_equal(got[name], value.astype(np_dtype), err_msg=name)
+  if dtype == "bfloat16":  # really converted: rounded, not the f32 bits
+    assert not np.array_equal(got[key].astype(np.float32), want[key])
+  assert json.loads((tmp_path / "out" / export.ADAPTER / lora.PEFT_CONFIG
+                     ).read_text()) == json.loads(
+                         (src_adapter / lora.PEFT_CONFIG).read_text())
+  # The merge beside it is in `dtype` too.
+  merged = st_numpy.load_file(os.path.join(out, hf.SAFETENSORS))
+  assert {v.dtype for v in merged.values()} == {np_dtype}
+  # A plain HF dir (no adapter/) exports without one.
+  model = nnx.merge(llama.abstract_model(lora.base_config(cfg))[0],
+                    student_lib._random_params(lora.base_config(cfg), 0))  # pylint: disable=protected-access
+  sft.write_model_dir(nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model)),
+                      char_tok, str(tmp_path / "plain" / "final"), "DONE", {})
+  _, out, _ = export.export(tmp_path / "plain", tmp_path / "out2",
+                            source="final", dtype=dtype)
+  assert not os.path.exists(os.path.join(out, export.ADAPTER))
