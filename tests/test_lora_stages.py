@@ -24,6 +24,7 @@ from purld_jax.models import lora
 from purld_jax.train import sft
 from purld_jax.train import student as student_lib
 from tests.train_fixtures import char_tok  # noqa: F401  (fixture)
+from tests.train_fixtures import jit_cache  # noqa: F401  (fixture)
 
 # ----------------------------------------------------------------------------
 # Export of a LoRA run's HF directory with --dtype
@@ -82,3 +83,68 @@ def test_export_of_a_lora_dir_with_dtype_writes_its_adapter(
   _, out, _ = export.export(tmp_path / "plain", tmp_path / "out2",
                             source="final", dtype=dtype)
   assert not os.path.exists(os.path.join(out, export.ADAPTER))
+
+
+# ----------------------------------------------------------------------------
+# Stage 2 DPO and LDL on a LoRA student
+
+TARGETS = ("q_proj", "up_proj")  # a subset: the rest must not move
+
+
+def _rl_config(recipe, **kw):
+  from tests import train_fixtures  # pylint: disable=g-import-not-at-top
+  return train_fixtures.tiny_config(**{
+      "recipe": recipe, "rl.steps": 2, "sft.steps": 1, "model.lora.rank": 4,
+      "model.lora.targets": TARGETS, "log.tensorboard": False,
+      "ranking.yes_word": "Y", "ranking.no_word": "N",
+      "ckpt.async_save": False, "ckpt.every_steps": 1,
+      "ckpt.keep_finished": "all", **kw})
+
+
+def _ckpt_params(workdir, recipe, step):
+  from tests.test_lora import _ckpt_param_paths  # pylint: disable=g-import-not-at-top
+  return _ckpt_param_paths(os.path.join(workdir, "ckpt", recipe, str(step)))
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "ldl"])
+def test_dpo_and_ldl_on_a_lora_student_end_to_end(recipe, tmp_path,
+                                                   jit_cache):  # noqa: F811
+  """Stage 2 on adapters over the frozen reference: the first step's
+  policy IS the reference (B = 0), so DPO's sigmoid loss is log 2 and
+  LDL's implied distribution is uniform over the M members (its entropy
+  log M, the loss KL(d || uniform) = log M - H(d)); the checkpoints hold
+  the adapters alone; final/ differs from reference/ only in the targets'
+  weights, and final/adapter/ holds B != 0 on reference/."""
+  import re  # pylint: disable=g-import-not-at-top
+  from purld_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from purld_jax.train import pu_rl  # pylint: disable=g-import-not-at-top
+  c = _rl_config(recipe)
+  out = pu_rl.run(c, str(tmp_path))
+  rows = [r for r in metrics_lib.read(str(tmp_path)) if r["stage"] == recipe]
+  assert [r["step"] for r in rows] == [1, 2]
+  first = rows[0]
+  assert first["grad_norm"] > 0 and first["skipped"] == 0.0, first
+  if recipe == "dpo":
+    npt.assert_allclose(first["loss"], np.log(2.0), rtol=1e-6)
+  else:
+    m = c.sampling.num_candidates + int(c.pu.include_anchor)
+    npt.assert_allclose(first["entropy_implied"], np.log(m), rtol=1e-5)
+    npt.assert_allclose(first["loss"], np.log(m) - first["entropy_label"],
+                        rtol=1e-5, atol=1e-6)
+    assert first["loss"] > 0  # d is not uniform: a signal to fit
+  assert rows[1]["loss"] != first["loss"]  # the adapters moved
+  for step in (1, 2):
+    paths = _ckpt_params(str(tmp_path), recipe, step)
+    assert {re.search(r"'(\w+_lora)'", p).group(1) for p in paths} == {
+        t + lora.SUFFIX for t in TARGETS}, sorted(paths)
+  ref = st_numpy.load_file(tmp_path / "reference" / hf.SAFETENSORS)
+  final = st_numpy.load_file(os.path.join(out, hf.SAFETENSORS))
+  assert set(ref) == set(final)
+  changed = {n for n in ref if not np.array_equal(ref[n], final[n])}
+  assert {n.split(".")[-2] for n in changed} == set(TARGETS), sorted(changed)
+  peft = st_numpy.load_file(os.path.join(out, sft.ADAPTER, lora.PEFT_WEIGHTS))
+  assert len(peft) == 2 * len(TARGETS) * 2
+  assert all(np.any(v != 0) for k, v in peft.items() if "lora_B" in k)
+  meta = json.loads((tmp_path / "final" / sft.ADAPTER / lora.PEFT_CONFIG
+                     ).read_text())
+  assert meta["base_model_name_or_path"] == sft.reference_dir(str(tmp_path))
