@@ -148,3 +148,82 @@ def test_dpo_and_ldl_on_a_lora_student_end_to_end(recipe, tmp_path,
   meta = json.loads((tmp_path / "final" / sft.ADAPTER / lora.PEFT_CONFIG
                      ).read_text())
   assert meta["base_model_name_or_path"] == sft.reference_dir(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------
+# kill -9 during a LoRA stage 2, resumed in another process
+
+N = 2  # kill after N steps, resume to 2N
+
+
+@pytest.mark.slow
+def test_lora_dpo_exact_resume_after_kill_9(tmp_path, jit_cache):  # noqa: F811
+  """test_train_pu_rl.py's kill -9 test on a LoRA student (rank 4, all
+  targets): N DPO steps in a child, SIGKILL once step N is checkpointed,
+  resume to 2N here; the adapters, their Adam state, step and rng are
+  bit-identical to an uninterrupted 2N run's, and so is final/adapter/."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from purld_jax import ledger as ledger_lib  # pylint: disable=g-import-not-at-top
+  from purld_jax.train import pu_rl  # pylint: disable=g-import-not-at-top
+  from tests import train_fixtures  # pylint: disable=g-import-not-at-top
+  from tests.test_train_sft import _assert_bit_identical  # pylint: disable=g-import-not-at-top
+  recipe = "dpo"
+  cfg = train_fixtures.tiny_config(**{
+      "recipe": recipe, "rl.steps": 2 * N, "sft.steps": 1,
+      "ckpt.every_steps": N, "log.tensorboard": False,
+      "ranking.yes_word": "Y", "ranking.no_word": "N", "model.lora.rank": 4})
+  full = str(tmp_path / "full")
+  pu_rl.run(cfg, full)
+
+  killed = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "purld_jax.main",
+         "--config=configs/sft.py:tiny", f"--workdir={killed}",
+         f"--config.recipe={recipe}",
+         f"--config.data.train_path={cfg.data.train_path}",
+         f"--config.data.eval_path={cfg.data.eval_path}",
+         f"--config.rl.steps={2 * N}", "--config.sft.steps=1",
+         f"--config.ckpt.every_steps={N}", "--config.log.tensorboard=False",
+         "--config.ranking.yes_word=Y", "--config.ranking.no_word=N",
+         "--config.model.lora.rank=4",
+         "--config.debug.step_sleep_s=1.0", train_fixtures.ONE_DEVICE]
+  proc = subprocess.Popen(cmd, cwd=train_fixtures.REPO,
+                          env=train_fixtures.subprocess_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  step_dir = os.path.join(killed, "ckpt", recipe, str(N))
+  deadline = time.time() + 300
+  while not os.path.isdir(step_dir) and proc.poll() is None:
+    assert time.time() < deadline, "no checkpoint at step N in time"
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  out = proc.communicate()[0].decode(errors="replace")
+  assert proc.returncode == -signal.SIGKILL, out
+  assert not os.path.exists(os.path.join(killed, "ckpt", recipe, str(2 * N)))
+  assert not os.path.exists(os.path.join(killed, pu_rl.FINAL))
+  ledger = ledger_lib.Ledger(killed, create=False)
+  before = ledger.stats()
+  ledger.close()
+
+  pu_rl.run(cfg, killed)  # stage 1 is done; stage 2 resumes from step N
+
+  got = train_fixtures.restore_rl_arrays(cfg, killed, 2 * N)
+  want = train_fixtures.restore_rl_arrays(cfg, full, 2 * N)
+  # The checkpoints are the adapters' (7 targets x 2 layers x A, B).
+  assert len(jax.tree.leaves(got["params"])) == 2 * 7 * 2
+  assert all(k.endswith(lora.SUFFIX)
+             for k in got["params"]["layers"][0]["attn"])
+  _assert_bit_identical(got, want)
+  assert int(got["step"]) == 2 * N
+  peft = [st_numpy.load_file(os.path.join(w, pu_rl.FINAL, sft.ADAPTER,
+                                          lora.PEFT_WEIGHTS))
+          for w in (killed, full)]
+  assert set(peft[0]) == set(peft[1])
+  for name, value in peft[1].items():
+    npt.assert_array_equal(peft[0][name], value, err_msg=name)
+  ledger = ledger_lib.Ledger(killed, create=False)
+  after = ledger.stats()
+  ledger.close()
+  assert after.requests == before.requests  # no teacher call after resume
+  assert after.asked_after_stored == 0
