@@ -2,6 +2,7 @@
 
   python -m benchmarks.grpo_iteration            # 8 prompts x 8 x 64 tokens
   python -m benchmarks.grpo_iteration --quick    # 2 prompts x 2 x 8, 1 iteration
+  python -m benchmarks.grpo_iteration --quick --sides ours --lora 8
 
 The job, the same on every side: SmolLM2-135M-Instruct (the f32 HF directory
 of `models.embedded.ensure_converted`, loaded by both), the first B prompts
@@ -28,6 +29,12 @@ Sides, each in its own process:
   trl_onebatch GRPOTrainer, all B*K completions in one micro-batch.
   trl_accum    GRPOTrainer, K completions per micro-batch and B
                gradient-accumulation steps (its lower-memory setting).
+--lora R (ours only): the policy is rank-R LoRA adapters on the frozen
+model (`peers.ours_setup`), trained as the stages train them (the base an
+undonated argument of the jitted step, the reference the base with zero
+adapters): NOT the same work as TRL's full fine-tune (no gradient or Adam
+state for the base weights), so its time and memory are ours' alone, not
+a comparison.
 TRL computes no old log-probs here (generation and the update are aligned,
 so its ratio is taken against the detached current log-probs, which equal
 them); its reference is a second model copy.
@@ -70,7 +77,7 @@ def run_ours(s: dict) -> dict:
 
   rows = peers.demo_prompts(s["prompts"])
   state, ref_params, schedule, tok, batch_p, cfg = peers.ours_setup(
-      s["lr"], rows, remat=s["remat"])
+      s["lr"], rows, remat=s["remat"], lora_rank=s.get("lora", 0))
   graphdef = state.graphdef
   answers = [r["answer"] for r in rows]
   verifier = lambda b, text: peers.exact_match(text, answers[b])
@@ -80,22 +87,38 @@ def run_ours(s: dict) -> dict:
   rp = rollout.RankingParams(scheme="oracle")
   config = types.SimpleNamespace(
       preference=types.SimpleNamespace(tau_label=1.0),
-      pu=types.SimpleNamespace(center=True),
-      loss=types.SimpleNamespace(grpo=types.SimpleNamespace(advantage="std")))
+      # d = softmax over the K rewards (shift: the anchor's score cancels;
+      # not a member), A = (d - mean) / max(std, 0.1): the group's rewards
+      # alone, no PU gate. (build_batch reads these since 139979b.)
+      pu=types.SimpleNamespace(mode="shift", delta=0.0, prior=0.5,
+                               include_anchor=False, anchor_fallback=False),
+      loss=types.SimpleNamespace(grpo=types.SimpleNamespace(
+          advantage="std", std_floor=0.1)))
   micro = s["micro_batches"]
   ref_fn = jax.jit(lambda p, b: grpo.reference_logps(
       nnx.merge(graphdef, p), b, micro_batches=micro))
-  step_fn = jax.jit(functools.partial(
+  train = functools.partial(
       grpo.train_step, eps_low=s["epsilon"], eps_high=s["epsilon"],
       beta_kl=s["beta"], aggregation="token", schedule=schedule,
-      micro_batches=micro), donate_argnums=0)
+      micro_batches=micro)
+  frozen = state.frozen  # LoRA: the base, never donated (sharded.FrozenStep)
+  if frozen is None:
+    step_fn = jax.jit(train, donate_argnums=0)
+    step_args = lambda st: (st,)
+  else:
+    def body(st, base, b):
+      new, m = train(st.replace(frozen=base), b)
+      return new.replace(frozen=None), m
+    step_fn = jax.jit(body, donate_argnums=0)
+    step_args = lambda st: (st.replace(frozen=None), frozen)
   phases = peers.Phases()
   iters, tokens, temps = [], 0, {}
 
   for it in range(1 + s["iterations"]):
     start = time.perf_counter()
     key = jax.random.fold_in(jax.random.PRNGKey(1), it)
-    group = rollout.collect(graphdef, state.params, ref_params, tok, batch_p,
+    group = rollout.collect(graphdef, state.full_params(), ref_params, tok,
+                            batch_p,
                             [str(a) for a in answers], key,
                             k=s["completions"], sampling=sp,
                             ranking_params=rp, max_anchor_len=16,
@@ -111,9 +134,10 @@ def run_ours(s: dict) -> dict:
       batch["ref_logps"] = jax.block_until_ready(ref_fn(ref_params, batch))
     if it == 0:
       step_fn, temps["train_step"] = peers.compile_jit(
-          phases, "compile_train_step", step_fn, state, batch)
+          phases, "compile_train_step", step_fn, *step_args(state), batch)
     with phases("train_step"):
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(*step_args(state), batch)
+      state = state.replace(frozen=frozen)
       jax.block_until_ready(state.params)
     total = time.perf_counter() - start
     times = phases.take()
@@ -215,6 +239,10 @@ def main(argv=None):
                       "after another inside the jitted step and the "
                       "reference pass (default: B, one prompt's K "
                       "completions per slice, TRL's accumulation layout)")
+  parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                      help="ours only: train rank-RANK LoRA adapters on the "
+                      "frozen model (0: full fine-tune). Not equal work to "
+                      "TRL's full fine-tune")
   peers.add_common_args(parser, SIDES)
   args = parser.parse_args(argv)
   if args.quick:
@@ -228,6 +256,12 @@ def main(argv=None):
                   rate_rows=512, omp_wait=args.omp_wait, remat=args.remat,
                   micro_batches=micro,
                   quick=args.quick)
+  if args.lora:
+    settings["lora"] = args.lora
+    print(f"ours: LoRA rank {args.lora} (alpha {2 * args.lora}, all seven "
+          "projections), the base frozen: NOT equal work to TRL's full "
+          "fine-tune (TRL sides, if run, still train every weight)",
+          flush=True)
   sides = peers.run_sides(MODULE, args.sides, settings)
   from purld_jax.models import embedded
   dims = peers.model_dims(str(embedded.ensure_converted()))
@@ -245,6 +279,10 @@ def main(argv=None):
              if "mean_completion_length" in s else
              f", completion tokens {s.get('completion_tokens')}"))
   peers.report("grpo_iteration", settings, sides, useful, PHASES, args.out)
+  if args.lora:
+    print(f"note: ours trained LoRA rank {args.lora} adapters, the base "
+          "frozen; the useful GFLOP above count a full fine-tune's update, "
+          "and any ratio to a TRL side compares unequal work")
 
 
 if __name__ == "__main__":

@@ -365,12 +365,17 @@ def run_sides(module: str, sides: str, settings: dict) -> dict:
   return out
 
 
-def ours_setup(lr: float, rows: list[dict], remat: str = "none"):
+def ours_setup(lr: float, rows: list[dict], remat: str = "none",
+               lora_rank: int = 0):
   """purld_jax's side: the f32 model (`LlamaConfig.remat` = remat: "full"
   recomputes each layer in the backward pass instead of keeping its
   activations), a TrainState (AdamW as TRL's: betas
   0.9/0.999, clipping at 1, no decay), a reference copy, and the prompts of
   `rows` as one left-padded `data.PromptBatch`.
+
+  `lora_rank` r > 0: the state trains rank-r adapters (alpha 2 r, all
+  targets) over `state.frozen`, the base; the reference is that base with
+  zero adapters (a whole tree, the same arrays).
 
   Returns:
     (state, ref_params, schedule, tok, prompt batch, model config).
@@ -392,14 +397,21 @@ def ours_setup(lr: float, rows: list[dict], remat: str = "none"):
   cfg = dataclasses.replace(hf.read_config(path, dtype=jnp.float32,
                                            param_dtype=jnp.float32),
                             remat=remat)
-  params = hf.load_params(path, cfg)
+  if lora_rank:
+    from purld_jax.models import lora  # pylint: disable=g-import-not-at-top
+    cfg = cfg.replace(lora=lora.LoraSpec(rank=lora_rank,
+                                         alpha=2.0 * lora_rank))
+  params = hf.load_params(path, cfg)  # with LoRA: the base alone
   graphdef, _ = llama.abstract_model(cfg)
-  ref_params = jax.tree.map(jnp.copy, params)
   tx, schedule = state_lib.make_optimizer(
       learning_rate=lr, warmup_steps=0, total_steps=1000, b2=0.999,
       clip_norm=1.0)
-  state = state_lib.TrainState.create(graphdef, params, tx,
-                                      rng=jax.random.PRNGKey(0))
+  trained = lora.init_adapters(cfg, 0) if lora_rank else params
+  state = state_lib.TrainState.create(graphdef, trained, tx,
+                                      rng=jax.random.PRNGKey(0),
+                                      frozen=params if lora_rank else None)
+  ref_params = (state.full_params(jax.tree.map(jnp.zeros_like, trained))
+                if lora_rank else jax.tree.map(jnp.copy, params))
   prompts = [prompts_lib.Prompt.from_text(r["prompt"], id=str(i),
                                           answer=r.get("answer"))
              for i, r in enumerate(rows)]

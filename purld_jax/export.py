@@ -15,8 +15,9 @@ OUT gets config.json, model.safetensors, the tokenizer files and EXPORT.json
 (what was exported); a LoRA run's model (`model.lora.rank` > 0) is written
 merged (adapters folded into their weights) and its adapters as a PEFT
 directory OUT/adapter/ (adapter_config.json, adapter_model.safetensors;
-the base is model.path for stage 1, WORKDIR/reference for stage 2); transformers' AutoModelForCausalLM / AutoTokenizer load
-it. --gguf adds OUT/model-f16.gguf for llama.cpp (tools/export_gguf.py:
+the base is model.path for stage 1, WORKDIR/reference for stage 2; with
+--dtype its tensors are converted too); transformers'
+AutoModelForCausalLM / AutoTokenizer load it. --gguf adds OUT/model-f16.gguf for llama.cpp (tools/export_gguf.py:
 llama/SmolLM2 or qwen2 models with a byte-level BPE tokenizer). OUT is
 written in a temporary directory and renamed when complete.
 """
@@ -268,6 +269,8 @@ def export(workdir: str, out: str, *, source: str | None = None,
                              dtype=getattr(jnp, dtype) if dtype else None)
       if adapter_base is not None:  # LoRA: the adapters beside the merge
         _write_adapter(model, tmp, adapter_base, dtype)
+      elif src.stage is None:  # a LoRA run's HF dir: its adapter/ too
+        _convert_adapter(src.path, tmp, dtype)
     with open(os.path.join(tmp, PROVENANCE), "w", encoding="utf-8") as f:
       json.dump(dict(workdir=workdir, source=src.kind, path=src.path,
                      stage=src.stage, step=src.step, stamp=stamp), f,
@@ -297,6 +300,28 @@ def _write_adapter(model, out: str, base: str, dtype: str | None) -> None:
   lora.write_peft(lora.split(params)[0], model.cfg, os.path.join(out, ADAPTER),
                   base_model_name_or_path=base,
                   dtype=getattr(jnp, dtype) if dtype else None)
+
+
+def _convert_adapter(model_dir: str, out: str, dtype: str) -> None:
+  """`model_dir/adapter/` (the PEFT directory of a LoRA run's final/ or
+  reference/) as out/adapter/ with its tensors in `dtype` and its
+  adapter_config.json as it is; nothing when `model_dir` has none."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  from purld_jax.models import lora  # pylint: disable=g-import-not-at-top
+  src = os.path.join(model_dir, ADAPTER)
+  if not os.path.isfile(os.path.join(src, lora.PEFT_WEIGHTS)):
+    return
+  dst = os.path.join(out, ADAPTER)
+  os.makedirs(dst)
+  tensors = st_numpy.load_file(os.path.join(src, lora.PEFT_WEIGHTS))
+  st_numpy.save_file(
+      {k: np.ascontiguousarray(v.astype(getattr(jnp, dtype)))
+       for k, v in tensors.items()},
+      os.path.join(dst, lora.PEFT_WEIGHTS), metadata={"format": "pt"})
+  shutil.copy2(os.path.join(src, lora.PEFT_CONFIG),
+               os.path.join(dst, lora.PEFT_CONFIG))
 
 
 def define_flags() -> None:

@@ -91,13 +91,17 @@ def char_tok(tmp_path_factory):
 def restore_rl_arrays(cfg, workdir, step):
   """The train-state arrays of <workdir>/ckpt/<recipe>/<step> of a PU-RL
   run of `cfg`, on one device (its optimizer built as the stage builds it:
-  GRPO's inner iterations count as updates)."""
+  GRPO's inner iterations count as updates; with LoRA the adapters'
+  state)."""
   import jax
   from purld_jax import checkpoint as checkpoint_lib
   from purld_jax.train import state as state_lib
   from purld_jax.train import student
   s = student.from_config(cfg.model, str(workdir))
   graphdef, shapes = s.abstract()
+  if s.cfg.lora is not None:  # a LoRA checkpoint holds the adapters alone
+    from purld_jax.models import lora
+    shapes = lora.split(shapes)[0]
   inner = (cfg.loss.grpo.inner_iterations if cfg.recipe == "grpo" else 1)
   tx, _ = state_lib.optimizer_from_config(
       cfg.opt, learning_rate=cfg.opt.learning_rate,

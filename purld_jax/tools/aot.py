@@ -12,6 +12,10 @@ slice, without the slice and without weights.
 `jax.ShapeDtypeStruct`s carrying their shardings (`sharded.py`): the
 train state (params, optimizer state, step, rng), the reference params
 (DPO, LDL) and one batch of the shapes the config implies (`shapes`).
+With `model.lora.rank` > 0 the step is the stages' LoRA step
+(`sharded.FrozenStep`): the state's params and optimizer state are the
+adapters', the frozen base a separate undonated argument, and the
+reference zero adapters over that base (train/pu_rl.py `lora_views`).
 Prints the memory estimate (`tools/memory.py`) next to XLA's
 `memory_analysis()` of the compiled step.
 """
@@ -30,6 +34,7 @@ import jax.numpy as jnp
 from purld_jax import sharded
 from purld_jax import sharding
 from purld_jax.models import llama
+from purld_jax.models import lora
 from purld_jax.train import state as state_lib
 from purld_jax.train import student as student_lib
 
@@ -128,10 +133,15 @@ def lower_train_step(config, mesh, rules=sharding.DEFAULT_RULES):
       warmup_frac=config.opt.warmup_frac, total_steps=config.rl.steps,
       updates_per_step=(config.loss.grpo.inner_iterations
                         if config.recipe == "grpo" else 1))
-  state = jax.eval_shape(lambda p: state_lib.TrainState.create(
-      graphdef, p, tx, rng=jax.random.PRNGKey(0)), param_shapes)
   p_sh = sharding.param_shardings(cfg, mesh, rules)
-  state_sh = sharded.state_shardings(state, p_sh)
+  frozen, frozen_sh = None, None
+  if cfg.lora is not None:  # trained: the adapters; the base frozen
+    param_shapes, frozen = lora.split(param_shapes)
+    p_sh, frozen_sh = lora.split(p_sh)
+  state = jax.eval_shape(lambda p, f: state_lib.TrainState.create(
+      graphdef, p, tx, rng=jax.random.PRNGKey(0), frozen=f),
+                         param_shapes, frozen)
+  state_sh = sharded.state_shardings(state, p_sh, frozen_sh)
   kw = dict(schedule=schedule, grad_accum=config.opt.grad_accum,
             vocab_chunk=config.model.vocab_chunk or None)
   if s.recipe != "sft":
@@ -140,6 +150,7 @@ def lower_train_step(config, mesh, rules=sharding.DEFAULT_RULES):
   batch = abstract_batch(s)
   nan = jax.ShapeDtypeStruct((), jnp.int32)
   if s.recipe in _WITH_REF:
+    # LoRA: the reference is zero adapters over the frozen base.
     ref_shapes = param_shapes  # rl.reference_dtype: the copy's storage
     if config.rl.get("reference_dtype", "float32") == "bfloat16":
       ref_shapes = jax.tree.map(

@@ -27,6 +27,15 @@ divide its mesh axes counts whole) and the dtypes:
                       split on rows by logits_batch and on V by act_vocab
                       (vocab-parallel: the table is never gathered, so
                       the estimate counts it split like the params)
+  LoRA                with `model.lora.rank` > 0 (models/lora.py) the
+                      trained params are the adapters A [in, r], B [r, out]
+                      alone: params, gradients, Adam's moments (and the
+                      accumulator) are the adapters'; the frozen base is
+                      held once (an argument, not donated, not returned);
+                      the reference of DPO / LDL is that base with zero
+                      adapters, so it costs one adapter-sized tree; the
+                      activations are counted as a full fine-tune's (the
+                      rank-r x A kept per target, c r a token, is left out)
   KV cache            sampling B prompts x K candidates: ours keeps the
                       prompt once (B x P) + each row's own T slots (in
                       chunks of 32); the naive layout B K x (P + T) is
@@ -53,6 +62,7 @@ from ml_collections import config_flags
 
 from purld_jax import sharding
 from purld_jax.models import llama
+from purld_jax.models import lora
 from purld_jax.tools import aot
 
 FLAGS = flags.FLAGS
@@ -86,15 +96,25 @@ def _split(mesh, names, size: int, rules) -> int:
   return _pieces(mesh, sharding.spec(names, rules, mesh, (size,)))
 
 
-def param_bytes(cfg: llama.LlamaConfig, mesh, rules=sharding.DEFAULT_RULES
-                ) -> int:
-  """Bytes of one device's share of the params."""
+def part_bytes(cfg: llama.LlamaConfig, mesh, rules=sharding.DEFAULT_RULES
+               ) -> tuple[int, int]:
+  """(adapters, base): bytes of one device's share of the LoRA adapters
+  (0 without `cfg.lora`) and of every other param."""
   p_sh = sharding.param_shardings(cfg, mesh, rules)
   _, shapes = llama.abstract_model(cfg)
   size = jnp.dtype(cfg.param_dtype).itemsize
-  return sum(jax.tree.leaves(jax.tree.map(
+  per_leaf = jax.tree.map(
       lambda x, sh: math.prod(x.shape) * size // _pieces(mesh, sh.spec),
-      shapes, p_sh)))
+      shapes, p_sh)
+  adapters, base = lora.split(per_leaf)
+  return sum(jax.tree.leaves(adapters)), sum(jax.tree.leaves(base))
+
+
+def param_bytes(cfg: llama.LlamaConfig, mesh, rules=sharding.DEFAULT_RULES
+                ) -> int:
+  """Bytes of one device's share of the params (with LoRA: base and
+  adapters)."""
+  return sum(part_bytes(cfg, mesh, rules))
 
 
 def activation_bytes(cfg: llama.LlamaConfig, mesh, *, tokens: int,
@@ -133,10 +153,14 @@ def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
   """Bytes per device by item (module docstring); `s` from `aot.shapes`.
 
   `micro_batches` n (`opt.micro_batches`): activations and logits are those
-  of one slice of b / n prompts, plus a gradient accumulator. `mu_dtype`,
-  `reference_dtype` (opt.mu_dtype, rl.reference_dtype): "bfloat16" counts
-  Adam's mu, the reference, at 2 bytes a parameter."""
-  params = param_bytes(cfg, mesh, rules)
+  of one slice of b / n prompts, plus a gradient accumulator. With
+  `cfg.lora`, `params` are the adapters (what is trained) and `frozen` the
+  base (module docstring). `mu_dtype`, `reference_dtype` (opt.mu_dtype,
+  rl.reference_dtype): "bfloat16" counts Adam's mu, the reference, at 2
+  bytes a parameter."""
+  adapters, base = part_bytes(cfg, mesh, rules)
+  # What is trained (gradients, Adam's moments) and what is held frozen.
+  params, frozen = (adapters, base) if cfg.lora else (adapters + base, 0)
   bf16 = params * 2 // jnp.dtype(cfg.param_dtype).itemsize
   mu = bf16 if mu_dtype == "bfloat16" else params
   ref = bf16 if reference_dtype == "bfloat16" else params
@@ -157,16 +181,20 @@ def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
   own_t = -(-max(s.t - 1, 1) // _OWN_CHUNK) * _OWN_CHUNK
   outside = cfg.vocab_size * cfg.hidden_size * (
       1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size
-  in_layers = cfg.num_params() - outside
+  in_layers = cfg.num_params() - outside  # base params (no adapters)
+  # scan_layers: the layers' weights stacked per call (the frozen ones
+  # too), and the trained ones' gradient stacked before it is split back
+  # per layer (the adapters all live in the layers).
+  stacked = (2 * params * in_layers // cfg.num_params() if not cfg.lora
+             else base * in_layers // cfg.num_params() + 2 * adapters)
   out = dict(
       params=params,
+      frozen=frozen,
       optimizer=mu + params * (1 + (grad_accum > 1)),
+      # LoRA: the reference is the frozen base with zero adapters.
       reference=ref if s.recipe in ("dpo", "ldl") else 0,
       gradients=params * (1 + (micro_batches > 1)),
-      # scan_layers: the layers' weights stacked per call, and their
-      # gradient stacked before it is split back per layer.
-      stacked_layers=(2 * params * in_layers // cfg.num_params()
-                      if cfg.scan_layers else 0),
+      stacked_layers=stacked if cfg.scan_layers else 0,
       activations=activation_bytes(cfg, mesh, tokens=tokens,
                                    attended=attended, remat=cfg.remat,
                                    rules=rules),
@@ -191,8 +219,18 @@ def estimate_from_config(config, cfg: llama.LlamaConfig, mesh) -> dict:
                    f"{jnp.dtype(cfg.param_dtype).name}, compute "
                    f"{jnp.dtype(cfg.dtype).name}, remat {cfg.remat}, "
                    f"scan_layers {cfg.scan_layers}; "
-                   f"{cfg.num_params() / 1e6:.1f} M params")
+                   f"{cfg.num_params() / 1e6:.1f} M params" + lora_title(cfg))
   return est
+
+
+def lora_title(cfg: llama.LlamaConfig) -> str:
+  """'; LoRA r 8 on 7 targets: 1.2 M trained' ('' without LoRA)."""
+  if cfg.lora is None:
+    return ""
+  adapters, _ = lora.split(llama.abstract_model(cfg)[1])
+  n = sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))
+  return (f"; LoRA r {cfg.lora.rank} on {len(cfg.lora.targets)} targets: "
+          f"{n / 1e6:.3f} M trained, the base frozen")
 
 
 def _mib(x) -> str:
@@ -203,11 +241,14 @@ def table(est: dict, compiled_stats=None) -> str:
   """The estimate (MiB per device), with XLA's figures when given."""
   m = compiled_stats
   get = lambda name: None if m is None else getattr(m, name, None)
-  args = est["params"] + est["optimizer"] + est["reference"]
+  frozen = est.get("frozen", 0)
+  args = est["params"] + frozen + est["optimizer"] + est["reference"]
   temp = (est["gradients"] + est["activations"] + est["logits"]
           + est["stacked_layers"])
-  rows = [
-      ("params", est["params"], None),
+  rows = [("params", est["params"], None)] if not frozen else [
+      ("params trained (LoRA adapters)", est["params"], None),
+      ("frozen base (held once, not donated)", frozen, None)]
+  rows += [
       ("optimizer state", est["optimizer"], None),
       ("reference params", est["reference"], None),
       ("= arguments (without the batch)", args,
@@ -217,9 +258,9 @@ def table(est: dict, compiled_stats=None) -> str:
       ("logits chunk", est["logits"], None),
       ("stacked layer weights + grads (scan)", est["stacked_layers"], None),
       ("= temporaries", temp, get("temp_size_in_bytes")),
-      ("outputs (new state; donated)", args - est["reference"],
+      ("outputs (new state; donated)", args - est["reference"] - frozen,
        get("output_size_in_bytes")),
-      ("aliased (donated state reused)", args - est["reference"],
+      ("aliased (donated state reused)", args - est["reference"] - frozen,
        get("alias_size_in_bytes")),
       ("= train step peak", args + temp,
        None if m is None else m.argument_size_in_bytes + m.temp_size_in_bytes

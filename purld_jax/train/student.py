@@ -212,13 +212,14 @@ def architecture(*, path: str, dtype_name: str, param_dtype_name: str,
 
 
 def config_architecture(model_cfg) -> llama.LlamaConfig:
-  """`architecture` of the config's `model` block, without `model.lora`
-  (tools/aot.py and tools/memory.py size a full fine-tune)."""
+  """`architecture` of the config's `model` block, `model.lora` included
+  (tools/aot.py and tools/memory.py size the adapters' training)."""
   return architecture(path=model_cfg.path, dtype_name=model_cfg.dtype,
                       param_dtype_name=model_cfg.param_dtype,
                       cache_dir=model_cfg.cache_dir,
                       remat=model_cfg.get("remat", "none"),
-                      scan_layers=model_cfg.get("scan_layers", False))
+                      scan_layers=model_cfg.get("scan_layers", False),
+                      lora_spec=lora.spec_from_config(model_cfg.get("lora")))
 
 
 def make(*, path: str, dtype_name: str, param_dtype_name: str, init_seed: int,
