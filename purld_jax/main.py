@@ -158,7 +158,9 @@ def run(config, workdir: str) -> None:
       json.dump(config.to_dict(), f, indent=2, default=list)
   from purld_jax.train import heldout  # pylint: disable=g-import-not-at-top
   from purld_jax.train import sft  # pylint: disable=g-import-not-at-top
+  from purld_jax import hostmem  # pylint: disable=g-import-not-at-top
   reference_dir = sft.run(config, workdir)
+  hostmem.release()  # stage 1's state and buffers, freed: back to the system
   print(f"[sft] reference: {reference_dir}", file=sys.stderr)
   models = {"before": "init"}
   if config.sft.steps > 0:
@@ -166,6 +168,7 @@ def run(config, workdir: str) -> None:
   if config.recipe != "sft":
     models["final"] = importlib.import_module(STAGE2_RUNNER).run(
         config, workdir, reference_dir=reference_dir)
+    hostmem.release()
   heldout.run(config, workdir, models)
   if not first:
     return
@@ -234,6 +237,8 @@ def main():
   from purld_jax import quiet  # pylint: disable=g-import-not-at-top
   quiet.libraries()  # no "PyTorch was not found", no libtpu INFO line
   distributed.initialize()  # before any other JAX call; no-op on one process
+  from purld_jax import hostmem  # pylint: disable=g-import-not-at-top
+  hostmem.configure()  # large buffers freed go back to the system at once
   define_flags()
   from purld_jax import console  # pylint: disable=g-import-not-at-top
   console.help_from(__name__)

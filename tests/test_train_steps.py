@@ -222,3 +222,15 @@ def test_ldl_and_sft_micro_batches_equal_one_batch():
   sft_batch = dict(tokens=rng.integers(1, 128, (4, 12)).astype(np.int32),
                    mask=mask, loss_mask=loss_mask)
   _one_vs_micro(sft.train_step, (sft_batch,), 4, ("tokens",))
+
+
+def test_memory_now_counts_the_live_arrays_by_hand():
+  """A new f32[256, 1024] array (1 MiB) adds 1 MiB to the live arrays;
+  the peak RSS holds at least it."""
+  from purld_jax.train import loop as loop_lib
+  before = loop_lib.memory_now()
+  x = jax.numpy.ones((256, 1024), "float32").block_until_ready()
+  after = loop_lib.memory_now()
+  assert after["live_arrays_mb"] - before["live_arrays_mb"] == 1.0
+  assert after["peak_rss_mb"] >= after["live_arrays_mb"] > 0
+  del x

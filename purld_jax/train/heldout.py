@@ -25,6 +25,7 @@ import numpy as np
 
 from purld_jax import data as data_lib
 from purld_jax import evaluate
+from purld_jax import hostmem
 from purld_jax import preemption
 from purld_jax import prompts as prompts_lib
 from purld_jax import sharded
@@ -125,6 +126,8 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
                   if first else None),
         sampler=sampler))
     evaluated += 1
+    del params
+    hostmem.release()  # the sampler's buffers of this model
     if first:
       evaluate.write(out_dir, results[-1:])
       with open(meta_path, "w", encoding="utf-8") as f:

@@ -24,6 +24,7 @@ progress bar (step, loss, tokens/s, ETA).
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
 from collections.abc import Mapping
@@ -32,10 +33,20 @@ import jax
 import tqdm
 
 from purld_jax import checkpoint as checkpoint_lib
+from purld_jax import hostmem
 from purld_jax import metrics as metrics_lib
 from purld_jax import preemption
 from purld_jax import sharded
 from purld_jax.train import state as state_lib
+
+
+def memory_now() -> dict[str, float]:
+  """This process's peak RSS so far and the bytes of its live JAX arrays
+  (params, optimizer state, reference, caches: what the state holds; the
+  rest of RSS is XLA's temporaries, compiled code and the runtime), MB."""
+  peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+  live = sum(x.nbytes for x in jax.live_arrays())
+  return dict(peak_rss_mb=peak_kb / 1024, live_arrays_mb=live / 2**20)
 
 
 class Loop:
@@ -85,6 +96,7 @@ class Loop:
     # tok/s jump between tens and thousands; it costs only the overlap of
     # the next batch's host-side assembly with this step.
     jax.block_until_ready(metrics)
+    hostmem.release()  # the step's temporaries, freed: back to the system
     now = time.perf_counter()
     elapsed, self._t_last = now - self._t_last, now
     if self._first:  # shown until this step's metrics are read
@@ -105,6 +117,7 @@ class Loop:
     values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
     values.update(host)
     values["step_s"] = elapsed
+    values.update(memory_now())
     if tokens:
       values["tokens_per_s"] = tokens / max(elapsed, 1e-9)
     self.skipped += int(values.get("skipped", 0.0))
