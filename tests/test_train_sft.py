@@ -264,3 +264,10 @@ def test_plot_writes_a_png(tmp_path):
   assert paths == [str(tmp_path / "plots" / "sft.png")]
   with open(paths[0], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_row_buckets_pad_every_batch_of_a_bucket_to_one_length():
+  assert sft.row_buckets((72,), 64) == (136,)
+  assert sft.row_buckets([32, 64], 16) == (48, 80)
+  assert sft.row_buckets((), 64) == ()
+  assert sft.row_buckets(None, 64) == ()

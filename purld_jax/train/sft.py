@@ -108,6 +108,14 @@ def make_batch(tok: tokenizer_lib.Tokenizer, batch: data_lib.PromptBatch,
   return dict(tokens=tokens, mask=mask, loss_mask=loss_mask)
 
 
+def row_buckets(prompt_buckets, max_response_len: int) -> tuple[int, ...]:
+  """Row lengths of SFT batches: each prompt bucket plus the response
+  budget, so every batch of prompts within a bucket has one shape (one
+  compiled step; padding each batch to its own longest row compiled a new
+  step for nearly every batch). No prompt buckets: none here either."""
+  return tuple(int(b) + int(max_response_len) for b in prompt_buckets or ())
+
+
 # ----------------------------------------------------------------------------
 # The step
 
@@ -277,7 +285,8 @@ def run(config, workdir: str) -> str:
         prompts, answers = store.for_batch(next(it))
         batch = make_batch(tok, prompts, answers,
                            max_response_len=config.sft.max_response_len,
-                           buckets=config.data.buckets)
+                           buckets=row_buckets(config.data.buckets,
+                                               config.sft.max_response_len))
         state, metrics = step_fn(state, batch, nan_at_step)
         stage.step_done(step + 1, state, metrics,
                         tokens=int(batch["mask"].sum()))
