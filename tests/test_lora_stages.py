@@ -162,10 +162,7 @@ def test_lora_dpo_exact_resume_after_kill_9(tmp_path, jit_cache):  # noqa: F811
   targets): N DPO steps in a child, SIGKILL once step N is checkpointed,
   resume to 2N here; the adapters, their Adam state, step and rng are
   bit-identical to an uninterrupted 2N run's, and so is final/adapter/."""
-  import signal  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
   from purld_jax import ledger as ledger_lib  # pylint: disable=g-import-not-at-top
   from purld_jax.train import pu_rl  # pylint: disable=g-import-not-at-top
   from tests import train_fixtures  # pylint: disable=g-import-not-at-top
@@ -189,17 +186,8 @@ def test_lora_dpo_exact_resume_after_kill_9(tmp_path, jit_cache):  # noqa: F811
          "--config.ranking.yes_word=Y", "--config.ranking.no_word=N",
          "--config.model.lora.rank=4",
          "--config.debug.step_sleep_s=1.0", train_fixtures.ONE_DEVICE]
-  proc = subprocess.Popen(cmd, cwd=train_fixtures.REPO,
-                          env=train_fixtures.subprocess_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  step_dir = os.path.join(killed, "ckpt", recipe, str(N))
-  deadline = time.time() + 300
-  while not os.path.isdir(step_dir) and proc.poll() is None:
-    assert time.time() < deadline, "no checkpoint at step N in time"
-    time.sleep(0.05)
-  os.kill(proc.pid, signal.SIGKILL)
-  out = proc.communicate()[0].decode(errors="replace")
-  assert proc.returncode == -signal.SIGKILL, out
+  train_fixtures.kill_at_checkpoint(
+      cmd, os.path.join(killed, "ckpt", recipe, str(N)))
   assert not os.path.exists(os.path.join(killed, "ckpt", recipe, str(2 * N)))
   assert not os.path.exists(os.path.join(killed, pu_rl.FINAL))
   ledger = ledger_lib.Ledger(killed, create=False)

@@ -122,10 +122,7 @@ def _rl_config(recipe, **kw):
 def test_exact_resume_after_kill_9(recipe, tmp_path, jit_cache):  # noqa: F811
   """N steps, kill -9, resume to 2N: bit-identical to an uninterrupted 2N
   run, and no teacher request after the resume."""
-  import signal
-  import subprocess
   import sys
-  import time
   from purld_jax import ledger as ledger_lib
   from tests.test_train_sft import _assert_bit_identical
   cfg = _rl_config(recipe)
@@ -142,17 +139,8 @@ def test_exact_resume_after_kill_9(recipe, tmp_path, jit_cache):  # noqa: F811
          f"--config.ckpt.every_steps={N}", "--config.log.tensorboard=False",
          "--config.ranking.yes_word=Y", "--config.ranking.no_word=N",
          "--config.debug.step_sleep_s=1.0", train_fixtures.ONE_DEVICE]
-  proc = subprocess.Popen(cmd, cwd=train_fixtures.REPO,
-                          env=train_fixtures.subprocess_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  step_dir = os.path.join(killed, "ckpt", recipe, str(N))
-  deadline = time.time() + 300
-  while not os.path.isdir(step_dir) and proc.poll() is None:
-    assert time.time() < deadline, "no checkpoint at step N in time"
-    time.sleep(0.05)
-  os.kill(proc.pid, signal.SIGKILL)
-  out = proc.communicate()[0].decode(errors="replace")
-  assert proc.returncode == -signal.SIGKILL, out
+  train_fixtures.kill_at_checkpoint(
+      cmd, os.path.join(killed, "ckpt", recipe, str(N)))
   assert not os.path.exists(os.path.join(killed, "ckpt", recipe, str(2 * N)))
   ledger = ledger_lib.Ledger(killed, create=False)
   before = ledger.stats()

@@ -5,7 +5,10 @@ the char tokenizer.
 """
 
 import os
+import signal
+import subprocess
 import tempfile
+import time
 
 import jax
 import pytest
@@ -58,6 +61,21 @@ def small_train_path() -> str:
 
 # A child's command line on `tiny_config`'s one-device mesh.
 ONE_DEVICE = "--config.mesh.data=1"
+
+
+def kill_at_checkpoint(cmd, step_dir: str) -> str:
+  """Runs `cmd` (a training command) in the repository, SIGKILLs it once
+  `step_dir` (a checkpoint's folder) exists, and returns its output."""
+  proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  deadline = time.time() + 300
+  while not os.path.isdir(step_dir) and proc.poll() is None:
+    assert time.time() < deadline, "no checkpoint at step N in time"
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  out = proc.communicate()[0].decode(errors="replace")
+  assert proc.returncode == -signal.SIGKILL, out
+  return out
 
 
 def tiny_config(**overrides):
