@@ -162,7 +162,6 @@ def test_lora_dpo_exact_resume_after_kill_9(tmp_path, jit_cache):  # noqa: F811
   targets): N DPO steps in a child, SIGKILL once step N is checkpointed,
   resume to 2N here; the adapters, their Adam state, step and rng are
   bit-identical to an uninterrupted 2N run's, and so is final/adapter/."""
-  import sys  # pylint: disable=g-import-not-at-top
   from purld_jax import ledger as ledger_lib  # pylint: disable=g-import-not-at-top
   from purld_jax.train import pu_rl  # pylint: disable=g-import-not-at-top
   from tests import train_fixtures  # pylint: disable=g-import-not-at-top
@@ -176,16 +175,8 @@ def test_lora_dpo_exact_resume_after_kill_9(tmp_path, jit_cache):  # noqa: F811
   pu_rl.run(cfg, full)
 
   killed = str(tmp_path / "killed")
-  cmd = [sys.executable, "-m", "purld_jax.main",
-         "--config=configs/sft.py:tiny", f"--workdir={killed}",
-         f"--config.recipe={recipe}",
-         f"--config.data.train_path={cfg.data.train_path}",
-         f"--config.data.eval_path={cfg.data.eval_path}",
-         f"--config.rl.steps={2 * N}", "--config.sft.steps=1",
-         f"--config.ckpt.every_steps={N}", "--config.log.tensorboard=False",
-         "--config.ranking.yes_word=Y", "--config.ranking.no_word=N",
-         "--config.model.lora.rank=4",
-         "--config.debug.step_sleep_s=1.0", train_fixtures.ONE_DEVICE]
+  cmd = train_fixtures.rl_command(cfg, killed, 2 * N, N,
+                                  "--config.model.lora.rank=4")
   train_fixtures.kill_at_checkpoint(
       cmd, os.path.join(killed, "ckpt", recipe, str(N)))
   assert not os.path.exists(os.path.join(killed, "ckpt", recipe, str(2 * N)))

@@ -122,7 +122,6 @@ def _rl_config(recipe, **kw):
 def test_exact_resume_after_kill_9(recipe, tmp_path, jit_cache):  # noqa: F811
   """N steps, kill -9, resume to 2N: bit-identical to an uninterrupted 2N
   run, and no teacher request after the resume."""
-  import sys
   from purld_jax import ledger as ledger_lib
   from tests.test_train_sft import _assert_bit_identical
   cfg = _rl_config(recipe)
@@ -130,15 +129,7 @@ def test_exact_resume_after_kill_9(recipe, tmp_path, jit_cache):  # noqa: F811
   pu_rl.run(cfg, full)
 
   killed = str(tmp_path / "killed")
-  cmd = [sys.executable, "-m", "purld_jax.main",
-         "--config=configs/sft.py:tiny", f"--workdir={killed}",
-         f"--config.recipe={recipe}",
-         f"--config.data.train_path={cfg.data.train_path}",
-         f"--config.data.eval_path={cfg.data.eval_path}",
-         f"--config.rl.steps={2 * N}", "--config.sft.steps=1",
-         f"--config.ckpt.every_steps={N}", "--config.log.tensorboard=False",
-         "--config.ranking.yes_word=Y", "--config.ranking.no_word=N",
-         "--config.debug.step_sleep_s=1.0", train_fixtures.ONE_DEVICE]
+  cmd = train_fixtures.rl_command(cfg, killed, 2 * N, N)
   train_fixtures.kill_at_checkpoint(
       cmd, os.path.join(killed, "ckpt", recipe, str(N)))
   assert not os.path.exists(os.path.join(killed, "ckpt", recipe, str(2 * N)))

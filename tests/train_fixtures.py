@@ -7,6 +7,7 @@ the char tokenizer.
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -61,6 +62,21 @@ def small_train_path() -> str:
 
 # A child's command line on `tiny_config`'s one-device mesh.
 ONE_DEVICE = "--config.mesh.data=1"
+
+
+def rl_command(cfg, workdir: str, steps: int, every: int, *extra) -> list:
+  """The `purld_jax.main` command of `cfg`'s tiny stage-2 run (`cfg`
+  from `tiny_config`): 1 SFT step, `steps` RL steps, a save every
+  `every`, a 1 s pause per step (time to kill it), one device."""
+  return [sys.executable, "-m", "purld_jax.main",
+          "--config=configs/sft.py:tiny", f"--workdir={workdir}",
+          f"--config.recipe={cfg.recipe}",
+          f"--config.data.train_path={cfg.data.train_path}",
+          f"--config.data.eval_path={cfg.data.eval_path}",
+          f"--config.rl.steps={steps}", "--config.sft.steps=1",
+          f"--config.ckpt.every_steps={every}", "--config.log.tensorboard=False",
+          "--config.ranking.yes_word=Y", "--config.ranking.no_word=N",
+          *extra, "--config.debug.step_sleep_s=1.0", ONE_DEVICE]
 
 
 def kill_at_checkpoint(cmd, step_dir: str) -> str:
