@@ -236,6 +236,12 @@ def rl() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.steps = 100               # PU-RL iterations (batches of prompts)
   c.batch_size = 8            # prompts per iteration, all processes
+  # Dynamic sampling (DAPO's filter, without its re-sampling loop): draw
+  # oversample x batch_size prompts, sample and rank all of them, train on
+  # batch_size groups, those that carry a signal (a non-zero advantage, a
+  # pair, a label distribution) first. 1 = train on every drawn group. The
+  # update's cost is unchanged; sampling and teacher calls grow by the factor.
+  c.oversample = 1
   # The frozen reference of stage 2 (KL / DPO / LDL reference log-probs,
   # ranking.scorer "reference"): float32 (as loaded, model.param_dtype) |
   # bfloat16 (a bf16 copy, half its bytes; the model computes in

@@ -219,7 +219,7 @@ def validate(config) -> None:
   for key in ("sampling.num_candidates", "sampling.max_new_tokens",
               "loss.dpo.beta", "loss.ldl.beta", "loss.grpo.inner_iterations",
               "opt.grad_accum", "opt.micro_batches", "sft.batch_size", "sft.max_response_len",
-              "rl.batch_size", "data.max_prompt_len", "ckpt.every_steps",
+              "rl.batch_size", "rl.oversample", "data.max_prompt_len", "ckpt.every_steps",
               "ckpt.keep", "log.every_steps", "eval.batch_size",
               "eval.max_new_tokens"):
     _positive(errors, config, key)

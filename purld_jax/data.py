@@ -73,6 +73,14 @@ class PromptBatch:
   def __len__(self) -> int:
     return len(self.prompts)
 
+  def take(self, rows) -> "PromptBatch":
+    """This batch restricted to `rows` (`rollout.select`)."""
+    rows = np.asarray(rows)
+    return PromptBatch(
+        prompts=tuple(self.prompts[i] for i in rows), index=self.index[rows],
+        ids=tuple(self.ids[i] for i in rows), tokens=self.tokens[rows],
+        mask=self.mask[rows], valid=np.asarray(self.valid)[rows])
+
 
 def encode(prompts: Sequence[prompts_lib.Prompt],
            tok: tokenizer_lib.Tokenizer, *, max_len: int) -> Encoded:

@@ -242,3 +242,27 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
                anchor_score=np.asarray(s_a, np.float32),
                valid=np.asarray(batch.valid), texts=texts,
                timings=dict(sample_s=t1 - t0, score_s=t2 - t1), stats=stats)
+
+
+def select(signal: np.ndarray, size: int, seed: int) -> np.ndarray:
+  """i32[size] the rows to train on out of N drawn (`rl.oversample`): those
+  with `signal` (bool[N]) first, a random `size` of them if more; then
+  signal-less rows to fill the batch, also at random. Sorted, so the kept
+  rows keep their drawn order. Deterministic in `seed` (resume replays it).
+  """
+  signal = np.asarray(signal, bool)
+  if size > signal.shape[0]:
+    raise ValueError(f"select: {size} rows asked of {signal.shape[0]}")
+  order = np.random.default_rng(seed).permutation(signal.shape[0])
+  ranked = order[np.argsort(~signal[order], kind="stable")]  # signal first
+  return np.sort(ranked[:size]).astype(np.int32)
+
+
+def take(group: Group, rows: np.ndarray) -> Group:
+  """`group` restricted to `rows` (its B axis); timings and stats kept."""
+  rows = np.asarray(rows)
+  cut = {f.name: getattr(group, f.name)[rows]
+         for f in dataclasses.fields(group)
+         if isinstance(getattr(group, f.name), np.ndarray)}
+  return dataclasses.replace(group, **cut,
+                             texts=[group.texts[i] for i in rows])

@@ -60,15 +60,74 @@ def test_grpo_advantages_by_hand():
   np.testing.assert_allclose(adv[0], [-0.5, 0.5], atol=1e-6)
 
 
+def test_select_puts_the_groups_with_a_signal_first():
+  sig = np.array([False, True, False, True, True, False])
+  for seed in range(5):
+    rows = rollout.select(sig, 2, seed)  # 3 with a signal: 2 of them
+    assert sig[rows].all() and list(rows) == sorted(rows)
+    rows = rollout.select(sig, 4, seed)  # all 3, then 1 without
+    assert set(np.flatnonzero(sig)) < set(rows) and len(set(rows)) == 4
+  np.testing.assert_array_equal(rollout.select(sig, 3, 7),
+                                rollout.select(sig, 3, [7]))
+  with pytest.raises(ValueError, match="7 rows asked of 6"):
+    rollout.select(sig, 7, 0)
+
+
+def test_signal_of_each_recipe():
+  """rl.oversample's criterion: GRPO with oracle rewards (shift, no anchor)
+  has no signal in a group of equal rewards; a filler row has none in any
+  recipe; a row with distinct scores has one in every recipe."""
+  from purld_jax.train import ldl
+  c = train_fixtures.tiny_config(**{
+      "pu.mode": "shift", "pu.include_anchor": False,
+      "loss.grpo.advantage": "std"})
+  g = rollout.Group(
+      prompt_tokens=np.zeros((3, 2), np.int32),
+      prompt_mask=np.ones((3, 2), bool),
+      members=np.zeros((3, 3, 2), np.int32),
+      member_mask=np.ones((3, 3, 2), bool),
+      old_logps=np.zeros((3, 2, 2), np.float32),
+      finished=np.ones((3, 2), bool),
+      scores=np.array([[1.0, 1.0], [0.0, 1.0], [0.0, 1.0]], np.float32),
+      anchor_score=np.ones(3, np.float32),
+      valid=np.array([True, True, False]), texts=[[""] * 2] * 3, timings={})
+  assert grpo.signal(g, c).tolist() == [False, True, False]
+  for recipe in (dpo, ldl):
+    got = recipe.signal(g, c)
+    assert got.dtype == bool and got[1] and not got[2], recipe.__name__
+
+
+def test_take_keeps_rows_together():
+  b, k, t = 3, 2, 4
+  g = rollout.Group(
+      prompt_tokens=np.arange(b * 5).reshape(b, 5),
+      prompt_mask=np.ones((b, 5), bool),
+      members=np.arange(b * (k + 1) * t).reshape(b, k + 1, t),
+      member_mask=np.ones((b, k + 1, t), bool),
+      old_logps=np.zeros((b, k, t), np.float32),
+      finished=np.ones((b, k), bool), scores=np.arange(b * k).reshape(b, k),
+      anchor_score=np.arange(b, dtype=np.float32),
+      valid=np.array([True, False, True]), texts=[["a"], ["b"], ["c"]],
+      timings={"sample_s": 1.0})
+  s = rollout.take(g, np.array([0, 2]))
+  assert s.k == k and s.texts == [["a"], ["c"]] and s.timings == g.timings
+  np.testing.assert_array_equal(s.scores, [[0, 1], [4, 5]])
+  np.testing.assert_array_equal(s.members[1], g.members[2])
+  np.testing.assert_array_equal(s.anchor_score, [0.0, 2.0])
+  assert s.valid.tolist() == [True, True]
+
+
 # grpo also runs with ranking.length_debias on (its slope is logged), dpo
 # with ranking.gate on (the share of candidates it failed is logged); each
 # keeps its finished stages' checkpoints another way (ckpt.keep_finished).
-@pytest.mark.parametrize("recipe,debias,gate,keep", [
-    ("dpo", False, "number", "none"), ("grpo", True, "none", "last"),
-    ("ldl", False, "none", "all")])
-def test_recipe_runs_end_to_end(recipe, debias, gate, keep, tmp_path, capsys,
-                                jit_cache):  # noqa: F811
-  c = train_fixtures.tiny_config(**{
+# grpo draws twice its batch (rl.oversample) and trains on the groups with
+# a signal first.
+@pytest.mark.parametrize("recipe,debias,gate,keep,over", [
+    ("dpo", False, "number", "none", 1), ("grpo", True, "none", "last", 2),
+    ("ldl", False, "none", "all", 1)])
+def test_recipe_runs_end_to_end(recipe, debias, gate, keep, over, tmp_path,
+                                capsys, jit_cache):  # noqa: F811
+  c = train_fixtures.tiny_config(**{"rl.oversample": over,
       "recipe": recipe, "rl.steps": 2, "sft.steps": 1,
       "log.tensorboard": False, "ranking.yes_word": "Y",
       "ranking.no_word": "N", "ckpt.async_save": False,
@@ -103,6 +162,9 @@ def test_recipe_runs_end_to_end(recipe, debias, gate, keep, tmp_path, capsys,
     # The demo prompts have answers: the ranking is checked against them.
     assert 0.0 <= r["oracle_sample_accuracy"] <= 1.0
     assert 0.0 <= r["oracle_mixed_groups"] <= 1.0
+    assert ("signal_kept" in r) == (over > 1)
+    if over > 1:  # the signal comes first: kept share >= drawn share
+      assert 0.0 <= r["signal_drawn"] <= r["signal_kept"] <= 1.0
 
 
 # ----------------------------------------------------------------------------
@@ -121,15 +183,18 @@ def _rl_config(recipe, **kw):
 @pytest.mark.parametrize("recipe", ["dpo", "grpo"])
 def test_exact_resume_after_kill_9(recipe, tmp_path, jit_cache):  # noqa: F811
   """N steps, kill -9, resume to 2N: bit-identical to an uninterrupted 2N
-  run, and no teacher request after the resume."""
+  run, and no teacher request after the resume. GRPO draws twice its batch
+  (rl.oversample): the selection replays too."""
   from purld_jax import ledger as ledger_lib
   from tests.test_train_sft import _assert_bit_identical
-  cfg = _rl_config(recipe)
+  over = 2 if recipe == "grpo" else 1
+  cfg = _rl_config(recipe, **{"rl.oversample": over})
   full = str(tmp_path / "full")
   pu_rl.run(cfg, full)
 
   killed = str(tmp_path / "killed")
-  cmd = train_fixtures.rl_command(cfg, killed, 2 * N, N)
+  cmd = train_fixtures.rl_command(cfg, killed, 2 * N, N,
+                                  f"--config.rl.oversample={over}")
   train_fixtures.kill_at_checkpoint(
       cmd, os.path.join(killed, "ckpt", recipe, str(N)))
   assert not os.path.exists(os.path.join(killed, "ckpt", recipe, str(2 * N)))

@@ -47,15 +47,25 @@ def advantages(scores, anchor_score, *, tau: float, normalize: str,
   return np.asarray(adv, np.float32)
 
 
+def _group_advantages(group, config) -> np.ndarray:
+  pu, g = config.pu, config.loss.grpo
+  return advantages(group.scores, group.anchor_score,
+                    tau=config.preference.tau_label, normalize=g.advantage,
+                    mode=pu.mode, delta=pu.delta, prior=pu.prior,
+                    include_anchor=pu.include_anchor,
+                    anchor_fallback=pu.anchor_fallback, std_floor=g.std_floor,
+                    valid=group.valid)
+
+
+def signal(group, config) -> np.ndarray:
+  """bool[B] the groups with a non-zero advantage (`rl.oversample`)."""
+  return np.any(_group_advantages(group, config) != 0, axis=-1)
+
+
 def build_batch(group, config) -> dict:
   """Host arrays of one GRPO iteration from a `rollout.Group`."""
-  k, pu, g = group.k, config.pu, config.loss.grpo
-  adv = advantages(group.scores, group.anchor_score,
-                   tau=config.preference.tau_label, normalize=g.advantage,
-                   mode=pu.mode, delta=pu.delta, prior=pu.prior,
-                   include_anchor=pu.include_anchor,
-                   anchor_fallback=pu.anchor_fallback, std_floor=g.std_floor,
-                   valid=group.valid)
+  k = group.k
+  adv = _group_advantages(group, config)
   return dict(prompt_tokens=group.prompt_tokens,
               prompt_mask=group.prompt_mask,
               responses=group.members[:, :k],

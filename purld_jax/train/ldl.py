@@ -22,6 +22,11 @@ from purld_jax.train import state as state_lib
 STAGE = "ldl"
 
 
+def signal(group, config) -> np.ndarray:
+  """bool[B] the groups with a label distribution (`rl.oversample`)."""
+  return build_batch(group, config)["member_mask"].any(axis=-1)
+
+
 def build_batch(group, config) -> dict:
   """Host arrays of one LDL step from a `rollout.Group`: d from
   `pu.listwise` over K (+ 1 with the anchor) members; a group that gives no

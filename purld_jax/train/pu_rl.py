@@ -176,12 +176,15 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
                                       template=config.ranking.template)
            if config.ranking.scheme == "teacher_judge" else None)
   # The global batch on every process (sharded.py: host data is whole).
-  it = data_lib.train_iterator(source, batch_size=config.rl.batch_size,
+  over = config.rl.get("oversample", 1)
+  drawn = config.rl.batch_size * over  # prompts sampled per step
+  it = data_lib.train_iterator(source, batch_size=drawn,
                                seed=config.data.shuffle_seed + 1,
                                buckets=config.data.buckets, process_index=0,
                                process_count=1)
   mesh, param_sh = loop_lib.mesh_setup(
-      config, student.cfg, batch_sizes={"rl.batch_size": config.rl.batch_size})
+      config, student.cfg, batch_sizes={"rl.batch_size": config.rl.batch_size,
+                                        "rl.batch_size x rl.oversample": drawn})
   ref_host = jax.tree.map(np.asarray, ref_host)
   ref_dtype = config.rl.get("reference_dtype", "float32")
   if student.cfg.lora is None and ref_dtype == "float32":
@@ -244,6 +247,18 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
             k=k, sampling=sp, ranking_params=rp,
             max_anchor_len=config.sft.max_response_len, verifier=verifier,
             sampler=sampler, scorers=scorers(scorer), judge=judge)
+        correct = rollout_store.correctness(
+            group.texts, [p.answer for p in prompts.prompts], verifier)
+        host = _oracle_agreement(group, correct)  # over every drawn group
+        if over > 1:  # dynamic sampling: the groups with a signal first
+          sig = recipe.signal(group, config)
+          rows = rollout.select(sig, config.rl.batch_size, [config.seed, step])
+          host.update(signal_drawn=float(sig[group.valid].mean()
+                                         if group.valid.any() else 0.0),
+                      signal_kept=float(sig[rows].mean()))
+          group, prompts = rollout.take(group, rows), prompts.take(rows)
+          anchors = [anchors[i] for i in rows]
+          correct = None if correct is None else correct[rows]
         t0 = time.perf_counter()
         batch = recipe.build_batch(group, config)
         if recipe is grpo:
@@ -258,7 +273,7 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
         # next sampling needs these params anyway: nothing overlaps).
         jax.block_until_ready(state.params)
         cand_mask = group.member_mask[:, :group.k]
-        host = dict(group.timings, **group.stats,
+        host.update(group.timings, **group.stats,
                     update_s=time.perf_counter() - t0,
                     score_mean=float(group.scores.mean()),
                     score_std=float(group.scores.std(axis=1).mean()),
@@ -266,9 +281,6 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
                     response_len=float(cand_mask.sum(-1).mean()),
                     finished=float(group.finished.mean()),
                     teacher_calls=store.teacher_calls())
-        correct = rollout_store.correctness(
-            group.texts, [p.answer for p in prompts.prompts], verifier)
-        host.update(_oracle_agreement(group, correct))
         if rollouts is not None:  # a re-run step (resume) replaces its old copy
           host["store_s"] = rollouts.record(
               step + 1, group, batch, prompt_batch=prompts, anchors=anchors,
