@@ -374,8 +374,9 @@ def _main(argv):
       logging.getLogger(name).setLevel(logging.WARNING)
   try:
     if argv[1] == "stats":
-      ledger = ledger_lib.Ledger(flags_.workdir, create=False)
+      ledger = ledger_lib.Ledger(flags_.workdir, readonly=True)
       print(ledger_lib.format_stats(ledger.stats()))
+      ledger.close()
       return 0
     return _fetch(flags_, flags_.config)
   except (AnchorError, teacher_lib.ConfigError,

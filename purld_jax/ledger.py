@@ -197,17 +197,24 @@ class Ledger:
   """The SQLite ledger; thread-safe (one connection behind a lock)."""
 
   def __init__(self, workdir: str | os.PathLike, *, create: bool = True,
-               filename: str = FILENAME):
+               filename: str = FILENAME, readonly: bool = False):
     # `filename`: another ledger of the same schema beside the anchors'
     # (teacher_judge.FILENAME holds the teacher-as-judge's judgements).
+    # `readonly`: an existing ledger, opened for queries only (no schema
+    # upgrade, no pragma that writes): `anchors stats`.
     self.path = os.path.join(os.fspath(workdir), filename)
-    if not create and not os.path.exists(self.path):
+    if (readonly or not create) and not os.path.exists(self.path):
       raise AnchorError(f"no anchor ledger at {self.path}")
     version = check(self.path)  # read-only: before anything is written
+    self._lock = threading.Lock()
+    if readonly:
+      self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                 timeout=60, isolation_level=None,
+                                 check_same_thread=False)
+      return
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
                                check_same_thread=False)
-    self._lock = threading.Lock()
     self._db.execute("PRAGMA journal_mode=WAL")
     self._db.execute("PRAGMA synchronous=FULL")
     if version == 1:  # every row kept; the new column is NULL for them

@@ -283,8 +283,11 @@ def test_cli_fetch_stats_and_config_file(tmp_path, fault_server):
   assert r.returncode == 0, r.stderr
   assert "stored now 3" in r.stdout and "openai:from-flag@" in r.stdout
   assert {x["max_tokens"] for x in fault_server.requests} == {12}
+  db = workdir / "anchors.sqlite"
+  before = db.read_bytes()
   s = run_cli("stats", workdir=workdir)
   assert s.returncode == 0 and "teacher calls (HTTP):        3" in s.stdout
+  assert db.read_bytes() == before  # stats opens the ledger read-only
 
 
 def test_cli_help():
@@ -330,12 +333,22 @@ def test_llamacpp_fetch_then_zero_calls(tmp_path, llamacpp_server):
   kw = _llamacpp_kw(tmp_path, llamacpp_server, 8)
   done = run_cli("fetch", timeout=600, **kw)
   assert done.returncode == 0, done.stderr
-  s = ledger_lib.Ledger(kw["workdir"]).stats()
+  s = _stats(kw["workdir"])
   assert (s.anchors, s.requests, s.failed) == (8, 8, 0)
   assert 0 < s.completion_tokens <= 16 * s.calls
   again = run_cli("fetch", **kw)
   assert again.returncode == 0 and "stored now 0" in again.stdout
-  assert ledger_lib.Ledger(kw["workdir"]).stats() == s  # no new intent, no call
+  assert _stats(kw["workdir"]) == s  # no new intent, no call
+
+
+def _stats(workdir):
+  """The ledger's stats, read-only and closed at once (a test that polls
+  must not leave connections behind a killed writer)."""
+  ledger = ledger_lib.Ledger(workdir, readonly=True)
+  try:
+    return ledger.stats()
+  finally:
+    ledger.close()
 
 
 @pytest.mark.llamacpp
@@ -349,7 +362,7 @@ def test_llamacpp_50_prompts_kill_resume_then_zero_calls(tmp_path, llamacpp_serv
   db = os.path.join(kw["workdir"], ledger_lib.FILENAME)
   deadline = time.monotonic() + 300
   while time.monotonic() < deadline:  # kill once some answers are stored
-    if os.path.exists(db) and ledger_lib.Ledger(kw["workdir"]).stats().anchors >= 5:
+    if os.path.exists(db) and _stats(kw["workdir"]).anchors >= 5:
       break
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
@@ -357,12 +370,12 @@ def test_llamacpp_50_prompts_kill_resume_then_zero_calls(tmp_path, llamacpp_serv
   done = run_cli("fetch", timeout=900, **kw)
   seconds = time.monotonic() - t0
   assert done.returncode == 0, done.stderr
-  s = ledger_lib.Ledger(kw["workdir"]).stats()
+  s = _stats(kw["workdir"])
   assert (s.anchors, s.failed, s.asked_after_stored, s.unfinished) == (n, 0, 0, 0)
   assert s.requests == n + s.resent_after_kill
   again = run_cli("fetch", **kw)
   assert again.returncode == 0 and "stored now 0" in again.stdout
-  assert ledger_lib.Ledger(kw["workdir"]).stats() == s  # no new intent, no call
+  assert _stats(kw["workdir"]) == s  # no new intent, no call
   print(f"\nllama.cpp: {n} anchors (max_tokens 16) in {seconds:.1f}s with one "
         f"kill; {s.calls} completed calls, {s.resent_after_kill} re-sent after it")
 
