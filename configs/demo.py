@@ -46,6 +46,7 @@ def get_config(arg: str = ""):
   c.rl.steps = 12               # stage 2: 96 prompts x K = 4 candidates
   c.opt.learning_rate = 2e-6
   c.eval.batch_size = 100       # the 200 dev prompts: 2 greedy calls a model
+  c.eval.samples = 0            # greedy only: the ladder adds sampled pass@1
   c.ckpt.every_steps = 8
   c.ckpt.keep_finished = "none"  # the workdir keeps the models and the
                                  # export, not a finished stage's state

@@ -91,9 +91,10 @@ def cells(rungs: Sequence[str], seeds: Sequence[int], *, scale: str,
     if rung in ("untrained", "sft"):
       continue
     more = {"ranking.scheme": scheme} if rung in SELF_RANKING else {}
+    # only its final model: before and sft are the SFT cell's
     out += [common.Cell(f"{rung}{tag}_s{s}", config_file(scale),
                         {**RUNGS[rung][2], **more, **base, **dict(train),
-                         "data.shuffle_seed": s},
+                         "eval.models": "final", "data.shuffle_seed": s},
                         seed=s, reference=f"sft_s{s}") for s in seeds]
   return out
 
@@ -105,6 +106,10 @@ def _cell_model(rung: str, seed: int, tag: str = "") -> tuple[str, str]:
   return {"untrained": (f"sft_s{seed}", "before"),
           "sft": (f"sft_s{seed}", "sft")}.get(rung, (f"{rung}{tag}_s{seed}",
                                                      "final"))
+
+
+def _sha(a) -> str:
+  return hashlib.sha256("\n".join(a.ids).encode()).hexdigest()
 
 
 def _bits(x) -> str:
@@ -133,34 +138,57 @@ def compact(runner: common.Runner, out: str, rungs, seeds,
         continue
       a = evaluate.read_answers(src, model)
       data[f"{cell}/{model}"] = dict(
-          ids_sha256=hashlib.sha256("\n".join(a.ids).encode()).hexdigest(),
-          prompts=len(a.ids), correct=_bits(a.correct == 1),
-          ended=_bits(a.finished),
+          ids_sha256=_sha(a), prompts=len(a.ids),
+          correct=_bits(a.correct == 1), ended=_bits(a.finished),
           mean_tokens=round(float(np.mean(a.lengths)), 2))
+      src = src[:-len(".jsonl")] + ".sampled.jsonl"
+      if os.path.exists(src):  # shares over eval.samples answers a prompt
+        a = evaluate.read_answers(src, model)
+        data[f"{cell}/{model}{SAMPLED}"] = dict(
+            ids_sha256=_sha(a), prompts=len(a.ids),
+            correct=[round(float(x), 4) for x in a.correct],
+            ended=[round(float(x), 4) for x in a.finished],
+            mean_tokens=round(float(np.mean(a.lengths)), 2))
   with open(path, "w", encoding="utf-8") as f:
     json.dump(data, f, indent=0, sort_keys=True)
   return data
 
 
-def _answers(data: dict, rung: str, seed: int, tag: str = ""):
-  """(correct f64[N], ended bool[N], ids sha) of `rung` x `seed` from the
-  compact file's content, or None (not run yet)."""
-  rec = data.get("/".join(_cell_model(rung, seed, tag)))
+# The two accuracies (docs/METHOD.md, Protocol): key suffix in answers.json
+# and the table's heading. Sampled pass@1 decides the rules.
+SAMPLED = "@sampled"
+METRICS = {
+    "sampled": (SAMPLED, "sampled pass@1 (the share right of 8 answers a "
+                "prompt at temperature 1): the Protocol's metric, the rules' "
+                "verdicts"),
+    "greedy": ("", "greedy accuracy (one answer a prompt), beside it"),
+}
+
+
+def _answers(data: dict, rung: str, seed: int, tag: str = "",
+             metric: str = "greedy"):
+  """(correct f64[N], ended f64[N], ids sha) of `rung` x `seed` under
+  `metric` from the compact file's content, or None (not run yet)."""
+  rec = data.get("/".join(_cell_model(rung, seed, tag)) + METRICS[metric][0])
   if rec is None:
     return None
-  return (np.array([c == "1" for c in rec["correct"]], np.float64),
-          np.array([c == "1" for c in rec["ended"]], bool),
-          rec["ids_sha256"])
+  if metric == "greedy":
+    return (np.array([c == "1" for c in rec["correct"]], np.float64),
+            np.array([c == "1" for c in rec["ended"]], np.float64),
+            rec["ids_sha256"])
+  return (np.asarray(rec["correct"], np.float64),
+          np.asarray(rec["ended"], np.float64), rec["ids_sha256"])
 
 
 def rows(data: dict, rungs: Sequence[str], seeds: Sequence[int],
-         tag: str = "") -> list[dict]:
-  """One row per rung from the compact answers (`compact`): accuracy (mean
-  over its seeds, interval over seeds and prompts), share of answers that
-  ended, gain over its 'vs' rung paired by seed and prompt, and the verdict
-  of its rule. Raises naming the cells whose prompt sets differ."""
+         tag: str = "", metric: str = "greedy") -> list[dict]:
+  """One row per rung from the compact answers (`compact`) under `metric`:
+  accuracy (mean over its seeds, interval over seeds and prompts), share of
+  answers that ended, gain over its 'vs' rung paired by seed and prompt, and
+  the verdict of its rule. Raises naming the cells whose prompt sets
+  differ."""
   from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
-  got = {r: {s: _answers(data, r, s, tag) for s in seeds}
+  got = {r: {s: _answers(data, r, s, tag, metric) for s in seeds}
          for r in set(rungs) | {RUNGS[r][1] for r in rungs if RUNGS[r][1]}}
   shas = {a[2] for per in got.values() for a in per.values() if a}
   if len(shas) > 1:
@@ -170,7 +198,8 @@ def rows(data: dict, rungs: Sequence[str], seeds: Sequence[int],
   for rung in rungs:
     label, vs, _ = RUNGS[rung]
     have = {s: a for s, a in got[rung].items() if a is not None}
-    row = dict(rung=rung, label=label, vs=vs, seeds=len(have), verdict="")
+    row = dict(metric=metric, rung=rung, label=label, vs=vs,
+               seeds=len(have), verdict="")
     if not have:
       out.append(dict(row, status="not run"))
       continue
@@ -197,7 +226,7 @@ def rows(data: dict, rungs: Sequence[str], seeds: Sequence[int],
   return out
 
 
-FIELDS = ("rung", "label", "status", "seeds", "prompts", "accuracy",
+FIELDS = ("metric", "rung", "label", "status", "seeds", "prompts", "accuracy",
           "accuracy_lo", "accuracy_hi", "ended", "vs", "gain", "gain_lo",
           "gain_hi", "paired_seeds", "verdict")
 
@@ -223,21 +252,28 @@ def markdown(table: Sequence[dict], header: str) -> str:
              "gain pt [95 % CI, seeds x prompts]", "verdict"]) + "\n"
 
 
-def plot(table: Sequence[dict], path: str) -> None:
+def plot(by_metric: dict[str, list], path: str) -> None:
+  """Bars per rung, one colour per metric, 95 % intervals."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  done = [r for r in table if r.get("status") == "done"]
-  if not done:
+  done = {m: [r for r in t if r.get("status") == "done"]
+          for m, t in by_metric.items()}
+  rungs = list(dict.fromkeys(r["rung"] for t in done.values() for r in t))
+  if not rungs:
     return
-  fig, ax = plt.subplots(figsize=(1.4 * len(done) + 2, 3.2))
-  x = np.arange(len(done))
-  acc = np.array([100 * r["accuracy"] for r in done])
-  err = np.array([[100 * (r["accuracy"] - r["accuracy_lo"]) for r in done],
-                  [100 * (r["accuracy_hi"] - r["accuracy"]) for r in done]])
-  ax.bar(x, acc, yerr=err, capsize=4, color="#4c72b0")
-  ax.set_xticks(x, [r["rung"] for r in done], rotation=20)
+  fig, ax = plt.subplots(figsize=(1.6 * len(rungs) + 2, 3.4))
+  width = 0.8 / len(done)
+  for j, (m, t) in enumerate(done.items()):
+    x = np.array([rungs.index(r["rung"]) for r in t]) + (j - 0.5 *
+                                                          (len(done) - 1)) * width
+    acc = np.array([100 * r["accuracy"] for r in t])
+    err = np.array([[100 * (r["accuracy"] - r["accuracy_lo"]) for r in t],
+                    [100 * (r["accuracy_hi"] - r["accuracy"]) for r in t]])
+    ax.bar(x, acc, width, yerr=err, capsize=3, label=m)
+  ax.set_xticks(np.arange(len(rungs)), rungs, rotation=20)
   ax.set_ylabel("held-out accuracy %")
+  ax.legend(fontsize=8)
   ax.set_title("learning ladder (95 % CI over seeds and prompts)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -286,14 +322,31 @@ def plot_curves(data: dict, path: str, smooth: float = 0.8) -> None:
   plt.close(fig)
 
 
+def tables(data: dict, rungs, seeds, tag: str = "") -> dict[str, list]:
+  """{metric: rows} for each metric some cell was evaluated with, the
+  Protocol's (sampled) first."""
+  out = {m: rows(data, rungs, seeds, tag, m) for m in METRICS}
+  return {m: t for m, t in out.items()
+          if any(r.get("status") == "done" for r in t)} or {
+              "greedy": out["greedy"]}
+
+
+def report(by_metric: dict[str, list], header: str) -> str:
+  return header + "\n".join(
+      markdown(t, f"## {METRICS[m][1][0].upper()}{METRICS[m][1][1:]}\n\n")
+      for m, t in by_metric.items())
+
+
 def write(runner, rungs, seeds, out: str, header: str,
-          tag: str = "") -> list[dict]:
-  table = rows(compact(runner, out, rungs, seeds, tag), rungs, seeds, tag)
+          tag: str = "") -> dict[str, list]:
+  by_metric = tables(compact(runner, out, rungs, seeds, tag), rungs, seeds,
+                     tag)
   name = f"ladder{tag}"
   with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(table, header))
-  common.write_csv(os.path.join(out, f"{name}.csv"), table, FIELDS)
-  plot(table, os.path.join(out, f"{name}.png"))
+    f.write(report(by_metric, header))
+  common.write_csv(os.path.join(out, f"{name}.csv"),
+                   sum(by_metric.values(), []), FIELDS)
+  plot(by_metric, os.path.join(out, f"{name}.png"))
   if data := curves(out):
     with open(os.path.join(out, "curves.json"), "w", encoding="utf-8") as f:
       json.dump(data, f, separators=(",", ":"))
@@ -375,8 +428,8 @@ def main(argv=None, *, runner: common.Runner | None = None) -> int:
     print(f"ladder: {e}", file=sys.stderr)
     write(runner, a.rungs, a.seeds, a.out, header, a.tag)
     return 1
-  table = write(runner, a.rungs, a.seeds, a.out, header, a.tag)
-  print(markdown(table, header))
+  print(report(write(runner, a.rungs, a.seeds, a.out, header, a.tag),
+               header))
   return 0
 
 

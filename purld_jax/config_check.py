@@ -228,6 +228,10 @@ def validate(config) -> None:
               "sampling.temperature", "model.vocab_chunk",
               "ckpt.every_minutes"):
     _positive(errors, config, key, zero_ok=True)
+  bad = set(config.eval.models.split(",")) - {"before", "sft", "final"}
+  if bad or not config.eval.models:
+    errors.append(f"eval.models={config.eval.models!r}: a comma list of "
+                  "before, sft, final")
   _budgets(errors, config)
   if errors:
     raise ConfigError("config errors:\n  " + "\n  ".join(errors))

@@ -164,21 +164,24 @@ def seed_prompt_ci(values_SN: np.ndarray, *, baseline: np.ndarray | None = None,
 
 
 # ----------------------------------------------------------------------------
-# Greedy answers
+# Answers: greedy, or the mean of n samples per prompt
 
 
 @dataclasses.dataclass(frozen=True)
 class Answers:
-  """One model's greedy answers to the held-out prompts.
+  """One model's answers to the held-out prompts: greedy, or n samples
+  each (`model_answers`), when every per-prompt figure is a mean over them.
 
   Attributes:
     name: the model's label (before | sft | final).
     ids: prompt ids, file order.
-    texts: decoded answers (special tokens skipped).
-    lengths: i[N] answer tokens (end of turn included).
-    finished: bool[N] the answer ended with a stop token.
-    correct: f[N] `verify` (or the chosen verifier) per prompt (NaN where
-      the prompt has no answer).
+    texts: decoded answers (special tokens skipped; the first sample's).
+    lengths: [N] answer tokens (end of turn included; mean over samples).
+    finished: [N] the answer ended with a stop token (bool; with samples,
+      the share of them that ended).
+    correct: f[N] `verify` (or the chosen verifier) per prompt (with
+      samples, the share right: sampled pass@1; NaN where the prompt has no
+      answer).
   """
 
   name: str
@@ -189,7 +192,9 @@ class Answers:
   correct: np.ndarray
 
   def to_records(self) -> list[dict]:
-    return [dict(id=i, answer=t, tokens=int(n), finished=bool(f),
+    flag = bool if self.finished.dtype == bool else float
+    num = int if np.issubdtype(self.lengths.dtype, np.integer) else float
+    return [dict(id=i, answer=t, tokens=num(n), finished=flag(f),
                  correct=None if np.isnan(c) else float(c))
             for i, t, n, f, c in zip(self.ids, self.texts, self.lengths,
                                      self.finished, self.correct)]
@@ -201,47 +206,72 @@ def greedy_params(tok, max_new_tokens: int) -> sampling_lib.SamplingParams:
                                      stop_ids=tuple(tok.stop_ids), **GREEDY)
 
 
+def sampled_params(tok, max_new_tokens: int, temperature: float
+                   ) -> sampling_lib.SamplingParams:
+  """Sampled pass@1's decoding: plain `temperature` sampling (no top-k/p
+  filter), the tokenizer's stop ids."""
+  return sampling_lib.SamplingParams(
+      max_new_tokens=max_new_tokens, stop_ids=tuple(tok.stop_ids),
+      temperature=temperature, top_k=0, top_p=1.0, min_p=0.0)
+
+
 def greedy_answers(graphdef, params, tok, source: data_lib.Encoded, *,
-                   name: str, batch_size: int, max_new_tokens: int,
-                   buckets: Sequence[int] | None, limit: int = 0,
-                   progress: Callable | None = None,
-                   sampler: Callable | None = None,
-                   verifier: str = "last_number") -> Answers:
-  """Greedy answers of one model to (the first `limit` of) `source`.
+                   max_new_tokens: int, **kwargs) -> Answers:
+  """`model_answers` with greedy decoding, one answer per prompt."""
+  return model_answers(graphdef, params, tok, source,
+                       sampling=greedy_params(tok, max_new_tokens), **kwargs)
+
+
+def model_answers(graphdef, params, tok, source: data_lib.Encoded, *,
+                  name: str, batch_size: int,
+                  sampling: sampling_lib.SamplingParams, samples: int = 1,
+                  buckets: Sequence[int] | None, limit: int = 0,
+                  progress: Callable | None = None,
+                  sampler: Callable | None = None,
+                  verifier: str = "last_number", seed: int = 0) -> Answers:
+  """One model's answers to (the first `limit` of) `source`, `samples` per
+  prompt; with more than one, the per-prompt figures are their means.
 
   Batches have one shape (the last is filled and the filler dropped), so the
   sampler compiles once per prompt bucket. `sampler(params, prompt_tokens,
   prompt_mask, key, prompt_index) -> Candidates` replaces `sampling.sample`
-  with `greedy_params` and K = 1 (e.g. `sharded.jit_sampler` with those).
-  `verifier` names the check of `correct` (`batch_verifier`'s kinds).
+  with `sampling` and K = `samples` (e.g. `sharded.jit_sampler` with
+  those). Every row's random stream is fold_in(key(seed), prompt index), so
+  two models get the same draws per prompt (a paired comparison) and the
+  batch size changes nothing. `verifier` names the check of `correct`
+  (`batch_verifier`'s kinds).
   """
-  sp = greedy_params(tok, max_new_tokens)
   if sampler is None:
     sampler = lambda p, t, m, key, i: sampling_lib.sample(
         graphdef, p, jnp.asarray(t), jnp.asarray(m), key,
-        prompt_index=jnp.asarray(i), num_candidates=1, sampling=sp,
-        pad_id=tok.pad_id)
+        prompt_index=jnp.asarray(i), num_candidates=samples,
+        sampling=sampling, pad_id=tok.pad_id)
   texts, lengths, finished, ids, answers = [], [], [], [], []
   batches = data_lib.eval_batches(source, batch_size=batch_size,
                                   buckets=buckets, limit=limit,
                                   process_index=0, process_count=1)
   for batch in (progress(batches) if progress else batches):
     cands = jax.device_get(sampler(params, batch.tokens, batch.mask,
-                                   jax.random.key(0),
+                                   jax.random.key(seed),
                                    np.asarray(batch.index, np.int32)))
     for i in np.flatnonzero(batch.valid):
-      n = int(cands.lengths[i, 0])
-      texts.append(tok.decode(cands.tokens[i, 0, :n]))
+      n = cands.lengths[i].astype(int)
+      texts.append([tok.decode(cands.tokens[i, j, :n[j]])
+                    for j in range(samples)])
       lengths.append(n)
-      finished.append(bool(cands.finished[i, 0]))
+      finished.append(np.asarray(cands.finished[i], bool))
       ids.append(batch.prompts[i].id)
       answers.append(batch.prompts[i].answer)
   check = batch_verifier(answers, kind=verifier)
-  correct = np.array([np.nan if a is None else check(i, t)
-                      for i, (t, a) in enumerate(zip(texts, answers))],
+  correct = np.array([np.nan if a is None else np.mean([check(i, t) for t in ts])
+                      for i, (ts, a) in enumerate(zip(texts, answers))],
                      np.float64)
-  return Answers(name=name, ids=tuple(ids), texts=tuple(texts),
-                 lengths=np.asarray(lengths), finished=np.asarray(finished),
+  one = samples == 1
+  lengths = np.asarray(lengths).reshape(len(ids), samples)
+  finished = np.asarray(finished, bool).reshape(len(ids), samples)
+  return Answers(name=name, ids=tuple(ids), texts=tuple(t[0] for t in texts),
+                 lengths=lengths[:, 0] if one else lengths.mean(-1),
+                 finished=finished[:, 0] if one else finished.mean(-1),
                  correct=correct)
 
 
@@ -259,12 +289,12 @@ def truncation_warning(r: Answers, *, max_new_tokens: int | None = None,
   n = len(r.ids)
   if not n:
     return None
-  ended = int(np.sum(r.finished))
-  share = ended / n
+  ended = int(round(float(np.sum(r.finished))))  # with samples: a mean
+  share = float(np.mean(r.finished))
   if share >= MIN_ENDED:
     return None
   if max_new_tokens is None:
-    cut = np.asarray(r.lengths)[~np.asarray(r.finished, bool)]
+    cut = np.asarray(r.lengths)[np.asarray(r.finished, float) < 1]
     budget = f"cut at {int(cut.max())} tokens" if cut.size else "cut"
   else:
     budget = f"eval.max_new_tokens={max_new_tokens}"
@@ -353,18 +383,19 @@ def verdict(rows: Sequence[dict], *, baseline: str, final: str) -> str:
 
 
 def write(out_dir: str, results: Sequence[Answers],
-          rows: Sequence[dict] | None = None) -> None:
-  """out_dir/<model>.jsonl (per-prompt answers) and, given rows,
-  out_dir/summary.json."""
+          rows: Sequence[dict] | None = None, suffix: str = "") -> None:
+  """out_dir/<model><suffix>.jsonl (per-prompt answers) and, given rows,
+  out_dir/summary<suffix>.json."""
   os.makedirs(out_dir, exist_ok=True)
   for r in results:
-    with open(os.path.join(out_dir, f"{r.name}.jsonl"), "w",
+    with open(os.path.join(out_dir, f"{r.name}{suffix}.jsonl"), "w",
               encoding="utf-8") as f:
       for rec in r.to_records():
         f.write(json.dumps(rec) + "\n")
   if rows is None:
     return
-  with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(out_dir, f"summary{suffix}.json"), "w",
+            encoding="utf-8") as f:
     json.dump(list(rows), f, indent=2)
 
 
@@ -376,6 +407,8 @@ def read_answers(path: str, name: str) -> Answers:
       name=name, ids=tuple(r["id"] for r in recs),
       texts=tuple(r["answer"] for r in recs),
       lengths=np.array([r["tokens"] for r in recs]),
-      finished=np.array([r["finished"] for r in recs], bool),
+      finished=np.array([r["finished"] for r in recs],
+                        bool if all(isinstance(r["finished"], bool)
+                                    for r in recs) else np.float64),
       correct=np.array([np.nan if r["correct"] is None else r["correct"]
                         for r in recs], np.float64))

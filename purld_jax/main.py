@@ -169,7 +169,9 @@ def run(config, workdir: str) -> None:
     models["final"] = importlib.import_module(STAGE2_RUNNER).run(
         config, workdir, reference_dir=reference_dir)
     hostmem.release()
-  heldout.run(config, workdir, models)
+  wanted = config.eval.get("models", "before,sft,final").split(",")
+  heldout.run(config, workdir, {k: v for k, v in models.items()
+                                if k in wanted})
   if not first:
     return
   from purld_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,8 @@
-"""Held-out evaluation: verifier, bootstrap intervals, table, greedy answers."""
+"""Held-out evaluation: verifier, bootstrap intervals, table, greedy and
+sampled answers."""
+
+import json
+import os
 
 import numpy as np
 import pytest
@@ -8,6 +12,7 @@ from purld_jax import evaluate
 from purld_jax import prompts as prompts_lib
 from purld_jax import sampling as sampling_lib
 from purld_jax.train import student as student_lib
+from tests.train_fixtures import jit_cache  # noqa: F401  (fixture)
 
 
 def test_verify_uses_the_last_number():
@@ -236,3 +241,74 @@ def test_greedy_answers_match_the_sampler_per_prompt(tiny_student, tmp_path):
                                  batch_size=2, max_new_tokens=5,
                                  buckets=(32,), limit=3)
   assert got3.ids == ("q0", "q1", "q2") and got3.texts == got.texts[:3]
+
+
+def test_sampled_answers_are_means_over_the_samples(tmp_path):
+  """A stand-in sampler with known samples: per prompt, correct is the share
+  of samples whose last number is the answer, finished the share that
+  ended, lengths the mean; the records round-trip through write/read."""
+  import types
+  tok = types.SimpleNamespace(pad_id=0,
+                              decode=lambda ids: " ".join(map(str, ids)))
+  lines = [f'{{"id": "q{i}", "prompt": "p{i}", "answer": "{i + 1}"}}'
+           for i in range(3)]
+  path = tmp_path / "eval.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  source = data_lib.Encoded(prompts=tuple(prompts_lib.read_jsonl(str(path))),
+                            index=(0, 1, 2), ids=((5,), (5,), (5,)),
+                            dropped=(), pad_id=0)
+  # Prompt b's 4 samples: the tokens "b+1" (right) in the first b + 1 of
+  # them, "9" (wrong) in the rest; sample j has j + 1 tokens, and only
+  # the even ones end.
+  def sampler(params, tokens, mask, key, index):
+    b, k, t = len(index), 4, 4
+    toks = np.full((b, k, t), 9, np.int32)
+    for r, i in enumerate(index):
+      toks[r, :i + 1] = i + 1
+    return types.SimpleNamespace(
+        tokens=toks, lengths=np.tile(np.arange(1, k + 1), (b, 1)),
+        finished=np.tile(np.arange(k) % 2 == 0, (b, 1)))
+  got = evaluate.model_answers(
+      None, None, tok, source, name="m", batch_size=2, samples=4,
+      sampling=sampling_lib.SamplingParams(), buckets=(8,), sampler=sampler)
+  np.testing.assert_allclose(got.correct, [1 / 4, 2 / 4, 3 / 4])
+  np.testing.assert_allclose(got.finished, [0.5] * 3)
+  np.testing.assert_allclose(got.lengths, [2.5] * 3)
+  assert got.texts == ("1", "2", "3")  # the first sample: 1 token
+  evaluate.write(str(tmp_path), [got], suffix=".sampled")
+  back = evaluate.read_answers(str(tmp_path / "m.sampled.jsonl"), "m")
+  np.testing.assert_allclose(back.correct, got.correct)
+  np.testing.assert_allclose(back.finished, got.finished)
+  # half of the samples ended: the truncation warning fires
+  assert "= 50.0% of held-out" in evaluate.truncation_warning(
+      got, max_new_tokens=4)
+
+
+def test_heldout_adds_sampled_pass_at_1(tmp_path, capsys, jit_cache):  # noqa: F811
+  """eval.samples > 0: a second table of sampled pass@1, its own files and
+  settings; two models with the same weights get the same draws per prompt
+  (a gain of exactly 0); a changed temperature re-samples, greedy is kept."""
+  from purld_jax.train import heldout
+  from tests import train_fixtures
+  c = train_fixtures.tiny_config(**{"eval.num_prompts": 3,
+                                    "eval.batch_size": 4, "eval.samples": 3})
+  models = {"before": "init", "final": "init"}
+  rows = heldout.run(c, str(tmp_path), models)
+  assert [r["model"] for r in rows] == ["before", "final"]
+  out = tmp_path / "eval"
+  assert {"before.sampled.jsonl", "final.sampled.settings.json",
+          "summary.sampled.json", "summary.json"} <= set(os.listdir(out))
+  sampled = json.loads((out / "summary.sampled.json").read_text())
+  assert sampled[1]["gain"] == 0.0
+  before = evaluate.read_answers(str(out / "before.sampled.jsonl"), "before")
+  assert before.finished.dtype == np.float64 and len(before.ids) == 3
+  printed = capsys.readouterr()
+  assert "3 samples per prompt at temperature 1" in printed.err
+  assert printed.out.count("gain vs before") == 2  # both tables
+  c.eval.temperature = 0.5
+  heldout.run(c, str(tmp_path), models)
+  err = capsys.readouterr().err
+  assert "[eval] before: already evaluated" in err
+  assert "before.sampled: already evaluated" not in err
+  assert json.loads((out / "before.sampled.settings.json").read_text())[
+      "temperature"] == 0.5

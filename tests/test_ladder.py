@@ -152,3 +152,46 @@ def test_curves_read_the_kept_stage2_metrics(tmp_path):
       "kl": [0.0, 0.01], "entropy": [0.5, None]}}
   ladder.plot_curves(got, str(tmp_path / "curves.png"))
   assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_sampled_pass_at_1_is_its_own_table_and_decides_first(tmp_path):
+  """eval/<model>.sampled.jsonl (shares right of a prompt's samples) make a
+  second table, the Protocol's, listed first; its gains are paired means
+  of those shares, computed here by hand."""
+  runner = common.Runner(str(tmp_path), echo=False)
+  greedy = {"before": _right(150), "sft": _right(200)}
+  for s in range(3):
+    _write_cell(runner, f"sft_s{s}", greedy)
+    _write_cell(runner, f"oracle_grpo_s{s}", {"final": _right(200)})
+    d = os.path.join(runner.workdir(f"sft_s{s}"), "eval")
+    for model, share in (("before", 0.25), ("sft", 0.5)):
+      _write_sampled(d, model, np.full(N, share))
+    _write_sampled(os.path.join(runner.workdir(f"oracle_grpo_s{s}"), "eval"),
+                   "final", np.where(np.arange(N) < 250, 0.875, 0.5))
+  rungs = ["untrained", "sft", "oracle_grpo"]
+  data = ladder.compact(runner, str(tmp_path), rungs, [0, 1, 2])
+  by = ladder.tables(data, rungs, [0, 1, 2])
+  assert list(by) == ["sampled", "greedy"]
+  s = {r["rung"]: r for r in by["sampled"]}
+  assert s["sft"]["gain"] == pytest.approx(0.25)
+  # half the prompts gain 0.375, the other half 0: +0.1875, clear of zero
+  assert s["oracle_grpo"]["gain"] == pytest.approx(0.1875)
+  assert s["oracle_grpo"]["verdict"].startswith("PASS")
+  assert s["oracle_grpo"]["ended"] == pytest.approx(0.75)
+  g = {r["rung"]: r for r in by["greedy"]}
+  assert g["oracle_grpo"]["gain"] == 0.0
+  assert g["oracle_grpo"]["verdict"].startswith("FAIL")
+  text = ladder.report(by, "# t\n\n")
+  assert text.index("## Sampled pass@1") < text.index("## Greedy accuracy")
+  # without sampled answers: the greedy table alone
+  assert list(ladder.tables({k: v for k, v in data.items()
+                             if not k.endswith(ladder.SAMPLED)},
+                            rungs, [0, 1, 2])) == ["greedy"]
+
+
+def _write_sampled(d, model, share):
+  with open(os.path.join(d, f"{model}.sampled.jsonl"), "w",
+            encoding="utf-8") as f:
+    for i, c in enumerate(share):
+      f.write(json.dumps(dict(id=f"eval-{i:04d}", answer="x", tokens=9.5,
+                              finished=0.75, correct=float(c))) + "\n")

@@ -73,7 +73,8 @@ def test_validation_names_every_bad_field_before_compute(tmp_path):
       "data.train_path": str(tmp_path / "missing.jsonl"),
       "ranking.scheme": "vibes", "opt.nan_policy": "ignore",
       "model.path": str(tmp_path), "sft.batch_size": 0,
-      "teacher.on_truncated": "shrug"})
+      "teacher.on_truncated": "shrug", "eval.models": "final,after",
+      "rl.oversample": 0})
   workdir = tmp_path / "run"
   with pytest.raises(main.ConfigError) as e:
     main.run(cfg, str(workdir))
@@ -81,7 +82,9 @@ def test_validation_names_every_bad_field_before_compute(tmp_path):
   for needle in ("data.train_path=", "no such prompt file",
                  "ranking.scheme='vibes'", "opt.nan_policy='ignore'",
                  "model.path=", "sft.batch_size=0: must be > 0",
-                 "teacher.on_truncated='shrug'"):
+                 "teacher.on_truncated='shrug'",
+                 "eval.models='final,after': a comma list",
+                 "rl.oversample=0: must be > 0"):
     assert needle in text, (needle, text)
   assert not workdir.exists()  # nothing was started
 

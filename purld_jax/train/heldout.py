@@ -5,7 +5,10 @@ Evaluates, with the same greedy decoding (`eval.*`), the models a run made:
   sft     stage 1's reference (skipped when `sft.steps = 0`: it is `before`),
   final   stage 2's result (recipes other than sft),
 and prints `evaluate.format_table` with gains over the SFT reference (the
-baseline METHOD.md compares PU-RL with). Results land in WORKDIR/eval/; a
+baseline METHOD.md compares PU-RL with). With `eval.samples` = n > 0 each
+model is also sampled n times per prompt at `eval.temperature` and a
+second table gives sampled pass@1 (the share of a prompt's samples that
+are right, averaged over prompts: what RL optimises; METHOD.md, Protocol). Results land in WORKDIR/eval/; a
 model already evaluated with the same settings (its weights' content hash
 included) is not evaluated again, so a resumed run only pays for what is
 new and a retrained one is evaluated afresh. The sampler runs on the mesh of
@@ -16,6 +19,7 @@ model that is not on disk yet.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -71,10 +75,26 @@ def _progress(config, name: str, total: int, *, compiles: bool):
   return show
 
 
+def _kinds(config, tok) -> list[tuple[str, object, int]]:
+  """(file suffix, decoding, samples per prompt) of each evaluation: greedy,
+  and sampled pass@1 when `eval.samples` > 0."""
+  out = [("", evaluate.greedy_params(tok, config.eval.max_new_tokens), 1)]
+  n = config.eval.get("samples", 0)
+  if n > 0:
+    out.append((SAMPLED, evaluate.sampled_params(
+        tok, config.eval.max_new_tokens, config.eval.temperature), n))
+  return out
+
+
+SAMPLED = ".sampled"  # <model>.sampled.jsonl: sampled pass@1's answers
+
+
 def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
   """Evaluates `models` (name -> HF directory, or "init" for the initial
-  student) on `data.eval_path`; prints and returns the summary rows (None
-  when the config has no eval set)."""
+  student) on `data.eval_path`; prints and returns the greedy summary rows
+  (None when the config has no eval set). With `eval.samples` = n > 0 each
+  model is also sampled n times per prompt at `eval.temperature`: its
+  sampled pass@1 table follows (summary.sampled.json)."""
   if not config.data.eval_path:
     print("[eval] no data.eval_path: held-out evaluation skipped",
           file=sys.stderr)
@@ -93,62 +113,79 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
   mesh, param_sh = loop_lib.mesh_setup(
       config, student.cfg, batch_sizes={"eval.batch_size":
                                         config.eval.batch_size})
-  sampler = sharded.on_host(sharded.jit_sampler(
-      graphdef, param_sh, mesh=mesh, num_candidates=1,
-      sampling=evaluate.greedy_params(tok, config.eval.max_new_tokens),
-      pad_id=tok.pad_id))
+  kinds = _kinds(config, tok)
+  samplers = {suffix: sharded.on_host(sharded.jit_sampler(
+      graphdef, param_sh, mesh=mesh, num_candidates=k, sampling=sp,
+      pad_id=tok.pad_id)) for suffix, sp, k in kinds}
   first = jax.process_index() == 0
-  results = []
-  evaluated = 0  # models run through the sampler by this process
-  for k, (name, src) in enumerate(models.items()):
+  results = {suffix: [] for suffix, _, _ in kinds}
+  compiled = set()  # samplers run by this process
+  for i, (name, src) in enumerate(models.items()):
     preemption.stop_before(
-        "eval", f"evaluating {name} ({k} of {len(models)} models done)",
+        "eval", f"evaluating {name} ({i} of {len(models)} models done)",
         out_dir)
-    settings = _settings(config, src)
-    meta_path = os.path.join(out_dir, f"{name}.settings.json")
-    answers_path = os.path.join(out_dir, f"{name}.jsonl")
-    if os.path.exists(meta_path) and os.path.exists(answers_path):
-      with open(meta_path, encoding="utf-8") as f:
-        if json.load(f) == settings:
-          print(f"[eval] {name}: already evaluated ({answers_path})",
-                file=sys.stderr)
-          results.append(evaluate.read_answers(answers_path, name))
-          continue
-    params = sharded.put(
-        jax.tree.map(np.asarray, student.init_params() if src == "init"
-                     else hf.load_params(src, student.cfg)), param_sh)
-    results.append(evaluate.greedy_answers(
-        graphdef, params, tok, source, name=name,
-        batch_size=config.eval.batch_size,
-        max_new_tokens=config.eval.max_new_tokens,
-        buckets=config.data.buckets, limit=limit,
-        progress=(_progress(config, name, batches, compiles=not evaluated)
-                  if first else None),
-        sampler=sampler))
-    evaluated += 1
+    params = None
+    for suffix, sp, k in kinds:
+      settings = dict(_settings(config, src), **(
+          {"samples": k, "temperature": sp.temperature} if suffix else {}))
+      meta_path = os.path.join(out_dir, f"{name}{suffix}.settings.json")
+      answers_path = os.path.join(out_dir, f"{name}{suffix}.jsonl")
+      if os.path.exists(meta_path) and os.path.exists(answers_path):
+        with open(meta_path, encoding="utf-8") as f:
+          if json.load(f) == settings:
+            print(f"[eval] {name}{suffix}: already evaluated "
+                  f"({answers_path})", file=sys.stderr)
+            results[suffix].append(evaluate.read_answers(answers_path, name))
+            continue
+      if params is None:
+        params = sharded.put(
+            jax.tree.map(np.asarray, student.init_params() if src == "init"
+                         else hf.load_params(src, student.cfg)), param_sh)
+      label = name + (f" ({k} samples, T={sp.temperature:g})" if suffix
+                      else "")
+      decode = evaluate.greedy_answers if not suffix else functools.partial(
+          evaluate.model_answers, sampling=sp, samples=k)
+      kw = {} if suffix else {"max_new_tokens": config.eval.max_new_tokens}
+      results[suffix].append(decode(
+          graphdef, params, tok, source, name=name,
+          batch_size=config.eval.batch_size, buckets=config.data.buckets,
+          limit=limit, sampler=samplers[suffix], **kw,
+          progress=(_progress(config, label, batches,
+                              compiles=suffix not in compiled)
+                    if first else None)))
+      compiled.add(suffix)
+      if first:
+        evaluate.write(out_dir, results[suffix][-1:], suffix=suffix)
+        with open(meta_path, "w", encoding="utf-8") as f:
+          json.dump(settings, f)
     del params
     hostmem.release()  # the sampler's buffers of this model
-    if first:
-      evaluate.write(out_dir, results[-1:])
-      with open(meta_path, "w", encoding="utf-8") as f:
-        json.dump(settings, f)
   baseline = "sft" if "sft" in models else "before"
-  rows = evaluate.summarize(results, baseline=baseline, seed=config.seed,
-                            max_new_tokens=config.eval.max_new_tokens,
-                            where=out_dir)
+  tables = {suffix: evaluate.summarize(
+      results[suffix], baseline=baseline, seed=config.seed,
+      max_new_tokens=config.eval.max_new_tokens, where=out_dir)
+            for suffix, _, _ in kinds}
   if first:
-    evaluate.write(out_dir, [], rows)
+    for suffix, rows in tables.items():
+      evaluate.write(out_dir, [], rows, suffix=suffix)
   sharded.barrier("heldout")
   if not first:
-    return rows
+    return tables[""]
   final = list(models)[-1]
-  print(f"\n[eval] held-out prompts: {config.data.eval_path} ({n}); greedy, "
-        f"{config.eval.max_new_tokens} new tokens; accuracy = last number of "
-        "the answer equals the reference; 95% percentile bootstrap over "
-        "prompts (gain: paired)", file=sys.stderr)
-  print(evaluate.format_table(rows, baseline=baseline))
-  if final != baseline:
-    print(evaluate.verdict(rows, baseline=baseline, final=final))
+  for suffix, sp, k in kinds:
+    how = (f"greedy, {config.eval.max_new_tokens} new tokens; accuracy = "
+           "last number of the answer equals the reference" if not suffix
+           else f"{k} samples per prompt at temperature {sp.temperature:g}, "
+           f"{config.eval.max_new_tokens} new tokens; sampled pass@1 = the "
+           "share of a prompt's samples that are right; 'ended' = the share "
+           "of samples that ended")
+    print(f"\n[eval] held-out prompts: {config.data.eval_path} ({n}); {how}; "
+          "95% percentile bootstrap over prompts (gain: paired)",
+          file=sys.stderr)
+    print(evaluate.format_table(tables[suffix], baseline=baseline))
+    if final != baseline:
+      print(evaluate.verdict(tables[suffix], baseline=baseline, final=final))
   print(f"[eval] per-prompt answers and summary.json: {out_dir}",
         file=sys.stderr)
-  return rows
+  return tables[""]
+
