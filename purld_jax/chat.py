@@ -140,7 +140,7 @@ class Decoder:
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
     from purld_jax import sampling  # pylint: disable=g-import-not-at-top
-    from purld_jax.models import llama  # pylint: disable=g-import-not-at-top
+    from purld_jax.models import layers  # pylint: disable=g-import-not-at-top
     graphdef, rule = self._graphdef, self.sampling
     slots = bucket + self.max_new_tokens
 
@@ -152,7 +152,7 @@ class Decoder:
       self.traces[("prefill", bucket)] += 1  # runs when traced only
       m = nnx.merge(graphdef, params)
       h, cache = m.extend(tokens_1P, m.init_cache(1, slots),
-                          positions=llama.default_positions(mask_1P),
+                          positions=layers.default_positions(mask_1P),
                           attention_mask=mask_1P, return_hidden=True)
       return pick(m.logits(h[:, -1]), key, 0), cache
 

@@ -166,8 +166,8 @@ def validate(config) -> None:
       errors.append(f"model.path: {e}")
   for key in ("model.dtype", "model.param_dtype"):
     _choice(errors, config, key, ("float32", "bfloat16"))
-  from purld_jax.models import llama  # pylint: disable=g-import-not-at-top
-  _choice(errors, config, "model.remat", llama.REMAT_POLICIES)
+  from purld_jax.models import layer_stack  # pylint: disable=g-import-not-at-top
+  _choice(errors, config, "model.remat", layer_stack.REMAT_POLICIES)
   _lora(errors, config)
   _half_state(errors, config)
   _choice(errors, config, "ckpt.keep_finished", ("last", "all", "none"))

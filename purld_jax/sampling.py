@@ -43,7 +43,8 @@ import numpy as np
 from flax import nnx
 
 from purld_jax import sharding
-from purld_jax.models import llama
+from purld_jax.models import layer_stack
+from purld_jax.models import layers as layers_lib
 from purld_jax.models import tokenizer as tokenizer_lib
 
 # Prompt lengths are rounded up to one of these (then to multiples of the
@@ -278,7 +279,7 @@ class _Own:
 
 
 _CHUNK = 32
-_NEG = -1e30  # finite, as in llama.py: masked slots weigh exactly 0
+_NEG = -1e30  # finite, as in layers.py: masked slots weigh exactly 0
 
 
 def _attend(q_RNH, pk_BGPH, pv_BGPH, pmask_BP, own: _Own, layer, col):
@@ -336,16 +337,16 @@ def _attend(q_RNH, pk_BGPH, pv_BGPH, pmask_BP, own: _Own, layer, col):
 
 def _decode(model, layers, prefix: _Prefix, own: _Own, tok_R, pos_R, col):
   """Feeds one token per row: (logits f32[R, V], own cache with slot col).
-  `layers` is `llama.layer_states(model)`, built once per `sample` call.
+  `layers` is `layer_stack.layer_states(model)`, built once per `sample` call.
 
   The same math as `Llama.extend` with T = 1 (its Block: attention and MLP
   with pre-norms, residuals), on the shared-prefix cache layout, through
-  `llama.over_layers` (scanned with `cfg.scan_layers`; never remat: no
+  `layer_stack.over_layers` (scanned with `cfg.scan_layers`; never remat: no
   gradient flows through sampling).
   """
   cfg = model.cfg
   x = jnp.take(model.embed[...], tok_R[:, None], axis=0).astype(cfg.dtype)
-  inv_freq = llama.rope_inv_freq(cfg)
+  inv_freq = layers_lib.rope_inv_freq(cfg)
   zero = jnp.zeros((), jnp.int32)
   c, at = col // _CHUNK, col % _CHUNK
 
@@ -367,9 +368,9 @@ def _decode(model, layers, prefix: _Prefix, own: _Own, tok_R, pos_R, col):
     return (x + layer.mlp(layer.post_attn_norm(x)), own), None
 
   index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-  (x, own), _ = llama.over_layers(model, block, (x, own),
-                                  (index, prefix.k, prefix.v), remat="none",
-                                  layers=layers)
+  (x, own), _ = layer_stack.over_layers(model, block, (x, own),
+                                        (index, prefix.k, prefix.v),
+                                        remat="none", layers=layers)
   return model.logits(model.final_norm(x))[:, 0], _pin(own)
 
 
@@ -377,7 +378,7 @@ def _prefill(model, tokens_BP, mask_BP, slots: int, k: int):
   """Runs the prompts once: (prefix, empty own cache for B * K rows,
   logits f32[B, V] after the last prompt token, positions i32[B])."""
   b, p = tokens_BP.shape
-  positions = llama.default_positions(mask_BP)
+  positions = layers_lib.default_positions(mask_BP)
   cache = model.init_cache(b, p)
   h, cache = model.extend(tokens_BP, cache, positions=positions,
                           attention_mask=mask_BP, return_hidden=True)
@@ -493,7 +494,7 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
       model, prompt_tokens, prompt_mask.astype(bool), max(t - 1, 1), k)
   # Outside the decode loop: with scan_layers the weights are stacked once
   # per call, not once per token.
-  layers = llama.layer_states(model)
+  layers = layer_stack.layer_states(model)
   state = _State(
       step=jnp.zeros((), jnp.int32),
       tokens=jnp.full((r, t), pad_id, jnp.int32),

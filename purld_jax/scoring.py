@@ -26,11 +26,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from purld_jax import structs
-from purld_jax.models import llama
+from purld_jax.models import layer_stack
+from purld_jax.models import layers
 
 # Most logits one chunk may hold when `vocab_chunk` is None: 2^27 f32 = 512 MiB.
 _AUTO_CHUNK_ELEMENTS = 1 << 27
-_NEG_INF = -1e30  # as in llama.py: masked slots weigh exactly 0
+_NEG_INF = -1e30  # as in layers.py: masked slots weigh exactly 0
 
 
 def _chunk(rows: int, n: int, vocab: int, vocab_chunk: int | None) -> int:
@@ -274,7 +275,7 @@ def _prefill_prompts(model, prompt_tokens, pmask_BP):
   """(final-norm hidden [B, P, D], KV cache of the B prompts)."""
   cache = model.init_cache(prompt_tokens.shape[0], prompt_tokens.shape[1])
   return model.extend(prompt_tokens, cache,
-                      positions=llama.default_positions(pmask_BP),
+                      positions=layers.default_positions(pmask_BP),
                       attention_mask=pmask_BP, return_hidden=True)
 
 
@@ -292,12 +293,12 @@ def _response_hidden(model, prefix: structs.KVCache, prompt_mask_BP,
   answers prompt b) over the prompts' keys and values in `prefix` ([L, B, P,
   G, H], read once per prompt, never copied M times) and their own.
 
-  The layers' own projections, norms and MLP, as in `llama.Block`, through
-  `llama.over_layers` (the model's remat policy and layer scan).
+  The layers' own projections, norms and MLP, as in `layers.Block`, through
+  `layer_stack.over_layers` (the model's remat policy and layer scan).
   """
   cfg = model.cfg
   x = model.embed_tokens(tokens_RT)
-  inv_freq = llama.rope_inv_freq(cfg)
+  inv_freq = layers.rope_inv_freq(cfg)
 
   def block(layer, x, prefix_kv):
     q, k, v = layer.attn.project(layer.input_norm(x), positions_RT, inv_freq)
@@ -305,14 +306,14 @@ def _response_hidden(model, prefix: structs.KVCache, prompt_mask_BP,
     x = x + layer.attn.output(o)
     return x + layer.mlp(layer.post_attn_norm(x)), None
 
-  x, _ = llama.over_layers(model, block, x, (prefix.k, prefix.v))
+  x, _ = layer_stack.over_layers(model, block, x, (prefix.k, prefix.v))
   return model.final_norm(x)
 
 
 def _attend(q_RTNH, k_RTGH, v_RTGH, pk_BPGH, pv_BPGH, pmask_BP, mask_RT,
             m: int) -> jax.Array:
   """[R, T, N, H]: each query over its prompt's slots and its row's own
-  slots up to itself, one softmax over both (`llama.Attention`'s math).
+  slots up to itself, one softmax over both (`layers.Attention`'s math).
 
   The prompt part is one [M * T * Rq, H] x [H, P] product per (prompt, kv
   head), Rq = N // G query heads per kv head.

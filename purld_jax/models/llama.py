@@ -20,14 +20,16 @@ Every parameter carries logical axis names (`sharding_names` metadata):
 weights use vocab, table_embed (D of the embedding table and lm_head),
 embed, q_heads, kv_heads, head_dim, mlp. `LlamaConfig.lora` adds LoRA
 adapters (`nnx.LoRAParam`) beside the projections: models/lora.py.
+
+Beside this file: llama_config.py (`LlamaConfig`, `tiny_config`, both
+re-exported here), layers.py (RoPE, RMSNorm, Attention, MLP, Block,
+`default_positions`), layer_stack.py (`over_layers`, `layer_states`, the
+remat policies).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,416 +37,16 @@ from flax import nnx
 
 from purld_jax import sharding
 from purld_jax import structs
-from purld_jax.models import lora
+from purld_jax.models import layer_stack
+from purld_jax.models import layers
+from purld_jax.models import llama_config
 
-_NEG_INF = -1e30  # finite, so fully masked rows (pads) stay NaN-free
+# Re-exported: most callers build configs as `llama.LlamaConfig(...)`.
+LlamaConfig = llama_config.LlamaConfig
+tiny_config = llama_config.tiny_config
+
 _ACT = ("act_batch", "act_len", "act_embed")
-_ACT_HEADS = ("act_batch", "act_len", "act_heads", None)
 _TABLE = ("vocab", "table_embed")  # the embedding table [V, D]
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-  """Architecture of a decoder. `from_hf` builds it from a config.json."""
-
-  vocab_size: int
-  hidden_size: int  # D
-  intermediate_size: int  # F
-  num_layers: int  # L
-  num_heads: int  # N
-  num_kv_heads: int  # G
-  head_dim: int  # H
-  rms_norm_eps: float = 1e-5
-  rope_theta: float = 10000.0
-  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_pos)
-  # or ("linear", factor) or None.
-  rope_scaling: tuple | None = None
-  max_position_embeddings: int = 2048
-  tie_word_embeddings: bool = False
-  qkv_bias: bool = False  # Qwen2/2.5
-  o_bias: bool = False  # Llama `attention_bias` also biases o_proj
-  mlp_bias: bool = False
-  qk_norm: bool = False  # Qwen3
-  model_type: str = "llama"
-  param_dtype: Any = jnp.float32
-  dtype: Any = jnp.float32  # compute dtype
-  # What a layer keeps for the backward pass (REMAT_POLICIES): "none" keeps
-  # every activation, "full" only the layer's input (the layer is run again
-  # in the backward pass), "dots" the weight matmuls' outputs (attention and
-  # elementwise ops are recomputed). The values computed are the same.
-  remat: str = "none"
-  # Run the layers as one `lax.scan` over their parameters stacked on a
-  # leading axis (`over_layers`): one layer is traced and compiled instead
-  # of L, so compilation is several times faster; each call stacks a copy
-  # of the layer weights. False: a Python loop, unrolled by XLA.
-  scan_layers: bool = False
-  # LoRA adapters on the projections (models/lora.py), None = none.
-  lora: lora.LoraSpec | None = None
-
-  @property
-  def q_per_kv(self) -> int:
-    """R, query heads that share one kv head."""
-    return self.num_heads // self.num_kv_heads
-
-  def replace(self, **kw) -> "LlamaConfig":
-    return dataclasses.replace(self, **kw)
-
-  def num_params(self) -> int:
-    """Parameter count (what the checkpoint holds)."""
-    d, f, n, g, h = (self.hidden_size, self.intermediate_size,
-                     self.num_heads, self.num_kv_heads, self.head_dim)
-    attn = d * n * h * 2 + d * g * h * 2
-    if self.qkv_bias:
-      attn += n * h + 2 * g * h
-    if self.o_bias:
-      attn += d
-    if self.qk_norm:
-      attn += 2 * h
-    mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
-    layer = attn + mlp + 2 * d
-    emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-    return self.num_layers * layer + emb + d
-
-  @classmethod
-  def from_hf(cls, hf: dict, *, source: str = "config.json",
-              param_dtype=jnp.float32, dtype=jnp.float32) -> "LlamaConfig":
-    """Builds a config from a Hugging Face config dict.
-
-    Args:
-      hf: the parsed config.json.
-      source: where `hf` came from, used in error messages.
-      param_dtype: dtype parameters are stored in.
-      dtype: compute dtype.
-
-    Raises:
-      ValueError naming the file and the field for anything unsupported.
-    """
-    from purld_jax.models import hf_config  # local: keeps this file model-only
-    return cls(**hf_config.parse(hf, source=source),
-               param_dtype=param_dtype, dtype=dtype)
-
-
-REMAT_POLICIES = ("none", "full", "dots")
-
-
-def remat_policy(name: str):
-  """The `jax.checkpoint` policy of a `LlamaConfig.remat` name (None for
-  "none": no checkpointing)."""
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"remat {name!r} is not one of {REMAT_POLICIES}")
-  return {"none": None,
-          "full": jax.checkpoint_policies.nothing_saveable,
-          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-          }[name]
-
-
-def layer_states(model):
-  """(the layers' shared graph definition, their states): stacked on a
-  leading axis L with `model.cfg.scan_layers` (each call stacks a copy of
-  the weights: build it once outside a loop that runs the layers many
-  times, as the sampler's decode does), else a list of L states."""
-  splits = [nnx.split(layer) for layer in model.layers]
-  states = [state for _, state in splits]
-  if model.cfg.scan_layers:
-    states = _stack_layers(model, states)
-  return splits[0][0], states
-
-
-def over_layers(model, body, carry, xs=None, *, remat: str | None = None,
-                layers=None):
-  """Runs `body(layer, carry, x_l) -> (carry, y_l)` through the L layers.
-
-  With `model.cfg.scan_layers`, one `lax.scan` over the layers' parameters
-  stacked on a leading axis (the layers share one graph definition), else a
-  Python loop. Each layer's step runs under `jax.checkpoint` with the remat
-  policy (`remat`, default `model.cfg.remat`). Both give the same values.
-
-  Args:
-    model: a `Llama`.
-    body: a pure function of (a `Block`, carry, x_l).
-    carry: a pytree threaded through the layers.
-    xs: None or a pytree of arrays with leading axis L; layer l sees x_l.
-    remat: overrides `model.cfg.remat`.
-    layers: `layer_states(model)`, when the caller built it already.
-
-  Returns:
-    (the last carry, the y_l stacked on a leading axis L; None if every y_l
-    is None).
-  """
-  policy = remat_policy(model.cfg.remat if remat is None else remat)
-  layer_def, states = layers if layers is not None else layer_states(model)
-
-  def step(state, c, x):
-    return body(nnx.merge(layer_def, state), c, x)
-
-  if policy is not None:
-    step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-  if model.cfg.scan_layers:
-    return jax.lax.scan(lambda c, sx: step(sx[0], c, sx[1]), carry,
-                        (states, xs))
-  ys = []
-  for l, state in enumerate(states):
-    x = None if xs is None else jax.tree.map(lambda a, l=l: a[l], xs)
-    carry, y = step(state, carry, x)
-    ys.append(y)
-  if all(y is None for y in ys):
-    return carry, None
-  return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
-
-
-def _stack_layers(model, states):
-  """The layers' states stacked on a leading axis L, each stack constrained
-  to the parameter's own sharding (`sharding_names`) with L unsharded: an
-  FSDP-sharded weight stays sharded in the stack, not gathered whole."""
-  names = sharding.logical_axes(model.layers[0])
-
-  def stack(path, *leaves):
-    node = names
-    for key in path:
-      if isinstance(key, jax.tree_util.DictKey):
-        node = node[key.key]
-    return sharding.constrain(jnp.stack(leaves), (None,) + tuple(node))
-
-  return jax.tree_util.tree_map_with_path(stack, *states)
-
-
-def tiny_config(**overrides) -> LlamaConfig:
-  """A random-init config small enough for unit tests on CPU."""
-  base = dict(vocab_size=128, hidden_size=32, intermediate_size=64,
-              num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-              rms_norm_eps=1e-6, rope_theta=10000.0,
-              max_position_embeddings=256)
-  base.update(overrides)
-  return LlamaConfig(**base)
-
-
-# ----------------------------------------------------------------------------
-# RoPE
-
-
-def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
-  """f32[H/2] inverse frequencies, with llama3 / linear scaling applied."""
-  h = cfg.head_dim
-  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  sc = cfg.rope_scaling
-  if sc is None:
-    return inv
-  if sc[0] == "linear":
-    return inv / sc[1]
-  if sc[0] == "llama3":
-    _, factor, low, high, orig = sc
-    low_wavelen = orig / low
-    high_wavelen = orig / high
-    wavelen = 2 * math.pi / inv
-    # Long wavelengths are slowed by `factor`, short ones kept, and the band
-    # between them interpolated smoothly.
-    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (orig / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return jnp.where(mid, smoothed, scaled)
-  raise ValueError(f"rope scaling {sc[0]!r} is not supported")
-
-
-def apply_rope(x_BTXH: jax.Array, positions_BT: jax.Array,
-               inv_freq: jax.Array) -> jax.Array:
-  """Rotate-half RoPE (the Hugging Face layout) on [B, T, heads, H]."""
-  angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
-  x = x_BTXH.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTXH.dtype)
-
-
-# ----------------------------------------------------------------------------
-# Layers
-
-
-def _param(rngs, shape, names, dtype, init="normal", scale=0.02):
-  if init == "ones":
-    value = jnp.ones(shape, dtype)
-  elif init == "zeros":
-    value = jnp.zeros(shape, dtype)
-  else:
-    value = (scale * jax.random.normal(rngs.params(), shape)).astype(dtype)
-  with nnx.use_eager_sharding(False):
-    return nnx.Param(value, sharding_names=names)
-
-
-class RMSNorm(nnx.Module):
-  """x / rms(x) * scale, computed in float32 (as Hugging Face does)."""
-
-  def __init__(self, dim: int, eps: float, *, name: str, param_dtype,
-               rngs: nnx.Rngs):
-    self.eps = eps
-    self.scale = _param(rngs, (dim,), (name,), param_dtype, init="ones")
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
-    y = (xf * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
-    scale = self.scale.value.astype(x.dtype)
-    return y * scale.reshape((1,) * (x.ndim - 1) + scale.shape)
-
-
-class Attention(nnx.Module):
-  """Grouped-query attention with RoPE, optional q/k/v bias and q/k norm."""
-
-  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-    d, n, g, h, pd = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-                      cfg.head_dim, cfg.param_dtype)
-    self.cfg = cfg
-    self.q_proj = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), pd)
-    self.k_proj = _param(rngs, (d, g, h), ("embed", "kv_heads", "head_dim"), pd)
-    self.v_proj = _param(rngs, (d, g, h), ("embed", "kv_heads", "head_dim"), pd)
-    self.o_proj = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), pd)
-    if cfg.qkv_bias:
-      self.q_bias = _param(rngs, (n, h), ("q_heads", "head_dim"), pd)
-      self.k_bias = _param(rngs, (g, h), ("kv_heads", "head_dim"), pd)
-      self.v_bias = _param(rngs, (g, h), ("kv_heads", "head_dim"), pd)
-    if cfg.o_bias:
-      self.o_bias = _param(rngs, (d,), ("embed",), pd)
-    if cfg.qk_norm:
-      self.q_norm = RMSNorm(h, cfg.rms_norm_eps, name="head_dim",
-                            param_dtype=pd, rngs=rngs)
-      self.k_norm = RMSNorm(h, cfg.rms_norm_eps, name="head_dim",
-                            param_dtype=pd, rngs=rngs)
-    lora.attach(self, cfg, lora.ATTN, rngs)
-
-  def __call__(self, x_BTD, positions_BT, inv_freq, k_cache_BSGH,
-               v_cache_BSGH, mask_BTS, write_at):
-    """One attention block.
-
-    Args:
-      x_BTD: normed input.
-      positions_BT: i32 RoPE positions.
-      inv_freq: f32[H/2].
-      k_cache_BSGH, v_cache_BSGH: this layer's cache, or None for a plain
-        forward (keys are then this call's own T tokens, S = T).
-      mask_BTS: bool, query t may attend slot s.
-      write_at: i32[] slot where this call's keys go.
-
-    Returns:
-      (out_BTD, k_cache_BSGH, v_cache_BSGH).
-    """
-    cfg, dt = self.cfg, self.cfg.dtype
-    q, k, v = self.project(x_BTD, positions_BT, inv_freq)
-    if k_cache_BSGH is not None:
-      zero = jnp.zeros((), jnp.int32)
-      idx = (zero, write_at, zero, zero)
-      k_cache_BSGH = jax.lax.dynamic_update_slice(
-          k_cache_BSGH, k.astype(k_cache_BSGH.dtype), idx)
-      v_cache_BSGH = jax.lax.dynamic_update_slice(
-          v_cache_BSGH, v.astype(v_cache_BSGH.dtype), idx)
-      keys, values = k_cache_BSGH.astype(dt), v_cache_BSGH.astype(dt)
-    else:
-      keys, values = k, v
-    b, t, n, h = q.shape
-    g = cfg.num_kv_heads
-    q = q.reshape(b, t, g, n // g, h)
-    logits = jnp.einsum("btgrh,bsgh->bgrts", q, keys,
-                        preferred_element_type=jnp.float32)
-    logits = logits * (h ** -0.5)
-    logits = jnp.where(mask_BTS[:, None, None, :, :], logits, _NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    attn = jnp.einsum("bgrts,bsgh->btgrh", probs, values).reshape(b, t, n, h)
-    return self.output(attn), k_cache_BSGH, v_cache_BSGH
-
-  def project(self, x_BTD, positions_BT, inv_freq):
-    """(q [B, T, N, H], k [B, T, G, H], v [B, T, G, H]) of normed input,
-    RoPE applied to q and k. Shared with the sampler's decode step."""
-    cfg, dt = self.cfg, self.cfg.dtype
-    x = x_BTD.astype(dt)
-    q = jnp.einsum("btd,dnh->btnh", x, self.q_proj.value.astype(dt))
-    k = jnp.einsum("btd,dgh->btgh", x, self.k_proj.value.astype(dt))
-    v = jnp.einsum("btd,dgh->btgh", x, self.v_proj.value.astype(dt))
-    q, k, v = (lora.add(self, name, x, y) for name, y in
-               (("q_proj", q), ("k_proj", k), ("v_proj", v)))
-    if cfg.qkv_bias:
-      q = q + self.q_bias.value.astype(dt)[None, None]
-      k = k + self.k_bias.value.astype(dt)[None, None]
-      v = v + self.v_bias.value.astype(dt)[None, None]
-    if cfg.qk_norm:
-      q = self.q_norm(q)
-      k = self.k_norm(k)
-    q = sharding.constrain(apply_rope(q, positions_BT, inv_freq), _ACT_HEADS)
-    k = sharding.constrain(apply_rope(k, positions_BT, inv_freq), _ACT_HEADS)
-    return q, k, v
-
-  def output(self, attn_BTNH):
-    """[B, T, D]: the output projection of attended values."""
-    dt = self.cfg.dtype
-    b, t, n, h = attn_BTNH.shape
-    # One [B*T, N*H] x [N*H, D] product: an einsum over (n, h) made XLA:CPU
-    # transpose the whole o_proj weight on every call.
-    w = self.o_proj.value.astype(dt).reshape(n * h, -1)
-    out = (attn_BTNH.reshape(b * t, n * h) @ w).reshape(b, t, -1)
-    out = lora.add(self, "o_proj", attn_BTNH.reshape(b, t, n * h), out)
-    if self.cfg.o_bias:
-      out = out + self.o_bias.value.astype(dt)[None, None]
-    return out
-
-
-class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-    d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
-    self.cfg = cfg
-    self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
-    self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
-    self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
-    if cfg.mlp_bias:
-      self.gate_bias = _param(rngs, (f,), ("mlp",), pd, init="zeros")
-      self.up_bias = _param(rngs, (f,), ("mlp",), pd, init="zeros")
-      self.down_bias = _param(rngs, (d,), ("embed",), pd, init="zeros")
-    lora.attach(self, cfg, lora.MLP, rngs)
-
-  def __call__(self, x_BTD):
-    dt = self.cfg.dtype
-    x = x_BTD.astype(dt)
-    gate = lora.add(self, "gate_proj", x, x @ self.gate_proj.value.astype(dt))
-    up = lora.add(self, "up_proj", x, x @ self.up_proj.value.astype(dt))
-    if self.cfg.mlp_bias:
-      gate = gate + self.gate_bias.value.astype(dt)[None, None]
-      up = up + self.up_bias.value.astype(dt)[None, None]
-    act = jax.nn.silu(gate) * up
-    out = lora.add(self, "down_proj", act, act @ self.down_proj.value.astype(dt))
-    if self.cfg.mlp_bias:
-      out = out + self.down_bias.value.astype(dt)[None, None]
-    return out
-
-
-class Block(nnx.Module):
-  """Pre-norm residual block: attention then MLP."""
-
-  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-    pd, eps = cfg.param_dtype, cfg.rms_norm_eps
-    self.input_norm = RMSNorm(cfg.hidden_size, eps, name="embed",
-                              param_dtype=pd, rngs=rngs)
-    self.attn = Attention(cfg, rngs=rngs)
-    self.post_attn_norm = RMSNorm(cfg.hidden_size, eps, name="embed",
-                                  param_dtype=pd, rngs=rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
-
-  def __call__(self, x, positions, inv_freq, k_cache, v_cache, mask, write_at):
-    a, k_cache, v_cache = self.attn(self.input_norm(x), positions, inv_freq,
-                                    k_cache, v_cache, mask, write_at)
-    x = x + a
-    x = x + self.mlp(self.post_attn_norm(x))
-    return x, k_cache, v_cache
-
-
-# ----------------------------------------------------------------------------
-# The model
-
-
-def default_positions(attention_mask_BT: jax.Array) -> jax.Array:
-  """i32[B, T] positions for a left-padded batch: 0 at the first real token."""
-  m = attention_mask_BT.astype(jnp.int32)
-  return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
 
 
 class Llama(nnx.Module):
@@ -453,14 +55,15 @@ class Llama(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     pd = cfg.param_dtype
-    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), _TABLE, pd)
-    self.layers = nnx.List([Block(cfg, rngs=rngs)
+    self.embed = layers.param(rngs, (cfg.vocab_size, cfg.hidden_size), _TABLE,
+                              pd)
+    self.layers = nnx.List([layers.Block(cfg, rngs=rngs)
                             for _ in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, name="embed",
-                              param_dtype=pd, rngs=rngs)
+    self.final_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                     name="embed", param_dtype=pd, rngs=rngs)
     if not cfg.tie_word_embeddings:
-      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size),
-                            _TABLE[::-1], pd)
+      self.lm_head = layers.param(rngs, (cfg.hidden_size, cfg.vocab_size),
+                                 _TABLE[::-1], pd)
 
   # -- helpers ---------------------------------------------------------------
 
@@ -529,9 +132,9 @@ class Llama(nnx.Module):
     if positions_BT is None:
       if cache is not None:
         raise ValueError("a cached forward needs explicit positions")
-      positions_BT = default_positions(attention_mask_BT)
+      positions_BT = layers.default_positions(attention_mask_BT)
     x = self.embed_tokens(tokens_BT)
-    inv_freq = rope_inv_freq(cfg)
+    inv_freq = layers.rope_inv_freq(cfg)
     if cache is None:
       causal = jnp.tril(jnp.ones((t, t), bool))
       mask = causal[None] & attention_mask_BT[:, None, :]
@@ -552,7 +155,7 @@ class Llama(nnx.Module):
       x = sharding.constrain(x, _ACT)
       return x, (None if kv is None else (kc, vc))
 
-    x, new_kv = over_layers(
+    x, new_kv = layer_stack.over_layers(
         self, layer_step, x, None if cache is None else (cache.k, cache.v))
     h = self.final_norm(x)
     if cache is None:
@@ -572,7 +175,8 @@ class Llama(nnx.Module):
 
     Args:
       tokens: i32[B, T].
-      positions: i32[B, T]; default `default_positions(attention_mask)`.
+      positions: i32[B, T]; default
+        `layers.default_positions(attention_mask)`.
       attention_mask: bool[B, T], False on padding; default all True.
     """
     return self.logits(self.hidden(tokens, positions=positions,

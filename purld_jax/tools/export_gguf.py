@@ -34,6 +34,7 @@ import gguf
 import numpy as np
 
 from purld_jax.models import hf
+from purld_jax.models import layers
 from purld_jax.models import llama
 from purld_jax.models import tokenizer as tokenizer_lib
 from purld_jax.tools import import_gguf
@@ -103,7 +104,7 @@ def rope_factors(cfg: llama.LlamaConfig) -> np.ndarray:
   """f32[H/2] Llama 3 RoPE factors: llama.cpp divides each frequency by its
   factor, so factor = unscaled inv_freq / scaled inv_freq."""
   unscaled = dataclasses.replace(cfg, rope_scaling=None)
-  return np.asarray(llama.rope_inv_freq(unscaled) / llama.rope_inv_freq(cfg),
+  return np.asarray(layers.rope_inv_freq(unscaled) / layers.rope_inv_freq(cfg),
                     np.float32)
 
 

@@ -61,6 +61,7 @@ from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
 from purld_jax import sharding
+from purld_jax.models import layer_stack
 from purld_jax.models import llama
 from purld_jax.models import lora
 from purld_jax.tools import aot
@@ -127,7 +128,7 @@ def activation_bytes(cfg: llama.LlamaConfig, mesh, *, tokens: int,
     attended: sum over those tokens of their attention context.
     remat: none | full | dots.
   """
-  llama.remat_policy(remat)  # raises on an unknown name
+  layer_stack.remat_policy(remat)  # raises on an unknown name
   c = jnp.dtype(cfg.dtype).itemsize
   dp = _split(mesh, ("act_batch",), tokens, rules)
   d, h = cfg.hidden_size, cfg.head_dim
@@ -202,7 +203,7 @@ def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
       # The sampler runs the whole batch (micro-batches are the step's).
       kv_cache=kv * (s.b * s.p + s.b * s.k * own_t) // dp_all,
       kv_cache_naive=kv * s.b * s.k * (s.p + s.t) // dp_all)
-  for policy in llama.REMAT_POLICIES:
+  for policy in layer_stack.REMAT_POLICIES:
     out[f"activations_{policy}"] = activation_bytes(
         cfg, mesh, tokens=tokens, attended=attended, remat=policy,
         rules=rules)
@@ -267,7 +268,7 @@ def table(est: dict, compiled_stats=None) -> str:
        + m.output_size_in_bytes - m.alias_size_in_bytes),
   ]
   rows += [(f"activations if remat={p}", est[f"activations_{p}"], None)
-           for p in llama.REMAT_POLICIES]
+           for p in layer_stack.REMAT_POLICIES]
   rows += [("sampling KV cache (prompt once)", est["kv_cache"], None),
            ("sampling KV cache (naive BK x (P+T))", est["kv_cache_naive"],
             None)]

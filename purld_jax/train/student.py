@@ -169,7 +169,7 @@ def trainable(student: Student, param_sh, base_init: Callable[[], dict], *,
 
 def _random_params(cfg: llama.LlamaConfig, seed: int) -> dict:
   """A seeded random init on the host (numpy): matrices ~ N(0, 0.02^2) like
-  `llama._param`, norm scales 1, biases 0. Host-side because compiling
+  `layers.param`, norm scales 1, biases 0. Host-side because compiling
   JAX's initialisers costs more than the whole tiny run on a CPU."""
   rng = np.random.default_rng(seed)
   _, shapes = llama.abstract_model(cfg)

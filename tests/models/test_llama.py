@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from purld_jax.models import layers
 from purld_jax.models import llama
 from purld_jax.models import tokenizer as tok_lib
 
@@ -30,7 +31,7 @@ def test_cached_decode_equals_full_forward(kw):
                           attention_mask=jnp.asarray(full_mask)))
   prefill_len = 4  # the first 4 columns, then 3 single-token steps
   tokens, mask = jnp.asarray(full_tokens), jnp.asarray(full_mask)
-  positions = llama.default_positions(mask)
+  positions = layers.default_positions(mask)
   cache = model.init_cache(3, 8)
   logits, cache = model.extend(tokens[:, :prefill_len], cache,
                                positions=positions[:, :prefill_len],
@@ -111,7 +112,7 @@ def test_rope_llama3_scaling_by_hand():
   cfg = llama.tiny_config(head_dim=4, rope_theta=100.0,
                           rope_scaling=("llama3", 8.0, 1.0, 4.0, 16.0))
   s = (16 / (2 * np.pi) - 1) / 3
-  np.testing.assert_allclose(np.asarray(llama.rope_inv_freq(cfg)),
+  np.testing.assert_allclose(np.asarray(layers.rope_inv_freq(cfg)),
                              [(1 - s) / 8 + s, 0.0125], rtol=1e-5)
 
 

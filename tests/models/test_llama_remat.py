@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 from numpy.testing import assert_allclose
 
+from purld_jax.models import layer_stack
 from purld_jax.models import llama
 
 
@@ -62,4 +63,4 @@ def test_remat_leaves_gradients_unchanged():
 
 def test_unknown_policy_is_named():
   with pytest.raises(ValueError, match="remat 'some' is not one of"):
-    llama.remat_policy("some")
+    layer_stack.remat_policy("some")

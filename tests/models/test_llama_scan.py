@@ -11,7 +11,8 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from purld_jax import sampling
 from purld_jax import scoring
-from purld_jax.models import llama
+from purld_jax.models import layer_stack
+from purld_jax.models import layers as layers_lib
 from tests import core_fixtures
 
 LAYERS = 3
@@ -42,7 +43,7 @@ def test_forward_logits_equal():
 def test_cached_prefill_and_decode_equal():
   loop, scan = _pair()
   tokens, mask = _batch()
-  pos = llama.default_positions(mask)
+  pos = layers_lib.default_positions(mask)
 
   @jax.jit
   def run(m):
@@ -139,7 +140,7 @@ def test_over_layers_visits_layers_in_order():
       return carry * 10 + x, carry
 
     xs = jnp.arange(1, LAYERS + 1, dtype=jnp.int32)
-    last, seen = llama.over_layers(m, body, jnp.zeros((), jnp.int32), xs)
+    last, seen = layer_stack.over_layers(m, body, jnp.zeros((), jnp.int32), xs)
     assert int(last) == 123
     assert_array_equal(seen, [0, 1, 12])
 
@@ -147,7 +148,7 @@ def test_over_layers_visits_layers_in_order():
 
 def test_sampler_stacks_the_weights_once_not_per_token():
   """With the scan the layer weights are stacked before the decode loop
-  (`llama.layer_states` in `sampling.sample`), never inside its body."""
+  (`layer_stack.layer_states` in `sampling.sample`), never inside its body."""
   m = core_fixtures.random_tiny_model(num_layers=LAYERS, scan_layers=True)
   g, p = nnx.split(m)
   sp = sampling.SamplingParams(max_new_tokens=4, temperature=1.0)
