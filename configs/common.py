@@ -261,6 +261,10 @@ def evaluation() -> ml_collections.ConfigDict:
   # `temperature`, scored as the share right (0 = greedy only).
   c.samples = 0               # answers sampled per prompt (0 = greedy only)
   c.temperature = 1.0         # their temperature
+  # Prompts per sampled call (each brings `samples` rows; 0 = batch_size).
+  # A call decodes until its longest answer ends, so fewer rows a call
+  # waste fewer steps on one long answer.
+  c.sample_batch_size = 0
   # Which of the run's models to evaluate, a comma list of before (the
   # initial student), sft (stage 1's reference), final (stage 2's result).
   c.models = "before,sft,final"

@@ -158,9 +158,9 @@ def compact(runner: common.Runner, out: str, rungs, seeds,
 # and the table's heading. Sampled pass@1 decides the rules.
 SAMPLED = "@sampled"
 METRICS = {
-    "sampled": (SAMPLED, "sampled pass@1 (the share right of 8 answers a "
-                "prompt at temperature 1): the Protocol's metric, the rules' "
-                "verdicts"),
+    "sampled": (SAMPLED, "sampled pass@1 (the share right of eval.samples "
+                "answers a prompt at eval.temperature): the Protocol's "
+                "metric, the rules' verdicts"),
     "greedy": ("", "greedy accuracy (one answer a prompt), beside it"),
 }
 

@@ -225,7 +225,8 @@ def validate(config) -> None:
     _positive(errors, config, key)
   for key in ("sft.steps", "rl.steps", "sft.learning_rate",
               "opt.learning_rate", "opt.weight_decay", "opt.clip_norm",
-              "sampling.temperature", "model.vocab_chunk",
+              "sampling.temperature", "model.vocab_chunk", "eval.samples",
+              "eval.sample_batch_size", "eval.temperature",
               "ckpt.every_minutes"):
     _positive(errors, config, key, zero_ok=True)
   bad = set(config.eval.models.split(",")) - {"before", "sft", "final"}

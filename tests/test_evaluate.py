@@ -291,7 +291,8 @@ def test_heldout_adds_sampled_pass_at_1(tmp_path, capsys, jit_cache):  # noqa: F
   from purld_jax.train import heldout
   from tests import train_fixtures
   c = train_fixtures.tiny_config(**{"eval.num_prompts": 3,
-                                    "eval.batch_size": 4, "eval.samples": 3})
+                                    "eval.batch_size": 4, "eval.samples": 3,
+                                    "eval.sample_batch_size": 2})
   models = {"before": "init", "final": "init"}
   rows = heldout.run(c, str(tmp_path), models)
   assert [r["model"] for r in rows] == ["before", "final"]

@@ -75,14 +75,16 @@ def _progress(config, name: str, total: int, *, compiles: bool):
   return show
 
 
-def _kinds(config, tok) -> list[tuple[str, object, int]]:
-  """(file suffix, decoding, samples per prompt) of each evaluation: greedy,
-  and sampled pass@1 when `eval.samples` > 0."""
-  out = [("", evaluate.greedy_params(tok, config.eval.max_new_tokens), 1)]
-  n = config.eval.get("samples", 0)
-  if n > 0:
+def _kinds(config, tok) -> list[tuple[str, object, int, int]]:
+  """(file suffix, decoding, samples per prompt, prompts per call) of each
+  evaluation: greedy, and sampled pass@1 when `eval.samples` > 0."""
+  e = config.eval
+  out = [("", evaluate.greedy_params(tok, e.max_new_tokens), 1,
+          e.batch_size)]
+  if e.get("samples", 0) > 0:
     out.append((SAMPLED, evaluate.sampled_params(
-        tok, config.eval.max_new_tokens, config.eval.temperature), n))
+        tok, e.max_new_tokens, e.temperature), e.samples,
+                e.get("sample_batch_size", 0) or e.batch_size))
   return out
 
 
@@ -109,23 +111,24 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
                            max_len=config.data.max_prompt_len)
   limit = config.eval.num_prompts
   n = min(limit, len(source.ids)) if limit > 0 else len(source.ids)
-  batches = -(-n // config.eval.batch_size)
-  mesh, param_sh = loop_lib.mesh_setup(
-      config, student.cfg, batch_sizes={"eval.batch_size":
-                                        config.eval.batch_size})
   kinds = _kinds(config, tok)
+  mesh, param_sh = loop_lib.mesh_setup(
+      config, student.cfg, batch_sizes={
+          "eval.batch_size": config.eval.batch_size,
+          **({"eval.sample_batch_size": kinds[1][3]} if len(kinds) > 1
+             else {})})
   samplers = {suffix: sharded.on_host(sharded.jit_sampler(
       graphdef, param_sh, mesh=mesh, num_candidates=k, sampling=sp,
-      pad_id=tok.pad_id)) for suffix, sp, k in kinds}
+      pad_id=tok.pad_id)) for suffix, sp, k, _ in kinds}
   first = jax.process_index() == 0
-  results = {suffix: [] for suffix, _, _ in kinds}
+  results = {suffix: [] for suffix, *_ in kinds}
   compiled = set()  # samplers run by this process
   for i, (name, src) in enumerate(models.items()):
     preemption.stop_before(
         "eval", f"evaluating {name} ({i} of {len(models)} models done)",
         out_dir)
     params = None
-    for suffix, sp, k in kinds:
+    for suffix, sp, k, size in kinds:
       settings = dict(_settings(config, src), **(
           {"samples": k, "temperature": sp.temperature} if suffix else {}))
       meta_path = os.path.join(out_dir, f"{name}{suffix}.settings.json")
@@ -148,9 +151,9 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
       kw = {} if suffix else {"max_new_tokens": config.eval.max_new_tokens}
       results[suffix].append(decode(
           graphdef, params, tok, source, name=name,
-          batch_size=config.eval.batch_size, buckets=config.data.buckets,
+          batch_size=size, buckets=config.data.buckets,
           limit=limit, sampler=samplers[suffix], **kw,
-          progress=(_progress(config, label, batches,
+          progress=(_progress(config, label, -(-n // size),
                               compiles=suffix not in compiled)
                     if first else None)))
       compiled.add(suffix)
@@ -164,7 +167,7 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
   tables = {suffix: evaluate.summarize(
       results[suffix], baseline=baseline, seed=config.seed,
       max_new_tokens=config.eval.max_new_tokens, where=out_dir)
-            for suffix, _, _ in kinds}
+            for suffix, *_ in kinds}
   if first:
     for suffix, rows in tables.items():
       evaluate.write(out_dir, [], rows, suffix=suffix)
@@ -172,7 +175,7 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
   if not first:
     return tables[""]
   final = list(models)[-1]
-  for suffix, sp, k in kinds:
+  for suffix, sp, k, _ in kinds:
     how = (f"greedy, {config.eval.max_new_tokens} new tokens; accuracy = "
            "last number of the answer equals the reference" if not suffix
            else f"{k} samples per prompt at temperature {sp.temperature:g}, "
