@@ -84,8 +84,11 @@ def cells(rungs: Sequence[str], seeds: Sequence[int], *, scale: str,
   cells only (a sweep: --tag names its point)."""
   base = {"data.eval_path": SPLITS[split]} if scale != "tiny" else {}
   base.update(extra)
+  # The untrained student is evaluated once, by the first seed's SFT cell
+  # (`_answers`: one model, seed-free draws).
   out = [common.Cell(f"sft_s{s}", config_file(scale),
-                     {**RUNGS["sft"][2], **base, "data.shuffle_seed": s},
+                     {**RUNGS["sft"][2], **base, "data.shuffle_seed": s,
+                      **({"eval.models": "sft"} if s != seeds[0] else {})},
                      seed=s) for s in seeds]
   for rung in rungs:
     if rung in ("untrained", "sft"):
@@ -169,7 +172,14 @@ def _answers(data: dict, rung: str, seed: int, tag: str = "",
              metric: str = "greedy"):
   """(correct f64[N], ended f64[N], ids sha) of `rung` x `seed` under
   `metric` from the compact file's content, or None (not run yet)."""
-  rec = data.get("/".join(_cell_model(rung, seed, tag)) + METRICS[metric][0])
+  suffix = METRICS[metric][0]
+  rec = data.get("/".join(_cell_model(rung, seed, tag)) + suffix)
+  if rec is None and rung == "untrained":
+    # One model whatever the seed (model.path), decoded with the same draws
+    # (the evaluation's key is not the run's seed): any SFT cell's copy.
+    rec = next((v for k, v in sorted(data.items())
+                if k.startswith("sft_s") and k.endswith("/before" + suffix)),
+               None)
   if rec is None:
     return None
   if metric == "greedy":

@@ -116,6 +116,9 @@ def test_dry_run_lists_sft_then_rungs_from_their_seed(capsys):
   assert cells[2].overrides["ranking.scheme"] == "oracle"
   assert cells[4].overrides["ranking.scheme"] == "anchor_recon"
   assert cells[0].overrides["data.eval_path"] == "data/arith/eval.jsonl"
+  assert "eval.models" not in cells[0].overrides  # evaluates the untrained
+  assert cells[1].overrides["eval.models"] == "sft"
+  assert cells[2].overrides["eval.models"] == "final"
   assert "sft_s1" in capsys.readouterr().out
 
 
@@ -195,3 +198,18 @@ def _write_sampled(d, model, share):
     for i, c in enumerate(share):
       f.write(json.dumps(dict(id=f"eval-{i:04d}", answer="x", tokens=9.5,
                               finished=0.75, correct=float(c))) + "\n")
+
+
+def test_the_untrained_student_is_read_from_any_seed(tmp_path):
+  """The initial student is one model decoded with seed-free draws: a seed
+  whose SFT cell skipped it (eval.models=sft) reads another seed's copy."""
+  runner = common.Runner(str(tmp_path), echo=False)
+  _write_cell(runner, "sft_s0", {"before": _right(150), "sft": _right(200)})
+  _write_cell(runner, "sft_s1", {"sft": _right(250)})
+  rungs = ["untrained", "sft"]
+  data = ladder.compact(runner, str(tmp_path), rungs, [0, 1])
+  rows = {r["rung"]: r for r in ladder.rows(data, rungs, [0, 1])}
+  assert rows["untrained"]["seeds"] == 2
+  assert rows["untrained"]["accuracy"] == pytest.approx(0.3)
+  # sft gains 50 and 100 prompts over the same untrained answers
+  assert rows["sft"]["gain"] == pytest.approx(75 / N)
