@@ -221,6 +221,12 @@ def rows(data: dict, rungs: Sequence[str], seeds: Sequence[int],
                    [a[1].mean() for a in have.values()])))
     below = {s: a for s, a in got.get(vs, {}).items() if a is not None}
     pair = [s for s in have if s in below]
+    # Rows whose answers did not end (< evaluate.MIN_ENDED) score cut text:
+    # no verdict rests on them (the Protocol's first rule).
+    cut = [f"{name} {100 * e:.1f} %" for name, e in (
+        (rung, row["ended"]),
+        (vs, np.mean([below[s][1].mean() for s in pair]) if pair else 1.0))
+           if e < evaluate.MIN_ENDED]
     if vs and pair:
       diff = np.stack([have[s][0] - below[s][0] for s in pair])
       glo, ghi = evaluate.seed_prompt_ci(diff)
@@ -232,6 +238,9 @@ def rows(data: dict, rungs: Sequence[str], seeds: Sequence[int],
         row["verdict"] = ("PASS" if ok(glo, ghi) else "FAIL") + f": {text}" \
             + ("" if enough else " (under the Protocol's 3 seeds x 500 "
                "prompts: not a verdict to publish)")
+        if cut:
+          row["verdict"] = (f"NO VERDICT: answers ended ({', '.join(cut)}) "
+                            f"below {100 * evaluate.MIN_ENDED:.0f} %")
     out.append(row)
   return out
 

@@ -180,7 +180,7 @@ def test_sampled_pass_at_1_is_its_own_table_and_decides_first(tmp_path):
   # half the prompts gain 0.375, the other half 0: +0.1875, clear of zero
   assert s["oracle_grpo"]["gain"] == pytest.approx(0.1875)
   assert s["oracle_grpo"]["verdict"].startswith("PASS")
-  assert s["oracle_grpo"]["ended"] == pytest.approx(0.75)
+  assert s["oracle_grpo"]["ended"] == 1.0
   g = {r["rung"]: r for r in by["greedy"]}
   assert g["oracle_grpo"]["gain"] == 0.0
   assert g["oracle_grpo"]["verdict"].startswith("FAIL")
@@ -192,12 +192,12 @@ def test_sampled_pass_at_1_is_its_own_table_and_decides_first(tmp_path):
                             rungs, [0, 1, 2])) == ["greedy"]
 
 
-def _write_sampled(d, model, share):
+def _write_sampled(d, model, share, ended=1.0):
   with open(os.path.join(d, f"{model}.sampled.jsonl"), "w",
             encoding="utf-8") as f:
     for i, c in enumerate(share):
       f.write(json.dumps(dict(id=f"eval-{i:04d}", answer="x", tokens=9.5,
-                              finished=0.75, correct=float(c))) + "\n")
+                              finished=ended, correct=float(c))) + "\n")
 
 
 def test_the_untrained_student_is_read_from_any_seed(tmp_path):
@@ -213,3 +213,21 @@ def test_the_untrained_student_is_read_from_any_seed(tmp_path):
   assert rows["untrained"]["accuracy"] == pytest.approx(0.3)
   # sft gains 50 and 100 prompts over the same untrained answers
   assert rows["sft"]["gain"] == pytest.approx(75 / N)
+
+
+def test_no_verdict_rests_on_answers_that_did_not_end(tmp_path):
+  """A rung compared with a row whose answers ended below 95 % gets no
+  verdict, whatever its interval says."""
+  runner = common.Runner(str(tmp_path), echo=False)
+  _write_cell(runner, "sft_s0", {"before": _right(150), "sft": _right(300)})
+  d = os.path.join(runner.workdir("sft_s0"), "eval")
+  _write_sampled(d, "sft", np.full(N, 0.6))
+  _write_sampled(d, "before", np.full(N, 0.1), ended=0.9)  # 90 % ended
+  rungs = ["untrained", "sft"]
+  by = ladder.tables(ladder.compact(runner, str(tmp_path), rungs, [0]),
+                     rungs, [0])
+  s = {r["rung"]: r for r in by["sampled"]}
+  assert s["sft"]["gain"] == pytest.approx(0.5)
+  assert s["sft"]["verdict"] == (
+      "NO VERDICT: answers ended (untrained 90.0 %) below 95 %")
+  assert by["greedy"][1]["verdict"].startswith("PASS")
