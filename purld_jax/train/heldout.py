@@ -186,7 +186,7 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
           "95% percentile bootstrap over prompts (gain: paired)",
           file=sys.stderr)
     print(evaluate.format_table(tables[suffix], baseline=baseline))
-    if final != baseline:
+    if final != baseline and baseline in models:
       print(evaluate.verdict(tables[suffix], baseline=baseline, final=final))
   print(f"[eval] per-prompt answers and summary.json: {out_dir}",
         file=sys.stderr)
