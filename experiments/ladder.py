@@ -115,6 +115,11 @@ def _sha(a) -> str:
   return hashlib.sha256("\n".join(a.ids).encode()).hexdigest()
 
 
+def _shares(x) -> str:
+  """Per-prompt shares as one space-separated string (one line a record)."""
+  return " ".join(f"{float(v):.4g}" for v in x)
+
+
 def _bits(x) -> str:
   return "".join("1" if v else "0" for v in np.asarray(x, bool))
 
@@ -149,8 +154,7 @@ def compact(runner: common.Runner, out: str, rungs, seeds,
         a = evaluate.read_answers(src, model)
         data[f"{cell}/{model}{SAMPLED}"] = dict(
             ids_sha256=_sha(a), prompts=len(a.ids),
-            correct=[round(float(x), 4) for x in a.correct],
-            ended=[round(float(x), 4) for x in a.finished],
+            correct=_shares(a.correct), ended=_shares(a.finished),
             mean_tokens=round(float(np.mean(a.lengths)), 2))
   with open(path, "w", encoding="utf-8") as f:
     json.dump(data, f, indent=0, sort_keys=True)
@@ -186,8 +190,8 @@ def _answers(data: dict, rung: str, seed: int, tag: str = "",
     return (np.array([c == "1" for c in rec["correct"]], np.float64),
             np.array([c == "1" for c in rec["ended"]], np.float64),
             rec["ids_sha256"])
-  return (np.asarray(rec["correct"], np.float64),
-          np.asarray(rec["ended"], np.float64), rec["ids_sha256"])
+  return (np.array(rec["correct"].split(), np.float64),
+          np.array(rec["ended"].split(), np.float64), rec["ids_sha256"])
 
 
 def rows(data: dict, rungs: Sequence[str], seeds: Sequence[int],
