@@ -374,7 +374,7 @@ def write(runner, rungs, seeds, out: str, header: str,
     with open(os.path.join(out, "curves.json"), "w", encoding="utf-8") as f:
       json.dump(data, f, separators=(",", ":"))
     plot_curves(data, os.path.join(out, "curves.png"))
-  return table
+  return by_metric
 
 
 def _skip(cell, todo, recorded: set, runner) -> bool:

@@ -184,7 +184,13 @@ def test_sampled_pass_at_1_is_its_own_table_and_decides_first(tmp_path):
   g = {r["rung"]: r for r in by["greedy"]}
   assert g["oracle_grpo"]["gain"] == 0.0
   assert g["oracle_grpo"]["verdict"].startswith("FAIL")
-  text = ladder.report(by, "# t\n\n")
+  got = ladder.write(runner, rungs, [0, 1, 2], str(tmp_path), "# t\n\n")
+  assert got == by
+  text = (tmp_path / "ladder.md").read_text()
+  assert text == ladder.report(by, "# t\n\n")
+  csv = (tmp_path / "ladder.csv").read_text().splitlines()
+  assert len(csv) == 1 + 6 and csv[1].startswith("sampled,untrained")
+  assert (tmp_path / "ladder.png").exists()
   assert text.index("## Sampled pass@1") < text.index("## Greedy accuracy")
   # without sampled answers: the greedy table alone
   assert list(ladder.tables({k: v for k, v in data.items()
