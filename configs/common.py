@@ -392,6 +392,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.opt.warmup_frac = 0.25
   c.eval.num_prompts = 4
   c.eval.batch_size = 4
+  c.eval.sample_batch_size = 0         # = eval.batch_size (when sampled)
   c.eval.max_new_tokens = 8
   c.ckpt.every_steps = 2
   c.ckpt.keep = 2

@@ -45,6 +45,7 @@ def get_config(arg: str = ""):
   c.sft.steps = 16              # stage 1: 128 anchors
   c.rl.steps = 12               # stage 2: 96 prompts x K = 4 candidates
   c.opt.learning_rate = 2e-6
+  c.rl.oversample = 1           # every drawn group trained on (demo time)
   c.eval.batch_size = 100       # the 200 dev prompts: 2 greedy calls a model
   c.eval.samples = 0            # greedy only: the ladder adds sampled pass@1
   c.ckpt.every_steps = 8
