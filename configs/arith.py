@@ -22,8 +22,9 @@ def get_config(arg: str = ""):
   c.model.scan_layers = True    # a cold start compiles one layer, not 30
   # Memory (benchmarks/README.md, "The main job's memory"): each layer is
   # run again in the backward pass, and a step runs 2 prompts' rows at a
-  # time; the same update (layer_stack.REMAT_POLICIES, state.grad_step). On this
-  # CPU the GRPO step also got faster (none/1 slice 26-38 s, full/4 20 s).
+  # time; the same update (layer_stack.REMAT_POLICIES, state.grad_step).
+  # On this CPU the GRPO step also got faster (none/1 slice 26-38 s,
+  # full/4 20 s).
   c.model.remat = "full"
   c.opt.micro_batches = 4
   c.data.train_path = "data/arith/train.jsonl"  # 512 prompts with anchors

@@ -257,8 +257,8 @@ def evaluation() -> ml_collections.ConfigDict:
   c.batch_size = 16           # prompts per sampling call
   c.max_new_tokens = 512      # >= sampling and anchor budgets: answers must end
   c.every_steps = 0           # evaluate during PU-RL every N steps (0 = ends only)
-  # Sampled pass@1 beside greedy accuracy: `samples` answers per prompt at
-  # `temperature`, scored as the share right (0 = greedy only).
+  # Sampled pass@1 beside greedy accuracy: the share right of `samples`
+  # answers a prompt drawn at `temperature`.
   c.samples = 0               # answers sampled per prompt (0 = greedy only)
   c.temperature = 1.0         # their temperature
   # Prompts per sampled call (each brings `samples` rows; 0 = batch_size).

@@ -131,6 +131,7 @@ def compact(runner: common.Runner, out: str, rungs, seeds,
   and the mean answer length; the file keeps what was there (a cell whose
   folder is gone stays in the table). Returns the file's content."""
   from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from purld_jax.train import heldout  # pylint: disable=g-import-not-at-top
   path = os.path.join(out, ANSWERS)
   data = {}
   if os.path.exists(path):
@@ -149,7 +150,7 @@ def compact(runner: common.Runner, out: str, rungs, seeds,
           ids_sha256=_sha(a), prompts=len(a.ids),
           correct=_bits(a.correct == 1), ended=_bits(a.finished),
           mean_tokens=round(float(np.mean(a.lengths)), 2))
-      src = src[:-len(".jsonl")] + ".sampled.jsonl"
+      src = src[:-len(".jsonl")] + heldout.SAMPLED + ".jsonl"
       if os.path.exists(src):  # shares over eval.samples answers a prompt
         a = evaluate.read_answers(src, model)
         data[f"{cell}/{model}{SAMPLED}"] = dict(

@@ -110,7 +110,7 @@ def test_heldout_stops_between_models_and_resumes(
   from purld_jax.train import heldout
   c = train_fixtures.tiny_config(**{"eval.num_prompts": 3,
                                     "eval.batch_size": 4})
-  decode = evaluate.greedy_answers
+  decode = evaluate.model_answers
   decoded = []
 
   def decode_then_sigterm(*args, **kwargs):
@@ -119,7 +119,7 @@ def test_heldout_stops_between_models_and_resumes(
     preemption.request()  # as if SIGTERM came while this model decoded
     return out
 
-  monkeypatch.setattr(evaluate, "greedy_answers", decode_then_sigterm)
+  monkeypatch.setattr(evaluate, "model_answers", decode_then_sigterm)
   models = {"before": "init", "sft": "init", "final": "init"}
   with pytest.raises(preemption.Preempted,
                      match=r"before evaluating sft \(1 of 3 models done\)"):
@@ -128,7 +128,7 @@ def test_heldout_stops_between_models_and_resumes(
   assert sorted(os.listdir(tmp_path / "eval")) == [
       "before.jsonl", "before.settings.json"]
   preemption.clear()
-  monkeypatch.setattr(evaluate, "greedy_answers", decode)
+  monkeypatch.setattr(evaluate, "model_answers", decode)
   rows = heldout.run(c, str(tmp_path), models)
   assert [r["model"] for r in rows] == ["before", "sft", "final"]
   assert "[eval] before: already evaluated" in capsys.readouterr().err

@@ -8,10 +8,11 @@ and prints `evaluate.format_table` with gains over the SFT reference (the
 baseline METHOD.md compares PU-RL with). With `eval.samples` = n > 0 each
 model is also sampled n times per prompt at `eval.temperature` and a
 second table gives sampled pass@1 (the share of a prompt's samples that
-are right, averaged over prompts: what RL optimises; METHOD.md, Protocol). Results land in WORKDIR/eval/; a
-model already evaluated with the same settings (its weights' content hash
-included) is not evaluated again, so a resumed run only pays for what is
-new and a retrained one is evaluated afresh. The sampler runs on the mesh of
+are right, averaged over prompts: what RL optimises; METHOD.md,
+Protocol). Results land in WORKDIR/eval/; a model already evaluated with
+the same settings (its weights' content hash included) is not evaluated
+again, so a resumed run only pays for what is new and a retrained one is
+evaluated afresh. The sampler runs on the mesh of
 `config.mesh` (every process decodes the same global batches); process 0
 writes the files. A SIGTERM (`preemption`) stops the run before the next
 model that is not on disk yet.
@@ -19,7 +20,6 @@ model that is not on disk yet.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -146,13 +146,10 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
                          else hf.load_params(src, student.cfg)), param_sh)
       label = name + (f" ({k} samples, T={sp.temperature:g})" if suffix
                       else "")
-      decode = evaluate.greedy_answers if not suffix else functools.partial(
-          evaluate.model_answers, sampling=sp, samples=k)
-      kw = {} if suffix else {"max_new_tokens": config.eval.max_new_tokens}
-      results[suffix].append(decode(
-          graphdef, params, tok, source, name=name,
+      results[suffix].append(evaluate.model_answers(
+          graphdef, params, tok, source, name=name, sampling=sp, samples=k,
           batch_size=size, buckets=config.data.buckets,
-          limit=limit, sampler=samplers[suffix], **kw,
+          limit=limit, sampler=samplers[suffix],
           progress=(_progress(config, label, -(-n // size),
                               compiles=suffix not in compiled)
                     if first else None)))
@@ -191,4 +188,3 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
   print(f"[eval] per-prompt answers and summary.json: {out_dir}",
         file=sys.stderr)
   return tables[""]
-

@@ -22,24 +22,30 @@ from purld_jax.train import state as state_lib
 STAGE = "ldl"
 
 
+def _label_dist(group, config):
+  """(d f32[B, M], ok bool[B]): `pu.listwise` over the members, and the
+  valid groups it gives a signal."""
+  pu = config.pu
+  d, keep = pu_lib.listwise(jnp.asarray(group.scores),
+                            jnp.asarray(group.anchor_score), mode=pu.mode,
+                            tau=config.preference.tau_label, delta=pu.delta,
+                            prior=pu.prior,
+                            include_anchor=bool(pu.include_anchor),
+                            anchor_fallback=pu.anchor_fallback)
+  return d, np.asarray(keep) & np.asarray(group.valid, bool)
+
+
 def signal(group, config) -> np.ndarray:
   """bool[B] the groups with a label distribution (`rl.oversample`)."""
-  return build_batch(group, config)["member_mask"].any(axis=-1)
+  return _label_dist(group, config)[1]
 
 
 def build_batch(group, config) -> dict:
   """Host arrays of one LDL step from a `rollout.Group`: d from
   `pu.listwise` over K (+ 1 with the anchor) members; a group that gives no
   signal is masked out."""
-  k, pu = group.k, config.pu
-  include = bool(pu.include_anchor)
-  d, keep = pu_lib.listwise(jnp.asarray(group.scores),
-                            jnp.asarray(group.anchor_score), mode=pu.mode,
-                            tau=config.preference.tau_label, delta=pu.delta,
-                            prior=pu.prior, include_anchor=include,
-                            anchor_fallback=pu.anchor_fallback)
-  m = k + 1 if include else k
-  ok = np.asarray(keep) & np.asarray(group.valid, bool)
+  d, ok = _label_dist(group, config)
+  m = group.k + 1 if config.pu.include_anchor else group.k
   member_mask = np.ones((len(ok), m), bool) & ok[:, None]
   return dict(prompt_tokens=group.prompt_tokens,
               prompt_mask=group.prompt_mask, members=group.members[:, :m],
