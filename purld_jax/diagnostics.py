@@ -19,7 +19,7 @@ signal (host-side numpy; logged per step by train/pu_rl.py):
 `kendall_tau_rows` (tau-b, ties handled) is the rank correlation of scores
 with correctness per prompt, for the studies (rollout_store.agreement).
 `shorter_preferred` asks the same of length: how often a scheme scores the
-shorter of two candidates higher (experiments/length_bias.py).
+shorter of two candidates higher (experiments/rerank.py).
 """
 
 from __future__ import annotations

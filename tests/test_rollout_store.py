@@ -15,7 +15,6 @@ from purld_jax import ranking
 from purld_jax import rollout
 from purld_jax import rollout_store
 from purld_jax.train import dpo
-from experiments import pair_design
 from experiments import rerank as rerank_lib
 from tests import train_fixtures
 from tests.train_fixtures import char_tok  # noqa: F401  (fixture)
@@ -337,62 +336,6 @@ def test_rerank_fills_missing_schemes_and_resumes(tmp_path, char_tok):  # noqa: 
   np.testing.assert_array_equal(r.anchor_scores["re_similarity"], want_a)
   assert rerank_lib.rerank(store, None, tok,
                               ["similarity", "oracle"], prefix="re_") == []
-
-
-def test_pair_design_rows_by_hand():
-  # prompt 0: every pair orders 0 > 1 > 2, the sparse design 0 > 2 > 1
-  # (tau-b (2 - 1) / 3, same best, other worst); prompt 1 the same order;
-  # prompt 2 is filler whose junk must not count.
-  full = np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0], [0.0, 1.0, 2.0]])
-  sparse = np.array([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0], [2.0, 1.0, 0.0]])
-  correct = np.array([[0, 1, 0], [0, 1, 1], [1, 0, 0]], np.float32)
-  rows = pair_design.design_rows({2: sparse, 0: full}, correct,
-                                 np.array([True, True, False]))
-  assert [r["opponents"] for r in rows] == [0, 2]
-  full_row, row = rows
-  assert full_row["tau_full"] == 1.0 and full_row["pair_same"] == 1.0
-  np.testing.assert_allclose(row["tau_full"], (1 / 3 + 1) / 2)
-  assert (row["best_same"], row["worst_same"], row["pair_same"]) == (
-      1.0, 0.5, 0.5)
-  assert row["prompts"] == 2
-  assert row["pair_same_lo"] <= 0.5 <= row["pair_same_hi"]
-  # (right, wrong) pairs: prompt 0 (1, 0) (1, 2), prompt 1 (1, 0) (2, 0).
-  # Sparse wins 0 + 2 of 4, every pair 1 + 2 of 4; both top-right once.
-  assert (row["pair_accuracy"], full_row["pair_accuracy"]) == (0.5, 0.75)
-  assert row["mixed"] == 2
-  assert row["top_right"] == full_row["top_right"] == 0.5
-  # tau-b with correctness: sparse -2/sqrt(6) and 2/sqrt(6), full 0 and
-  # 2/sqrt(6) (pairs tied in correctness count in neither C nor D)
-  np.testing.assert_allclose(row["kendall_tau"], 0.0, atol=1e-12)
-  np.testing.assert_allclose(full_row["kendall_tau"], 1 / np.sqrt(6))
-  with pytest.raises(ValueError, match="opponents 0"):
-    pair_design.design_rows({2: sparse}, None, np.ones(3, bool))
-
-
-def test_pair_design_study_reads_stored_scores(tmp_path):
-  """The study's files from scores already in the store (no model: every
-  design is scored, so nothing is loaded); 0 must be among the designs."""
-  work = tmp_path / "cell"
-  store = rollout_store.RolloutStore(work / "rollouts")
-  (work / "config.json").write_text(json.dumps({"ranking": {}}))
-  g = _group()  # B = 2 (prompt 1 filler), K = 3: M = 4 members
-  _write(store, 1, g, correct=np.array([[1, 0, 0], [0, 0, 1]], np.float32))
-  full = np.array([[3, 2, 1], [1, 2, 3]], np.float32)
-  store.add_scores(1, pair_design.score_name(0), full, np.zeros(2))
-  store.add_scores(1, pair_design.score_name(2), full[:, ::-1].copy(),
-                   np.zeros(2))
-  out = tmp_path / "out"
-  rows = pair_design.main([str(work), "--opponents=2,0", f"--out={out}"])
-  assert [(r["opponents"], r["rows"]) for r in rows] == [(0, 12), (2, 8)]
-  assert rows[1]["tau_full"] == -1.0 and rows[1]["pair_same"] == 0.0
-  assert rows[0]["top_right"] == 1.0 and rows[1]["top_right"] == 0.0
-  for name in ("pair_design.md", "pair_design.csv", "pair_design.png"):
-    assert (out / name).stat().st_size > 0
-  assert "| all | 12 |" in (out / "pair_design.md").read_text()
-  with pytest.raises(SystemExit):
-    pair_design.main([str(work), "--opponents=2", f"--out={out}"])
-  with pytest.raises(SystemExit):
-    pair_design.main([str(work), "--steps=9", f"--out={out}"])
 
 
 # ----------------------------------------------------------------------------
