@@ -190,17 +190,20 @@ def test_partially_padded_tile_matches(setup):
 
 
 def test_cached_prefill_from_separate_steps_equals_forward(setup):
-  """image_features -> embed -> text.extend (the prefix-sharing path)."""
+  """image_features -> embed -> text.extend (the prefix-sharing path),
+  the first two jitted."""
   _, _, model, proc = setup
   batch = proc_lib.preprocess(proc, ["<image> a cat ?", "a <image> dog"],
                               [[_image(10, 80, 120)], [_image(11, 64, 64)]],
                               do_image_splitting=False)
   tokens = jnp.asarray(batch["input_ids"])
   mask = jnp.asarray(batch["attention_mask"])
-  feats, valid = model.image_features(jnp.asarray(batch["pixel_values"]),
-                                      jnp.asarray(
-                                          batch["pixel_attention_mask"]))
-  x = model.embed(tokens, feats, valid)
+  from flax import nnx
+  feats, valid = nnx.jit(lambda m, pv, pm: m.image_features(pv, pm))(
+      model, jnp.asarray(batch["pixel_values"]),
+      jnp.asarray(batch["pixel_attention_mask"]))
+  x = nnx.jit(lambda m, t, f, v: m.embed(t, f, v))(model, tokens, feats,
+                                                  valid)
   positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
   cache = model.text.init_cache(2, tokens.shape[1] + 4)
   got, _ = model.text.extend(None, cache, positions=positions,
@@ -323,3 +326,21 @@ def test_vision_position_ids_by_hand():
       want[i, j] = bi * 4 + bj
   np.testing.assert_array_equal(got, want)
   assert jax.numpy.issubdtype(got.dtype, jnp.integer)
+
+
+def test_every_parameter_has_logical_axes_with_rules(setup):
+  """The vision tower and connector shard by sharding.py's rules: the
+  layers' heads and mlp on tensor, the connector's input on tensor."""
+  from flax import nnx
+  from purld_jax import sharding
+  _, _, model, _ = setup
+  names = sharding.logical_axes(model)
+  mesh = sharding.make_mesh((1, 2, 4))
+  shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  specs = jax.tree.map(
+      lambda n, x: sharding.spec(n, sharding.DEFAULT_RULES, mesh, x.shape),
+      names, shapes, is_leaf=lambda x: isinstance(x, tuple))
+  assert specs["connector"] == jax.sharding.PartitionSpec("tensor", "fsdp")
+  fc1 = specs["vision"]["layers"][0]["mlp"]["fc1"]
+  assert fc1 == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert specs["vision"]["position_embed"][0] is None
