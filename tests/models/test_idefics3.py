@@ -344,3 +344,15 @@ def test_every_parameter_has_logical_axes_with_rules(setup):
   fc1 = specs["vision"]["layers"][0]["mlp"]["fc1"]
   assert fc1 == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert specs["vision"]["position_embed"][0] is None
+
+
+def test_load_processor_from_a_model_directory(setup, tmp_path):
+  """Tokenizer and preprocessor_config.json read back from a directory."""
+  *_, model, proc = setup
+  proc.tokenizer.save_pretrained(str(tmp_path))
+  proc.image_processor.save_pretrained(str(tmp_path))
+  again = proc_lib.load_processor(tmp_path, model.cfg)
+  batch = proc_lib.preprocess(again, ["<image> a cat"],
+                              [[_image(15, 200, 300)]])
+  assert batch["pixel_values"].shape == (1, 5, 3, IMAGE_SIZE, IMAGE_SIZE)
+  assert (batch["input_ids"] == model.cfg.image_token_id).sum() == 5 * S
