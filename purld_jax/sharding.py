@@ -7,6 +7,8 @@ Mesh axes (always all three, size 1 where unused):
 
 Parameters are created with logical axis names (models/llama.py):
   vocab, table_embed, embed, q_heads, kv_heads, head_dim, mlp
+and, for a vision tower (models/siglip.py, idefics3.py), vision_patch,
+vision_positions, vision_shuffled;
 activations use act_batch, act_len, act_embed, act_heads, logits_batch,
 act_vocab, and the KV cache cache_layers, cache_batch, cache_len,
 cache_heads, cache_head_dim.
@@ -66,6 +68,10 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    # vision tower (siglip.py, idefics3.py): its layers use the names above
+    ("vision_patch", None),  # C * P * P values of one patch
+    ("vision_positions", None),  # rows of the learned position table
+    ("vision_shuffled", "tensor"),  # the connector's input, D * scale^2
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_len", None),
