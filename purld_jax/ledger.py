@@ -6,10 +6,11 @@ request (messages as sent, system prompt included; teacher backend and model;
 the generation params that shape the answer; the sha256 of each attached
 image's bytes, in order, only when there are images, so text-only keys are
 those of earlier ledgers). Prompt ids, base URLs and keys are not part of
-it. A row's ``params`` column also lists the image digests (``images``). Tables: ``anchors`` (one answer per key: text,
-finish_reason, usage tokens, latency, attempts, errors, created time, teacher
-label, ``simulated`` for the dataset backend), ``requests`` (one intent row
-per request a process starts) and ``attempts`` (one row per HTTP attempt).
+it. Tables: ``anchors`` (one answer per key: text, finish_reason, usage
+tokens, latency, attempts, errors, created time, teacher label,
+``simulated`` for the dataset backend; its ``params`` column also lists the
+image digests, ``images``), ``requests`` (one intent row per request a
+process starts) and ``attempts`` (one row per HTTP attempt).
 
 The guarantee, exactly:
 
