@@ -49,6 +49,7 @@ class Prompt:
   messages: tuple[tuple[str, str], ...]
   answer: str | None = None
   solution: str | None = None
+  images: tuple[bytes, ...] = ()
 
   @classmethod
   def from_text(cls, text: str, *, id: str, answer: str | None = None) -> Prompt:
