@@ -173,3 +173,41 @@ def test_text_student_batches_have_no_pixels(char_tok):
 
 
 from tests.train_fixtures import char_tok  # noqa: E402,F401  (fixture)
+
+
+def test_sharded_sampler_and_scorer_equal_single_device(student):
+  """On a (2, 2, 2) mesh of the 8 fake devices: the prompts' rows (B = 4)
+  and their pixels split over data x fsdp, the vision tower and decoder
+  params by the logical rules."""
+  from purld_jax import sharded
+  from purld_jax import sharding
+  source = data_lib.encode(_prompts(), student.tokenizer, max_len=128,
+                           processor=student.processor)
+  b = data_lib.collate(source, [0, 1, 2, 0], buckets=(64, 128))
+  graphdef, params = _model(student)
+  sp = sampling.SamplingParams(max_new_tokens=T, stop_ids=())
+  mesh = sharding.make_mesh((2, 2, 2))
+  p_sh = sharding.param_shardings(student.cfg, mesh)
+  sample = sharded.jit_sampler(graphdef, p_sh, mesh=mesh, num_candidates=K,
+                               sampling=sp, pad_id=0)
+  key = jax.random.key(3)
+  got = sample(jax.device_put(params, p_sh), b.tokens, b.mask, key, b.index,
+               b.pixel_values, b.pixel_mask)
+  want = sampling.sample(
+      graphdef, params, jnp.asarray(b.tokens), jnp.asarray(b.mask), key,
+      prompt_index=jnp.asarray(b.index), num_candidates=K, sampling=sp,
+      pad_id=0, pixel_values=jnp.asarray(b.pixel_values),
+      pixel_mask=jnp.asarray(b.pixel_mask))
+  np.testing.assert_array_equal(np.asarray(got.tokens),
+                                np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logps), np.asarray(want.logps),
+                             atol=2e-5)
+  score = sharded.jit_fn(
+      lambda p, pt, pm, r, rm, pv, pxm: scoring.response_logps(
+          nnx.merge(graphdef, p), pt, pm, r, rm, pixel_values=pv,
+          pixel_mask=pxm), p_sh, ("batch",) * 6, mesh=mesh)
+  lp = score(jax.device_put(params, p_sh), b.tokens, b.mask,
+             np.asarray(want.tokens), np.asarray(want.mask), b.pixel_values,
+             b.pixel_mask)
+  np.testing.assert_allclose(np.asarray(lp), np.asarray(want.logps),
+                             atol=2e-5)
