@@ -37,6 +37,12 @@ from purld_jax import sampling as sampling_lib
 from purld_jax.models import tokenizer as tokenizer_lib
 
 
+# The self-ranking schemes that work on image prompts: those that read no
+# model rows (the judge / pmi / recon templates re-render the prompt as
+# text, without its images).
+IMAGE_SCHEMES = ("similarity", "oracle", "teacher_judge")
+
+
 @dataclasses.dataclass(frozen=True)
 class RankingParams:
   """`config.ranking` as plain values (see `ranking.score_group`)."""
@@ -75,6 +81,10 @@ class Group:
     anchor_score: f32[B] the anchor's own score s_a.
     valid: bool[B] False on filler rows.
     texts: B lists of K decoded candidates (logs, rollout store).
+    pixel_values: None, or f32[B, I, 3, Y, X] the prompts' images (a
+      vision-language student, `data.PromptBatch`); the trainers' scorer
+      runs them with the prompts (`scoring.response_logps`).
+    pixel_mask: None, or bool[B, I, Y, X].
     timings: seconds per phase: sample_s, score_s.
     stats: host-side figures of the step for the logs (length_slope: the
       slope `ranking.length_debias` removed; gated: the share of the valid
@@ -93,6 +103,14 @@ class Group:
   texts: list
   timings: dict
   stats: dict = dataclasses.field(default_factory=dict)
+  pixel_values: np.ndarray | None = None
+  pixel_mask: np.ndarray | None = None
+
+  def images(self) -> dict:
+    """{pixel_values, pixel_mask} for a trainer's batch; {} without images."""
+    if self.pixel_values is None:
+      return {}
+    return dict(pixel_values=self.pixel_values, pixel_mask=self.pixel_mask)
 
   @property
   def k(self) -> int:
@@ -128,14 +146,20 @@ def pack_members(cand_tokens: np.ndarray, cand_mask: np.ndarray,
 
 def default_sampler(graphdef, *, k: int, sampling: sampling_lib.SamplingParams,
                     pad_id: int) -> Callable:
-  """sampler(params, prompt_tokens, prompt_mask, key, prompt_index) ->
-  Candidates: `sampling.sample` on one device (what `collect` uses unless
-  given a sharded one, `sharded.jit_sampler`, with the same arguments)."""
-  def sample(params, prompt_tokens, prompt_mask, key, prompt_index):
+  """sampler(params, prompt_tokens, prompt_mask, key, prompt_index[,
+  pixel_values, pixel_mask]) -> Candidates: `sampling.sample` on one device
+  (what `collect` uses unless given a sharded one, `sharded.jit_sampler`,
+  with the same arguments; the pixels follow for image prompts)."""
+  def sample(params, prompt_tokens, prompt_mask, key, prompt_index,
+             pixel_values=None, pixel_mask=None):
+    images = {}
+    if pixel_values is not None:
+      images = dict(pixel_values=jnp.asarray(pixel_values),
+                    pixel_mask=jnp.asarray(pixel_mask))
     return sampling_lib.sample(
         graphdef, params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask),
         key, prompt_index=jnp.asarray(prompt_index, jnp.int32),
-        num_candidates=k, sampling=sampling, pad_id=pad_id)
+        num_candidates=k, sampling=sampling, pad_id=pad_id, **images)
   return sample
 
 
@@ -182,10 +206,17 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
   if sampler is None:
     sampler = default_sampler(graphdef, k=k, sampling=sampling,
                               pad_id=tok.pad_id)
+  pixels = getattr(batch, "pixel_values", None)
+  images = () if pixels is None else (pixels, batch.pixel_mask)
+  if images and ranking_params.scheme not in IMAGE_SCHEMES:
+    raise ValueError(
+        f"ranking.scheme {ranking_params.scheme!r} does not show the "
+        "prompt's images to the scorer yet; with image prompts use one of "
+        f"{', '.join(IMAGE_SCHEMES)}")
   t0 = time.perf_counter()
   cands = jax.device_get(sampler(policy_params, np.asarray(batch.tokens),
                                  np.asarray(batch.mask), key,
-                                 np.asarray(batch.index, np.int32)))
+                                 np.asarray(batch.index, np.int32), *images))
   t1 = time.perf_counter()
   messages = [p.as_dicts() for p in batch.prompts]
   lists = [[list(cands.tokens[i, j, :cands.lengths[i, j]]) for j in range(k)]
@@ -241,7 +272,9 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
                scores=np.asarray(scores, np.float32),
                anchor_score=np.asarray(s_a, np.float32),
                valid=np.asarray(batch.valid), texts=texts,
-               timings=dict(sample_s=t1 - t0, score_s=t2 - t1), stats=stats)
+               timings=dict(sample_s=t1 - t0, score_s=t2 - t1), stats=stats,
+               pixel_values=pixels,
+               pixel_mask=None if pixels is None else batch.pixel_mask)
 
 
 def select(signal: np.ndarray, size: int, seed: int) -> np.ndarray:

@@ -178,10 +178,18 @@ def logical_axes(model_or_abstract) -> dict:
 
 
 def param_shardings(cfg, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
-  """NamedShardings for `Llama(cfg)`'s params (pure-dict layout)."""
+  """NamedShardings for `Llama(cfg)`'s params (pure-dict layout), or
+  `Idefics3(cfg)`'s for an `Idefics3Config`."""
+  from purld_jax.models import idefics3
   from purld_jax.models import llama
-  abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
-  _, shapes = llama.abstract_model(cfg)
+  if isinstance(cfg, idefics3.Idefics3Config):
+    from purld_jax.models import idefics3_hf
+    abstract = nnx.eval_shape(lambda: idefics3.Idefics3(cfg,
+                                                        rngs=nnx.Rngs(0)))
+    _, shapes = idefics3_hf.abstract_model(cfg)
+  else:
+    abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+    _, shapes = llama.abstract_model(cfg)
   names = logical_axes(abstract)
   return jax.tree.map(
       lambda n, s: NamedSharding(mesh, spec(n, rules, mesh, s.shape)),

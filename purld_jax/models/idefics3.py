@@ -57,6 +57,12 @@ class Idefics3Config:
   model_type: str = "idefics3"
 
   @property
+  def lora(self):
+    """The decoder's LoRA spec (`Student.cfg.lora`); always None here:
+    vision-language students train without adapters."""
+    return self.text.lora
+
+  @property
   def image_seq_len(self) -> int:
     """S, tokens per image (per tile)."""
     return (self.vision.patches_per_side // self.scale_factor) ** 2

@@ -109,6 +109,16 @@ def abstract_model(cfg: idefics3.Idefics3Config):
   return graphdef, shapes
 
 
+def load_params(path: str | os.PathLike, cfg: idefics3.Idefics3Config, *,
+                shardings=None) -> dict:
+  """The pure-dict params of `Idefics3(cfg)` from a Hugging Face directory
+  (cfg without adapters; its dtypes decide the arrays')."""
+  base = dataclasses.replace(cfg, text=lora.base_config(cfg.text))
+  _, shapes = abstract_model(base)
+  return hf.load_table(path, key_table(base), shapes, cfg.text.param_dtype,
+                       shardings=shardings)
+
+
 def load_model(path: str | os.PathLike, *, dtype=jnp.float32,
                param_dtype=None, shardings=None) -> idefics3.Idefics3:
   """An `Idefics3` with the weights of a Hugging Face directory.

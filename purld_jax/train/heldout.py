@@ -143,7 +143,7 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
       if params is None:
         params = sharded.put(
             jax.tree.map(np.asarray, student.init_params() if src == "init"
-                         else hf.load_params(src, student.cfg)), param_sh)
+                         else student.load_params(src)), param_sh)
       label = name + (f" ({k} samples, T={sp.temperature:g})" if suffix
                       else "")
       results[suffix].append(evaluate.model_answers(

@@ -1,0 +1,184 @@
+"""A vision-language student (tiny random Idefics3, image prompts) through
+stage 1 (SFT on the dataset teacher's anchors) and stage 2 (DPO, GRPO,
+LDL), end to end; a DPO step's direction on an image prompt; the final
+directory loads in transformers with our logits."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from purld_jax import data as data_lib
+from purld_jax import prompts as prompts_lib
+from purld_jax import rollout
+from purld_jax import scoring
+from purld_jax.train import dpo
+from purld_jax.train import pu_rl
+from purld_jax.train import sft
+from purld_jax.train import state as state_lib
+from purld_jax.train import student as student_lib
+from tests import train_fixtures
+from tests import vlm_fixtures
+from tests.train_fixtures import jit_cache  # noqa: F401  (fixture)
+
+COLORS = ("red", "blue", "green", "black")
+
+
+def _prompts():
+  """Four image prompts (one with two images, one without any)."""
+  out = []
+  for i, c in enumerate(COLORS):
+    images = tuple(vlm_fixtures.png(10 + i + j, 16 + 4 * i, 20)
+                   for j in range(2 if i == 1 else 0 if i == 3 else 1))
+    out.append(prompts_lib.Prompt(
+        id=str(i), messages=(("user", f"Colour {i}?"),), answer=c,
+        solution=c, images=images))
+  return out
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+  return str(vlm_fixtures.make_vlm_dir(tmp_path_factory.mktemp("vlm")))
+
+
+def _config(vlm_dir, **kw):
+  return train_fixtures.tiny_config(**{
+      "model.path": vlm_dir, "data.buckets": (64,), "data.max_prompt_len": 64,
+      "sft.steps": 2, "rl.steps": 2, "log.tensorboard": False,
+      "ckpt.async_save": False, "ranking.scheme": "similarity",
+      "sampling.num_candidates": 3, "sampling.max_new_tokens": 6, **kw})
+
+
+@pytest.fixture(scope="module")
+def reference(vlm_dir, tmp_path_factory):
+  """Stage 1 on the image prompts: (workdir, reference dir)."""
+  mp = pytest.MonkeyPatch()
+  mp.setattr(prompts_lib, "read_jsonl", lambda path: _prompts())
+  try:
+    work = tmp_path_factory.mktemp("sft")
+    return str(work), sft.run(_config(vlm_dir, recipe="dpo"), str(work))
+  finally:
+    mp.undo()
+
+
+def _metrics(workdir, stage):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [r for r in map(json.loads, f) if r["stage"] == stage]
+
+
+def test_sft_trains_on_image_prompts(reference):
+  work, ref = reference
+  rows = _metrics(work, "sft")
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  for f in ("config.json", "model.safetensors", "tokenizer.json",
+            "preprocessor_config.json", sft.DONE):
+    assert os.path.isfile(os.path.join(ref, f)), f
+  with open(os.path.join(ref, "config.json"), encoding="utf-8") as f:
+    assert json.load(f)["model_type"] == "idefics3"
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "grpo", "ldl"])
+def test_recipe_runs_on_image_prompts(recipe, vlm_dir, reference, tmp_path,
+                                      monkeypatch, jit_cache):  # noqa: F811
+  monkeypatch.setattr(prompts_lib, "read_jsonl", lambda path: _prompts())
+  c = _config(vlm_dir, recipe=recipe)
+  out = pu_rl.run(c, str(tmp_path), reference_dir=reference[1])
+  rows = _metrics(str(tmp_path), recipe)
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:
+    assert np.isfinite(r["loss"]) and r["teacher_calls"] == 0.0
+  assert os.path.isfile(os.path.join(out, "preprocessor_config.json"))
+
+
+def test_ranking_scheme_that_hides_the_images_is_refused(vlm_dir, reference,
+                                                         tmp_path,
+                                                         monkeypatch):
+  monkeypatch.setattr(prompts_lib, "read_jsonl", lambda path: _prompts())
+  c = _config(vlm_dir, recipe="dpo", **{"ranking.scheme": "pmi"})
+  with pytest.raises(ValueError, match="does not show the prompt's images"):
+    pu_rl.run(c, str(tmp_path), reference_dir=reference[1])
+
+
+def test_a_dpo_step_raises_chosen_over_rejected_on_an_image_prompt(
+    vlm_dir, reference):
+  s = student_lib.make(path=reference[1], dtype_name="float32",
+                       param_dtype_name="float32", init_seed=0, cache_dir="",
+                       workdir=reference[0])
+  graphdef, _ = s.abstract()
+  params = s.init_params()
+  source = data_lib.encode(_prompts()[:1], s.tokenizer, max_len=64,
+                           processor=s.processor)
+  batch = data_lib.collate(source, [0], buckets=(64,))
+  ids = [sft.response_ids(s.tokenizer, batch.prompts[0].as_dicts(), a,
+                          max_len=8) for a in ("red", "blue")]
+  members, mask = rollout.pack_members(
+      np.zeros((1, 0, 1), np.int32), np.zeros((1, 0, 1), bool), [ids[0]],
+      pad_id=s.tokenizer.pad_id)
+  members2, mask2 = rollout.pack_members(
+      np.zeros((1, 0, 1), np.int32), np.zeros((1, 0, 1), bool), [ids[1]],
+      pad_id=s.tokenizer.pad_id)
+  t = max(members.shape[-1], members2.shape[-1])
+  pad = lambda x: np.pad(x, ((0, 0), (0, 0), (0, t - x.shape[-1])))
+  b = dict(prompt_tokens=batch.tokens, prompt_mask=batch.mask,
+           members=np.concatenate([pad(members), pad(members2)], 1),
+           member_mask=np.concatenate([pad(mask), pad(mask2)], 1),
+           chosen=np.array([[0]], np.int32), rejected=np.array([[1]], np.int32),
+           pair_mask=np.array([[True]]), pixel_values=batch.pixel_values,
+           pixel_mask=batch.pixel_mask)
+  b = jax.tree.map(jnp.asarray, b)
+
+  def margin(p):
+    lp = scoring.response_logps(
+        nnx.merge(graphdef, p), b["prompt_tokens"], b["prompt_mask"],
+        b["members"], b["member_mask"], pixel_values=b["pixel_values"],
+        pixel_mask=b["pixel_mask"]).sum(-1)
+    return float(lp[0, 0] - lp[0, 1])
+
+  state = state_lib.TrainState.create(graphdef, params, optax.sgd(1e-2),
+                                      rng=jax.random.PRNGKey(0))
+  new, metrics = jax.jit(lambda st, ref, bt: dpo.train_step(
+      st, ref, bt, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+      reduce="pairs", schedule=lambda _: 1e-2))(state, params, b)
+  assert np.isfinite(float(metrics["loss"]))
+  assert margin(new.params) > margin(params) + 1e-4
+  # the gradient reaches the vision tower: the image is part of the prompt
+  moved = jax.tree.map(lambda a, c: float(jnp.abs(a - c).max()),
+                       new.params["vision"], params["vision"])
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_final_model_loads_in_transformers_with_our_logits(vlm_dir,
+                                                           reference):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  ref = reference[1]
+  s = student_lib.make(path=ref, dtype_name="float32",
+                       param_dtype_name="float32", init_seed=0, cache_dir="",
+                       workdir=reference[0])
+  graphdef, _ = s.abstract()
+  model = nnx.merge(graphdef, s.init_params())
+  source = data_lib.encode(_prompts()[1:2], s.tokenizer, max_len=64,
+                           processor=s.processor)
+  batch = data_lib.collate(source, [0], buckets=(64,))
+  ours = np.asarray(model(jnp.asarray(batch.tokens),
+                          jnp.asarray(batch.pixel_values),
+                          jnp.asarray(batch.pixel_mask),
+                          attention_mask=jnp.asarray(batch.mask)))
+  theirs_model = transformers.Idefics3ForConditionalGeneration.from_pretrained(
+      ref, dtype=torch.float32).eval()
+  mask = torch.from_numpy(batch.mask.astype(np.int64))
+  with torch.no_grad():
+    theirs = theirs_model(
+        input_ids=torch.from_numpy(batch.tokens.astype(np.int64)),
+        attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        pixel_values=torch.from_numpy(batch.pixel_values),
+        pixel_attention_mask=torch.from_numpy(batch.pixel_mask)
+    ).logits.float().numpy()
+  m = batch.mask.astype(bool)
+  np.testing.assert_allclose(ours[m], theirs[m], atol=1e-4, rtol=0)
