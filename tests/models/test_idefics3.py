@@ -14,6 +14,7 @@ from purld_jax.models import idefics3
 from purld_jax.models import idefics3_hf
 from purld_jax.models import idefics3_processing as proc_lib
 from tests.core_fixtures import random_tiny_model
+from tests.models import torch_oracle
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -59,18 +60,9 @@ def _make_reference(out_dir, image_token_id, *, model_type="idefics3",
       scale_factor=2, image_token_id=image_token_id,
       tie_word_embeddings=tie)
   torch.manual_seed(seed)
-  model = getattr(transformers, prefix + "ForConditionalGeneration")(cfg)
-  model = model.to(torch.float32).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name and name.endswith(".weight"):
-        p.copy_(1.0 + 0.1 * torch.randn_like(p))
-      elif name.endswith(".bias"):
-        p.copy_(0.1 * torch.randn_like(p))
-      else:
-        p.copy_(0.2 * torch.randn_like(p))
-  model.save_pretrained(str(out_dir), safe_serialization=True)
-  return model
+  return torch_oracle.randomized_save(
+      getattr(transformers, prefix + "ForConditionalGeneration")(cfg),
+      out_dir)
 
 
 def _image(seed, h, w):
