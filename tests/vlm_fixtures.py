@@ -29,24 +29,12 @@ VOCAB = 160
 
 def write_tokenizer(path):
   """Characters (printable ASCII, newline) plus the image specials."""
-  import tokenizers
-  import transformers
   from purld_jax.train import student
-  specials = ["<pad>", "<unk>"] + IMAGE_SPECIALS
-  vocab = {t: i for i, t in enumerate(specials + list(student.CHAR_ALPHABET))}
-  assert len(vocab) <= VOCAB
-  core = tokenizers.Tokenizer(
-      tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-  core.pre_tokenizer = tokenizers.pre_tokenizers.Split(
-      tokenizers.Regex("(?m)."), behavior="isolated")
-  core.decoder = tokenizers.decoders.Fuse()
-  tok = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
-      eos_token="<end_of_utterance>",
-      additional_special_tokens=IMAGE_SPECIALS)
-  tok.chat_template = CHAT_TEMPLATE
-  tok.save_pretrained(str(path))
-  return tok
+  specials = ("<pad>", "<unk>", *IMAGE_SPECIALS)
+  assert len(specials) + len(student.CHAR_ALPHABET) <= VOCAB
+  return student.write_char_tokenizer(path, specials=specials,
+                                      eos="<end_of_utterance>",
+                                      chat_template=CHAT_TEMPLATE)
 
 
 def make_vlm_dir(path, seed=0):

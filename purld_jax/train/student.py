@@ -57,11 +57,18 @@ def dtype(name: str):
   return _DTYPES[name]
 
 
-def write_char_tokenizer(path: str | os.PathLike) -> None:
-  """Saves a character-level ChatML tokenizer (100 ids) as an HF directory."""
+def write_char_tokenizer(path: str | os.PathLike, *,
+                         specials: tuple[str, ...] = CHAR_SPECIALS,
+                         eos: str = "<|im_end|>",
+                         chat_template: str = CHAT_TEMPLATE):
+  """Saves a character-level tokenizer as an HF directory; returns it.
+
+  The default is ChatML in 100 ids. Ids: `specials` (pad, unk, then the
+  added special tokens), then `CHAR_ALPHABET`; `eos` is one of them.
+  """
   import tokenizers  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  vocab = {t: i for i, t in enumerate(CHAR_SPECIALS + CHAR_ALPHABET)}
+  vocab = {t: i for i, t in enumerate(tuple(specials) + CHAR_ALPHABET)}
   core = tokenizers.Tokenizer(
       tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
   core.pre_tokenizer = tokenizers.pre_tokenizers.Split(
@@ -69,9 +76,10 @@ def write_char_tokenizer(path: str | os.PathLike) -> None:
   core.decoder = tokenizers.decoders.Fuse()
   hf = transformers.PreTrainedTokenizerFast(
       tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
-      eos_token="<|im_end|>", additional_special_tokens=list(CHAR_SPECIALS[2:]))
-  hf.chat_template = CHAT_TEMPLATE
+      eos_token=eos, additional_special_tokens=list(specials[2:]))
+  hf.chat_template = chat_template
   hf.save_pretrained(str(path))
+  return hf
 
 
 def char_tokenizer(path: str | os.PathLike) -> tokenizer_lib.Tokenizer:
