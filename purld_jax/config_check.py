@@ -110,6 +110,20 @@ def _lora(errors, config) -> None:
                   "twice")
 
 
+def _vlm(errors, config) -> None:
+  """What a vision-language student (model.path an Idefics3 / SmolVLM
+  directory) does not support: LoRA, the GGUF export."""
+  lora = config.model.get("lora")
+  if lora is not None and isinstance(lora.rank, int) and lora.rank > 0:
+    errors.append(f"model.lora.rank={lora.rank}: LoRA is not supported for "
+                  "a vision-language student (model.path is an Idefics3 / "
+                  "SmolVLM directory); set model.lora.rank=0")
+  if config.export.gguf:
+    errors.append("export.gguf=True: no GGUF export for a vision-language "
+                  "student (llama.cpp's converter takes text models); set "
+                  "export.gguf=False")
+
+
 def _half_state(errors, config) -> None:
   """opt.mu_dtype and rl.reference_dtype: bf16 mu needs a b1 that bf16
   keeps (optax computes b1 mu in mu's dtype): `state.mu_bf16_gain` within
@@ -160,10 +174,15 @@ def validate(config) -> None:
   elif path not in ("tiny", "embedded"):
     from purld_jax.models import hf  # pylint: disable=g-import-not-at-top
     from purld_jax.models import hf_config  # pylint: disable=g-import-not-at-top
+    from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
+    from purld_jax.train import student as student_lib  # pylint: disable=g-import-not-at-top
+    vlm = student_lib.is_vlm_dir(path)
     try:
-      hf.check_files(path)
+      hf.check_files(path, read=idefics3_hf.read_config if vlm else None)
     except (hf.CheckpointError, hf_config.ConfigError) as e:
       errors.append(f"model.path: {e}")
+    if vlm:
+      _vlm(errors, config)
   for key in ("model.dtype", "model.param_dtype"):
     _choice(errors, config, key, ("float32", "bfloat16"))
   from purld_jax.models import layer_stack  # pylint: disable=g-import-not-at-top
