@@ -92,7 +92,8 @@ def test_recipe_runs_on_image_prompts(recipe, vlm_dir, train_path, reference,
 
 def test_ranking_scheme_that_hides_the_images_is_refused(vlm_dir, train_path,
                                                          reference, tmp_path):
-  c = _config(vlm_dir, train_path, recipe="dpo", **{"ranking.scheme": "pmi"})
+  c = _config(vlm_dir, train_path, recipe="dpo",
+              **{"ranking.scheme": "judge"})
   with pytest.raises(ValueError, match="does not show the prompt's images"):
     pu_rl.run(c, str(tmp_path), reference_dir=reference[1])
 
@@ -192,10 +193,12 @@ def eval_path(tmp_path_factory):
 def test_main_job_on_image_prompts(vlm_dir, train_path, eval_path, tmp_path,
                                    capsys, jit_cache):  # noqa: F811
   """`main.run` on a tiny VLM and JSONL prompt files whose records carry
-  `images`: SFT, DPO, then the held-out table on image prompts, greedy and
-  sampled."""
+  `images`: SFT, DPO ranked by anchor_recon (PU-RLD's default scheme: its
+  rows keep the images), then the held-out table on image prompts, greedy
+  and sampled."""
   from purld_jax import main
   c = _config(vlm_dir, train_path, recipe="dpo", **{
+      "ranking.scheme": "anchor_recon",
       "data.eval_path": eval_path, "eval.num_prompts": 0,
       "eval.batch_size": 2, "eval.samples": 2, "eval.temperature": 1.0,
       "ckpt.every_steps": 1})
