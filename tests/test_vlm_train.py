@@ -251,3 +251,43 @@ def test_heldout_answers_on_image_prompts_see_the_images(vlm_dir, reference,
                                  batch_size=bs, sampling=sp, samples=2,
                                  buckets=(64,)) for bs in (3, 1))
   assert a.texts == b.texts and len(a.ids) == 3
+
+
+@pytest.mark.slow
+def test_vlm_exact_resume_after_kill_9(vlm_dir, train_path, tmp_path,
+                                       jit_cache):  # noqa: F811
+  """A VLM run (image prompts, anchor_recon) killed with SIGKILL after its
+  step-2 checkpoint and resumed to step 4 ends bit-identical to an
+  uninterrupted run, with no teacher request after the resume (the
+  text-model test of test_train_pu_rl.py, on the tiny VLM)."""
+  import os as os_lib
+  from purld_jax import ledger as ledger_lib
+  from tests.test_train_sft import _assert_bit_identical
+  n = 2
+  cfg = train_fixtures.tiny_config(**{
+      "recipe": "dpo", "rl.steps": 2 * n, "sft.steps": 1,
+      "ckpt.every_steps": n, "log.tensorboard": False,
+      "ranking.yes_word": "Y", "ranking.no_word": "N",
+      "model.path": vlm_dir, "data.train_path": train_path,
+      "data.eval_path": "", "ranking.scheme": "anchor_recon"})
+  full = str(tmp_path / "full")
+  pu_rl.run(cfg, full)
+  killed = str(tmp_path / "killed")
+  cmd = train_fixtures.rl_command(
+      cfg, killed, 2 * n, n, f"--config.model.path={vlm_dir}",
+      "--config.ranking.scheme=anchor_recon")
+  train_fixtures.kill_at_checkpoint(
+      cmd, os_lib.path.join(killed, "ckpt", "dpo", str(n)))
+  assert not os_lib.path.exists(os_lib.path.join(killed, "ckpt", "dpo",
+                                                 str(2 * n)))
+  ledger = ledger_lib.Ledger(killed, create=False)
+  before = ledger.stats()
+  ledger.close()
+  pu_rl.run(cfg, killed)  # stage 1 is done; stage 2 resumes from step n
+  _assert_bit_identical(train_fixtures.restore_rl_arrays(cfg, killed, 2 * n),
+                        train_fixtures.restore_rl_arrays(cfg, full, 2 * n))
+  ledger = ledger_lib.Ledger(killed, create=False)
+  after = ledger.stats()
+  ledger.close()
+  assert after.requests == before.requests
+  assert after.asked_after_stored == 0
