@@ -132,7 +132,7 @@ def _images(errors, config, with_images, vlm) -> None:
   stage on image prompts needs a ranking scheme that shows the scorer the
   images (ranking.IMAGE_SCHEMES)."""
   from purld_jax import ranking  # pylint: disable=g-import-not-at-top
-  if with_images and not vlm:
+  if with_images and vlm is False:  # (None: model.path is already wrong)
     errors.append(f"{', '.join(with_images)}: prompts with images, but "
                   f"model.path={config.model.path!r} is a text model (use an "
                   "Idefics3 / SmolVLM directory)")
@@ -192,6 +192,7 @@ def validate(config) -> None:
       os.path.join(path, "config.json")):
     errors.append(f"model.path={path!r}: not 'tiny', 'embedded' or a "
                   "Hugging Face directory with config.json")
+    vlm = None  # unknown
   elif path not in ("tiny", "embedded"):
     from purld_jax.models import hf  # pylint: disable=g-import-not-at-top
     from purld_jax.models import hf_config  # pylint: disable=g-import-not-at-top
