@@ -34,13 +34,14 @@ from flax import nnx
 from purld_jax import ranking
 from purld_jax import templates
 from purld_jax import sampling as sampling_lib
+from purld_jax import vision
 from purld_jax.models import tokenizer as tokenizer_lib
 
 
-# The self-ranking schemes that work on image prompts: those that read no
-# model rows (the judge / pmi / recon templates re-render the prompt as
-# text, without its images).
-IMAGE_SCHEMES = ("similarity", "oracle", "teacher_judge")
+# The self-ranking schemes that work on image prompts (ranking.py): pmi and
+# anchor_recon (their rows keep the prompt's images) and those that read no
+# model rows.
+IMAGE_SCHEMES = ranking.IMAGE_SCHEMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +178,7 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
             verifier: Callable[[int, str], float] | None = None,
             sampler: Callable | None = None,
             scorers: ranking.Scorers | None = None,
-            judge: Callable | None = None) -> Group:
+            judge: Callable | None = None, processor=None) -> Group:
   """Samples, then self-ranks, one batch of prompts (see module docstring).
 
   Args:
@@ -201,6 +202,9 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
     judge: scheme "teacher_judge" only: judge(prompts, texts, valid) ->
       (scores [B, K], anchor_score [B]) on the host, texts the decoded
       candidates cut at their stop id (`teacher_judge.TeacherJudge`).
+    processor: a vision-language student's processor: image prompts
+      ranked by pmi / anchor_recon rebuild their rows with it
+      (`vision.PromptImages`).
   """
   sampling = with_stop_ids(sampling, tok)
   if sampler is None:
@@ -211,8 +215,14 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
   if images and ranking_params.scheme not in IMAGE_SCHEMES:
     raise ValueError(
         f"ranking.scheme {ranking_params.scheme!r} does not show the "
-        "prompt's images to the scorer yet; with image prompts use one of "
+        "prompt's images to the scorer; with image prompts use one of "
         f"{', '.join(IMAGE_SCHEMES)}")
+  prompt_images = None
+  if images and ranking_params.scheme in ("pmi", "anchor_recon"):
+    if processor is None:
+      raise ValueError(f"ranking.scheme {ranking_params.scheme!r} on image "
+                       "prompts needs the student's processor")
+    prompt_images = vision.PromptImages(processor, batch.prompts, *images)
   t0 = time.perf_counter()
   cands = jax.device_get(sampler(policy_params, np.asarray(batch.tokens),
                                  np.asarray(batch.mask), key,
@@ -243,7 +253,7 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
         verifier=verifier, pmi_stop=rp.pmi_stop,
         pair_opponents=rp.pair_opponents, rows_per_call=rp.rows_per_call,
         vocab_chunk=rp.vocab_chunk, pad_multiple=rp.pad_multiple,
-        scorers=scorers)
+        scorers=scorers, images=prompt_images)
   stats = {}
   if rp.length_debias:
     scores, s_a, stats["length_slope"] = ranking.length_debias(

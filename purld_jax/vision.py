@@ -78,14 +78,75 @@ def chat_messages(prompt) -> list[dict]:
   """`prompt`'s messages as chat dicts; with images, the last user
   message's content is a list of parts: one {"type": "image"} per image,
   then {"type": "text"} (the SmolVLM / Idefics3 chat templates' form)."""
-  out = prompt.as_dicts()
-  images = getattr(prompt, "images", ())
-  if not images:
+  return with_image_parts(prompt.as_dicts(), len(getattr(prompt, "images",
+                                                         ())))
+
+
+def with_image_parts(messages, n: int) -> list[dict]:
+  """Chat dicts (string contents) with `n` image parts put before the last
+  user message's text (`chat_messages`' form); as they are when n = 0."""
+  out = [dict(m) for m in messages]
+  if not n:
     return out
   last = max(i for i, m in enumerate(out) if m["role"] == "user")
-  out[last] = dict(out[last], content=[{"type": "image"}] * len(images) + [
+  out[last] = dict(out[last], content=[{"type": "image"}] * n + [
       {"type": "text", "text": out[last]["content"]}])
   return out
+
+
+class PromptImages:
+  """The images of a batch of B prompts, for rows that rebuild the prompts
+  from a template (the ranking schemes anchor_recon and pmi): each row is
+  its prompt's conversation with the user turn rewritten, its images still
+  in front of the last user message's text, written out as the same tile
+  tokens as the prompt's own (`encode_chat`); the rows of prompt b are
+  scored with that prompt's pixels (`pixel_values[b]`).
+
+  Attributes:
+    expansions: B lists (one per image) of the token ids the processor
+      writes for that image (its tile tags and `<image>` tokens).
+    pixel_values: f32[B, I, C, Y, X]; pixel_mask: bool[B, I, Y, X] (the
+      batch's, `data.PromptBatch`).
+    image_token_id: the `<image>` id.
+  """
+
+  def __init__(self, processor, prompts, pixel_values, pixel_mask):
+    self.image_token_id = int(processor.image_token_id)
+    self.pixel_values, self.pixel_mask = pixel_values, pixel_mask
+    marker = processor.image_token
+    self.expansions = []
+    for p in prompts:
+      ids = []
+      for img in (pil_images(p) if getattr(p, "images", ()) else ()):
+        out = processor(text=[marker], images=[[img]],
+                        add_special_tokens=False, return_tensors="np")
+        ids.append([int(i) for i in np.asarray(out["input_ids"])[0]])
+      self.expansions.append(ids)
+
+  def image_tokens(self, b: int) -> int:
+    """How many `<image>` tokens prompt b's images are written as."""
+    return sum(e.count(self.image_token_id) for e in self.expansions[b])
+
+  def encode_chat(self, tok, b: int, messages) -> list[int]:
+    """Token ids of `messages` (prompt b's conversation, rewritten, string
+    contents) with prompt b's images before the last user message's text:
+    the chat rendered with one `<image>` marker per image, each marker then
+    replaced by that image's tile tokens (what the processor writes; special
+    tokens are split before anything else is tokenized, so the text around
+    them tokenizes the same)."""
+    exp = self.expansions[b]
+    ids = tok.encode(tok.render_chat(with_image_parts(messages, len(exp))))
+    out, i = [], 0
+    for t in ids:
+      if t == self.image_token_id and i < len(exp):
+        out.extend(exp[i])
+        i += 1
+      else:
+        out.append(t)
+    if i != len(exp):
+      raise ValueError(f"the chat template wrote {i} image markers for "
+                       f"{len(exp)} images")
+    return out
 
 
 def pil_images(prompt) -> list:

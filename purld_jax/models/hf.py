@@ -146,12 +146,14 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
   return {k: single for k in _keys_of(single)}
 
 
-def check_files(path: str | os.PathLike) -> None:
+def check_files(path: str | os.PathLike, read=None) -> None:
   """Raises CheckpointError (naming the file) unless `path`'s config.json
   parses and every safetensors file's header reads and fits the file
   (a torn download is caught here, before a run builds anything); a
-  directory with no weights file at all passes (its config is checked)."""
-  read_config(path)
+  directory with no weights file at all passes (its config is checked).
+  `read(path)` parses the config (default `read_config`: a text model;
+  `idefics3_hf.read_config` for a vision-language one)."""
+  (read or read_config)(path)
   if not any((pathlib.Path(path) / n).is_file() for n in (SAFETENSORS, INDEX)):
     return  # a config-only directory (AOT planning): weights come later
   files = _tensor_files(pathlib.Path(path))

@@ -107,8 +107,10 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
   student = student_lib.from_config(config.model, workdir).base()
   tok = student.tokenizer
   graphdef, _ = student.abstract()
+  # image prompts (a vision-language student): tile tokens and pixels
   source = data_lib.encode(prompts_lib.read_jsonl(config.data.eval_path), tok,
-                           max_len=config.data.max_prompt_len)
+                           max_len=config.data.max_prompt_len,
+                           processor=student.processor)
   limit = config.eval.num_prompts
   n = min(limit, len(source.ids)) if limit > 0 else len(source.ids)
   kinds = _kinds(config, tok)

@@ -246,7 +246,8 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
             graphdef, policy, scorer, tok, prompts, anchors, key,
             k=k, sampling=sp, ranking_params=rp,
             max_anchor_len=config.sft.max_response_len, verifier=verifier,
-            sampler=sampler, scorers=scorers(scorer), judge=judge)
+            sampler=sampler, scorers=scorers(scorer), judge=judge,
+            processor=student.processor)
         correct = rollout_store.correctness(
             group.texts, [p.answer for p in prompts.prompts], verifier)
         host = _oracle_agreement(group, correct)  # over every drawn group
