@@ -41,15 +41,18 @@ def _positive(errors, cfg, key, *, zero_ok=False):
     errors.append(f"{key}={value!r}: must be {'>= 0' if zero_ok else '> 0'}")
 
 
-def _prompt_file(errors, key, path):
+def _prompt_file(errors, key, path) -> bool:
+  """Reads the prompt file (errors name it); True when a prompt of it has
+  images."""
   from purld_jax import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     errors.append(f"{key}={path!r}: no such prompt file")
-    return
+    return False
   try:
-    prompts_lib.read_jsonl(path)
+    return any(p.images for p in prompts_lib.read_jsonl(path))
   except prompts_lib.PromptFileError as e:
     errors.append(f"{key}: {e}")
+    return False
 
 
 BATCH_FIELDS = ("sft.batch_size", "rl.batch_size", "eval.batch_size")
@@ -110,6 +113,37 @@ def _lora(errors, config) -> None:
                   "twice")
 
 
+def _vlm(errors, config) -> None:
+  """What a vision-language student (model.path an Idefics3 / SmolVLM
+  directory) does not support: LoRA, the GGUF export."""
+  lora = config.model.get("lora")
+  if lora is not None and isinstance(lora.rank, int) and lora.rank > 0:
+    errors.append(f"model.lora.rank={lora.rank}: LoRA is not supported for "
+                  "a vision-language student (model.path is an Idefics3 / "
+                  "SmolVLM directory); set model.lora.rank=0")
+  if config.export.gguf:
+    errors.append("export.gguf=True: no GGUF export for a vision-language "
+                  "student (llama.cpp's converter takes text models); set "
+                  "export.gguf=False")
+
+
+def _images(errors, config, with_images, vlm) -> None:
+  """Prompt files with images need a vision-language student; a PU-RL
+  stage on image prompts needs a ranking scheme that shows the scorer the
+  images (ranking.IMAGE_SCHEMES)."""
+  from purld_jax import ranking  # pylint: disable=g-import-not-at-top
+  if with_images and vlm is False:  # (None: model.path is already wrong)
+    errors.append(f"{', '.join(with_images)}: prompts with images, but "
+                  f"model.path={config.model.path!r} is a text model (use an "
+                  "Idefics3 / SmolVLM directory)")
+  scheme = config.ranking.scheme
+  if ("data.train_path" in with_images and config.recipe != "sft"
+      and scheme in ranking.SCHEMES and scheme not in ranking.IMAGE_SCHEMES):
+    errors.append(f"ranking.scheme={scheme!r}: not implemented for image "
+                  "prompts (its rows would drop the images); use one of "
+                  f"{list(ranking.IMAGE_SCHEMES)}")
+
+
 def _half_state(errors, config) -> None:
   """opt.mu_dtype and rl.reference_dtype: bf16 mu needs a b1 that bf16
   keeps (optax computes b1 mu in mu's dtype): `state.mu_bf16_gain` within
@@ -153,17 +187,24 @@ def validate(config) -> None:
             f"recipe={config.recipe!r}: its trainer {module} is not written "
             "yet (issue 7); --config.recipe=sft runs stage 1 alone")
   path = config.model.path
+  vlm = False  # model.path is an Idefics3 / SmolVLM directory
   if path not in ("tiny", "embedded") and not os.path.isfile(
       os.path.join(path, "config.json")):
     errors.append(f"model.path={path!r}: not 'tiny', 'embedded' or a "
                   "Hugging Face directory with config.json")
+    vlm = None  # unknown
   elif path not in ("tiny", "embedded"):
     from purld_jax.models import hf  # pylint: disable=g-import-not-at-top
     from purld_jax.models import hf_config  # pylint: disable=g-import-not-at-top
+    from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
+    from purld_jax.train import student as student_lib  # pylint: disable=g-import-not-at-top
+    vlm = student_lib.is_vlm_dir(path)
     try:
-      hf.check_files(path)
+      hf.check_files(path, read=idefics3_hf.read_config if vlm else None)
     except (hf.CheckpointError, hf_config.ConfigError) as e:
       errors.append(f"model.path: {e}")
+    if vlm:
+      _vlm(errors, config)
   for key in ("model.dtype", "model.param_dtype"):
     _choice(errors, config, key, ("float32", "bfloat16"))
   from purld_jax.models import layer_stack  # pylint: disable=g-import-not-at-top
@@ -177,9 +218,13 @@ def validate(config) -> None:
                     ("rl.batch_size", config.rl.batch_size)):
     if isinstance(n, int) and n > 0 and size % n:
       errors.append(f"opt.micro_batches={n}: does not divide {key}={size}")
-  _prompt_file(errors, "data.train_path", config.data.train_path)
-  if config.data.eval_path:
-    _prompt_file(errors, "data.eval_path", config.data.eval_path)
+  with_images = []  # the prompt files that hold images
+  for key, value in (("data.train_path", config.data.train_path),
+                     ("data.eval_path", config.data.eval_path)):
+    if (value or key == "data.train_path") and _prompt_file(errors, key,
+                                                            value):
+      with_images.append(key)
+  _images(errors, config, with_images, vlm)
   if any(b <= 0 for b in config.data.buckets):
     errors.append(f"data.buckets={config.data.buckets!r}: must be > 0")
   try:

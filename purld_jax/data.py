@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from purld_jax import prompts as prompts_lib
+from purld_jax import vision
 from purld_jax.models import tokenizer as tokenizer_lib
 
 
@@ -40,6 +41,9 @@ class Encoded:
       included).
     dropped: ids of the prompts longer than `max_len`, dropped.
     pad_id: the tokenizer's pad id.
+    image_processor: a vision-language student's image processor (a batch's
+      pixels are made from the prompts' images when it is collated); None
+      for a text student.
   """
 
   prompts: tuple[prompts_lib.Prompt, ...]
@@ -47,6 +51,7 @@ class Encoded:
   ids: tuple[tuple[int, ...], ...]
   dropped: tuple[str, ...]
   pad_id: int
+  image_processor: object = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,9 @@ class PromptBatch:
     mask: bool[B, P] True on real tokens.
     valid: bool[B] False on filler rows (the last, ragged batch of an
       evaluation pass is filled up with copies of its first prompt).
+    pixel_values: None (no prompt has an image), or f32[B, I, 3, Y, X] the
+      prompts' image tiles, all-zero slots as padding (vision.py).
+    pixel_mask: None, or bool[B, I, Y, X] their real pixels.
   """
 
   prompts: tuple[prompts_lib.Prompt, ...]
@@ -69,6 +77,8 @@ class PromptBatch:
   tokens: np.ndarray
   mask: np.ndarray
   valid: np.ndarray
+  pixel_values: np.ndarray | None = None
+  pixel_mask: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.prompts)
@@ -79,15 +89,25 @@ class PromptBatch:
     return PromptBatch(
         prompts=tuple(self.prompts[i] for i in rows), index=self.index[rows],
         ids=tuple(self.ids[i] for i in rows), tokens=self.tokens[rows],
-        mask=self.mask[rows], valid=np.asarray(self.valid)[rows])
+        mask=self.mask[rows], valid=np.asarray(self.valid)[rows],
+        pixel_values=(None if self.pixel_values is None
+                      else self.pixel_values[rows]),
+        pixel_mask=None if self.pixel_mask is None else self.pixel_mask[rows])
 
 
 def encode(prompts: Sequence[prompts_lib.Prompt],
-           tok: tokenizer_lib.Tokenizer, *, max_len: int) -> Encoded:
-  """Renders each prompt with the chat template; drops those over max_len."""
+           tok: tokenizer_lib.Tokenizer, *, max_len: int,
+           processor=None) -> Encoded:
+  """Renders each prompt with the chat template; drops those over max_len.
+  A prompt with images needs `processor` (a vision-language student's):
+  its images are written out as their tile tokens (`vision.encode_prompt`).
+  """
   kept, index, ids, dropped = [], [], [], []
   for i, p in enumerate(prompts):
-    seq = tuple(tok.encode_chat(p.as_dicts()))
+    if p.images:
+      seq = vision.encode_prompt(processor, tok, p)[0]
+    else:
+      seq = tuple(tok.encode_chat(p.as_dicts()))
     if len(seq) > max_len:
       dropped.append(p.id)
       continue
@@ -101,7 +121,7 @@ def encode(prompts: Sequence[prompts_lib.Prompt],
     raise ValueError(f"no prompt fits max_prompt_len={max_len} "
                      f"({len(prompts)} prompts)")
   return Encoded(tuple(kept), tuple(index), tuple(ids), tuple(dropped),
-                 tok.pad_id)
+                 tok.pad_id, getattr(processor, "image_processor", None))
 
 
 def shard_positions(n: int, process_index: int, process_count: int
@@ -125,11 +145,14 @@ def collate(source: Encoded, positions: Sequence[int], *,
   ids = tuple(source.ids[p] for p in positions)
   length = tokenizer_lib.bucket_length(max(len(s) for s in ids), buckets)
   tokens, mask = tokenizer_lib.pad_left(ids, source.pad_id, length)
+  prompts = tuple(source.prompts[p] for p in positions)
+  pixel_values, pixel_mask = vision.pixels_of(source.image_processor, prompts)
   return PromptBatch(
-      prompts=tuple(source.prompts[p] for p in positions),
+      prompts=prompts,
       index=np.asarray([source.index[p] for p in positions], np.int32),
       ids=ids, tokens=tokens, mask=mask,
-      valid=np.ones(len(ids), bool) if valid is None else np.asarray(valid))
+      valid=np.ones(len(ids), bool) if valid is None else np.asarray(valid),
+      pixel_values=pixel_values, pixel_mask=pixel_mask)
 
 
 def _per_process(batch_size: int, process_count: int) -> int:

@@ -236,24 +236,33 @@ def model_answers(graphdef, params, tok, source: data_lib.Encoded, *,
   sampler compiles once per prompt bucket. `sampler(params, prompt_tokens,
   prompt_mask, key, prompt_index) -> Candidates` replaces `sampling.sample`
   with `sampling` and K = `samples` (e.g. `sharded.jit_sampler` with
-  those). Every row's random stream is fold_in(key(seed), prompt index), so
+  those); a batch of image prompts (`source` encoded with a
+  vision-language student's processor) passes its pixel_values and
+  pixel_mask after prompt_index. Every row's random stream is fold_in(key(seed), prompt index), so
   two models get the same draws per prompt (a paired comparison) and the
   batch size changes nothing. `verifier` names the check of `correct`
   (`batch_verifier`'s kinds).
   """
   if sampler is None:
-    sampler = lambda p, t, m, key, i: sampling_lib.sample(
-        graphdef, p, jnp.asarray(t), jnp.asarray(m), key,
-        prompt_index=jnp.asarray(i), num_candidates=samples,
-        sampling=sampling, pad_id=tok.pad_id)
+    def sampler(p, t, m, key, i, pixel_values=None, pixel_mask=None):
+      images = {} if pixel_values is None else dict(
+          pixel_values=jnp.asarray(pixel_values),
+          pixel_mask=jnp.asarray(pixel_mask))
+      return sampling_lib.sample(
+          graphdef, p, jnp.asarray(t), jnp.asarray(m), key,
+          prompt_index=jnp.asarray(i), num_candidates=samples,
+          sampling=sampling, pad_id=tok.pad_id, **images)
   texts, lengths, finished, ids, answers = [], [], [], [], []
   batches = data_lib.eval_batches(source, batch_size=batch_size,
                                   buckets=buckets, limit=limit,
                                   process_index=0, process_count=1)
   for batch in (progress(batches) if progress else batches):
+    images = (() if batch.pixel_values is None
+              else (batch.pixel_values, batch.pixel_mask))
     cands = jax.device_get(sampler(params, batch.tokens, batch.mask,
                                    jax.random.key(seed),
-                                   np.asarray(batch.index, np.int32)))
+                                   np.asarray(batch.index, np.int32),
+                                   *images))
     for i in np.flatnonzero(batch.valid):
       n = cands.lengths[i].astype(int)
       texts.append([tok.decode(cands.tokens[i, j, :n[j]])

@@ -143,7 +143,7 @@ def _lora_base(src: Source, workdir: str, student) -> tuple[str, dict]:
     raise ExportError(f"{src.path}: a LoRA checkpoint of stage {src.stage!r} "
                       f"needs its base {os.path.join(workdir, REFERENCE)}/, "
                       "which is missing")
-  return ref, hf.load_params(ref, student.cfg)
+  return ref, student.load_params(ref)
 
 
 def _load(src: Source, workdir: str):

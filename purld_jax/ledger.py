@@ -3,11 +3,14 @@
 The ledger is ``<workdir>/anchors.sqlite`` (SQLite, WAL, synchronous=FULL). A
 row is keyed by ``ledger_key``: sha256 of the canonical JSON of the exact
 request (messages as sent, system prompt included; teacher backend and model;
-the generation params that shape the answer). Prompt ids, base URLs and keys
-are not part of it. Tables: ``anchors`` (one answer per key: text,
-finish_reason, usage tokens, latency, attempts, errors, created time, teacher
-label, ``simulated`` for the dataset backend), ``requests`` (one intent row
-per request a process starts) and ``attempts`` (one row per HTTP attempt).
+the generation params that shape the answer; the sha256 of each attached
+image's bytes, in order, only when there are images, so text-only keys are
+those of earlier ledgers). Prompt ids, base URLs and keys are not part of
+it. Tables: ``anchors`` (one answer per key: text, finish_reason, usage
+tokens, latency, attempts, errors, created time, teacher label,
+``simulated`` for the dataset backend; its ``params`` column also lists the
+image digests, ``images``), ``requests`` (one intent row per request a
+process starts) and ``attempts`` (one row per HTTP attempt).
 
 The guarantee, exactly:
 
@@ -69,6 +72,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from purld_jax import images as images_lib
 from purld_jax import sqlite_check
 from purld_jax import teacher as teacher_lib
 
@@ -123,17 +127,33 @@ def answer_problem(text: str, finish_reason: str, truncated: bool
 
 
 def canonical_json(request: teacher_lib.Request) -> str:
-  """The request as canonical JSON (sorted keys, no spaces, UTF-8 kept)."""
-  return json.dumps(
-      {"v": 1, "backend": request.backend, "model": request.model,
-       "messages": [list(m) for m in request.messages],
-       "params": dict(request.params)},
-      sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+  """The request as canonical JSON (sorted keys, no spaces, UTF-8 kept).
+
+  Images enter as ``"images": [sha256 hex, ...]`` (in order), a key present
+  only when there are images: a text-only request's JSON, hence its ledger
+  key, is what it was before images existed.
+  """
+  obj = {"v": 1, "backend": request.backend, "model": request.model,
+         "messages": [list(m) for m in request.messages],
+         "params": dict(request.params)}
+  if request.images:
+    obj["images"] = [images_lib.digest(x) for x in request.images]
+  return json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                    ensure_ascii=False)
 
 
 def ledger_key(request: teacher_lib.Request) -> str:
   """sha256 hex of ``canonical_json(request)``."""
   return hashlib.sha256(canonical_json(request).encode("utf-8")).hexdigest()
+
+
+def _stored_params(request: teacher_lib.Request) -> dict:
+  """The row's ``params`` column: the params, and the image digests (if any)
+  so a row says which images were asked about."""
+  params = dict(request.params)
+  if request.images:
+    params["images"] = [images_lib.digest(x) for x in request.images]
+  return params
 
 
 # ---------------------------------------------------------------- integrity
@@ -347,7 +367,8 @@ class Ledger:
             (key, prompt_id, request_id, reply.teacher, request.backend,
              request.model, int(reply.simulated),
              json.dumps(request.messages, ensure_ascii=False),
-             json.dumps(dict(request.params), ensure_ascii=False), reply.text,
+             json.dumps(_stored_params(request), ensure_ascii=False),
+             reply.text,
              reply.finish_reason, int(reply.truncated), reply.prompt_tokens,
              reply.completion_tokens, reply.latency_s, len(reply.attempts),
              json.dumps(errors), time.time(),

@@ -16,6 +16,18 @@ keys of a record are ignored (datasets carry metadata); unknown keys inside a
 message are an error, since dropping them would change what is asked. Blank
 lines are skipped. Any malformed line fails with ``PromptFileError`` naming
 ``file:line`` and the field.
+
+Images (vision-language students): an optional ``"images"`` list, in either
+form, attaches images to the LAST user message, in order (the student renders
+them before that message's text; the teacher gets them as ``image_url``
+content parts). Each entry is a path (relative to the prompt file's folder,
+or absolute) or a ``data:image/<type>;base64,...`` URI. The files are read
+when the prompt file is read and kept as their encoded bytes
+(``Prompt.images``); each must decode with PIL and be PNG, JPEG, WebP or GIF,
+at most ``images.MAX_IMAGES`` (8) a prompt and ``images.MAX_IMAGE_BYTES``
+(20 MiB) each (``images.py`` says why). Errors name the entry
+(``images[1]``). A record without ``images`` (or with ``[]``) reads exactly
+as before.
 """
 
 from __future__ import annotations
@@ -25,6 +37,8 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from purld_jax import images as images_lib
 
 ROLES = ("system", "user", "assistant")
 
@@ -43,20 +57,28 @@ class Prompt:
     answer: the reference answer, or None.
     solution: a worked reference solution (what the `dataset` teacher
       answers when present), or None.
+    images: the encoded image files (PNG/JPEG/WebP/GIF bytes) attached to
+      the last user message, in order; () for a text-only prompt. Left out
+      of repr (bytes); part of equality and the hash.
   """
 
   id: str
   messages: tuple[tuple[str, str], ...]
   answer: str | None = None
   solution: str | None = None
+  images: tuple[bytes, ...] = dataclasses.field(default=(), repr=False)
 
   @classmethod
-  def from_text(cls, text: str, *, id: str, answer: str | None = None) -> Prompt:
-    """A prompt of one user message."""
-    return cls(id=id, messages=(("user", text),), answer=answer)
+  def from_text(cls, text: str, *, id: str, answer: str | None = None,
+                images: tuple[bytes, ...] = ()) -> Prompt:
+    """A prompt of one user message (with ``images`` attached to it)."""
+    return cls(id=id, messages=(("user", text),), answer=answer,
+               images=tuple(images))
 
   def as_dicts(self) -> list[dict[str, str]]:
-    """The messages as OpenAI-style ``[{"role": ..., "content": ...}]``."""
+    """The messages as OpenAI-style ``[{"role": ..., "content": ...}]``, text
+    only: ``images`` are not in it (``teacher.openai_messages`` adds them as
+    content parts)."""
     return [{"role": r, "content": c} for r, c in self.messages]
 
 
@@ -98,8 +120,30 @@ def _scalar_text(record: Mapping[str, Any], key: str, where: str) -> str | None:
   _fail(where, key, f"must be a string or a number, got {type(value).__name__}")
 
 
-def parse_record(record: Any, *, where: str, default_id: str) -> Prompt:
-  """One decoded JSON record -> Prompt; ``where`` (e.g. ``file:line``) goes in errors."""
+def _images(value: Any, where: str, base_dir: str | None) -> tuple[bytes, ...]:
+  """The ``images`` field -> the images' bytes, read and checked."""
+  if value is None:
+    return ()
+  if not isinstance(value, list):
+    _fail(where, "images", "must be a list of paths or data: URIs, got "
+          f"{type(value).__name__}")
+  if len(value) > images_lib.MAX_IMAGES:
+    _fail(where, "images", f"{len(value)} images; at most "
+          f"{images_lib.MAX_IMAGES} a prompt")
+  out = []
+  for i, spec in enumerate(value):
+    try:
+      out.append(images_lib.read(spec, base_dir))
+    except images_lib.ImageError as e:
+      _fail(where, f"images[{i}]", str(e))
+  return tuple(out)
+
+
+def parse_record(record: Any, *, where: str, default_id: str,
+                 base_dir: str | None = None) -> Prompt:
+  """One decoded JSON record -> Prompt; ``where`` (e.g. ``file:line``) goes in
+  errors; relative image paths are relative to ``base_dir`` (None: the
+  working directory)."""
   if not isinstance(record, dict):
     raise PromptFileError(
         f"{where}: a record must be a JSON object, got {type(record).__name__}")
@@ -119,11 +163,14 @@ def parse_record(record: Any, *, where: str, default_id: str) -> Prompt:
   pid = _scalar_text(record, "id", where)
   return Prompt(id=default_id if pid is None else pid, messages=messages,
                 answer=_scalar_text(record, "answer", where),
-                solution=_scalar_text(record, "solution", where))
+                solution=_scalar_text(record, "solution", where),
+                images=_images(record.get("images"), where, base_dir))
 
 
-def parse_lines(lines: Iterable[str], *, name: str) -> list[Prompt]:
-  """JSONL lines -> prompts; ``name`` labels errors (``name:line``)."""
+def parse_lines(lines: Iterable[str], *, name: str,
+                base_dir: str | None = None) -> list[Prompt]:
+  """JSONL lines -> prompts; ``name`` labels errors (``name:line``);
+  ``base_dir`` as in ``parse_record``."""
   prompts, seen = [], {}
   for lineno, line in enumerate(lines, start=1):
     if not line.strip():
@@ -133,7 +180,8 @@ def parse_lines(lines: Iterable[str], *, name: str) -> list[Prompt]:
       record = json.loads(line)
     except json.JSONDecodeError as e:
       raise PromptFileError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from None
-    prompt = parse_record(record, where=where, default_id=str(lineno))
+    prompt = parse_record(record, where=where, default_id=str(lineno),
+                          base_dir=base_dir)
     if prompt.id in seen:
       _fail(where, "id", f"duplicate id {prompt.id!r} (first at line {seen[prompt.id]})")
     seen[prompt.id] = lineno
@@ -156,7 +204,8 @@ def read_jsonl(path: str | os.PathLike) -> list[Prompt]:
       raise PromptFileError(f"{path}:{lineno}: not UTF-8 text (byte "
                             f"{line[e.start]:#04x} at column {e.start + 1})"
                             ) from None
-  prompts = parse_lines(lines, name=path)
+  prompts = parse_lines(lines, name=path,
+                        base_dir=os.path.dirname(os.path.abspath(path)))
   if not prompts:
     raise PromptFileError(f"{path}: no prompts (the file is empty)")
   return prompts

@@ -46,6 +46,12 @@ SIMILARITY_METRICS = ("rouge_l", "token_f1")
 ANSWER_WORD_SCHEMES = ("judge", "self_reward", "pairwise_judge")
 # `ranking.gate`: label-free checks that a candidate gives an answer at all.
 ANSWER_GATES = ("none", "number")
+# The schemes that rank image prompts (a vision-language student): those
+# whose scorer rows keep the prompt's images (pmi, anchor_recon: the
+# prompt's image tokens and pixels in every row) and those that read no
+# model rows. judge, self_reward and pairwise_judge are refused.
+IMAGE_SCHEMES = ("anchor_recon", "pmi", "similarity", "oracle",
+                 "teacher_judge")
 
 @dataclasses.dataclass(frozen=True)
 class Scorers:
@@ -57,7 +63,9 @@ class Scorers:
       (`scoring.token_logps`).
     last_logps: (tokens, mask) -> f32[R, V] (`scoring.last_logps`).
     response_logps: (prefix i32[G, P], prefix_mask, suffix i32[G, M, S],
-      suffix_mask) -> f32[G, M, S] (`scoring.response_logps`).
+      suffix_mask[, pixel_values, pixel_mask]) -> f32[G, M, S]
+      (`scoring.response_logps`; the pixels, [G, I, ...], are the images
+      of the prefixes' image tokens).
     response_next_logps: same arguments -> f32[G, M, V]
       (`scoring.response_next_logps`).
   """
@@ -73,8 +81,10 @@ def model_scorers(model, *, vocab_chunk: int | None = None) -> Scorers:
       token_logps=functools.partial(scoring.jitted_token_logps, model,
                                     vocab_chunk=vocab_chunk),
       last_logps=functools.partial(scoring.jitted_last_logps, model),
-      response_logps=functools.partial(scoring.jitted_response_logps, model,
-                                       vocab_chunk=vocab_chunk),
+      response_logps=lambda pt, pm, r, rm, pv=None, pxm=None: (
+          scoring.jitted_response_logps(model, pt, pm, r, rm,
+                                        vocab_chunk=vocab_chunk,
+                                        pixel_values=pv, pixel_mask=pxm)),
       response_next_logps=functools.partial(
           scoring.jitted_response_next_logps, model))
 
@@ -501,16 +511,52 @@ def _groups_in_chunks(fn, shared: SharedRows, rows_per_call: int):
            shared.suffix_mask), max(1, rows_per_call // m))
 
 
+def _image_prefixes(batch, m, images, pad_id, pad_multiple):
+  """(SharedRows, pixel_values, pixel_mask) of rows of image prompts (m
+  rows a prompt): the prompt's image tokens must all be in the prefix
+  (the images are merged in the prefill). Each prompt's rows share a
+  prefix when that holds; else each row is its own group, its prefix all
+  of its context (the targets come after the image tokens)."""
+  b = batch.tokens.shape[0] // m
+  need = [images.image_tokens(g) for g in range(b)]
+  for per in (m, 1):
+    shared = share_prefixes(batch, per, pad_id=pad_id,
+                            pad_multiple=pad_multiple)
+    if shared is None:
+      continue
+    got = ((shared.prefix == images.image_token_id)
+           & shared.prefix_mask).sum(-1)
+    if all(got[g] == need[g * per // m] for g in range(len(got))):
+      rep = m // per
+      return (shared, np.repeat(images.pixel_values, rep, 0),
+              np.repeat(images.pixel_mask, rep, 0))
+  raise ValueError("a scoring row's context holds more <image> tokens than "
+                   "its prompt's images (an anchor or template with a "
+                   "literal <image>?)")
+
+
 def _token_logps(scorers: Scorers, batch: templates.ScoringBatch, m: int,
-                 rows_per_call, pad_id: int, pad_multiple: int):
+                 rows_per_call, pad_id: int, pad_multiple: int, images=None):
   """f32[R, T] `scoring.token_logps` of the rows where targets are (0 on the
-  shared prefix, never a target), each group's prefix run once."""
-  shared = share_prefixes(batch, m, pad_id=pad_id, pad_multiple=pad_multiple)
-  if shared is None:
-    return _rows_in_chunks(scorers.token_logps,
-                           (batch.tokens, batch.attention_mask), rows_per_call)
-  lp = _groups_in_chunks(scorers.response_logps, shared,
-                         rows_per_call)  # [G, M, S]
+  shared prefix, never a target), each group's prefix run once. With
+  `images` (`vision.PromptImages`, rows of image prompts) the prefixes
+  hold the images' tokens and are run with their pixels."""
+  if images is not None:
+    shared, pv, pm = _image_prefixes(batch, m, images, pad_id, pad_multiple)
+    per = shared.suffix.shape[1]
+    lp = _rows_in_chunks(
+        scorers.response_logps, (shared.prefix, shared.prefix_mask,
+                                 shared.suffix, shared.suffix_mask, pv, pm),
+        max(1, rows_per_call // per))
+  else:
+    shared = share_prefixes(batch, m, pad_id=pad_id,
+                            pad_multiple=pad_multiple)
+    if shared is None:
+      return _rows_in_chunks(scorers.token_logps,
+                             (batch.tokens, batch.attention_mask),
+                             rows_per_call)
+    lp = _groups_in_chunks(scorers.response_logps, shared,
+                           rows_per_call)  # [G, M, S]
   r, t = batch.tokens.shape
   lp = lp.reshape(r, -1)
   n = shared.suffix_mask.reshape(r, -1).sum(-1)
@@ -555,7 +601,7 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
                 pmi_stop: bool = False, pair_opponents: int = 0,
                 rows_per_call: int = 64,
                 vocab_chunk: int | None = None, pad_multiple: int = 16,
-                scorers: Scorers | None = None):
+                scorers: Scorers | None = None, images=None):
   """Self-ranking scores of a batch of groups (METHOD.md steps 3 and 4).
 
   Args:
@@ -590,6 +636,10 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
     pad_multiple: row lengths are rounded up to a multiple of this.
     scorers: the model's log-prob functions; default
       `model_scorers(model, vocab_chunk=vocab_chunk)`.
+    images: None, or the prompts' images (`vision.PromptImages`, a
+      vision-language scorer): the rows of schemes in IMAGE_SCHEMES keep
+      each prompt's images in front of its rewritten user turn and are
+      scored with its pixels; other model-row schemes are refused.
 
   Returns:
     (scores np.float32[B, K], anchor_score np.float32[B] or None).
@@ -599,6 +649,10 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
   if scheme == "teacher_judge":  # the teacher scores: not a self-ranking
     raise ValueError("scheme 'teacher_judge' is scored by the teacher "
                      "(teacher_judge.TeacherJudge via rollout.collect(judge=))")
+  if images is not None and scheme not in IMAGE_SCHEMES:
+    raise ValueError(f"ranking.scheme {scheme!r} is not implemented for "
+                     "image prompts (its rows would drop the images); use "
+                     f"one of {', '.join(IMAGE_SCHEMES)}")
   b = len(candidates)
   k = len(candidates[0])
   groups = [[templates.cut_at_stop(y, tok.stop_ids) for y in g]
@@ -609,6 +663,9 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
   pad = dict(pad_multiple=pad_multiple)
   run = dict(rows_per_call=rows_per_call, pad_id=tok.pad_id,
              pad_multiple=pad_multiple)
+  if images is not None:  # rows rebuilt with the prompts' images
+    pad["encode_chat"] = lambda i, msgs: images.encode_chat(tok, i, msgs)
+    run["images"] = images
   if scorers is None and scheme not in ("similarity", "oracle"):
     scorers = model_scorers(model, vocab_chunk=vocab_chunk)
 

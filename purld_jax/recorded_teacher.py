@@ -9,6 +9,10 @@ running it: nothing is asked over the network, and a prompt that was never
 recorded is an error naming the file and the prompt (never a silent
 fallback). A recorded answer cut at the teacher's max_tokens keeps its
 finish_reason "length": the anchor store never trains on it.
+
+A prompt with images is refused (a fatal ``TeacherError``): the file
+matches prompts by their text alone and keeps no images, so a question asked
+of two scenes would get one scene's answer for both.
 """
 
 from __future__ import annotations
@@ -74,12 +78,18 @@ class RecordedTeacher:
     return teacher_lib.Request(
         messages=teacher_lib.request_messages(prompt, self.cfg.system_prompt),
         backend="recorded", model=self.label,
-        params=(("anchor", None if rec is None else rec["anchor"]),))
+        params=(("anchor", None if rec is None else rec["anchor"]),),
+        images=prompt.images)
 
   def prepare(self):
     pass
 
   def ask(self, prompt, on_attempt=None):
+    if prompt.images:
+      raise teacher_lib.TeacherError(
+          f"prompt {prompt.id!r} has images; the recorded backend matches "
+          "prompts by text alone and cannot answer them: use a live teacher",
+          kind="images_unsupported", fatal=True)
     rec = self._rows.get(_user_text(prompt))
     if rec is None:
       raise teacher_lib.TeacherError(

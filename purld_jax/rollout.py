@@ -34,7 +34,14 @@ from flax import nnx
 from purld_jax import ranking
 from purld_jax import templates
 from purld_jax import sampling as sampling_lib
+from purld_jax import vision
 from purld_jax.models import tokenizer as tokenizer_lib
+
+
+# The self-ranking schemes that work on image prompts (ranking.py): pmi and
+# anchor_recon (their rows keep the prompt's images) and those that read no
+# model rows.
+IMAGE_SCHEMES = ranking.IMAGE_SCHEMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +82,10 @@ class Group:
     anchor_score: f32[B] the anchor's own score s_a.
     valid: bool[B] False on filler rows.
     texts: B lists of K decoded candidates (logs, rollout store).
+    pixel_values: None, or f32[B, I, 3, Y, X] the prompts' images (a
+      vision-language student, `data.PromptBatch`); the trainers' scorer
+      runs them with the prompts (`scoring.response_logps`).
+    pixel_mask: None, or bool[B, I, Y, X].
     timings: seconds per phase: sample_s, score_s.
     stats: host-side figures of the step for the logs (length_slope: the
       slope `ranking.length_debias` removed; gated: the share of the valid
@@ -93,6 +104,14 @@ class Group:
   texts: list
   timings: dict
   stats: dict = dataclasses.field(default_factory=dict)
+  pixel_values: np.ndarray | None = None
+  pixel_mask: np.ndarray | None = None
+
+  def images(self) -> dict:
+    """{pixel_values, pixel_mask} for a trainer's batch; {} without images."""
+    if self.pixel_values is None:
+      return {}
+    return dict(pixel_values=self.pixel_values, pixel_mask=self.pixel_mask)
 
   @property
   def k(self) -> int:
@@ -128,14 +147,20 @@ def pack_members(cand_tokens: np.ndarray, cand_mask: np.ndarray,
 
 def default_sampler(graphdef, *, k: int, sampling: sampling_lib.SamplingParams,
                     pad_id: int) -> Callable:
-  """sampler(params, prompt_tokens, prompt_mask, key, prompt_index) ->
-  Candidates: `sampling.sample` on one device (what `collect` uses unless
-  given a sharded one, `sharded.jit_sampler`, with the same arguments)."""
-  def sample(params, prompt_tokens, prompt_mask, key, prompt_index):
+  """sampler(params, prompt_tokens, prompt_mask, key, prompt_index[,
+  pixel_values, pixel_mask]) -> Candidates: `sampling.sample` on one device
+  (what `collect` uses unless given a sharded one, `sharded.jit_sampler`,
+  with the same arguments; the pixels follow for image prompts)."""
+  def sample(params, prompt_tokens, prompt_mask, key, prompt_index,
+             pixel_values=None, pixel_mask=None):
+    images = {}
+    if pixel_values is not None:
+      images = dict(pixel_values=jnp.asarray(pixel_values),
+                    pixel_mask=jnp.asarray(pixel_mask))
     return sampling_lib.sample(
         graphdef, params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask),
         key, prompt_index=jnp.asarray(prompt_index, jnp.int32),
-        num_candidates=k, sampling=sampling, pad_id=pad_id)
+        num_candidates=k, sampling=sampling, pad_id=pad_id, **images)
   return sample
 
 
@@ -153,7 +178,7 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
             verifier: Callable[[int, str], float] | None = None,
             sampler: Callable | None = None,
             scorers: ranking.Scorers | None = None,
-            judge: Callable | None = None) -> Group:
+            judge: Callable | None = None, processor=None) -> Group:
   """Samples, then self-ranks, one batch of prompts (see module docstring).
 
   Args:
@@ -177,15 +202,31 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
     judge: scheme "teacher_judge" only: judge(prompts, texts, valid) ->
       (scores [B, K], anchor_score [B]) on the host, texts the decoded
       candidates cut at their stop id (`teacher_judge.TeacherJudge`).
+    processor: a vision-language student's processor: image prompts
+      ranked by pmi / anchor_recon rebuild their rows with it
+      (`vision.PromptImages`).
   """
   sampling = with_stop_ids(sampling, tok)
   if sampler is None:
     sampler = default_sampler(graphdef, k=k, sampling=sampling,
                               pad_id=tok.pad_id)
+  pixels = getattr(batch, "pixel_values", None)
+  images = () if pixels is None else (pixels, batch.pixel_mask)
+  if images and ranking_params.scheme not in IMAGE_SCHEMES:
+    raise ValueError(
+        f"ranking.scheme {ranking_params.scheme!r} does not show the "
+        "prompt's images to the scorer; with image prompts use one of "
+        f"{', '.join(IMAGE_SCHEMES)}")
+  prompt_images = None
+  if images and ranking_params.scheme in ("pmi", "anchor_recon"):
+    if processor is None:
+      raise ValueError(f"ranking.scheme {ranking_params.scheme!r} on image "
+                       "prompts needs the student's processor")
+    prompt_images = vision.PromptImages(processor, batch.prompts, *images)
   t0 = time.perf_counter()
   cands = jax.device_get(sampler(policy_params, np.asarray(batch.tokens),
                                  np.asarray(batch.mask), key,
-                                 np.asarray(batch.index, np.int32)))
+                                 np.asarray(batch.index, np.int32), *images))
   t1 = time.perf_counter()
   messages = [p.as_dicts() for p in batch.prompts]
   lists = [[list(cands.tokens[i, j, :cands.lengths[i, j]]) for j in range(k)]
@@ -212,7 +253,7 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
         verifier=verifier, pmi_stop=rp.pmi_stop,
         pair_opponents=rp.pair_opponents, rows_per_call=rp.rows_per_call,
         vocab_chunk=rp.vocab_chunk, pad_multiple=rp.pad_multiple,
-        scorers=scorers)
+        scorers=scorers, images=prompt_images)
   stats = {}
   if rp.length_debias:
     scores, s_a, stats["length_slope"] = ranking.length_debias(
@@ -241,7 +282,9 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
                scores=np.asarray(scores, np.float32),
                anchor_score=np.asarray(s_a, np.float32),
                valid=np.asarray(batch.valid), texts=texts,
-               timings=dict(sample_s=t1 - t0, score_s=t2 - t1), stats=stats)
+               timings=dict(sample_s=t1 - t0, score_s=t2 - t1), stats=stats,
+               pixel_values=pixels,
+               pixel_mask=None if pixels is None else batch.pixel_mask)
 
 
 def select(signal: np.ndarray, size: int, seed: int) -> np.ndarray:

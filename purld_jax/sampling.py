@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from purld_jax import sharding
+from purld_jax import vision
 from purld_jax.models import layer_stack
 from purld_jax.models import layers as layers_lib
 from purld_jax.models import tokenizer as tokenizer_lib
@@ -374,14 +375,17 @@ def _decode(model, layers, prefix: _Prefix, own: _Own, tok_R, pos_R, col):
   return model.logits(model.final_norm(x))[:, 0], _pin(own)
 
 
-def _prefill(model, tokens_BP, mask_BP, slots: int, k: int):
+def _prefill(model, tokens_BP, mask_BP, slots: int, k: int, embeds=None):
   """Runs the prompts once: (prefix, empty own cache for B * K rows,
-  logits f32[B, V] after the last prompt token, positions i32[B])."""
+  logits f32[B, V] after the last prompt token, positions i32[B]).
+  `model` is the decoder; `embeds` [B, P, D] (a prompt with images,
+  `vision.prompt_embeds`) replace the tokens' embedding rows."""
   b, p = tokens_BP.shape
   positions = layers_lib.default_positions(mask_BP)
   cache = model.init_cache(b, p)
   h, cache = model.extend(tokens_BP, cache, positions=positions,
-                          attention_mask=mask_BP, return_hidden=True)
+                          attention_mask=mask_BP, return_hidden=True,
+                          embeds=embeds)
   logits = model.logits(h[:, -1])
   prefix = _Prefix(k=cache.k.swapaxes(2, 3), v=cache.v.swapaxes(2, 3),
                    mask=mask_BP)
@@ -465,11 +469,13 @@ def _write(state: _State, col, tok, lp, slp, stop_ids, pad_id):
     "graphdef", "num_candidates", "sampling", "pad_id"))
 def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
            prompt_index, num_candidates: int, sampling: SamplingParams,
-           pad_id: int = 0) -> Candidates:
+           pad_id: int = 0, pixel_values=None, pixel_mask=None
+           ) -> Candidates:
   """K candidates for each of B left-padded prompts.
 
   Args:
-    graphdef, params: `nnx.split(model)` of a `llama.Llama`.
+    graphdef, params: `nnx.split(model)` of a `llama.Llama`, or of a
+      vision-language `idefics3.Idefics3` (vision.py).
     prompt_tokens: i32[B, P], left-padded (see `pad_prompts`).
     prompt_mask: bool[B, P], True on real tokens; each row needs at least one.
     key: PRNG key.
@@ -479,11 +485,19 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
     num_candidates: K.
     sampling: the rule (`SamplingParams`); its max_new_tokens is T.
     pad_id: written after the end of each response.
+    pixel_values: None, or f32[B, I, C, Y, X] the prompts' images (a
+      vision-language model; all-zero slots are padding): the vision tower
+      runs once per prompt and the image features join the prompt prefix
+      that the K rows share (`vision.prompt_embeds`).
+    pixel_mask: None, or [B, I, Y, X] real pixels.
 
   Returns:
     `Candidates` with [B, K, T] arrays.
   """
-  model = nnx.merge(graphdef, params)
+  full = nnx.merge(graphdef, params)
+  model = vision.decoder(full)
+  embeds = (None if pixel_values is None else vision.prompt_embeds(
+      full, prompt_tokens, pixel_values, pixel_mask))
   b, _ = prompt_tokens.shape
   k, t = num_candidates, sampling.max_new_tokens
   r = b * k
@@ -491,7 +505,8 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
   step_keys = lambda step: jax.vmap(lambda rk: jax.random.fold_in(rk, step))(
       row_keys)
   prefix, own, logits_BV, last_pos = _prefill(
-      model, prompt_tokens, prompt_mask.astype(bool), max(t - 1, 1), k)
+      model, prompt_tokens, prompt_mask.astype(bool), max(t - 1, 1), k,
+      embeds)
   # Outside the decode loop: with scan_layers the weights are stacked once
   # per call, not once per token.
   layers = layer_stack.layer_states(model)

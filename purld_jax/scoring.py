@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from purld_jax import structs
+from purld_jax import vision
 from purld_jax.models import layer_stack
 from purld_jax.models import layers
 
@@ -83,7 +84,8 @@ def _picked_logps(model, h_BND: jax.Array, target_BN: jax.Array,
 def token_logps(model, tokens: jax.Array, attention_mask: jax.Array, *,
                 positions: jax.Array | None = None,
                 vocab_chunk: int | None = None,
-                last: int | None = None) -> jax.Array:
+                last: int | None = None, pixel_values=None,
+                pixel_mask=None, image_at=None) -> jax.Array:
   """Log-prob of each token given the tokens before it.
 
   Args:
@@ -97,13 +99,18 @@ def token_logps(model, tokens: jax.Array, attention_mask: jax.Array, *,
     last: score only the last `last` columns (the others are 0): with left
       padding, where right-aligned responses are; the vocabulary projection
       is skipped everywhere else. None = every column.
+    pixel_values, pixel_mask, image_at: a vision-language model's images
+      of each row ([B, I, C, Y, X], [B, I, Y, X]) and where their tokens
+      may be (bool[B, T], e.g. the prompt's columns): `vision.prompt_embeds`.
 
   Returns:
     f32[B, T]: out[:, t] = log p(tokens[:, t] | tokens[:, <t]); 0 where t = 0,
     where token t is padding, and where token t - 1 is padding (the first
     real token of a row has no context).
   """
-  h = model.hidden(tokens, positions=positions, attention_mask=attention_mask)
+  h = _hidden(model, tokens, positions, attention_mask, pixel_values,
+              pixel_mask, image_at)
+  model = vision.decoder(model)
   b, t, _ = h.shape
   if t == 1:
     return jnp.zeros((b, t), jnp.float32)
@@ -115,15 +122,31 @@ def token_logps(model, tokens: jax.Array, attention_mask: jax.Array, *,
 
 
 def last_logps(model, tokens: jax.Array, attention_mask: jax.Array, *,
-               positions: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None, pixel_values=None,
+               pixel_mask=None) -> jax.Array:
   """f32[B, V] log p(next token | row) after the last column.
 
   With left padding the last column is each row's last real token, so this
   is the distribution of the token the row would continue with.
   """
-  h = model.hidden(tokens, positions=positions, attention_mask=attention_mask)
+  h = _hidden(model, tokens, positions, attention_mask, pixel_values,
+              pixel_mask)
+  model = vision.decoder(model)
   return jax.nn.log_softmax(model.logits(h[:, -1]).astype(jnp.float32),
                             axis=-1)
+
+
+def _hidden(model, tokens, positions, attention_mask, pixel_values=None,
+            pixel_mask=None, image_at=None):
+  """Final-norm hidden [B, T, D] of the rows; with images, the vision tower
+  once per row and its features at the image tokens (vision.py)."""
+  if pixel_values is None:
+    return vision.decoder(model).hidden(tokens, positions=positions,
+                                        attention_mask=attention_mask)
+  return model.text.hidden(
+      embeds=vision.prompt_embeds(model, tokens, pixel_values, pixel_mask,
+                                  image_at),
+      positions=positions, attention_mask=attention_mask)
 
 
 def seq_logps(token_logps_bt: jax.Array, mask: jax.Array) -> jax.Array:
@@ -157,10 +180,12 @@ def _last_logps_jit(graphdef, state, tokens, attention_mask):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "vocab_chunk"))
 def _response_logps_jit(graphdef, state, prompt_tokens, prompt_mask,
-                        responses, response_mask, *, vocab_chunk):
+                        responses, response_mask, *, vocab_chunk,
+                        pixel_values=None, pixel_mask=None):
   return response_logps(nnx.merge(graphdef, state), prompt_tokens,
                         prompt_mask, responses, response_mask,
-                        vocab_chunk=vocab_chunk)
+                        vocab_chunk=vocab_chunk, pixel_values=pixel_values,
+                        pixel_mask=pixel_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -171,11 +196,13 @@ def _response_next_logps_jit(graphdef, state, prompt_tokens, prompt_mask,
 
 
 def jitted_response_logps(model, prompt_tokens, prompt_mask, responses,
-                          response_mask, *, vocab_chunk=None) -> jax.Array:
+                          response_mask, *, vocab_chunk=None,
+                          pixel_values=None, pixel_mask=None) -> jax.Array:
   """`response_logps` compiled once per (model structure, shapes)."""
   graphdef, state = nnx.split(model)
   return _response_logps_jit(graphdef, state, prompt_tokens, prompt_mask,
-                             responses, response_mask, vocab_chunk=vocab_chunk)
+                             responses, response_mask, vocab_chunk=vocab_chunk,
+                             pixel_values=pixel_values, pixel_mask=pixel_mask)
 
 
 def jitted_response_next_logps(model, prompt_tokens, prompt_mask, responses,
@@ -202,7 +229,8 @@ def jitted_last_logps(model, tokens, attention_mask) -> jax.Array:
 
 def response_logps(model, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                    responses: jax.Array, response_mask: jax.Array, *,
-                   vocab_chunk: int | None = None) -> jax.Array:
+                   vocab_chunk: int | None = None, pixel_values=None,
+                   pixel_mask=None) -> jax.Array:
   """Per-token log-probs of M responses to each of B prompts, the prompt run
   once for its M responses.
 
@@ -216,11 +244,15 @@ def response_logps(model, prompt_tokens: jax.Array, prompt_mask: jax.Array,
   Differentiable; the prompt's gradient sums over its M responses.
 
   Args:
-    model: a `models.llama.Llama`.
+    model: a `models.llama.Llama`, or an `idefics3.Idefics3`.
     prompt_tokens: i32[B, P] left-padded; prompt_mask: bool[B, P], at least
       one real token per row.
     responses: i32[B, M, T] right-padded; response_mask: bool[B, M, T].
     vocab_chunk: see `token_logps`.
+    pixel_values: None, or f32[B, I, C, Y, X] the prompts' images: the
+      vision tower runs once per prompt, its features join the prompt's
+      prefill (`vision.prompt_embeds`), never M times.
+    pixel_mask: None, or [B, I, Y, X] real pixels.
 
   Returns:
     f32[B, M, T]: log pi(y_t | x, y_<t); 0 outside `response_mask` and where
@@ -228,7 +260,9 @@ def response_logps(model, prompt_tokens: jax.Array, prompt_mask: jax.Array,
   """
   b, m, t = responses.shape
   pmask = prompt_mask.astype(bool)
-  h_BPD, cache = _prefill_prompts(model, prompt_tokens, pmask)
+  h_BPD, cache = _prefill_prompts(model, prompt_tokens, pmask, pixel_values,
+                                  pixel_mask)
+  model = vision.decoder(model)
   h_last = jnp.repeat(h_BPD[:, -1:], m, axis=0)  # [B * M, 1, D]
   tokens_RT = responses.reshape(b * m, t)
   mask_RT = response_mask.astype(bool).reshape(b * m, t)
@@ -245,7 +279,8 @@ def response_logps(model, prompt_tokens: jax.Array, prompt_mask: jax.Array,
 
 def response_next_logps(model, prompt_tokens: jax.Array,
                         prompt_mask: jax.Array, responses: jax.Array,
-                        response_mask: jax.Array) -> jax.Array:
+                        response_mask: jax.Array, *, pixel_values=None,
+                        pixel_mask=None) -> jax.Array:
   """f32[B, M, V] log p(next token | prompt, response) after each response's
   last real token, the prompt run once for its M responses.
 
@@ -258,10 +293,13 @@ def response_next_logps(model, prompt_tokens: jax.Array,
     model: a `models.llama.Llama`.
     prompt_tokens: i32[B, P] left-padded; prompt_mask: bool[B, P].
     responses: i32[B, M, T] right-padded; response_mask: bool[B, M, T].
+    pixel_values, pixel_mask: as `response_logps`.
   """
   b, m, t = responses.shape
   pmask = prompt_mask.astype(bool)
-  _, cache = _prefill_prompts(model, prompt_tokens, pmask)
+  _, cache = _prefill_prompts(model, prompt_tokens, pmask, pixel_values,
+                              pixel_mask)
+  model = vision.decoder(model)
   mask_RT = response_mask.astype(bool).reshape(b * m, t)
   h_RTD = _response_hidden(model, cache, pmask, responses.reshape(b * m, t),
                            _response_positions(pmask, mask_RT, m), mask_RT, m)
@@ -271,12 +309,19 @@ def response_next_logps(model, prompt_tokens: jax.Array,
                             axis=-1).reshape(b, m, -1)
 
 
-def _prefill_prompts(model, prompt_tokens, pmask_BP):
-  """(final-norm hidden [B, P, D], KV cache of the B prompts)."""
-  cache = model.init_cache(prompt_tokens.shape[0], prompt_tokens.shape[1])
-  return model.extend(prompt_tokens, cache,
-                      positions=layers.default_positions(pmask_BP),
-                      attention_mask=pmask_BP, return_hidden=True)
+def _prefill_prompts(model, prompt_tokens, pmask_BP, pixel_values=None,
+                     pixel_mask=None):
+  """(final-norm hidden [B, P, D], KV cache of the B prompts); with images
+  (a vision-language model) the vision tower runs once per prompt and its
+  features are merged into the prompt's embeddings."""
+  embeds = (None if pixel_values is None else vision.prompt_embeds(
+      model, prompt_tokens, pixel_values, pixel_mask))
+  dec = vision.decoder(model)
+  cache = dec.init_cache(prompt_tokens.shape[0], prompt_tokens.shape[1])
+  return dec.extend(prompt_tokens, cache,
+                    positions=layers.default_positions(pmask_BP),
+                    attention_mask=pmask_BP, return_hidden=True,
+                    embeds=embeds)
 
 
 def _response_positions(pmask_BP, mask_RT, m: int) -> jax.Array:

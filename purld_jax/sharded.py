@@ -329,7 +329,9 @@ def jit_fn(fn: Callable, param_sh, kinds: Sequence[str], *, mesh: Mesh,
 def jit_sampler(graphdef, param_sh, *, mesh: Mesh,
                 rules=sharding.DEFAULT_RULES, **sample_kw) -> Jitted:
   """`sampling.sample` under `mesh`: f(params, prompt_tokens, prompt_mask,
-  key, prompt_index) -> Candidates sharded on B.
+  key, prompt_index[, pixel_values, pixel_mask]) -> Candidates sharded on B
+  (the pixels of a vision-language student's image prompts: [B, I, ...],
+  split like the batch).
 
   `sample_kw` are its static arguments (num_candidates, sampling, pad_id).
   The unjitted body is used: the module-level jit's trace cache does not
@@ -341,8 +343,34 @@ def jit_sampler(graphdef, param_sh, *, mesh: Mesh,
   def fn(params, prompt_tokens, prompt_mask, key, prompt_index):
     return body(graphdef, params, prompt_tokens, prompt_mask, key,
                 prompt_index=prompt_index, **sample_kw)
-  return jit_fn(fn, param_sh, ("batch", "batch", "replicated", "batch"),
-                mesh=mesh, rules=rules)
+
+  def fn_images(params, prompt_tokens, prompt_mask, key, prompt_index,
+                pixel_values, pixel_mask):
+    return body(graphdef, params, prompt_tokens, prompt_mask, key,
+                prompt_index=prompt_index, pixel_values=pixel_values,
+                pixel_mask=pixel_mask, **sample_kw)
+  kinds = ("batch", "batch", "replicated", "batch")
+  text = jit_fn(fn, param_sh, kinds, mesh=mesh, rules=rules)
+  images = jit_fn(fn_images, param_sh, kinds + ("batch", "batch"), mesh=mesh,
+                  rules=rules)
+  return WithImages(text, images)
+
+
+class WithImages:
+  """Two `Jitted` of one function: `text` called with the usual arguments,
+  `images` when two more (pixel_values, pixel_mask) follow them."""
+
+  def __init__(self, text: Jitted, images: Jitted, n_text: int = 5):
+    self.text, self.images, self.n_text = text, images, n_text
+
+  def _pick(self, args) -> Jitted:
+    return self.text if len(args) == self.n_text else self.images
+
+  def __call__(self, *args):
+    return self._pick(args)(*args)
+
+  def lower(self, *args):
+    return self._pick(args).lower(*args)
 
 
 def jit_scorers(graphdef, param_sh, *, mesh: Mesh,
@@ -369,6 +397,12 @@ def jit_scorers(graphdef, param_sh, *, mesh: Mesh,
                                                        rm), 4))
   jitted = {name: jit_fn(fn, param_sh, ("batch",) * n, mesh=mesh, rules=rules)
             for name, (fn, n) in fns.items()}
+  # prefixes of image prompts (ranking: pmi, anchor_recon): their pixels
+  # follow, split like the prefixes
+  jitted["response_logps"] = WithImages(jitted["response_logps"], jit_fn(
+      lambda p, pt, pm, r, rm, pv, pxm: scoring.response_logps(
+          merge(p), pt, pm, r, rm, vocab_chunk=vocab_chunk, pixel_values=pv,
+          pixel_mask=pxm), param_sh, ("batch",) * 6, mesh=mesh, rules=rules))
 
   def bind(params) -> ranking.Scorers:
     return ranking.Scorers(**{

@@ -7,6 +7,8 @@ Mesh axes (always all three, size 1 where unused):
 
 Parameters are created with logical axis names (models/llama.py):
   vocab, table_embed, embed, q_heads, kv_heads, head_dim, mlp
+and, for a vision tower (models/siglip.py, idefics3.py), vision_patch,
+vision_positions, vision_shuffled;
 activations use act_batch, act_len, act_embed, act_heads, logits_batch,
 act_vocab, and the KV cache cache_layers, cache_batch, cache_len,
 cache_heads, cache_head_dim.
@@ -66,6 +68,10 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    # vision tower (siglip.py, idefics3.py): its layers use the names above
+    ("vision_patch", None),  # C * P * P values of one patch
+    ("vision_positions", None),  # rows of the learned position table
+    ("vision_shuffled", "tensor"),  # the connector's input, D * scale^2
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_len", None),
@@ -172,10 +178,18 @@ def logical_axes(model_or_abstract) -> dict:
 
 
 def param_shardings(cfg, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
-  """NamedShardings for `Llama(cfg)`'s params (pure-dict layout)."""
+  """NamedShardings for `Llama(cfg)`'s params (pure-dict layout), or
+  `Idefics3(cfg)`'s for an `Idefics3Config`."""
+  from purld_jax.models import idefics3
   from purld_jax.models import llama
-  abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
-  _, shapes = llama.abstract_model(cfg)
+  if isinstance(cfg, idefics3.Idefics3Config):
+    from purld_jax.models import idefics3_hf
+    abstract = nnx.eval_shape(lambda: idefics3.Idefics3(cfg,
+                                                        rngs=nnx.Rngs(0)))
+    _, shapes = idefics3_hf.abstract_model(cfg)
+  else:
+    abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+    _, shapes = llama.abstract_model(cfg)
   names = logical_axes(abstract)
   return jax.tree.map(
       lambda n, s: NamedSharding(mesh, spec(n, rules, mesh, s.shape)),

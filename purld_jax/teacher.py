@@ -11,6 +11,16 @@ Backends behind one ``Teacher`` protocol:
   recorded a real teacher's answers recorded by tools/record_anchors.py,
            replayed from ``recorded_path`` (``recorded_teacher.py``).
 
+Images (``Prompt.images``): ``openai`` sends them as standard content parts
+of the last user message, ``[{"type": "image_url", "image_url": {"url":
+"data:image/png;base64,..."}}, ..., {"type": "text", "text": ...}]``
+(``openai_messages``; a text-only prompt keeps its plain string content,
+byte for byte as before). ``dataset`` answers the reference whatever the
+images (they are still in its ledger key). ``recorded`` refuses a prompt
+with images: its file matches prompts by their text alone, so it could not
+tell two scenes asked the same question apart. The ledger key covers the
+images' bytes (``Request.images``; ``ledger.canonical_json``).
+
 The API key is read from the environment variable whose *name* is
 ``TeacherConfig.api_key_env``; the key itself is held only by the HTTP client,
 never in a config, a log line, an error message or the anchor ledger. An empty
@@ -59,6 +69,7 @@ from typing import Any, Protocol
 
 from absl import logging
 
+from purld_jax import images as images_lib
 from purld_jax import prompts as prompts_lib
 
 BACKENDS = ("openai", "dataset", "recorded")
@@ -149,6 +160,8 @@ class Request:
   backend: str
   model: str
   params: tuple[tuple[str, Any], ...]    # what shapes the answer, sorted by name
+  # Encoded images on the last user message (Prompt.images), in order.
+  images: tuple[bytes, ...] = dataclasses.field(default=(), repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +224,19 @@ def request_messages(prompt: prompts_lib.Prompt, system_prompt: str
   if not system_prompt or any(r == "system" for r, _ in prompt.messages):
     return prompt.messages
   return (("system", system_prompt),) + prompt.messages
+
+
+def openai_messages(messages: tuple[tuple[str, str], ...],
+                    images: tuple[bytes, ...] = ()) -> list[dict[str, Any]]:
+  """The chat ``messages`` field: ``{"role", "content"}`` dicts, the images
+  (if any) as ``image_url`` data-URI parts before the text of the last
+  message (a user's: ``prompts`` guarantees it)."""
+  out = [{"role": r, "content": c} for r, c in messages]
+  if images:
+    parts = [{"type": "image_url", "image_url": {"url": images_lib.data_uri(x)}}
+             for x in images]
+    out[-1]["content"] = parts + [{"type": "text", "text": out[-1]["content"]}]
+  return out
 
 
 def backoff_delay(retry: int, *, base_s: float, max_s: float, u: float) -> float:
@@ -419,7 +445,8 @@ class OpenAITeacher:
     if self.cfg.top_logprobs:  # only then: earlier ledgers' keys unchanged
       params += (("top_logprobs", int(self.cfg.top_logprobs)),)
     return Request(messages=request_messages(prompt, self.cfg.system_prompt),
-                   backend="openai", model=self.cfg.model, params=params)
+                   backend="openai", model=self.cfg.model, params=params,
+                   images=prompt.images)
 
   def prepare(self):
     with self._lock:
@@ -430,14 +457,14 @@ class OpenAITeacher:
             api_key=resolve_api_key(self.cfg.api_key_env, self._environ))
     return self._client
 
-  def _send_once(self, messages):
+  def _send_once(self, messages, images=()):
     import openai  # pylint: disable=g-import-not-at-top
     client, cfg = self.prepare(), self.cfg
     extra = (dict(logprobs=True, top_logprobs=cfg.top_logprobs)
              if cfg.top_logprobs else {})
     try:
       raw = client.chat.completions.with_raw_response.create(
-          model=cfg.model, messages=[{"role": r, "content": c} for r, c in messages],
+          model=cfg.model, messages=openai_messages(messages, images),
           temperature=cfg.temperature, max_tokens=cfg.max_tokens, **extra)
     except openai.APITimeoutError:
       raise _Retryable("timeout", f"no answer within {cfg.timeout_s}s") from None
@@ -465,7 +492,7 @@ class OpenAITeacher:
     return parsed + ((parse_logprobs(raw.text) if cfg.top_logprobs else None),)
 
   def ask(self, prompt, on_attempt=None):
-    cfg, messages = self.cfg, self.request(prompt).messages
+    cfg, request = self.cfg, self.request(prompt)
     delay = lambda n: backoff_delay(n, base_s=cfg.backoff_base_s,
                                     max_s=cfg.backoff_max_s, u=self._rng.random())
     def seen(attempt):
@@ -475,7 +502,8 @@ class OpenAITeacher:
 
     t0 = time.monotonic()
     (text, finish, tokens, logprobs), attempts = with_retries(
-        lambda: self._send_once(messages), max_retries=cfg.max_retries,
+        lambda: self._send_once(request.messages, request.images),
+        max_retries=cfg.max_retries,
         delay=delay, max_wait_s=cfg.backoff_max_s, on_attempt=seen,
         fatal=self._fatal)
     return Reply(text=text, finish_reason=finish, truncated=finish == "length",
@@ -499,7 +527,7 @@ class DatasetTeacher:
                    backend="dataset", model="reference-answer",
                    params=(("answer", prompt.answer),)
                    + ((("solution", prompt.solution),) if prompt.solution
-                      else ()))
+                      else ()), images=prompt.images)
 
   def prepare(self):
     pass

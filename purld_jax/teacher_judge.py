@@ -103,13 +103,15 @@ class JudgeItem:
   """One judgement to ask for: a candidate to a question.
 
   `id` names it in the ledger (`<prompt id>/k<k>`); `answer` is the prompt's
-  reference answer (the simulated judge's only use of it).
+  reference answer (the simulated judge's only use of it); `images` are the
+  prompt's (`Prompt.images`), shown to the judge with the judge message.
   """
 
   id: str
   question: str
   response: str
   answer: str | None = None
+  images: tuple[bytes, ...] = dataclasses.field(default=(), repr=False)
 
 
 def judge_text(item: JudgeItem, template: str = JUDGE_TEMPLATE) -> str:
@@ -137,14 +139,14 @@ class JudgeTeacher:
 
   def _prompt(self, item: JudgeItem) -> prompts_lib.Prompt:
     return prompts_lib.Prompt.from_text(judge_text(item, self.template),
-                                        id=item.id)
+                                        id=item.id, images=item.images)
 
   def request(self, item: JudgeItem) -> teacher_lib.Request:
     if self.simulated:  # the reference answer is what decides: in the key
       return teacher_lib.Request(
           messages=(("user", judge_text(item, self.template)),),
           backend="dataset", model="simulated-judge:last-number",
-          params=(("answer", item.answer),))
+          params=(("answer", item.answer),), images=item.images)
     return self.teacher.request(self._prompt(item))
 
   def prepare(self) -> None:
@@ -193,7 +195,7 @@ def items(prompts: Sequence[prompts_lib.Prompt],
   """B x K JudgeItems of the prompts' candidates (texts already decoded)."""
   return [[JudgeItem(id=f"{p.id}/k{k}",
                      question=templates.prompt_text(p.as_dicts()),
-                     response=t, answer=p.answer)
+                     response=t, answer=p.answer, images=p.images)
            for k, t in enumerate(group)]
           for p, group in zip(prompts, texts)]
 

@@ -226,7 +226,8 @@ def pairwise_batch(tok, prompts, anchors, candidates, *,
 
 def pmi_batches(tok, prompts, anchors, candidates, *,
                 template: str = PMI_TEMPLATE, pad_multiple: int = 16,
-                keep_stop: bool = False) -> tuple[ScoringBatch, ScoringBatch]:
+                keep_stop: bool = False, encode_chat=None
+                ) -> tuple[ScoringBatch, ScoringBatch]:
   """Each candidate after two contexts, R = B * K rows each, same T.
 
   A candidate is cut at its first stop id, which is kept as its last target
@@ -236,13 +237,18 @@ def pmi_batches(tok, prompts, anchors, candidates, *,
   without: the prompt as is. The candidate's tokens are appended after the
   generation prompt unchanged (no re-tokenisation) and are the targets;
   left padding to a common T puts them at the same columns in both batches.
+  `encode_chat(b, messages)` encodes prompt b's contexts (default
+  `tok.encode_chat`; image prompts: `vision.PromptImages.encode_chat`, so
+  both contexts hold the prompt's images).
   """
+  encode_chat = encode_chat or (lambda b, msgs: tok.encode_chat(msgs))
   with_a, plain, n = [], [], []
-  for msgs, anchor, group in zip(prompts, anchors, candidates):
+  for b, (msgs, anchor, group) in enumerate(zip(prompts, anchors,
+                                                candidates)):
     last = [m for m in msgs if m["role"] == "user"][-1]["content"]
-    ctx_a = tok.encode_chat(_with_last_user(
+    ctx_a = encode_chat(b, _with_last_user(
         msgs, template.format(prompt=last, reference=anchor)))
-    ctx = tok.encode_chat(msgs)
+    ctx = encode_chat(b, msgs)
     for ids in group:
       y = (through_stop if keep_stop else cut_at_stop)(ids, tok.stop_ids)
       with_a.append(ctx_a + y)
@@ -256,20 +262,24 @@ def pmi_batches(tok, prompts, anchors, candidates, *,
 
 def recon_batch(tok, prompts, anchors, candidates, *,
                 template: str = RECON_TEMPLATE,
-                pad_multiple: int = 16) -> ScoringBatch:
+                pad_multiple: int = 16, encode_chat=None) -> ScoringBatch:
   """The candidate shown as a draft, the anchor as the answer to score.
 
   The last user turn becomes template(prompt, draft = decoded candidate);
   the targets are tok.encode(anchor) after the generation prompt (no
-  end-of-turn token). R = B * K rows.
+  end-of-turn token). R = B * K rows. `encode_chat(b, messages)` as in
+  `pmi_batches` (image prompts: the images stay in front of the rewritten
+  user turn).
   """
+  encode_chat = encode_chat or (lambda b, msgs: tok.encode_chat(msgs))
   rows, n = [], []
-  for msgs, anchor, group in zip(prompts, anchors, candidates):
+  for b, (msgs, anchor, group) in enumerate(zip(prompts, anchors,
+                                                candidates)):
     last = [m for m in msgs if m["role"] == "user"][-1]["content"]
     a = tok.encode(anchor)
     for ids in group:
       draft = tok.decode(cut_at_stop(ids, tok.stop_ids))
-      ctx = tok.encode_chat(_with_last_user(
+      ctx = encode_chat(b, _with_last_user(
           msgs, template.format(prompt=last, draft=draft)))
       rows.append(ctx + a)
       n.append(len(a))

@@ -305,12 +305,18 @@ class CallableJudge:
 
   def request(self, prompt):
     return teacher_lib.Request(messages=prompt.messages, backend="callable",
-                               model=self.model, params=())
+                               model=self.model, params=(),
+                               images=prompt.images)
 
   def prepare(self):
     pass
 
   def ask(self, prompt, on_attempt=None):
+    if prompt.images:  # fn takes text messages: it would judge blind
+      raise teacher_lib.TeacherError(
+          f"{prompt.id!r} has images; a callable judge takes text messages "
+          "only: judge with a teacher that takes images", kind=
+          "images_unsupported", fatal=True)
     t0 = time.monotonic()
     text = self.fn(prompt.as_dicts())
     attempt = teacher_lib.Attempt(1, "ok", latency_s=time.monotonic() - t0)
@@ -362,7 +368,10 @@ def judge_pairs(store: anchors_lib.AnchorStore,
   for p, m, r in zip(prompts, model, reference):
     for tag, a, b in (("model_first", m, r), ("reference_first", r, m)):
       msgs = judge_messages(p, a, b, template=template, system=system)
-      asks[(p.id, tag)] = prompts_lib.Prompt(id=f"{p.id}#{tag}", messages=msgs)
+      # The prompt's images go with the judge message (its last): the judge
+      # sees what the answers describe (a text-only judge teacher refuses).
+      asks[(p.id, tag)] = prompts_lib.Prompt(id=f"{p.id}#{tag}", messages=msgs,
+                                             images=p.images)
   todo = list(asks.values())
   missing = store.missing(todo)
   distinct = len({ledger_lib.ledger_key(store.teacher.request(q))

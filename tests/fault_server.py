@@ -20,6 +20,8 @@ from ``logprobs_for(answer, top_logprobs)`` (tests replace it to script a
 judge's verdict probabilities).
 
 Every request is recorded (``requests``: messages, Authorization header, fault).
+A message whose content is a list of parts (images) is answered and matched
+by its text parts (``text_of``); its image parts are kept in ``requests``.
 """
 
 from __future__ import annotations
@@ -48,8 +50,16 @@ def logprobs_for(text: str, top: int) -> list[dict]:
   return out
 
 
-def _words(s: str) -> int:
-  return len(s.split())
+def text_of(content) -> str:
+  """A message's text: the string, or its "text" parts joined by newlines."""
+  if isinstance(content, list):
+    return "\n".join(p.get("text", "") for p in content
+                     if isinstance(p, dict) and p.get("type") == "text")
+  return content if isinstance(content, str) else ""
+
+
+def _words(content) -> int:
+  return len(text_of(content).split())
 
 
 class FaultServer:
@@ -125,8 +135,9 @@ class FaultServer:
   def _next_fault(self, body):
     messages = body.get("messages") or [{}]
     with self._lock:
-      if messages[-1].get("content") in self._always:
-        return self._always[messages[-1]["content"]]
+      text = text_of(messages[-1].get("content"))
+      if text in self._always:
+        return self._always[text]
       return self._faults.popleft() if self._faults else "ok"
 
   def calls(self) -> int:
@@ -153,7 +164,7 @@ class FaultServer:
       h._json(200, None, raw=b'{"choices": [ this is not json')
       return
     messages = body.get("messages") or []
-    text = answer_for(messages[-1]["content"]) if messages else ""
+    text = answer_for(text_of(messages[-1]["content"])) if messages else ""
     finish = "stop"
     if kind == "empty_content":
       text = ""

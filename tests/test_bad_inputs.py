@@ -111,3 +111,17 @@ def test_what_looks_like_a_key_by_hand():
           "--config.teacher.max_tokens=8000"]
   # api_key's value goes; api_key_env holds a name, max_tokens a number.
   assert redact.hide("abcd XY12 8000", argv) == "<hidden> XY12 8000"
+
+
+def test_a_bad_image_is_one_short_error(tmp_path):
+  """A prompt whose image cannot be read stops the job before any model or
+  teacher work, with file:line and the images[i] entry."""
+  path = tmp_path / "pics.jsonl"
+  (tmp_path / "notes.txt").write_text("not a picture")
+  path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps(
+      {"prompt": "How many?", "images": ["notes.txt"]}) + "\n")
+  proc = _run(tmp_path, "bad image", [f"--config.data.train_path={path}"])
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+  assert len(lines) <= 6 and any(l.startswith("error:") for l in lines)
+  assert f"{path}:2: field 'images[0]': not an image PIL can open" in proc.stderr

@@ -148,7 +148,10 @@ def test_procedural_items_keep_answer_and_metadata():
 
 
 def test_registry():
-  assert tasks.names() == ["gsm8k", "math", "math500", "procedural", "writing"]
+  assert tasks.names() == ["gsm8k", "math", "math500", "procedural", "shapes",
+                          "shapes_describe", "writing"]
+  assert tasks.get("shapes").verifiable and tasks.get("shapes").num_dev == 200
+  assert not tasks.get("shapes_describe").verifiable
   assert tasks.get("gsm8k").verifiable and not tasks.get("writing").verifiable
   with pytest.raises(KeyError, match="known: gsm8k"):
     tasks.get("nope")

@@ -233,4 +233,9 @@ def test_memory_now_counts_the_live_arrays_by_hand():
   after = loop_lib.memory_now()
   assert after["live_arrays_mb"] - before["live_arrays_mb"] == 1.0
   assert after["peak_rss_mb"] >= after["live_arrays_mb"] > 0
-  del x
+  # a second Array on the same buffer (device_put onto its own sharding)
+  # is not a second MiB
+  y = jax.device_put(x, x.sharding)
+  assert y is not x
+  assert loop_lib.memory_now()["live_arrays_mb"] == after["live_arrays_mb"]
+  del x, y

@@ -20,7 +20,10 @@ from purld_jax.models import tokenizer as tokenizer_lib
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "generation_config.json",
-                    "chat_template.jinja", "vocab.json", "merges.txt")
+                    "chat_template.jinja", "vocab.json", "merges.txt",
+                    # a vision-language model's image processor
+                    "preprocessor_config.json", "processor_config.json",
+                    "chat_template.json")
 
 
 def load_model(path: str | os.PathLike, *, dtype=jnp.float32,
@@ -62,8 +65,14 @@ def save_pretrained(model: llama.Llama, tokenizer, path: str | os.PathLike,
     extra = {k: getattr(hf_tok, k) for k in
              ("bos_token_id", "eos_token_id", "pad_token_id")
              if getattr(hf_tok, k, None) is not None}
-  hf.save_params(model, path, dtype=dtype, extra_config=extra,
-                 max_shard_bytes=max_shard_bytes)
+  from purld_jax.models import idefics3  # pylint: disable=g-import-not-at-top
+  if isinstance(model, idefics3.Idefics3):
+    from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
+    idefics3_hf.save_model(model, path, dtype=dtype, extra_config=extra,
+                           max_shard_bytes=max_shard_bytes)
+  else:
+    hf.save_params(model, path, dtype=dtype, extra_config=extra,
+                   max_shard_bytes=max_shard_bytes)
   if tokenizer is None:
     return
   src = pathlib.Path(getattr(hf_tok, "name_or_path", "") or "")

@@ -110,17 +110,22 @@ def key_table(cfg: llama.LlamaConfig) -> list[Entry]:
 # Reading
 
 
-def read_config(path: str | os.PathLike, **dtypes) -> llama.LlamaConfig:
-  """LlamaConfig from `path/config.json` (errors name the file and field)."""
+def read_json(path: str | os.PathLike) -> tuple[dict, pathlib.Path]:
+  """(the parsed `path/config.json`, its path); errors name the file."""
   f = pathlib.Path(path) / "config.json"
   if not f.is_file():
     raise CheckpointError(f"{f}: not found (is {path} a Hugging Face model "
                           "directory?)")
   try:
-    hf = json.loads(f.read_text())
+    return json.loads(f.read_text()), f
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}"
                           ) from None
+
+
+def read_config(path: str | os.PathLike, **dtypes) -> llama.LlamaConfig:
+  """LlamaConfig from `path/config.json` (errors name the file and field)."""
+  hf, f = read_json(path)
   return llama.LlamaConfig.from_hf(hf, source=str(f), **dtypes)
 
 
@@ -141,12 +146,14 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
   return {k: single for k in _keys_of(single)}
 
 
-def check_files(path: str | os.PathLike) -> None:
+def check_files(path: str | os.PathLike, read=None) -> None:
   """Raises CheckpointError (naming the file) unless `path`'s config.json
   parses and every safetensors file's header reads and fits the file
   (a torn download is caught here, before a run builds anything); a
-  directory with no weights file at all passes (its config is checked)."""
-  read_config(path)
+  directory with no weights file at all passes (its config is checked).
+  `read(path)` parses the config (default `read_config`: a text model;
+  `idefics3_hf.read_config` for a vision-language one)."""
+  (read or read_config)(path)
   if not any((pathlib.Path(path) / n).is_file() for n in (SAFETENSORS, INDEX)):
     return  # a config-only directory (AOT planning): weights come later
   files = _tensor_files(pathlib.Path(path))
@@ -227,10 +234,18 @@ def load_params(path: str | os.PathLike, cfg: llama.LlamaConfig,
     CheckpointError naming the file and tensor that is missing or
     mis-shaped.
   """
-  path = pathlib.Path(path)
   cfg = lora.base_config(cfg)
+  return load_table(path, key_table(cfg), llama.abstract_model(cfg)[1],
+                    cfg.param_dtype, shardings=shardings)
+
+
+def load_table(path: str | os.PathLike, table: list[Entry], shapes: dict,
+               param_dtype, *, shardings=None) -> dict:
+  """Reads the tensors of `table` into a pure-dict tree shaped like
+  `shapes` (`jax.ShapeDtypeStruct` leaves), checking each tensor's shape;
+  errors name the file and tensor (see `load_params`)."""
+  path = pathlib.Path(path)
   files = _tensor_files(path)
-  table = key_table(cfg)
   missing = [e.hf_name for e in table if e.hf_name not in files]
   if missing:
     where = INDEX if (path / INDEX).is_file() else SAFETENSORS
@@ -238,7 +253,6 @@ def load_params(path: str | os.PathLike, cfg: llama.LlamaConfig,
         f"{path / where}: missing tensor {missing[0]!r}"
         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
   raw = _read_tensors(files, [e.hf_name for e in table])
-  _, shapes = llama.abstract_model(cfg)
   params = jax.tree.map(lambda x: None, shapes)
   for e in table:
     expected = _get_path(shapes, e.path)
@@ -249,7 +263,7 @@ def load_params(path: str | os.PathLike, cfg: llama.LlamaConfig,
           f"{files[e.hf_name]}: tensor {e.hf_name!r} has shape {tuple(got)}, "
           f"expected {tuple(want)} for this config.json")
     arr = e.to_nnx(raw.pop(e.hf_name))
-    _set_path(params, e.path, jnp.asarray(arr, dtype=cfg.param_dtype))
+    _set_path(params, e.path, jnp.asarray(arr, dtype=param_dtype))
   if shardings is not None:
     params = jax.device_put(params, shardings)
   return params
@@ -274,8 +288,14 @@ def to_hf_tensors(params: dict, cfg: llama.LlamaConfig, *, dtype=None
     cfg: its config.
     dtype: dtype of the arrays (default: as stored).
   """
+  return table_tensors(params, key_table(cfg), dtype=dtype)
+
+
+def table_tensors(params: dict, table: list[Entry], *, dtype=None
+                  ) -> dict[str, np.ndarray]:
+  """HF tensor name -> array in HF layout of every entry of `table`."""
   tensors = {}
-  for e in key_table(cfg):
+  for e in table:
     arr = np.asarray(jax.device_get(_get_path(params, e.path)))
     if dtype is not None:
       arr = arr.astype(dtype)
@@ -297,7 +317,6 @@ def save_params(model: llama.Llama, path: str | os.PathLike, *,
     max_shard_bytes: split into `model-0000i-of-0000n.safetensors` files
       plus an index when the total is larger.
   """
-  from safetensors.numpy import save_file
   params = lora.fold(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg)
   cfg = lora.base_config(model.cfg)
   path = pathlib.Path(path)
@@ -305,6 +324,15 @@ def save_params(model: llama.Llama, path: str | os.PathLike, *,
   tensors = to_hf_tensors(params, cfg, dtype=dtype)
   dtype_name = str(next(iter(tensors.values())).dtype)
   cfg_json = hf_config.to_hf(cfg, torch_dtype=dtype_name, extra=extra_config)
+  write_checkpoint(path, cfg_json, tensors, max_shard_bytes=max_shard_bytes)
+
+
+def write_checkpoint(path: pathlib.Path, cfg_json: dict,
+                     tensors: dict[str, np.ndarray], *,
+                     max_shard_bytes: int | None = None) -> None:
+  """Writes config.json and the tensors (sharded above `max_shard_bytes`,
+  with an index) into the existing directory `path`."""
+  from safetensors.numpy import save_file
   (path / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
   total = sum(a.nbytes for a in tensors.values())
   if max_shard_bytes is None or total <= max_shard_bytes:

@@ -15,6 +15,9 @@ Three entry points share one `_forward`:
   `model.extend(tokens, cache, ...)`         -> (logits, cache): writes T
     tokens into the cache at `cache.end`; prefill (empty cache, T = P) and
     decode (T = 1) are both this call.
+Each also takes `embeds=` [B, T, D] in place of the tokens' embedding rows
+(a vision-language model's merged text and image embeddings, idefics3.py);
+without it the tokens are looked up as always (`embed_tokens`).
 
 Every parameter carries logical axis names (`sharding_names` metadata):
 weights use vocab, table_embed (D of the embedding table and lm_head),
@@ -123,9 +126,13 @@ class Llama(nnx.Module):
     return sharding.constrain(x.swapaxes(0, 1).reshape(b, n * c, -1)[:, :t],
                               _ACT)
 
-  def _forward(self, tokens_BT, positions_BT, attention_mask_BT, cache):
+  def _forward(self, tokens_BT, positions_BT, attention_mask_BT, cache,
+               embeds_BTD=None):
     cfg = self.cfg
-    b, t = tokens_BT.shape
+    if embeds_BTD is None:
+      b, t = tokens_BT.shape
+    else:
+      b, t = embeds_BTD.shape[:2]
     if attention_mask_BT is None:
       attention_mask_BT = jnp.ones((b, t), bool)
     attention_mask_BT = attention_mask_BT.astype(bool)
@@ -133,7 +140,10 @@ class Llama(nnx.Module):
       if cache is not None:
         raise ValueError("a cached forward needs explicit positions")
       positions_BT = layers.default_positions(attention_mask_BT)
-    x = self.embed_tokens(tokens_BT)
+    if embeds_BTD is None:
+      x = self.embed_tokens(tokens_BT)
+    else:
+      x = sharding.constrain(embeds_BTD.astype(cfg.dtype), _ACT)
     inv_freq = layers.rope_inv_freq(cfg)
     if cache is None:
       causal = jnp.tril(jnp.ones((t, t), bool))
@@ -166,37 +176,44 @@ class Llama(nnx.Module):
 
   # -- entry points ----------------------------------------------------------
 
-  def hidden(self, tokens, *, positions=None, attention_mask=None):
+  def hidden(self, tokens=None, *, positions=None, attention_mask=None,
+             embeds=None):
     """Final-norm hidden states [B, T, D] (no vocab projection)."""
-    return self._forward(tokens, positions, attention_mask, None)[0]
+    return self._forward(tokens, positions, attention_mask, None, embeds)[0]
 
-  def __call__(self, tokens, *, positions=None, attention_mask=None):
+  def __call__(self, tokens=None, *, positions=None, attention_mask=None,
+               embeds=None):
     """Logits f32[B, T, V] of a plain (uncached) forward.
 
     Args:
-      tokens: i32[B, T].
+      tokens: i32[B, T]; ignored (may be None) when `embeds` is given.
       positions: i32[B, T]; default
         `layers.default_positions(attention_mask)`.
       attention_mask: bool[B, T], False on padding; default all True.
+      embeds: optional [B, T, D] input embeddings used instead of the
+        tokens' rows of the table (cast to the compute dtype).
     """
     return self.logits(self.hidden(tokens, positions=positions,
-                                   attention_mask=attention_mask))
+                                   attention_mask=attention_mask,
+                                   embeds=embeds))
 
   def extend(self, tokens, cache: structs.KVCache, *, positions,
-             attention_mask=None, return_hidden: bool = False):
+             attention_mask=None, return_hidden: bool = False, embeds=None):
     """Cached forward: writes T tokens into the cache at `cache.end`.
 
     Args:
-      tokens: i32[B, T].
+      tokens: i32[B, T]; ignored (may be None) when `embeds` is given.
       cache: the cache, with `cache.end + T <= S`.
       positions: i32[B, T] RoPE positions of these tokens.
       attention_mask: bool[B, T] which of these tokens are real.
       return_hidden: return final-norm hidden states instead of logits.
+      embeds: optional [B, T, D] input embeddings in place of the tokens'
+        (a prompt with images, idefics3.py).
 
     Returns:
       (f32[B, T, V] logits or [B, T, D] hidden, the updated cache).
     """
-    h, cache = self._forward(tokens, positions, attention_mask, cache)
+    h, cache = self._forward(tokens, positions, attention_mask, cache, embeds)
     return (h if return_hidden else self.logits(h)), cache
 
 

@@ -17,7 +17,7 @@ import numpy as np
 # End-of-turn markers of the supported families, used as stop tokens when
 # the vocabulary has them.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>",
-                "<|endoftext|>", "</s>")
+                "<|endoftext|>", "</s>", "<end_of_utterance>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,11 +28,15 @@ class Tokenizer:
     hf: the transformers tokenizer.
     stop_ids: ids that end a response (EOS and end-of-turn).
     pad_id: id used for padding (never attended to).
+    content_parts: the chat template reads each message's content as a list
+      of {"type": "text" | "image", ...} parts (SmolVLM, Idefics3): string
+      contents are passed as one text part, lists as they are.
   """
 
   hf: object
   stop_ids: tuple[int, ...]
   pad_id: int
+  content_parts: bool = False
 
   @property
   def vocab_size(self) -> int:
@@ -44,6 +48,9 @@ class Tokenizer:
     if not getattr(self.hf, "chat_template", None):
       raise ValueError(f"{self.hf.name_or_path}: tokenizer has no chat_template "
                        "(tokenizer_config.json field 'chat_template')")
+    if self.content_parts:
+      messages = [dict(m, content=[{"type": "text", "text": m["content"]}])
+                  if isinstance(m["content"], str) else m for m in messages]
     return self.hf.apply_chat_template(
         list(messages), tokenize=False,
         add_generation_prompt=add_generation_prompt)
@@ -73,8 +80,10 @@ def _generation_eos(path: pathlib.Path) -> list[int]:
   return list(eos) if isinstance(eos, list) else [eos]
 
 
-def load(path: str | os.PathLike) -> Tokenizer:
-  """Loads the tokenizer of a Hugging Face model directory, offline."""
+def load(path: str | os.PathLike, *, content_parts: bool = False
+         ) -> Tokenizer:
+  """Loads the tokenizer of a Hugging Face model directory, offline
+  (`content_parts`: see `Tokenizer`)."""
   import transformers  # heavy import kept at the edge
   path = pathlib.Path(path)
   if not (path / "tokenizer.json").is_file() and not (
@@ -91,7 +100,8 @@ def load(path: str | os.PathLike) -> Tokenizer:
   stops += [vocab[t] for t in _END_OF_TURN if t in vocab]
   stop_ids = tuple(dict.fromkeys(int(s) for s in stops))
   pad = hf.pad_token_id if hf.pad_token_id is not None else stop_ids[0]
-  return Tokenizer(hf=hf, stop_ids=stop_ids, pad_id=int(pad))
+  return Tokenizer(hf=hf, stop_ids=stop_ids, pad_id=int(pad),
+                   content_parts=content_parts)
 
 
 def bucket_length(n: int, buckets: Sequence[int] | None) -> int:

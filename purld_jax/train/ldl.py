@@ -50,14 +50,17 @@ def build_batch(group, config) -> dict:
   return dict(prompt_tokens=group.prompt_tokens,
               prompt_mask=group.prompt_mask, members=group.members[:, :m],
               token_mask=group.member_mask[:, :m],
-              label_dist=np.asarray(d, np.float32), member_mask=member_mask)
+              label_dist=np.asarray(d, np.float32), member_mask=member_mask,
+              **group.images())
 
 
 def _seq_logps(model, batch, vocab_chunk):
   return scoring.response_logps(model, batch["prompt_tokens"],
                                 batch["prompt_mask"], batch["members"],
                                 batch["token_mask"],
-                                vocab_chunk=vocab_chunk).sum(-1)
+                                vocab_chunk=vocab_chunk,
+                                pixel_values=batch.get("pixel_values"),
+                                pixel_mask=batch.get("pixel_mask")).sum(-1)
 
 
 def train_step(state: state_lib.TrainState, ref_params, batch: dict,

@@ -40,13 +40,32 @@ from purld_jax import sharded
 from purld_jax.train import state as state_lib
 
 
+def live_bytes() -> int:
+  """Bytes of the device buffers behind this process's live JAX arrays, each
+  buffer once: `jax.device_put` onto an array's own sharding returns a new
+  Array on the same buffer, so summing `nbytes` over `jax.live_arrays()`
+  counted stage 2's reference twice (5 copies of every weight where the
+  policy, mu, nu and the reference hold 4)."""
+  seen, total = set(), 0
+  for x in jax.live_arrays():
+    for shard in x.addressable_shards:
+      d = shard.data
+      try:
+        key = (d.device, d.unsafe_buffer_pointer())
+      except Exception:  # a backend without raw pointers: count it
+        key = id(d)
+      if key not in seen:
+        seen.add(key)
+        total += d.nbytes
+  return total
+
+
 def memory_now() -> dict[str, float]:
   """This process's peak RSS so far and the bytes of its live JAX arrays
   (params, optimizer state, reference, caches: what the state holds; the
   rest of RSS is XLA's temporaries, compiled code and the runtime), MB."""
   peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
-  live = sum(x.nbytes for x in jax.live_arrays())
-  return dict(peak_rss_mb=peak_kb / 1024, live_arrays_mb=live / 2**20)
+  return dict(peak_rss_mb=peak_kb / 1024, live_arrays_mb=live_bytes() / 2**20)
 
 
 class Loop:

@@ -42,7 +42,6 @@ from purld_jax import sharded
 from purld_jax import shared_anchors
 from purld_jax import teacher as teacher_lib
 from purld_jax import teacher_judge
-from purld_jax.models import hf
 from purld_jax.train import dpo
 from purld_jax.train import grpo
 from purld_jax.train import ldl
@@ -99,7 +98,7 @@ def _reference(config, workdir, student, ref_dir=None):
   """(graphdef, reference params): stage 1's output directory."""
   ref_dir = ref_dir or sft.run(config, workdir)
   graphdef, _ = student.abstract()
-  return graphdef, hf.load_params(ref_dir, student.cfg)
+  return graphdef, student.load_params(ref_dir)
 
 
 def cast_reference(ref_host, dtype_name: str = "float32"):
@@ -167,7 +166,8 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
       teacher_lib.TeacherConfig.from_mapping(config.teacher.to_dict()))
   steps = config.rl.steps
   source = data_lib.encode(prompts_lib.read_jsonl(config.data.train_path),
-                           tok, max_len=config.data.max_prompt_len)
+                           tok, max_len=config.data.max_prompt_len,
+                           processor=student.processor)
   store = shared_anchors.SharedAnchors(workdir, teacher)
   rollouts = (rollout_store.RolloutStore(os.path.join(
       workdir, config.rollout_store.dir)) if config.rollout_store.enabled
@@ -246,7 +246,8 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
             graphdef, policy, scorer, tok, prompts, anchors, key,
             k=k, sampling=sp, ranking_params=rp,
             max_anchor_len=config.sft.max_response_len, verifier=verifier,
-            sampler=sampler, scorers=scorers(scorer), judge=judge)
+            sampler=sampler, scorers=scorers(scorer), judge=judge,
+            processor=student.processor)
         correct = rollout_store.correctness(
             group.texts, [p.answer for p in prompts.prompts], verifier)
         host = _oracle_agreement(group, correct)  # over every drawn group

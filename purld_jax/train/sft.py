@@ -91,7 +91,9 @@ def make_batch(tok: tokenizer_lib.Tokenizer, batch: data_lib.PromptBatch,
 
   Returns:
     dict of numpy arrays: tokens i32[B, L], mask bool[B, L] (real tokens),
-    loss_mask bool[B, L] (response tokens: the NLL's targets).
+    loss_mask bool[B, L] (response tokens: the NLL's targets); with image
+    prompts also pixel_values / pixel_mask (`batch`'s) and image_at
+    bool[B, L] (the prompt's columns, where image tokens are merged).
   """
   rows, n_resp = [], []
   for p, ids, answer in zip(batch.prompts, batch.ids, answers):
@@ -105,7 +107,13 @@ def make_batch(tok: tokenizer_lib.Tokenizer, batch: data_lib.PromptBatch,
     if n:
       loss_mask[i, length - n:] = True
   loss_mask &= batch.valid[:, None]
-  return dict(tokens=tokens, mask=mask, loss_mask=loss_mask)
+  out = dict(tokens=tokens, mask=mask, loss_mask=loss_mask)
+  if getattr(batch, "pixel_values", None) is not None:
+    cols = np.arange(length)[None, :]
+    ends = length - np.asarray(n_resp)[:, None]
+    out.update(pixel_values=batch.pixel_values, pixel_mask=batch.pixel_mask,
+               image_at=mask & (cols < ends))
+  return out
 
 
 def row_buckets(prompt_buckets, max_response_len: int) -> tuple[int, ...]:
@@ -143,7 +151,10 @@ def train_step(state: state_lib.TrainState, batch: dict,
   def loss_fn(params, mb):
     logps = scoring.token_logps(state.model(params), mb["tokens"],
                                 mb["mask"], vocab_chunk=vocab_chunk,
-                                last=response_len)
+                                last=response_len,
+                                pixel_values=mb.get("pixel_values"),
+                                pixel_mask=mb.get("pixel_mask"),
+                                image_at=mb.get("image_at"))
     loss, metrics = losses.sft_nll(logps, mb["loss_mask"])
     return state_lib.inject_nan(loss, state.step, nan_at_step), metrics
 
@@ -246,7 +257,8 @@ def run(config, workdir: str) -> str:
                           tok, workdir, steps=0, teacher_label=teacher.label)
 
   source = data_lib.encode(prompts_lib.read_jsonl(config.data.train_path),
-                           tok, max_len=config.data.max_prompt_len)
+                           tok, max_len=config.data.max_prompt_len,
+                           processor=student.processor)
   # The global batch on every process (sharded.py: host data is whole).
   it = data_lib.train_iterator(source, batch_size=config.sft.batch_size,
                                seed=config.data.shuffle_seed,

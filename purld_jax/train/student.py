@@ -3,7 +3,10 @@
   model.path = "embedded"  SmolLM2-135M-Instruct, converted once (embedded.py)
   model.path = "tiny"      a random `llama.tiny_config()` model and the
                            character-level chat tokenizer below (CPU tests)
-  model.path = DIR         a Hugging Face directory (read only)
+  model.path = DIR         a Hugging Face directory (read only); one whose
+                           config.json model_type is idefics3 / smolvlm is a
+                           vision-language student (`Student.processor`:
+                           prompts with images, vision.py)
 
 `Student` knows the architecture and the tokenizer without reading weights,
 so a resumed run restores into `abstract()` and never loads them. Params are
@@ -29,6 +32,7 @@ import numpy as np
 
 from purld_jax.models import embedded
 from purld_jax.models import hf
+from purld_jax.models import idefics3
 from purld_jax.models import llama
 from purld_jax.models import lora
 from purld_jax.models import tokenizer as tokenizer_lib
@@ -53,11 +57,18 @@ def dtype(name: str):
   return _DTYPES[name]
 
 
-def write_char_tokenizer(path: str | os.PathLike) -> None:
-  """Saves a character-level ChatML tokenizer (100 ids) as an HF directory."""
+def write_char_tokenizer(path: str | os.PathLike, *,
+                         specials: tuple[str, ...] = CHAR_SPECIALS,
+                         eos: str = "<|im_end|>",
+                         chat_template: str = CHAT_TEMPLATE):
+  """Saves a character-level tokenizer as an HF directory; returns it.
+
+  The default is ChatML in 100 ids. Ids: `specials` (pad, unk, then the
+  added special tokens), then `CHAR_ALPHABET`; `eos` is one of them.
+  """
   import tokenizers  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  vocab = {t: i for i, t in enumerate(CHAR_SPECIALS + CHAR_ALPHABET)}
+  vocab = {t: i for i, t in enumerate(tuple(specials) + CHAR_ALPHABET)}
   core = tokenizers.Tokenizer(
       tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
   core.pre_tokenizer = tokenizers.pre_tokenizers.Split(
@@ -65,9 +76,10 @@ def write_char_tokenizer(path: str | os.PathLike) -> None:
   core.decoder = tokenizers.decoders.Fuse()
   hf = transformers.PreTrainedTokenizerFast(
       tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
-      eos_token="<|im_end|>", additional_special_tokens=list(CHAR_SPECIALS[2:]))
-  hf.chat_template = CHAT_TEMPLATE
+      eos_token=eos, additional_special_tokens=list(specials[2:]))
+  hf.chat_template = chat_template
   hf.save_pretrained(str(path))
+  return hf
 
 
 def char_tokenizer(path: str | os.PathLike) -> tokenizer_lib.Tokenizer:
@@ -87,29 +99,44 @@ class Student:
   """What a trainer needs to know about the model before touching weights.
 
   Attributes:
-    cfg: the architecture.
+    cfg: the architecture: a `llama.LlamaConfig`, or for a vision-language
+      student an `idefics3.Idefics3Config` (no LoRA).
     hf_dir: the Hugging Face directory the weights come from (None: random
       init of the tiny model from `init_seed`).
     init_seed: seed of the random init (`_random_params`).
     tokenizer: the tokenizer.
+    processor: a vision-language student's `Idefics3Processor` (images of
+      prompts -> tile tokens and pixels, vision.py); None for text.
   """
 
-  cfg: llama.LlamaConfig
+  cfg: llama.LlamaConfig | idefics3.Idefics3Config
   hf_dir: str | None
   init_seed: int
   tokenizer: tokenizer_lib.Tokenizer
+  processor: Any = dataclasses.field(default=None, compare=False)
+
+  @property
+  def is_vlm(self) -> bool:
+    return isinstance(self.cfg, idefics3.Idefics3Config)
 
   def abstract(self):
     """(graphdef, params as jax.ShapeDtypeStruct): no weights are read.
     With LoRA, the adapted model's (adapters and base)."""
+    if self.is_vlm:
+      from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
+      return idefics3_hf.abstract_model(self.cfg)
     return llama.abstract_model(self.cfg)
 
   def base_graphdef(self):
     """The graphdef of the model without adapters (`init_params`' tree)."""
+    if self.is_vlm:
+      return self.abstract()[0]
     return llama.abstract_model(lora.base_config(self.cfg))[0]
 
   def base(self) -> "Student":
     """This student without adapters (what an HF directory holds)."""
+    if self.is_vlm:
+      return self
     return dataclasses.replace(self, cfg=lora.base_config(self.cfg))
 
   def init_params(self) -> dict:
@@ -117,7 +144,15 @@ class Student:
     the random init."""
     if self.hf_dir is None:
       return _random_params(lora.base_config(self.cfg), self.init_seed)
-    return hf.load_params(self.hf_dir, self.cfg)
+    return self.load_params(self.hf_dir)
+
+  def load_params(self, path: str) -> dict:
+    """The base params of this architecture from the HF directory `path`
+    (the student's own, or a stage's output)."""
+    if self.is_vlm:
+      from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
+      return idefics3_hf.load_params(path, self.cfg)
+    return hf.load_params(path, self.cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,19 +231,42 @@ def resolve_path(path: str, cache_dir: str = "") -> str:
 def architecture(*, path: str, dtype_name: str, param_dtype_name: str,
                  cache_dir: str = "", remat: str = "none",
                  scan_layers: bool = False,
-                 lora_spec: lora.LoraSpec | None = None) -> llama.LlamaConfig:
+                 lora_spec: lora.LoraSpec | None = None):
   """The LlamaConfig of `model.*` alone: only `config.json` is read, so a
   directory holding nothing else (configs/arch/) is enough for abstract
-  shapes, AOT compiles and memory estimates."""
+  shapes, AOT compiles and memory estimates. A directory of model_type
+  idefics3 / smolvlm gives an `idefics3.Idefics3Config` (remat and
+  scan_layers apply to its decoder; LoRA is refused)."""
   dt, pdt = dtype(dtype_name), dtype(param_dtype_name)
   if path == TINY:
     return llama.tiny_config(vocab_size=128, dtype=dt, param_dtype=pdt,
                              remat=remat, scan_layers=scan_layers,
                              lora=lora_spec)
+  if is_vlm_dir(resolve_path(path, cache_dir)):
+    from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
+    if lora_spec is not None:
+      raise ValueError(f"{path}: model.lora is not supported for a "
+                       "vision-language student (train it whole)")
+    cfg = idefics3_hf.read_config(resolve_path(path, cache_dir), dtype=dt,
+                                  param_dtype=pdt)
+    return dataclasses.replace(cfg, text=cfg.text.replace(
+        remat=remat, scan_layers=scan_layers))
   return hf.read_config(resolve_path(path, cache_dir), dtype=dt,
                         param_dtype=pdt).replace(remat=remat,
                                                  scan_layers=scan_layers,
                                                  lora=lora_spec)
+
+
+def is_vlm_dir(path: str) -> bool:
+  """True when `path/config.json` names a vision-language model_type
+  (idefics3 / smolvlm)."""
+  if path in (TINY, EMBEDDED):
+    return False
+  try:
+    raw, _ = hf.read_json(path)
+  except Exception:  # pylint: disable=broad-except
+    return False  # the text loader names the problem
+  return raw.get("model_type") in idefics3.SUPPORTED
 
 
 def config_architecture(model_cfg) -> llama.LlamaConfig:
@@ -245,6 +303,11 @@ def make(*, path: str, dtype_name: str, param_dtype_name: str, init_seed: int,
   if hf_dir is None:
     tok = char_tokenizer(pathlib.Path(workdir) / "tiny_tokenizer")
     return Student(cfg=cfg, hf_dir=None, init_seed=init_seed, tokenizer=tok)
+  if isinstance(cfg, idefics3.Idefics3Config):
+    from purld_jax.models import idefics3_processing  # pylint: disable=g-import-not-at-top
+    return Student(cfg=cfg, hf_dir=hf_dir, init_seed=init_seed,
+                   tokenizer=tokenizer_lib.load(hf_dir, content_parts=True),
+                   processor=idefics3_processing.load_processor(hf_dir, cfg))
   return Student(cfg=cfg, hf_dir=hf_dir, init_seed=init_seed,
                  tokenizer=tokenizer_lib.load(hf_dir))
 

@@ -47,10 +47,21 @@ def make_checkpoint(variant: str, out_dir, seed: int = 0):
   model_cls, cfg_cls, extra = VARIANTS[variant]
   cfg = getattr(transformers, cfg_cls)(**BASE, **extra)
   torch.manual_seed(seed)
-  model = getattr(transformers, model_cls)(cfg).to(torch.float32).eval()
+  model = getattr(transformers, model_cls)(cfg)
+  return randomized_save(model, out_dir)
+
+
+def randomized_save(model, out_dir):
+  """Every weight of `model` drawn anew (norm scales near 1, biases and the
+  rest around 0), in f32, saved to out_dir as safetensors; returns it.
+
+  Norm scales and biases are randomised too, so a wrong mapping of any
+  tensor shows up in the logits.
+  """
+  model = model.to(torch.float32).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
+      if "norm" in name and name.endswith(".weight"):
         p.copy_(1.0 + 0.1 * torch.randn_like(p))
       elif name.endswith(".bias"):
         p.copy_(0.1 * torch.randn_like(p))
