@@ -125,13 +125,21 @@ def test_a_failing_part_leaves_the_others(monkeypatch, tmp_path, capsys):
   assert json.loads((tmp_path / "r.json").read_text()) == record
 
 
+def test_budget_counts_from_main_not_from_import(monkeypatch):
+  """A process that imported the module long ago still gets its budget."""
+  monkeypatch.delenv("OUT", raising=False)
+  monkeypatch.setitem(dc.PARTS, "parity", _fake([("x", 1.0)]))
+  monkeypatch.setattr(dc, "_T0", time.perf_counter() - 10_000.0)
+  record = dc.main(["--tiny", "--parts", "parity", "--budget", "60"])
+  assert [r["value"] for r in record["rows"]] == [1.0]
+
+
 def test_budget_skips_the_remaining_parts(monkeypatch):
   monkeypatch.delenv("OUT", raising=False)
   monkeypatch.setitem(dc.PARTS, "parity", _fake([("x", 1.0)], sleep=0.3))
   monkeypatch.setattr(dc, "part_sampler", _fake([("y", 2.0)]))
-  budget = time.perf_counter() - dc._T0 + 0.1
   record = dc.main(["--tiny", "--parts", "parity,sampler", "--budget",
-                    str(budget), "--sampler-shapes", "2x2,4x2"])
+                    "0.1", "--sampler-shapes", "2x2,4x2"])
   assert [(r["part"], r["value"]) for r in record["rows"]] == [
       ("train", 1.0), ("sampler 2x2", "skipped (budget)"),
       ("sampler 4x2", "skipped (budget)")]

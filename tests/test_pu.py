@@ -135,7 +135,8 @@ def _group(scores, anchor_score):
       valid=np.ones(b, bool), prompt_tokens=np.ones((b, 2), np.int32),
       prompt_mask=np.ones((b, 2), bool), members=members,
       member_mask=np.ones((b, k + 1, t), bool),
-      old_logps=np.zeros((b, k, t), np.float32))
+      old_logps=np.zeros((b, k, t), np.float32),
+      images=dict)  # text prompts: no pixel inputs (rollout.Group.images)
 
 
 def _config(recipe):
