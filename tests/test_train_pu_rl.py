@@ -185,29 +185,11 @@ def test_exact_resume_after_kill_9(recipe, tmp_path, jit_cache):  # noqa: F811
   """N steps, kill -9, resume to 2N: bit-identical to an uninterrupted 2N
   run, and no teacher request after the resume. GRPO draws twice its batch
   (rl.oversample): the selection replays too."""
-  from purld_jax import ledger as ledger_lib
-  from tests.test_train_sft import _assert_bit_identical
   over = 2 if recipe == "grpo" else 1
   cfg = _rl_config(recipe, **{"rl.oversample": over})
   full = str(tmp_path / "full")
   pu_rl.run(cfg, full)
-
   killed = str(tmp_path / "killed")
   cmd = train_fixtures.rl_command(cfg, killed, 2 * N, N,
                                   f"--config.rl.oversample={over}")
-  train_fixtures.kill_at_checkpoint(
-      cmd, os.path.join(killed, "ckpt", recipe, str(N)))
-  assert not os.path.exists(os.path.join(killed, "ckpt", recipe, str(2 * N)))
-  ledger = ledger_lib.Ledger(killed, create=False)
-  before = ledger.stats()
-  ledger.close()
-
-  pu_rl.run(cfg, killed)  # stage 1 is done; stage 2 resumes from step N
-
-  _assert_bit_identical(train_fixtures.restore_rl_arrays(cfg, killed, 2 * N),
-                        train_fixtures.restore_rl_arrays(cfg, full, 2 * N))
-  ledger = ledger_lib.Ledger(killed, create=False)
-  after = ledger.stats()
-  ledger.close()
-  assert after.requests == before.requests
-  assert after.asked_after_stored == 0
+  train_fixtures.resume_after_kill_matches(cfg, cmd, killed, full, N)

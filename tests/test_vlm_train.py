@@ -260,9 +260,6 @@ def test_vlm_exact_resume_after_kill_9(vlm_dir, train_path, tmp_path,
   step-2 checkpoint and resumed to step 4 ends bit-identical to an
   uninterrupted run, with no teacher request after the resume (the
   text-model test of test_train_pu_rl.py, on the tiny VLM)."""
-  import os as os_lib
-  from purld_jax import ledger as ledger_lib
-  from tests.test_train_sft import _assert_bit_identical
   n = 2
   cfg = train_fixtures.tiny_config(**{
       "recipe": "dpo", "rl.steps": 2 * n, "sft.steps": 1,
@@ -276,18 +273,4 @@ def test_vlm_exact_resume_after_kill_9(vlm_dir, train_path, tmp_path,
   cmd = train_fixtures.rl_command(
       cfg, killed, 2 * n, n, f"--config.model.path={vlm_dir}",
       "--config.ranking.scheme=anchor_recon")
-  train_fixtures.kill_at_checkpoint(
-      cmd, os_lib.path.join(killed, "ckpt", "dpo", str(n)))
-  assert not os_lib.path.exists(os_lib.path.join(killed, "ckpt", "dpo",
-                                                 str(2 * n)))
-  ledger = ledger_lib.Ledger(killed, create=False)
-  before = ledger.stats()
-  ledger.close()
-  pu_rl.run(cfg, killed)  # stage 1 is done; stage 2 resumes from step n
-  _assert_bit_identical(train_fixtures.restore_rl_arrays(cfg, killed, 2 * n),
-                        train_fixtures.restore_rl_arrays(cfg, full, 2 * n))
-  ledger = ledger_lib.Ledger(killed, create=False)
-  after = ledger.stats()
-  ledger.close()
-  assert after.requests == before.requests
-  assert after.asked_after_stored == 0
+  train_fixtures.resume_after_kill_matches(cfg, cmd, killed, full, n)

@@ -94,6 +94,30 @@ def kill_at_checkpoint(cmd, step_dir: str) -> str:
   return out
 
 
+def resume_after_kill_matches(cfg, cmd, killed: str, full: str, n: int):
+  """Runs `cmd` (stage 2 of `cfg` to 2n steps, a checkpoint every n) in
+  `killed`, SIGKILLs it at step n, resumes it in this process with
+  `pu_rl.run`, and asserts: its 2n-step state is bit-identical to the
+  uninterrupted run in `full`, and the resume asked the teacher nothing."""
+  from purld_jax import ledger as ledger_lib
+  from purld_jax.train import pu_rl
+  from tests.test_train_sft import _assert_bit_identical
+  ckpt = os.path.join(killed, "ckpt", cfg.recipe)
+  kill_at_checkpoint(cmd, os.path.join(ckpt, str(n)))
+  assert not os.path.exists(os.path.join(ckpt, str(2 * n)))
+  ledger = ledger_lib.Ledger(killed, create=False)
+  before = ledger.stats()
+  ledger.close()
+  pu_rl.run(cfg, killed)  # stage 1 is done; stage 2 resumes from step n
+  _assert_bit_identical(restore_rl_arrays(cfg, killed, 2 * n),
+                        restore_rl_arrays(cfg, full, 2 * n))
+  ledger = ledger_lib.Ledger(killed, create=False)
+  after = ledger.stats()
+  ledger.close()
+  assert after.requests == before.requests
+  assert after.asked_after_stored == 0
+
+
 def tiny_config(**overrides):
   """configs/sft.py:tiny on `small_train_path()` on a one-device mesh (the
   tests' process has 8 fake devices), with dotted overrides
