@@ -48,6 +48,12 @@ import numpy as np  # noqa: E402
 from experiments import common  # noqa: E402
 
 SPLITS = {"eval": "data/arith/eval.jsonl", "dev": "data/arith/dev.jsonl"}
+# configs/arith.py draws 3 x rl.batch_size prompts a step and trains on the
+# groups whose oracle rewards differ (rl.oversample = 3). A self-ranked
+# group (anchor over worst, the PU gate with its fallback) nearly always
+# carries a pair, so the rungs without a verifier draw only the groups they
+# train on: the same 8 trained groups a step, a third of the sampling.
+_ONE = {"rl.oversample": 1}
 # rung -> (label, the rung it is compared with, overrides of configs/arith.py)
 RUNGS: dict[str, tuple[str, str, dict]] = {
     "untrained": ("initial student", "", {}),
@@ -56,10 +62,10 @@ RUNGS: dict[str, tuple[str, str, dict]] = {
         "recipe": "grpo", "ranking.scheme": "oracle", "pu.mode": "shift",
         "pu.include_anchor": False, "loss.grpo.advantage": "std"}),
     "anchor_dpo": ("anchor-as-chosen DPO", "sft", {
-        "recipe": "dpo", "preference.pairs": "anchor_as_chosen"}),
-    "purld_dpo": ("PU-RLD DPO", "sft", {"recipe": "dpo"}),
-    "purld_grpo": ("PU-RLD GRPO", "sft", {"recipe": "grpo"}),
-    "purld_ldl": ("PU-RLD LDL", "sft", {"recipe": "ldl"}),
+        "recipe": "dpo", "preference.pairs": "anchor_as_chosen", **_ONE}),
+    "purld_dpo": ("PU-RLD DPO", "sft", {"recipe": "dpo", **_ONE}),
+    "purld_grpo": ("PU-RLD GRPO", "sft", {"recipe": "grpo", **_ONE}),
+    "purld_ldl": ("PU-RLD LDL", "sft", {"recipe": "ldl", **_ONE}),
 }
 SELF_RANKING = ("purld_dpo", "purld_grpo", "purld_ldl")
 # rung -> (rule text, passes(lo, hi))
