@@ -15,6 +15,14 @@ the scores with correctness, and `diagnostics.shorter_preferred` (the share
 of unequal-length candidate pairs whose shorter member scores higher).
 Needs prompts with answers (oracle correctness is stored only then).
 
+--deltas=q (or a list) gives pu.delta's calibration instead (`gate_table`,
+docs/METHOD.md step 4): per scheme and delta, how the PU gate's DPO pairs
+agree with the oracle (net right-over-wrong pairs per group), beside the
+anchor-as-chosen baseline's pairs; the largest net is marked best:
+
+  python experiments/rerank.py --workdir=W --schemes=anchor_recon,pmi \
+      --deltas=q --steps=1,2,3,4,5,6,7,8 --out=W/delta.csv
+
 --length_debias adds a row SCHEME+length_debias per scheme: its scores
 after `ranking.length_debias` (the linear length trend inside groups
 removed, one slope per stored step), computed from the stored scores, with
@@ -47,8 +55,10 @@ import numpy as np  # noqa: E402
 
 from purld_jax import diagnostics  # noqa: E402
 from purld_jax import evaluate  # noqa: E402
+from purld_jax import pu  # noqa: E402
 from purld_jax import ranking  # noqa: E402
 from purld_jax import rollout_store  # noqa: E402
+from purld_jax.train import dpo  # noqa: E402
 
 
 def rerank(store: rollout_store.RolloutStore, model, tok,
@@ -156,6 +166,105 @@ def _gated(r: rollout_store.Rollout, *, scheme: str, gate: str
                              r.anchor_scores[scheme], r.valid)
 
 
+def gate_vs_oracle(scores: np.ndarray, anchor_score: np.ndarray,
+                   correct: np.ndarray, anchor_correct: np.ndarray,
+                   valid: np.ndarray, *, delta: float | None, prior: float,
+                   anchor_fallback: bool = True) -> dict[str, float]:
+  """How the DPO pairs of the PU gate (docs/METHOD.md step 4; best in P
+  over the worst outside P, P empty: anchor over worst) agree with the
+  oracle, per valid group. delta None: the anchor-as-chosen baseline's
+  pairs (anchor over worst, every group) instead.
+
+  Args:
+    scores: f[G, K]; anchor_score: f[G] (s_a, the same scheme).
+    correct: f/bool[G, K] the oracle; anchor_correct: f/bool[G] the anchor's.
+    valid: bool[G] real groups.
+
+  Returns: pairs (a pair per group), fallback (anchor-over-worst pairs per
+  group), right_over_wrong / wrong_over_right (pairs per group whose chosen
+  is right and rejected wrong, or the reverse; same-correctness pairs are
+  neither), net (their difference: the oracle's verdict on what training
+  pulls toward, per group), pair_accuracy (right_over_wrong of the pairs
+  with a verdict), p_nonempty (share of groups with a likely positive) and
+  p_precision (share of likely positives that are right).
+  """
+  valid = np.asarray(valid, bool)
+  k = scores.shape[-1]
+  if delta is None:
+    pairs = dpo.make_pairs(scores, anchor_score, rule="anchor_as_chosen",
+                           margin=0.0, valid=valid)
+    pos = np.zeros(scores.shape, bool)
+  else:
+    pairs = dpo.make_pairs(scores, anchor_score, rule="best_vs_worst",
+                           margin=0.0, mode="gate", delta=delta, prior=prior,
+                           anchor_fallback=anchor_fallback, valid=valid)
+    pos = np.asarray(pu.gate_positives(scores, anchor_score, delta=delta,
+                                       prior=prior)) & valid[:, None]
+  right = np.concatenate([np.asarray(correct) > 0.5,
+                          np.asarray(anchor_correct)[:, None] > 0.5], -1)
+  chosen, rejected = (np.asarray(x)[:, 0] for x in pairs[:2])
+  mask = np.asarray(pairs.mask)[:, 0] & valid
+  rows = np.arange(len(right))
+  ch, rj = right[rows, chosen], right[rows, rejected]
+  n = max(int(valid.sum()), 1)
+  good, bad = int((mask & ch & ~rj).sum()), int((mask & ~ch & rj).sum())
+  return dict(
+      pairs=mask.sum() / n, fallback=(mask & (chosen == k)).sum() / n,
+      right_over_wrong=good / n, wrong_over_right=bad / n,
+      net=(good - bad) / n,
+      pair_accuracy=good / (good + bad) if good + bad else np.nan,
+      p_nonempty=pos.any(-1)[valid].mean() if valid.any() else np.nan,
+      p_precision=right[:, :k][pos].mean() if pos.any() else np.nan)
+
+
+def gate_table(store: rollout_store.RolloutStore, schemes: Sequence[str],
+               deltas: Sequence[float] | None, *, prior: float = 0.5,
+               quantiles: int = 10, steps: Sequence[int] | None = None,
+               make_verifier=evaluate.batch_verifier) -> list[dict]:
+  """pu.delta's calibration (docs/METHOD.md step 4) on a stored pool: one
+  row per scheme and delta (`gate_vs_oracle` over every stored group with
+  oracle correctness and the scheme's anchor score), then the
+  anchor-as-chosen baseline (delta "anchor"). deltas None: 0 and the
+  `quantiles`-quantiles of the gaps s_a - s_k (the scheme's own scale).
+  The row of the largest `net` is marked best=1."""
+  rollouts = [r for r in store.iter(steps) if r.correct is not None]
+  if not rollouts:
+    raise ValueError(f"{store.path}: no step has oracle correctness")
+  anchor_right = {r.step: np.array(
+      [make_verifier(r.answers)(b, a) for b, a in enumerate(r.anchors)])
+      for r in rollouts}
+  rows = []
+  for scheme in schemes:
+    have = [r for r in rollouts if scheme in r.anchor_scores]
+    if not have:
+      raise ValueError(f"{store.path}: no step holds the anchor score of "
+                       f"{scheme!r} (rerank it first)")
+    cat = lambda f: np.concatenate([f(r) for r in have])  # noqa: E731
+    s, s_a = cat(lambda r: r.scores[scheme]), cat(
+        lambda r: r.anchor_scores[scheme])
+    valid = cat(lambda r: r.valid)
+    args = (s, s_a, cat(lambda r: r.correct),
+            cat(lambda r: anchor_right[r.step]), valid)
+    grid = deltas
+    if grid is None:
+      gap = (s_a[:, None] - s)[valid]
+      grid = sorted({0.0, *np.round(np.quantile(
+          np.maximum(gap, 0), np.linspace(0, 1, quantiles + 1)), 4)})
+    part = [dict(scheme=scheme, delta=float(d), groups=int(valid.sum()),
+                 **gate_vs_oracle(*args, delta=float(d), prior=prior))
+            for d in grid]
+    best = max(part, key=lambda r: r["net"])
+    for r in part:
+      r["best"] = int(r is best)
+    rows += part + [dict(scheme=scheme, delta="anchor",
+                         groups=int(valid.sum()), best=0,
+                         **gate_vs_oracle(*args, delta=None, prior=prior))]
+  return rows
+
+
+GATE_FIELDS = ("scheme", "delta", "groups", "pairs", "fallback",
+               "right_over_wrong", "wrong_over_right", "net",
+               "pair_accuracy", "p_nonempty", "p_precision", "best")
 DEBIASED = "{}+length_debias"
 GATED = "{}+gate_{}"
 FIELDS = ("scheme", "k", "seed", "steps", "prompts", "sample_accuracy",
@@ -172,23 +281,32 @@ def main(argv):
   store = rollout_store.RolloutStore.open(
       os.path.join(f.workdir, "rollouts"))
   names = [f.prefix + s for s in f.schemes]
+  steps = [int(s) for s in f.steps] or None
   if f.schemes:
     model, tok = models.load_pretrained(
         f.model or os.path.join(f.workdir, "reference"), dtype=jnp.float32)
-    done = rerank(store, model, tok, f.schemes, prefix=f.prefix,
+    done = rerank(store, model, tok, f.schemes, prefix=f.prefix, steps=steps,
                   pmi_stop=f.pmi_stop, pair_opponents=f.pair_opponents)
     print(f"scored {len(done)} (step, scheme) pairs", file=sys.stderr)
-  rows = agreement_table(store, names + list(f.stored),
-                         ks=[int(k) for k in f.ks],
-                         seeds=[int(s) for s in f.seeds],
-                         length_debias=f.length_debias, gate=f.gate)
-  print(" ".join(f"{c:>15}" for c in FIELDS))
+  if f.deltas:
+    fields = GATE_FIELDS
+    rows = gate_table(store, names + list(f.stored),
+                      None if f.deltas == ["q"] else
+                      [float(d) for d in f.deltas], prior=f.prior,
+                      steps=steps)
+  else:
+    fields = FIELDS
+    rows = agreement_table(store, names + list(f.stored),
+                           ks=[int(k) for k in f.ks],
+                           seeds=[int(s) for s in f.seeds], steps=steps,
+                           length_debias=f.length_debias, gate=f.gate)
+  print(" ".join(f"{c:>15}" for c in fields))
   for r in rows:
     print(" ".join(f"{r[c]:>15.4f}" if isinstance(r[c], float)
-                   else f"{r[c]!s:>15}" for c in FIELDS))
+                   else f"{r[c]!s:>15}" for c in fields))
   if f.out:
     with open(f.out, "w", newline="", encoding="utf-8") as fh:
-      w = csv.DictWriter(fh, FIELDS)
+      w = csv.DictWriter(fh, fields)
       w.writeheader()
       w.writerows(rows)
 
@@ -215,6 +333,11 @@ if __name__ == "__main__":
                     "this gate (rows SCHEME+gate_GATE; no model needed)")
   flags.DEFINE_list("stored", "", "also tabulate these stored score names "
                     "(e.g. the run's own: judge)")
+  flags.DEFINE_list("deltas", "", "instead of the agreement table, "
+                    "pu.delta's calibration (gate_table): these deltas, or "
+                    "q for 0 and the deciles of s_a - s_k")
+  flags.DEFINE_float("prior", 0.5, "pu.prior of the gate (--deltas)")
+  flags.DEFINE_list("steps", "", "only these stored steps (default all)")
   flags.DEFINE_list("ks", "2,4", "group sizes sub-sampled")
   flags.DEFINE_list("seeds", "0,1,2", "sub-sampling seeds")
   flags.DEFINE_string("out", None, "write the rows as CSV here")

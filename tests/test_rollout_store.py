@@ -385,3 +385,66 @@ def test_pu_rl_writes_the_store_and_a_resume_rewrites(tmp_path, jit_cache):  # n
   new2 = store.read(2)  # exact resume: the same candidates again
   np.testing.assert_array_equal(new2.members, old2.members)
   assert new2.texts == old2.texts
+
+
+def test_gate_vs_oracle_counts_the_gated_pairs_by_hand():
+  # K = 4, pu.prior 0.5: at most 2 likely positives a group.
+  # g0: s_a 2.5, only candidate 0 within delta 0 -> pair 0 over the worst
+  #     outside P (3): right over wrong.
+  # g1: every candidate far below s_a 5 -> P empty -> anchor (4, right)
+  #     over the worst (0, wrong): right over wrong, a fallback.
+  # g2: s_a 0, P = top 2 of {0, 1, 2} -> 0 over 3: wrong over right.
+  # g3: filler (valid False): counted nowhere.
+  s = np.array([[3, 2, 1, 0], [0, 1, 2, 3], [5, 1, 0, -1], [9, 9, 9, 9]],
+               np.float32)
+  s_a = np.array([2.5, 5.0, 0.0, 0.0], np.float32)
+  correct = np.array([[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 1], [1, 1, 1, 1]])
+  anchor_ok = np.array([1, 1, 0, 1])
+  valid = np.array([True, True, True, False])
+  r = rerank_lib.gate_vs_oracle(s, s_a, correct, anchor_ok, valid, delta=0.0,
+                                prior=0.5)
+  assert r["pairs"] == 1.0 and r["fallback"] == pytest.approx(1 / 3)
+  assert r["right_over_wrong"] == pytest.approx(2 / 3)
+  assert r["wrong_over_right"] == pytest.approx(1 / 3)
+  assert r["net"] == pytest.approx(1 / 3)
+  assert r["pair_accuracy"] == pytest.approx(2 / 3)
+  assert r["p_nonempty"] == pytest.approx(2 / 3)
+  assert r["p_precision"] == pytest.approx(1 / 3)  # g0's 0; g2's 0 and 1
+  # delta 2.5 lets g1's candidate 3 (right) in: 3 over 0, no fallback left.
+  r = rerank_lib.gate_vs_oracle(s, s_a, correct, anchor_ok, valid, delta=2.5,
+                                prior=0.5)
+  assert r["fallback"] == 0.0 and r["right_over_wrong"] == pytest.approx(2 / 3)
+  # The anchor-as-chosen baseline: the anchor over the worst everywhere; g2's
+  # anchor is wrong and its worst (3) right.
+  r = rerank_lib.gate_vs_oracle(s, s_a, correct, anchor_ok, valid, delta=None,
+                                prior=0.5)
+  assert r["fallback"] == 1.0 and r["net"] == pytest.approx(1 / 3)
+  assert r["p_nonempty"] == 0.0 and np.isnan(r["p_precision"])
+
+
+def test_gate_table_sweeps_delta_and_marks_the_best(tmp_path):
+  # One group: candidates 0 and 2 right. s_a 4 sits above every candidate,
+  # so delta 0 leaves P empty (anchor over the worst, 1: right over wrong,
+  # net 1); delta >= 1 lets candidate 0 (3) in: 0 over 3, also right over
+  # wrong. Either way net 1; the first (smallest) delta is marked best.
+  store = rollout_store.RolloutStore(tmp_path)
+  g = _group(b=2, k=4)
+  _write(store, 1, g, correct=np.array([[1, 0, 1, 0], [0, 1, 0, 0]],
+                                       np.float32))
+  store.add_scores(1, "pmi", np.array([[3, 0, 2, 1], [1, 2, 3, 4]],
+                                      np.float32),
+                   np.array([4.0, 0.0], np.float32), overwrite=True)
+  always_right = lambda answers: lambda b, text: 1.0  # noqa: E731
+  rows = rerank_lib.gate_table(store, ["pmi"], [0.0, 1.0, 0.5],
+                               make_verifier=always_right)
+  assert [r["delta"] for r in rows] == [0.0, 1.0, 0.5, "anchor"]
+  assert [r["best"] for r in rows] == [1, 0, 0, 0]
+  assert rows[0]["fallback"] == 1.0 and rows[1]["fallback"] == 0.0
+  assert all(r["net"] == 1.0 and r["groups"] == 1 for r in rows)
+  # deltas None: 0 and the deciles of the gaps s_a - s_k (1, 2, 3, 4).
+  auto = rerank_lib.gate_table(store, ["pmi"], None, quantiles=2,
+                               make_verifier=always_right)
+  assert [r["delta"] for r in auto] == [0.0, 1.0, 2.5, 4.0, "anchor"]
+  store.add_scores(1, "similarity", np.zeros((2, 4), np.float32))
+  with pytest.raises(ValueError, match="anchor score of 'similarity'"):
+    rerank_lib.gate_table(store, ["similarity"], [0.0])
