@@ -38,12 +38,6 @@ from purld_jax import vision
 from purld_jax.models import tokenizer as tokenizer_lib
 
 
-# The self-ranking schemes that work on image prompts (ranking.py): pmi and
-# anchor_recon (their rows keep the prompt's images) and those that read no
-# model rows.
-IMAGE_SCHEMES = ranking.IMAGE_SCHEMES
-
-
 @dataclasses.dataclass(frozen=True)
 class RankingParams:
   """`config.ranking` as plain values (see `ranking.score_group`)."""
@@ -212,11 +206,11 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
                               pad_id=tok.pad_id)
   pixels = getattr(batch, "pixel_values", None)
   images = () if pixels is None else (pixels, batch.pixel_mask)
-  if images and ranking_params.scheme not in IMAGE_SCHEMES:
+  if images and ranking_params.scheme not in ranking.IMAGE_SCHEMES:
     raise ValueError(
         f"ranking.scheme {ranking_params.scheme!r} does not show the "
         "prompt's images to the scorer; with image prompts use one of "
-        f"{', '.join(IMAGE_SCHEMES)}")
+        f"{', '.join(ranking.IMAGE_SCHEMES)}")
   prompt_images = None
   if images and ranking_params.scheme in ("pmi", "anchor_recon"):
     if processor is None:

@@ -23,7 +23,9 @@ attend to that prefix exactly as to a text prompt's. A text model (a
 
 from __future__ import annotations
 
+import hashlib
 import io
+import weakref
 from typing import Sequence
 
 import jax
@@ -113,15 +115,9 @@ class PromptImages:
   def __init__(self, processor, prompts, pixel_values, pixel_mask):
     self.image_token_id = int(processor.image_token_id)
     self.pixel_values, self.pixel_mask = pixel_values, pixel_mask
-    marker = processor.image_token
-    self.expansions = []
-    for p in prompts:
-      ids = []
-      for img in (pil_images(p) if getattr(p, "images", ()) else ()):
-        out = processor(text=[marker], images=[[img]],
-                        add_special_tokens=False, return_tensors="np")
-        ids.append([int(i) for i in np.asarray(out["input_ids"])[0]])
-      self.expansions.append(ids)
+    self.expansions = [[list(image_expansion(processor, p, i))
+                        for i in range(len(getattr(p, "images", ())))]
+                       for p in prompts]
 
   def image_tokens(self, b: int) -> int:
     """How many `<image>` tokens prompt b's images are written as."""
@@ -147,6 +143,24 @@ class PromptImages:
       raise ValueError(f"the chat template wrote {i} image markers for "
                        f"{len(exp)} images")
     return out
+
+
+# processor -> {sha256 of an image's bytes: its expansion}
+_EXPANSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def image_expansion(processor, prompt, i: int) -> tuple[int, ...]:
+  """The token ids `processor` writes for image i of `prompt` (its tile
+  tags and `<image>` tokens), remembered per processor and image bytes: a
+  training run expands each distinct image once, not once a step."""
+  memo = _EXPANSIONS.setdefault(processor, {})
+  key = hashlib.sha256(prompt.images[i]).digest()
+  if key not in memo:
+    img = pil_images(prompt)[i]
+    out = processor(text=[processor.image_token], images=[[img]],
+                    add_special_tokens=False, return_tensors="np")
+    memo[key] = tuple(int(t) for t in np.asarray(out["input_ids"])[0])
+  return memo[key]
 
 
 def pil_images(prompt) -> list:

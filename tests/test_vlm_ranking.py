@@ -122,3 +122,31 @@ def test_judge_schemes_are_refused_on_image_prompts(scheme, scorer):
   with pytest.raises(ValueError, match=f"'{scheme}' is not implemented for "
                      "image prompts"):
     _scores(s, model, _prompts(), scheme)
+
+
+def test_prompt_images_expand_each_distinct_image_once(scorer):
+  # The expansions of a batch's images are what the processor writes for
+  # each image alone, and a second batch of the same images (the next step)
+  # runs the processor on none of them.
+  s, _ = scorer
+  calls = []
+
+  class Counting:
+    image_token_id, image_token = (s.processor.image_token_id,
+                                   s.processor.image_token)
+
+    def __call__(self, **kw):
+      calls.append(kw)
+      return s.processor(**kw)
+
+  proc, prompts = Counting(), _prompts(seed=40)
+  pv, pm = vision.pixels_of(s.processor.image_processor, prompts)
+  first = vision.PromptImages(proc, prompts, pv, pm)
+  assert len(calls) == 3  # one call per image
+  for p, got in zip(prompts, first.expansions):
+    for img, ids in zip(vision.pil_images(p), got):
+      out = s.processor(text=[s.processor.image_token], images=[[img]],
+                        add_special_tokens=False, return_tensors="np")
+      assert ids == [int(t) for t in np.asarray(out["input_ids"])[0]]
+  again = vision.PromptImages(proc, prompts[::-1], pv[::-1], pm[::-1])
+  assert len(calls) == 3 and again.expansions == first.expansions[::-1]
