@@ -154,6 +154,9 @@ def pu() -> ml_collections.ConfigDict:
   #   (anchor_fallback) or nothing, never a candidate-vs-candidate pair.
   # shift: scores minus s_a, nothing else (an ablation: a shift changes no
   #   argmax, pair or softmax).
+  # nnpu (recipe dpo): the non-negative PU risk of the implicit reward,
+  #   anchors positive, candidates unlabeled, prior the class prior; no
+  #   ranking used (an ablation; docs/METHOD.md step 4).
   c.mode = "gate"
   c.delta = 0.0               # gate: how far below s_a still counts as positive
   c.prior = 0.5               # gate (and pairs "pu"): largest share of K in P

@@ -251,6 +251,10 @@ def validate(config) -> None:
   _positive(errors, config, "loss.grpo.std_floor")
   if not 0.0 <= config.pu.prior <= 1.0:
     errors.append(f"pu.prior={config.pu.prior!r}: must be in [0, 1]")
+  if config.pu.mode == "nnpu" and config.get("recipe") in ("grpo", "ldl"):
+    errors.append(f"pu.mode='nnpu' with recipe={config.recipe!r}: nnpu is a "
+                  "loss on the implicit reward of recipe 'dpo' (use gate "
+                  "or shift)")
   _choice(errors, config, "preference.kind", ("pairwise", "listwise"))
   _choice(errors, config, "preference.pairs",
           ("best_vs_worst", "margin", "anchor_as_chosen", "pu"))

@@ -137,6 +137,48 @@ def dpo_weight(pair_mask: jax.Array, reduce: str = "pairs") -> jax.Array:
   return jnp.sum(m)
 
 
+def nnpu(pol_pos: jax.Array, ref_pos: jax.Array, pos_mask: jax.Array,
+         pol_unl: jax.Array, ref_unl: jax.Array, unl_mask: jax.Array, *,
+         beta: float, prior: float):
+  """The non-negative PU risk (Kiryo et al., 2017) of the implicit reward
+  r = beta (log pi - log pi_ref) of whole sequences, with the logistic loss
+  l(z, y) = softplus(-y z) (`pu.mode = "nnpu"`, docs/METHOD.md step 4):
+
+    R+ = mean_P l(r, +1),  R- = mean_U l(r, -1) - prior mean_P l(r, -1),
+    risk = prior R+ + max(0, R-).
+
+  The labelled positives P are the anchors, the unlabeled U the candidates,
+  `prior` the positive share of U. Where R- < 0 (the unlabeled pushed
+  further below than a positive share of them can be) the loss to descend
+  is -R- alone (the non-negative correction, gamma = 1, beta = 0), so the
+  candidates are pulled back up instead of further down.
+
+  Args:
+    pol_pos, ref_pos: f32[N] summed log-probs of the positives under the
+      policy and the reference; pos_mask bool[N].
+    pol_unl, ref_unl: f32[M] the same of the unlabeled; unl_mask bool[M].
+    beta: inverse temperature of the implicit reward.
+    prior: in (0, 1).
+
+  Returns:
+    the loss to descend f32[] and metrics: `loss` (the risk), `risk_pos`
+    (prior R+), `risk_neg` (R-, before the max), `corrected` (1 where R- < 0),
+    `reward_chosen` / `reward_rejected` (mean r of P / of U).
+  """
+  mp, mu = _f32(pos_mask), _f32(unl_mask)
+  r_p = beta * (pol_pos - ref_pos)
+  r_u = beta * (pol_unl - ref_unl)
+  pos_plus = masked_mean(jax.nn.softplus(-r_p), mp)
+  pos_minus = masked_mean(jax.nn.softplus(r_p), mp)
+  neg = masked_mean(jax.nn.softplus(r_u), mu) - prior * pos_minus
+  risk = prior * pos_plus + jnp.maximum(neg, 0.0)
+  loss = jnp.where(neg < 0, -neg, risk)
+  metrics = dict(loss=risk, risk_pos=prior * pos_plus, risk_neg=neg,
+                 corrected=_f32(neg < 0), reward_chosen=masked_mean(r_p, mp),
+                 reward_rejected=masked_mean(r_u, mu))
+  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
 # ----------------------------------------------------------------------------
 # GRPO on groups
 

@@ -12,6 +12,9 @@ unlabeled. `pu.mode`:
     nothing: never a preference between two unlabeled candidates.
   shift: scores minus s_a and nothing else (an ablation: a shift changes no
     argmax, pair or softmax).
+  nnpu (recipe dpo only): no ranking at all; the non-negative PU risk of
+    the implicit reward, anchors positive, candidates unlabeled
+    (`losses.nnpu`, train/dpo.py), pu.prior the class prior (an ablation).
 
 Pure jittable functions of scores f32[B, K] and s_a f32[B]; masks as in
 preferences.py (member K is the anchor).
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 
 from purld_jax import preferences
 
-MODES = ("gate", "shift")
+MODES = ("gate", "shift", "nnpu")
 PAIR_RULES = ("best_vs_worst", "margin", "pu", "anchor_as_chosen")
 Pairs = preferences.Pairs
 

@@ -141,6 +141,40 @@ def test_dpo_step_raises_chosen_over_rejected(tiny):
   _assert_update_is(params, new.params, jax.tree.map(lambda g: LR * g, grad))
 
 
+def test_nnpu_step_raises_the_anchor_over_the_candidates(tiny):
+  """Catches the anchors and the candidates swapped in pu.mode "nnpu" (the
+  positive and unlabeled sides of losses.nnpu): the anchor's log-prob
+  would fall relative to the candidates'.
+
+  Member 2 is each prompt's anchor, members 0 and 1 its candidates (the
+  pairs make_pairs gives under nnpu). With reference = policy every
+  implicit reward r is 0, so R- = log 2 - prior log 2 > 0 (no correction)
+  and d risk / d r is -prior / B for each of the B anchors (prior/2 from
+  R+, prior/2 from R-'s positive part) and +1 / (2 N_u) for each of the N_u
+  candidates: one SGD step moves the params by lr beta (prior / B
+  grad log pi(anchor) - 1 / (2 N_u) sum grad log pi(candidate)).
+  """
+  graphdef, params, logps, weighted_grad = tiny
+  beta, prior = 0.5, 0.3
+  batch = dict(_members(seed=2), chosen=np.full((B, 2), 2, np.int32),
+               rejected=np.tile(np.arange(2, dtype=np.int32), (B, 1)),
+               pair_mask=np.ones((B, 2), bool))
+  step = jax.jit(functools.partial(
+      dpo.train_step, beta=beta, loss_type="sigmoid", label_smoothing=0.0,
+      reduce="pairs", schedule=_SCHEDULE, pu_mode="nnpu", prior=prior))
+  new, metrics = step(_state(graphdef, params), params, batch)
+  assert float(metrics["corrected"]) == 0.0
+  before, after = _seq(logps, params, batch), _seq(logps, new.params, batch)
+  gap = lambda s: s[:, 2] - s[:, :2].mean(-1)
+  rise = gap(after) - gap(before)
+  assert np.all(rise > TOL), f"log pi(anchor) - log pi(candidates): {rise}"
+  w = np.zeros((B, M), np.float32)
+  w[:, 2] = beta * prior / B
+  w[:, :2] = -beta / (2 * 2 * B)
+  grad = weighted_grad(params, batch, w)
+  _assert_update_is(params, new.params, jax.tree.map(lambda g: LR * g, grad))
+
+
 # ----------------------------------------------------------------------------
 # GRPO
 

@@ -119,6 +119,55 @@ def test_dpo_is_log2_when_policy_is_reference(chosen, rejected, beta, ls):
   assert_allclose(m["margin"], 0.0, atol=1e-6)
 
 
+def _softplus(x):
+  return math.log1p(math.exp(x))
+
+
+def test_nnpu_hand():
+  # beta 1, prior 0.25; positives r = 1, -1 (and a masked 9); unlabeled
+  # r = 0, 2 (and a masked -9).
+  #   R+ = mean softplus(-r_p) = (sp(-1) + sp(1)) / 2, and the same for
+  #   mean_P softplus(r_p); R- = (sp(0) + sp(2)) / 2 - 0.25 R+ > 0.
+  pp, mp = jnp.array([1.0, -1.0, 9.0]), jnp.array([True, True, False])
+  pu_, mu = jnp.array([0.0, 2.0, -9.0]), jnp.array([True, True, False])
+  zero = jnp.zeros(3)
+  loss, m = losses.nnpu(pp, zero, mp, pu_, zero, mu, beta=1.0, prior=0.25)
+  r_plus = (_softplus(-1) + _softplus(1)) / 2
+  neg = (_softplus(0) + _softplus(2)) / 2 - 0.25 * r_plus
+  assert_allclose(loss, 0.25 * r_plus + neg, rtol=1e-6)
+  assert_allclose(m["risk_neg"], neg, rtol=1e-6)
+  assert float(m["corrected"]) == 0.0
+  assert_allclose(m["reward_chosen"], 0.0, atol=1e-7)
+  assert_allclose(m["reward_rejected"], 1.0, rtol=1e-6)
+
+
+def test_nnpu_gradient_signs_and_the_non_negative_correction():
+  ref = jnp.zeros(2)
+  mask = jnp.ones(2, bool)
+  grad = jax.jit(jax.grad(lambda p, u: losses.nnpu(
+      p, ref, mask, u, ref, mask, beta=1.0, prior=0.5)[0], argnums=(0, 1)))
+  # At r = 0: the anchors' log-probs are pushed up, the candidates' down:
+  # d/dr_p = -prior sig(0) / 2 - prior sig(0) / 2 = -0.25 each,
+  # d/dr_u = sig(0) / 2 = 0.25 each.
+  g_p, g_u = grad(jnp.zeros(2), jnp.zeros(2))
+  assert_allclose(g_p, [-0.25, -0.25], rtol=1e-6)
+  assert_allclose(g_u, [0.25, 0.25], rtol=1e-6)
+  # Candidates already far below (r_u = -6) while the anchors sit at 0:
+  # R- = sp(-6) - 0.5 log 2 < 0, so the loss is -R-: the candidates are
+  # pulled back up (d/dr_u = -sig(-6) / 2 < 0) and the anchors get only
+  # R-'s share (d/dr_p = +prior sig(0) / 2 = 0.125), no R+ term.
+  low = jnp.full(2, -6.0)
+  loss, m = losses.nnpu(jnp.zeros(2), ref, mask, low, ref, mask, beta=1.0,
+                        prior=0.5)
+  assert float(m["corrected"]) == 1.0
+  assert_allclose(loss, 0.5 * math.log(2) - _softplus(-6), rtol=1e-5)
+  assert_allclose(m["loss"], 0.5 * math.log(2), rtol=1e-5)  # the risk itself
+  g_p, g_u = grad(jnp.zeros(2), low)
+  sig6 = 1 / (1 + math.exp(6))
+  assert_allclose(g_u, [-sig6 / 2] * 2, rtol=1e-5)
+  assert_allclose(g_p, [0.125, 0.125], rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------
 # GRPO
 

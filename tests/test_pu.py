@@ -56,6 +56,27 @@ def test_moving_the_anchor_score_changes_the_dpo_pair():
   assert _set(dpo.make_pairs(s, np.array([1.0]), **kw)) == {(1, 0)}
 
 
+def test_nnpu_pairs_are_the_anchor_against_every_candidate():
+  # nnpu reads no score: anchor (K = 3) against candidates 0, 1, 2 whatever
+  # the scores, s_a or rule; a filler group (valid False) gives nothing.
+  s = np.array([[0.1, 0.9, 0.5], [3.0, 2.0, 1.0]])
+  for s_a in (0.0, 9.0):
+    p = dpo.make_pairs(s, np.array([s_a, s_a]), rule="best_vs_worst",
+                       margin=0.0, mode="nnpu", valid=np.array([True, False]))
+    assert _set(p) == {(3, 0), (3, 1), (3, 2)}
+    assert not np.asarray(p.mask[1]).any()
+
+
+def test_nnpu_is_refused_for_the_listwise_recipes():
+  from purld_jax import main  # pylint: disable=g-import-not-at-top
+  cfg = lambda recipe: train_fixtures.tiny_config(  # noqa: E731
+      recipe=recipe, **{"pu.mode": "nnpu"})
+  for recipe in ("grpo", "ldl"):
+    with pytest.raises(main.ConfigError, match="pu.mode='nnpu' with recipe"):
+      main.validate(cfg(recipe))
+  main.validate(cfg("dpo"))
+
+
 @pytest.mark.parametrize("rule", ["best_vs_worst", "pu", "margin"])
 def test_all_unlabeled_group_has_no_candidate_pair(rule):
   # s_a above every candidate: P is empty, so every present pair has the

@@ -121,13 +121,15 @@ def test_take_keeps_rows_together():
 # with ranking.gate on (the share of candidates it failed is logged); each
 # keeps its finished stages' checkpoints another way (ckpt.keep_finished).
 # grpo draws twice its batch (rl.oversample) and trains on the groups with
-# a signal first.
-@pytest.mark.parametrize("recipe,debias,gate,keep,over", [
-    ("dpo", False, "number", "none", 1), ("grpo", True, "none", "last", 2),
-    ("ldl", False, "none", "all", 1)])
-def test_recipe_runs_end_to_end(recipe, debias, gate, keep, over, tmp_path,
-                                capsys, jit_cache):  # noqa: F811
-  c = train_fixtures.tiny_config(**{"rl.oversample": over,
+# a signal first. dpo also runs with pu.mode nnpu (the PU risk, no pairs).
+@pytest.mark.parametrize("recipe,debias,gate,keep,over,mode", [
+    ("dpo", False, "number", "none", 1, "gate"),
+    ("grpo", True, "none", "last", 2, "gate"),
+    ("ldl", False, "none", "all", 1, "gate"),
+    ("dpo", False, "none", "none", 1, "nnpu")])
+def test_recipe_runs_end_to_end(recipe, debias, gate, keep, over, mode,
+                                tmp_path, capsys, jit_cache):  # noqa: F811
+  c = train_fixtures.tiny_config(**{"rl.oversample": over, "pu.mode": mode,
       "recipe": recipe, "rl.steps": 2, "sft.steps": 1,
       "log.tensorboard": False, "ranking.yes_word": "Y",
       "ranking.no_word": "N", "ckpt.async_save": False,
@@ -153,6 +155,7 @@ def test_recipe_runs_end_to_end(recipe, debias, gate, keep, over, tmp_path,
   for r in rl:
     assert np.isfinite(r["loss"]) and r["teacher_calls"] == 0.0
     assert {"sample_s", "score_s", "update_s", "score_std"} <= set(r)
+    assert ("risk_neg" in r) == (mode == "nnpu")
     assert ("length_slope" in r) == debias
     if debias:
       assert np.isfinite(r["length_slope"])

@@ -3,9 +3,13 @@
 Pairs come from the self-ranking scores (`preference.pairs`): best over
 worst, every pair above a margin, likely-positive over unlabeled (PU), or
 the SPIN-like baseline anchor over worst; under `pu.mode = "gate"` a chosen
-member is always a likely positive or the anchor (purld_jax/pu.py). The loss is DPO (sigmoid, IPO or
-hinge) on sequence log-probs of chosen and rejected members, the reference
-being the frozen SFT model. Only the members some pair uses are scored
+member is always a likely positive or the anchor (purld_jax/pu.py). The
+loss is DPO (sigmoid, IPO or hinge) on sequence log-probs of chosen and
+rejected members, the reference being the frozen SFT model. Under
+`pu.mode = "nnpu"` the scores are not used: the "pairs" are the anchor
+against each valid candidate, and the loss is the non-negative PU risk of
+the implicit reward (`losses.nnpu`), anchors positive, candidates
+unlabeled. Only the members some pair uses are scored
 (`compact`), each prompt run once for them (`scoring.response_logps`).
 """
 
@@ -33,13 +37,21 @@ def make_pairs(scores, anchor_score, *, rule: str, margin: float,
   `mode` is `pu.mode` (purld_jax/pu.py): "gate" trains only toward likely
   positives (chosen in P, rejected outside; P empty: anchor over worst or
   nothing); "shift" ranks s - s_a (the ablation; "pu" pairs then take the
-  top ceil(prior K) as positives). "anchor_as_chosen" is mode-free.
+  top ceil(prior K) as positives); "nnpu" gives the anchor against every
+  valid candidate (M = K), whatever `rule`. "anchor_as_chosen" is
+  mode-free.
   """
   scores, anchor_score = jnp.asarray(scores), jnp.asarray(anchor_score)
   if rule not in pu_lib.PAIR_RULES:
     raise ValueError(f"preference.pairs {rule!r} is not one of "
                      f"{', '.join(pu_lib.PAIR_RULES)}")
-  if rule == "anchor_as_chosen":
+  if mode == "nnpu":  # anchor (K) against every valid candidate
+    b, k = scores.shape
+    pairs = preferences.Pairs(jnp.full((b, k), k, jnp.int32),
+                              jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32),
+                                               (b, k)),
+                              jnp.ones((b, k), bool))
+  elif rule == "anchor_as_chosen":
     pairs = preferences.anchor_as_chosen(scores)
   elif mode == "gate":
     positive = pu_lib.gate_positives(scores, anchor_score, delta=delta,
@@ -82,7 +94,8 @@ def build_batch(group, config) -> dict:
   pairs = _group_pairs(group, config)
   # One member count for the whole run, so the step compiles once: the two
   # members of a best-vs-worst (or anchor-vs-worst) pair, else all of them.
-  two = pref.pairs in ("best_vs_worst", "anchor_as_chosen")
+  two = (pref.pairs in ("best_vs_worst", "anchor_as_chosen")
+         and config.pu.mode != "nnpu")
   return compact(dict(prompt_tokens=group.prompt_tokens,
                       prompt_mask=group.prompt_mask, members=group.members,
                       member_mask=group.member_mask,
@@ -157,12 +170,15 @@ def train_step(state: state_lib.TrainState, ref_params, batch: dict,
                nan_at_step=-1, *, beta: float, loss_type: str,
                label_smoothing: float, reduce: str, schedule,
                grad_accum: int = 1, micro_batches: int = 1,
-               vocab_chunk: int | None = None):
+               vocab_chunk: int | None = None, pu_mode: str = "gate",
+               prior: float = 0.5):
   """One DPO update on the pairs of `batch`. Pure; jit it.
 
   The reference's sequence log-probs are computed here under stop_gradient
   from `ref_params` (an argument, so it is not baked into the graph), per
-  micro-batch when `micro_batches` > 1 (`state.grad_step`).
+  micro-batch when `micro_batches` > 1 (`state.grad_step`). pu_mode "nnpu":
+  `losses.nnpu` on the pairs' chosen (the anchor, once a prompt) and
+  rejected (the candidates) instead of DPO, weighed per prompt.
   """
   def loss_fn(params, mb):
     pairs = preferences.Pairs(mb["chosen"], mb["rejected"], mb["pair_mask"])
@@ -171,6 +187,11 @@ def train_step(state: state_lib.TrainState, ref_params, batch: dict,
     ref_c, ref_r = preferences.gather_pairs(ref, pairs)
     pol = _seq_logps(state.model(params), mb, vocab_chunk)
     pol_c, pol_r = preferences.gather_pairs(pol, pairs)
+    if pu_mode == "nnpu":
+      loss, metrics = losses.nnpu(
+          pol_c[:, 0], ref_c[:, 0], jnp.any(pairs.mask, -1), pol_r, ref_r,
+          pairs.mask, beta=beta, prior=prior)
+      return state_lib.inject_nan(loss, state.step, nan_at_step), metrics
     loss, metrics = losses.dpo(pol_c, pol_r, ref_c, ref_r, beta=beta,
                                loss_type=loss_type,
                                label_smoothing=label_smoothing,
@@ -180,10 +201,12 @@ def train_step(state: state_lib.TrainState, ref_params, batch: dict,
   return state_lib.grad_step(
       state, loss_fn, batch, schedule=schedule, grad_accum=grad_accum,
       micro_batches=micro_batches,
-      weight_fn=lambda mb: losses.dpo_weight(mb["pair_mask"], reduce))
+      weight_fn=lambda mb: losses.dpo_weight(
+          mb["pair_mask"], "prompts" if pu_mode == "nnpu" else reduce))
 
 
 def step_kwargs(config) -> dict:
   d = config.loss.dpo
   return dict(beta=d.beta, loss_type=d.loss_type,
-              label_smoothing=d.label_smoothing, reduce=d.reduce)
+              label_smoothing=d.label_smoothing, reduce=d.reduce,
+              pu_mode=config.pu.mode, prior=config.pu.prior)
