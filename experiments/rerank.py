@@ -168,12 +168,14 @@ def _gated(r: rollout_store.Rollout, *, scheme: str, gate: str
 
 def gate_vs_oracle(scores: np.ndarray, anchor_score: np.ndarray,
                    correct: np.ndarray, anchor_correct: np.ndarray,
-                   valid: np.ndarray, *, delta: float | None, prior: float,
+                   valid: np.ndarray, *, delta: float | str | None,
+                   prior: float,
                    anchor_fallback: bool = True) -> dict[str, float]:
   """How the DPO pairs of the PU gate (docs/METHOD.md step 4; best in P
   over the worst outside P, P empty: anchor over worst) agree with the
   oracle, per valid group. delta None: the anchor-as-chosen baseline's
-  pairs (anchor over worst, every group) instead.
+  pairs (anchor over worst, every group) instead; delta "shift": pu.mode
+  shift's (best over worst of the scores, s_a unused).
 
   Args:
     scores: f[G, K]; anchor_score: f[G] (s_a, the same scheme).
@@ -193,6 +195,10 @@ def gate_vs_oracle(scores: np.ndarray, anchor_score: np.ndarray,
   if delta is None:
     pairs = dpo.make_pairs(scores, anchor_score, rule="anchor_as_chosen",
                            margin=0.0, valid=valid)
+    pos = np.zeros(scores.shape, bool)
+  elif delta == "shift":
+    pairs = dpo.make_pairs(scores, anchor_score, rule="best_vs_worst",
+                           margin=0.0, mode="shift", prior=0.0, valid=valid)
     pos = np.zeros(scores.shape, bool)
   else:
     pairs = dpo.make_pairs(scores, anchor_score, rule="best_vs_worst",
@@ -223,8 +229,8 @@ def gate_table(store: rollout_store.RolloutStore, schemes: Sequence[str],
                make_verifier=evaluate.batch_verifier) -> list[dict]:
   """pu.delta's calibration (docs/METHOD.md step 4) on a stored pool: one
   row per scheme and delta (`gate_vs_oracle` over every stored group with
-  oracle correctness and the scheme's anchor score), then the
-  anchor-as-chosen baseline (delta "anchor"). deltas None: 0 and the
+  oracle correctness and the scheme's anchor score), then pu.mode shift
+  (delta "shift") and the anchor-as-chosen baseline (delta "anchor"). deltas None: 0 and the
   `quantiles`-quantiles of the gaps s_a - s_k (the scheme's own scale).
   The row of the largest `net` is marked best=1."""
   rollouts = [r for r in store.iter(steps) if r.correct is not None]
@@ -256,9 +262,9 @@ def gate_table(store: rollout_store.RolloutStore, schemes: Sequence[str],
     best = max(part, key=lambda r: r["net"])
     for r in part:
       r["best"] = int(r is best)
-    rows += part + [dict(scheme=scheme, delta="anchor",
-                         groups=int(valid.sum()), best=0,
-                         **gate_vs_oracle(*args, delta=None, prior=prior))]
+    rows += part + [dict(scheme=scheme, delta=name, groups=int(valid.sum()),
+                         best=0, **gate_vs_oracle(*args, delta=d, prior=prior))
+                    for name, d in (("shift", "shift"), ("anchor", None))]
   return rows
 
 

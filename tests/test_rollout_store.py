@@ -420,6 +420,12 @@ def test_gate_vs_oracle_counts_the_gated_pairs_by_hand():
                                 prior=0.5)
   assert r["fallback"] == 1.0 and r["net"] == pytest.approx(1 / 3)
   assert r["p_nonempty"] == 0.0 and np.isnan(r["p_precision"])
+  # shift: best over worst of the scores alone: g0 0 over 3 (right over
+  # wrong), g1 3 over 0 (right over wrong), g2 0 over 3 (wrong over right).
+  r = rerank_lib.gate_vs_oracle(s, s_a, correct, anchor_ok, valid,
+                                delta="shift", prior=0.5)
+  assert r["fallback"] == 0.0 and r["net"] == pytest.approx(1 / 3)
+  assert r["right_over_wrong"] == pytest.approx(2 / 3)
 
 
 def test_gate_table_sweeps_delta_and_marks_the_best(tmp_path):
@@ -437,14 +443,14 @@ def test_gate_table_sweeps_delta_and_marks_the_best(tmp_path):
   always_right = lambda answers: lambda b, text: 1.0  # noqa: E731
   rows = rerank_lib.gate_table(store, ["pmi"], [0.0, 1.0, 0.5],
                                make_verifier=always_right)
-  assert [r["delta"] for r in rows] == [0.0, 1.0, 0.5, "anchor"]
-  assert [r["best"] for r in rows] == [1, 0, 0, 0]
+  assert [r["delta"] for r in rows] == [0.0, 1.0, 0.5, "shift", "anchor"]
+  assert [r["best"] for r in rows] == [1, 0, 0, 0, 0]
   assert rows[0]["fallback"] == 1.0 and rows[1]["fallback"] == 0.0
   assert all(r["net"] == 1.0 and r["groups"] == 1 for r in rows)
   # deltas None: 0 and the deciles of the gaps s_a - s_k (1, 2, 3, 4).
   auto = rerank_lib.gate_table(store, ["pmi"], None, quantiles=2,
                                make_verifier=always_right)
-  assert [r["delta"] for r in auto] == [0.0, 1.0, 2.5, 4.0, "anchor"]
+  assert [r["delta"] for r in auto] == [0.0, 1.0, 2.5, 4.0, "shift", "anchor"]
   store.add_scores(1, "similarity", np.zeros((2, 4), np.float32))
   with pytest.raises(ValueError, match="anchor score of 'similarity'"):
     rerank_lib.gate_table(store, ["similarity"], [0.0])
