@@ -116,8 +116,8 @@ def store_path(workdir: str, cfg: Mapping[str, Any]) -> str:
 
 
 def scoring_kwargs(cfg: Mapping[str, Any]) -> dict:
-  """`ranking.score_group` keyword arguments from a cell's config.json: its
-  ranking settings, so a re-scoring ranks as the cell did."""
+  """`self_scoring.score_group` keyword arguments from a cell's config.json:
+  its ranking settings, so a re-scoring ranks as the cell did."""
   r = cfg["ranking"]
   return dict(yes_word=r["yes_word"], no_word=r["no_word"],
               aggregation=r["aggregation"], bt_iters=r["bt_iters"],

@@ -58,6 +58,7 @@ from purld_jax import evaluate  # noqa: E402
 from purld_jax import pu  # noqa: E402
 from purld_jax import ranking  # noqa: E402
 from purld_jax import rollout_store  # noqa: E402
+from purld_jax import self_scoring  # noqa: E402
 from purld_jax.train import dpo  # noqa: E402
 
 
@@ -67,7 +68,7 @@ def rerank(store: rollout_store.RolloutStore, model, tok,
            make_verifier=evaluate.batch_verifier,
            **score_kwargs) -> list[tuple[int, str]]:
   """Scores each stored step's candidates with every scheme
-  (`ranking.score_group(model, tok, ...)`, anchor scored too) into
+  (`self_scoring.score_group(model, tok, ...)`, anchor scored too) into
   scores/<prefix><scheme>; pairs already present are skipped (resumable).
 
   `model` is one scorer for every step (e.g. the reference: the run's own
@@ -84,7 +85,7 @@ def rerank(store: rollout_store.RolloutStore, model, tok,
     r = store.read(step)
     for scheme in todo:
       verifier = make_verifier(r.answers) if scheme == "oracle" else None
-      s, s_a = ranking.score_group(
+      s, s_a = self_scoring.score_group(
           model, tok, r.messages, r.anchors, r.candidates(), scheme=scheme,
           score_anchor=True, verifier=verifier, **score_kwargs)
       store.add_scores(step, prefix + scheme, s, s_a, overwrite=True)

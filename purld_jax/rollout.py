@@ -34,13 +34,14 @@ from flax import nnx
 from purld_jax import ranking
 from purld_jax import templates
 from purld_jax import sampling as sampling_lib
+from purld_jax import self_scoring
 from purld_jax import vision
 from purld_jax.models import tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class RankingParams:
-  """`config.ranking` as plain values (see `ranking.score_group`)."""
+  """`config.ranking` as plain values (see `self_scoring.score_group`)."""
 
   scheme: str = "judge"
   template: str | None = None
@@ -171,7 +172,7 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
             ranking_params: RankingParams, max_anchor_len: int,
             verifier: Callable[[int, str], float] | None = None,
             sampler: Callable | None = None,
-            scorers: ranking.Scorers | None = None,
+            scorers: self_scoring.Scorers | None = None,
             judge: Callable | None = None, processor=None) -> Group:
   """Samples, then self-ranks, one batch of prompts (see module docstring).
 
@@ -191,8 +192,9 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
     sampler: sampler(params, prompt_tokens, prompt_mask, key, prompt_index)
       -> Candidates (host or device arrays); default `default_sampler` (then
       `k`, `sampling` and the pad id are its arguments).
-    scorers: the scorer's log-prob functions (`ranking.Scorers`, params
-      bound); default `ranking.model_scorers` of `scorer_params`.
+    scorers: the scorer's log-prob functions (`self_scoring.Scorers`,
+      params bound); default `self_scoring.model_scorers` of
+      `scorer_params`.
     judge: scheme "teacher_judge" only: judge(prompts, texts, valid) ->
       (scores [B, K], anchor_score [B]) on the host, texts the decoded
       candidates cut at their stop id (`teacher_judge.TeacherJudge`).
@@ -232,14 +234,14 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
                  for ids in g] for g in lists]
                if rp.scheme == "teacher_judge" or rp.gate != "none" else None)
   if scorers is None:
-    scorers = ranking.model_scorers(nnx.merge(graphdef, scorer_params),
-                                    vocab_chunk=rp.vocab_chunk)
+    scorers = self_scoring.model_scorers(
+        nnx.merge(graphdef, scorer_params), vocab_chunk=rp.vocab_chunk)
   if rp.scheme == "teacher_judge":
     if judge is None:
       raise ValueError("ranking.scheme 'teacher_judge' needs a judge")
     scores, s_a = judge(batch.prompts, cut_texts, np.asarray(batch.valid))
   else:
-    scores, s_a = ranking.score_group(
+    scores, s_a = self_scoring.score_group(
         None, tok, messages, list(anchors), lists, scheme=rp.scheme,
         template=rp.template or None, score_anchor=True,
         yes_word=rp.yes_word, no_word=rp.no_word, aggregation=rp.aggregation,

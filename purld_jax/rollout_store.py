@@ -116,7 +116,7 @@ class Rollout:
     return self.old_logps.shape[1]
 
   def candidates(self) -> list[list[list[int]]]:
-    """B lists of K token-id lists (`ranking.score_group`'s candidates)."""
+    """B lists of K token-id lists (`self_scoring.score_group`'s candidates)."""
     return [[self.members[b, j][self.member_mask[b, j]].tolist()
              for j in range(self.k)] for b in range(len(self.members))]
 

@@ -13,7 +13,7 @@ call, inside jax.grad).
 The functions take a model object and run inside the caller's jit (a train
 step merges (graphdef, params) and calls them); `jitted_token_logps` /
 `jitted_last_logps` are ready-jitted versions over (graphdef, state) for host
-loops such as `ranking.score_group`. Which params are passed decides the
+loops such as `self_scoring.score_group`. Which params are passed decides the
 scorer: the policy snapshot or the reference.
 """
 

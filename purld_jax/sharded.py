@@ -376,14 +376,15 @@ class WithImages:
 def jit_scorers(graphdef, param_sh, *, mesh: Mesh,
                 rules=sharding.DEFAULT_RULES, vocab_chunk: int | None = None
                 ) -> Callable:
-  """The four scorer functions of `ranking.Scorers` jitted under `mesh`.
+  """The four scorer functions of `self_scoring.Scorers` jitted under
+  `mesh`.
 
   Returns:
-    bind(params) -> ranking.Scorers whose functions take host arrays (rows
+    bind(params) -> self_scoring.Scorers whose functions take host arrays (rows
     split over data x fsdp) and return host numpy (`to_host`).
   """
-  from purld_jax import ranking  # pylint: disable=g-import-not-at-top
   from purld_jax import scoring  # pylint: disable=g-import-not-at-top
+  from purld_jax import self_scoring  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   merge = lambda p: nnx.merge(graphdef, p)
   fns = dict(
@@ -404,8 +405,8 @@ def jit_scorers(graphdef, param_sh, *, mesh: Mesh,
           merge(p), pt, pm, r, rm, vocab_chunk=vocab_chunk, pixel_values=pv,
           pixel_mask=pxm), param_sh, ("batch",) * 6, mesh=mesh, rules=rules))
 
-  def bind(params) -> ranking.Scorers:
-    return ranking.Scorers(**{
+  def bind(params) -> self_scoring.Scorers:
+    return self_scoring.Scorers(**{
         name: (lambda j: lambda *a: to_host(j(params, *a)))(j)
         for name, j in jitted.items()})
   return bind

@@ -6,7 +6,7 @@ reference against which PU-RLD's one anchor per prompt is measured).
   scores, anchor_score = judge(prompts, texts, valid)  # f32[B, K], f32[B]
 
 `ranking.scheme = "teacher_judge"` makes `rollout.collect` call this instead
-of the student's self-ranking (`ranking.score_group`).
+of the student's self-ranking (`self_scoring.score_group`).
 
 The judge prompt (JUDGE_TEMPLATE, or `ranking.template` when set; placeholders
 {prompt} and {response}) shows the question and one candidate, no anchor, and

@@ -1,13 +1,13 @@
 """The self-ranking's prompts: templates and the host-side rows they make.
 
-Layer (a) of the self-ranking (`ranking.py` runs the rows through the
-scorer model and turns log-probs into scores): numpy and Python over rows,
-off the hot path. Each builder turns (prompt messages, anchor text,
-candidate token ids) into a left-padded `ScoringBatch` of R rows, ordered
-b * K + k: tokens i32[R, T], attention_mask bool[R, T] and target_mask
-bool[R, T] (the scored suffix; T is the whole template row). Candidates are
-cut at their first stop id (the stop token itself dropped) before they are
-decoded into a template or appended as targets.
+The self-ranking's first layer (`self_scoring.py` runs the rows through the
+scorer model and `ranking.py` turns log-probs into scores): numpy and Python
+over rows, off the hot path. Each builder turns (prompt messages, anchor
+text, candidate token ids) into a left-padded `ScoringBatch` of R rows,
+ordered b * K + k: tokens i32[R, T], attention_mask bool[R, T] and
+target_mask bool[R, T] (the scored suffix; T is the whole template row).
+Candidates are cut at their first stop id (the stop token itself dropped)
+before they are decoded into a template or appended as targets.
 """
 
 from __future__ import annotations

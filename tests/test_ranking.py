@@ -1,5 +1,6 @@
-"""purld_jax/ranking.py: hand-computed score functions, template helpers, and
-every scheme end to end on a tiny random model (and on SmolLM2, `slow`)."""
+"""purld_jax/ranking.py and self_scoring.py: hand-computed score functions,
+template helpers, and every scheme end to end on a tiny random model through
+`self_scoring.score_group` (and on SmolLM2, `slow`)."""
 
 import functools
 import math
@@ -16,6 +17,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from purld_jax import preferences
 from purld_jax import ranking
 from purld_jax import scoring
+from purld_jax import self_scoring
 from purld_jax import templates
 from tests.core_fixtures import tiny_model, tiny_tok  # noqa: F401
 
@@ -265,7 +267,7 @@ def test_pairwise_judge_sparse_design_equals_the_full_rows_masked(
   sparse = templates.pairwise_batch(tok, PROMPTS, ANCHORS, groups,
                                     opponents=2)
   assert sparse.tokens.shape[0] == 2 * 4 * 2
-  lp = np.asarray(ranking.model_scorers(model).last_logps(
+  lp = np.asarray(self_scoring.model_scorers(model).last_logps(
       jnp.asarray(full.tokens), jnp.asarray(full.attention_mask)))
   yes = templates.answer_token_ids(tok, "Yes")
   no = templates.answer_token_ids(tok, "No")
@@ -296,9 +298,9 @@ def _score(model, tok, scheme, cands=None, **kw):
     return _CACHE[key]
   if scheme == "oracle":
     kw["verifier"] = lambda b, text: float(text == ANCHORS[b])
-  out = ranking.score_group(model, tok, PROMPTS, ANCHORS,
-                            _cands(tok) if cands is None else cands,
-                            scheme=scheme, rows_per_call=8, **kw)
+  out = self_scoring.score_group(model, tok, PROMPTS, ANCHORS,
+                                 _cands(tok) if cands is None else cands,
+                                 scheme=scheme, rows_per_call=8, **kw)
   if cands is None:
     _CACHE[key] = out
   return out
@@ -393,7 +395,7 @@ def test_share_prefixes_by_hand():
   # is a target.
   rows = [[5, 6, 7, 8], [5, 6, 9], [3, 4], [3, 4, 4, 1]]
   batch = templates.finish_rows(rows, [1, 1, 1, 1], 0, 1)
-  sh = ranking.share_prefixes(batch, 2, pad_id=0, pad_multiple=2)
+  sh = self_scoring.share_prefixes(batch, 2, pad_id=0, pad_multiple=2)
   # Group 0 shares [5, 6]; group 1 shares [3] only: [3, 4] must keep its
   # target 4 in its suffix.
   np.testing.assert_array_equal(sh.prefix, [[5, 6], [0, 3]])
@@ -403,7 +405,8 @@ def test_share_prefixes_by_hand():
   assert sh.suffix_mask.sum() == 2 + 1 + 1 + 3
   # A group whose rows differ at the first token cannot share: None.
   rows = templates.finish_rows([[1, 2], [3, 2]], [1, 1], 0, 1)
-  assert ranking.share_prefixes(rows, 2, pad_id=0, pad_multiple=1) is None
+  assert self_scoring.share_prefixes(rows, 2, pad_id=0,
+                                     pad_multiple=1) is None
 
 
 def test_shared_prefix_logps_equal_full_rows(tiny_model):
@@ -411,15 +414,15 @@ def test_shared_prefix_logps_equal_full_rows(tiny_model):
   batch = templates.finish_rows(rows, [2, 1, 1, 3], 0, 8)
   want = np.asarray(scoring.jitted_token_logps(
       tiny_model, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)))
-  scorers = ranking.model_scorers(tiny_model)
-  got = ranking._token_logps(scorers, batch, 2, rows_per_call=2, pad_id=0,
-                             pad_multiple=4)
+  scorers = self_scoring.model_scorers(tiny_model)
+  got = self_scoring._token_logps(scorers, batch, 2, rows_per_call=2,
+                                  pad_id=0, pad_multiple=4)
   np.testing.assert_allclose(got[batch.target_mask], want[batch.target_mask],
                              atol=1e-5)
   want_last = np.asarray(scoring.jitted_last_logps(
       tiny_model, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)))
-  got_last = ranking._answer_logps(scorers, batch, 2, rows_per_call=2,
-                                   pad_id=0, pad_multiple=4)
+  got_last = self_scoring._answer_logps(scorers, batch, 2, rows_per_call=2,
+                                        pad_id=0, pad_multiple=4)
   np.testing.assert_allclose(got_last, want_last, atol=1e-5)
 
 
@@ -459,8 +462,8 @@ def test_smollm2_documented_example():
   out = {}
   for scheme in ("judge", "pmi", "anchor_recon", "self_reward",
                  "pairwise_judge", "similarity"):
-    s, s_a = ranking.score_group(model, tok, prompts, anchors, cands,
-                                 scheme=scheme, rows_per_call=4)
+    s, s_a = self_scoring.score_group(model, tok, prompts, anchors, cands,
+                                      scheme=scheme, rows_per_call=4)
     assert np.isfinite(s).all() and np.isfinite(s_a).all()
     assert_allclose(s[0, 1], s_a[0], atol=1e-4)
     out[scheme] = s[0]

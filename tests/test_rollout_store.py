@@ -11,9 +11,9 @@ import pytest
 
 from purld_jax import diagnostics
 from purld_jax import prompts as prompts_lib
-from purld_jax import ranking
 from purld_jax import rollout
 from purld_jax import rollout_store
+from purld_jax import self_scoring
 from purld_jax.train import dpo
 from experiments import rerank as rerank_lib
 from tests import train_fixtures
@@ -330,7 +330,7 @@ def test_rerank_fills_missing_schemes_and_resumes(tmp_path, char_tok):  # noqa: 
   # oracle: the answers are "1" and "2" (_prompts): only candidate 0 of
   # prompt 0 is right ("x2" would be right for prompt 1, not 0).
   np.testing.assert_array_equal(r.scores["re_oracle"], [[1, 0], [0, 0]])
-  want, want_a = ranking.score_group(
+  want, want_a = self_scoring.score_group(
       None, tok, r.messages, anchors, r.candidates(), scheme="similarity")
   np.testing.assert_array_equal(r.scores["re_similarity"], want)
   np.testing.assert_array_equal(r.anchor_scores["re_similarity"], want_a)

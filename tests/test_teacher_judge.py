@@ -13,6 +13,7 @@ from purld_jax import evaluate
 from purld_jax import ledger as ledger_lib
 from purld_jax import prompts as prompts_lib
 from purld_jax import ranking
+from purld_jax import self_scoring
 from purld_jax import teacher as teacher_lib
 from purld_jax import teacher_judge
 from tests import train_fixtures
@@ -182,7 +183,8 @@ def test_filler_rows_are_not_judged(tmp_path):
 
 def test_self_ranking_refuses_the_teacher_scheme():
   with pytest.raises(ValueError, match="scored by the teacher"):
-    ranking.score_group(None, None, [], [], [[[1]]], scheme="teacher_judge")
+    self_scoring.score_group(None, None, [], [], [[[1]]],
+                             scheme="teacher_judge")
 
 
 def test_tiny_pu_rl_run_logs_judge_calls(tmp_path, jit_cache):  # noqa: F811

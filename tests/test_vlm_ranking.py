@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from purld_jax import prompts as prompts_lib
-from purld_jax import ranking
+from purld_jax import self_scoring
 from purld_jax import templates
 from purld_jax import vision
 from purld_jax.train import student as student_lib
@@ -48,7 +48,7 @@ def _scores(s, model, prompts, scheme):
   images = vision.PromptImages(s.processor, prompts, pv, pm)
   cands = [[tok.encode(t) for t in ("red", "blue!")],
            [tok.encode(t) for t in ("one", "")]]
-  return ranking.score_group(
+  return self_scoring.score_group(
       model, tok, [p.as_dicts() for p in prompts], ANCHORS, cands,
       scheme=scheme, images=images, rows_per_call=4, pad_multiple=8), cands
 
