@@ -17,7 +17,7 @@ same prompt ids, pixels and pixel masks (`data.encode` / `data.collate`).
   tests/test_vlm_sampling.py does: `Idefics3.image_features` and
   `Llama.extend` are wrapped with counters, so *vision rows* are the
   [B * I] tiles the tower is given (I: the batch's image slots, the tiles
-  rounded up to a power of two; padding slots are all-zero and go through
+  rounded up to 1, 2, 4 or a multiple of 4; padding slots are all-zero and go through
   the tower too, `models/idefics3.py`) and *prefill rows* the rows of the
   prompt pass. The decode steps never call either. Time: the best of
   `--repeats` calls of the compiled function (compile excluded, printed

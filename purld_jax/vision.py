@@ -10,7 +10,7 @@ last user message and are rendered before its text. Host side, the
 Idefics3 processor writes each image out as its tile tokens (S `<image>`
 tokens per tile, plus the row/column and global tags) and gives the tiles'
 pixels (`encode_prompt`); a batch stacks them into pixel_values
-[B, I, C, Y, X] and pixel_mask [B, I, Y, X], I rounded up to a power of two
+[B, I, C, Y, X] and pixel_mask [B, I, Y, X], I rounded up (`image_slots`)
 with all-zero slots (`stack_images`).
 
 Model side, the images are part of the prompt prefix: `prompt_embeds` runs
@@ -198,9 +198,13 @@ def encode_prompt(processor, tok, prompt):
 
 
 def image_slots(n: int) -> int:
-  """I for a batch whose prompts hold at most n tiles: the next power of
-  two (few distinct shapes, so few compiles)."""
-  return 1 << max(n - 1, 0).bit_length()
+  """I for a batch whose prompts hold at most n tiles: 1, 2 or 4, then the
+  next multiple of 4. Few distinct shapes (few compiles) and at most 3
+  all-zero tiles through the vision tower: SmolVLM's 4 x 4 + 1 = 17 tiles
+  take 20 slots, not the 32 of the next power of two."""
+  if n <= 4:
+    return 1 << max(n - 1, 0).bit_length()
+  return -(-n // 4) * 4
 
 
 def stack_images(pixels: Sequence, image_size: int):

@@ -211,3 +211,20 @@ def test_sharded_sampler_and_scorer_equal_single_device(student):
              b.pixel_mask)
   np.testing.assert_allclose(np.asarray(lp), np.asarray(want.logps),
                              atol=2e-5)
+
+
+def test_stack_images_pads_tiles_and_slots():
+  # Slots: 1, 2, 4, then multiples of 4 (17 SmolVLM tiles -> 20, not 32).
+  assert [vision.image_slots(n) for n in (1, 2, 3, 4, 5, 8, 9, 17)] == [
+      1, 2, 4, 4, 8, 8, 12, 20]
+  # Prompt 0: 5 tiles of 2 x 3 (ones); prompt 1: no image; prompt 2: 1 tile.
+  a = (np.ones((5, 3, 2, 3), np.float32), np.ones((5, 2, 3), bool))
+  c = (np.full((1, 3, 4, 4), 2.0, np.float32), np.ones((1, 4, 4), bool))
+  pv, pm = vision.stack_images([a, None, c], image_size=4)
+  assert pv.shape == (3, 8, 3, 4, 4) and pm.shape == (3, 8, 4, 4)
+  assert pm[0].sum() == 5 * 2 * 3 and pv[0].sum() == 5 * 3 * 2 * 3
+  assert not pm[1].any() and not pv[1].any()
+  assert pm[2, 0].all() and not pm[2, 1:].any() and pv[2].sum() == 2 * 48
+  assert vision.stack_images([None, None], image_size=4) == (None, None)
+  with pytest.raises(ValueError, match="larger than the vision tower"):
+    vision.stack_images([a], image_size=2)
