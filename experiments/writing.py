@@ -10,9 +10,10 @@ r"""Writing: PU-RLD on open-ended prompts, judged by pairwise win rate.
 The prompts are data/writing/ (64 train, 32 held-out, written for the
 project; no reference answers). A verifier cannot score them, so every
 model is compared with a reference answer by a judge through the teacher
-client (`purld_jax/winrate.py`: both orders, a disagreement is a tie; raw
-and length-controlled win rates, 95 % bootstrap CIs over prompts; every
-judgement cached in a ledger, never paid twice).
+client (`purld_jax/winrate.py`, its verdicts in `purld_jax/verdicts.py`:
+both orders, a disagreement is a tie; raw and length-controlled win rates,
+95 % bootstrap CIs over prompts; every judgement cached in a ledger, never
+paid twice).
 
 Cells (the cell runner of experiments/common.py; configs/demo.py with the
 WRITING overrides and the teacher endpoint): the shared stage-1 reference
@@ -313,7 +314,7 @@ def parse_args(argv):
                  f"is asked for its top {JUDGE_TOP_LOGPROBS} logprobs), "
                  "P(model better) averaged over both orders; for small "
                  "judges that answer the same letter in both orders "
-                 "(purld_jax/winrate.py)")
+                 "(purld_jax/verdicts.py)")
   a = p.parse_args(argv)
   a.seeds = [int(s) for s in a.seeds.split(",") if s]
   a.methods = [m for m in a.methods.split(",") if m]

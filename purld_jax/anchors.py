@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from purld_jax import ledger as ledger_lib
 from purld_jax import prompts as prompts_lib
 from purld_jax import teacher as teacher_lib
+from purld_jax import teacher_wire
 
 # Raised here and by the ledger (a ledger that cannot be used).
 AnchorError = ledger_lib.AnchorError
@@ -58,7 +59,7 @@ class Anchor:
   truncated: bool
   simulated: bool   # True: a reference answer (dataset backend), not a teacher
   teacher: str      # the teacher's label
-  logprobs: teacher_lib.Logprobs | None = None  # when the request asked for them
+  logprobs: teacher_wire.Logprobs | None = None  # when the request asked for them
 
   @property
   def problem(self) -> str | None:
@@ -187,14 +188,14 @@ class AnchorStore:
             self.teacher, missing, ask=self._ask_and_store):
           finished += 1
           reasked += key in again and result is not None
-          if isinstance(result, teacher_lib.TeacherError):
+          if isinstance(result, teacher_wire.TeacherError):
             failed.append((prompt.id, str(result)))
           elif result is not None:
             result, outcome = result
             stored += outcome in ("stored", "replaced")
           if on_done:
             on_done(prompt.id, result)
-      except teacher_lib.TeacherError as e:
+      except teacher_wire.TeacherError as e:
         e.report = self._report(prompts, todo, already, stored, failed,
                                 reasked, skipped=len(missing) - finished)
         raise
@@ -241,7 +242,7 @@ class AnchorStore:
       fatal = None
       try:
         report = self.fetch(todo)
-      except teacher_lib.TeacherError as e:
+      except teacher_wire.TeacherError as e:
         if getattr(e, "report", None) is None:  # not from the asking
           raise
         fatal, report = e, e.report
@@ -331,7 +332,7 @@ def _fetch(flags_, config) -> int:
                     disable=not flags_.progress, dynamic_ncols=True)
     try:
       report = store.fetch(prompts, on_done=lambda *_: bar.update())
-    except teacher_lib.TeacherError as e:
+    except teacher_wire.TeacherError as e:
       if getattr(e, "report", None) is None:
         raise
       fatal, report = e, e.report
@@ -380,7 +381,7 @@ def _main(argv):
       return 0
     return _fetch(flags_, flags_.config)
   except (AnchorError, teacher_lib.ConfigError,
-          teacher_lib.TeacherError, prompts_lib.PromptFileError) as e:
+          teacher_wire.TeacherError, prompts_lib.PromptFileError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 

@@ -75,6 +75,7 @@ from collections.abc import Sequence
 from purld_jax import images as images_lib
 from purld_jax import sqlite_check
 from purld_jax import teacher as teacher_lib
+from purld_jax import teacher_wire
 
 FILENAME = "anchors.sqlite"
 SCHEMA_VERSION = 2  # 2: anchors.logprobs (JSON or NULL)
@@ -205,7 +206,7 @@ class Stats:
   completion_tokens: int
 
 
-def _logprobs(stored: str | None) -> teacher_lib.Logprobs | None:
+def _logprobs(stored: str | None) -> teacher_wire.Logprobs | None:
   """The `logprobs` column back as tuples (JSON made them lists)."""
   if stored is None:
     return None
@@ -334,7 +335,7 @@ class Ledger:
             out.add(key)
     return out
 
-  def record_attempt(self, request_id: int, a: teacher_lib.Attempt):
+  def record_attempt(self, request_id: int, a: teacher_wire.Attempt):
     with self._tx() as db:
       db.execute("INSERT INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                  (request_id, a.n, a.outcome, a.status, a.error, a.latency_s,

@@ -199,13 +199,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
   # pylint: disable=g-import-not-at-top
   from purld_jax import checkpoint
   from purld_jax import prompts
-  from purld_jax import teacher
+  from purld_jax import teacher_wire
   from purld_jax.models import hf
   from purld_jax.models import hf_config
   from purld_jax.train import state
   return (ConfigError, prompts.PromptFileError, hf.CheckpointError,
           hf_config.ConfigError, checkpoint.CheckpointError,
-          teacher.TeacherError, state.NonFiniteError)
+          teacher_wire.TeacherError, state.NonFiniteError)
 
 
 def _main(argv):

@@ -77,8 +77,8 @@ class Prompt:
 
   def as_dicts(self) -> list[dict[str, str]]:
     """The messages as OpenAI-style ``[{"role": ..., "content": ...}]``, text
-    only: ``images`` are not in it (``teacher.openai_messages`` adds them as
-    content parts)."""
+    only: ``images`` are not in it (``teacher_wire.openai_messages`` adds them
+    as content parts)."""
     return [{"role": r, "content": c} for r, c in self.messages]
 
 

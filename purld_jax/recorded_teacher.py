@@ -21,6 +21,7 @@ import json
 import os
 
 from purld_jax import teacher as teacher_lib
+from purld_jax import teacher_wire
 
 
 def _user_text(prompt) -> str:
@@ -76,7 +77,7 @@ class RecordedTeacher:
     # new anchor, not an old ledger row.
     rec = self._rows.get(_user_text(prompt))
     return teacher_lib.Request(
-        messages=teacher_lib.request_messages(prompt, self.cfg.system_prompt),
+        messages=teacher_wire.request_messages(prompt, self.cfg.system_prompt),
         backend="recorded", model=self.label,
         params=(("anchor", None if rec is None else rec["anchor"]),),
         images=prompt.images)
@@ -86,17 +87,17 @@ class RecordedTeacher:
 
   def ask(self, prompt, on_attempt=None):
     if prompt.images:
-      raise teacher_lib.TeacherError(
+      raise teacher_wire.TeacherError(
           f"prompt {prompt.id!r} has images; the recorded backend matches "
           "prompts by text alone and cannot answer them: use a live teacher",
           kind="images_unsupported", fatal=True)
     rec = self._rows.get(_user_text(prompt))
     if rec is None:
-      raise teacher_lib.TeacherError(
+      raise teacher_wire.TeacherError(
           f"prompt {prompt.id!r} is not in {self.path} (teacher.recorded_"
           "path): record it, or use a live teacher", kind="not_recorded",
           fatal=True)
-    attempt = teacher_lib.Attempt(1, "ok")
+    attempt = teacher_wire.Attempt(1, "ok")
     if on_attempt:
       on_attempt(attempt)
     return teacher_lib.Reply(

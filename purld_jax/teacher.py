@@ -11,14 +11,19 @@ Backends behind one ``Teacher`` protocol:
   recorded a real teacher's answers recorded by tools/record_anchors.py,
            replayed from ``recorded_path`` (``recorded_teacher.py``).
 
+Here: ``TeacherConfig``, ``Request``, ``Reply``, the ``Teacher`` protocol, the
+``openai`` and ``dataset`` backends, ``make`` and ``ask_many``. The pure parts
+they share (chat messages, body parsing, backoff, the retry loop, ``Attempt``,
+``TeacherError``, ``Logprobs``) are in ``teacher_wire.py``.
+
 Images (``Prompt.images``): ``openai`` sends them as standard content parts
 of the last user message, ``[{"type": "image_url", "image_url": {"url":
 "data:image/png;base64,..."}}, ..., {"type": "text", "text": ...}]``
-(``openai_messages``; a text-only prompt keeps its plain string content,
-byte for byte as before). ``dataset`` answers the reference whatever the
-images (they are still in its ledger key). ``recorded`` refuses a prompt
-with images: its file matches prompts by their text alone, so it could not
-tell two scenes asked the same question apart. The ledger key covers the
+(``teacher_wire.openai_messages``; a text-only prompt keeps its plain
+string content, byte for byte as before). ``dataset`` answers the reference
+whatever the images (they are still in its ledger key). ``recorded`` refuses
+a prompt with images: its file matches prompts by their text alone, so it
+could not tell two scenes asked the same question apart. The ledger key covers the
 images' bytes (``Request.images``; ``ledger.canonical_json``).
 
 The API key is read from the environment variable whose *name* is
@@ -57,33 +62,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import email.utils
-import json
 import os
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
-from absl import logging
-
-from purld_jax import images as images_lib
 from purld_jax import prompts as prompts_lib
+from purld_jax import teacher_wire as wire
 
 BACKENDS = ("openai", "dataset", "recorded")
 TRUNCATED_POLICIES = ("keep", "retry", "error")
 DATASET_LABEL = "dataset (SIMULATED perfect teacher: the reference answers)"
-
-
-class TeacherError(RuntimeError):
-  """A request that failed for good. ``fatal``: later requests would fail too."""
-
-  def __init__(self, message: str, *, kind: str, fatal: bool = False,
-               attempts: tuple[Attempt, ...] = ()):
-    super().__init__(message)
-    self.kind, self.fatal, self.attempts = kind, fatal, attempts
 
 
 class ConfigError(ValueError):
@@ -165,23 +156,6 @@ class Request:
 
 
 @dataclasses.dataclass(frozen=True)
-class Attempt:
-  """One HTTP attempt. ``outcome``: ok, or the error kind that was retried/raised."""
-
-  n: int                      # 1-based
-  outcome: str
-  status: int | None = None   # HTTP status, when a response came back
-  error: str = ""
-  latency_s: float = 0.0
-  wait_s: float = 0.0         # sleep after this attempt before the next
-  prompt_tokens: int | None = None
-  completion_tokens: int | None = None
-
-
-Logprobs = tuple[tuple[tuple[str, float], ...], ...]
-
-
-@dataclasses.dataclass(frozen=True)
 class Reply:
   """A teacher's answer to one prompt."""
 
@@ -191,13 +165,13 @@ class Reply:
   prompt_tokens: int | None
   completion_tokens: int | None
   latency_s: float            # wall time over all attempts and waits
-  attempts: tuple[Attempt, ...]
+  attempts: tuple[wire.Attempt, ...]
   simulated: bool             # True for the dataset backend
   teacher: str                # Teacher.label
   # Per answer position ((token, log-prob), ...): the chosen token, then the
   # other top alternatives, most likely first; None when not asked for
-  # (TeacherConfig.top_logprobs = 0). See parse_logprobs.
-  logprobs: Logprobs | None = None
+  # (TeacherConfig.top_logprobs = 0). See teacher_wire.parse_logprobs.
+  logprobs: wire.Logprobs | None = None
 
 
 class Teacher(Protocol):
@@ -212,195 +186,8 @@ class Teacher(Protocol):
     """Checks the teacher can be asked (key present); raises ConfigError."""
 
   def ask(self, prompt: prompts_lib.Prompt,
-          on_attempt: Callable[[Attempt], None] | None = None) -> Reply:
+          on_attempt: Callable[[wire.Attempt], None] | None = None) -> Reply:
     """One answer, retried as configured; raises TeacherError. Thread-safe."""
-
-
-# ---------------------------------------------------------------- pure parts
-
-def request_messages(prompt: prompts_lib.Prompt, system_prompt: str
-                     ) -> tuple[tuple[str, str], ...]:
-  """The prompt's messages, ``system_prompt`` first unless it has its own."""
-  if not system_prompt or any(r == "system" for r, _ in prompt.messages):
-    return prompt.messages
-  return (("system", system_prompt),) + prompt.messages
-
-
-def openai_messages(messages: tuple[tuple[str, str], ...],
-                    images: tuple[bytes, ...] = ()) -> list[dict[str, Any]]:
-  """The chat ``messages`` field: ``{"role", "content"}`` dicts, the images
-  (if any) as ``image_url`` data-URI parts before the text of the last
-  message (a user's: ``prompts`` guarantees it)."""
-  out = [{"role": r, "content": c} for r, c in messages]
-  if images:
-    parts = [{"type": "image_url", "image_url": {"url": images_lib.data_uri(x)}}
-             for x in images]
-    out[-1]["content"] = parts + [{"type": "text", "text": out[-1]["content"]}]
-  return out
-
-
-def backoff_delay(retry: int, *, base_s: float, max_s: float, u: float) -> float:
-  """Wait before retry number ``retry`` (1-based): equal jitter, u in [0, 1).
-
-  cap = min(max_s, base_s * 2**(retry - 1)); wait = cap/2 + u * cap/2.
-  """
-  cap = min(max_s, base_s * 2.0 ** (retry - 1))
-  return cap / 2 + u * cap / 2
-
-
-def retry_after_s(headers: Mapping[str, str], now: float | None = None
-                  ) -> float | None:
-  """Seconds a ``Retry-After``/``retry-after-ms`` header asks for, or None."""
-  lower = {k.lower(): v for k, v in headers.items()}
-  if "retry-after-ms" in lower:
-    try:
-      return max(0.0, float(lower["retry-after-ms"]) / 1000)
-    except ValueError:
-      pass
-  value = lower.get("retry-after")
-  if value is None:
-    return None
-  try:
-    return max(0.0, float(value))
-  except ValueError:
-    pass
-  try:
-    when = email.utils.parsedate_to_datetime(value).timestamp()
-  except (TypeError, ValueError):
-    return None
-  return max(0.0, when - (time.time() if now is None else now))
-
-
-class _Retryable(Exception):
-  """An attempt that failed in a way worth another try."""
-
-  def __init__(self, kind: str, message: str, *, status: int | None = None,
-               retry_after: float | None = None, usage: tuple = (None, None)):
-    super().__init__(message)
-    self.kind, self.status, self.retry_after, self.usage = (
-        kind, status, retry_after, usage)
-
-
-def parse_completion(body: str, *, on_truncated: str) -> tuple[str, str, tuple]:
-  """A chat-completion body -> (text, finish_reason, (prompt_tok, completion_tok)).
-
-  Raises _Retryable (malformed, empty choices, empty content, truncated under
-  policy ``retry``) or TeacherError (truncated under policy ``error``).
-  """
-  try:
-    data = json.loads(body)
-  except (json.JSONDecodeError, TypeError):
-    raise _Retryable("malformed", f"body is not JSON: {body[:80]!r}") from None
-  if not isinstance(data, dict):
-    raise _Retryable("malformed", f"body is not a JSON object: {body[:80]!r}")
-  usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-  tokens = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
-  choices = data.get("choices")
-  if not isinstance(choices, list) or not choices:
-    raise _Retryable("empty_choices", "response has no choices", usage=tokens)
-  choice = choices[0]
-  message = choice.get("message") if isinstance(choice, dict) else None
-  if not isinstance(message, dict):
-    raise _Retryable("malformed", "choices[0] has no message object", usage=tokens)
-  text, finish = message.get("content"), choice.get("finish_reason") or ""
-  if not isinstance(text, str) or not text.strip():
-    raise _Retryable("empty_content", f"empty answer (finish_reason={finish!r})",
-                     usage=tokens)
-  if finish == "length" and on_truncated == "retry":
-    raise _Retryable("truncated", "answer truncated at max_tokens", usage=tokens)
-  if finish == "length" and on_truncated == "error":
-    error = TeacherError("answer truncated at max_tokens (finish_reason "
-                         "'length'; teacher.on_truncated='error')", kind="truncated")
-    error.usage = tokens  # billed all the same
-    raise error
-  return text, finish, tokens
-
-
-def parse_logprobs(body: str) -> Logprobs | None:
-  """choices[0].logprobs.content of a chat-completion body, as
-  ((token, log-prob), ...) per answer position: the chosen token first, then
-  the other `top_logprobs` alternatives, most likely first. None when the
-  body has no logprobs (the server ignored the request)."""
-  try:
-    content = json.loads(body)["choices"][0]["logprobs"]["content"]
-  except (json.JSONDecodeError, TypeError, KeyError, IndexError):
-    return None
-  if not isinstance(content, list):
-    return None
-  out = []
-  for pos in content:
-    chosen = (str(pos["token"]), float(pos["logprob"]))
-    others = sorted(((str(a["token"]), float(a["logprob"]))
-                     for a in pos.get("top_logprobs") or ()
-                     if str(a["token"]) != chosen[0]), key=lambda t: -t[1])
-    out.append((chosen, *others))
-  return tuple(out)
-
-
-def with_retries(send: Callable[[], tuple[str, str, tuple]], *, max_retries: int,
-                 delay: Callable[[int], float], max_wait_s: float,
-                 sleep: Callable[[float], None] = time.sleep,
-                 on_attempt: Callable[[Attempt], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 fatal: Callable[[str], bool] = lambda kind: False,
-                 ) -> tuple[tuple[str, str, tuple], tuple[Attempt, ...]]:
-  """Calls ``send`` until it returns, retrying on _Retryable.
-
-  ``delay(retry)`` is the backoff for retry 1, 2, ...; a server's Retry-After
-  replaces it; both are capped at ``max_wait_s``. Returns (result, attempts);
-  raises TeacherError (with the attempts) once ``1 + max_retries`` are spent,
-  fatal if ``fatal(kind of the last attempt)`` says so (asked then, after
-  ``on_attempt`` saw it). A retryable fault is never fatal by itself.
-  """
-  attempts: list[Attempt] = []
-  for n in range(1, max_retries + 2):
-    t0 = clock()
-    try:
-      result = send()
-    except _Retryable as e:
-      last = n == max_retries + 1
-      wait = 0.0 if last else min(
-          max_wait_s, e.retry_after if e.retry_after is not None else delay(n))
-      attempt = Attempt(n, e.kind, e.status, str(e), clock() - t0, wait, *e.usage)
-      attempts.append(attempt)
-      if on_attempt:
-        on_attempt(attempt)
-      if last:
-        raise TeacherError(
-            f"gave up after {n} attempt(s); last: {e.kind}: {e}", kind=e.kind,
-            fatal=fatal(e.kind), attempts=tuple(attempts)) from None
-      logging.warning("teacher: attempt %d/%d failed (%s: %s); retrying in %.2fs",
-                      n, max_retries + 1, e.kind, e, wait)
-      sleep(wait)
-      continue
-    except TeacherError as e:
-      attempt = Attempt(n, e.kind, None, str(e), clock() - t0, 0.0,
-                        *getattr(e, "usage", (None, None)))
-      attempts.append(attempt)
-      if on_attempt:
-        on_attempt(attempt)
-      e.attempts = tuple(attempts)
-      raise
-    attempt = Attempt(n, "ok", 200, "", clock() - t0, 0.0, *result[2])
-    attempts.append(attempt)
-    if on_attempt:
-      on_attempt(attempt)
-    return result, tuple(attempts)
-  raise AssertionError("unreachable")
-
-
-def never_connected(error: BaseException) -> bool:
-  """The connection was never opened (refused, unknown host, no route), as
-  opposed to one reset or dropped once open: from the exception's causes."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, (ConnectionRefusedError, socket.gaierror)):
-      return True
-    if type(error).__name__ == "ConnectError":  # httpx: connect() failed
-      return True
-    error = error.__cause__ or error.__context__
-  return False
 
 
 # ---------------------------------------------------------------- backends
@@ -430,7 +217,7 @@ class OpenAITeacher:
     self._rng = random.Random()
     self._reached = threading.Event()  # the server has answered, somehow
 
-  def _seen(self, attempt: Attempt) -> None:
+  def _seen(self, attempt: wire.Attempt) -> None:
     """Notes that the server was reached (any attempt but an unreachable)."""
     if attempt.outcome != "unreachable":
       self._reached.set()
@@ -444,9 +231,10 @@ class OpenAITeacher:
               ("temperature", float(self.cfg.temperature)))
     if self.cfg.top_logprobs:  # only then: earlier ledgers' keys unchanged
       params += (("top_logprobs", int(self.cfg.top_logprobs)),)
-    return Request(messages=request_messages(prompt, self.cfg.system_prompt),
-                   backend="openai", model=self.cfg.model, params=params,
-                   images=prompt.images)
+    return Request(
+        messages=wire.request_messages(prompt, self.cfg.system_prompt),
+        backend="openai", model=self.cfg.model, params=params,
+        images=prompt.images)
 
   def prepare(self):
     with self._lock:
@@ -464,44 +252,48 @@ class OpenAITeacher:
              if cfg.top_logprobs else {})
     try:
       raw = client.chat.completions.with_raw_response.create(
-          model=cfg.model, messages=openai_messages(messages, images),
+          model=cfg.model, messages=wire.openai_messages(messages, images),
           temperature=cfg.temperature, max_tokens=cfg.max_tokens, **extra)
     except openai.APITimeoutError:
-      raise _Retryable("timeout", f"no answer within {cfg.timeout_s}s") from None
+      raise wire._Retryable("timeout",
+                            f"no answer within {cfg.timeout_s}s") from None
     except openai.APIConnectionError as e:
       cause = e.__cause__ or e
-      if never_connected(e):
-        raise _Retryable("unreachable", f"cannot reach {cfg.base_url}: "
-                         f"{type(cause).__name__}: {cause}") from None
-      raise _Retryable("connection", f"connection to {cfg.base_url} lost: "
-                       f"{type(cause).__name__}: {cause}") from None
+      if wire.never_connected(e):
+        raise wire._Retryable("unreachable", f"cannot reach {cfg.base_url}: "
+                              f"{type(cause).__name__}: {cause}") from None
+      raise wire._Retryable("connection", f"connection to {cfg.base_url} lost: "
+                            f"{type(cause).__name__}: {cause}") from None
     except openai.APIStatusError as e:
       status, msg = e.status_code, str(e.message)[:200]
       if status == 429 or status >= 500 or status == 408:
         kind = "rate_limited" if status == 429 else "server_error"
-        raise _Retryable(kind, f"HTTP {status}: {msg}", status=status,
-                         retry_after=retry_after_s(e.response.headers)) from None
+        raise wire._Retryable(
+            kind, f"HTTP {status}: {msg}", status=status,
+            retry_after=wire.retry_after_s(e.response.headers)) from None
       fatal = status in (401, 403, 404)
       key = (f"the key in ${cfg.api_key_env}" if cfg.api_key_env
              else "teacher.api_key_env: this server wants a key")
       hint = {401: f" (check {key})",
               404: f" (check base_url {cfg.base_url!r} and model {cfg.model!r})"}
-      raise TeacherError(f"HTTP {status}: {msg}{hint.get(status, '')}",
-                         kind=f"http_{status}", fatal=fatal) from None
-    parsed = parse_completion(raw.text, on_truncated=cfg.on_truncated)
-    return parsed + ((parse_logprobs(raw.text) if cfg.top_logprobs else None),)
+      raise wire.TeacherError(f"HTTP {status}: {msg}{hint.get(status, '')}",
+                              kind=f"http_{status}", fatal=fatal) from None
+    parsed = wire.parse_completion(raw.text, on_truncated=cfg.on_truncated)
+    return parsed + ((wire.parse_logprobs(raw.text) if cfg.top_logprobs
+                      else None),)
 
   def ask(self, prompt, on_attempt=None):
     cfg, request = self.cfg, self.request(prompt)
-    delay = lambda n: backoff_delay(n, base_s=cfg.backoff_base_s,
-                                    max_s=cfg.backoff_max_s, u=self._rng.random())
+    delay = lambda n: wire.backoff_delay(
+        n, base_s=cfg.backoff_base_s, max_s=cfg.backoff_max_s,
+        u=self._rng.random())
     def seen(attempt):
       self._seen(attempt)
       if on_attempt:
         on_attempt(attempt)
 
     t0 = time.monotonic()
-    (text, finish, tokens, logprobs), attempts = with_retries(
+    (text, finish, tokens, logprobs), attempts = wire.with_retries(
         lambda: self._send_once(request.messages, request.images),
         max_retries=cfg.max_retries,
         delay=delay, max_wait_s=cfg.backoff_max_s, on_attempt=seen,
@@ -523,20 +315,21 @@ class DatasetTeacher:
 
   def request(self, prompt):
     # The answer is part of the request: a changed reference is a new anchor.
-    return Request(messages=request_messages(prompt, self.cfg.system_prompt),
-                   backend="dataset", model="reference-answer",
-                   params=(("answer", prompt.answer),)
-                   + ((("solution", prompt.solution),) if prompt.solution
-                      else ()), images=prompt.images)
+    return Request(
+        messages=wire.request_messages(prompt, self.cfg.system_prompt),
+        backend="dataset", model="reference-answer",
+        params=(("answer", prompt.answer),)
+        + ((("solution", prompt.solution),) if prompt.solution else ()),
+        images=prompt.images)
 
   def prepare(self):
     pass
 
   def ask(self, prompt, on_attempt=None):
     if prompt.answer is None:
-      raise TeacherError(f"prompt {prompt.id!r} has no reference 'answer'; the "
-                         "dataset teacher needs one", kind="no_answer")
-    attempt = Attempt(1, "ok")
+      raise wire.TeacherError(f"prompt {prompt.id!r} has no reference 'answer'; "
+                              "the dataset teacher needs one", kind="no_answer")
+    attempt = wire.Attempt(1, "ok")
     if on_attempt:
       on_attempt(attempt)
     return Reply(text=prompt.solution or prompt.answer, finish_reason="stop",
@@ -556,7 +349,8 @@ def make(cfg: TeacherConfig, environ: Mapping[str, str] = os.environ) -> Teacher
 
 
 def ask_many(teacher: Teacher, items: Iterable[Any], *,
-             ask: Callable[[Any], Reply]) -> Iterator[tuple[Any, Reply | TeacherError]]:
+             ask: Callable[[Any], Reply]
+             ) -> Iterator[tuple[Any, Reply | wire.TeacherError]]:
   """Runs ``ask(item)`` on a pool of ``teacher.max_concurrency`` threads.
 
   Yields (item, reply or TeacherError) as each finishes. After a fatal
@@ -570,7 +364,7 @@ def ask_many(teacher: Teacher, items: Iterable[Any], *,
       return _NOT_STARTED
     try:
       return ask(item)
-    except TeacherError as e:
+    except wire.TeacherError as e:
       if e.fatal:
         stop.set()
       raise
@@ -583,7 +377,7 @@ def ask_many(teacher: Teacher, items: Iterable[Any], *,
       for future in concurrent.futures.as_completed(futures):
         try:
           result = future.result()
-        except TeacherError as e:
+        except wire.TeacherError as e:
           fatal = fatal or (e if e.fatal else None)
           result = e
         if result is not _NOT_STARTED:

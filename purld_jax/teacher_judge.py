@@ -55,6 +55,7 @@ from purld_jax import prompts as prompts_lib
 from purld_jax import shared_anchors
 from purld_jax import templates
 from purld_jax import teacher as teacher_lib
+from purld_jax import teacher_wire
 
 FILENAME = "judgements.sqlite"
 SCORE_MIN, SCORE_MAX = 1.0, 10.0
@@ -154,11 +155,11 @@ class JudgeTeacher:
 
   def _simulated(self, item, on_attempt) -> teacher_lib.Reply:
     if item.answer is None:
-      raise teacher_lib.TeacherError(
+      raise teacher_wire.TeacherError(
           f"{item.id!r}: no reference 'answer'; the simulated (dataset) judge "
           "needs one", kind="no_answer")
     score = SCORE_MAX if evaluate.verify(item.response, item.answer) else SCORE_MIN
-    attempt = teacher_lib.Attempt(1, "ok")
+    attempt = teacher_wire.Attempt(1, "ok")
     if on_attempt:
       on_attempt(attempt)
     return teacher_lib.Reply(
@@ -167,13 +168,13 @@ class JudgeTeacher:
         attempts=(attempt,), simulated=True, teacher=self.label)
 
   def ask(self, item: JudgeItem,
-          on_attempt: Callable[[teacher_lib.Attempt], None] | None = None
+          on_attempt: Callable[[teacher_wire.Attempt], None] | None = None
           ) -> teacher_lib.Reply:
     """The judge's reply, re-asked up to `max_retries` times while
     unparseable; the last reply is returned even if unparseable."""
     if self.simulated:
       return self._simulated(item, on_attempt)
-    attempts: list[teacher_lib.Attempt] = []
+    attempts: list[teacher_wire.Attempt] = []
 
     def record(a):  # attempts numbered across re-asks
       a = dataclasses.replace(a, n=len(attempts) + 1)

@@ -4,40 +4,16 @@ Each held-out prompt has the model's answer and a reference answer (the
 anchor, or the SFT model's). A judge (any `teacher.Teacher`, e.g.
 `teacher.make(cfg)` for an OpenAI-compatible endpoint, or a plain
 `judge(messages) -> text` callable wrapped by `CallableJudge`) reads
-`TEMPLATE` and answers "Verdict: A", "Verdict: B" or "Verdict: tie".
+`verdicts.TEMPLATE` and answers "Verdict: A", "Verdict: B" or "Verdict: tie".
 
-Both orders, to cancel position bias: the pair is judged once with the
-model's answer as A ("model first") and once with it as B ("reference
-first"). The model's outcome in one order is 1 (its answer preferred), 0
-(the reference preferred) or 0.5 (tie). The pair's outcome is the common
-value when the two orders agree, and 0.5 (a tie) when they disagree in any
-way: a judge that always says "A" scores every pair a tie, and so does a
-(win, tie) pair. A verdict that cannot be parsed (`parse_verdict` -> None)
-is counted (`unparseable`) and its pair is left out of the rates
-(`unparseable="exclude"`, the default) or scored 0.5 (`"tie"`); a judge
-request that failed after its retries is counted in `failed` and its pair
-left out the same way. `judged` says how many pairs the rates are over.
+Both orders, to cancel position bias, and verdict or probability scoring
+(`scoring`): a pair's two replies become its outcome in [0, 1] as
+`verdicts.py` says; pairs with an unreadable reply (`unparseable`) or a
+failed judge request (`failed`) are left out of the rates or scored 0.5.
 
-Probability scoring (`scoring="probability"`), for small judges whose
-one-line verdict is the same letter whatever the order (a 0.5B-1.5B model
-answers "Verdict: A" to nearly everything, so every pair is a tie): the
-judge is asked for the top log-probabilities of its reply's tokens
-(`teacher.TeacherConfig.top_logprobs`), and at the verdict position (the
-token after "Verdict:", else a bare "A"/"B"/"tie" reply's first token) the
-probabilities of the three verdicts are read, each summed over the listed
-tokens that spell it (" A", "A", "a", ...), and renormalised over the
-three: (pA, pB, ptie). The model's outcome in one order is
-P(model better) = p_model + ptie / 2 (p_model = pA when the model's answer
-is A); the pair's outcome is the mean over the two orders. A judge biased
-toward one position by a constant cancels out (pA = 0.8 in both orders
-gives 0.8 and 0.2, mean 0.5), while a preference for the model's answer
-that survives the swap moves the outcome above 0.5. Outcomes are in
-[0, 1]; W/T/L count outcomes above, at (within `TIE_TOL`) and below 0.5;
-`disagreements` counts pairs whose two orders favour different answers
-(P(model better) above 0.5 in one, below in the other: a judge that says
-"A" in both orders disagrees with itself on every pair). An order
-without logprobs or without a verdict position is unreadable (as an
-unparseable verdict is in verdict scoring).
+Here: length control, judging through the ledger (`CallableJudge`,
+`open_store`, `judge_pairs`) and the rates (`WinRate`, `winrate`,
+`format_table`).
 
 Length control (in the spirit of AlpacaEval 2's length-controlled win rate,
 simplified to one model and no per-instruction term): with
@@ -73,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -84,154 +59,13 @@ from purld_jax import ledger as ledger_lib
 from purld_jax import evaluate
 from purld_jax import prompts as prompts_lib
 from purld_jax import teacher as teacher_lib
+from purld_jax import teacher_wire
+from purld_jax import verdicts
 
 SUBDIR = "winrate"
-VERDICTS = ("A", "B", "tie")
 L2 = 1e-4
-
-SYSTEM = ("You are a careful, impartial judge of answers to user requests. "
-          "Judge helpfulness, correctness and clarity; do not prefer an "
-          "answer for its length or for its position.")
-
-TEMPLATE = """\
-[User request]
-{prompt}
-
-[Answer A]
-{a}
-
-[Answer B]
-{b}
-
-Which answer serves the user request better? Reply with one line, exactly \
-one of:
-Verdict: A
-Verdict: B
-Verdict: tie"""
-
-
-# ----------------------------------------------------------------------------
-# Judge prompt and verdicts
-
-
-def prompt_text(prompt: prompts_lib.Prompt) -> str:
-  """The request as the judge reads it: a lone user message as is, else one
-  "role: content" paragraph per message."""
-  if len(prompt.messages) == 1:
-    return prompt.messages[0][1]
-  return "\n\n".join(f"{role}: {content}" for role, content in prompt.messages)
-
-
-def judge_messages(prompt: prompts_lib.Prompt, a: str, b: str, *,
-                   template: str = TEMPLATE, system: str = SYSTEM
-                   ) -> tuple[tuple[str, str], ...]:
-  """The judge's conversation for answers `a` (shown first) and `b`."""
-  user = template.format(prompt=prompt_text(prompt), a=a, b=b)
-  return ((("system", system),) if system else ()) + (("user", user),)
-
-
-_VERDICT_LINE = re.compile(r"verdict\W{0,6}(a|b|tie)\b", re.IGNORECASE)
-_BARE = re.compile(r"^\W*(?:answer\s+)?(a|b|tie)\W*$", re.IGNORECASE)
-
-
-def parse_verdict(text: str) -> str | None:
-  """"A", "B" or "tie" from a judge's reply, or None.
-
-  The last "Verdict: X" (any case, markdown around it allowed) wins; else a
-  reply that is only "A", "B", "tie" or "Answer A" (punctuation and brackets
-  around it allowed, e.g. "[[B]]"); anything else is unparseable.
-  """
-  found = _VERDICT_LINE.findall(text)
-  if not found:
-    found = _BARE.findall(text.strip())
-  if not found:
-    return None
-  v = found[-1].lower()
-  return "tie" if v == "tie" else v.upper()
-
-
-_VERDICT_PREFIX = re.compile(r"verdict\W{0,6}$", re.IGNORECASE)
 SCORINGS = ("verdict", "probability")
 TIE_TOL = 1e-9  # |outcome - 0.5| counted a tie (probabilities round)
-
-
-def _verdict_token(token: str) -> str | None:
-  t = re.sub(r"[\W_]+", "", token).lower()
-  return {"a": "A", "b": "B", "tie": "tie"}.get(t)
-
-
-def verdict_position(logprobs: teacher_lib.Logprobs) -> int | None:
-  """Index of the verdict token: the first position right after text ending
-  in "Verdict:" (any case, up to 6 non-word characters after it) whose
-  chosen token spells a verdict; else position 0 when its chosen token does
-  (a bare reply); else None."""
-  text = ""
-  for i, pos in enumerate(logprobs):
-    if _VERDICT_PREFIX.search(text) and _verdict_token(pos[0][0]):
-      return i
-    text += pos[0][0]
-  if logprobs and _verdict_token(logprobs[0][0][0]):
-    return 0
-  return None
-
-
-def verdict_probs(logprobs: teacher_lib.Logprobs | None
-                  ) -> tuple[float, float, float] | None:
-  """(pA, pB, ptie) at `verdict_position`, renormalised over the three (each
-  summed over the listed tokens that spell it); None without logprobs, a
-  verdict position, or any verdict probability."""
-  if not logprobs:
-    return None
-  i = verdict_position(logprobs)
-  if i is None:
-    return None
-  mass = {"A": 0.0, "B": 0.0, "tie": 0.0}
-  for token, lp in logprobs[i]:
-    v = _verdict_token(token)
-    if v is not None:
-      mass[v] += float(np.exp(lp))
-  total = sum(mass.values())
-  if total <= 0:
-    return None
-  return mass["A"] / total, mass["B"] / total, mass["tie"] / total
-
-
-def order_probability(probs: tuple[float, float, float] | None, *,
-                      model_first: bool) -> float:
-  """P(model better) in one order: p_model + ptie / 2; NaN for None."""
-  if probs is None:
-    return float("nan")
-  p_a, p_b, p_tie = probs
-  return (p_a if model_first else p_b) + p_tie / 2
-
-
-def order_outcome(verdict: str | None, *, model_first: bool) -> float:
-  """The model's outcome in one order: 1 win, 0 loss, 0.5 tie; NaN when
-  the verdict is None."""
-  if verdict is None:
-    return float("nan")
-  if verdict == "tie":
-    return 0.5
-  return float((verdict == "A") == model_first)
-
-
-def pair_outcomes(model_first: Sequence[str | None],
-                  reference_first: Sequence[str | None], *,
-                  unparseable: str = "exclude") -> np.ndarray:
-  """Per-pair outcome f[N]: the orders' common outcome, 0.5 when they
-  disagree; a pair with a missing verdict is NaN (`unparseable="exclude"`)
-  or 0.5 (`"tie"`)."""
-  if unparseable not in ("exclude", "tie"):
-    raise ValueError(f"unparseable={unparseable!r}; known: exclude, tie")
-  out = []
-  for v1, v2 in zip(model_first, reference_first, strict=True):
-    o1 = order_outcome(v1, model_first=True)
-    o2 = order_outcome(v2, model_first=False)
-    if np.isnan(o1) or np.isnan(o2):
-      out.append(np.nan if unparseable == "exclude" else 0.5)
-    else:
-      out.append(o1 if o1 == o2 else 0.5)
-  return np.asarray(out, np.float64)
 
 
 # ----------------------------------------------------------------------------
@@ -293,7 +127,8 @@ class CallableJudge:
 
   `messages` are OpenAI-style dicts. `model` names the judge in the ledger
   key: a different judge function must get a different name. Exceptions
-  other than `teacher.TeacherError` propagate (they are bugs, not replies).
+  other than `teacher_wire.TeacherError` propagate (they are bugs, not
+  replies).
   """
 
   simulated = False
@@ -313,13 +148,13 @@ class CallableJudge:
 
   def ask(self, prompt, on_attempt=None):
     if prompt.images:  # fn takes text messages: it would judge blind
-      raise teacher_lib.TeacherError(
+      raise teacher_wire.TeacherError(
           f"{prompt.id!r} has images; a callable judge takes text messages "
           "only: judge with a teacher that takes images", kind=
           "images_unsupported", fatal=True)
     t0 = time.monotonic()
     text = self.fn(prompt.as_dicts())
-    attempt = teacher_lib.Attempt(1, "ok", latency_s=time.monotonic() - t0)
+    attempt = teacher_wire.Attempt(1, "ok", latency_s=time.monotonic() - t0)
     if on_attempt:
       on_attempt(attempt)
     return teacher_lib.Reply(text=text, finish_reason="stop", truncated=False,
@@ -357,8 +192,9 @@ class Judged:
 
 def judge_pairs(store: anchors_lib.AnchorStore,
                 prompts: Sequence[prompts_lib.Prompt], model: Sequence[str],
-                reference: Sequence[str], *, template: str = TEMPLATE,
-                system: str = SYSTEM) -> Judged:
+                reference: Sequence[str], *,
+                template: str = verdicts.TEMPLATE,
+                system: str = verdicts.SYSTEM) -> Judged:
   """Both orders of every (prompt, model answer, reference answer), asking
   the judge only for judgements not in the ledger."""
   if not len(prompts) == len(model) == len(reference):
@@ -367,7 +203,8 @@ def judge_pairs(store: anchors_lib.AnchorStore,
   asks = {}
   for p, m, r in zip(prompts, model, reference):
     for tag, a, b in (("model_first", m, r), ("reference_first", r, m)):
-      msgs = judge_messages(p, a, b, template=template, system=system)
+      msgs = verdicts.judge_messages(p, a, b, template=template,
+                                     system=system)
       # The prompt's images go with the judge message (its last): the judge
       # sees what the answers describe (a text-only judge teacher refuses).
       asks[(p.id, tag)] = prompts_lib.Prompt(id=f"{p.id}#{tag}", messages=msgs,
@@ -461,7 +298,7 @@ def winrate(store: anchors_lib.AnchorStore,
             reference: Sequence[str], *,
             len_model: Sequence[float] | None = None,
             len_reference: Sequence[float] | None = None,
-            template: str = TEMPLATE, system: str = SYSTEM,
+            template: str = verdicts.TEMPLATE, system: str = verdicts.SYSTEM,
             unparseable: str = "exclude", scoring: str = "verdict",
             seed: int = 0, samples: int = 2000) -> WinRate:
   """The model's answers against the reference answers, prompt by prompt.
@@ -475,8 +312,9 @@ def winrate(store: anchors_lib.AnchorStore,
     raise ValueError(f"scoring={scoring!r}; known: {', '.join(SCORINGS)}")
   judged = judge_pairs(store, prompts, model, reference, template=template,
                        system=system)
-  v1 = [None if t is None else parse_verdict(t) for t in judged.model_first]
-  v2 = [None if t is None else parse_verdict(t) for t in judged.reference_first]
+  read = lambda texts: [None if t is None else verdicts.parse_verdict(t)
+                         for t in texts]
+  v1, v2 = read(judged.model_first), read(judged.reference_first)
   unread = sum(t is not None and v is None
                for ts, vs in ((judged.model_first, v1),
                               (judged.reference_first, v2))
@@ -486,20 +324,22 @@ def winrate(store: anchors_lib.AnchorStore,
   lr = (words(reference) if len_reference is None
         else np.asarray(len_reference, np.float64))
   if scoring == "verdict":
-    outcomes = pair_outcomes(v1, v2, unparseable=unparseable)
+    outcomes = verdicts.pair_outcomes(v1, v2, unparseable=unparseable)
     disagree = sum(a is not None and b is not None
-                   and order_outcome(a, model_first=True)
-                   != order_outcome(b, model_first=False)
+                   and verdicts.order_outcome(a, model_first=True)
+                   != verdicts.order_outcome(b, model_first=False)
                    for a, b in zip(v1, v2))
   else:
-    p1 = [verdict_probs(lp) for lp in judged.model_first_logprobs]
-    p2 = [verdict_probs(lp) for lp in judged.reference_first_logprobs]
+    p1 = [verdicts.verdict_probs(lp) for lp in judged.model_first_logprobs]
+    p2 = [verdicts.verdict_probs(lp) for lp in judged.reference_first_logprobs]
     unread = sum(t is not None and p is None
                  for ts, ps in ((judged.model_first, p1),
                                 (judged.reference_first, p2))
                  for t, p in zip(ts, ps))
-    o1 = np.array([order_probability(p, model_first=True) for p in p1])
-    o2 = np.array([order_probability(p, model_first=False) for p in p2])
+    o1 = np.array([verdicts.order_probability(p, model_first=True)
+                   for p in p1])
+    o2 = np.array([verdicts.order_probability(p, model_first=False)
+                   for p in p2])
     outcomes = (o1 + o2) / 2
     if unparseable == "tie":
       outcomes[np.isnan(outcomes)] = 0.5

@@ -23,6 +23,7 @@ from purld_jax import rollout
 from purld_jax import sampling as sampling_lib
 from purld_jax import shared_anchors
 from purld_jax import teacher as teacher_lib
+from purld_jax import teacher_wire
 from purld_jax.train import sft
 from tests import fault_server as fault_lib
 from tests.fixtures_teacher import fault_server  # noqa: F401
@@ -66,11 +67,11 @@ class FakeTeacher:
     answer = answers[min(n, len(answers) - 1)]
     if isinstance(answer, Exception):
       if on_attempt:
-        on_attempt(teacher_lib.Attempt(1, "truncated", 200, str(answer)))
+        on_attempt(teacher_wire.Attempt(1, "truncated", 200, str(answer)))
       raise answer
     text, finish = answer
-    attempt = teacher_lib.Attempt(1, "ok", 200, prompt_tokens=1,
-                                  completion_tokens=len(text))
+    attempt = teacher_wire.Attempt(1, "ok", 200, prompt_tokens=1,
+                                   completion_tokens=len(text))
     if on_attempt:
       on_attempt(attempt)
     return teacher_lib.Reply(
@@ -180,7 +181,7 @@ def test_retry_reasks_a_stored_truncated_answer_once_and_replaces_it(tmp_path):
 
 @pytest.mark.parametrize("second", [
     (FRAGMENT + "wer is", "length"),   # cut again
-    teacher_lib.TeacherError("gave up: truncated", kind="truncated"),
+    teacher_wire.TeacherError("gave up: truncated", kind="truncated"),
 ])
 def test_retry_reasks_only_once(tmp_path, second):
   script = {"b": [(FRAGMENT, "length"), second, ("4", "stop")]}
@@ -237,7 +238,7 @@ def test_retry_through_the_real_teacher_and_fault_server(tmp_path, fault_server)
 def _reply(text, finish="stop"):
   return teacher_lib.Reply(
       text, finish, finish == "length", 1, 1, 0.1,
-      (teacher_lib.Attempt(1, "ok", 200, prompt_tokens=1, completion_tokens=1),),
+      (teacher_wire.Attempt(1, "ok", 200, prompt_tokens=1, completion_tokens=1),),
       False, "t")
 
 

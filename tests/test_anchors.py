@@ -16,6 +16,7 @@ from purld_jax import anchors
 from purld_jax import ledger as ledger_lib
 from purld_jax import prompts
 from purld_jax import teacher
+from purld_jax import teacher_wire
 from tests import fault_server as fault_lib
 from tests.fixtures_teacher import cli_args, cli_env, run_cli, write_prompts
 from tests.fixtures_teacher import fault_server, llamacpp_server  # noqa: F401
@@ -104,7 +105,7 @@ def test_fatal_error_stops_fetch_keeps_stored(tmp_path, fault_server):
   store = _store(tmp_path, fault_server.base_url, max_concurrency=1)
   store.get_or_query(Q[:1])
   fault_server.push(("status", 401))
-  with pytest.raises(teacher.TeacherError, match="HTTP 401"):
+  with pytest.raises(teacher_wire.TeacherError, match="HTTP 401"):
     store.fetch(Q)
   assert fault_server.calls() == 2  # one 401, the rest never sent
   assert store.lookup(Q[:1])[0].text == fault_lib.answer_for("question 0")
@@ -121,12 +122,13 @@ def test_killed_intent_is_counted_as_duplicate(tmp_path):
   """An open intent (its process died) makes the next send a counted re-send."""
   ledger = ledger_lib.Ledger(tmp_path)
   rid = ledger.begin("k", "p", "openai")
-  ledger.record_attempt(rid, teacher.Attempt(1, "timeout", error="slow"))
+  ledger.record_attempt(rid, teacher_wire.Attempt(1, "timeout", error="slow"))
   assert ledger.stats().unfinished == 1  # ... and then kill -9
   rid2 = ledger.begin("k", "p", "openai")
   reply = teacher.Reply("A", "stop", False, 1, 1, 0.1,
-                        (teacher.Attempt(1, "ok", 200, prompt_tokens=1,
-                                         completion_tokens=1),), False, "t")
+                        (teacher_wire.Attempt(1, "ok", 200, prompt_tokens=1,
+                                              completion_tokens=1),),
+                        False, "t")
   request = teacher.Request((("user", "q"),), "openai", "m", ())
   ledger.store(rid2, "k", "p", request, reply)
   assert ledger.begin("k", "p", "openai") is None  # stored: never asked again
@@ -239,7 +241,7 @@ def test_canary_key_in_no_file_and_no_log(tmp_path, fault_server, caplog):
       _cfg(fault_server.base_url, api_key_env="PURLD_CANARY_KEY"), environ=env))
   store.get_or_query(prompts.read_jsonl(path)[:2])
   fault_server.push(("status", 401))
-  with pytest.raises(teacher.TeacherError) as e:
+  with pytest.raises(teacher_wire.TeacherError) as e:
     store.fetch(prompts.read_jsonl(path))
   store.close()
   # The command line, verbose, with retries.

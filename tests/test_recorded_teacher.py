@@ -8,6 +8,7 @@ from purld_jax import ledger as ledger_lib
 from purld_jax import prompts as prompts_lib
 from purld_jax import shared_anchors
 from purld_jax import teacher as teacher_lib
+from purld_jax import teacher_wire
 
 
 def _file(tmp_path, rows, side=None):
@@ -40,7 +41,7 @@ def test_replays_the_recorded_answer_and_names_the_teacher(tmp_path):
 
 def test_a_prompt_never_recorded_is_a_fatal_error_naming_the_file(tmp_path):
   path = _file(tmp_path, ROWS)
-  with pytest.raises(teacher_lib.TeacherError, match="'p9' is not in") as e:
+  with pytest.raises(teacher_wire.TeacherError, match="'p9' is not in") as e:
     _teacher(path).ask(prompts_lib.Prompt.from_text("What is 1 + 1?",
                                                     id="p9"))
   assert e.value.fatal and path in str(e.value)

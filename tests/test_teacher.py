@@ -8,6 +8,7 @@ import pytest
 
 from purld_jax import prompts
 from purld_jax import teacher
+from purld_jax import teacher_wire
 from tests import fault_server as fault_lib
 from tests.fixtures_teacher import fault_server  # noqa: F401  (fixture)
 
@@ -52,10 +53,10 @@ def test_missing_key_names_the_variable_not_a_key():
 
 def test_request_messages_system_prompt():
   with_system = prompts.Prompt("a", (("system", "own"), ("user", "q")))
-  assert teacher.request_messages(PROMPT, "sys") == (("system", "sys"),
+  assert teacher_wire.request_messages(PROMPT, "sys") == (("system", "sys"),
                                                      ("user", "two words"))
-  assert teacher.request_messages(PROMPT, "") == (("user", "two words"),)
-  assert teacher.request_messages(with_system, "sys") == with_system.messages
+  assert teacher_wire.request_messages(PROMPT, "") == (("user", "two words"),)
+  assert teacher_wire.request_messages(with_system, "sys") == with_system.messages
 
 
 # ---------------------------------------------------------------- pure parts
@@ -68,16 +69,16 @@ def test_request_messages_system_prompt():
     (10, 0.0, 30.0),  # cap = min(60, 512) = 60
 ])
 def test_backoff_delay(retry, u, want):
-  assert teacher.backoff_delay(retry, base_s=1.0, max_s=60.0, u=u) == pytest.approx(want)
+  assert teacher_wire.backoff_delay(retry, base_s=1.0, max_s=60.0, u=u) == pytest.approx(want)
 
 
 def test_retry_after_forms():
-  assert teacher.retry_after_s({"Retry-After": "2"}) == 2.0
-  assert teacher.retry_after_s({"retry-after-ms": "1500", "Retry-After": "9"}) == 1.5
+  assert teacher_wire.retry_after_s({"Retry-After": "2"}) == 2.0
+  assert teacher_wire.retry_after_s({"retry-after-ms": "1500", "Retry-After": "9"}) == 1.5
   date = email.utils.formatdate(1000.0 + 30, usegmt=True)
-  assert teacher.retry_after_s({"Retry-After": date}, now=1000.0) == 30.0
-  assert teacher.retry_after_s({"Retry-After": "soon"}) is None
-  assert teacher.retry_after_s({}) is None
+  assert teacher_wire.retry_after_s({"Retry-After": date}, now=1000.0) == 30.0
+  assert teacher_wire.retry_after_s({"Retry-After": "soon"}) is None
+  assert teacher_wire.retry_after_s({}) is None
 
 
 def _body(content="hi there", finish="stop", usage=(3, 2)):
@@ -87,8 +88,8 @@ def _body(content="hi there", finish="stop", usage=(3, 2)):
 
 
 def test_parse_completion_ok_and_truncated_kept():
-  assert teacher.parse_completion(_body(), on_truncated="keep") == ("hi there", "stop", (3, 2))
-  assert teacher.parse_completion(_body(finish="length"), on_truncated="keep")[1] == "length"
+  assert teacher_wire.parse_completion(_body(), on_truncated="keep") == ("hi there", "stop", (3, 2))
+  assert teacher_wire.parse_completion(_body(finish="length"), on_truncated="keep")[1] == "length"
 
 
 @pytest.mark.parametrize("body, kind", [
@@ -102,14 +103,14 @@ def test_parse_completion_ok_and_truncated_kept():
     (_body(finish="length"), "truncated"),  # under on_truncated="retry"
 ])
 def test_parse_completion_retryable(body, kind):
-  with pytest.raises(teacher._Retryable) as e:
-    teacher.parse_completion(body, on_truncated="retry")
+  with pytest.raises(teacher_wire._Retryable) as e:
+    teacher_wire.parse_completion(body, on_truncated="retry")
   assert e.value.kind == kind
 
 
 def test_parse_completion_truncated_error_policy():
-  with pytest.raises(teacher.TeacherError, match="on_truncated='error'") as e:
-    teacher.parse_completion(_body(finish="length"), on_truncated="error")
+  with pytest.raises(teacher_wire.TeacherError, match="on_truncated='error'") as e:
+    teacher_wire.parse_completion(_body(finish="length"), on_truncated="error")
   assert e.value.usage == (3, 2)
 
 
@@ -127,11 +128,11 @@ def _script(*steps):
 
 def test_with_retries_waits_backoff_then_retry_after_capped():
   sleeps = []
-  send = _script(teacher._Retryable("server_error", "500"),
-                 teacher._Retryable("rate_limited", "429", retry_after=0.7),
-                 teacher._Retryable("rate_limited", "429", retry_after=99.0),
+  send = _script(teacher_wire._Retryable("server_error", "500"),
+                 teacher_wire._Retryable("rate_limited", "429", retry_after=0.7),
+                 teacher_wire._Retryable("rate_limited", "429", retry_after=99.0),
                  ("ok", "stop", (1, 1)))
-  result, attempts = teacher.with_retries(
+  result, attempts = teacher_wire.with_retries(
       send, max_retries=3, delay=lambda n: 0.1 * n, max_wait_s=5.0, sleep=sleeps.append)
   assert result == ("ok", "stop", (1, 1))
   assert sleeps == [0.1, 0.7, 5.0]  # backoff(1); Retry-After; Retry-After capped
@@ -142,9 +143,9 @@ def test_with_retries_waits_backoff_then_retry_after_capped():
 
 def test_with_retries_gives_up_with_attempts():
   sleeps, seen = [], []
-  send = _script(*[teacher._Retryable("timeout", "slow")] * 3)
-  with pytest.raises(teacher.TeacherError, match="gave up after 3 attempt") as e:
-    teacher.with_retries(send, max_retries=2, delay=lambda n: 1.0, max_wait_s=5.0,
+  send = _script(*[teacher_wire._Retryable("timeout", "slow")] * 3)
+  with pytest.raises(teacher_wire.TeacherError, match="gave up after 3 attempt") as e:
+    teacher_wire.with_retries(send, max_retries=2, delay=lambda n: 1.0, max_wait_s=5.0,
                          sleep=sleeps.append, on_attempt=seen.append)
   assert sleeps == [1.0, 1.0]  # no sleep after the last attempt
   assert len(e.value.attempts) == 3 and seen == list(e.value.attempts)
@@ -152,9 +153,9 @@ def test_with_retries_gives_up_with_attempts():
 
 
 def test_with_retries_does_not_retry_teacher_error():
-  send = _script(teacher.TeacherError("HTTP 400", kind="http_400"), ("never",))
-  with pytest.raises(teacher.TeacherError, match="HTTP 400") as e:
-    teacher.with_retries(send, max_retries=5, delay=lambda n: 0.0, max_wait_s=1.0,
+  send = _script(teacher_wire.TeacherError("HTTP 400", kind="http_400"), ("never",))
+  with pytest.raises(teacher_wire.TeacherError, match="HTTP 400") as e:
+    teacher_wire.with_retries(send, max_retries=5, delay=lambda n: 0.0, max_wait_s=1.0,
                          sleep=lambda s: None)
   assert len(e.value.attempts) == 1
 
@@ -190,7 +191,7 @@ def test_fault_survived_then_clear_error_after_retries(fault_server, fault, kind
   assert reply.text == fault_lib.answer_for("two words")
   assert [a.outcome for a in reply.attempts] == [kind, kind, "ok"]
   fault_server.push(fault, fault, fault)  # three = 1 + max_retries: error
-  with pytest.raises(teacher.TeacherError, match=f"gave up after 3 attempt.*{kind}") as e:
+  with pytest.raises(teacher_wire.TeacherError, match=f"gave up after 3 attempt.*{kind}") as e:
     t.ask(PROMPT)
   assert e.value.kind == kind
 
@@ -208,7 +209,7 @@ def test_truncated_policies(fault_server, policy):
   t = teacher.make(_cfg(fault_server.base_url, on_truncated=policy))
   fault_server.push("truncated")
   if policy == "error":
-    with pytest.raises(teacher.TeacherError, match="truncated"):
+    with pytest.raises(teacher_wire.TeacherError, match="truncated"):
       t.ask(PROMPT)
     return
   reply = t.ask(PROMPT)
@@ -224,7 +225,7 @@ def test_truncated_policies(fault_server, policy):
 def test_client_errors_fail_at_once(fault_server, status, fatal, hint):
   t = teacher.make(_cfg(fault_server.base_url))
   fault_server.push(("status", status))
-  with pytest.raises(teacher.TeacherError, match=hint) as e:
+  with pytest.raises(teacher_wire.TeacherError, match=hint) as e:
     t.ask(PROMPT)
   assert (e.value.fatal, len(e.value.attempts), fault_server.calls()) == (fatal, 1, 1)
 
@@ -232,7 +233,7 @@ def test_client_errors_fail_at_once(fault_server, status, fatal, hint):
 def test_unreachable_url_names_it():
   t = teacher.make(_cfg("http://127.0.0.1:9/v1", max_retries=1))
   t0 = time.monotonic()
-  with pytest.raises(teacher.TeacherError, match=r"cannot reach http://127.0.0.1:9/v1") as e:
+  with pytest.raises(teacher_wire.TeacherError, match=r"cannot reach http://127.0.0.1:9/v1") as e:
     t.ask(PROMPT)
   assert e.value.fatal and time.monotonic() - t0 < 5
 
@@ -242,7 +243,7 @@ def test_dataset_teacher_is_labelled_simulated():
   reply = t.ask(PROMPT)
   assert (reply.text, reply.simulated) == ("ref", True)
   assert "SIMULATED" in t.label and reply.teacher == t.label
-  with pytest.raises(teacher.TeacherError, match="no reference 'answer'"):
+  with pytest.raises(teacher_wire.TeacherError, match="no reference 'answer'"):
     t.ask(prompts.Prompt.from_text("q", id="x"))
 
 
@@ -257,7 +258,7 @@ def test_ask_many_bounded_and_fatal_cancels(fault_server):
   assert times[2] - times[0] >= 0.09  # the third waits for a free slot of two
   fault_server.push(*[("status", 401)] * 2)
   fault_server.delay_s = 0.0
-  with pytest.raises(teacher.TeacherError, match="HTTP 401"):
+  with pytest.raises(teacher_wire.TeacherError, match="HTTP 401"):
     list(teacher.ask_many(t, items * 5, ask=t.ask))
   assert fault_server.calls() < 4 + 20  # the rest were cancelled
 
@@ -274,13 +275,13 @@ def test_parse_logprobs_chosen_first_then_alternatives():
           {"token": " B", "logprob": -0.9}]},
       {"token": ".", "logprob": -0.2}]}}]})
   # The sampled " B" first although " A" was likelier; the rest by log-prob.
-  assert teacher.parse_logprobs(body) == (
+  assert teacher_wire.parse_logprobs(body) == (
       (("Verdict:", -0.1),),
       ((" B", -0.9), (" A", -0.6), (" tie", -2.0)),
       ((".", -0.2),))
   no_logprobs = json.dumps({"choices": [{"message": {"content": "x"}}]})
-  assert teacher.parse_logprobs(no_logprobs) is None
-  assert teacher.parse_logprobs("not json") is None
+  assert teacher_wire.parse_logprobs(no_logprobs) is None
+  assert teacher_wire.parse_logprobs("not json") is None
 
 
 def test_top_logprobs_asked_and_kept_only_when_configured(fault_server):

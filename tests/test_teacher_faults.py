@@ -14,6 +14,7 @@ from purld_jax import anchors
 from purld_jax import ledger as ledger_lib
 from purld_jax import prompts
 from purld_jax import teacher
+from purld_jax import teacher_wire
 from tests import fault_server as fault_lib
 from tests.fixtures_teacher import run_cli, write_prompts
 from tests.fixtures_teacher import fault_server  # noqa: F401  (fixture)
@@ -39,7 +40,7 @@ def _asked(server, text):
 def test_a_reset_on_every_attempt_is_a_failure_not_unreachable(fault_server):
   t = _teacher(fault_server.base_url)
   fault_server.push("reset", "reset", "reset")  # 1 + max_retries attempts
-  with pytest.raises(teacher.TeacherError) as e:
+  with pytest.raises(teacher_wire.TeacherError) as e:
     t.ask(Q[0])
   assert (e.value.kind, e.value.fatal) == ("connection", False)
   assert "lost" in str(e.value) and fault_server.calls() == 3
@@ -51,10 +52,10 @@ def test_refused_is_fatal_only_before_the_first_contact():
     seen = _teacher(url)
     assert seen.ask(Q[0]).text == fault_lib.answer_for("question 0")
   # The server is gone: its port refuses connections now.
-  with pytest.raises(teacher.TeacherError, match=f"cannot reach {url}") as e:
+  with pytest.raises(teacher_wire.TeacherError, match=f"cannot reach {url}") as e:
     seen.ask(Q[1])
   assert (e.value.kind, e.value.fatal) == ("unreachable", False)  # a restart
-  with pytest.raises(teacher.TeacherError, match=f"cannot reach {url}") as e:
+  with pytest.raises(teacher_wire.TeacherError, match=f"cannot reach {url}") as e:
     _teacher(url).ask(Q[1])  # never reached: the URL is wrong or it is down
   assert (e.value.kind, e.value.fatal) == ("unreachable", True)
 

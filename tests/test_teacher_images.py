@@ -16,6 +16,7 @@ from purld_jax import prompts
 from purld_jax import recorded_teacher
 from purld_jax import teacher
 from purld_jax import teacher_judge
+from purld_jax import teacher_wire
 from purld_jax import winrate
 from tests.fixtures_teacher import fault_server  # noqa: F401  (fixture)
 
@@ -45,9 +46,9 @@ def _uri(data, mime):
 def test_openai_messages_parts_on_the_last_message_only():
   messages = (("system", "s"), ("user", "first"), ("assistant", "a"),
               ("user", "Which is red?"))
-  assert teacher.openai_messages(messages) == [
+  assert teacher_wire.openai_messages(messages) == [
       {"role": r, "content": c} for r, c in messages]  # text-only: as before
-  got = teacher.openai_messages(messages, (RED, JPEG))
+  got = teacher_wire.openai_messages(messages, (RED, JPEG))
   assert got[:3] == [{"role": r, "content": c} for r, c in messages[:3]]
   assert got[3] == {"role": "user", "content": [
       {"type": "image_url", "image_url": {"url": _uri(RED, "image/png")}},
@@ -160,7 +161,7 @@ def test_recorded_teacher_refuses_images(tmp_path):
                               "finish_reason": "stop"}) + "\n")
   t = teacher.make(_cfg(backend="recorded", recorded_path=str(path)))
   assert t.ask(prompts.Prompt.from_text("How many?", id="a")).text == "3"
-  with pytest.raises(teacher.TeacherError, match="has images; the recorded "
+  with pytest.raises(teacher_wire.TeacherError, match="has images; the recorded "
                      "backend matches prompts by text alone") as e:
     t.ask(prompts.Prompt.from_text("How many?", id="b", images=(RED,)))
   assert e.value.fatal and e.value.kind == "images_unsupported"
@@ -170,7 +171,7 @@ def test_recorded_teacher_refuses_images(tmp_path):
 def test_callable_judge_refuses_images():
   judge = winrate.CallableJudge(lambda messages: "Verdict: A")
   assert judge.ask(prompts.Prompt.from_text("q", id="a")).text == "Verdict: A"
-  with pytest.raises(teacher.TeacherError, match="callable judge takes text"):
+  with pytest.raises(teacher_wire.TeacherError, match="callable judge takes text"):
     judge.ask(prompts.Prompt.from_text("q", id="b", images=(RED,)))
 
 

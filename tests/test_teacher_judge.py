@@ -16,6 +16,7 @@ from purld_jax import ranking
 from purld_jax import self_scoring
 from purld_jax import teacher as teacher_lib
 from purld_jax import teacher_judge
+from purld_jax import teacher_wire
 from tests import train_fixtures
 from tests.train_fixtures import jit_cache  # noqa: F401  (fixture)
 
@@ -70,8 +71,8 @@ class FakeTeacher:
 
   def ask(self, prompt, on_attempt=None):
     if self.fail_at is not None and len(self.asked) + 1 == self.fail_at:
-      raise teacher_lib.TeacherError("server gone", kind="connection",
-                                     fatal=True)
+      raise teacher_wire.TeacherError("server gone", kind="connection",
+                                      fatal=True)
     text = prompt.messages[-1][1]
     self.asked.append(text)
     if self.replies:
@@ -79,7 +80,7 @@ class FakeTeacher:
     else:
       cand = re.search(r"Candidate answer:\n(.*)\n\nRate", text, re.S).group(1)
       reply = f"Score: {min(10, max(1, len(cand)))}"
-    a = teacher_lib.Attempt(1, "ok", 200)
+    a = teacher_wire.Attempt(1, "ok", 200)
     if on_attempt:
       on_attempt(a)
     return teacher_lib.Reply(reply, "stop", False, None, None, 0.0, (a,),

@@ -10,6 +10,8 @@ from numpy.testing import assert_allclose
 from purld_jax import evaluate
 from purld_jax import prompts as prompts_lib
 from purld_jax import teacher as teacher_lib
+from purld_jax import teacher_wire
+from purld_jax import verdicts
 from purld_jax import winrate
 from tests import fault_server as fault_server_lib
 
@@ -21,7 +23,7 @@ REFERENCE = [f"reference answer {i}" for i in range(N)]
 
 
 def shown(messages):
-  """(answer A, answer B) as the judge sees them in `winrate.TEMPLATE`."""
+  """(answer A, answer B) as the judge sees them in `verdicts.TEMPLATE`."""
   user = messages[-1]["content"]
   a = re.search(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]", user, re.S).group(1)
   b = re.search(r"\[Answer B\]\n(.*?)\n\nWhich answer", user, re.S).group(1)
@@ -70,7 +72,7 @@ def run(tmp_path, fn, *, model_name="judge", **kw):
     ("", None),
 ])
 def test_parse_verdict(text, want):
-  assert winrate.parse_verdict(text) == want
+  assert verdicts.parse_verdict(text) == want
 
 
 @pytest.mark.parametrize("model_first, reference_first, want", [
@@ -82,20 +84,20 @@ def test_parse_verdict(text, want):
     ("A", "tie", 0.5),    # win then tie: disagree -> tie
 ])
 def test_pair_outcome_from_both_orders(model_first, reference_first, want):
-  got = winrate.pair_outcomes([model_first], [reference_first])
+  got = verdicts.pair_outcomes([model_first], [reference_first])
   assert got.tolist() == [want]
 
 
 def test_pair_with_an_unparseable_verdict_is_excluded_or_a_tie():
-  assert np.isnan(winrate.pair_outcomes([None], ["B"])).all()
-  assert winrate.pair_outcomes(["A"], [None], unparseable="tie").tolist() == [0.5]
+  assert np.isnan(verdicts.pair_outcomes([None], ["B"])).all()
+  assert verdicts.pair_outcomes(["A"], [None], unparseable="tie").tolist() == [0.5]
   with pytest.raises(ValueError):
-    winrate.pair_outcomes(["A"], ["B"], unparseable="drop")
+    verdicts.pair_outcomes(["A"], ["B"], unparseable="drop")
 
 
 def test_judge_messages_put_a_first():
-  msgs = winrate.judge_messages(PROMPTS[0], "first", "second")
-  assert msgs[0] == ("system", winrate.SYSTEM)
+  msgs = verdicts.judge_messages(PROMPTS[0], "first", "second")
+  assert msgs[0] == ("system", verdicts.SYSTEM)
   role, user = msgs[1]
   assert role == "user" and user.index("first") < user.index("second")
   assert shown([{"content": user}]) == ("first", "second")
@@ -165,7 +167,7 @@ def test_second_evaluation_makes_no_judge_call(tmp_path):
 def test_a_failed_judgement_is_asked_again_on_resume(tmp_path):
   def flaky(messages):
     if "question 3" in messages[-1]["content"]:
-      raise teacher_lib.TeacherError("down", kind="server_error")
+      raise teacher_wire.TeacherError("down", kind="server_error")
     return prefers_model(messages)
   w = run(tmp_path, flaky)
   assert (w.failed, w.judged, w.unparseable) == (2, N - 1, 0)
@@ -210,7 +212,7 @@ def test_through_a_real_openai_compatible_server(tmp_path, monkeypatch):
       store.close()
     assert server.calls() == 2 * N + 1
     sent = server.requests[-1]["messages"]
-    assert sent[0] == {"role": "system", "content": winrate.SYSTEM}
+    assert sent[0] == {"role": "system", "content": verdicts.SYSTEM}
   assert (w.ties, w.disagreements, w.win_rate) == (N, N, 0.5)
   assert (w.judgements, w.judge_calls) == (2 * N, 2 * N + 1)
   assert (again.judge_calls, again.cached) == (0, 2 * N)
@@ -332,17 +334,17 @@ def test_verdict_probs_by_hand():
   # right after "Verdict:"; " A" and "a" both spell A; " C" is no verdict.
   lps = (_lp(("Ver", .9), ("tie", .1)), _lp(("dict", 1.)), _lp((":", 1.)),
          _lp((" A", .5), (" B", .2), ("a", .1), (" tie", .1), (" C", .1)))
-  assert winrate.verdict_position(lps) == 3
-  assert_allclose(winrate.verdict_probs(lps), (.6 / .9, .2 / .9, .1 / .9))
+  assert verdicts.verdict_position(lps) == 3
+  assert_allclose(verdicts.verdict_probs(lps), (.6 / .9, .2 / .9, .1 / .9))
   # A bare reply: the first token is the verdict.
-  assert_allclose(winrate.verdict_probs((_lp(("B", .7), ("A", .3)),)),
+  assert_allclose(verdicts.verdict_probs((_lp(("B", .7), ("A", .3)),)),
                   (.3, .7, 0.))
-  assert winrate.verdict_probs((_lp(("Both", .9), (" A", .1)),)) is None
-  assert winrate.verdict_probs(None) is None
+  assert verdicts.verdict_probs((_lp(("Both", .9), (" A", .1)),)) is None
+  assert verdicts.verdict_probs(None) is None
   # P(model better): pA + ptie/2 when the model is A, pB + ptie/2 when B.
-  assert winrate.order_probability((.6, .3, .1), model_first=True) == (
+  assert verdicts.order_probability((.6, .3, .1), model_first=True) == (
       pytest.approx(.65))
-  assert winrate.order_probability((.6, .3, .1), model_first=False) == (
+  assert verdicts.order_probability((.6, .3, .1), model_first=False) == (
       pytest.approx(.35))
 
 
