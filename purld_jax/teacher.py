@@ -255,20 +255,20 @@ class OpenAITeacher:
           model=cfg.model, messages=wire.openai_messages(messages, images),
           temperature=cfg.temperature, max_tokens=cfg.max_tokens, **extra)
     except openai.APITimeoutError:
-      raise wire._Retryable("timeout",
+      raise wire.Retryable("timeout",
                             f"no answer within {cfg.timeout_s}s") from None
     except openai.APIConnectionError as e:
       cause = e.__cause__ or e
       if wire.never_connected(e):
-        raise wire._Retryable("unreachable", f"cannot reach {cfg.base_url}: "
+        raise wire.Retryable("unreachable", f"cannot reach {cfg.base_url}: "
                               f"{type(cause).__name__}: {cause}") from None
-      raise wire._Retryable("connection", f"connection to {cfg.base_url} lost: "
+      raise wire.Retryable("connection", f"connection to {cfg.base_url} lost: "
                             f"{type(cause).__name__}: {cause}") from None
     except openai.APIStatusError as e:
       status, msg = e.status_code, str(e.message)[:200]
       if status == 429 or status >= 500 or status == 408:
         kind = "rate_limited" if status == 429 else "server_error"
-        raise wire._Retryable(
+        raise wire.Retryable(
             kind, f"HTTP {status}: {msg}", status=status,
             retry_after=wire.retry_after_s(e.response.headers)) from None
       fatal = status in (401, 403, 404)

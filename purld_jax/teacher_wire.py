@@ -13,7 +13,7 @@ What ``teacher.py``'s backends send and read back, and how they retry:
                                       request fails with for good, and the
                                       top-logprobs of an answer
 
-``_Retryable`` is an attempt that failed in a way worth another try. What is
+``Retryable`` is an attempt that failed in a way worth another try. What is
 retried and what is fatal: ``teacher.py``'s module docstring.
 """
 
@@ -112,7 +112,7 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None
   return max(0.0, when - (time.time() if now is None else now))
 
 
-class _Retryable(Exception):
+class Retryable(Exception):
   """An attempt that failed in a way worth another try."""
 
   def __init__(self, kind: str, message: str, *, status: int | None = None,
@@ -125,30 +125,30 @@ class _Retryable(Exception):
 def parse_completion(body: str, *, on_truncated: str) -> tuple[str, str, tuple]:
   """A chat-completion body -> (text, finish_reason, (prompt_tok, completion_tok)).
 
-  Raises _Retryable (malformed, empty choices, empty content, truncated under
+  Raises Retryable (malformed, empty choices, empty content, truncated under
   policy ``retry``) or TeacherError (truncated under policy ``error``).
   """
   try:
     data = json.loads(body)
   except (json.JSONDecodeError, TypeError):
-    raise _Retryable("malformed", f"body is not JSON: {body[:80]!r}") from None
+    raise Retryable("malformed", f"body is not JSON: {body[:80]!r}") from None
   if not isinstance(data, dict):
-    raise _Retryable("malformed", f"body is not a JSON object: {body[:80]!r}")
+    raise Retryable("malformed", f"body is not a JSON object: {body[:80]!r}")
   usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
   tokens = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
   choices = data.get("choices")
   if not isinstance(choices, list) or not choices:
-    raise _Retryable("empty_choices", "response has no choices", usage=tokens)
+    raise Retryable("empty_choices", "response has no choices", usage=tokens)
   choice = choices[0]
   message = choice.get("message") if isinstance(choice, dict) else None
   if not isinstance(message, dict):
-    raise _Retryable("malformed", "choices[0] has no message object", usage=tokens)
+    raise Retryable("malformed", "choices[0] has no message object", usage=tokens)
   text, finish = message.get("content"), choice.get("finish_reason") or ""
   if not isinstance(text, str) or not text.strip():
-    raise _Retryable("empty_content", f"empty answer (finish_reason={finish!r})",
+    raise Retryable("empty_content", f"empty answer (finish_reason={finish!r})",
                      usage=tokens)
   if finish == "length" and on_truncated == "retry":
-    raise _Retryable("truncated", "answer truncated at max_tokens", usage=tokens)
+    raise Retryable("truncated", "answer truncated at max_tokens", usage=tokens)
   if finish == "length" and on_truncated == "error":
     error = TeacherError("answer truncated at max_tokens (finish_reason "
                          "'length'; teacher.on_truncated='error')", kind="truncated")
@@ -185,7 +185,7 @@ def with_retries(send: Callable[[], tuple[str, str, tuple]], *, max_retries: int
                  clock: Callable[[], float] = time.monotonic,
                  fatal: Callable[[str], bool] = lambda kind: False,
                  ) -> tuple[tuple[str, str, tuple], tuple[Attempt, ...]]:
-  """Calls ``send`` until it returns, retrying on _Retryable.
+  """Calls ``send`` until it returns, retrying on Retryable.
 
   ``delay(retry)`` is the backoff for retry 1, 2, ...; a server's Retry-After
   replaces it; both are capped at ``max_wait_s``. Returns (result, attempts);
@@ -198,7 +198,7 @@ def with_retries(send: Callable[[], tuple[str, str, tuple]], *, max_retries: int
     t0 = clock()
     try:
       result = send()
-    except _Retryable as e:
+    except Retryable as e:
       last = n == max_retries + 1
       wait = 0.0 if last else min(
           max_wait_s, e.retry_after if e.retry_after is not None else delay(n))

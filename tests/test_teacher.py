@@ -103,7 +103,7 @@ def test_parse_completion_ok_and_truncated_kept():
     (_body(finish="length"), "truncated"),  # under on_truncated="retry"
 ])
 def test_parse_completion_retryable(body, kind):
-  with pytest.raises(teacher_wire._Retryable) as e:
+  with pytest.raises(teacher_wire.Retryable) as e:
     teacher_wire.parse_completion(body, on_truncated="retry")
   assert e.value.kind == kind
 
@@ -128,9 +128,9 @@ def _script(*steps):
 
 def test_with_retries_waits_backoff_then_retry_after_capped():
   sleeps = []
-  send = _script(teacher_wire._Retryable("server_error", "500"),
-                 teacher_wire._Retryable("rate_limited", "429", retry_after=0.7),
-                 teacher_wire._Retryable("rate_limited", "429", retry_after=99.0),
+  send = _script(teacher_wire.Retryable("server_error", "500"),
+                 teacher_wire.Retryable("rate_limited", "429", retry_after=0.7),
+                 teacher_wire.Retryable("rate_limited", "429", retry_after=99.0),
                  ("ok", "stop", (1, 1)))
   result, attempts = teacher_wire.with_retries(
       send, max_retries=3, delay=lambda n: 0.1 * n, max_wait_s=5.0, sleep=sleeps.append)
@@ -143,7 +143,7 @@ def test_with_retries_waits_backoff_then_retry_after_capped():
 
 def test_with_retries_gives_up_with_attempts():
   sleeps, seen = [], []
-  send = _script(*[teacher_wire._Retryable("timeout", "slow")] * 3)
+  send = _script(*[teacher_wire.Retryable("timeout", "slow")] * 3)
   with pytest.raises(teacher_wire.TeacherError, match="gave up after 3 attempt") as e:
     teacher_wire.with_retries(send, max_retries=2, delay=lambda n: 1.0, max_wait_s=5.0,
                          sleep=sleeps.append, on_attempt=seen.append)
