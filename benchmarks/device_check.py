@@ -18,7 +18,7 @@ still run); after --budget seconds from the start the rest are "skipped
   sampler  purld_jax.sampling.sample on the Qwen shape (--sample-dtype
            compute and KV caches) per B x K of --sampler-shapes: B prompts
            of P tokens, exactly T new tokens each: tokens/s, seconds,
-           compile; the decode alone, (sample - jitted `sampling._prefill`)
+           compile; the decode alone, (sample - jitted `prefix_cache.prefill`)
            / (T - 1) per step, in tokens/s and as the fraction of HBM
            bandwidth its reads (`decode_bytes`) take.
 Timed from call to ready after a warm-up call, compilation apart. Peaks per
@@ -224,6 +224,7 @@ def part_train(args, env):
 def part_sampler(args, env, b, k):
   import jax
   from flax import nnx
+  from purld_jax import prefix_cache
   from purld_jax import sampling
   from purld_jax.models import llama
   cfg = model_config(args, "qwen", args.sample_dtype)
@@ -244,7 +245,7 @@ def part_sampler(args, env, b, k):
       num_candidates=k, sampling=sp).compile()
   compile_s = time.perf_counter() - start
   run = lambda: compiled(params, tokens, mask, key, prompt_index=index)
-  prefill = jax.jit(lambda q, tk, m: sampling._prefill(
+  prefill = jax.jit(lambda q, tk, m: prefix_cache.prefill(
       nnx.merge(graphdef, q), tk, m, max(t - 1, 1), k))
   first_s, out = _timed(run)
   if tuple(out.tokens.shape) != (b, k, t) or int(out.lengths.min()) != t:
@@ -262,7 +263,7 @@ def part_sampler(args, env, b, k):
     raise RuntimeError(f"prefill {prefill_s:.4f} s >= sample {best:.4f} s")
   step_bytes = decode_bytes(
       cfg, b, k, p, t, weight_bytes=4,
-      cache_bytes=np.dtype(cfg.dtype).itemsize, chunk=sampling._CHUNK)
+      cache_bytes=np.dtype(cfg.dtype).itemsize, chunk=prefix_cache.CHUNK)
   frac = bandwidth_fraction(step_bytes, step_s, env["peak_bw"])
   return [
       (name, "tokens/s", b * k * t / best, f"P={p}, T={t}, prefill included"),

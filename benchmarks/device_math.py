@@ -46,7 +46,7 @@ def decode_bytes(cfg, b: int, k: int, p: int, t: int, *, weight_bytes: int,
   out); the B prompts' keys and values [L, B, G, P, H] x 2 once for their K
   rows; each of the R = B*K rows' own keys and values [L, R, G, slots, H] x
   2, where step s (column s, 0 <= s < T - 1) reads its own slots a chunk
-  of `chunk` (`sampling._CHUNK`) at a time up to column s's chunk.
+  of `chunk` (`prefix_cache.CHUNK`) at a time up to column s's chunk.
   """
   weights = cfg.num_params() - (0 if cfg.tie_word_embeddings
                                 else cfg.vocab_size * cfg.hidden_size)

@@ -123,9 +123,9 @@ def bounds(cfg, b, k, p_real, t, rates) -> dict:
   flops_tok = 2 * matmul_params + 4 * ctx * n * h * layers
   weight_bytes = 4 * cfg.num_params()
   # Each prompt's keys/values are read once for its K rows; a row's own
-  # ones up to the current chunk of `sampling._CHUNK` slots.
-  from purld_jax import sampling
-  c = sampling._CHUNK
+  # ones up to the current chunk of `prefix_cache.CHUNK` slots.
+  from purld_jax import prefix_cache
+  c = prefix_cache.CHUNK
   own = np.mean([-(-(s + 1) // c) * c for s in range(max(t - 1, 1))])
   cache_bytes = 4 * 2 * layers * g * h * (b * p_real + r * own)
   step_bytes = weight_bytes + cache_bytes
@@ -165,6 +165,7 @@ class Ours:
     import jax
     import jax.numpy as jnp
     from flax import nnx
+    from purld_jax import prefix_cache
     from purld_jax import sampling
     graphdef, params = nnx.split(model)
     self.args = (params, jnp.asarray(tokens), jnp.asarray(mask),
@@ -178,7 +179,7 @@ class Ours:
     self.compiled = lowered.compile()
     self.compile_s = time.perf_counter() - start
     # The prefill alone (prompts once, shared cache set up), for its rate.
-    self.prefill = jax.jit(lambda params, tokens, mask: sampling._prefill(
+    self.prefill = jax.jit(lambda params, tokens, mask: prefix_cache.prefill(
         nnx.merge(graphdef, params), tokens, mask, max(t - 1, 1), k))
 
   def run_prefill(self) -> float:

@@ -139,14 +139,14 @@ class Decoder:
     """(prefill, step) of `bucket`, jitted (compiled on their first call)."""
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
-    from purld_jax import sampling  # pylint: disable=g-import-not-at-top
+    from purld_jax import token_choice  # pylint: disable=g-import-not-at-top
     from purld_jax.models import layers  # pylint: disable=g-import-not-at-top
     graphdef, rule = self._graphdef, self.sampling
     slots = bucket + self.max_new_tokens
 
     def pick(logits_1V, key, i):
       keys = jax.random.fold_in(key, i)[None]
-      return sampling.choose(logits_1V, keys, rule)[0]
+      return token_choice.choose(logits_1V, keys, rule)[0]
 
     def prefill(params, tokens_1P, mask_1P, key):
       self.traces[("prefill", bucket)] += 1  # runs when traced only

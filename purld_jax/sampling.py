@@ -12,15 +12,19 @@ N // G query heads per kv head.
                           sampling=sampling.SamplingParams(stop_ids=...))
 
 `sample` is one jitted function. The B prompts are prefilled once
-(`Llama.extend` on [B, P]); their keys and values stay [B, G, P, H] and the K
-rows of a prompt read them together in one product per (prompt, kv head), so
-nothing is copied K times. A `lax.while_loop` over a state dataclass (the
-structure of the Flax NNX Gemma sampler) then feeds one token per row per step
-(`_decode`: the model's own projections, norms and MLP, with attention over
-the shared prompt cache plus each row's own cache of generated tokens) until
-every row has stopped or T tokens exist. The caches live inside that jit, so
-XLA updates them in place (no copy per step: checked in the compiled HLO); they
-never cross a call boundary, so there is nothing to donate.
+(`prefix_cache.prefill`); their keys and values stay [B, G, P, H] and the K
+rows of a prompt read them together, so nothing is copied K times. A
+`lax.while_loop` over a state dataclass (the structure of the Flax NNX Gemma
+sampler) then feeds one token per row per step (`prefix_cache.decode_step`:
+attention over the shared prompt cache plus each row's own cache of
+generated tokens) and picks the next (`token_choice.choose`: temperature,
+top-k, top-p, min-p) until every row has stopped or T tokens exist. The
+caches live inside that jit, so XLA updates them in place (no copy per step:
+checked in the compiled HLO); they never cross a call boundary, so there is
+nothing to donate.
+
+Here: SamplingParams and Candidates (the public types), `sample` (the loop),
+and the host helpers `pad_prompts` and `generate` (text in, text out).
 
 Every token's log-prob under the model (temperature 1, no filter) comes out
 with it, so PPO's old-policy log-probs need no second forward pass.
@@ -42,10 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from purld_jax import sharding
+from purld_jax import prefix_cache
+from purld_jax import token_choice
 from purld_jax import vision
 from purld_jax.models import layer_stack
-from purld_jax.models import layers as layers_lib
 from purld_jax.models import tokenizer as tokenizer_lib
 
 # Prompt lengths are rounded up to one of these (then to multiples of the
@@ -127,298 +131,6 @@ def tokens_before_stop(tokens: np.ndarray, finished: np.ndarray
 
 
 # ----------------------------------------------------------------------------
-# Token choice
-
-
-def _order_key(x: jax.Array) -> jax.Array:
-  """i32 with the order of the f32 `x` (-inf lowest), for exact bisection."""
-  i = jax.lax.bitcast_convert_type(x, jnp.int32)
-  return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
-
-
-def _threshold(key_RV: jax.Array, weight_RV: jax.Array, limit) -> jax.Array:
-  """i32[R, 1]: per row the smallest t with sum(weight[key > t]) < limit.
-
-  Tokens with key >= t are then exactly those whose strictly larger tokens
-  weigh less than `limit`. A 32-step bisection over the i32 keys: about 32
-  passes over [R, V], far cheaper on CPU than XLA's sort.
-  """
-  lo = jnp.min(key_RV, axis=-1, keepdims=True) - 1  # keys are > -2^31
-  hi = jnp.max(key_RV, axis=-1, keepdims=True)  # weight above it is 0
-
-  def halve(_, bounds):
-    lo, hi = bounds
-    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo+hi)/2), no overflow
-    above = jnp.sum(jnp.where(key_RV > mid, weight_RV, 0), axis=-1,
-                    keepdims=True)
-    ok = above < limit
-    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
-
-  return jax.lax.fori_loop(0, 32, halve, (lo, hi))[1]
-
-
-def filter_logits(logits_RV: jax.Array, sampling: SamplingParams) -> jax.Array:
-  """Temperature-scaled logits with filtered-out tokens set to -inf.
-
-  Token i survives top-k if fewer than k tokens are strictly more likely,
-  and top-p if the tokens strictly more likely than it hold less than top_p
-  (so the most likely token always survives and ties are kept together).
-
-  Args:
-    logits_RV: f32[R, V] raw logits.
-    sampling: temperature > 0 and the filters.
-
-  Returns:
-    f32[R, V]; its log_softmax is the sampling distribution.
-  """
-  x = logits_RV.astype(jnp.float32) / sampling.temperature
-  neg = jnp.asarray(-jnp.inf, x.dtype)
-  if sampling.top_k and sampling.top_k < x.shape[-1]:
-    key = _order_key(x)
-    t = _threshold(key, jnp.ones((), jnp.int32), sampling.top_k)
-    x = jnp.where(key >= t, x, neg)
-  if sampling.top_p < 1:
-    key = _order_key(x)
-    t = _threshold(key, jax.nn.softmax(x, axis=-1), sampling.top_p)
-    x = jnp.where(key >= t, x, neg)
-  if sampling.min_p > 0:
-    floor = jnp.max(x, axis=-1, keepdims=True) + jnp.log(sampling.min_p)
-    x = jnp.where(x >= floor, x, neg)
-  return x
-
-
-_BLOCK = 256  # tokens per block of the two-level inverse CDF
-
-
-def _last_positive(w_RX: jax.Array) -> jax.Array:
-  """i32[R]: index of the last positive entry of each row."""
-  return w_RX.shape[-1] - 1 - jnp.argmax((w_RX > 0)[:, ::-1], axis=-1)
-
-
-def _draw(keys_R: jax.Array, w_RV: jax.Array) -> jax.Array:
-  """i32[R]: one draw per row from unnormalised weights w >= 0 (some > 0).
-
-  Inverse CDF with one uniform per row, in two levels (blocks of 256, then
-  within the block) so no cumulative sum runs over the whole vocabulary.
-  Zero-weight tokens are never drawn, whatever the rounding.
-  """
-  r, v = w_RV.shape
-  nb = -(-v // _BLOCK)
-  w = jnp.pad(w_RV, ((0, 0), (0, nb * _BLOCK - v))).reshape(r, nb, _BLOCK)
-  block_mass = jnp.sum(w, axis=-1)  # [R, nb]
-  cum = jnp.cumsum(block_mass, axis=-1)
-  u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_R)
-  target = u * cum[:, -1]  # in [0, total)
-  blk = jnp.sum(cum <= target[:, None], axis=-1)
-  blk = jnp.minimum(blk, _last_positive(block_mass))
-  before = jnp.take_along_axis(cum - block_mass, blk[:, None], axis=-1)[:, 0]
-  w_blk = jnp.take_along_axis(w, blk[:, None, None], axis=1)[:, 0]  # [R, 256]
-  inner = jnp.sum(jnp.cumsum(w_blk, axis=-1) <= (target - before)[:, None],
-                  axis=-1)
-  inner = jnp.minimum(inner, _last_positive(w_blk))
-  return (blk * _BLOCK + inner).astype(jnp.int32)
-
-
-def _plain(sampling: SamplingParams) -> bool:
-  """Sampling from the model's own distribution (temperature 1, no filter)."""
-  return (sampling.temperature == 1 and not sampling.top_k
-          and sampling.top_p == 1 and sampling.min_p == 0)
-
-
-def choose(logits_RV: jax.Array, keys_R: jax.Array, sampling: SamplingParams):
-  """Picks one token per row.
-
-  Args:
-    logits_RV: f32[R, V] the model's logits.
-    keys_R: [R] one PRNG key per row.
-    sampling: the rule.
-
-  Returns:
-    (token i32[R], model log-prob f32[R] at temperature 1 unfiltered,
-     sampling log-prob f32[R], 0 for greedy).
-  """
-  logits = logits_RV.astype(jnp.float32)
-  top = jnp.max(logits, axis=-1, keepdims=True)
-  weights = jnp.exp(logits - top)
-  lse = top[:, 0] + jnp.log(jnp.sum(weights, axis=-1))
-  pick = lambda x, tok: jnp.take_along_axis(x, tok[:, None], axis=-1)[:, 0]
-  if sampling.temperature == 0:
-    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return tok, top[:, 0] - lse, jnp.zeros_like(lse)
-  if _plain(sampling):
-    tok = _draw(keys_R, weights)
-    lp = pick(logits, tok) - lse
-    return tok, lp, lp
-  x = filter_logits(logits, sampling)
-  x_top = jnp.max(x, axis=-1, keepdims=True)
-  x_weights = jnp.exp(x - x_top)
-  tok = _draw(keys_R, x_weights)
-  x_lse = x_top[:, 0] + jnp.log(jnp.sum(x_weights, axis=-1))
-  return tok, pick(logits, tok) - lse, pick(x, tok) - x_lse
-
-
-# ----------------------------------------------------------------------------
-# The decode step: prompt cache shared by K rows, generated cache per row
-
-
-@flax.struct.dataclass
-class _Prefix:
-  """The prompts' keys and values, written once, read by their K rows."""
-
-  k: jax.Array  # [L, B, G, P, H]
-  v: jax.Array  # [L, B, G, P, H]
-  mask: jax.Array  # bool[B, P]
-
-
-@flax.struct.dataclass
-class _Own:
-  """Keys and values of each row's own generated tokens, in chunks of
-  `_CHUNK` slots so a step reads only the chunks written so far."""
-
-  k: jax.Array  # [L, R, G, C, H, _CHUNK], keys slot-minor for q.k
-  v: jax.Array  # [L, R, G, C, _CHUNK, H]   (C chunks)
-
-
-_CHUNK = 32
-_NEG = -1e30  # finite, as in layers.py: masked slots weigh exactly 0
-
-
-def _attend(q_RNH, pk_BGPH, pv_BGPH, pmask_BP, own: _Own, layer, col):
-  """One query per row over its prompt's slots and its own slots <= col
-  (layer `layer` of `own`).
-
-  Rows of a prompt are consecutive (r = b * K + k), so the prompt part is one
-  [K * R_q, H] x [H, P] product per (prompt, kv head), never K copies of it.
-  The own slots are visited a chunk at a time, only up to col's chunk, with
-  a running max and sum (the softmax is over prompt and own slots at once).
-  Returns [R, N, H].
-  """
-  r, n, h = q_RNH.shape
-  b, g, p, _ = pk_BGPH.shape
-  k, rq, dt = r // b, n // g, q_RNH.dtype
-  size = own.k.shape[-1]
-  scale = h ** -0.5
-  q = q_RNH.reshape(r, g, rq, h)
-  # [R, G, Rq, X] <-> [B, G, K * Rq, X]
-  to_prompt = lambda x: x.reshape((b, k, g, rq) + x.shape[3:]).swapaxes(
-      1, 2).reshape((b, g, k * rq) + x.shape[3:])
-  to_rows = lambda x: x.reshape((b, g, k, rq) + x.shape[3:]).swapaxes(
-      1, 2).reshape((r, g, rq) + x.shape[3:])
-  lp = jnp.einsum("bgqh,bgph->bgqp", to_prompt(q), pk_BGPH,
-                  preferred_element_type=jnp.float32) * scale
-  lp = jnp.where(pmask_BP[:, None, None, :], lp, _NEG)
-  top = jnp.max(lp, axis=-1)
-  ep = jnp.exp(lp - top[..., None])
-  acc = to_rows(jnp.einsum("bgqp,bgph->bgqh", ep.astype(dt), pv_BGPH))
-  total, top = to_rows(jnp.sum(ep, axis=-1)), to_rows(top)
-
-  def chunk(c, carry):
-    acc, total, top = carry
-    # Only chunk c of this layer is read: no copy of the layer's cache.
-    at = (layer, 0, 0, c, 0, 0)
-    kc = jax.lax.dynamic_slice(own.k, at, (1, r, g, 1, h, size)).reshape(
-        r, g, h, size)
-    vc = jax.lax.dynamic_slice(own.v, at, (1, r, g, 1, size, h)).reshape(
-        r, g, size, h)
-    lo = jnp.einsum("mgrh,mghs->mgrs", q, kc,
-                    preferred_element_type=jnp.float32) * scale
-    slots = c * size + jnp.arange(size)
-    lo = jnp.where((slots <= col)[None, None, None, :], lo, _NEG)
-    new_top = jnp.maximum(top, jnp.max(lo, axis=-1))
-    eo = jnp.exp(lo - new_top[..., None])
-    keep = jnp.exp(top - new_top)
-    acc = acc * keep[..., None].astype(dt) + jnp.einsum(
-        "mgrs,mgsh->mgrh", eo.astype(dt), vc)
-    return acc, total * keep + jnp.sum(eo, axis=-1), new_top
-
-  acc, total, _ = jax.lax.fori_loop(0, col // size + 1, chunk,
-                                    (acc, total, top))
-  return (acc / total[..., None].astype(dt)).reshape(r, n, h)
-
-
-def _decode(model, layers, prefix: _Prefix, own: _Own, tok_R, pos_R, col):
-  """Feeds one token per row: (logits f32[R, V], own cache with slot col).
-  `layers` is `layer_stack.layer_states(model)`, built once per `sample` call.
-
-  The same math as `Llama.extend` with T = 1 (its Block: attention and MLP
-  with pre-norms, residuals), on the shared-prefix cache layout, through
-  `layer_stack.over_layers` (scanned with `cfg.scan_layers`; never remat: no
-  gradient flows through sampling).
-  """
-  cfg = model.cfg
-  x = jnp.take(model.embed[...], tok_R[:, None], axis=0).astype(cfg.dtype)
-  inv_freq = layers_lib.rope_inv_freq(cfg)
-  zero = jnp.zeros((), jnp.int32)
-  c, at = col // _CHUNK, col % _CHUNK
-
-  def block(layer, carry, xs):
-    x, own = carry
-    i, pk, pv = xs
-    q, k, v = layer.attn.project(layer.input_norm(x), pos_R[:, None],
-                                 inv_freq)
-    # Written in place into the stacked cache (slot col of layer i).
-    own = own.replace(
-        k=jax.lax.dynamic_update_slice(
-            own.k, k[None, :, 0, :, None, :, None].astype(own.k.dtype),
-            (i, zero, zero, c, zero, at)),
-        v=jax.lax.dynamic_update_slice(
-            own.v, v[None, :, 0, :, None, None, :].astype(own.v.dtype),
-            (i, zero, zero, c, at, zero)))
-    o = _attend(q[:, 0], pk, pv, prefix.mask, own, i, col)
-    x = x + layer.attn.output(o[:, None])
-    return (x + layer.mlp(layer.post_attn_norm(x)), own), None
-
-  index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-  (x, own), _ = layer_stack.over_layers(model, block, (x, own),
-                                        (index, prefix.k, prefix.v),
-                                        remat="none", layers=layers)
-  return model.logits(model.final_norm(x))[:, 0], _pin(own)
-
-
-def _prefill(model, tokens_BP, mask_BP, slots: int, k: int, embeds=None):
-  """Runs the prompts once: (prefix, empty own cache for B * K rows,
-  logits f32[B, V] after the last prompt token, positions i32[B]).
-  `model` is the decoder; `embeds` [B, P, D] (a prompt with images,
-  `vision.prompt_embeds`) replace the tokens' embedding rows."""
-  b, p = tokens_BP.shape
-  positions = layers_lib.default_positions(mask_BP)
-  cache = model.init_cache(b, p)
-  h, cache = model.extend(tokens_BP, cache, positions=positions,
-                          attention_mask=mask_BP, return_hidden=True,
-                          embeds=embeds)
-  logits = model.logits(h[:, -1])
-  prefix = _Prefix(k=cache.k.swapaxes(2, 3), v=cache.v.swapaxes(2, 3),
-                   mask=mask_BP)
-  n_layers, _, _, g, h = cache.k.shape
-  dt = cache.k.dtype
-  c = -(-slots // _CHUNK)
-  own = _Own(k=jnp.zeros((n_layers, b * k, g, c, h, _CHUNK), dt),
-             v=jnp.zeros((n_layers, b * k, g, c, _CHUNK, h), dt))
-  return _pin(prefix), _pin(own), logits, positions[:, -1]
-
-
-# Logical axes of the caches (sharding.py): rows like the batch, kv heads
-# like kv_heads; a no-op outside `sharding.use_rules`.
-_CACHE_NAMES = {
-    (_Prefix, "k"): ("cache_layers", "cache_batch", "cache_heads",
-                     "cache_len", "cache_head_dim"),
-    (_Prefix, "v"): ("cache_layers", "cache_batch", "cache_heads",
-                     "cache_len", "cache_head_dim"),
-    (_Own, "k"): ("cache_layers", "cache_batch", "cache_heads", None,
-                  "cache_head_dim", None),
-    (_Own, "v"): ("cache_layers", "cache_batch", "cache_heads", None, None,
-                  "cache_head_dim"),
-}
-
-
-def _pin(cache):
-  """`cache` (_Prefix or _Own) with its arrays constrained to the mesh."""
-  pin = lambda field: sharding.constrain(
-      getattr(cache, field), _CACHE_NAMES[(type(cache), field)])
-  return cache.replace(k=pin("k"), v=pin("v"))
-
-
-# ----------------------------------------------------------------------------
 # The sampler
 
 
@@ -432,7 +144,7 @@ class _State:
   sample_logps: jax.Array  # f32[R, T]
   done: jax.Array  # bool[R] a stop token was sampled
   positions: jax.Array  # i32[R] RoPE position of the token sampled last
-  own: _Own
+  own: prefix_cache.Own
 
 
 def _row_keys(key, prompt_index_B, k):
@@ -504,7 +216,7 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
   row_keys = _row_keys(key, prompt_index.astype(jnp.int32), k)
   step_keys = lambda step: jax.vmap(lambda rk: jax.random.fold_in(rk, step))(
       row_keys)
-  prefix, own, logits_BV, last_pos = _prefill(
+  prefix, own, logits_BV, last_pos = prefix_cache.prefill(
       model, prompt_tokens, prompt_mask.astype(bool), max(t - 1, 1), k,
       embeds)
   # Outside the decode loop: with scan_layers the weights are stacked once
@@ -517,8 +229,8 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
       sample_logps=jnp.zeros((r, t), jnp.float32),
       done=jnp.zeros((r,), bool),
       positions=jnp.repeat(last_pos + 1, k), own=own)
-  tok, lp, slp = choose(jnp.repeat(logits_BV, k, axis=0), step_keys(0),
-                        sampling)
+  tok, lp, slp = token_choice.choose(jnp.repeat(logits_BV, k, axis=0),
+                                     step_keys(0), sampling)
   state = _write(state, 0, tok, lp, slp, sampling.stop_ids, pad_id)
 
   def cond(s: _State):
@@ -527,10 +239,10 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
   def body(s: _State):
     last = jax.lax.dynamic_index_in_dim(s.tokens, s.step, axis=1,
                                         keepdims=False)
-    logits, own = _decode(model, layers, prefix, s.own, last, s.positions,
-                          s.step)
+    logits, own = prefix_cache.decode_step(model, layers, prefix, s.own,
+                                           last, s.positions, s.step)
     step = s.step + 1
-    tok, lp, slp = choose(logits, step_keys(step), sampling)
+    tok, lp, slp = token_choice.choose(logits, step_keys(step), sampling)
     s = dataclasses.replace(s, step=step, positions=s.positions + 1, own=own)
     return _write(s, step, tok, lp, slp, sampling.stop_ids, pad_id)
 

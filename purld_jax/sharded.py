@@ -38,7 +38,7 @@ constraints apply. The choices:
 - Sampler: the prompts' keys and values [B, G, P, H] and each row's own
   cache [B * K, G, ...] are split like the batch on the rows and like
   kv_heads on the heads (logical cache_batch / cache_heads; constrained in
-  `sampling._prefill`); rows b * K .. b * K + K - 1 are contiguous, so with
+  `prefix_cache.prefill`); rows b * K .. b * K + K - 1 are contiguous, so with
   B divisible by data * fsdp a prompt's K rows sit on its device. The cache
   is created and consumed inside the jit: nothing to donate.
 - Metrics and other outputs of the train step are replicated.

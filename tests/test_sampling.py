@@ -9,13 +9,15 @@ import pytest
 from flax import nnx
 from numpy.testing import assert_allclose, assert_array_equal
 
+from purld_jax import prefix_cache
 from purld_jax import sampling
+from purld_jax import token_choice
 from purld_jax.models import llama
 from purld_jax.models import tokenizer as tok_lib
 
 SP = sampling.SamplingParams
 # One response length and group size (few compiles); T > 32 so the decode
-# reads its own keys in two chunks (sampling._CHUNK).
+# reads its own keys in two chunks (prefix_cache.CHUNK).
 T, K = 40, 3
 
 
@@ -121,7 +123,7 @@ def test_greedy_equals_step_by_step_argmax(greedy, greedy_reference,
                                           greedy_stop):
   """Each row is the argmax chain of the full forward, up to and with its
   first stop token (prompt 0 stops by column 3), pad after."""
-  assert T > sampling._CHUNK  # the decode crosses a chunk of its own keys
+  assert T > prefix_cache.CHUNK  # the decode crosses a chunk of its own keys
   for b, want in enumerate(greedy_reference):
     n = want.index(greedy_stop) + 1 if greedy_stop in want else T
     assert n <= 3 or b
@@ -164,7 +166,8 @@ def test_vanishing_temperature_picks_the_argmax(model):
       model, jnp.asarray(tokens), jnp.asarray(mask)))[:, -1]  # [3, V]
   rows = jnp.asarray(np.repeat(logits, 64, axis=0))
   keys = jax.random.split(jax.random.key(5), rows.shape[0])
-  tok, lp, slp = jax.jit(sampling.choose, static_argnums=2)(rows, keys, sp)
+  tok, lp, slp = jax.jit(token_choice.choose, static_argnums=2)(rows, keys,
+                                                             sp)
   assert_array_equal(tok, np.repeat(logits.argmax(-1), 64))
   assert_allclose(slp, 0.0, atol=1e-5)
 
@@ -281,7 +284,7 @@ _P5 = np.array([0.5, 0.2, 0.15, 0.1, 0.05], np.float32)
 ])
 def test_filter_logits_by_hand(sp, kept):
   logits = jnp.asarray(np.log(_P5)[None])
-  out = np.asarray(sampling.filter_logits(logits, sp))[0]
+  out = np.asarray(token_choice.filter_logits(logits, sp))[0]
   assert_array_equal(np.flatnonzero(np.isfinite(out)), kept)
   assert_allclose(out[kept], np.log(_P5[kept]) / sp.temperature, rtol=1e-6)
 
@@ -291,7 +294,7 @@ def test_draw_follows_the_filtered_distribution():
   n = 20000
   logits = jnp.broadcast_to(jnp.asarray(np.log(_P5))[None], (n, 5))
   keys = jax.random.split(jax.random.key(0), n)
-  tok, lp, slp = jax.jit(sampling.choose, static_argnums=2)(
+  tok, lp, slp = jax.jit(token_choice.choose, static_argnums=2)(
       logits, keys, SP(top_p=0.75))
   freq = np.bincount(np.asarray(tok), minlength=5) / n
   assert_allclose(freq, [0.5 / .85, 0.2 / .85, 0.15 / .85, 0, 0], atol=0.015)

@@ -75,7 +75,7 @@ flags.DEFINE_bool("compile", True, "compile the step when the devices fit "
                   "the mesh, and print memory_analysis() beside the estimate")
 
 _AUTO_CHUNK = 1 << 27  # scoring._AUTO_CHUNK_ELEMENTS
-_OWN_CHUNK = 32  # sampling._CHUNK
+_OWN_CHUNK = 32  # prefix_cache.CHUNK
 
 
 def abstract_mesh(mesh_cfg, n_devices: int) -> AbstractMesh:
