@@ -1,13 +1,15 @@
 r"""Qwen2.5-0.5B-Instruct, PU-RL with DPO, on one H100 (80 GB).
 
+  python -m purld_jax.tasks.build --task=gsm8k --out=runs/tasks/gsm8k   # once, offline
   python -m purld_jax.main --config=configs/h100_qwen25_0p5b.py --workdir=$WORKDIR \
-      --config.model.path=$MODEL_DIR --config.data.train_path=prompts.jsonl
+      --config.model.path=$MODEL_DIR --dry_run     # the plan; then without --dry_run
   python -m purld_jax.tools.memory --config=configs/h100_qwen25_0p5b.py   # estimate (+ compile)
 
 Architecture: configs/arch/qwen2.5-0.5b/config.json (config.json only).
 One device: mesh 1 x 1 x 1. bf16 compute, f32 params and Adam state; the
 weight matmuls' outputs kept for the backward pass, attention recomputed
-(remat "dots"). 16 prompts x 8 candidates per step.
+(remat "dots"). 16 prompts x 8 candidates per step. Data, ranking, teacher
+prompt and evaluation: `common.gsm8k` (GSM8K test held out).
 Variants: '' | tiny (a random tiny model: CPU, seconds).
 """
 
@@ -32,4 +34,6 @@ def get_config(arg: str = ""):
   c.mesh.data = 1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  if arg != "tiny":  # tiny: the demo prompts, on CPU
+    common.gsm8k(c)
   return common.variant(c, arg, name="configs/h100_qwen25_0p5b.py")

@@ -1,10 +1,13 @@
 r"""Llama-3.1-8B-Instruct, PU-RL with DPO, on a TPU v5p-64 slice (32 chips).
 
+  # the task, once, offline (runs/tasks/gsm8k: common.gsm8k), and the plan:
+  python -m purld_jax.tasks.build --task=gsm8k --out=runs/tasks/gsm8k
+  python -m purld_jax.main --config=configs/llama31_8b_v5p64.py --workdir=/tmp/plan --dry_run
   # on every worker of the slice (README, "Scale"), weights in MODEL_DIR:
   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="\
     cd purld_jax && PURLD_DISTRIBUTED=1 .venv/bin/python -m purld_jax.main \
     --config=configs/llama31_8b_v5p64.py --workdir=$WORKDIR \
-    --config.model.path=$MODEL_DIR --config.data.train_path=prompts.jsonl"
+    --config.model.path=$MODEL_DIR"
   # shardings and memory checked on any CPU machine, no weights, no TPU:
   python -m purld_jax.tools.aot --config=configs/llama31_8b_v5p64.py --devices=32
 
@@ -38,6 +41,8 @@ def get_config(arg: str = ""):
   c.mesh.data = 1
   c.mesh.fsdp = 16
   c.mesh.tensor = 2
+  if arg != "tiny":  # tiny: the demo prompts, on CPU
+    common.gsm8k(c)
   c = common.variant(c, arg, name="configs/llama31_8b_v5p64.py")
   if arg == "tiny":
     c.mesh = common.mesh()

@@ -1,10 +1,13 @@
 r"""Qwen2.5-1.5B-Instruct, PU-RL with DPO, on a TPU v5e-16 slice (16 chips).
 
+  # the task, once, offline (runs/tasks/gsm8k: common.gsm8k), and the plan:
+  python -m purld_jax.tasks.build --task=gsm8k --out=runs/tasks/gsm8k
+  python -m purld_jax.main --config=configs/qwen25_1p5b_v5e16.py --workdir=/tmp/plan --dry_run
   # on every worker of the slice (README, "Scale"), weights in MODEL_DIR:
   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="\
     cd purld_jax && PURLD_DISTRIBUTED=1 .venv/bin/python -m purld_jax.main \
     --config=configs/qwen25_1p5b_v5e16.py --workdir=$WORKDIR \
-    --config.model.path=$MODEL_DIR --config.data.train_path=prompts.jsonl"
+    --config.model.path=$MODEL_DIR"
   # shardings and memory checked on any CPU machine, no weights, no TPU:
   python -m purld_jax.tools.aot --config=configs/qwen25_1p5b_v5e16.py --devices=16
 
@@ -37,6 +40,8 @@ def get_config(arg: str = ""):
   c.mesh.data = 2
   c.mesh.fsdp = 8
   c.mesh.tensor = 1
+  if arg != "tiny":  # tiny: the demo prompts, on CPU
+    common.gsm8k(c)
   c = common.variant(c, arg, name="configs/qwen25_1p5b_v5e16.py")
   if arg == "tiny":
     c.mesh = common.mesh()

@@ -16,7 +16,8 @@ grpo, ldl (stage 1, then the PU-RL loop of train/pu_rl.py with the step of
 train/<recipe>.py), then the before/after table on the held-out prompts
 (train/heldout.py) and, with `export.dir`, the export for serving
 (purld_jax/export.py). A workdir that holds a checkpoint is resumed; a finished
-stage is not run again.
+stage is not run again. --dry_run validates the config and prints the
+plan (purld_jax/plan.py) without running anything.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def define_flags(flag_values=flags.FLAGS):
   flags.DEFINE_string("workdir", None, "run directory: anchor ledger, "
                       "checkpoints, metrics, the reference (resumed when it "
                       "holds a checkpoint)", flag_values=flag_values)
+  flags.DEFINE_bool("dry_run", False, "validate the config and print the "
+                    "plan (stages, updates, devices, memory estimate); "
+                    "nothing is read beyond config files, nothing is run "
+                    "or written", flag_values=flag_values)
 
 
 # ----------------------------------------------------------------------------
@@ -218,6 +223,11 @@ def _main(argv):
   from purld_jax import teacher  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   try:
+    if flags.FLAGS.dry_run:
+      validate(config)
+      from purld_jax import plan  # pylint: disable=g-import-not-at-top
+      print(plan.describe(config, flags.FLAGS.workdir))
+      return 0
     with preemption.on_sigterm(config.ckpt.get("save_on_sigterm", True)):
       run(config, flags.FLAGS.workdir)
   except (ledger.AnchorError, teacher.ConfigError) as e:

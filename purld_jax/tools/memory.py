@@ -67,12 +67,18 @@ from purld_jax.models import lora
 from purld_jax.tools import aot
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "a configs/*.py file",
-                                lock_config=True)
-flags.DEFINE_integer("devices", 0, "fake this many CPU devices (0: the real "
-                     "ones); needed to compile for a slice's mesh")
-flags.DEFINE_bool("compile", True, "compile the step when the devices fit "
-                  "the mesh, and print memory_analysis() beside the estimate")
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when it runs: `main --dry_run`
+  imports this module beside main's own --config)."""
+  config_flags.DEFINE_config_file("config", None, "a configs/*.py file",
+                                  lock_config=True)
+  flags.DEFINE_integer("devices", 0, "fake this many CPU devices (0: the "
+                       "real ones); needed to compile for a slice's mesh")
+  flags.DEFINE_bool("compile", True, "compile the step when the devices fit "
+                    "the mesh, and print memory_analysis() beside the "
+                    "estimate")
 
 _AUTO_CHUNK = 1 << 27  # scoring._AUTO_CHUNK_ELEMENTS
 _OWN_CHUNK = 32  # prefix_cache.CHUNK
@@ -301,4 +307,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

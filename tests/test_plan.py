@@ -1,0 +1,51 @@
+"""`main --dry_run` (purld_jax/plan.py): the plan of a run, nothing run."""
+
+import os
+import subprocess
+import sys
+
+from purld_jax import plan
+from tests import train_fixtures
+from tests.train_fixtures import subprocess_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_describe_counts_the_updates_and_hides_the_key(tmp_path):
+  # GRPO 4 steps x 2 inner iterations = 8 updates, warmup ceil(0.25 x 8) = 2;
+  # SFT 4 steps, warmup 1. The key's variable is named, never read.
+  c = train_fixtures.tiny_config(**{
+      "recipe": "grpo", "loss.grpo.inner_iterations": 2,
+      "teacher.backend": "openai", "teacher.api_key_env": "MY_KEY_VAR"})
+  text = plan.describe(c, str(tmp_path / "w"))
+  assert "stage 2  grpo: 4 steps x 2 prompts x K 2 candidates" in text
+  assert "8 optimizer updates (warmup 2, then cosine)" in text
+  assert "stage 1  SFT on anchors: 4 steps x 2 anchors" in text
+  assert "4 optimizer updates (warmup 1, then cosine)" in text
+  assert "key from $MY_KEY_VAR" in text
+  assert "= train step peak" in text and "(new)" in text
+  assert not (tmp_path / "w").exists()
+
+
+def _dry(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "purld_jax.main", "--dry_run", *args],
+      cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+      timeout=300)
+
+
+def test_dry_run_of_a_paper_config(tmp_path):
+  work = tmp_path / "w"
+  ok = _dry("--config=configs/h100_qwen25_0p5b.py", f"--workdir={work}",
+            "--config.data.train_path=data/demo/train.jsonl",
+            "--config.data.eval_path=data/demo/eval.jsonl")
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "494.0 M params" in ok.stdout and "1 device(s)" in ok.stdout
+  assert "ranking anchor_recon" in ok.stdout
+  assert not work.exists()  # nothing written
+  bad = _dry("--config=configs/h100_qwen25_0p5b.py", f"--workdir={work}",
+             "--config.data.train_path=/nonexistent/train.jsonl")
+  assert bad.returncode == 2
+  assert "data.train_path='/nonexistent/train.jsonl': no such prompt file" in (
+      bad.stderr)
+  assert "Traceback" not in bad.stderr
