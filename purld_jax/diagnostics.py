@@ -119,3 +119,32 @@ def shorter_preferred(scores: np.ndarray, lengths: np.ndarray,
   if valid is not None:
     out = np.where(np.asarray(valid, bool), out, np.nan)
   return out
+
+
+def pairs_vs_oracle(chosen: np.ndarray, rejected: np.ndarray,
+                    mask: np.ndarray, right: np.ndarray) -> dict[str, float]:
+  """The verifier's verdict on the preference pairs a DPO step trains on.
+
+  Args:
+    chosen, rejected: i[B, M] member indices (K = the anchor).
+    mask: bool[B, M] present pairs.
+    right: bool[B, K + 1] the members' correctness, the anchor last.
+
+  Returns: over present pairs (NaN without one), pair_right_over_wrong and
+  pair_wrong_over_right (chosen right and rejected wrong, or the reverse;
+  same-correctness pairs are neither) and pair_anchor_chosen (the share
+  whose chosen is the anchor).
+  """
+  m = np.asarray(mask, bool)
+  right = np.asarray(right, bool)
+  n = int(m.sum())
+  if not n:
+    return dict(pair_right_over_wrong=np.nan, pair_wrong_over_right=np.nan,
+                pair_anchor_chosen=np.nan)
+  ch = np.take_along_axis(right, np.asarray(chosen), -1)
+  rj = np.take_along_axis(right, np.asarray(rejected), -1)
+  return dict(
+      pair_right_over_wrong=float((m & ch & ~rj).sum() / n),
+      pair_wrong_over_right=float((m & ~ch & rj).sum() / n),
+      pair_anchor_chosen=float((m & (np.asarray(chosen)
+                                     == right.shape[-1] - 1)).sum() / n))

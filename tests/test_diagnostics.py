@@ -69,3 +69,20 @@ def test_shorter_preferred_skipping_ties_reads_correctness():
   np.testing.assert_array_equal(half, [1.0, 0.5 * 1 / 3, 0.5])
   with pytest.raises(ValueError, match="ties"):
     diagnostics.shorter_preferred(correct, lengths, ties="drop")
+
+
+def test_pairs_vs_oracle_by_hand():
+  # K = 3 candidates, the anchor is member 3. Prompt 0: candidate 0 (right)
+  # over 2 (wrong) -> right over wrong; a second slot absent. Prompt 1: the
+  # anchor (wrong) over 1 (right) -> wrong over right; 0 over 2 (both
+  # wrong) -> neither. Three present pairs.
+  right = np.array([[1, 0, 0, 1], [0, 1, 0, 0]], bool)
+  chosen = np.array([[0, 1], [3, 0]])
+  rejected = np.array([[2, 0], [1, 2]])
+  mask = np.array([[True, False], [True, True]])
+  d = diagnostics.pairs_vs_oracle(chosen, rejected, mask, right)
+  assert d == pytest.approx(dict(pair_right_over_wrong=1 / 3,
+                                 pair_wrong_over_right=1 / 3,
+                                 pair_anchor_chosen=1 / 3))
+  none = diagnostics.pairs_vs_oracle(chosen, rejected, mask & False, right)
+  assert all(np.isnan(v) for v in none.values())

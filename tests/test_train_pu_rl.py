@@ -156,6 +156,13 @@ def test_recipe_runs_end_to_end(recipe, debias, gate, keep, over, mode,
     assert np.isfinite(r["loss"]) and r["teacher_calls"] == 0.0
     assert {"sample_s", "score_s", "update_s", "score_std"} <= set(r)
     assert ("risk_neg" in r) == (mode == "nnpu")
+    # DPO steps log the verifier's verdict on their pairs (shares).
+    assert ("oracle_pair_right_over_wrong" in r) == (recipe == "dpo")
+    if recipe == "dpo" and np.isfinite(r["oracle_pair_anchor_chosen"]):
+      assert 0.0 <= (r["oracle_pair_right_over_wrong"]
+                     + r["oracle_pair_wrong_over_right"]) <= 1.0
+      if mode == "nnpu":  # every pair is the anchor over a candidate
+        assert r["oracle_pair_anchor_chosen"] == 1.0
     assert ("length_slope" in r) == debias
     if debias:
       assert np.isfinite(r["length_slope"])

@@ -74,7 +74,9 @@ def make_pairs(scores, anchor_score, *, rule: str, margin: float,
   return pairs
 
 
-def _group_pairs(group, config) -> preferences.Pairs:
+def group_pairs(group, config) -> preferences.Pairs:
+  """The pairs [B, M] of a `rollout.Group` under the config's
+  `preference.*` and `pu.*` (`make_pairs`)."""
   pu, pref = config.pu, config.preference
   return make_pairs(group.scores, group.anchor_score, rule=pref.pairs,
                     margin=pref.margin, mode=pu.mode, delta=pu.delta,
@@ -84,14 +86,14 @@ def _group_pairs(group, config) -> preferences.Pairs:
 
 def signal(group, config) -> np.ndarray:
   """bool[B] the groups with at least one pair (`rl.oversample`)."""
-  return np.asarray(_group_pairs(group, config).mask).any(axis=-1)
+  return np.asarray(group_pairs(group, config).mask).any(axis=-1)
 
 
 def build_batch(group, config) -> dict:
   """Host arrays of one DPO step from a `rollout.Group`: only the members
   some pair uses are kept (`compact`)."""
   pref = config.preference
-  pairs = _group_pairs(group, config)
+  pairs = group_pairs(group, config)
   # One member count for the whole run, so the step compiles once: the two
   # members of a best-vs-worst (or anchor-vs-worst) pair, else all of them.
   two = (pref.pairs in ("best_vs_worst", "anchor_as_chosen")

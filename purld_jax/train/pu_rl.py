@@ -94,6 +94,24 @@ def _oracle_agreement(group, correct) -> dict:
   return {f"oracle_{k}": v for k, v in d.items()}
 
 
+def _verifier(prompts):
+  """verifier(b, text) against the reference answers of a prompt batch."""
+  return evaluate.batch_verifier([p.answer for p in prompts.prompts])
+
+
+def _pair_verdicts(group, config, correct, anchors, verifier) -> dict:
+  """oracle_pair_* metrics: the verifier's verdict on the DPO pairs of
+  this step (diagnostics.pairs_vs_oracle; the anchor checked too)."""
+  p = dpo.group_pairs(group, config)
+  right = np.concatenate(
+      [np.asarray(correct) > 0.5,
+       np.array([[verifier(b, a) > 0.5] for b, a in enumerate(anchors)])],
+      axis=-1)
+  d = diagnostics.pairs_vs_oracle(np.asarray(p.chosen), np.asarray(p.rejected),
+                                  np.asarray(p.mask), right)
+  return {f"oracle_{k}": v for k, v in d.items()}
+
+
 def _reference(config, workdir, student, ref_dir=None):
   """(graphdef, reference params): stage 1's output directory."""
   ref_dir = ref_dir or sft.run(config, workdir)
@@ -241,7 +259,7 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
         key = jax.random.fold_in(state.rng, state.step)
         policy = full(state.params)
         scorer = ref_full if config.ranking.scorer == "reference" else policy
-        verifier = evaluate.batch_verifier([p.answer for p in prompts.prompts])
+        verifier = _verifier(prompts)
         group = rollout.collect(
             graphdef, policy, scorer, tok, prompts, anchors, key,
             k=k, sampling=sp, ranking_params=rp,
@@ -260,6 +278,9 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
           group, prompts = rollout.take(group, rows), prompts.take(rows)
           anchors = [anchors[i] for i in rows]
           correct = None if correct is None else correct[rows]
+        if recipe is dpo and correct is not None:  # what the pairs teach
+          host.update(_pair_verdicts(group, config, correct, anchors,
+                                     _verifier(prompts)))
         t0 = time.perf_counter()
         batch = recipe.build_batch(group, config)
         if recipe is grpo:
