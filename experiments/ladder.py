@@ -64,7 +64,10 @@ RUNGS: dict[str, tuple[str, str, dict]] = {
     "anchor_dpo": ("anchor-as-chosen DPO", "sft", {
         "recipe": "dpo", "preference.pairs": "anchor_as_chosen", **_ONE}),
     "purld_dpo": ("PU-RLD DPO", "sft", {"recipe": "dpo", **_ONE}),
-    "purld_grpo": ("PU-RLD GRPO", "sft", {"recipe": "grpo", **_ONE}),
+    # std advantages (floor 0.1), as the oracle rung: the two GRPO rungs
+    # differ only in where the reward comes from.
+    "purld_grpo": ("PU-RLD GRPO", "sft", {
+        "recipe": "grpo", "loss.grpo.advantage": "std", **_ONE}),
     "purld_ldl": ("PU-RLD LDL", "sft", {"recipe": "ldl", **_ONE}),
 }
 SELF_RANKING = ("purld_dpo", "purld_grpo", "purld_ldl")
