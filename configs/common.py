@@ -370,15 +370,16 @@ def gsm8k(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   it and pmi agree with the verifier on 93-98 % of right-vs-wrong pairs,
   the yes/no judge near chance); the Protocol's sampled pass@1 beside
   greedy; a teacher asked for worked solutions ending in the number."""
-  c.data.train_path = "runs/tasks/gsm8k/train.jsonl"
-  c.data.eval_path = "runs/tasks/gsm8k/eval.jsonl"
-  c.ranking.scheme = "anchor_recon"
+  c.data.train_path = "runs/tasks/gsm8k/train.jsonl"  # 2,048 items
+  c.data.eval_path = "runs/tasks/gsm8k/eval.jsonl"    # GSM8K test, 1,319
+  c.ranking.scheme = "anchor_recon"  # the dev pools' best agreement
+  # worked solutions that end in the number the verifier reads
   c.teacher.system_prompt = (
       "You are a careful math tutor. Solve the problem step by step in "
       "plain text (no LaTeX), briefly, and end with 'The answer is N.' "
       "where N is the final number.")
-  c.eval.samples = 4
-  c.eval.temperature = c.sampling.temperature
+  c.eval.samples = 4                 # sampled pass@1 (the Protocol's metric)
+  c.eval.temperature = c.sampling.temperature  # at the training temperature
   return c
 
 
