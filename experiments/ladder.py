@@ -36,6 +36,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -370,10 +371,35 @@ def report(by_metric: dict[str, list], header: str) -> str:
       for m, t in by_metric.items())
 
 
+def recorded(data: dict, rungs: Sequence[str], seeds: Sequence[int],
+             tag: str = "") -> tuple[list[str], list[int]]:
+  """The rungs (in RUNGS order) and seeds of `tag`'s table: those asked
+  for and every one the compact file already holds for that tag, so that
+  running one rung more (or one seed more) keeps the table's other rows."""
+  have_r, have_s = set(rungs), set(seeds)
+  for key in data:
+    cell, _, model = key.partition("/")
+    for rung in RUNGS:
+      name = "sft" if rung in ("untrained", "sft") else rung + tag
+      m = re.fullmatch(re.escape(name) + r"_s(\d+)", cell)
+      if m and _cell_model(rung, int(m[1]), tag)[1] == model.split("@")[0]:
+        have_r.add(rung)
+        have_s.add(int(m[1]))
+  return [r for r in RUNGS if r in have_r], sorted(have_s)
+
+
 def write(runner, rungs, seeds, out: str, header: str,
           tag: str = "") -> dict[str, list]:
-  by_metric = tables(compact(runner, out, rungs, seeds, tag), rungs, seeds,
-                     tag)
+  """Adds the finished cells to answers.json and rewrites ladder<tag>.*
+  with every rung and seed it holds for `tag` (`recorded`)."""
+  data = compact(runner, out, rungs, seeds, tag)
+  asked = (list(rungs), list(seeds))
+  rungs, seeds = recorded(data, rungs, seeds, tag)
+  if (rungs, seeds) != asked:
+    header += (f"Rows: every cell of this study and tag in {ANSWERS} "
+               f"(rungs {','.join(rungs)}; seeds "
+               f"{','.join(map(str, seeds))}), some from earlier runs.\n\n")
+  by_metric = tables(data, rungs, seeds, tag)
   name = f"ladder{tag}"
   with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as f:
     f.write(report(by_metric, header))
@@ -461,8 +487,9 @@ def main(argv=None, *, runner: common.Runner | None = None) -> int:
     print(f"ladder: {e}", file=sys.stderr)
     write(runner, a.rungs, a.seeds, a.out, header, a.tag)
     return 1
-  print(report(write(runner, a.rungs, a.seeds, a.out, header, a.tag),
-               header))
+  write(runner, a.rungs, a.seeds, a.out, header, a.tag)
+  with open(os.path.join(a.out, f"ladder{a.tag}.md"), encoding="utf-8") as f:
+    print(f.read())
   return 0
 
 

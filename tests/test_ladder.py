@@ -237,3 +237,23 @@ def test_no_verdict_rests_on_answers_that_did_not_end(tmp_path):
   assert s["sft"]["verdict"] == (
       "NO VERDICT: answers ended (untrained 90.0 %) below 95 %")
   assert by["greedy"][1]["verdict"].startswith("PASS")
+
+
+def test_one_more_rung_keeps_the_rows_already_in_the_table(tmp_path):
+  """Running anchor_dpo alone (seed 0) after a 3-seed oracle study rebuilds
+  ladder.md with the oracle rows still in it; another tag's cells stay
+  out."""
+  _study(tmp_path, lambda s: _right(200))
+  runner = common.Runner(str(tmp_path), echo=False)
+  _write_cell(runner, "anchor_dpo_s0", {"final": _right(175)})
+  _write_cell(runner, "anchor_dpo_lr1e-5_s0", {"final": _right(400)})
+  ladder.compact(runner, str(tmp_path), ["anchor_dpo"], [0], "_lr1e-5")
+  got = ladder.write(runner, ["untrained", "sft", "anchor_dpo"], [0],
+                     str(tmp_path), "# t\n\n")
+  rows = {r["rung"]: r for r in got["greedy"]}
+  assert list(rows) == ["untrained", "sft", "oracle_grpo", "anchor_dpo"]
+  assert rows["oracle_grpo"]["seeds"] == 3
+  # anchor DPO seed 0: 175 right against sft_s0's 150 -> +5 pt, not +50
+  assert rows["anchor_dpo"]["gain"] == pytest.approx(25 / N)
+  text = (tmp_path / "ladder.md").read_text()
+  assert "rungs untrained,sft,oracle_grpo,anchor_dpo; seeds 0,1,2" in text
