@@ -61,6 +61,11 @@ class RankingParams:
   vocab_chunk: int | None = None
 
 
+# RankingParams.scheme of a run whose loss reads no score (pu.mode "nnpu"):
+# `collect` samples and packs the group but ranks nothing (scores all 0).
+UNRANKED = "none"
+
+
 @dataclasses.dataclass(frozen=True)
 class Group:
   """B prompts with K candidates, the anchor, and the self-ranking scores.
@@ -208,7 +213,8 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
                               pad_id=tok.pad_id)
   pixels = getattr(batch, "pixel_values", None)
   images = () if pixels is None else (pixels, batch.pixel_mask)
-  if images and ranking_params.scheme not in ranking.IMAGE_SCHEMES:
+  if images and ranking_params.scheme not in (*ranking.IMAGE_SCHEMES,
+                                              UNRANKED):
     raise ValueError(
         f"ranking.scheme {ranking_params.scheme!r} does not show the "
         "prompt's images to the scorer; with image prompts use one of "
@@ -236,7 +242,10 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
   if scorers is None:
     scorers = self_scoring.model_scorers(
         nnx.merge(graphdef, scorer_params), vocab_chunk=rp.vocab_chunk)
-  if rp.scheme == "teacher_judge":
+  if rp.scheme == UNRANKED:  # pu.mode nnpu: the loss reads no score
+    scores = np.zeros((len(messages), k), np.float32)
+    s_a = np.zeros((len(messages),), np.float32)
+  elif rp.scheme == "teacher_judge":
     if judge is None:
       raise ValueError("ranking.scheme 'teacher_judge' needs a judge")
     scores, s_a = judge(batch.prompts, cut_texts, np.asarray(batch.valid))

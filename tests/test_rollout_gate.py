@@ -38,7 +38,7 @@ def _fixed_sampler(tok):
   return sampler
 
 
-def _collect(tok, model, gate):
+def _collect(tok, model, gate, scheme="judge", scorers=None):
   graphdef, params = nnx.split(model)
   prompts = [prompts_lib.Prompt.from_text("what is two + two ?", id="a"),
              prompts_lib.Prompt.from_text("write a cat", id="b")]
@@ -47,9 +47,9 @@ def _collect(tok, model, gate):
   return rollout.collect(
       graphdef, params, params, tok, batch, ANCHORS, jax.random.PRNGKey(0),
       k=4, sampling=sampling_lib.SamplingParams(max_new_tokens=8),
-      ranking_params=rollout.RankingParams(scheme="judge", gate=gate,
+      ranking_params=rollout.RankingParams(scheme=scheme, gate=gate,
                                            gate_margin=0.5),
-      max_anchor_len=16, sampler=_fixed_sampler(tok))
+      max_anchor_len=16, sampler=_fixed_sampler(tok), scorers=scorers)
 
 
 def test_the_number_gate_ranks_non_answers_last(tiny_tok, tiny_model):  # noqa: F811
@@ -67,3 +67,15 @@ def test_the_number_gate_ranks_non_answers_last(tiny_tok, tiny_model):  # noqa: 
   floor = min(plain.scores[0, 1], plain.scores[0, 3], plain.anchor_score[0])
   np.testing.assert_allclose(gated.scores[0, [0, 2]], [floor - 0.5] * 2,
                              rtol=1e-6)
+
+
+def test_an_unranked_run_scores_nothing(tiny_tok, tiny_model):  # noqa: F811
+  """pu.mode "nnpu" reads no score: collect packs the group without one
+  call of the scorer (a scorer that raises would fail this test)."""
+  class Refuse:
+    def __getattr__(self, name):
+      raise AssertionError(f"the scorer was used ({name}) with no ranking")
+  group = _collect(tiny_tok, tiny_model, "none", rollout.UNRANKED, Refuse())
+  assert group.scores.shape == (2, 4) and not group.scores.any()
+  assert not group.anchor_score.any()
+  assert group.members.shape[:2] == (2, 5)  # the K candidates + the anchor

@@ -163,6 +163,8 @@ def test_recipe_runs_end_to_end(recipe, debias, gate, keep, over, mode,
                      + r["oracle_pair_wrong_over_right"]) <= 1.0
       if mode == "nnpu":  # every pair is the anchor over a candidate
         assert r["oracle_pair_anchor_chosen"] == 1.0
+    if mode == "nnpu":  # nothing ranked: no score, no ranking-vs-oracle
+      assert r["score_std"] == 0.0 and "oracle_pair_accuracy" not in r
     assert ("length_slope" in r) == debias
     if debias:
       assert np.isfinite(r["length_slope"])

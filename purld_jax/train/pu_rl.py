@@ -73,7 +73,8 @@ def sampling_params(config) -> sampling_lib.SamplingParams:
 def ranking_params(config) -> rollout.RankingParams:
   r = config.ranking
   return rollout.RankingParams(
-      scheme=r.scheme, template=r.template or None, yes_word=r.yes_word,
+      scheme=(rollout.UNRANKED if config.pu.mode == "nnpu" else r.scheme),
+      template=r.template or None, yes_word=r.yes_word,
       no_word=r.no_word, aggregation=r.aggregation, bt_iters=r.bt_iters,
       bt_prior=r.bt_prior, metric=r.metric,
       pmi_stop=r.pmi_stop, pair_opponents=r.pair_opponents,
@@ -83,7 +84,7 @@ def ranking_params(config) -> rollout.RankingParams:
       pad_multiple=r.pad_multiple, vocab_chunk=config.model.vocab_chunk or None)
 
 
-def _oracle_agreement(group, correct) -> dict:
+def _oracle_agreement(group, correct, unranked: bool = False) -> dict:
   """oracle_* metrics: the self-ranking against exact answer match
   (`correct` f32[B, K], None unless every prompt has a reference answer;
   diagnostics.ranking_vs_oracle); the oracle is only watched, never trained
@@ -91,6 +92,8 @@ def _oracle_agreement(group, correct) -> dict:
   if correct is None:
     return {}
   d = diagnostics.ranking_vs_oracle(group.scores, correct, group.valid)
+  if unranked:  # pu.mode nnpu: no ranking to judge, only the samples
+    d = {k: d[k] for k in ("sample_accuracy", "mixed_groups")}
   return {f"oracle_{k}": v for k, v in d.items()}
 
 
@@ -268,7 +271,8 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
             processor=student.processor)
         correct = rollout_store.correctness(
             group.texts, [p.answer for p in prompts.prompts], verifier)
-        host = _oracle_agreement(group, correct)  # over every drawn group
+        host = _oracle_agreement(  # over every drawn group
+            group, correct, rp.scheme == rollout.UNRANKED)
         if over > 1:  # dynamic sampling: the groups with a signal first
           sig = recipe.signal(group, config)
           rows = rollout.select(sig, config.rl.batch_size, [config.seed, step])
