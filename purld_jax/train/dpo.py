@@ -6,8 +6,8 @@ the SPIN-like baseline anchor over worst; under `pu.mode = "gate"` a chosen
 member is always a likely positive or the anchor (purld_jax/pu.py). The
 loss is DPO (sigmoid, IPO or hinge) on sequence log-probs of chosen and
 rejected members, the reference being the frozen SFT model. Under
-`pu.mode = "nnpu"` nothing is ranked (`rollout.UNRANKED`): the "pairs" are the anchor
-against each valid candidate, and the loss is the non-negative PU risk of
+`pu.mode = "nnpu"` nothing is ranked (`rollout.UNRANKED`): the "pairs"
+are the anchor against each valid candidate, and the loss is the non-negative PU risk of
 the implicit reward (`losses.nnpu`), anchors positive, candidates
 unlabeled. Only the members some pair uses are scored
 (`compact`), each prompt run once for them (`scoring.response_logps`).
