@@ -209,16 +209,18 @@ def gate_vs_oracle(scores: np.ndarray, anchor_score: np.ndarray,
                                        prior=prior)) & valid[:, None]
   right = np.concatenate([np.asarray(correct) > 0.5,
                           np.asarray(anchor_correct)[:, None] > 0.5], -1)
-  chosen, rejected = (np.asarray(x)[:, 0] for x in pairs[:2])
-  mask = np.asarray(pairs.mask)[:, 0] & valid
-  rows = np.arange(len(right))
-  ch, rj = right[rows, chosen], right[rows, rejected]
-  n = max(int(valid.sum()), 1)
-  good, bad = int((mask & ch & ~rj).sum()), int((mask & ~ch & rj).sum())
+  # One pair a group (best-vs-worst rules): the verifier's verdict per
+  # present pair (diagnostics.pairs_vs_oracle), rescaled to per group.
+  chosen, rejected = (np.asarray(x)[:, :1] for x in pairs[:2])
+  mask = np.asarray(pairs.mask)[:, :1] & valid[:, None]
+  got = diagnostics.pairs_vs_oracle(chosen, rejected, mask, right)
+  n, present = max(int(valid.sum()), 1), int(mask.sum())
+  good, bad, fallback = (
+      0.0 if not present else got[f"pair_{x}"] * present / n
+      for x in ("right_over_wrong", "wrong_over_right", "anchor_chosen"))
   return dict(
-      pairs=mask.sum() / n, fallback=(mask & (chosen == k)).sum() / n,
-      right_over_wrong=good / n, wrong_over_right=bad / n,
-      net=(good - bad) / n,
+      pairs=present / n, fallback=fallback,
+      right_over_wrong=good, wrong_over_right=bad, net=good - bad,
       pair_accuracy=good / (good + bad) if good + bad else np.nan,
       p_nonempty=pos.any(-1)[valid].mean() if valid.any() else np.nan,
       p_precision=right[:, :k][pos].mean() if pos.any() else np.nan)
