@@ -1,9 +1,13 @@
 """Studies that turn the paper's claims into tables (`python -m experiments.NAME`).
 
-  main_table   held-out accuracy of PU-RLD and every baseline (experiments/main_table.py)
-  ablation     ranking-vs-oracle agreement per scheme x K on one stored
-               candidate pool, and the K x scheme x loss training grid
-  rerank       re-score a run's stored pools with more schemes
+  ladder       the learning ladder: untrained -> SFT -> oracle GRPO -> the
+               methods; its cells are every study's cells
+  main_table   every method and baseline side by side, from the ladder's cells
+  ablation     group size K x ranking scheme: one pool re-ranked, and trained
+  writing      open-ended prompts, judged by pairwise win rate
+  compare      B minus A on the same prompts (cells, seeds or studies)
+  rerank       re-score a run's stored pools; calibrate pu.delta
+  claims       the ranking's order consistency and concentration, measured
   common       the cell runner every study uses (one subprocess per cell)
 
 See experiments/README.md.

@@ -211,6 +211,16 @@ def _launch(cmd, *, cwd, env, log_path):
         signal.signal(signal.SIGTERM, previous)
 
 
+# Overrides that choose what a finished cell reports, not what it trains:
+# a cell run with another value is still the same cell.
+REPORT_ONLY = ("eval.models",)
+
+
+def _comparable(spec: Mapping[str, Any]) -> dict:
+  return {**spec, "overrides": {k: v for k, v in dict(
+      spec.get("overrides", {})).items() if k not in REPORT_ONLY}}
+
+
 class Runner:
   """Runs cells of one study (module docstring).
 
@@ -279,7 +289,7 @@ class Runner:
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         old = json.load(f)
-      if old != cell.spec():
+      if _comparable(old) != _comparable(cell.spec()):
         raise CellError(
             f"cell {cell.name!r}: {folder} was run with other settings "
             f"({old} != {cell.spec()}); delete it to run it again")
@@ -474,3 +484,27 @@ def anchor_quality(workdir: str, prompts_path: str) -> dict | None:
               mean_completion_tokens=(float(np.mean(tokens)) if tokens
                                       else float("nan")),
               mean_latency_s=float(np.mean([r[6] for r in got])))
+
+
+def folder_answers(workdir: str, model: str):
+  """`model`'s held-out answers (evaluate.Answers) in the cell folder
+  `workdir` (eval/<model>.jsonl), or None when it has none."""
+  from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "eval", f"{model}.jsonl")
+  return evaluate.read_answers(path, model) if os.path.exists(path) else None
+
+
+def cell_answers(runner: Runner, cell_name: str, model: str):
+  """`folder_answers` of the runner's cell `cell_name` (or its kept copy)."""
+  return folder_answers(runner.results(cell_name), model)
+
+
+def pooled(answers: Sequence, where: Sequence[str]):
+  """(prompt ids, f64[N] per-prompt correctness averaged over `answers`, one
+  evaluate.Answers per seed). Raises naming `where` when prompt sets differ."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  ids = answers[0].ids
+  for a, w in zip(answers, where):
+    if a.ids != ids:
+      raise ValueError(f"{w}: held-out prompts differ from {where[0]}")
+  return ids, np.mean([a.correct for a in answers], axis=0)

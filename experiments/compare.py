@@ -1,8 +1,8 @@
 r"""Paired comparison of finished cells: B minus A on the same held-out prompts.
 
   python -m experiments.compare \
-      --a=experiments/ablation/small_b/cells/k4_pmi_grpo_s0 \
-      --b=experiments/ablation/small_b/cells/k4_pmi_ldl_s0
+      --a=experiments/ladder/small_eval/cells/anchor_dpo_s0 \
+      --b=experiments/ladder/small_eval/cells/purld_dpo_s0
 
 Each side is one cell folder or several (comma-separated: seeds, averaged per
 prompt first, as the study tables do); a folder's answers are
@@ -15,12 +15,11 @@ and prompts (`evaluate.seed_prompt_ci`: each side's seeds resampled too),
 which a result that hangs on one seed widens. Refuses sides whose held-out
 prompts differ.
 
-Two studies cell by cell (say a grid and the same cells re-run with a
-`--train_override`):
+Two studies cell by cell (say a study and the same cells re-run with a
+`--train_override` into another folder):
 
-  python -m experiments.compare --study_a=experiments/ablation/small_b \
-      --study_b=experiments/ablation/small_gate \
-      --out=experiments/ablation/small_gate/vs_small_b
+  python -m experiments.compare --study_a=experiments/ladder/small_dev \
+      --study_b=/tmp/small_dev_gate --out=/tmp/small_dev_gate/vs
 
 pairs every cell name (`k8_judge_dpo`, seeds `_s0`, `_s1`, ... pooled) that
 has finished seeds in both studies (in cells/ or kept/), and writes
@@ -47,20 +46,19 @@ if _ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from experiments import main_table  # noqa: E402
 from purld_jax import evaluate  # noqa: E402
 
 
 def side(folders: Sequence[str], model: str) -> tuple[tuple, np.ndarray]:
   """(prompt ids, f64[S, N] per-prompt correctness of each of the S
   `folders`)."""
-  answers = [main_table.folder_answers(d, model) for d in folders]
+  answers = [common.folder_answers(d, model) for d in folders]
   for d, a in zip(folders, answers):
     if a is None:
       raise FileNotFoundError(
           f"{os.path.join(d, 'eval', model + '.jsonl')}: no answers (is the "
           f"cell finished? try --model=sft or before)")
-  ids, _ = main_table.pooled(answers, list(folders))
+  ids, _ = common.pooled(answers, list(folders))
   return ids, np.stack([a.correct for a in answers])
 
 
@@ -115,7 +113,7 @@ def sft_check(study_a: str, study_b: str) -> str:
   answers = []
   for study in (study_a, study_b):
     folders = [os.path.join(study, sub, "sft") for sub in ("cells", "kept")]
-    found = [main_table.folder_answers(d, "sft") for d in folders]
+    found = [common.folder_answers(d, "sft") for d in folders]
     answers.append(next((a for a in found if a is not None), None))
   a, b = answers
   if a is None or b is None:

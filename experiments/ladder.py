@@ -13,6 +13,7 @@ Rungs, each trained from the rung's own seed's SFT model (cell sft_s<seed>):
   sft          stage 1 on the teacher's anchors
   oracle_grpo  GRPO with the verifier as the reward (the upper bound)
   anchor_dpo   DPO with the anchor as chosen, the worst candidate rejected
+  self_reward_dpo  DPO on the student's own scores without the anchor
   purld_dpo / purld_grpo / purld_ldl   PU-RLD with --scheme, pu.mode gate
 Each rung's gain over the one it is compared with ('vs') is paired by seed
 and prompt: the per-seed differences on the same prompts, with a 95 %
@@ -64,6 +65,11 @@ RUNGS: dict[str, tuple[str, str, dict]] = {
         "pu.include_anchor": False, "loss.grpo.advantage": "std"}),
     "anchor_dpo": ("anchor-as-chosen DPO", "sft", {
         "recipe": "dpo", "preference.pairs": "anchor_as_chosen", **_ONE}),
+    # The student judges its own candidates without the anchor ("Is it
+    # good?"): best over worst of those scores (pu.mode shift: s_a unused).
+    "self_reward_dpo": ("self-reward DPO (no anchor)", "sft", {
+        "recipe": "dpo", "ranking.scheme": "self_reward", "pu.mode": "shift",
+        **_ONE}),
     "purld_dpo": ("PU-RLD DPO", "sft", {"recipe": "dpo", **_ONE}),
     # std advantages (floor 0.1), as the oracle rung: the two GRPO rungs
     # differ only in where the reward comes from.
@@ -94,11 +100,13 @@ def cells(rungs: Sequence[str], seeds: Sequence[int], *, scale: str,
   cells only (a sweep: --tag names its point)."""
   base = {"data.eval_path": SPLITS[split]} if scale != "tiny" else {}
   base.update(extra)
-  # The untrained student is evaluated once, by the first seed's SFT cell
-  # (`_answers`: one model, seed-free draws).
+  # The untrained student is evaluated once, by seed 0's SFT cell
+  # (`_answers`: one model, seed-free draws; any SFT cell's copy serves).
+  # Seed 0, not the first asked for: a cell's settings must not depend on
+  # which seeds one invocation runs (a re-run checks them).
   out = [common.Cell(f"sft_s{s}", config_file(scale),
                      {**RUNGS["sft"][2], **base, "data.shuffle_seed": s,
-                      **({"eval.models": "sft"} if s != seeds[0] else {})},
+                      **({"eval.models": "sft"} if s != 0 else {})},
                      seed=s) for s in seeds]
   for rung in rungs:
     if rung in ("untrained", "sft"):
@@ -413,15 +421,18 @@ def write(runner, rungs, seeds, out: str, header: str,
   return by_metric
 
 
-def _skip(cell, todo, recorded: set, runner) -> bool:
-  """A cell already in answers.json (e.g. a fresh clone of a finished
-  study) is not run again, unless a cell still to run needs its weights
-  (an SFT reference whose folder is gone)."""
+def skip(cell, todo, recorded: set, runner) -> bool:
+  """A cell already in answers.json whose folder is gone (e.g. a fresh
+  clone of a finished study) is not run again, unless a cell still to run
+  needs its weights (an SFT reference). A cell whose folder (or kept copy)
+  is here goes to `Runner.run`, which skips it only if its settings are
+  the same (a changed override is an error, never an old result)."""
   if not any(k.startswith(cell.name + "/") for k in recorded):
     return False
-  needed = any(c.reference == cell.name and not any(
+  if runner.is_done(cell):
+    return False
+  return not any(c.reference == cell.name and not any(
       k.startswith(c.name + "/") for k in recorded) for c in todo)
-  return not needed or runner.is_done(cell)
 
 
 def parse_args(argv):
@@ -479,7 +490,7 @@ def main(argv=None, *, runner: common.Runner | None = None) -> int:
   recorded = set(compact(runner, a.out, a.rungs, a.seeds, a.tag))
   try:
     for cell in todo:
-      if _skip(cell, todo, recorded, runner):
+      if skip(cell, todo, recorded, runner):
         continue
       runner.run(cell)
       write(runner, a.rungs, a.seeds, a.out, header, a.tag)

@@ -19,8 +19,8 @@ Cells (the cell runner of experiments/common.py; configs/demo.py with the
 WRITING overrides and the teacher endpoint): the shared stage-1 reference
 `sft` (SFT on the teacher's anchors for the 64 train prompts, plus the
 held-out answers of the `before` and `sft` models), then one PU-RL cell per
---methods entry and seed (main_table's METHODS: default purld_dpo, the
-self-ranking --scheme). Every model answers the held-out prompts greedily
+--methods entry and seed (METHODS: the ladder's rungs that need no
+verifier; default purld_dpo, with the self-ranking --scheme). Every model answers the held-out prompts greedily
 (`eval.max_new_tokens`).
 
 Comparisons (model vs reference, on the 32 held-out prompts):
@@ -61,7 +61,7 @@ if _ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from experiments import main_table  # noqa: E402
+from experiments import ladder  # noqa: E402
 
 # configs/demo.py (arithmetic) made to fit writing prompts and answers.
 WRITING = {
@@ -81,6 +81,30 @@ WRITING = {
     "teacher.timeout_s": 600.0,
 }
 TEACHER_EVAL = "teacher_eval"  # the teacher's own held-out answers (a ledger)
+REFERENCE = "sft"  # the shared stage-1 cell
+# The stage-2 methods a writing cell can run: the ladder's rungs that need
+# no verifier (a writing prompt has no reference answer), with its
+# overrides (experiments/ladder.py RUNGS).
+METHODS = ("anchor_dpo", "self_reward_dpo", "purld_dpo", "purld_grpo",
+           "purld_ldl")
+
+
+def cells(scale: str, methods: Sequence[str], seeds: Sequence[int], *,
+          scheme: str, extra) -> list[common.Cell]:
+  """The shared SFT reference on configs/demo.py(+:tiny) with `extra`
+  (WRITING and the teacher), then method x seed from it."""
+  config = "configs/demo.py" + (":tiny" if scale == "tiny" else "")
+  base = {"export.dir": ""}
+  if scale == "tiny":
+    base.update({"mesh.data": 1, "log.tensorboard": False})
+  out = [common.Cell(REFERENCE, config, {**base, "recipe": "sft",
+                                         **dict(extra)})]
+  for m in methods:
+    more = {"ranking.scheme": scheme} if m in ladder.SELF_RANKING else {}
+    out += [common.Cell(f"{m}_s{s}", config,
+                        {**base, **ladder.RUNGS[m][2], **more, **dict(extra)},
+                        seed=s, reference=REFERENCE) for s in seeds]
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,20 +127,20 @@ def comparisons(methods: Sequence[str], seeds: Sequence[int],
   teacher (SFT and each method vs the teacher's answers), shuffled (SFT vs
   its own answers with their words shuffled: same words, same length, no
   sense; a judge that reads the answers must prefer the originals)."""
-  ref = main_table.REFERENCE
-  runs = [(m, s) for m in methods if m != "sft_only" for s in seeds]
+  ref = REFERENCE
+  runs = [(m, s) for m in methods for s in seeds]
   out = []
   if "before" in kinds:
     out.append(Comparison(f"{ref}:sft", f"{ref}:before",
                           "SFT vs initial student"))
   if "sft" in kinds:
     out += [Comparison(f"{m}_s{s}:final", f"{ref}:sft",
-                       f"{main_table.BY_KEY[m].label} (seed {s}) vs SFT")
+                       f"{ladder.RUNGS[m][0]} (seed {s}) vs SFT")
             for m, s in runs]
   if "teacher" in kinds:
     out.append(Comparison(f"{ref}:sft", "teacher", "SFT vs teacher"))
     out += [Comparison(f"{m}_s{s}:final", "teacher",
-                       f"{main_table.BY_KEY[m].label} (seed {s}) vs teacher")
+                       f"{ladder.RUNGS[m][0]} (seed {s}) vs teacher")
             for m, s in runs]
   if "shuffled" in kinds:
     out.append(Comparison(f"{ref}:sft", f"{SHUFFLED}{ref}:sft",
@@ -167,7 +191,7 @@ def _answers(runner: common.Runner, spec: str, teacher_texts):
     return None if got is None else {i: shuffle_words(t, i)
                                      for i, t in got.items()}
   cell, model = spec.split(":")
-  got = main_table.cell_answers(runner, cell, model)
+  got = common.cell_answers(runner, cell, model)
   return None if got is None else dict(zip(got.ids, got.texts))
 
 
@@ -283,7 +307,7 @@ def parse_args(argv):
   p.add_argument("--scale", choices=("tiny", "small"), default="small")
   p.add_argument("--seeds", default="0", help="comma list of config.seed")
   p.add_argument("--methods", default="purld_dpo",
-                 help=f"comma list of {list(main_table.BY_KEY)}")
+                 help=f"comma list of {list(METHODS)}")
   p.add_argument("--scheme", default="anchor_recon",
                  help="self-ranking of the PU-RLD rows")
   p.add_argument("--out", default="", help="default experiments/writing/<scale>")
@@ -322,9 +346,9 @@ def parse_args(argv):
   if set(a.compare) - set(KINDS):
     p.error(f"--compare: unknown {sorted(set(a.compare) - set(KINDS))}; "
             f"known: {list(KINDS)}")
-  unknown = [m for m in a.methods if m not in main_table.BY_KEY]
+  unknown = [m for m in a.methods if m not in METHODS]
   if unknown:
-    p.error(f"unknown methods {unknown}; known: {list(main_table.BY_KEY)}")
+    p.error(f"unknown methods {unknown}; known: {list(METHODS)}")
   a.out = a.out or os.path.join(_ROOT, "experiments", "writing", a.scale)
   a.judge_url = a.judge_url or a.teacher_url
   a.judge_model = a.judge_model or a.teacher_model
@@ -343,7 +367,7 @@ def main(argv=None, *, runner: common.Runner | None = None):
            "teacher.model": a.teacher_model,
            "teacher.api_key_env": a.teacher_key_env,
            **common.parse_overrides(a.override)}
-  study = main_table.cells(a.scale, a.methods, a.seeds, scheme=a.scheme,
+  study = cells(a.scale, a.methods, a.seeds, scheme=a.scheme,
                            extra=extra)
   runner = runner or common.Runner(a.out)
   if a.dry_run:
