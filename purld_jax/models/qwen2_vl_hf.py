@@ -109,8 +109,8 @@ def abstract_model(cfg: qwen2_vl.Qwen2VLConfig):
 
 def layout_of(path: str | os.PathLike) -> str:
   """NEW or LEGACY: how the directory's tensors are named."""
-  files = hf._tensor_files(pathlib.Path(path))  # pylint: disable=protected-access
-  return NEW if "model.visual.patch_embed.proj.weight" in files else LEGACY
+  names = hf.tensor_names(path)
+  return NEW if "model.visual.patch_embed.proj.weight" in names else LEGACY
 
 
 def load_params(path: str | os.PathLike, cfg: qwen2_vl.Qwen2VLConfig, *,

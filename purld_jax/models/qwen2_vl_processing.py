@@ -15,7 +15,7 @@ max_pixels), normalises it, repeats it temporal_patch_size times and
 flattens it into patches [Q_i, K], m x m blocks in row-major order, with
 its grid (t, h, w) in patches. `Qwen2_5_VLProcessor` writes each
 `<|image_pad|>` of a prompt out as t * h * w / m^2 copies. Its video
-processor needs torchvision, so `ImageProcessor` is the same class
+processor needs torchvision, so `processor` builds the same class
 without one. `preprocess` adds the host-side model inputs (qwen2_vl.py):
 the M-RoPE positions and the vision tower's indices.
 """
@@ -46,15 +46,17 @@ def image_processor(cfg: qwen2_vl.Qwen2VLConfig | None = None, **kwargs):
 def _processor_class():
   from transformers.models.qwen2_5_vl import processing_qwen2_5_vl as m
 
-  class ImageProcessor(m.Qwen2_5_VLProcessor):
-    """`Qwen2_5_VLProcessor` with no video processor (images and text)."""
+  class Qwen2_5_VLProcessor(m.Qwen2_5_VLProcessor):  # pylint: disable=invalid-name
+    """transformers' class with no video processor (images and text); the
+    same name, which it writes as `processor_class` into saved configs."""
 
-    def __init__(self, image_processor=None, tokenizer=None,  # pylint: disable=redefined-outer-name
-                 chat_template=None, **kwargs):
+    def __init__(  # pylint: disable=redefined-outer-name
+        self, image_processor=None, tokenizer=None, chat_template=None,
+        **kwargs):
       super().__init__(image_processor, tokenizer, None,
                        chat_template=chat_template, **kwargs)
 
-  return ImageProcessor
+  return Qwen2_5_VLProcessor
 
 
 def processor(tokenizer, cfg: qwen2_vl.Qwen2VLConfig, image_proc=None):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
+from flax import nnx
 
 from purld_jax import models
 from purld_jax.models import hf_config
@@ -290,3 +291,75 @@ def test_vision_inputs_by_hand():
   np.testing.assert_array_equal(blocks, [0, 0, 1, 0, 0, 1])
   np.testing.assert_array_equal(vis["frames"], [0] * 24 + [1] * 4)
   assert (vis["windows"][24:] == 2).all()
+
+
+def test_cached_greedy_decoding_matches_generate(setup):
+  """Prefill through `text.extend` with the M-RoPE positions, then one
+  token a step at the row's next position: transformers' greedy tokens."""
+  _, ref, model, proc = setup
+  n = 5
+  batch = proc_lib.preprocess(
+      proc, model.cfg, [f"User : {IMG} what is in the picture ?",
+                        f"{IMG} a {IMG} dog"],
+      [[_image(14, 40, 32)], [_image(15, 24, 24), _image(16, 32, 16)]])
+  tokens = jnp.asarray(batch["input_ids"])
+  mask = jnp.asarray(batch["attention_mask"])
+  feats = nnx.jit(lambda m, pv, vis: m.image_features(pv, vis))(
+      model, jnp.asarray(batch["pixel_values"]), batch["vision_inputs"])
+  cache = model.text.init_cache(2, tokens.shape[1] + n)
+  logits, cache = model.text.extend(
+      None, cache, positions=jnp.asarray(batch["positions"]),
+      attention_mask=mask, embeds=model.embed(tokens, feats))
+  pos = qwen2_vl.next_position(batch["positions"])
+  out = []
+  for _ in range(n):
+    tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    out.append(np.asarray(tok))
+    logits, cache = model.text.extend(
+        tok[:, None], cache, positions=jnp.broadcast_to(pos[None, :, None],
+                                                        (3, 2, 1)),
+        attention_mask=jnp.ones((2, 1), bool))
+    pos = pos + 1
+  ref.model.rope_deltas = None
+  with torch.no_grad():
+    want = ref.generate(**_torch_kwargs(batch, ref.config.image_token_id),
+                        max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        pad_token_id=0)
+  np.testing.assert_array_equal(np.stack(out, 1),
+                                want[:, tokens.shape[1]:].numpy())
+
+
+def test_every_parameter_has_logical_axes_with_rules(setup):
+  """The vision tower shards by sharding.py's rules: heads and mlp on
+  tensor, the merger's input on tensor, its width on fsdp."""
+  import jax
+  from purld_jax import sharding
+  _, _, model, _ = setup
+  names = sharding.logical_axes(model)
+  mesh = sharding.make_mesh((2, 2, 2))  # 2 heads split on tensor 2
+  shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  specs = jax.tree.map(
+      lambda n, x: sharding.spec(n, sharding.DEFAULT_RULES, mesh, x.shape),
+      names, shapes, is_leaf=lambda x: isinstance(x, tuple))
+  vision = specs["vision"]
+  assert vision["merger_fc1"] == jax.sharding.PartitionSpec("tensor", None)
+  assert vision["layers"][0]["mlp"]["gate_proj"] == jax.sharding.PartitionSpec(
+      "fsdp", "tensor")
+  assert vision["layers"][0]["attn"]["qkv"] == jax.sharding.PartitionSpec(
+      "fsdp", None, "tensor", None)
+
+
+def test_load_processor_from_a_model_directory(setup, tmp_path):
+  """Tokenizer and preprocessor_config.json read back from a directory."""
+  *_, model, proc = setup
+  proc.tokenizer.save_pretrained(str(tmp_path))
+  proc.image_processor.save_pretrained(str(tmp_path))
+  cfg = json.loads((tmp_path / "preprocessor_config.json").read_text())
+  assert cfg.get("processor_class") in (None, "Qwen2_5_VLProcessor")
+  again = proc_lib.load_processor(tmp_path, model.cfg)
+  args = (model.cfg, [f"{IMG} a cat"], [[_image(17, 200, 300)]])
+  a, b = proc_lib.preprocess(proc, *args), proc_lib.preprocess(again, *args)
+  for key in ("input_ids", "pixel_values", "image_grid_thw", "positions"):
+    np.testing.assert_array_equal(a[key], b[key])
+  assert a["image_grid_thw"].prod() == 4 * (a["input_ids"] ==
+                                            model.cfg.image_token_id).sum()
