@@ -186,11 +186,14 @@ def rope_index(input_ids_BT, attention_mask_BT, image_grid_thw_N3,
   img = 0
   for r in range(b):
     row = ids[r][mask[r]]
+    starts = np.flatnonzero(row == cfg.image_token_id)
     pos, i, p = [], 0, 0
     while i < len(row):
-      if row[i] != cfg.image_token_id:
-        pos.append(np.full((3, 1), p))
-        i, p = i + 1, p + 1
+      k = np.searchsorted(starts, i)
+      j = int(starts[k]) if k < len(starts) else len(row)
+      if j > i:  # text: three equal positions, counting on
+        pos.append(np.broadcast_to(np.arange(p, p + j - i), (3, j - i)))
+        i, p = j, p + j - i
         continue
       if img >= len(grids):
         raise ValueError(f"row {r}: more image tokens than image grids "
@@ -198,7 +201,7 @@ def rope_index(input_ids_BT, attention_mask_BT, image_grid_thw_N3,
       gt, gh, gw = grids[img]
       gh, gw = gh // m, gw // m
       n = gt * gh * gw
-      if not (row[i:i + n] == cfg.image_token_id).all():
+      if not (row[i:i + n] == cfg.image_token_id).all() or i + n > len(row):
         raise ValueError(f"row {r}: image {img} needs {n} image tokens "
                          f"(id {cfg.image_token_id}) in a run")
       tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw),

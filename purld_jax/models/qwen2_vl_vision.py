@@ -292,7 +292,7 @@ class VisionTower(nnx.Module):
     return x
 
   def __call__(self, pixel_values_QK, rows_cols, frames, windows):
-    """f32-or-compute-dtype [S, D] merged features, S = Q / m^2.
+    """[S, D] merged features in the compute dtype, S = Q / m^2.
 
     Args:
       pixel_values_QK: the processor's flattened patches.

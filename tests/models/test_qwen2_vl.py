@@ -363,3 +363,16 @@ def test_load_processor_from_a_model_directory(setup, tmp_path):
     np.testing.assert_array_equal(a[key], b[key])
   assert a["image_grid_thw"].prod() == 4 * (a["input_ids"] ==
                                             model.cfg.image_token_id).sum()
+
+
+def test_image_token_count_is_checked(setup):
+  *_, model, proc = setup
+  batch = proc_lib.preprocess(proc, model.cfg, [f"{IMG} a cat"],
+                              [[_image(18, 16, 16)]])
+  ids = batch["input_ids"].copy()
+  ids[0, np.argmax(ids[0] == model.cfg.image_token_id)] = 0
+  with pytest.raises(ValueError, match="3 image tokens"):
+    qwen2_vl.check_image_tokens(ids, batch["image_grid_thw"], model.cfg)
+  with pytest.raises(ValueError, match="row 0: image 0 needs 4 image tokens"):
+    qwen2_vl.rope_index(ids, batch["attention_mask"],
+                        batch["image_grid_thw"], model.cfg)
