@@ -28,7 +28,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json",
 
 def load_model(path: str | os.PathLike, *, dtype=jnp.float32,
                param_dtype=None, shardings=None) -> llama.Llama:
-  """A `Llama` with weights from a Hugging Face directory.
+  """A `Llama` with weights from a Hugging Face directory (a `Qwen2VL`,
+  qwen2_vl.py, when its config.json model_type is qwen2_5_vl).
 
   Args:
     path: directory with config.json and safetensors.
@@ -36,6 +37,11 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32,
     param_dtype: storage dtype (default: `dtype`).
     shardings: optional shardings of the param state (see sharding.py).
   """
+  from purld_jax.models import qwen2_vl  # pylint: disable=g-import-not-at-top
+  if hf.read_json(path)[0].get("model_type") in qwen2_vl.SUPPORTED:
+    from purld_jax.models import qwen2_vl_hf  # pylint: disable=g-import-not-at-top
+    return qwen2_vl_hf.load_model(path, dtype=dtype, param_dtype=param_dtype,
+                                  shardings=shardings)
   cfg = hf.read_config(path, dtype=dtype, param_dtype=param_dtype or dtype)
   params = hf.load_params(path, cfg, shardings=shardings)
   graphdef, _ = llama.abstract_model(cfg)
@@ -66,7 +72,12 @@ def save_pretrained(model: llama.Llama, tokenizer, path: str | os.PathLike,
              ("bos_token_id", "eos_token_id", "pad_token_id")
              if getattr(hf_tok, k, None) is not None}
   from purld_jax.models import idefics3  # pylint: disable=g-import-not-at-top
-  if isinstance(model, idefics3.Idefics3):
+  from purld_jax.models import qwen2_vl  # pylint: disable=g-import-not-at-top
+  if isinstance(model, qwen2_vl.Qwen2VL):
+    from purld_jax.models import qwen2_vl_hf  # pylint: disable=g-import-not-at-top
+    qwen2_vl_hf.save_model(model, path, dtype=dtype, extra_config=extra,
+                           max_shard_bytes=max_shard_bytes)
+  elif isinstance(model, idefics3.Idefics3):
     from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
     idefics3_hf.save_model(model, path, dtype=dtype, extra_config=extra,
                            max_shard_bytes=max_shard_bytes)

@@ -146,6 +146,11 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
   return {k: single for k in _keys_of(single)}
 
 
+def tensor_names(path: str | os.PathLike) -> set[str]:
+  """Every tensor name of a checkpoint directory (headers only)."""
+  return set(_tensor_files(pathlib.Path(path)))
+
+
 def check_files(path: str | os.PathLike, read=None) -> None:
   """Raises CheckpointError (naming the file) unless `path`'s config.json
   parses and every safetensors file's header reads and fits the file

@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from purld_jax import sharding
@@ -52,16 +53,38 @@ def rope_inv_freq(cfg: llama_config.LlamaConfig) -> jax.Array:
   raise ValueError(f"rope scaling {sc[0]!r} is not supported")
 
 
-def apply_rope(x_BTXH: jax.Array, positions_BT: jax.Array,
-               inv_freq: jax.Array) -> jax.Array:
-  """Rotate-half RoPE (the Hugging Face layout) on [B, T, heads, H]."""
-  angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
+def rope_angles(positions, inv_freq: jax.Array,
+                mrope_section: tuple[int, ...] | None = None) -> jax.Array:
+  """f32[B, T, H/2] rotation angles of i32[B, T] positions, or of M-RoPE
+  positions i32[3, B, T] (temporal, height, width; Qwen2.5-VL): frequency f
+  takes its position from the component whose `mrope_section` span (in
+  order, summing to H/2) holds f."""
+  if positions.ndim == 3:
+    if mrope_section is None:
+      raise ValueError("positions [3, B, T] need the config's mrope_section")
+    comp = np.repeat(np.arange(len(mrope_section)), mrope_section)
+    positions_BTF = jnp.moveaxis(positions[comp], 0, -1)
+    return positions_BTF.astype(jnp.float32) * inv_freq[None, None]
+  return positions.astype(jnp.float32)[..., None] * inv_freq[None, None]
+
+
+def rotate(x_BTXH: jax.Array, angles_BTF: jax.Array) -> jax.Array:
+  """Rotate-half RoPE (the Hugging Face layout) of [B, T, heads, H] by
+  angles f32[B, T, H/2] (each used for both halves)."""
+  cos = jnp.cos(angles_BTF)[:, :, None, :]
+  sin = jnp.sin(angles_BTF)[:, :, None, :]
   x = x_BTXH.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTXH.dtype)
+
+
+def apply_rope(x_BTXH: jax.Array, positions_BT: jax.Array,
+               inv_freq: jax.Array,
+               mrope_section: tuple[int, ...] | None = None) -> jax.Array:
+  """RoPE on [B, T, heads, H] at positions i32[B, T] (or M-RoPE's
+  i32[3, B, T], `rope_angles`)."""
+  return rotate(x_BTXH, rope_angles(positions_BT, inv_freq, mrope_section))
 
 
 def default_positions(attention_mask_BT: jax.Array) -> jax.Array:
@@ -133,7 +156,7 @@ class Attention(nnx.Module):
 
     Args:
       x_BTD: normed input.
-      positions_BT: i32 RoPE positions.
+      positions_BT: i32 RoPE positions [B, T] (M-RoPE: [3, B, T]).
       inv_freq: f32[H/2].
       k_cache_BSGH, v_cache_BSGH: this layer's cache, or None for a plain
         forward (keys are then this call's own T tokens, S = T).
@@ -183,8 +206,11 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q = self.q_norm(q)
       k = self.k_norm(k)
-    q = sharding.constrain(apply_rope(q, positions_BT, inv_freq), _ACT_HEADS)
-    k = sharding.constrain(apply_rope(k, positions_BT, inv_freq), _ACT_HEADS)
+    sec = cfg.mrope_section
+    q = sharding.constrain(apply_rope(q, positions_BT, inv_freq, sec),
+                           _ACT_HEADS)
+    k = sharding.constrain(apply_rope(k, positions_BT, inv_freq, sec),
+                           _ACT_HEADS)
     return q, k, v
 
   def output(self, attn_BTNH):

@@ -188,7 +188,8 @@ class Llama(nnx.Module):
     Args:
       tokens: i32[B, T]; ignored (may be None) when `embeds` is given.
       positions: i32[B, T]; default
-        `layers.default_positions(attention_mask)`.
+        `layers.default_positions(attention_mask)`. With
+        `cfg.mrope_section`, also M-RoPE's i32[3, B, T] (qwen2_vl.py).
       attention_mask: bool[B, T], False on padding; default all True.
       embeds: optional [B, T, D] input embeddings used instead of the
         tokens' rows of the table (cast to the compute dtype).
@@ -204,7 +205,8 @@ class Llama(nnx.Module):
     Args:
       tokens: i32[B, T]; ignored (may be None) when `embeds` is given.
       cache: the cache, with `cache.end + T <= S`.
-      positions: i32[B, T] RoPE positions of these tokens.
+      positions: i32[B, T] RoPE positions of these tokens (M-RoPE:
+        i32[3, B, T], qwen2_vl.py).
       attention_mask: bool[B, T] which of these tokens are real.
       return_hidden: return final-norm hidden states instead of logits.
       embeds: optional [B, T, D] input embeddings in place of the tokens'

@@ -36,6 +36,9 @@ class LlamaConfig:
   o_bias: bool = False  # Llama `attention_bias` also biases o_proj
   mlp_bias: bool = False
   qk_norm: bool = False  # Qwen3
+  # Qwen2.5-VL's M-RoPE: how many of the H/2 frequencies take the temporal,
+  # height and width position (positions i32[3, B, T]; layers.rope_angles).
+  mrope_section: tuple[int, ...] | None = None
   model_type: str = "llama"
   param_dtype: Any = jnp.float32
   dtype: Any = jnp.float32  # compute dtype
