@@ -415,6 +415,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.rl.batch_size = 2
   c.opt.learning_rate = 1e-3
   c.opt.warmup_frac = 0.25
+  c.opt.micro_batches = 1              # batches of 2 (arith.py sets 4)
   c.eval.num_prompts = 4
   c.eval.batch_size = 4
   c.eval.sample_batch_size = 0         # = eval.batch_size (when sampled)

@@ -287,30 +287,37 @@ def k_plot(train: Sequence[dict], pool: Sequence[dict], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   done = [r for r in train if r["status"] == "done"]
-  agree = [r for r in pool if r["scheme"] != "oracle"]
+  agree = [r for r in pool if r["scheme"] != "oracle"
+           and np.isfinite(r["pair_accuracy"])]  # NaN: no mixed prompt
   if not done and not agree:
     return
-  fig, axes = plt.subplots(1, 2, figsize=(10.4, 4))
+  panels = [p for p, rows in (("train", done), ("pool", agree)) if rows]
+  fig, axs = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4),
+                          squeeze=False)
+  axes = dict(zip(panels, axs[0]))
   colors = {s: plt.cm.tab10(i) for i, s in enumerate(SCHEMES)}
   for (rung, scheme) in dict.fromkeys((r["rung"], r["scheme"]) for r in done):
     pts = sorted((r["k"], r["gain"], r["gain_lo"], r["gain_hi"]) for r in done
                  if (r["rung"], r["scheme"]) == (rung, scheme))
     k, v, lo, hi = (np.array(x, np.float64) for x in zip(*pts))
-    line, = axes[0].plot(k, 100 * v, "-o", color=colors.get(scheme),
-                         label=f"{rung} {scheme}")
-    axes[0].fill_between(k, 100 * lo, 100 * hi, alpha=0.2,
-                         color=line.get_color())
-  axes[0].axhline(0, lw=1, color="k")
-  axes[0].set_ylabel("sampled pass@1 gain over SFT (pt), 95 % CI")
-  axes[0].set_title("(b) trained")
+    line, = axes["train"].plot(k, 100 * v, "-o", color=colors.get(scheme),
+                               label=f"{rung} {scheme}")
+    axes["train"].fill_between(k, 100 * lo, 100 * hi, alpha=0.2,
+                               color=line.get_color())
+  if done:
+    axes["train"].axhline(0, lw=1, color="k")
+    axes["train"].set_ylabel("sampled pass@1 gain over SFT (pt), 95 % CI")
+    axes["train"].set_title("(b) trained")
   for scheme in dict.fromkeys(r["scheme"] for r in agree):
     pts = sorted((r["k"], r["pair_accuracy"]) for r in agree
                  if r["scheme"] == scheme)
-    axes[1].plot(*zip(*pts), "-o", color=colors.get(scheme), label=scheme)
-  axes[1].axhline(0.5, ls="--", lw=1, color="k")
-  axes[1].set_ylabel("pair accuracy vs the verifier (mixed prompts)")
-  axes[1].set_title("(a) one pool, re-ranked (chance 0.5)")
-  for ax in axes:
+    axes["pool"].plot(*zip(*pts), "-o", color=colors.get(scheme),
+                      label=scheme)
+  if agree:
+    axes["pool"].axhline(0.5, ls="--", lw=1, color="k")
+    axes["pool"].set_ylabel("pair accuracy vs the verifier (mixed prompts)")
+    axes["pool"].set_title("(a) one pool, re-ranked (chance 0.5)")
+  for ax in axes.values():
     ax.set_xscale("log", base=2)
     ax.set_xlabel("K (candidates per prompt)")
     if ax.get_legend_handles_labels()[0]:

@@ -435,6 +435,29 @@ def skip(cell, todo, recorded: set, runner) -> bool:
       k.startswith(c.name + "/") for k in recorded) for c in todo)
 
 
+def run_cells(runner, todo, recorded: set, after, *, prog: str) -> int:
+  """Runs the cells of `todo` that `skip` leaves, calling after() once each
+  has ended (the tables grow cell by cell). 0, or 1 when a cell failed or
+  was blocked (the rest still run) or a finished cell's settings changed
+  (the study stops); each said on stderr."""
+  bad = []
+  try:
+    for cell in todo:
+      if skip(cell, todo, recorded, runner):
+        continue
+      status = runner.run(cell)
+      after()
+      if status in ("failed", "blocked"):
+        bad.append(f"{cell.name} ({status})")
+  except common.CellError as e:
+    print(f"{prog}: {e}", file=sys.stderr)
+    return 1
+  if bad:
+    print(f"{prog}: not finished: {', '.join(bad)}; see each cell's "
+          "log.txt", file=sys.stderr)
+  return 1 if bad else 0
+
+
 def parse_args(argv):
   p = argparse.ArgumentParser(
       prog="python -m experiments.ladder", description=__doc__,
@@ -488,20 +511,12 @@ def main(argv=None, *, runner: common.Runner | None = None) -> int:
   header = (f"# Learning ladder ({a.scale}, {a.split} split)\n\n"
             f"`python -m experiments.ladder {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
   recorded = set(compact(runner, a.out, a.rungs, a.seeds, a.tag))
-  try:
-    for cell in todo:
-      if skip(cell, todo, recorded, runner):
-        continue
-      runner.run(cell)
-      write(runner, a.rungs, a.seeds, a.out, header, a.tag)
-  except common.CellError as e:
-    print(f"ladder: {e}", file=sys.stderr)
-    write(runner, a.rungs, a.seeds, a.out, header, a.tag)
-    return 1
+  rc = run_cells(runner, todo, recorded, lambda: write(
+      runner, a.rungs, a.seeds, a.out, header, a.tag), prog="ladder")
   write(runner, a.rungs, a.seeds, a.out, header, a.tag)
   with open(os.path.join(a.out, f"ladder{a.tag}.md"), encoding="utf-8") as f:
     print(f.read())
-  return 0
+  return rc
 
 
 if __name__ == "__main__":

@@ -203,14 +203,8 @@ def main(argv=None, *, runner: common.Runner | None = None):
   rc = 0
   if not a.table_only:
     recorded = set(ladder.compact(runner, a.out, a.methods, a.seeds, a.tag))
-    try:
-      for cell in todo:
-        if not ladder.skip(cell, todo, recorded, runner):
-          runner.run(cell)
-          write(runner, a.methods, a.seeds, a.out, header, a.tag)
-    except common.CellError as e:
-      print(f"main_table: {e}", file=sys.stderr)
-      rc = 1
+    rc = ladder.run_cells(runner, todo, recorded, lambda: write(
+        runner, a.methods, a.seeds, a.out, header, a.tag), prog="main_table")
   table = write(runner, a.methods, a.seeds, a.out, header, a.tag)
   print(markdown(table, header))
   return rc

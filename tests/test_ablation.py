@@ -88,7 +88,8 @@ def test_trained_rows_pair_each_k_with_its_seeds_sft(tmp_path):
   assert "purld_dpo_k2_anchor_recon_s1/final" in data
   pool = [dict(scheme="pmi", k=2, pair_accuracy=.6),
           dict(scheme="pmi", k=8, pair_accuracy=.7),
-          dict(scheme="oracle", k=2, pair_accuracy=1.0)]
+          dict(scheme="oracle", k=2, pair_accuracy=1.0),
+          dict(scheme="judge", k=2, pair_accuracy=float("nan"))]
   ablation.k_plot(rows, pool, str(tmp_path / "k.png"))
   assert (tmp_path / "k.png").stat().st_size > 0
 
@@ -100,3 +101,10 @@ def test_bad_lists_are_short_errors(capsys):
   with pytest.raises(SystemExit):
     ablation.main(["--ks=2,32", "--k_max=16"])
   assert "above --k_max" in capsys.readouterr().err
+
+
+def test_a_pool_without_mixed_prompts_plots_nothing(tmp_path):
+  nan = float("nan")
+  ablation.k_plot([], [dict(scheme="pmi", k=2, pair_accuracy=nan)],
+                  str(tmp_path / "k.png"))
+  assert not (tmp_path / "k.png").exists()

@@ -257,7 +257,8 @@ def test_candidates_may_be_shorter_than_anchors():
 
 
 @pytest.mark.parametrize("name", [
-    "sft", "demo", "purld_dpo", "purld_grpo", "purld_ldl", "purld_dpo_lora"])
+    "sft", "demo", "arith", "purld_dpo", "purld_grpo", "purld_ldl",
+    "purld_dpo_lora"])
 @pytest.mark.parametrize("variant", ["", "tiny"])
 def test_shipped_configs_validate(name, variant):
   import importlib
