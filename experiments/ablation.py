@@ -49,6 +49,7 @@ if _ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from experiments import analysis  # noqa: E402
 from experiments import common  # noqa: E402
 from experiments import ladder  # noqa: E402
 
@@ -178,7 +179,7 @@ def agreement_markdown(grid: Sequence[dict]) -> str:
            _f(r["mixed_groups"]), _f(r["pair_accuracy"]), _f(r["top_right"]),
            f"{_f(r['kendall_tau'])} ± {_f(r['kendall_tau_sd'])}"]
           for r in grid]
-  return common.markdown_table(body, [
+  return analysis.markdown_table(body, [
       "scheme", "K", "prompts", "pool steps", "mixed share", "pair accuracy",
       "top-1 right", "Kendall tau (± sd over seeds)"])
 
@@ -245,7 +246,7 @@ def train_rows(runner: common.Runner, out: str, ks, schemes, losses,
   for rung in losses:
     for scheme in schemes:
       for k in ks:
-        data = ladder.compact(runner, out, ["sft", rung], seeds, tag(k, scheme))
+        data = analysis.compact(runner, out, ["sft", rung], seeds, tag(k, scheme))
         row = dict(rung=rung, scheme=scheme, k=k, status="not run", seeds=0)
         for metric in ("sampled", "greedy"):
           r = ladder.rows(data, ["sft", rung], seeds, tag(k, scheme),
@@ -266,7 +267,7 @@ def train_rows(runner: common.Runner, out: str, ks, schemes, losses,
 
 def train_markdown(rows: Sequence[dict]) -> str:
   def gain(r, pre=""):
-    return common.gain_text(dict(gain=r[pre + "gain"],
+    return analysis.gain_text(dict(gain=r[pre + "gain"],
                                  gain_lo=r[pre + "gain_lo"],
                                  gain_hi=r[pre + "gain_hi"]),
                             bold_significant=True) if pre + "gain" in r else ""
@@ -275,7 +276,7 @@ def train_markdown(rows: Sequence[dict]) -> str:
            f"{100 * r['accuracy']:.1f} [{100 * r['accuracy_lo']:.1f}, "
            f"{100 * r['accuracy_hi']:.1f}]", gain(r), gain(r, "greedy_"),
            r["seeds"]] for r in rows]
-  return common.markdown_table(body, [
+  return analysis.markdown_table(body, [
       "loss", "scheme", "K", "sampled pass@1 % [95 % CI]",
       "gain vs SFT, pt", "greedy gain vs SFT, pt", "seeds"])
 
@@ -386,7 +387,7 @@ def _pool(a, runner, cell, head: str) -> list[dict]:
              pairwise_steps=a.pairwise_steps)
   per_seed, grid = agreement(runner.workdir(cell.name), schemes, a.ks,
                              a.subsample_seeds)
-  common.write_csv(os.path.join(a.out, "ablation_pool.csv"), grid,
+  analysis.write_csv(os.path.join(a.out, "ablation_pool.csv"), grid,
                    ("scheme", "k", "seeds", "steps", "prompts") + METRICS
                    + tuple(f"{m}_sd" for m in METRICS))
   heatmap(grid, os.path.join(a.out, "kendall_tau.png"))
@@ -398,7 +399,7 @@ def _pool(a, runner, cell, head: str) -> list[dict]:
             f"(chance: pair accuracy 0.5, tau 0). Re-scoring took "
             f"{time.perf_counter() - t0:.0f} s in this call.\n\n"
             + agreement_markdown(grid) + "\n")
-  common.write_csv(os.path.join(a.out, "ablation_pool_rows.csv"), per_seed,
+  analysis.write_csv(os.path.join(a.out, "ablation_pool_rows.csv"), per_seed,
                    ("scheme", "k", "seed", "steps", "prompts") + METRICS)
   return grid
 
@@ -439,7 +440,7 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict | None:
   if a.part != "pool":
     rows = train_rows(runner, a.out, a.ks, a.schemes or [PROTOCOL_SCHEME],
                       a.losses, a.seeds)
-    common.write_csv(os.path.join(a.out, "ablation_train.csv"), rows,
+    analysis.write_csv(os.path.join(a.out, "ablation_train.csv"), rows,
                      TRAIN_FIELDS)
     text = head + ("## (b) K x scheme x loss, trained\n\n"
                    + train_markdown(rows) + "\n")

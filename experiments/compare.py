@@ -45,6 +45,7 @@ if _ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from experiments import analysis  # noqa: E402
 from experiments import common  # noqa: E402
 from purld_jax import evaluate  # noqa: E402
 
@@ -52,13 +53,13 @@ from purld_jax import evaluate  # noqa: E402
 def side(folders: Sequence[str], model: str) -> tuple[tuple, np.ndarray]:
   """(prompt ids, f64[S, N] per-prompt correctness of each of the S
   `folders`)."""
-  answers = [common.folder_answers(d, model) for d in folders]
+  answers = [analysis.folder_answers(d, model) for d in folders]
   for d, a in zip(folders, answers):
     if a is None:
       raise FileNotFoundError(
           f"{os.path.join(d, 'eval', model + '.jsonl')}: no answers (is the "
           f"cell finished? try --model=sft or before)")
-  ids, _ = common.pooled(answers, list(folders))
+  ids, _ = analysis.pooled(answers, list(folders))
   return ids, np.stack([a.correct for a in answers])
 
 
@@ -113,7 +114,7 @@ def sft_check(study_a: str, study_b: str) -> str:
   answers = []
   for study in (study_a, study_b):
     folders = [os.path.join(study, sub, "sft") for sub in ("cells", "kept")]
-    found = [common.folder_answers(d, "sft") for d in folders]
+    found = [analysis.folder_answers(d, "sft") for d in folders]
     answers.append(next((a for a in found if a is not None), None))
   a, b = answers
   if a is None or b is None:
@@ -184,7 +185,7 @@ def studies_markdown(rows, rest, study_a, study_b, sft_line, command) -> str:
            "Seeds of a cell are averaged per prompt before the paired "
            "interval; the last interval resamples seeds too "
            "(`evaluate.seed_prompt_ci`). " + sft_line, "",
-           common.markdown_table(body, head) if rows else "No cell in both.",
+           analysis.markdown_table(body, head) if rows else "No cell in both.",
            ""]
   for key, label in (("only_a", "Only in A"), ("only_b", "Only in B")):
     if rest[key]:
@@ -226,7 +227,7 @@ def write_studies(study_a: str, study_b: str, out: str, command: str
     f.write(md)
   flat = [dict(r, acc_a_seeds=_seeds_text(r["acc_a_seeds"]),
                acc_b_seeds=_seeds_text(r["acc_b_seeds"])) for r in rows]
-  common.write_csv(os.path.join(out, "compare.csv"), flat, [
+  analysis.write_csv(os.path.join(out, "compare.csv"), flat, [
       "cell", "seeds_a", "seeds_b", "acc_a_seeds", "acc_b_seeds", "a", "b",
       "diff", "diff_lo", "diff_hi", "diff_lo_seeds", "diff_hi_seeds",
       "only_a", "only_b", "prompts", "overrides"])

@@ -34,10 +34,8 @@ kept/ stay out of git. A re-run skips finished cells.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import re
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -47,6 +45,7 @@ if _ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from experiments import analysis  # noqa: E402
 from experiments import common  # noqa: E402
 
 SPLITS = {"eval": "data/arith/eval.jsonl", "dev": "data/arith/dev.jsonl"}
@@ -120,108 +119,15 @@ def cells(rungs: Sequence[str], seeds: Sequence[int], *, scale: str,
   return out
 
 
-ANSWERS = "answers.json"  # the study's one compact per-prompt file
-
-
-def _cell_model(rung: str, seed: int, tag: str = "") -> tuple[str, str]:
-  return {"untrained": (f"sft_s{seed}", "before"),
-          "sft": (f"sft_s{seed}", "sft")}.get(rung, (f"{rung}{tag}_s{seed}",
-                                                     "final"))
-
-
-def _sha(a) -> str:
-  return hashlib.sha256("\n".join(a.ids).encode()).hexdigest()
-
-
-def _shares(x) -> str:
-  """Per-prompt shares as one space-separated string (one line a record)."""
-  return " ".join(f"{float(v):.4g}" for v in x)
-
-
-def _bits(x) -> str:
-  return "".join("1" if v else "0" for v in np.asarray(x, bool))
-
-
-def compact(runner: common.Runner, out: str, rungs, seeds,
-            tag: str = "") -> dict:
-  """Adds every finished cell's answers to out/answers.json: per cell and
-  model the prompt ids' order (a sha256), correct and ended as 0/1 strings
-  and the mean answer length; the file keeps what was there (a cell whose
-  folder is gone stays in the table). Returns the file's content."""
-  from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from purld_jax.train import heldout  # pylint: disable=g-import-not-at-top
-  path = os.path.join(out, ANSWERS)
-  data = {}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  for rung in rungs:
-    for seed in seeds:
-      cell, model = _cell_model(rung, seed, tag)
-      if not runner.is_done(common.Cell(cell, "")):
-        continue
-      src = os.path.join(runner.results(cell), "eval", f"{model}.jsonl")
-      if not os.path.exists(src):
-        continue
-      a = evaluate.read_answers(src, model)
-      data[f"{cell}/{model}"] = dict(
-          ids_sha256=_sha(a), prompts=len(a.ids),
-          correct=_bits(a.correct == 1), ended=_bits(a.finished),
-          mean_tokens=round(float(np.mean(a.lengths)), 2))
-      src = src[:-len(".jsonl")] + heldout.SAMPLED + ".jsonl"
-      if os.path.exists(src):  # shares over eval.samples answers a prompt
-        a = evaluate.read_answers(src, model)
-        data[f"{cell}/{model}{SAMPLED}"] = dict(
-            ids_sha256=_sha(a), prompts=len(a.ids),
-            correct=_shares(a.correct), ended=_shares(a.finished),
-            mean_tokens=round(float(np.mean(a.lengths)), 2))
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=0, sort_keys=True)
-  return data
-
-
-# The two accuracies (docs/METHOD.md, Protocol): key suffix in answers.json
-# and the table's heading. Sampled pass@1 decides the rules.
-SAMPLED = "@sampled"
-METRICS = {
-    "sampled": (SAMPLED, "sampled pass@1 (the share right of eval.samples "
-                "answers a prompt at eval.temperature): the Protocol's "
-                "metric, the rules' verdicts"),
-    "greedy": ("", "greedy accuracy (one answer a prompt), beside it"),
-}
-
-
-def _answers(data: dict, rung: str, seed: int, tag: str = "",
-             metric: str = "greedy"):
-  """(correct f64[N], ended f64[N], ids sha) of `rung` x `seed` under
-  `metric` from the compact file's content, or None (not run yet)."""
-  suffix = METRICS[metric][0]
-  rec = data.get("/".join(_cell_model(rung, seed, tag)) + suffix)
-  if rec is None and rung == "untrained":
-    # One model whatever the seed (model.path), decoded with the same draws
-    # (the evaluation's key is not the run's seed): any SFT cell's copy.
-    rec = next((v for k, v in sorted(data.items())
-                if k.startswith("sft_s") and k.endswith("/before" + suffix)),
-               None)
-  if rec is None:
-    return None
-  if metric == "greedy":
-    return (np.array([c == "1" for c in rec["correct"]], np.float64),
-            np.array([c == "1" for c in rec["ended"]], np.float64),
-            rec["ids_sha256"])
-  return (np.array(rec["correct"].split(), np.float64),
-          np.array(rec["ended"].split(), np.float64), rec["ids_sha256"])
-
-
 def rows(data: dict, rungs: Sequence[str], seeds: Sequence[int],
          tag: str = "", metric: str = "greedy") -> list[dict]:
-  """One row per rung from the compact answers (`compact`) under `metric`:
-  accuracy (mean over its seeds, interval over seeds and prompts), share of
+  """One row per rung from the compact answers (`analysis.compact`) under
+  `metric`: accuracy (mean over its seeds, interval over seeds and prompts), share of
   answers that ended, gain over its 'vs' rung paired by seed and prompt, and
   the verdict of its rule. Raises naming the cells whose prompt sets
   differ."""
   from purld_jax import evaluate  # pylint: disable=g-import-not-at-top
-  got = {r: {s: _answers(data, r, s, tag, metric) for s in seeds}
+  got = {r: {s: analysis.answers_of(data, r, s, tag, metric) for s in seeds}
          for r in set(rungs) | {RUNGS[r][1] for r in rungs if RUNGS[r][1]}}
   shas = {a[2] for per in got.values() for a in per.values() if a}
   if len(shas) > 1:
@@ -273,101 +179,10 @@ FIELDS = ("metric", "rung", "label", "status", "seeds", "prompts", "accuracy",
           "gain_hi", "paired_seeds", "verdict")
 
 
-def _pct(x) -> str:
-  return "" if x is None or not np.isfinite(x) else f"{100 * x:.1f}"
-
-
-def markdown(table: Sequence[dict], header: str) -> str:
-  body = []
-  for r in table:
-    if r.get("status") != "done":
-      body.append([r["label"], "not run", "", "", "", "", ""])
-      continue
-    acc = (f"{_pct(r['accuracy'])} [{_pct(r['accuracy_lo'])}, "
-           f"{_pct(r['accuracy_hi'])}]")
-    gain = (f"{100 * r['gain']:+.1f} [{100 * r['gain_lo']:+.1f}, "
-            f"{100 * r['gain_hi']:+.1f}]" if "gain" in r else "")
-    body.append([r["label"], acc, _pct(r["ended"]), str(r["seeds"]),
-                 r["vs"] or "", gain, r["verdict"]])
-  return header + common.markdown_table(
-      body, ["rung", "accuracy % [95 % CI]", "ended %", "seeds", "vs",
-             "gain pt [95 % CI, seeds x prompts]", "verdict"]) + "\n"
-
-
-def plot(by_metric: dict[str, list], path: str) -> None:
-  """Bars per rung, one colour per metric, 95 % intervals."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  done = {m: [r for r in t if r.get("status") == "done"]
-          for m, t in by_metric.items()}
-  rungs = list(dict.fromkeys(r["rung"] for t in done.values() for r in t))
-  if not rungs:
-    return
-  fig, ax = plt.subplots(figsize=(1.6 * len(rungs) + 2, 3.4))
-  width = 0.8 / len(done)
-  for j, (m, t) in enumerate(done.items()):
-    x = np.array([rungs.index(r["rung"]) for r in t]) + (j - 0.5 *
-                                                          (len(done) - 1)) * width
-    acc = np.array([100 * r["accuracy"] for r in t])
-    err = np.array([[100 * (r["accuracy"] - r["accuracy_lo"]) for r in t],
-                    [100 * (r["accuracy_hi"] - r["accuracy"]) for r in t]])
-    ax.bar(x, acc, width, yerr=err, capsize=3, label=m)
-  ax.set_xticks(np.arange(len(rungs)), rungs, rotation=20)
-  ax.set_ylabel("held-out accuracy %")
-  ax.legend(fontsize=8)
-  ax.set_title("learning ladder (95 % CI over seeds and prompts)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-CURVES = ("oracle_sample_accuracy", "kl", "entropy")
-
-
-def curves(out: str) -> dict:
-  """{stage-2 cell: {"step": [...], metric: [...]}} for CURVES, read from
-  each kept cell's metrics.jsonl (kept/<cell>/; the cells' own folders are
-  not in git): the training curves behind a rung's verdict, written to
-  curves.json (small: one row per step) and plotted to curves.png."""
-  got = {}
-  kept = os.path.join(out, "kept")
-  for name in sorted(os.listdir(kept)) if os.path.isdir(kept) else ():
-    path = os.path.join(kept, name, "metrics.jsonl")
-    if name.startswith("sft_") or not os.path.isfile(path):
-      continue
-    with open(path, encoding="utf-8") as f:
-      recs = [json.loads(line) for line in f if line.strip()]
-    recs = [r for r in recs if r.get("stage") != "sft"]
-    if recs:
-      got[name] = {"step": [r["step"] for r in recs], **{
-          k: [r.get(k) for r in recs] for k in CURVES}}
-  return got
-
-
-def plot_curves(data: dict, path: str, smooth: float = 0.8) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from purld_jax import plot as plot_lib  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
-  for name, c in data.items():
-    for ax, k in zip(axes, CURVES):
-      ys = [np.nan if v is None else v for v in c[k]]
-      ax.plot(c["step"], plot_lib.ema(ys, smooth), label=name)
-  for ax, k in zip(axes, CURVES):
-    ax.set_title(f"{k} (EMA {smooth})")
-    ax.set_xlabel("step")
-  axes[0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
 def tables(data: dict, rungs, seeds, tag: str = "") -> dict[str, list]:
   """{metric: rows} for each metric some cell was evaluated with, the
   Protocol's (sampled) first."""
-  out = {m: rows(data, rungs, seeds, tag, m) for m in METRICS}
+  out = {m: rows(data, rungs, seeds, tag, m) for m in analysis.METRICS}
   return {m: t for m, t in out.items()
           if any(r.get("status") == "done" for r in t)} or {
               "greedy": out["greedy"]}
@@ -375,49 +190,33 @@ def tables(data: dict, rungs, seeds, tag: str = "") -> dict[str, list]:
 
 def report(by_metric: dict[str, list], header: str) -> str:
   return header + "\n".join(
-      markdown(t, f"## {METRICS[m][1][0].upper()}{METRICS[m][1][1:]}\n\n")
+      analysis.markdown(t, f"## {analysis.METRICS[m][1][0].upper()}"
+                        f"{analysis.METRICS[m][1][1:]}\n\n")
       for m, t in by_metric.items())
-
-
-def recorded(data: dict, rungs: Sequence[str], seeds: Sequence[int],
-             tag: str = "") -> tuple[list[str], list[int]]:
-  """The rungs (in RUNGS order) and seeds of `tag`'s table: those asked
-  for and every one the compact file already holds for that tag, so that
-  running one rung more (or one seed more) keeps the table's other rows."""
-  have_r, have_s = set(rungs), set(seeds)
-  for key in data:
-    cell, _, model = key.partition("/")
-    for rung in RUNGS:
-      name = "sft" if rung in ("untrained", "sft") else rung + tag
-      m = re.fullmatch(re.escape(name) + r"_s(\d+)", cell)
-      if m and _cell_model(rung, int(m[1]), tag)[1] == model.split("@")[0]:
-        have_r.add(rung)
-        have_s.add(int(m[1]))
-  return [r for r in RUNGS if r in have_r], sorted(have_s)
 
 
 def write(runner, rungs, seeds, out: str, header: str,
           tag: str = "") -> dict[str, list]:
   """Adds the finished cells to answers.json and rewrites ladder<tag>.*
   with every rung and seed it holds for `tag` (`recorded`)."""
-  data = compact(runner, out, rungs, seeds, tag)
+  data = analysis.compact(runner, out, rungs, seeds, tag)
   asked = (list(rungs), list(seeds))
-  rungs, seeds = recorded(data, rungs, seeds, tag)
+  rungs, seeds = analysis.recorded(data, rungs, seeds, tag, names=RUNGS)
   if (rungs, seeds) != asked:
-    header += (f"Rows: every cell of this study and tag in {ANSWERS} "
+    header += (f"Rows: every cell of this study and tag in {analysis.ANSWERS} "
                f"(rungs {','.join(rungs)}; seeds "
                f"{','.join(map(str, seeds))}), some from earlier runs.\n\n")
   by_metric = tables(data, rungs, seeds, tag)
   name = f"ladder{tag}"
   with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as f:
     f.write(report(by_metric, header))
-  common.write_csv(os.path.join(out, f"{name}.csv"),
+  analysis.write_csv(os.path.join(out, f"{name}.csv"),
                    sum(by_metric.values(), []), FIELDS)
-  plot(by_metric, os.path.join(out, f"{name}.png"))
-  if data := curves(out):
+  analysis.plot(by_metric, os.path.join(out, f"{name}.png"))
+  if data := analysis.curves(out):
     with open(os.path.join(out, "curves.json"), "w", encoding="utf-8") as f:
       json.dump(data, f, separators=(",", ":"))
-    plot_curves(data, os.path.join(out, "curves.png"))
+    analysis.plot_curves(data, os.path.join(out, "curves.png"))
   return by_metric
 
 
@@ -510,7 +309,7 @@ def main(argv=None, *, runner: common.Runner | None = None) -> int:
     return 0
   header = (f"# Learning ladder ({a.scale}, {a.split} split)\n\n"
             f"`python -m experiments.ladder {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
-  recorded = set(compact(runner, a.out, a.rungs, a.seeds, a.tag))
+  recorded = set(analysis.compact(runner, a.out, a.rungs, a.seeds, a.tag))
   rc = run_cells(runner, todo, recorded, lambda: write(
       runner, a.rungs, a.seeds, a.out, header, a.tag), prog="ladder")
   write(runner, a.rungs, a.seeds, a.out, header, a.tag)

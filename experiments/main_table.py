@@ -43,6 +43,7 @@ if _ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from experiments import analysis  # noqa: E402
 from experiments import common  # noqa: E402
 from experiments import ladder  # noqa: E402
 
@@ -60,7 +61,7 @@ def _wall(runner: common.Runner, method: str, seeds: Sequence[int],
   """Mean seconds of a seed's cell (cells.jsonl), NaN without one."""
   if method == "untrained":
     return float("nan")
-  walls = [runner.wall_s(ladder._cell_model(method, s, tag)[0])  # pylint: disable=protected-access
+  walls = [runner.wall_s(analysis.cell_model(method, s, tag)[0])  # pylint: disable=protected-access
            for s in seeds]
   walls = [w for w in walls if w is not None]
   return float(np.mean(walls)) if walls else float("nan")
@@ -68,11 +69,11 @@ def _wall(runner: common.Runner, method: str, seeds: Sequence[int],
 
 def rows(runner: common.Runner, data: dict, methods: Sequence[str],
          seeds: Sequence[int], tag: str = "") -> list[dict]:
-  """One row per method from the compact answers (`ladder.compact`): both
+  """One row per method from the compact answers (`analysis.compact`): both
   metrics, the gains over SFT (ladder.rows, paired by seed and prompt),
   teacher calls and wall time."""
   by = {m: {r["rung"]: r for r in ladder.rows(data, methods, seeds, tag, m)}
-        for m in ladder.METRICS}
+        for m in analysis.METRICS}
   out = []
   for method in methods:
     s, g = by["sampled"][method], by["greedy"][method]
@@ -107,7 +108,7 @@ def _pct(r: dict, key: str) -> str:
 def _gain(r: dict, key: str) -> str:
   if key not in r:
     return "(reference)" if r["method"] == "sft" else ""
-  return common.gain_text(dict(gain=r[key], gain_lo=r[key + "_lo"],
+  return analysis.gain_text(dict(gain=r[key], gain_lo=r[key + "_lo"],
                                gain_hi=r[key + "_hi"]), bold_significant=True)
 
 
@@ -122,7 +123,7 @@ def markdown(table: Sequence[dict], header: str) -> str:
                  _pct(r, "greedy"), _gain(r, "greedy_gain"),
                  f"{100 * r['ended']:.1f}", str(r["seeds"]),
                  f"{r['teacher_calls_per_prompt']:.0f}", wall])
-  return header + common.markdown_table(body, [
+  return header + analysis.markdown_table(body, [
       "method", "sampled pass@1 % [95 % CI]", "gain vs SFT, pt",
       "greedy % [95 % CI]", "greedy gain vs SFT, pt", "ended %", "seeds",
       "teacher calls / prompt", "min / seed"]) + "\n"
@@ -130,15 +131,15 @@ def markdown(table: Sequence[dict], header: str) -> str:
 
 def write(runner: common.Runner, methods, seeds, out: str, header: str,
           tag: str = "") -> list[dict]:
-  """Adds the finished cells to answers.json (`ladder.compact`) and writes
+  """Adds the finished cells to answers.json (`analysis.compact`) and writes
   main_table<tag>.md/.csv/.png."""
-  data = ladder.compact(runner, out, methods, seeds, tag)
+  data = analysis.compact(runner, out, methods, seeds, tag)
   table = rows(runner, data, methods, seeds, tag)
   name = os.path.join(out, f"main_table{tag}")
   with open(name + ".md", "w", encoding="utf-8") as f:
     f.write(markdown(table, header))
-  common.write_csv(name + ".csv", table, FIELDS)
-  ladder.plot(ladder.tables(data, methods, seeds, tag), name + ".png")
+  analysis.write_csv(name + ".csv", table, FIELDS)
+  analysis.plot(ladder.tables(data, methods, seeds, tag), name + ".png")
   return table
 
 
@@ -202,7 +203,7 @@ def main(argv=None, *, runner: common.Runner | None = None):
             "**bold**: the interval excludes zero.\n\n")
   rc = 0
   if not a.table_only:
-    recorded = set(ladder.compact(runner, a.out, a.methods, a.seeds, a.tag))
+    recorded = set(analysis.compact(runner, a.out, a.methods, a.seeds, a.tag))
     rc = ladder.run_cells(runner, todo, recorded, lambda: write(
         runner, a.methods, a.seeds, a.out, header, a.tag), prog="main_table")
   table = write(runner, a.methods, a.seeds, a.out, header, a.tag)

@@ -60,6 +60,7 @@ if _ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from experiments import analysis  # noqa: E402
 from experiments import common  # noqa: E402
 from experiments import ladder  # noqa: E402
 
@@ -191,7 +192,7 @@ def _answers(runner: common.Runner, spec: str, teacher_texts):
     return None if got is None else {i: shuffle_words(t, i)
                                      for i, t in got.items()}
   cell, model = spec.split(":")
-  got = common.cell_answers(runner, cell, model)
+  got = analysis.cell_answers(runner, cell, model)
   return None if got is None else dict(zip(got.ids, got.texts))
 
 
@@ -252,7 +253,7 @@ def markdown(rows: Sequence[dict], header: str) -> str:
                  f"{pct(r['lc_win_rate'])} {ci(r['lc_win_rate_ci'])}",
                  f"{r['mean_words_model']:.0f} / {r['mean_words_reference']:.0f}",
                  f"{r['disagreements']} / {r['unparseable']}"])
-  return header + "\n\n" + common.markdown_table(
+  return header + "\n\n" + analysis.markdown_table(
       body, ["comparison", "judged / pairs", "W/T/L", "win % [95% CI]",
              "LC win % [95% CI]", "words (model / ref)",
              "order disagreements / unreadable verdicts"]) + "\n"
@@ -292,7 +293,7 @@ def write(rows: Sequence[dict], out: str, header: str) -> str:
     f.write(text)
   flat = [{k: (json.dumps([round(v, 4) for v in r[k]]) if k.endswith("_ci")
                and k in r else r.get(k, "")) for k in FIELDS} for r in rows]
-  common.write_csv(os.path.join(out, "table.csv"), flat, FIELDS)
+  analysis.write_csv(os.path.join(out, "table.csv"), flat, FIELDS)
   with open(os.path.join(out, "judgements.jsonl"), "w", encoding="utf-8") as f:
     for r in rows:
       for p in r.get("pairs_detail", ()):

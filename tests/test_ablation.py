@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 
+from experiments import analysis
 from experiments import ablation
 from experiments import common
-from experiments import ladder
 
 N = 100
 
@@ -84,7 +84,7 @@ def test_trained_rows_pair_each_k_with_its_seeds_sft(tmp_path):
   assert rows[0]["seeds"] == 2 and rows[0]["gain_lo"] > 0
   md = ablation.train_markdown(rows)
   assert "| PU-RLD DPO | anchor_recon | 8 | not run |" in md
-  data = json.loads((tmp_path / ladder.ANSWERS).read_text())
+  data = json.loads((tmp_path / analysis.ANSWERS).read_text())
   assert "purld_dpo_k2_anchor_recon_s1/final" in data
   pool = [dict(scheme="pmi", k=2, pair_accuracy=.6),
           dict(scheme="pmi", k=8, pair_accuracy=.7),

@@ -18,10 +18,10 @@ import time
 import numpy as np
 import pytest
 
+from experiments import analysis
 from experiments import ablation
 from experiments import common
 from experiments import main_table
-from tests import fixtures_teacher
 from tests import train_fixtures
 
 # Every cell of the end-to-end tests: one step a stage, synchronous saves.
@@ -141,33 +141,6 @@ def test_runner_blocks_without_reference_and_formats_values(tmp_path):
   buf = io.StringIO()
   runner.dry_run([cell], out=buf)
   assert "# x [todo] (stage 1 from cell missing)" in buf.getvalue()
-
-
-def test_anchor_quality_counts_the_right_anchors(tmp_path):
-  from purld_jax import anchors, prompts  # pylint: disable=g-import-not-at-top
-  path = tmp_path / "train.jsonl"
-  rows = [{"id": f"p{i}", "prompt": f"{i} + 1?", "answer": str(i + 1)}
-          for i in range(5)]
-  rows.append({"id": "nolabel", "prompt": "hello"})  # no reference answer
-  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  assert common.anchor_quality(str(tmp_path), str(path)) is None  # no ledger
-  fake = fixtures_teacher.ScriptedTeacher(
-      lambda p: "no idea" if p.id in ("p1", "p3") else f"It is {p.answer}.",
-      latency_s=0.5)
-  store = anchors.AnchorStore(tmp_path, fake)
-  store.fetch(prompts.read_jsonl(path))
-  store.close()
-  q = common.anchor_quality(str(tmp_path), str(path))
-  # 6 anchors; 5 with an answer, 3 of them right (p0, p2, p4).
-  assert (q["anchors"], q["with_answer"], q["right"]) == (6, 5, 3)
-  assert q["accuracy"] == pytest.approx(0.6)
-  assert q["accuracy_lo"] <= 0.6 <= q["accuracy_hi"]
-  assert q["teacher"] == ["fake:teacher"] and not q["simulated"]
-  assert q["truncated"] == 0 and q["mean_latency_s"] == pytest.approx(0.5)
-  texts = ["It is 1.", "no idea", "It is 3.", "no idea", "It is 5.",
-           "It is None."]  # the fake's text for the prompt with no answer
-  assert q["mean_completion_tokens"] == pytest.approx(
-      sum(map(len, texts)) / 6)
 
 
 def _fake_cell(out, name, model, correct):
@@ -327,7 +300,7 @@ def test_kept_results_outlive_the_cell_folder(tmp_path):
   assert runner.results(cell.name) == str(kept)
   assert runner.run(cell) == "skipped" and len(launch.cmds) == 1
   assert not (tmp_path / "cells" / cell.name).exists()  # nothing recreated
-  a = common.cell_answers(runner, cell.name, "final")
+  a = analysis.cell_answers(runner, cell.name, "final")
   assert a.ids == ("p0",) and list(a.correct) == [1]
   # Settings are still checked against the kept copy.
   changed = common.Cell(cell.name, cell.config, {"recipe": "dpo"})

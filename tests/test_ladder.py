@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from experiments import analysis
 from experiments import common
 from experiments import ladder
 
@@ -43,7 +44,7 @@ def _study(tmp_path, oracle_right):
                                       "sft": _right(150 + s)})
     _write_cell(runner, f"oracle_grpo_s{s}", {"final": oracle_right(s)})
   rungs = ["untrained", "sft", "oracle_grpo"]
-  data = ladder.compact(runner, str(tmp_path), rungs, [0, 1, 2])
+  data = analysis.compact(runner, str(tmp_path), rungs, [0, 1, 2])
   return {r["rung"]: r for r in ladder.rows(data, rungs, [0, 1, 2])}
 
 
@@ -72,7 +73,7 @@ def test_sft_significantly_below_untrained_fails(tmp_path):
   for s in range(3):  # SFT loses 100 of the 150 right prompts
     _write_cell(runner, f"sft_s{s}", {"before": _right(150),
                                       "sft": _right(50)})
-  data = ladder.compact(runner, str(tmp_path), ["untrained", "sft"], [0, 1, 2])
+  data = analysis.compact(runner, str(tmp_path), ["untrained", "sft"], [0, 1, 2])
   rows = ladder.rows(data, ["untrained", "sft"], [0, 1, 2])
   assert rows[1]["gain"] == pytest.approx(-0.2)
   assert rows[1]["verdict"].startswith("FAIL: not significantly below")
@@ -84,8 +85,8 @@ def test_table_is_rebuilt_from_the_compact_file_alone(tmp_path):
   # the cell folders are gone (a fresh clone): answers.json still holds all
   fresh = common.Runner(str(tmp_path / "elsewhere"), echo=False)
   os.makedirs(fresh.study_dir)
-  os.replace(tmp_path / ladder.ANSWERS, tmp_path / "elsewhere" / ladder.ANSWERS)
-  data = ladder.compact(fresh, fresh.study_dir, rungs, [0, 1, 2])
+  os.replace(tmp_path / analysis.ANSWERS, tmp_path / "elsewhere" / analysis.ANSWERS)
+  data = analysis.compact(fresh, fresh.study_dir, rungs, [0, 1, 2])
   rows = ladder.rows(data, rungs, [0, 1, 2])
   assert [r["status"] for r in rows] == ["done"] * 3
   assert rows[2]["gain"] == pytest.approx(np.mean([50, 49, 48]) / N)
@@ -98,7 +99,7 @@ def test_few_seeds_or_prompts_are_not_a_publishable_verdict(tmp_path):
   _write_cell(runner, "sft_s0", {"before": _right(10), "sft": _right(10)})
   _write_cell(runner, "oracle_grpo_s0", {"final": _right(400)})
   rungs = ["untrained", "sft", "oracle_grpo"]
-  rows = ladder.rows(ladder.compact(runner, str(tmp_path), rungs, [0]),
+  rows = ladder.rows(analysis.compact(runner, str(tmp_path), rungs, [0]),
                      rungs, [0])
   assert "not a verdict to publish" in rows[2]["verdict"]
 
@@ -149,11 +150,11 @@ def test_curves_read_the_kept_stage2_metrics(tmp_path):
     (tmp_path / "kept" / name).mkdir(parents=True)
     (tmp_path / "kept" / name / "metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows))
-  got = ladder.curves(str(tmp_path))
+  got = analysis.curves(str(tmp_path))
   assert got == {"oracle_grpo_s0": {
       "step": [1, 2], "oracle_sample_accuracy": [0.25, 0.75],
       "kl": [0.0, 0.01], "entropy": [0.5, None]}}
-  ladder.plot_curves(got, str(tmp_path / "curves.png"))
+  analysis.plot_curves(got, str(tmp_path / "curves.png"))
   assert (tmp_path / "curves.png").stat().st_size > 0
 
 
@@ -172,7 +173,7 @@ def test_sampled_pass_at_1_is_its_own_table_and_decides_first(tmp_path):
     _write_sampled(os.path.join(runner.workdir(f"oracle_grpo_s{s}"), "eval"),
                    "final", np.where(np.arange(N) < 250, 0.875, 0.5))
   rungs = ["untrained", "sft", "oracle_grpo"]
-  data = ladder.compact(runner, str(tmp_path), rungs, [0, 1, 2])
+  data = analysis.compact(runner, str(tmp_path), rungs, [0, 1, 2])
   by = ladder.tables(data, rungs, [0, 1, 2])
   assert list(by) == ["sampled", "greedy"]
   s = {r["rung"]: r for r in by["sampled"]}
@@ -194,7 +195,7 @@ def test_sampled_pass_at_1_is_its_own_table_and_decides_first(tmp_path):
   assert text.index("## Sampled pass@1") < text.index("## Greedy accuracy")
   # without sampled answers: the greedy table alone
   assert list(ladder.tables({k: v for k, v in data.items()
-                             if not k.endswith(ladder.SAMPLED)},
+                             if not k.endswith(analysis.SAMPLED)},
                             rungs, [0, 1, 2])) == ["greedy"]
 
 
@@ -213,7 +214,7 @@ def test_the_untrained_student_is_read_from_any_seed(tmp_path):
   _write_cell(runner, "sft_s0", {"before": _right(150), "sft": _right(200)})
   _write_cell(runner, "sft_s1", {"sft": _right(250)})
   rungs = ["untrained", "sft"]
-  data = ladder.compact(runner, str(tmp_path), rungs, [0, 1])
+  data = analysis.compact(runner, str(tmp_path), rungs, [0, 1])
   rows = {r["rung"]: r for r in ladder.rows(data, rungs, [0, 1])}
   assert rows["untrained"]["seeds"] == 2
   assert rows["untrained"]["accuracy"] == pytest.approx(0.3)
@@ -230,7 +231,7 @@ def test_no_verdict_rests_on_answers_that_did_not_end(tmp_path):
   _write_sampled(d, "sft", np.full(N, 0.6))
   _write_sampled(d, "before", np.full(N, 0.1), ended=0.9)  # 90 % ended
   rungs = ["untrained", "sft"]
-  by = ladder.tables(ladder.compact(runner, str(tmp_path), rungs, [0]),
+  by = ladder.tables(analysis.compact(runner, str(tmp_path), rungs, [0]),
                      rungs, [0])
   s = {r["rung"]: r for r in by["sampled"]}
   assert s["sft"]["gain"] == pytest.approx(0.5)
@@ -247,7 +248,7 @@ def test_one_more_rung_keeps_the_rows_already_in_the_table(tmp_path):
   runner = common.Runner(str(tmp_path), echo=False)
   _write_cell(runner, "anchor_dpo_s0", {"final": _right(175)})
   _write_cell(runner, "anchor_dpo_lr1e-5_s0", {"final": _right(400)})
-  ladder.compact(runner, str(tmp_path), ["anchor_dpo"], [0], "_lr1e-5")
+  analysis.compact(runner, str(tmp_path), ["anchor_dpo"], [0], "_lr1e-5")
   got = ladder.write(runner, ["untrained", "sft", "anchor_dpo"], [0],
                      str(tmp_path), "# t\n\n")
   rows = {r["rung"]: r for r in got["greedy"]}
