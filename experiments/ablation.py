@@ -36,7 +36,6 @@ re-scoring about 30 min; 4 K x 3 seeds of one loss = 9 h: run seed by seed
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -337,14 +336,8 @@ def _names(text: str) -> list[str]:
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(
-      prog="python -m experiments.ablation", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = ladder.study_parser("ablation", __doc__, scheme=False, tag="")
   p.add_argument("--part", choices=("all", "pool", "train"), default="all")
-  p.add_argument("--scale", choices=("small", "tiny"), default="small")
-  p.add_argument("--split", choices=tuple(ladder.SPLITS), default="eval")
-  p.add_argument("--seeds", default="0,1,2", help="(b) and the pool's seed "
-                 "(the first)")
   p.add_argument("--ks", default="2,4,8,16")
   p.add_argument("--schemes", default="", help="default: (a) every scheme "
                  "but pairwise_judge; (b) anchor_recon")
@@ -354,18 +347,11 @@ def parse_args(argv):
   p.add_argument("--pool_steps", type=int, default=4)
   p.add_argument("--pairwise_steps", type=int, default=1)
   p.add_argument("--subsample_seeds", default="0,1,2,3,4")
-  p.add_argument("--out", default="")
-  p.add_argument("--override", action="append", default=[],
-                 metavar="KEY=VALUE", help="config override of every cell")
-  p.add_argument("--train_override", action="append", default=[],
-                 metavar="KEY=VALUE", help="(b) cells only")
-  p.add_argument("--dry_run", action="store_true")
-  a = p.parse_args(argv)
+  a = ladder.study_args(p, argv)
   try:
-    a.seeds, a.ks = _ints(a.seeds), _ints(a.ks)
-    a.subsample_seeds = _ints(a.subsample_seeds)
+    a.ks, a.subsample_seeds = _ints(a.ks), _ints(a.subsample_seeds)
   except ValueError as e:
-    p.error(f"--seeds/--ks/--subsample_seeds: comma lists of integers ({e})")
+    p.error(f"--ks/--subsample_seeds: comma lists of integers ({e})")
   a.losses = _names(a.losses)
   if bad := [x for x in a.losses if x not in ladder.SELF_RANKING]:
     p.error(f"--losses: unknown {bad} (known: "
@@ -375,8 +361,6 @@ def parse_args(argv):
     p.error(f"--schemes: unknown {bad} (known: {', '.join(SCHEMES)})")
   if a.part != "train" and max(a.ks) > a.k_max:
     p.error(f"--ks {a.ks}: above --k_max {a.k_max}")
-  a.out = a.out or os.path.join("experiments", "ladder",
-                                f"{a.scale}_{a.split}")
   return a
 
 
@@ -404,17 +388,11 @@ def _pool(a, runner, cell, head: str) -> list[dict]:
   return grid
 
 
-def main(argv=None, *, runner: common.Runner | None = None) -> dict | None:
-  """{"pool": grid, "train": rows} of the parts run; None on a bad
-  override."""
+def main(argv=None, *, runner: common.Runner | None = None) -> dict:
+  """{"pool": grid, "train": rows} of the parts run."""
   argv = sys.argv[1:] if argv is None else argv
   a = parse_args(argv)
-  try:
-    extra = common.parse_overrides(a.override)
-    train = common.parse_overrides(a.train_override)
-  except ValueError as e:
-    print(f"ablation: {e}", file=sys.stderr)
-    return None
+  extra, train = a.extra, a.train
   runner = runner or common.Runner(a.out)
   seeds = a.seeds if a.part != "pool" else a.seeds[:1]
   study = ladder.cells([], seeds, scale=a.scale, split=a.split, extra=extra)
@@ -456,4 +434,4 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-  sys.exit(0 if main() is not None else 2)
+  main()

@@ -257,53 +257,70 @@ def run_cells(runner, todo, recorded: set, after, *, prog: str) -> int:
   return 1 if bad else 0
 
 
-def parse_args(argv):
+def study_parser(prog: str, doc: str, *, scheme: bool = True,
+                 tag: str = "ladder") -> argparse.ArgumentParser:
+  """The flags every study of the ladder's cells shares; `tag` names the
+  table a --tag suffixes ('' = no --tag)."""
   p = argparse.ArgumentParser(
-      prog="python -m experiments.ladder", description=__doc__,
+      prog=f"python -m experiments.{prog}", description=doc,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--rungs", default="untrained,sft,oracle_grpo",
-                 help=f"comma list of {', '.join(RUNGS)}")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--scale", choices=("small", "tiny"), default="small")
   p.add_argument("--split", choices=tuple(SPLITS), default="eval")
-  p.add_argument("--scheme", default="anchor_recon",
-                 help="self-ranking scheme of the purld_* rungs")
-  p.add_argument("--out", default="", help="default experiments/ladder/"
-                 "<scale>_<split>")
+  if scheme:
+    p.add_argument("--scheme", default="anchor_recon",
+                   help="self-ranking scheme of the purld_* rungs")
+  p.add_argument("--out", default="", help="the study folder (default "
+                 "experiments/ladder/<scale>_<split>: the ladder's cells)")
   p.add_argument("--override", action="append", default=[],
                  metavar="KEY=VALUE", help="config override of every cell")
   p.add_argument("--train_override", action="append", default=[],
                  metavar="KEY=VALUE", help="config override of the stage-2 "
-                 "cells only (a sweep point; name it with --tag)")
-  p.add_argument("--tag", default="", help="suffix of the stage-2 cells' "
-                 "names and of ladder<tag>.md (e.g. _lr2e-6)")
+                 "cells only" + (" (a sweep point; name it with --tag)"
+                                 if tag else ""))
+  if tag:
+    p.add_argument("--tag", default="", help="suffix of the stage-2 cells' "
+                   f"names and of {tag}<tag>.md (e.g. _lr2e-6)")
   p.add_argument("--dry_run", action="store_true")
+  return p
+
+
+def study_args(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
+  """Parses `study_parser`'s flags: seeds as ints, the default --out, the
+  overrides as dicts (a.extra, a.train); a bad one is a usage error."""
   a = p.parse_args(argv)
-  a.rungs = [r for r in a.rungs.split(",") if r]
-  bad = [r for r in a.rungs if r not in RUNGS]
-  if bad:
-    p.error(f"--rungs: unknown {bad} (known: {', '.join(RUNGS)})")
   try:
     a.seeds = [int(s) for s in a.seeds.split(",") if s]
   except ValueError:
     p.error(f"--seeds={a.seeds!r}: a comma list of integers")
+  try:
+    a.extra = common.parse_overrides(a.override)
+    a.train = common.parse_overrides(a.train_override)
+  except ValueError as e:
+    p.error(str(e))
   a.out = a.out or os.path.join("experiments", "ladder",
                                 f"{a.scale}_{a.split}")
   return a
 
 
+def parse_args(argv):
+  p = study_parser("ladder", __doc__)
+  p.add_argument("--rungs", default="untrained,sft,oracle_grpo",
+                 help=f"comma list of {', '.join(RUNGS)}")
+  a = study_args(p, argv)
+  a.rungs = [r for r in a.rungs.split(",") if r]
+  bad = [r for r in a.rungs if r not in RUNGS]
+  if bad:
+    p.error(f"--rungs: unknown {bad} (known: {', '.join(RUNGS)})")
+  return a
+
+
 def main(argv=None, *, runner: common.Runner | None = None) -> int:
   a = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    extra = common.parse_overrides(a.override)
-    train = common.parse_overrides(a.train_override)
-  except ValueError as e:
-    print(f"ladder: {e}", file=sys.stderr)
-    return 2
   os.makedirs(a.out, exist_ok=True)
   runner = runner or common.Runner(a.out)
   todo = cells(a.rungs, a.seeds, scale=a.scale, split=a.split,
-               scheme=a.scheme, extra=extra, train=train, tag=a.tag)
+               scheme=a.scheme, extra=a.extra, train=a.train, tag=a.tag)
   if a.dry_run:
     runner.dry_run(todo)
     return 0

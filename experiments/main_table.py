@@ -32,7 +32,6 @@ Outputs beside the ladder's: main_table<tag>.md, .csv and .png.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Sequence
@@ -144,55 +143,27 @@ def write(runner: common.Runner, methods, seeds, out: str, header: str,
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(
-      prog="python -m experiments.main_table", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = ladder.study_parser("main_table", __doc__, tag="main_table")
   p.add_argument("--methods", default=",".join(METHODS),
                  help=f"comma list of {', '.join(METHODS)}")
-  p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--scale", choices=("small", "tiny"), default="small")
-  p.add_argument("--split", choices=tuple(ladder.SPLITS), default="eval")
-  p.add_argument("--scheme", default="anchor_recon",
-                 help="self-ranking scheme of the PU-RLD rows")
-  p.add_argument("--out", default="", help="the study folder (default "
-                 "experiments/ladder/<scale>_<split>: the ladder's cells)")
-  p.add_argument("--override", action="append", default=[],
-                 metavar="KEY=VALUE", help="config override of every cell")
-  p.add_argument("--train_override", action="append", default=[],
-                 metavar="KEY=VALUE", help="config override of the stage-2 "
-                 "cells only (name it with --tag)")
-  p.add_argument("--tag", default="", help="suffix of the stage-2 cells' "
-                 "names and of main_table<tag>.md")
   p.add_argument("--table_only", action="store_true",
                  help="rebuild the table from answers.json; run nothing")
-  p.add_argument("--dry_run", action="store_true")
-  a = p.parse_args(argv)
+  a = ladder.study_args(p, argv)
   a.methods = [m for m in a.methods.split(",") if m]
   bad = [m for m in a.methods if m not in METHODS]
   if bad:
     p.error(f"--methods: unknown {bad} (known: {', '.join(METHODS)})")
-  try:
-    a.seeds = [int(s) for s in a.seeds.split(",") if s]
-  except ValueError:
-    p.error(f"--seeds={a.seeds!r}: a comma list of integers")
-  a.out = a.out or os.path.join("experiments", "ladder",
-                                f"{a.scale}_{a.split}")
   return a
 
 
 def main(argv=None, *, runner: common.Runner | None = None):
   argv = sys.argv[1:] if argv is None else argv
   a = parse_args(argv)
-  try:
-    extra = common.parse_overrides(a.override)
-    train = common.parse_overrides(a.train_override)
-  except ValueError as e:
-    print(f"main_table: {e}", file=sys.stderr)
-    return 2
   os.makedirs(a.out, exist_ok=True)
   runner = runner or common.Runner(a.out)
   todo = ladder.cells(a.methods, a.seeds, scale=a.scale, split=a.split,
-                      scheme=a.scheme, extra=extra, train=train, tag=a.tag)
+                      scheme=a.scheme, extra=a.extra, train=a.train,
+                      tag=a.tag)
   if a.dry_run:
     runner.dry_run(todo)
     return 0
