@@ -8,6 +8,8 @@
   compare      B minus A on the same prompts (cells, seeds or studies)
   rerank       re-score a run's stored pools; calibrate pu.delta
   claims       the ranking's order consistency and concentration, measured
+  pool         the ablation's stored candidate pool, re-ranked per K
+  analysis     answers.json and the tables and plots built from it
   common       the cell runner every study uses (one subprocess per cell)
 
 See experiments/README.md.

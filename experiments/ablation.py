@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from typing import Any, Mapping, Sequence
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,160 +50,11 @@ import numpy as np  # noqa: E402
 from experiments import analysis  # noqa: E402
 from experiments import common  # noqa: E402
 from experiments import ladder  # noqa: E402
+from experiments import pool as pool_lib  # noqa: E402
 
-PREFIX = "ref_"  # stored as scores/ref_<scheme>: scored by the reference
-SCHEMES = ("judge", "pmi", "anchor_recon", "pairwise_judge", "similarity",
-           "self_reward")
-# Part (a) by default: every scheme but pairwise_judge (quadratic in K_max).
-DEFAULT_POOL = tuple(s for s in SCHEMES if s != "pairwise_judge")
-METRICS = ("sample_accuracy", "mixed_groups", "top_right", "pair_accuracy",
-           "kendall_tau")
 # configs/arith.py's K and the ladder's scheme: a (b) cell with both is the
 # main table's cell (tests/test_ablation.py checks the config).
 PROTOCOL_K, PROTOCOL_SCHEME = 4, "anchor_recon"
-
-
-# ----------------------------------------------------------------------------
-# (a) One stored pool, re-ranked
-
-
-def pool_cell(scale: str, seed: int, *, k_max: int, steps: int,
-              extra: Mapping[str, Any] = ()) -> common.Cell:
-  """A PU-RL run whose rollout store is the pool: lr 0 (every step samples
-  from the seed's SFT model), no held-out evaluation; done at its last
-  step's stored rollouts."""
-  return common.Cell(
-      f"pool_k{k_max}_s{seed}", ladder.config_file(scale),
-      {"recipe": "dpo", "sampling.num_candidates": k_max, "rl.steps": steps,
-       "rl.oversample": 1, "opt.learning_rate": 0.0, "data.eval_path": "",
-       "rollout_store.enabled": True, "data.shuffle_seed": seed,
-       **dict(extra)},
-      seed=seed, reference=f"sft_s{seed}",
-      done=os.path.join("rollouts", f"step_{steps:08d}", "meta.json"))
-
-
-def cell_config(workdir: str) -> dict | None:
-  """The cell's config.json (what main.py ran with), or None without one."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def store_path(workdir: str, cfg: Mapping[str, Any]) -> str:
-  """The cell's rollout store: config `rollout_store.dir`, relative to the
-  workdir (os.path.join keeps an absolute one as it is)."""
-  return os.path.join(workdir, cfg.get("rollout_store", {}).get(
-      "dir", "rollouts"))
-
-
-def scoring_kwargs(cfg: Mapping[str, Any]) -> dict:
-  """`self_scoring.score_group` keyword arguments from a cell's config.json:
-  its ranking settings, so a re-scoring ranks as the cell did."""
-  r = cfg["ranking"]
-  return dict(yes_word=r["yes_word"], no_word=r["no_word"],
-              aggregation=r["aggregation"], bt_iters=r["bt_iters"],
-              bt_prior=r["bt_prior"], metric=r["metric"],
-              pair_opponents=r.get("pair_opponents", 0),
-              rows_per_call=r["rows_per_call"],
-              pad_multiple=r["pad_multiple"],
-              vocab_chunk=cfg["model"]["vocab_chunk"] or None)
-
-
-def score_pool(workdir: str, schemes: Sequence[str], *,
-               pairwise_steps: int) -> list[tuple[int, str]]:
-  """Re-scores the pool's steps with every scheme (and oracle) by the
-  reference, with the cell's ranking settings; resumable."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from experiments import rerank  # pylint: disable=g-import-not-at-top
-  from purld_jax import models  # pylint: disable=g-import-not-at-top
-  from purld_jax import rollout_store  # pylint: disable=g-import-not-at-top
-  cfg = cell_config(workdir)
-  store = rollout_store.RolloutStore.open(store_path(workdir, cfg))
-  steps = store.steps()
-  todo = {s: [x for x in list(schemes) + ["oracle"]
-              if PREFIX + x not in store.schemes(s)] for s in steps}
-  if not any(todo.values()):
-    return []
-  model, tok = models.load_pretrained(os.path.join(workdir, "reference"),
-                                      dtype=jnp.float32)
-  kwargs = scoring_kwargs(cfg)
-  done = []
-  for scheme in list(schemes) + ["oracle"]:
-    use = steps[:pairwise_steps] if scheme == "pairwise_judge" else steps
-    t0 = time.perf_counter()
-    done += rerank.rerank(store, model, tok, [scheme], prefix=PREFIX,
-                          steps=use, **kwargs)
-    print(f"[ablation] {scheme}: scored in {time.perf_counter() - t0:.0f} s",
-          file=sys.stderr)
-  return done
-
-
-def agreement(workdir: str, schemes: Sequence[str], ks: Sequence[int],
-              seeds: Sequence[int]) -> tuple[list[dict], list[dict]]:
-  """(per-seed rows, per scheme x K rows: mean and sd over seeds)."""
-  from experiments import rerank  # pylint: disable=g-import-not-at-top
-  from purld_jax import rollout_store  # pylint: disable=g-import-not-at-top
-  store = rollout_store.RolloutStore.open(
-      store_path(workdir, cell_config(workdir)))
-  names = [PREFIX + s for s in list(schemes) + ["oracle"]]
-  per_seed = rerank.agreement_table(store, names, ks, seeds)
-  for r in per_seed:
-    r["scheme"] = r["scheme"].removeprefix(PREFIX)
-  grid = []
-  for scheme in list(schemes) + ["oracle"]:
-    for k in ks:
-      rs = [r for r in per_seed if r["scheme"] == scheme and r["k"] == k]
-      if not rs:
-        continue
-      row = dict(scheme=scheme, k=k, seeds=len(rs), steps=rs[0]["steps"],
-                 prompts=rs[0]["prompts"])
-      for m in METRICS:
-        v = np.array([r[m] for r in rs], np.float64)
-        v = v[np.isfinite(v)]
-        row[m] = float(v.mean()) if len(v) else float("nan")
-        row[f"{m}_sd"] = float(v.std()) if len(v) > 1 else float("nan")
-      grid.append(row)
-  return per_seed, grid
-
-
-def _f(x, fmt="{:.3f}") -> str:
-  return "n/a" if x is None or not np.isfinite(x) else fmt.format(x)
-
-
-def agreement_markdown(grid: Sequence[dict]) -> str:
-  body = [[r["scheme"], r["k"], r["prompts"], r["steps"],
-           _f(r["mixed_groups"]), _f(r["pair_accuracy"]), _f(r["top_right"]),
-           f"{_f(r['kendall_tau'])} ± {_f(r['kendall_tau_sd'])}"]
-          for r in grid]
-  return analysis.markdown_table(body, [
-      "scheme", "K", "prompts", "pool steps", "mixed share", "pair accuracy",
-      "top-1 right", "Kendall tau (± sd over seeds)"])
-
-
-def heatmap(grid: Sequence[dict], path: str, metric: str = "kendall_tau"):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  schemes = list(dict.fromkeys(r["scheme"] for r in grid))
-  ks = sorted({r["k"] for r in grid})
-  z = np.full((len(schemes), len(ks)), np.nan)
-  for r in grid:
-    z[schemes.index(r["scheme"]), ks.index(r["k"])] = r[metric]
-  fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(ks), 1 + 0.5 * len(schemes)))
-  im = ax.imshow(z, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
-  for i in range(len(schemes)):
-    for j in range(len(ks)):
-      ax.text(j, i, _f(z[i, j], "{:.2f}"), ha="center", va="center",
-              fontsize=8)
-  ax.set_xticks(range(len(ks)), [f"K={k}" for k in ks])
-  ax.set_yticks(range(len(schemes)), schemes)
-  ax.set_title(f"{metric} vs oracle (mixed prompts)")
-  fig.colorbar(im, ax=ax)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 # ----------------------------------------------------------------------------
@@ -295,7 +145,7 @@ def k_plot(train: Sequence[dict], pool: Sequence[dict], path: str) -> None:
   fig, axs = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4),
                           squeeze=False)
   axes = dict(zip(panels, axs[0]))
-  colors = {s: plt.cm.tab10(i) for i, s in enumerate(SCHEMES)}
+  colors = {s: plt.cm.tab10(i) for i, s in enumerate(pool_lib.SCHEMES)}
   for (rung, scheme) in dict.fromkeys((r["rung"], r["scheme"]) for r in done):
     pts = sorted((r["k"], r["gain"], r["gain_lo"], r["gain_hi"]) for r in done
                  if (r["rung"], r["scheme"]) == (rung, scheme))
@@ -357,35 +207,12 @@ def parse_args(argv):
     p.error(f"--losses: unknown {bad} (known: "
             f"{', '.join(ladder.SELF_RANKING)})")
   a.schemes = _names(a.schemes)
-  if bad := [s for s in a.schemes if s not in SCHEMES]:
-    p.error(f"--schemes: unknown {bad} (known: {', '.join(SCHEMES)})")
+  if bad := [s for s in a.schemes if s not in pool_lib.SCHEMES]:
+    p.error(f"--schemes: unknown {bad} "
+            f"(known: {', '.join(pool_lib.SCHEMES)})")
   if a.part != "train" and max(a.ks) > a.k_max:
     p.error(f"--ks {a.ks}: above --k_max {a.k_max}")
   return a
-
-
-def _pool(a, runner, cell, head: str) -> list[dict]:
-  schemes = a.schemes or list(DEFAULT_POOL)
-  t0 = time.perf_counter()
-  score_pool(runner.workdir(cell.name), schemes,
-             pairwise_steps=a.pairwise_steps)
-  per_seed, grid = agreement(runner.workdir(cell.name), schemes, a.ks,
-                             a.subsample_seeds)
-  analysis.write_csv(os.path.join(a.out, "ablation_pool.csv"), grid,
-                   ("scheme", "k", "seeds", "steps", "prompts") + METRICS
-                   + tuple(f"{m}_sd" for m in METRICS))
-  heatmap(grid, os.path.join(a.out, "kendall_tau.png"))
-  with open(os.path.join(a.out, "ablation_pool.md"), "w",
-            encoding="utf-8") as f:
-    f.write(head + f"## (a) Self-ranking vs the verifier on one pool "
-            f"(cell {cell.name})\n\nK candidates sub-sampled per prompt, "
-            f"mean over seeds {a.subsample_seeds}; over mixed prompts only "
-            f"(chance: pair accuracy 0.5, tau 0). Re-scoring took "
-            f"{time.perf_counter() - t0:.0f} s in this call.\n\n"
-            + agreement_markdown(grid) + "\n")
-  analysis.write_csv(os.path.join(a.out, "ablation_pool_rows.csv"), per_seed,
-                   ("scheme", "k", "seed", "steps", "prompts") + METRICS)
-  return grid
 
 
 def main(argv=None, *, runner: common.Runner | None = None) -> dict:
@@ -396,7 +223,7 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
   runner = runner or common.Runner(a.out)
   seeds = a.seeds if a.part != "pool" else a.seeds[:1]
   study = ladder.cells([], seeds, scale=a.scale, split=a.split, extra=extra)
-  pool = pool_cell(a.scale, a.seeds[0], k_max=a.k_max, steps=a.pool_steps,
+  pool = pool_lib.pool_cell(a.scale, a.seeds[0], k_max=a.k_max, steps=a.pool_steps,
                    extra=extra)
   if a.part != "train":
     study.append(pool)
@@ -414,7 +241,10 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
           f"{json.dumps(statuses)}.\n\n")
   got = {}
   if a.part != "train" and runner.is_done(pool):
-    got["pool"] = _pool(a, runner, pool, head)
+    got["pool"] = pool_lib.report(
+        runner, pool, a.out, head,
+        schemes=a.schemes or list(pool_lib.DEFAULT_POOL), ks=a.ks,
+        seeds=a.subsample_seeds, pairwise_steps=a.pairwise_steps)
   if a.part != "pool":
     rows = train_rows(runner, a.out, a.ks, a.schemes or [PROTOCOL_SCHEME],
                       a.losses, a.seeds)

@@ -229,49 +229,64 @@ def gate_vs_oracle(scores: np.ndarray, anchor_score: np.ndarray,
 def gate_table(store: rollout_store.RolloutStore, schemes: Sequence[str],
                deltas: Sequence[float] | None, *, prior: float = 0.5,
                quantiles: int = 10, steps: Sequence[int] | None = None,
+               ks: Sequence[int] | None = None, seeds: Sequence[int] = (0,),
                make_verifier=evaluate.batch_verifier) -> list[dict]:
   """pu.delta's calibration (docs/METHOD.md step 4) on a stored pool: one
   row per scheme and delta (`gate_vs_oracle` over every stored group with
   oracle correctness and the scheme's anchor score), then pu.mode shift
-  (delta "shift") and the anchor-as-chosen baseline (delta "anchor"). deltas None: 0 and the
-  `quantiles`-quantiles of the gaps s_a - s_k (the scheme's own scale).
-  The row of the largest `net` is marked best=1."""
+  (delta "shift") and the anchor-as-chosen baseline (delta "anchor").
+  deltas None: 0 and the `quantiles`-quantiles of the gaps s_a - s_k (the
+  scheme's own scale). The row of the largest `net` is marked best=1.
+  ks: also per group size, each k of the K candidates sub-sampled with
+  every seed of `seeds` (`rollout_store.subsample`); rows carry k (K for
+  the whole pool) and seed (-1 for the whole pool)."""
   rollouts = [r for r in store.iter(steps) if r.correct is not None]
   if not rollouts:
     raise ValueError(f"{store.path}: no step has oracle correctness")
   anchor_right = {r.step: np.array(
       [make_verifier(r.answers)(b, a) for b, a in enumerate(r.anchors)])
       for r in rollouts}
+  pools = [(rollouts[0].k, -1, rollouts)] if not ks else [
+      (k, seed, [rollout_store.subsample(r, k, seed) for r in rollouts])
+      for k in ks for seed in seeds]
   rows = []
-  for scheme in schemes:
-    have = [r for r in rollouts if scheme in r.anchor_scores]
-    if not have:
-      raise ValueError(f"{store.path}: no step holds the anchor score of "
-                       f"{scheme!r} (rerank it first)")
-    cat = lambda f: np.concatenate([f(r) for r in have])  # noqa: E731
-    s, s_a = cat(lambda r: r.scores[scheme]), cat(
-        lambda r: r.anchor_scores[scheme])
-    valid = cat(lambda r: r.valid)
-    args = (s, s_a, cat(lambda r: r.correct),
-            cat(lambda r: anchor_right[r.step]), valid)
-    grid = deltas
-    if grid is None:
-      gap = (s_a[:, None] - s)[valid]
-      grid = sorted({0.0, *np.round(np.quantile(
-          np.maximum(gap, 0), np.linspace(0, 1, quantiles + 1)), 4)})
-    part = [dict(scheme=scheme, delta=float(d), groups=int(valid.sum()),
-                 **gate_vs_oracle(*args, delta=float(d), prior=prior))
-            for d in grid]
-    best = max(part, key=lambda r: r["net"])
-    for r in part:
-      r["best"] = int(r is best)
-    rows += part + [dict(scheme=scheme, delta=name, groups=int(valid.sum()),
-                         best=0, **gate_vs_oracle(*args, delta=d, prior=prior))
-                    for name, d in (("shift", "shift"), ("anchor", None))]
+  for k, seed, pool in pools:
+    for scheme in schemes:
+      rows += [dict(r, k=k, seed=seed) for r in _gate_rows(
+          pool, scheme, anchor_right, deltas, prior=prior,
+          quantiles=quantiles, where=store.path)]
   return rows
 
 
-GATE_FIELDS = ("scheme", "delta", "groups", "pairs", "fallback",
+def _gate_rows(rollouts, scheme: str, anchor_right: dict, deltas, *,
+               prior: float, quantiles: int, where: str) -> list[dict]:
+  have = [r for r in rollouts if scheme in r.anchor_scores]
+  if not have:
+    raise ValueError(f"{where}: no step holds the anchor score of "
+                     f"{scheme!r} (rerank it first)")
+  cat = lambda f: np.concatenate([f(r) for r in have])  # noqa: E731
+  s, s_a = cat(lambda r: r.scores[scheme]), cat(
+      lambda r: r.anchor_scores[scheme])
+  valid = cat(lambda r: r.valid)
+  args = (s, s_a, cat(lambda r: r.correct),
+          cat(lambda r: anchor_right[r.step]), valid)
+  grid = deltas
+  if grid is None:
+    gap = (s_a[:, None] - s)[valid]
+    grid = sorted({0.0, *np.round(np.quantile(
+        np.maximum(gap, 0), np.linspace(0, 1, quantiles + 1)), 4)})
+  part = [dict(scheme=scheme, delta=float(d), groups=int(valid.sum()),
+               **gate_vs_oracle(*args, delta=float(d), prior=prior))
+          for d in grid]
+  best = max(part, key=lambda r: r["net"])
+  for r in part:
+    r["best"] = int(r is best)
+  return part + [dict(scheme=scheme, delta=name, groups=int(valid.sum()),
+                      best=0, **gate_vs_oracle(*args, delta=d, prior=prior))
+                 for name, d in (("shift", "shift"), ("anchor", None))]
+
+
+GATE_FIELDS = ("scheme", "k", "seed", "delta", "groups", "pairs", "fallback",
                "right_over_wrong", "wrong_over_right", "net",
                "pair_accuracy", "p_nonempty", "p_precision", "best")
 DEBIASED = "{}+length_debias"

@@ -120,8 +120,16 @@ def test_ablation_pool_is_re_ranked_per_k_in_the_same_study(study):
              if r["scheme"] == "oracle" and np.isfinite(r["pair_accuracy"]))
   with open(out / "ablation_pool_rows.csv", encoding="utf-8") as f:
     assert len(list(csv.DictReader(f))) == 12  # x 2 sub-sampling seeds
-  assert "(a) Self-ranking vs the verifier" in (
-      out / "ablation_pool.md").read_text()
+  md = (out / "ablation_pool.md").read_text()
+  assert "(a) Self-ranking vs the verifier" in md
+  assert "The PU modes' pairs on the same pool" in md
+  with open(out / "ablation_gate.csv", encoding="utf-8") as f:
+    gate = list(csv.DictReader(f))
+  assert [(r["scheme"], r["k"]) for r in gate] == [
+      (s, k) for s in ("anchor_recon", "similarity") for k in ("2", "4")]
+  # the anchor-as-chosen pairs: one a group, the anchor (right) over a
+  # candidate, so never wrong over right: net >= 0
+  assert all(float(r["anchor_net"]) >= 0 for r in gate)
   assert (out / "kendall_tau.png").stat().st_size > 0
   # the K plot needs a scheme's pair accuracy: mixed prompts in the pool
   mixed = any(np.isfinite(r["pair_accuracy"]) for r in grid

@@ -451,6 +451,18 @@ def test_gate_table_sweeps_delta_and_marks_the_best(tmp_path):
   auto = rerank_lib.gate_table(store, ["pmi"], None, quantiles=2,
                                make_verifier=always_right)
   assert [r["delta"] for r in auto] == [0.0, 1.0, 2.5, 4.0, "shift", "anchor"]
+  # Per K: k = K keeps every candidate (the same rows, now with k and
+  # seed); k = 1 keeps one candidate of four: the one group's gate pair is
+  # the anchor (right) over it, so never wrong over right.
+  assert [r["k"] for r in rows] == [4] * 5 and rows[0]["seed"] == -1
+  full = rerank_lib.gate_table(store, ["pmi"], [0.0, 1.0, 0.5], ks=[4],
+                               seeds=[3], make_verifier=always_right)
+  assert [(r["delta"], r["net"], r["k"], r["seed"]) for r in full] == [
+      (r["delta"], r["net"], 4, 3) for r in rows]
+  one = rerank_lib.gate_table(store, ["pmi"], [0.0], ks=[1], seeds=[0, 1],
+                              make_verifier=always_right)
+  assert [(r["k"], r["seed"]) for r in one] == [(1, 0)] * 3 + [(1, 1)] * 3
+  assert all(r["wrong_over_right"] == 0.0 for r in one)
   store.add_scores(1, "similarity", np.zeros((2, 4), np.float32))
   with pytest.raises(ValueError, match="anchor score of 'similarity'"):
     rerank_lib.gate_table(store, ["similarity"], [0.0])
