@@ -1,0 +1,68 @@
+"""A Qwen2.5-VL student (tiny random, models/tiny_qwen_vl.py) with image
+prompts through stage 1 (SFT on the dataset teacher's anchors) and stage 2
+(DPO), end to end on CPU, as tests/test_vlm_train.py runs Idefics3."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from purld_jax.models import tiny_qwen_vl
+from purld_jax.train import pu_rl
+from purld_jax.train import sft
+from tests import train_fixtures
+from tests import vlm_fixtures
+from tests.train_fixtures import jit_cache  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def qdir(tmp_path_factory):
+  return tiny_qwen_vl.ensure(tmp_path_factory.mktemp("qwen") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def train_path(tmp_path_factory):
+  """Four prompts in a JSONL file, PNG paths in `images` (one prompt with
+  two images, one without any)."""
+  return vlm_fixtures.write_prompt_file(
+      tmp_path_factory.mktemp("prompts") / "train.jsonl",
+      vlm_fixtures.colour_records())
+
+
+def _config(qdir, train_path, **kw):
+  return train_fixtures.tiny_config(**{
+      "model.path": qdir, "data.train_path": train_path,
+      "data.eval_path": "", "data.buckets": (64,), "data.max_prompt_len": 64,
+      "sft.steps": 2, "rl.steps": 2, "log.tensorboard": False,
+      "ckpt.async_save": False, "ranking.scheme": "similarity",
+      "sampling.num_candidates": 3, "sampling.max_new_tokens": 6, **kw})
+
+
+def _metrics(workdir, stage):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [r for r in map(json.loads, f) if r["stage"] == stage]
+
+
+def test_sft_then_dpo_on_image_prompts(qdir, train_path, tmp_path,
+                                       jit_cache):  # noqa: F811
+  work = str(tmp_path / "sft")
+  ref = sft.run(_config(qdir, train_path, recipe="dpo"), work)
+  rows = _metrics(work, "sft")
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  for f in ("config.json", "model.safetensors", "tokenizer.json",
+            "preprocessor_config.json", sft.DONE):
+    assert os.path.isfile(os.path.join(ref, f)), f
+  with open(os.path.join(ref, "config.json"), encoding="utf-8") as f:
+    assert json.load(f)["model_type"] == "qwen2_5_vl"
+
+  rl_work = str(tmp_path / "dpo")
+  out = pu_rl.run(_config(qdir, train_path, recipe="dpo"), rl_work,
+                  reference_dir=ref)
+  rows = _metrics(rl_work, "dpo")
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:
+    assert np.isfinite(r["loss"]) and r["teacher_calls"] == 0.0
+  for f in ("config.json", "model.safetensors", "preprocessor_config.json"):
+    assert os.path.isfile(os.path.join(out, f)), f
