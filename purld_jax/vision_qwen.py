@@ -141,14 +141,15 @@ def grid_side(q: int, cfg: qwen2_vl.Qwen2VLConfig) -> int:
 
 
 def image_features(model, pixel_values_BIQK) -> jax.Array:
-  """[B, I, S, D] features of every image slot (the vision tower on each
-  image alone, padding slots too)."""
+  """[B, I, S, D] features of every image slot: the vision tower on each
+  image alone (vmapped over the B * I slots, padding slots too), so its
+  attention costs B * I * Q^2, not (B * I * Q)^2."""
   b, i, q, k = pixel_values_BIQK.shape
   g = grid_side(q, model.cfg)
-  grid = np.tile(np.asarray([[1, g, g]], np.int64), (b * i, 1))
   vis = {n: jnp.asarray(a) for n, a in qwen2_vl_vision.vision_inputs(
-      grid, model.cfg.vision).items()}
-  f = model.image_features(pixel_values_BIQK.reshape(b * i * q, k), vis)
+      np.asarray([[1, g, g]]), model.cfg.vision).items()}
+  f = jax.vmap(lambda pv: model.image_features(pv, vis))(
+      pixel_values_BIQK.reshape(b * i, q, k))
   return f.reshape(b, i, -1, f.shape[-1])
 
 
