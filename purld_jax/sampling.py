@@ -187,7 +187,7 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
 
   Args:
     graphdef, params: `nnx.split(model)` of a `llama.Llama`, or of a
-      vision-language `idefics3.Idefics3` (vision.py).
+      vision-language `idefics3.Idefics3` or `qwen2_vl.Qwen2VL` (vision.py).
     prompt_tokens: i32[B, P], left-padded (see `pad_prompts`).
     prompt_mask: bool[B, P], True on real tokens; each row needs at least one.
     key: PRNG key.

@@ -247,7 +247,8 @@ def response_logps(model, prompt_tokens: jax.Array, prompt_mask: jax.Array,
   Differentiable; the prompt's gradient sums over its M responses.
 
   Args:
-    model: a `models.llama.Llama`, or an `idefics3.Idefics3`.
+    model: a `models.llama.Llama`, an `idefics3.Idefics3` or a
+      `qwen2_vl.Qwen2VL`.
     prompt_tokens: i32[B, P] left-padded; prompt_mask: bool[B, P], at least
       one real token per row.
     responses: i32[B, M, T] right-padded; response_mask: bool[B, M, T].
