@@ -1,6 +1,7 @@
 """A Qwen2.5-VL student (tiny random, models/tiny_qwen_vl.py) with image
 prompts through stage 1 (SFT on the dataset teacher's anchors) and stage 2
-(DPO), end to end on CPU, as tests/test_vlm_train.py runs Idefics3."""
+(DPO), end to end on CPU, as tests/test_vlm_train.py runs Idefics3; the
+config check passes such a run and refuses LoRA."""
 
 import json
 import os
@@ -66,3 +67,21 @@ def test_sft_then_dpo_on_image_prompts(qdir, train_path, tmp_path,
     assert np.isfinite(r["loss"]) and r["teacher_calls"] == 0.0
   for f in ("config.json", "model.safetensors", "preprocessor_config.json"):
     assert os.path.isfile(os.path.join(out, f)), f
+
+
+def _errors(c):
+  from purld_jax import config_check
+  try:
+    config_check.validate(c)
+  except config_check.ConfigError as e:
+    return str(e)
+  return ""
+
+
+def test_a_qwen_vl_run_validates_and_lora_is_refused(qdir, train_path):
+  c = lambda **kw: _config(qdir, train_path, recipe="dpo",
+                           **{"data.eval_path": train_path, **kw})
+  assert _errors(c()) == ""
+  assert _errors(c(**{"ranking.scheme": "pmi"})) == ""
+  assert ("model.lora.rank=4: LoRA is not supported for a vision-language"
+          in _errors(c(**{"model.lora.rank": 4})))
