@@ -1,7 +1,8 @@
 """A Qwen2.5-VL student (tiny random, models/tiny_qwen_vl.py) with image
 prompts through stage 1 (SFT on the dataset teacher's anchors) and stage 2
 (DPO), end to end on CPU, as tests/test_vlm_train.py runs Idefics3; the
-config check passes such a run and refuses LoRA."""
+config check passes such a run and refuses LoRA; held-out greedy answers
+on image prompts are batch-independent and see the images."""
 
 import json
 import os
@@ -85,3 +86,33 @@ def test_a_qwen_vl_run_validates_and_lora_is_refused(qdir, train_path):
   assert _errors(c(**{"ranking.scheme": "pmi"})) == ""
   assert ("model.lora.rank=4: LoRA is not supported for a vision-language"
           in _errors(c(**{"model.lora.rank": 4})))
+
+
+def test_heldout_answers_on_image_prompts_see_the_images(qdir, train_path):
+  """`evaluate.greedy_answers` on image prompts: batched (left-padded,
+  other rows' images beside) equal one at a time, and other images give
+  other answers."""
+  from purld_jax import data as data_lib
+  from purld_jax import evaluate
+  from purld_jax import prompts as prompts_lib
+  from purld_jax.train import student as student_lib
+  s = student_lib.make(path=qdir, dtype_name="float32",
+                       param_dtype_name="float32", init_seed=0, cache_dir="",
+                       workdir=qdir)
+  graphdef, _ = s.abstract()
+  params = s.init_params()
+  prompts = prompts_lib.read_jsonl(train_path)
+
+  def answers(ps, batch_size):
+    src = data_lib.encode(ps, s.tokenizer, max_len=64, processor=s.processor)
+    return evaluate.greedy_answers(graphdef, params, s.tokenizer, src,
+                                   batch_size=batch_size, name="m",
+                                   buckets=(64,), max_new_tokens=8).texts
+
+  together = answers(prompts, 4)
+  assert together == tuple(answers([p], 1)[0] for p in prompts)
+  other = [prompts_lib.Prompt(id=p.id, messages=p.messages, answer=p.answer,
+                              images=tuple(vlm_fixtures.png(99 + len(i), 20,
+                                                            16) for i in
+                                           p.images)) for p in prompts]
+  assert answers(other, 4) != together
