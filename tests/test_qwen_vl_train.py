@@ -15,7 +15,8 @@ from purld_jax.train import pu_rl
 from purld_jax.train import sft
 from tests import train_fixtures
 from tests import vlm_fixtures
-from tests.train_fixtures import jit_cache  # noqa: F401  (fixture)
+
+jit_cache = train_fixtures.jit_cache  # the fixture, for usefixtures below
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,8 @@ def _metrics(workdir, stage):
     return [r for r in map(json.loads, f) if r["stage"] == stage]
 
 
-def test_sft_then_dpo_on_image_prompts(qdir, train_path, tmp_path,
-                                       jit_cache):  # noqa: F811
+@pytest.mark.usefixtures("jit_cache")
+def test_sft_then_dpo_on_image_prompts(qdir, train_path, tmp_path):
   work = str(tmp_path / "sft")
   ref = sft.run(_config(qdir, train_path, recipe="dpo"), work)
   rows = _metrics(work, "sft")
