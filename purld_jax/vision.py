@@ -206,7 +206,9 @@ def encode_prompt(processor, tok, prompt):
   """(ids, pixel_values f32[I, C, Y, X], pixel_mask bool[I, Y, X]) of a
   prompt with images: the chat rendered by the student's tokenizer (the
   generation prompt included), each `<image>` expanded by the processor
-  into its tile tokens; (ids, None, None) without images."""
+  into its tile tokens; (ids, None, None) without images. A Qwen2.5-VL
+  processor gives pixel_values f32[I, Q, K], pixel_mask bool[I]
+  (`vision_qwen.encode`)."""
   if not getattr(prompt, "images", ()):
     return tuple(tok.encode_chat(prompt.as_dicts())), None, None
   if processor is None:
