@@ -115,12 +115,12 @@ def _lora(errors, config) -> None:
 
 def _vlm(errors, config) -> None:
   """What a vision-language student (model.path an Idefics3 / SmolVLM
-  directory) does not support: LoRA, the GGUF export."""
+  directory, or Qwen2.5-VL) does not support: LoRA, the GGUF export."""
   lora = config.model.get("lora")
   if lora is not None and isinstance(lora.rank, int) and lora.rank > 0:
     errors.append(f"model.lora.rank={lora.rank}: LoRA is not supported for "
                   "a vision-language student (model.path is an Idefics3 / "
-                  "SmolVLM directory); set model.lora.rank=0")
+                  "SmolVLM / Qwen2.5-VL directory); set model.lora.rank=0")
   if config.export.gguf:
     errors.append("export.gguf=True: no GGUF export for a vision-language "
                   "student (llama.cpp's converter takes text models); set "
@@ -135,7 +135,7 @@ def _images(errors, config, with_images, vlm) -> None:
   if with_images and vlm is False:  # (None: model.path is already wrong)
     errors.append(f"{', '.join(with_images)}: prompts with images, but "
                   f"model.path={config.model.path!r} is a text model (use an "
-                  "Idefics3 / SmolVLM directory)")
+                  "Idefics3 / SmolVLM or Qwen2.5-VL directory)")
   scheme = config.ranking.scheme
   if ("data.train_path" in with_images and config.recipe != "sft"
       and scheme in ranking.SCHEMES and scheme not in ranking.IMAGE_SCHEMES):
@@ -187,7 +187,7 @@ def validate(config) -> None:
             f"recipe={config.recipe!r}: its trainer {module} is not written "
             "yet (issue 7); --config.recipe=sft runs stage 1 alone")
   path = config.model.path
-  vlm = False  # model.path is an Idefics3 / SmolVLM directory
+  vlm = False  # model.path is an Idefics3 / SmolVLM / Qwen2.5-VL directory
   if path not in ("tiny", "embedded") and not os.path.isfile(
       os.path.join(path, "config.json")):
     errors.append(f"model.path={path!r}: not 'tiny', 'embedded' or a "
@@ -196,11 +196,11 @@ def validate(config) -> None:
   elif path not in ("tiny", "embedded"):
     from purld_jax.models import hf  # pylint: disable=g-import-not-at-top
     from purld_jax.models import hf_config  # pylint: disable=g-import-not-at-top
-    from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
     from purld_jax.train import student as student_lib  # pylint: disable=g-import-not-at-top
-    vlm = student_lib.is_vlm_dir(path)
+    read = student_lib.vlm_reader(path)
+    vlm = read is not None
     try:
-      hf.check_files(path, read=idefics3_hf.read_config if vlm else None)
+      hf.check_files(path, read=read)
     except (hf.CheckpointError, hf_config.ConfigError) as e:
       errors.append(f"model.path: {e}")
     if vlm:

@@ -146,13 +146,18 @@ def decode_step(model, layers, prefix: Prefix, own: Own, tok_R, pos_R, col):
   return model.logits(model.final_norm(x))[:, 0], _pin(own)
 
 
-def prefill(model, tokens_BP, mask_BP, slots: int, k: int, embeds=None):
+def prefill(model, tokens_BP, mask_BP, slots: int, k: int, embeds=None,
+            positions=None):
   """Runs the prompts once: (prefix, empty own cache for B * K rows,
-  logits f32[B, V] after the last prompt token, positions i32[B]).
+  logits f32[B, V] after the last prompt token, positions i32[B] of the
+  last prompt token: the largest of its row, so decoding goes on at + 1).
   `model` is the decoder; `embeds` [B, P, D] (a prompt with images,
-  `vision.prompt_embeds`) replace the tokens' embedding rows."""
+  `vision.prompt_embeds`) replace the tokens' embedding rows; `positions`
+  (i32[3, B, P] M-RoPE, `vision.prompt_positions`) replace the default."""
   b, p = tokens_BP.shape
-  positions = layers_lib.default_positions(mask_BP)
+  mrope = positions is not None
+  if not mrope:
+    positions = layers_lib.default_positions(mask_BP)
   cache = model.init_cache(b, p)
   h, cache = model.extend(tokens_BP, cache, positions=positions,
                           attention_mask=mask_BP, return_hidden=True,
@@ -165,7 +170,8 @@ def prefill(model, tokens_BP, mask_BP, slots: int, k: int, embeds=None):
   c = -(-slots // CHUNK)
   own = Own(k=jnp.zeros((n_layers, b * k, g, c, h, CHUNK), dt),
              v=jnp.zeros((n_layers, b * k, g, c, CHUNK, h), dt))
-  return _pin(prefix), _pin(own), logits, positions[:, -1]
+  last = jnp.max(positions, axis=(0, 2)) if mrope else positions[:, -1]
+  return _pin(prefix), _pin(own), logits, last
 
 
 # Logical axes of the caches (sharding.py): rows like the batch, kv heads

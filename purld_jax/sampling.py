@@ -187,7 +187,7 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
 
   Args:
     graphdef, params: `nnx.split(model)` of a `llama.Llama`, or of a
-      vision-language `idefics3.Idefics3` (vision.py).
+      vision-language `idefics3.Idefics3` or `qwen2_vl.Qwen2VL` (vision.py).
     prompt_tokens: i32[B, P], left-padded (see `pad_prompts`).
     prompt_mask: bool[B, P], True on real tokens; each row needs at least one.
     key: PRNG key.
@@ -200,8 +200,10 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
     pixel_values: None, or f32[B, I, C, Y, X] the prompts' images (a
       vision-language model; all-zero slots are padding): the vision tower
       runs once per prompt and the image features join the prompt prefix
-      that the K rows share (`vision.prompt_embeds`).
-    pixel_mask: None, or [B, I, Y, X] real pixels.
+      that the K rows share (`vision.prompt_embeds`). A Qwen2.5-VL model's
+      are f32[B, I, Q, K] (vision_qwen.py), its prompts get M-RoPE
+      positions and decoding goes on from each row's largest + 1.
+    pixel_mask: None, or [B, I, Y, X] real pixels ([B, I] for Qwen2.5-VL).
 
   Returns:
     `Candidates` with [B, K, T] arrays.
@@ -210,6 +212,8 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
   model = vision.decoder(full)
   embeds = (None if pixel_values is None else vision.prompt_embeds(
       full, prompt_tokens, pixel_values, pixel_mask))
+  mrope = vision.prompt_positions(full, prompt_tokens, prompt_mask,
+                                  pixel_values)
   b, _ = prompt_tokens.shape
   k, t = num_candidates, sampling.max_new_tokens
   r = b * k
@@ -218,7 +222,7 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key, *,
       row_keys)
   prefix, own, logits_BV, last_pos = prefix_cache.prefill(
       model, prompt_tokens, prompt_mask.astype(bool), max(t - 1, 1), k,
-      embeds)
+      embeds, mrope)
   # Outside the decode loop: with scan_layers the weights are stacked once
   # per call, not once per token.
   layers = layer_stack.layer_states(model)

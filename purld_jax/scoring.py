@@ -143,6 +143,9 @@ def _hidden(model, tokens, positions, attention_mask, pixel_values=None,
   if pixel_values is None:
     return vision.decoder(model).hidden(tokens, positions=positions,
                                         attention_mask=attention_mask)
+  if positions is None:
+    positions = vision.prompt_positions(model, tokens, attention_mask,
+                                        pixel_values, image_at)
   return model.text.hidden(
       embeds=vision.prompt_embeds(model, tokens, pixel_values, pixel_mask,
                                   image_at),
@@ -244,7 +247,8 @@ def response_logps(model, prompt_tokens: jax.Array, prompt_mask: jax.Array,
   Differentiable; the prompt's gradient sums over its M responses.
 
   Args:
-    model: a `models.llama.Llama`, or an `idefics3.Idefics3`.
+    model: a `models.llama.Llama`, an `idefics3.Idefics3` or a
+      `qwen2_vl.Qwen2VL`.
     prompt_tokens: i32[B, P] left-padded; prompt_mask: bool[B, P], at least
       one real token per row.
     responses: i32[B, M, T] right-padded; response_mask: bool[B, M, T].
@@ -260,14 +264,14 @@ def response_logps(model, prompt_tokens: jax.Array, prompt_mask: jax.Array,
   """
   b, m, t = responses.shape
   pmask = prompt_mask.astype(bool)
-  h_BPD, cache = _prefill_prompts(model, prompt_tokens, pmask, pixel_values,
-                                  pixel_mask)
+  h_BPD, cache, start = _prefill_prompts(model, prompt_tokens, pmask,
+                                         pixel_values, pixel_mask)
   model = vision.decoder(model)
   h_last = jnp.repeat(h_BPD[:, -1:], m, axis=0)  # [B * M, 1, D]
   tokens_RT = responses.reshape(b * m, t)
   mask_RT = response_mask.astype(bool).reshape(b * m, t)
   if t > 1:
-    pos_RT = _response_positions(pmask, mask_RT, m)
+    pos_RT = _response_positions(start, mask_RT, m)
     h_resp = _response_hidden(model, cache, pmask, tokens_RT[:, :-1],
                               pos_RT[:, :-1], mask_RT[:, :-1], m)
     h_last = jnp.concatenate([h_last, h_resp], axis=1)  # [B * M, T, D]
@@ -297,12 +301,12 @@ def response_next_logps(model, prompt_tokens: jax.Array,
   """
   b, m, t = responses.shape
   pmask = prompt_mask.astype(bool)
-  _, cache = _prefill_prompts(model, prompt_tokens, pmask, pixel_values,
-                              pixel_mask)
+  _, cache, start = _prefill_prompts(model, prompt_tokens, pmask,
+                                     pixel_values, pixel_mask)
   model = vision.decoder(model)
   mask_RT = response_mask.astype(bool).reshape(b * m, t)
   h_RTD = _response_hidden(model, cache, pmask, responses.reshape(b * m, t),
-                           _response_positions(pmask, mask_RT, m), mask_RT, m)
+                           _response_positions(start, mask_RT, m), mask_RT, m)
   last_R = jnp.sum(mask_RT, axis=-1, dtype=jnp.int32) - 1
   h_RD = jnp.take_along_axis(h_RTD, last_R[:, None, None], axis=1)[:, 0]
   return jax.nn.log_softmax(model.logits(h_RD).astype(jnp.float32),
@@ -311,24 +315,31 @@ def response_next_logps(model, prompt_tokens: jax.Array,
 
 def _prefill_prompts(model, prompt_tokens, pmask_BP, pixel_values=None,
                      pixel_mask=None):
-  """(final-norm hidden [B, P, D], KV cache of the B prompts); with images
-  (a vision-language model) the vision tower runs once per prompt and its
-  features are merged into the prompt's embeddings."""
+  """(final-norm hidden [B, P, D], KV cache of the B prompts, i32[B] the
+  position a response's first token takes: the prompt's largest + 1);
+  with images (a vision-language model) the vision tower runs once per
+  prompt and its features are merged into the prompt's embeddings (a
+  Qwen2.5-VL prompt also gets its M-RoPE positions)."""
   embeds = (None if pixel_values is None else vision.prompt_embeds(
       model, prompt_tokens, pixel_values, pixel_mask))
+  mrope = vision.prompt_positions(model, prompt_tokens, pmask_BP,
+                                  pixel_values)
   dec = vision.decoder(model)
   cache = dec.init_cache(prompt_tokens.shape[0], prompt_tokens.shape[1])
-  return dec.extend(prompt_tokens, cache,
-                    positions=layers.default_positions(pmask_BP),
-                    attention_mask=pmask_BP, return_hidden=True,
-                    embeds=embeds)
+  h, cache = dec.extend(
+      prompt_tokens, cache, attention_mask=pmask_BP, return_hidden=True,
+      positions=(layers.default_positions(pmask_BP) if mrope is None
+                 else mrope), embeds=embeds)
+  start = (jnp.sum(pmask_BP, axis=-1, dtype=jnp.int32) if mrope is None
+           else jnp.max(mrope, axis=(0, 2)) + 1)
+  return h, cache, start
 
 
-def _response_positions(pmask_BP, mask_RT, m: int) -> jax.Array:
-  """i32[R, T] positions of response tokens: on from their prompt's."""
-  n_prompt = jnp.sum(pmask_BP, axis=-1, dtype=jnp.int32)  # [B]
+def _response_positions(start_B, mask_RT, m: int) -> jax.Array:
+  """i32[R, T] positions of response tokens: on from their prompt's
+  (`start_B`, the first response token's)."""
   return jnp.maximum(
-      jnp.repeat(n_prompt, m)[:, None]
+      jnp.repeat(start_B, m)[:, None]
       + jnp.cumsum(mask_RT, axis=-1, dtype=jnp.int32) - 1, 0)
 
 

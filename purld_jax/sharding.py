@@ -179,10 +179,17 @@ def logical_axes(model_or_abstract) -> dict:
 
 def param_shardings(cfg, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
   """NamedShardings for `Llama(cfg)`'s params (pure-dict layout), or
-  `Idefics3(cfg)`'s for an `Idefics3Config`."""
+  `Idefics3(cfg)`'s for an `Idefics3Config`, `Qwen2VL(cfg)`'s for a
+  `Qwen2VLConfig`."""
   from purld_jax.models import idefics3
   from purld_jax.models import llama
-  if isinstance(cfg, idefics3.Idefics3Config):
+  from purld_jax.models import qwen2_vl
+  if isinstance(cfg, qwen2_vl.Qwen2VLConfig):
+    from purld_jax.models import qwen2_vl_hf
+    abstract = nnx.eval_shape(lambda: qwen2_vl.Qwen2VL(cfg,
+                                                       rngs=nnx.Rngs(0)))
+    _, shapes = qwen2_vl_hf.abstract_model(cfg)
+  elif isinstance(cfg, idefics3.Idefics3Config):
     from purld_jax.models import idefics3_hf
     abstract = nnx.eval_shape(lambda: idefics3.Idefics3(cfg,
                                                         rngs=nnx.Rngs(0)))

@@ -19,6 +19,12 @@ prompt's embeddings, which the sampler and the scorer prefill once
 (`Llama.extend(embeds=)`); the K candidates / M responses of a prompt then
 attend to that prefix exactly as to a text prompt's. A text model (a
 `Llama`) is its own decoder (`decoder`): the text path is untouched.
+
+Qwen2.5-VL students (`qwen2_vl.Qwen2VL`) take the same path through
+vision_qwen.py: fixed-size images stacked as pixel_values [B, I, Q, K]
+(patches) and pixel_mask [B, I], and M-RoPE positions for the prompt rows
+(`prompt_positions`; None for Idefics3 and text, whose positions are the
+default ones).
 """
 
 from __future__ import annotations
@@ -32,12 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from purld_jax import vision_qwen
 from purld_jax.models import idefics3
 
 
 def is_vlm(model) -> bool:
-  """True for a vision-language model (an `idefics3.Idefics3`)."""
-  return isinstance(model, idefics3.Idefics3)
+  """True for a vision-language model (an `idefics3.Idefics3` or a
+  `qwen2_vl.Qwen2VL`)."""
+  return isinstance(model, idefics3.Idefics3) or vision_qwen.is_qwen(model)
 
 
 def decoder(model):
@@ -64,12 +72,25 @@ def prompt_embeds(model, tokens_BT, pixel_values, pixel_mask=None,
   if not is_vlm(model):
     raise ValueError("images given to a text model (a Llama has no vision "
                      "tower)")
+  if vision_qwen.is_qwen(model):
+    return vision_qwen.prompt_embeds(model, tokens_BT, pixel_values,
+                                     pixel_mask, image_at)
   feats, valid = model.image_features(pixel_values, pixel_mask)
   is_image = tokens_BT == model.cfg.image_token_id
   if image_at is not None:
     is_image = is_image & image_at.astype(bool)
   return idefics3.merge(model.text.embed_tokens(tokens_BT), is_image, feats,
                         valid)
+
+
+def prompt_positions(model, tokens_BT, mask_BT, pixel_values, image_at=None):
+  """i32[3, B, T] M-RoPE positions of a Qwen2.5-VL model's rows with images
+  (`vision_qwen.prompt_positions`; `image_at` as `prompt_embeds`); None
+  for other models or without images (the default positions hold)."""
+  if pixel_values is None or not vision_qwen.is_qwen(model):
+    return None
+  return vision_qwen.prompt_positions(model, tokens_BT, mask_BT,
+                                      pixel_values, image_at)
 
 
 # ----------------------------------------------------------------------------
@@ -157,6 +178,9 @@ def image_expansion(processor, prompt, i: int) -> tuple[int, ...]:
   key = hashlib.sha256(prompt.images[i]).digest()
   if key not in memo:
     img = pil_images(prompt)[i]
+    if vision_qwen.is_qwen_processor(processor):
+      memo[key] = vision_qwen.expansion(processor, img)
+      return memo[key]
     out = processor(text=[processor.image_token], images=[[img]],
                     add_special_tokens=False, return_tensors="np")
     memo[key] = tuple(int(t) for t in np.asarray(out["input_ids"])[0])
@@ -182,13 +206,17 @@ def encode_prompt(processor, tok, prompt):
   """(ids, pixel_values f32[I, C, Y, X], pixel_mask bool[I, Y, X]) of a
   prompt with images: the chat rendered by the student's tokenizer (the
   generation prompt included), each `<image>` expanded by the processor
-  into its tile tokens; (ids, None, None) without images."""
+  into its tile tokens; (ids, None, None) without images. A Qwen2.5-VL
+  processor gives pixel_values f32[I, Q, K], pixel_mask bool[I]
+  (`vision_qwen.encode`)."""
   if not getattr(prompt, "images", ()):
     return tuple(tok.encode_chat(prompt.as_dicts())), None, None
   if processor is None:
     raise ValueError(f"prompt {prompt.id!r} has images but the student has "
                      "no image processor (a text model?)")
   text = tok.render_chat(chat_messages(prompt))
+  if vision_qwen.is_qwen_processor(processor):
+    return vision_qwen.encode(processor, text, pil_images(prompt))
   out = processor(text=[text], images=[pil_images(prompt)],
                   add_special_tokens=False, return_tensors="np")
   ids = tuple(int(i) for i in np.asarray(out["input_ids"])[0])
@@ -251,6 +279,11 @@ def pixels_of(image_processor, prompts) -> tuple:
   if image_processor is None or not any(
       getattr(p, "images", ()) for p in prompts):
     return None, None
+  if vision_qwen.is_qwen_processor(image_processor):
+    per = [vision_qwen.pixels(image_processor, pil_images(p))
+           if getattr(p, "images", ()) else None for p in prompts]
+    return vision_qwen.stack(per, image_slots(max(
+        len(p[0]) for p in per if p is not None)))
   return stack_images([prompt_pixels(image_processor, p) for p in prompts],
                       tile_size(image_processor))
 

@@ -4,9 +4,10 @@
   model.path = "tiny"      a random `llama.tiny_config()` model and the
                            character-level chat tokenizer below (CPU tests)
   model.path = DIR         a Hugging Face directory (read only); one whose
-                           config.json model_type is idefics3 / smolvlm is a
-                           vision-language student (`Student.processor`:
-                           prompts with images, vision.py)
+                           config.json model_type is idefics3 / smolvlm or
+                           qwen2_5_vl is a vision-language student
+                           (`Student.processor`: prompts with images,
+                           vision.py, vision_qwen.py)
 
 `Student` knows the architecture and the tokenizer without reading weights,
 so a resumed run restores into `abstract()` and never loads them. Params are
@@ -35,6 +36,7 @@ from purld_jax.models import hf
 from purld_jax.models import idefics3
 from purld_jax.models import llama
 from purld_jax.models import lora
+from purld_jax.models import qwen2_vl
 from purld_jax.models import tokenizer as tokenizer_lib
 
 TINY = "tiny"
@@ -100,16 +102,18 @@ class Student:
 
   Attributes:
     cfg: the architecture: a `llama.LlamaConfig`, or for a vision-language
-      student an `idefics3.Idefics3Config` (no LoRA).
+      student an `idefics3.Idefics3Config` or `qwen2_vl.Qwen2VLConfig`
+      (no LoRA).
     hf_dir: the Hugging Face directory the weights come from (None: random
       init of the tiny model from `init_seed`).
     init_seed: seed of the random init (`_random_params`).
     tokenizer: the tokenizer.
-    processor: a vision-language student's `Idefics3Processor` (images of
-      prompts -> tile tokens and pixels, vision.py); None for text.
+    processor: a vision-language student's `Idefics3Processor` or
+      Qwen2.5-VL processor (images of prompts -> image tokens and pixels,
+      vision.py); None for text.
   """
 
-  cfg: llama.LlamaConfig | idefics3.Idefics3Config
+  cfg: llama.LlamaConfig | idefics3.Idefics3Config | qwen2_vl.Qwen2VLConfig
   hf_dir: str | None
   init_seed: int
   tokenizer: tokenizer_lib.Tokenizer
@@ -117,14 +121,13 @@ class Student:
 
   @property
   def is_vlm(self) -> bool:
-    return isinstance(self.cfg, idefics3.Idefics3Config)
+    return isinstance(self.cfg, _VLM_CONFIGS)
 
   def abstract(self):
     """(graphdef, params as jax.ShapeDtypeStruct): no weights are read.
     With LoRA, the adapted model's (adapters and base)."""
     if self.is_vlm:
-      from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
-      return idefics3_hf.abstract_model(self.cfg)
+      return vlm_hf(self.cfg).abstract_model(self.cfg)
     return llama.abstract_model(self.cfg)
 
   def base_graphdef(self):
@@ -150,9 +153,21 @@ class Student:
     """The base params of this architecture from the HF directory `path`
     (the student's own, or a stage's output)."""
     if self.is_vlm:
-      from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
-      return idefics3_hf.load_params(path, self.cfg)
+      return vlm_hf(self.cfg).load_params(path, self.cfg)
     return hf.load_params(path, self.cfg)
+
+
+_VLM_CONFIGS = (idefics3.Idefics3Config, qwen2_vl.Qwen2VLConfig)
+
+
+def vlm_hf(cfg):
+  """The checkpoint module (idefics3_hf / qwen2_vl_hf) of a
+  vision-language config."""
+  if isinstance(cfg, qwen2_vl.Qwen2VLConfig):
+    from purld_jax.models import qwen2_vl_hf  # pylint: disable=g-import-not-at-top
+    return qwen2_vl_hf
+  from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
+  return idefics3_hf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,20 +250,20 @@ def architecture(*, path: str, dtype_name: str, param_dtype_name: str,
   """The LlamaConfig of `model.*` alone: only `config.json` is read, so a
   directory holding nothing else (configs/arch/) is enough for abstract
   shapes, AOT compiles and memory estimates. A directory of model_type
-  idefics3 / smolvlm gives an `idefics3.Idefics3Config` (remat and
-  scan_layers apply to its decoder; LoRA is refused)."""
+  idefics3 / smolvlm gives an `idefics3.Idefics3Config`, qwen2_5_vl a
+  `qwen2_vl.Qwen2VLConfig` (remat and scan_layers apply to the decoder;
+  LoRA is refused)."""
   dt, pdt = dtype(dtype_name), dtype(param_dtype_name)
   if path == TINY:
     return llama.tiny_config(vocab_size=128, dtype=dt, param_dtype=pdt,
                              remat=remat, scan_layers=scan_layers,
                              lora=lora_spec)
   if is_vlm_dir(resolve_path(path, cache_dir)):
-    from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
     if lora_spec is not None:
       raise ValueError(f"{path}: model.lora is not supported for a "
                        "vision-language student (train it whole)")
-    cfg = idefics3_hf.read_config(resolve_path(path, cache_dir), dtype=dt,
-                                  param_dtype=pdt)
+    read = vlm_reader(resolve_path(path, cache_dir))
+    cfg = read(resolve_path(path, cache_dir), dtype=dt, param_dtype=pdt)
     return dataclasses.replace(cfg, text=cfg.text.replace(
         remat=remat, scan_layers=scan_layers))
   return hf.read_config(resolve_path(path, cache_dir), dtype=dt,
@@ -259,14 +274,28 @@ def architecture(*, path: str, dtype_name: str, param_dtype_name: str,
 
 def is_vlm_dir(path: str) -> bool:
   """True when `path/config.json` names a vision-language model_type
-  (idefics3 / smolvlm)."""
+  (idefics3 / smolvlm, qwen2_5_vl)."""
+  return vlm_reader(path) is not None
+
+
+def vlm_reader(path: str):
+  """`read_config` of the checkpoint module for `path/config.json`'s
+  vision-language model_type; None for a text model (or no readable
+  config.json: the text loader names the problem)."""
   if path in (TINY, EMBEDDED):
-    return False
+    return None
   try:
     raw, _ = hf.read_json(path)
   except Exception:  # pylint: disable=broad-except
-    return False  # the text loader names the problem
-  return raw.get("model_type") in idefics3.SUPPORTED
+    return None
+  kind = raw.get("model_type")
+  if kind in idefics3.SUPPORTED:
+    from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
+    return idefics3_hf.read_config
+  if kind in qwen2_vl.SUPPORTED:
+    from purld_jax.models import qwen2_vl_hf  # pylint: disable=g-import-not-at-top
+    return qwen2_vl_hf.read_config
+  return None
 
 
 def config_architecture(model_cfg) -> llama.LlamaConfig:
@@ -308,6 +337,16 @@ def make(*, path: str, dtype_name: str, param_dtype_name: str, init_seed: int,
     return Student(cfg=cfg, hf_dir=hf_dir, init_seed=init_seed,
                    tokenizer=tokenizer_lib.load(hf_dir, content_parts=True),
                    processor=idefics3_processing.load_processor(hf_dir, cfg))
+  if isinstance(cfg, qwen2_vl.Qwen2VLConfig):
+    from purld_jax import vision_qwen  # pylint: disable=g-import-not-at-top
+    from purld_jax.models import qwen2_vl_processing  # pylint: disable=g-import-not-at-top
+    proc = qwen2_vl_processing.load_processor(hf_dir, cfg)
+    try:
+      vision_qwen.image_side(proc.image_processor)
+    except ValueError as e:
+      raise ValueError(f"{hf_dir}/{e}") from e
+    return Student(cfg=cfg, hf_dir=hf_dir, init_seed=init_seed,
+                   tokenizer=tokenizer_lib.load(hf_dir), processor=proc)
   return Student(cfg=cfg, hf_dir=hf_dir, init_seed=init_seed,
                  tokenizer=tokenizer_lib.load(hf_dir))
 
