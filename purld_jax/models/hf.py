@@ -110,6 +110,29 @@ def key_table(cfg: llama.LlamaConfig) -> list[Entry]:
 # Reading
 
 
+def text_table(text_cfg: llama.LlamaConfig, prefix: str) -> list[Entry]:
+  """A vision-language checkpoint's decoder tensors: `key_table` of the
+  text config (adapters left out) with "model." renamed to `prefix`, the
+  params under ("text",)."""
+  out = []
+  for e in key_table(lora.base_config(text_cfg)):
+    name = e.hf_name
+    if name.startswith("model."):
+      name = prefix + name[len("model."):]
+    out.append(Entry(name, ("text",) + e.path, e.to_nnx, e.to_hf))
+  return out
+
+
+def abstract_shapes(make: Callable[[nnx.Rngs], nnx.Module]):
+  """(graphdef, pure-dict param shapes) of the module `make(rngs)` builds,
+  without allocating weights."""
+  abstract = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  return graphdef, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+      nnx.to_pure_dict(state))
+
+
 def read_json(path: str | os.PathLike) -> tuple[dict, pathlib.Path]:
   """(the parsed `path/config.json`, its path); errors name the file."""
   f = pathlib.Path(path) / "config.json"

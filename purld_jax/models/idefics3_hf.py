@@ -20,7 +20,6 @@ import dataclasses
 import os
 import pathlib
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -86,12 +85,7 @@ def key_table(cfg: idefics3.Idefics3Config) -> list[Entry]:
   t = vision_table(cfg.vision)
   t.append(Entry("model.connector.modality_projection.proj.weight",
                  ("connector",), lambda w: w.T, lambda w: w.T))
-  for e in hf.key_table(lora.base_config(cfg.text)):
-    name = e.hf_name
-    if name.startswith("model."):
-      name = "model.text_model." + name[len("model."):]
-    t.append(Entry(name, ("text",) + e.path, e.to_nnx, e.to_hf))
-  return t
+  return t + hf.text_table(cfg.text, "model.text_model.")
 
 
 def read_config(path: str | os.PathLike, **dtypes) -> idefics3.Idefics3Config:
@@ -102,11 +96,7 @@ def read_config(path: str | os.PathLike, **dtypes) -> idefics3.Idefics3Config:
 
 def abstract_model(cfg: idefics3.Idefics3Config):
   """(graphdef, pure-dict param shapes) of `Idefics3(cfg)`, no weights."""
-  abstract = nnx.eval_shape(lambda: idefics3.Idefics3(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                        nnx.to_pure_dict(state))
-  return graphdef, shapes
+  return hf.abstract_shapes(lambda rngs: idefics3.Idefics3(cfg, rngs=rngs))
 
 
 def load_params(path: str | os.PathLike, cfg: idefics3.Idefics3Config, *,

@@ -21,7 +21,6 @@ import dataclasses
 import os
 import pathlib
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -84,12 +83,7 @@ def key_table(cfg: qwen2_vl.Qwen2VLConfig, layout: str = NEW
   as `layout` (NEW: transformers 5, LEGACY: the published checkpoints)."""
   vision_prefix, text_prefix = _PREFIX[layout]
   t = vision_table(cfg.vision, vision_prefix)
-  for e in hf.key_table(lora.base_config(cfg.text)):
-    name = e.hf_name
-    if name.startswith("model."):
-      name = text_prefix + name[len("model."):]
-    t.append(Entry(name, ("text",) + e.path, e.to_nnx, e.to_hf))
-  return t
+  return t + hf.text_table(cfg.text, text_prefix)
 
 
 def read_config(path: str | os.PathLike, **dtypes) -> qwen2_vl.Qwen2VLConfig:
@@ -100,11 +94,7 @@ def read_config(path: str | os.PathLike, **dtypes) -> qwen2_vl.Qwen2VLConfig:
 
 def abstract_model(cfg: qwen2_vl.Qwen2VLConfig):
   """(graphdef, pure-dict param shapes) of `Qwen2VL(cfg)`, no weights."""
-  abstract = nnx.eval_shape(lambda: qwen2_vl.Qwen2VL(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                        nnx.to_pure_dict(state))
-  return graphdef, shapes
+  return hf.abstract_shapes(lambda rngs: qwen2_vl.Qwen2VL(cfg, rngs=rngs))
 
 
 def layout_of(path: str | os.PathLike) -> str:
