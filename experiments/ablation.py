@@ -68,8 +68,8 @@ def tag(k: int, scheme: str) -> str:
 
 
 def train_cells(scale: str, split: str, ks, schemes, losses, seeds, *,
-                extra: Mapping[str, Any] = (),
-                train: Mapping[str, Any] = ()) -> list[common.Cell]:
+                extra: Mapping[str, Any] = (), train: Mapping[str, Any] = (),
+                config: str = ladder.ARITH) -> list[common.Cell]:
   """The seeds' SFT cells, then loss x scheme x K x seed (ladder.cells)."""
   out: dict[str, common.Cell] = {}
   for k in ks:
@@ -77,7 +77,8 @@ def train_cells(scale: str, split: str, ks, schemes, losses, seeds, *,
       more = {} if k == PROTOCOL_K else {"sampling.num_candidates": k}
       for c in ladder.cells(losses, seeds, scale=scale, split=split,
                             scheme=scheme, extra=extra,
-                            train={**more, **dict(train)}, tag=tag(k, scheme)):
+                            train={**more, **dict(train)}, tag=tag(k, scheme),
+                            config=config):
         out.setdefault(c.name, c)
   return list(out.values())
 
@@ -222,15 +223,17 @@ def main(argv=None, *, runner: common.Runner | None = None) -> dict:
   extra, train = a.extra, a.train
   runner = runner or common.Runner(a.out)
   seeds = a.seeds if a.part != "pool" else a.seeds[:1]
-  study = ladder.cells([], seeds, scale=a.scale, split=a.split, extra=extra)
-  pool = pool_lib.pool_cell(a.scale, a.seeds[0], k_max=a.k_max, steps=a.pool_steps,
-                   extra=extra)
+  study = ladder.cells([], seeds, scale=a.scale, split=a.split, extra=extra,
+                       config=a.config)
+  pool = pool_lib.pool_cell(a.scale, a.seeds[0], k_max=a.k_max,
+                            steps=a.pool_steps, config=a.config,
+                            extra=extra)
   if a.part != "train":
     study.append(pool)
   if a.part != "pool":
     study += [c for c in train_cells(
         a.scale, a.split, a.ks, a.schemes or [PROTOCOL_SCHEME], a.losses,
-        a.seeds, extra=extra, train=train) if c.name not in
+        a.seeds, extra=extra, train=train, config=a.config) if c.name not in
         {s.name for s in study}]
   if a.dry_run:
     runner.dry_run(study)

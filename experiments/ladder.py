@@ -85,25 +85,42 @@ RULES = {
 }
 
 
-def config_file(scale: str) -> str:
-  return "configs/arith.py" + (":tiny" if scale == "tiny" else "")
+ARITH = "configs/arith.py"  # the small scale's config (text, verified)
+
+
+def config_file(scale: str, config: str = ARITH) -> str:
+  return config + (":tiny" if scale == "tiny" else "")
+
+
+def split_path(config: str, split: str) -> str:
+  """The held-out file of `split` beside the config's training file
+  (configs/arith.py: data/arith/<split>.jsonl; configs/vlm_shapes.py:
+  data/shapes/<split>.jsonl, image prompts)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  if config == ARITH:
+    return SPLITS[split]
+  module = importlib.import_module(config[:-len(".py")].replace("/", "."))
+  train = module.get_config("").data.train_path
+  return os.path.join(os.path.dirname(train), f"{split}.jsonl")
 
 
 def cells(rungs: Sequence[str], seeds: Sequence[int], *, scale: str,
           split: str, scheme: str = "anchor_recon",
           extra: Mapping[str, Any] = (), train: Mapping[str, Any] = (),
-          tag: str = "") -> list[common.Cell]:
+          tag: str = "", config: str = ARITH) -> list[common.Cell]:
   """sft_s<seed> for every seed (it also evaluates the untrained student),
   then every other trained rung x seed from that seed's SFT model, named
   <rung><tag>_s<seed>; `extra` overrides every cell, `train` the stage-2
-  cells only (a sweep: --tag names its point)."""
-  base = {"data.eval_path": SPLITS[split]} if scale != "tiny" else {}
+  cells only (a sweep: --tag names its point). `config`: the cells' config
+  file (another task, e.g. configs/vlm_shapes.py: image prompts)."""
+  base = ({"data.eval_path": split_path(config, split)}
+          if scale != "tiny" else {})
   base.update(extra)
   # The untrained student is evaluated once, by seed 0's SFT cell
   # (`_answers`: one model, seed-free draws; any SFT cell's copy serves).
   # Seed 0, not the first asked for: a cell's settings must not depend on
   # which seeds one invocation runs (a re-run checks them).
-  out = [common.Cell(f"sft_s{s}", config_file(scale),
+  out = [common.Cell(f"sft_s{s}", config_file(scale, config),
                      {**RUNGS["sft"][2], **base, "data.shuffle_seed": s,
                       **({"eval.models": "sft"} if s != 0 else {})},
                      seed=s) for s in seeds]
@@ -112,7 +129,7 @@ def cells(rungs: Sequence[str], seeds: Sequence[int], *, scale: str,
       continue
     more = {"ranking.scheme": scheme} if rung in SELF_RANKING else {}
     # only its final model: before and sft are the SFT cell's
-    out += [common.Cell(f"{rung}{tag}_s{s}", config_file(scale),
+    out += [common.Cell(f"{rung}{tag}_s{s}", config_file(scale, config),
                         {**RUNGS[rung][2], **more, **base, **dict(train),
                          "eval.models": "final", "data.shuffle_seed": s},
                         seed=s, reference=f"sft_s{s}") for s in seeds]
@@ -267,6 +284,10 @@ def study_parser(prog: str, doc: str, *, scheme: bool = True,
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--scale", choices=("small", "tiny"), default="small")
   p.add_argument("--split", choices=tuple(SPLITS), default="eval")
+  p.add_argument("--config", default=ARITH, help="the cells' config file: "
+                 "configs/arith.py (text) or another task's, e.g. "
+                 "configs/vlm_shapes.py (image prompts; give its "
+                 "--override=model.path=YOUR_VLM, or --scale=tiny)")
   if scheme:
     p.add_argument("--scheme", default="anchor_recon",
                    help="self-ranking scheme of the purld_* rungs")
@@ -298,8 +319,12 @@ def study_args(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
     a.train = common.parse_overrides(a.train_override)
   except ValueError as e:
     p.error(str(e))
+  if not os.path.isfile(a.config):
+    p.error(f"--config={a.config}: no such file")
+  stem = ("" if a.config == ARITH else
+          os.path.basename(a.config)[:-len(".py")] + "_")
   a.out = a.out or os.path.join("experiments", "ladder",
-                                f"{a.scale}_{a.split}")
+                                f"{stem}{a.scale}_{a.split}")
   return a
 
 
@@ -317,13 +342,14 @@ def parse_args(argv):
 
 def main(argv=None, *, runner: common.Runner | None = None) -> int:
   a = parse_args(sys.argv[1:] if argv is None else argv)
-  os.makedirs(a.out, exist_ok=True)
   runner = runner or common.Runner(a.out)
   todo = cells(a.rungs, a.seeds, scale=a.scale, split=a.split,
-               scheme=a.scheme, extra=a.extra, train=a.train, tag=a.tag)
+               scheme=a.scheme, extra=a.extra, train=a.train, tag=a.tag,
+               config=a.config)
   if a.dry_run:
     runner.dry_run(todo)
     return 0
+  os.makedirs(a.out, exist_ok=True)
   header = (f"# Learning ladder ({a.scale}, {a.split} split)\n\n"
             f"`python -m experiments.ladder {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
   recorded = set(analysis.compact(runner, a.out, a.rungs, a.seeds, a.tag))

@@ -159,14 +159,14 @@ def parse_args(argv):
 def main(argv=None, *, runner: common.Runner | None = None):
   argv = sys.argv[1:] if argv is None else argv
   a = parse_args(argv)
-  os.makedirs(a.out, exist_ok=True)
   runner = runner or common.Runner(a.out)
   todo = ladder.cells(a.methods, a.seeds, scale=a.scale, split=a.split,
                       scheme=a.scheme, extra=a.extra, train=a.train,
-                      tag=a.tag)
+                      tag=a.tag, config=a.config)
   if a.dry_run:
     runner.dry_run(todo)
     return 0
+  os.makedirs(a.out, exist_ok=True)
   header = (f"# Main table ({a.scale} scale, {a.split} split)\n\n"
             f"`python -m experiments.main_table {' '.join(argv)}`\n\n"
             f"PU-RLD self-ranking: {a.scheme}, PU gate. Intervals: 95 %, "

@@ -32,12 +32,13 @@ METRICS = ("sample_accuracy", "mixed_groups", "top_right", "pair_accuracy",
 
 
 def pool_cell(scale: str, seed: int, *, k_max: int, steps: int,
-              extra: Mapping[str, Any] = ()) -> common.Cell:
+              extra: Mapping[str, Any] = (),
+              config: str = ladder.ARITH) -> common.Cell:
   """A PU-RL run whose rollout store is the pool: lr 0 (every step samples
   from the seed's SFT model), no held-out evaluation; done at its last
   step's stored rollouts."""
   return common.Cell(
-      f"pool_k{k_max}_s{seed}", ladder.config_file(scale),
+      f"pool_k{k_max}_s{seed}", ladder.config_file(scale, config),
       {"recipe": "dpo", "sampling.num_candidates": k_max, "rl.steps": steps,
        "rl.oversample": 1, "opt.learning_rate": 0.0, "data.eval_path": "",
        "rollout_store.enabled": True, "data.shuffle_seed": seed,

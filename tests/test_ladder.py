@@ -258,3 +258,39 @@ def test_one_more_rung_keeps_the_rows_already_in_the_table(tmp_path):
   assert rows["anchor_dpo"]["gain"] == pytest.approx(25 / N)
   text = (tmp_path / "ladder.md").read_text()
   assert "rungs untrained,sft,oracle_grpo,anchor_dpo; seeds 0,1,2" in text
+
+
+def test_another_tasks_config_gets_its_own_splits_and_folder(capsys):
+  """--config=configs/vlm_shapes.py (image prompts): the held-out files sit
+  beside its training file, the study folder is named for it, and a dry
+  run creates nothing."""
+  assert ladder.split_path(ladder.ARITH, "dev") == "data/arith/dev.jsonl"
+  assert ladder.split_path("configs/vlm_shapes.py", "eval") == os.path.join(
+      "data", "shapes", "eval.jsonl")
+  assert ladder.main(["--dry_run", "--seeds=0", "--config=configs/vlm_shapes.py",
+                      "--rungs=untrained,sft,purld_grpo"]) == 0
+  out = capsys.readouterr().out
+  assert "--config=configs/vlm_shapes.py " in out
+  assert "--config.data.eval_path=data/shapes/eval.jsonl" in out
+  assert "experiments/ladder/vlm_shapes_small_eval/cells/purld_grpo_s0" in out
+  assert not os.path.exists(os.path.join(common.ROOT, "experiments", "ladder",
+                                         "vlm_shapes_small_eval"))
+
+
+@pytest.mark.slow
+def test_the_multimodal_row_runs_on_the_tiny_vlm(tmp_path):
+  """The ladder on configs/vlm_shapes.py:tiny (a tiny random Idefics3,
+  image prompts, one step a stage): SFT and PU-RLD GRPO cells finish and
+  the table has their rows."""
+  from tests import train_fixtures  # pylint: disable=g-import-not-at-top
+  runner = common.Runner(str(tmp_path), env=train_fixtures.subprocess_env(),
+                         echo=False)
+  assert ladder.main(["--scale=tiny", "--seeds=0", f"--out={tmp_path}",
+                      "--config=configs/vlm_shapes.py",
+                      "--rungs=untrained,sft,purld_grpo",
+                      "--override=sft.steps=1", "--override=rl.steps=1",
+                      "--override=ckpt.async_save=False"],
+                     runner=runner) == 0
+  data = json.loads((tmp_path / analysis.ANSWERS).read_text())
+  assert {"sft_s0/before", "sft_s0/sft", "purld_grpo_s0/final"} <= set(data)
+  assert "PU-RLD GRPO" in (tmp_path / "ladder.md").read_text()
