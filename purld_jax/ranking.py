@@ -41,12 +41,16 @@ SIMILARITY_METRICS = ("rouge_l", "token_f1")
 ANSWER_WORD_SCHEMES = ("judge", "self_reward", "pairwise_judge")
 # `ranking.gate`: label-free checks that a candidate gives an answer at all.
 ANSWER_GATES = ("none", "number")
+# The schemes whose scorer runs model rows (`templates` builds them).
+ROW_SCHEMES = ("judge", "pmi", "anchor_recon", "pairwise_judge",
+               "self_reward")
 # The schemes that rank image prompts (a vision-language student): those
-# whose scorer rows keep the prompt's images (pmi, anchor_recon: the
-# prompt's image tokens and pixels in every row) and those that read no
-# model rows. judge, self_reward and pairwise_judge are refused.
-IMAGE_SCHEMES = ("anchor_recon", "pmi", "similarity", "oracle",
-                 "teacher_judge")
+# whose scorer rows keep the prompt's images (ROW_SCHEMES: the prompt's
+# image tokens and pixels in every row, `vision.PromptImages`; judge rows
+# hold them where the prompt's text begins in the template) and those that
+# read no model rows. A scheme not listed is refused on image prompts.
+IMAGE_SCHEMES = ("anchor_recon", "pmi", "judge", "self_reward",
+                 "pairwise_judge", "similarity", "oracle", "teacher_judge")
 
 
 # ----------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
       (scores [B, K], anchor_score [B]) on the host, texts the decoded
       candidates cut at their stop id (`teacher_judge.TeacherJudge`).
     processor: a vision-language student's processor: image prompts
-      ranked by pmi / anchor_recon rebuild their rows with it
+      ranked by a scheme of ranking.ROW_SCHEMES rebuild their rows with it
       (`vision.PromptImages`).
   """
   sampling = with_stop_ids(sampling, tok)
@@ -220,7 +220,7 @@ def collect(graphdef, policy_params, scorer_params, tok, batch, anchors,
         "prompt's images to the scorer; with image prompts use one of "
         f"{', '.join(ranking.IMAGE_SCHEMES)}")
   prompt_images = None
-  if images and ranking_params.scheme in ("pmi", "anchor_recon"):
+  if images and ranking_params.scheme in ranking.ROW_SCHEMES:
     if processor is None:
       raise ValueError(f"ranking.scheme {ranking_params.scheme!r} on image "
                        "prompts needs the student's processor")

@@ -192,10 +192,9 @@ def _response_logps_jit(graphdef, state, prompt_tokens, prompt_mask,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _response_next_logps_jit(graphdef, state, prompt_tokens, prompt_mask,
-                             responses, response_mask):
-  return response_next_logps(nnx.merge(graphdef, state), prompt_tokens,
-                             prompt_mask, responses, response_mask)
+def _response_next_logps_jit(graphdef, state, pt, pm, r, rm, pv, pxm):
+  return response_next_logps(nnx.merge(graphdef, state), pt, pm, r, rm,
+                             pixel_values=pv, pixel_mask=pxm)
 
 
 def jitted_response_logps(model, prompt_tokens, prompt_mask, responses,
@@ -209,11 +208,13 @@ def jitted_response_logps(model, prompt_tokens, prompt_mask, responses,
 
 
 def jitted_response_next_logps(model, prompt_tokens, prompt_mask, responses,
-                               response_mask) -> jax.Array:
+                               response_mask, pixel_values=None,
+                               pixel_mask=None) -> jax.Array:
   """`response_next_logps` compiled once per (model structure, shapes)."""
   graphdef, state = nnx.split(model)
   return _response_next_logps_jit(graphdef, state, prompt_tokens, prompt_mask,
-                                  responses, response_mask)
+                                  responses, response_mask, pixel_values,
+                                  pixel_mask)
 
 
 def jitted_token_logps(model, tokens, attention_mask, *,

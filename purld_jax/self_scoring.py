@@ -42,7 +42,7 @@ class Scorers:
       suffix_mask[, pixel_values, pixel_mask]) -> f32[G, M, S]
       (`scoring.response_logps`; the pixels, [G, I, ...], are the images
       of the prefixes' image tokens).
-    response_next_logps: same arguments -> f32[G, M, V]
+    response_next_logps: same arguments (the pixels too) -> f32[G, M, V]
       (`scoring.response_next_logps`).
   """
   token_logps: Callable
@@ -61,8 +61,9 @@ def model_scorers(model, *, vocab_chunk: int | None = None) -> Scorers:
           scoring.jitted_response_logps(model, pt, pm, r, rm,
                                         vocab_chunk=vocab_chunk,
                                         pixel_values=pv, pixel_mask=pxm)),
-      response_next_logps=functools.partial(
-          scoring.jitted_response_next_logps, model))
+      response_next_logps=lambda pt, pm, r, rm, pv=None, pxm=None: (
+          scoring.jitted_response_next_logps(model, pt, pm, r, rm, pv,
+                                             pxm)))
 
 
 # ----------------------------------------------------------------------------
@@ -170,6 +171,17 @@ def _image_prefixes(batch, m, images, pad_id, pad_multiple):
                    "literal <image>?)")
 
 
+def _with_pixels(fn, batch, m, images, rows_per_call, pad_id, pad_multiple):
+  """(SharedRows, fn(prefix, prefix_mask, suffix, suffix_mask, pixel_values,
+  pixel_mask) [G, M', ...]) over rows of image prompts (`_image_prefixes`),
+  in chunks of groups."""
+  shared, pv, pm = _image_prefixes(batch, m, images, pad_id, pad_multiple)
+  per = shared.suffix.shape[1]
+  return shared, _rows_in_chunks(
+      fn, (shared.prefix, shared.prefix_mask, shared.suffix,
+           shared.suffix_mask, pv, pm), max(1, rows_per_call // per))
+
+
 def _token_logps(scorers: Scorers, batch: templates.ScoringBatch, m: int,
                  rows_per_call, pad_id: int, pad_multiple: int, images=None):
   """f32[R, T] `scoring.token_logps` of the rows where targets are (0 on the
@@ -177,12 +189,8 @@ def _token_logps(scorers: Scorers, batch: templates.ScoringBatch, m: int,
   `images` (`vision.PromptImages`, rows of image prompts) the prefixes
   hold the images' tokens and are run with their pixels."""
   if images is not None:
-    shared, pv, pm = _image_prefixes(batch, m, images, pad_id, pad_multiple)
-    per = shared.suffix.shape[1]
-    lp = _rows_in_chunks(
-        scorers.response_logps, (shared.prefix, shared.prefix_mask,
-                                 shared.suffix, shared.suffix_mask, pv, pm),
-        max(1, rows_per_call // per))
+    shared, lp = _with_pixels(scorers.response_logps, batch, m, images,
+                              rows_per_call, pad_id, pad_multiple)
   else:
     shared = share_prefixes(batch, m, pad_id=pad_id,
                             pad_multiple=pad_multiple)
@@ -202,9 +210,13 @@ def _token_logps(scorers: Scorers, batch: templates.ScoringBatch, m: int,
 
 
 def _answer_logps(scorers: Scorers, batch: templates.ScoringBatch, m: int,
-                  rows_per_call, pad_id: int, pad_multiple: int):
+                  rows_per_call, pad_id: int, pad_multiple: int, images=None):
   """f32[R, V] log p(next token) after each row, each group's prefix run
-  once."""
+  once (with `images`: its pixels too, as `_token_logps`)."""
+  if images is not None:
+    _, lp = _with_pixels(scorers.response_next_logps, batch, m, images,
+                         rows_per_call, pad_id, pad_multiple)
+    return lp.reshape(batch.tokens.shape[0], -1)
   shared = share_prefixes(batch, m, pad_id=pad_id, pad_multiple=pad_multiple)
   if shared is None:
     return _rows_in_chunks(scorers.last_logps,
@@ -274,7 +286,8 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
     images: None, or the prompts' images (`vision.PromptImages`, a
       vision-language scorer): the rows of schemes in
       ranking.IMAGE_SCHEMES keep each prompt's images in front of its
-      rewritten user turn and are scored with its pixels; other model-row
+      rewritten user turn (judge rows: in front of the prompt's text in
+      the template) and are scored with its pixels; other model-row
       schemes are refused.
 
   Returns:
@@ -300,7 +313,8 @@ def score_group(model, tok, prompts: Sequence[Sequence[dict]],
   run = dict(rows_per_call=rows_per_call, pad_id=tok.pad_id,
              pad_multiple=pad_multiple)
   if images is not None:  # rows rebuilt with the prompts' images
-    pad["encode_chat"] = lambda i, msgs: images.encode_chat(tok, i, msgs)
+    pad["encode_chat"] = lambda i, msgs, at=0: images.encode_chat(
+        tok, i, msgs, at)
     run["images"] = images
   if scorers is None and scheme not in ("similarity", "oracle"):
     scorers = model_scorers(model, vocab_chunk=vocab_chunk)

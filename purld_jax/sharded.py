@@ -398,12 +398,17 @@ def jit_scorers(graphdef, param_sh, *, mesh: Mesh,
                                                        rm), 4))
   jitted = {name: jit_fn(fn, param_sh, ("batch",) * n, mesh=mesh, rules=rules)
             for name, (fn, n) in fns.items()}
-  # prefixes of image prompts (ranking: pmi, anchor_recon): their pixels
-  # follow, split like the prefixes
+  # prefixes of image prompts (ranking.IMAGE_SCHEMES' model rows): their
+  # pixels follow, split like the prefixes
   jitted["response_logps"] = WithImages(jitted["response_logps"], jit_fn(
       lambda p, pt, pm, r, rm, pv, pxm: scoring.response_logps(
           merge(p), pt, pm, r, rm, vocab_chunk=vocab_chunk, pixel_values=pv,
           pixel_mask=pxm), param_sh, ("batch",) * 6, mesh=mesh, rules=rules))
+  jitted["response_next_logps"] = WithImages(
+      jitted["response_next_logps"], jit_fn(
+          lambda p, pt, pm, r, rm, pv, pxm: scoring.response_next_logps(
+              merge(p), pt, pm, r, rm, pixel_values=pv, pixel_mask=pxm),
+          param_sh, ("batch",) * 6, mesh=mesh, rules=rules))
 
   def bind(params) -> self_scoring.Scorers:
     return self_scoring.Scorers(**{

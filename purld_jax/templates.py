@@ -157,9 +157,36 @@ def finish_rows(rows, n_target, pad_id, pad_multiple, length=None
   return ScoringBatch(tokens, mask, target & mask)
 
 
+def prompt_at(template: str, **fields) -> int:
+  """Where the text of the first {prompt} field begins in
+  template.format(**fields) (0 when the template has none): a judge row's
+  images go there (`vision.with_image_parts`)."""
+  head = []
+  for literal, field, spec, conv in string.Formatter().parse(template):
+    head.append(literal.replace("{", "{{").replace("}", "}}"))
+    if field is None:
+      continue
+    if field.split(".")[0].split("[")[0] == "prompt":
+      return len("".join(head).format(**fields))
+    head.append("{" + field + (f"!{conv}" if conv else "")
+                + (f":{spec}" if spec else "") + "}")
+  return 0
+
+
+def _judge_row(tok, template, encode_chat, b, **fields) -> list[int]:
+  """Token ids of one judge conversation: a single user turn,
+  template(**fields). With `encode_chat(b, messages, at)` (image prompts:
+  `vision.PromptImages.encode_chat`) prompt b's images are put where the
+  prompt's text begins (`prompt_at`)."""
+  msgs = [{"role": "user", "content": template.format(**fields)}]
+  if encode_chat is None:
+    return tok.encode_chat(msgs)
+  return encode_chat(b, msgs, prompt_at(template, **fields))
+
+
 def judge_batch(tok, prompts, anchors, candidates, *,
                 template: str = JUDGE_TEMPLATE,
-                pad_multiple: int = 16) -> ScoringBatch:
+                pad_multiple: int = 16, encode_chat=None) -> ScoringBatch:
   """One judge conversation per candidate, R = B * K rows.
 
   Args:
@@ -170,14 +197,17 @@ def judge_batch(tok, prompts, anchors, candidates, *,
     candidates: B lists of K token-id lists.
     template: user-turn text with {prompt}, {reference}, {response}.
     pad_multiple: T is rounded up to a multiple of this (fewer recompiles).
+    encode_chat: None (text prompts: `tok.encode_chat`), or
+      encode_chat(b, messages, at) -> ids for image prompts (`_judge_row`).
   """
   rows = []
-  for msgs, anchor, group in zip(prompts, anchors, candidates):
+  for b, (msgs, anchor, group) in enumerate(zip(prompts, anchors,
+                                                candidates)):
     for ids in group:
       text = tok.decode(cut_at_stop(ids, tok.stop_ids))
-      user = template.format(prompt=prompt_text(msgs), reference=anchor,
-                             response=text)
-      rows.append(tok.encode_chat([{"role": "user", "content": user}]))
+      rows.append(_judge_row(tok, template, encode_chat, b,
+                             prompt=prompt_text(msgs), reference=anchor,
+                             response=text))
   return finish_rows(rows, [0] * len(rows), tok.pad_id, pad_multiple)
 
 
@@ -210,17 +240,20 @@ def ordered_pairs(k: int, opponents: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def pairwise_batch(tok, prompts, anchors, candidates, *,
                    template: str = PAIRWISE_TEMPLATE,
-                   pad_multiple: int = 16, opponents: int = 0) -> ScoringBatch:
+                   pad_multiple: int = 16, opponents: int = 0,
+                   encode_chat=None) -> ScoringBatch:
   """One judge conversation per ordered pair (A = y_i, B = y_j), both
   orders, in `ordered_pairs(K, opponents)` order per prompt (R = B * K
-  (K - 1) rows for all pairs, B * K * opponents for a sparse design)."""
+  (K - 1) rows for all pairs, B * K * opponents for a sparse design).
+  `encode_chat` as in `judge_batch`."""
   rows = []
-  for msgs, anchor, group in zip(prompts, anchors, candidates):
+  for b, (msgs, anchor, group) in enumerate(zip(prompts, anchors,
+                                                candidates)):
     texts = [tok.decode(cut_at_stop(ids, tok.stop_ids)) for ids in group]
     for i, j in zip(*ordered_pairs(len(group), opponents)):
-      user = template.format(prompt=prompt_text(msgs), reference=anchor,
-                             response_a=texts[i], response_b=texts[j])
-      rows.append(tok.encode_chat([{"role": "user", "content": user}]))
+      rows.append(_judge_row(tok, template, encode_chat, b,
+                             prompt=prompt_text(msgs), reference=anchor,
+                             response_a=texts[i], response_b=texts[j]))
   return finish_rows(rows, [0] * len(rows), tok.pad_id, pad_multiple)
 
 

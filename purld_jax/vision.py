@@ -105,25 +105,31 @@ def chat_messages(prompt) -> list[dict]:
                                                          ())))
 
 
-def with_image_parts(messages, n: int) -> list[dict]:
+def with_image_parts(messages, n: int, at: int = 0) -> list[dict]:
   """Chat dicts (string contents) with `n` image parts put before the last
-  user message's text (`chat_messages`' form); as they are when n = 0."""
+  user message's text (`chat_messages`' form), or after its first `at`
+  characters (a judge row: where the prompt's text begins in the
+  template); as they are when n = 0."""
   out = [dict(m) for m in messages]
   if not n:
     return out
   last = max(i for i, m in enumerate(out) if m["role"] == "user")
-  out[last] = dict(out[last], content=[{"type": "image"}] * n + [
-      {"type": "text", "text": out[last]["content"]}])
+  text = out[last]["content"]
+  head = [{"type": "text", "text": text[:at]}] if at else []
+  out[last] = dict(out[last], content=head + [{"type": "image"}] * n + [
+      {"type": "text", "text": text[at:]}])
   return out
 
 
 class PromptImages:
   """The images of a batch of B prompts, for rows that rebuild the prompts
-  from a template (the ranking schemes anchor_recon and pmi): each row is
-  its prompt's conversation with the user turn rewritten, its images still
-  in front of the last user message's text, written out as the same tile
-  tokens as the prompt's own (`encode_chat`); the rows of prompt b are
-  scored with that prompt's pixels (`pixel_values[b]`).
+  from a template (the ranking schemes that run model rows: anchor_recon,
+  pmi, judge, self_reward, pairwise_judge): each row is its prompt's
+  conversation with the user turn rewritten, its images still in front of
+  the last user message's text (a judge row: in front of the prompt's text
+  inside the template), written out as the same tile tokens as the
+  prompt's own (`encode_chat`); the rows of prompt b are scored with that
+  prompt's pixels (`pixel_values[b]`).
 
   Attributes:
     expansions: B lists (one per image) of the token ids the processor
@@ -144,15 +150,17 @@ class PromptImages:
     """How many `<image>` tokens prompt b's images are written as."""
     return sum(e.count(self.image_token_id) for e in self.expansions[b])
 
-  def encode_chat(self, tok, b: int, messages) -> list[int]:
+  def encode_chat(self, tok, b: int, messages, at: int = 0) -> list[int]:
     """Token ids of `messages` (prompt b's conversation, rewritten, string
-    contents) with prompt b's images before the last user message's text:
-    the chat rendered with one `<image>` marker per image, each marker then
+    contents) with prompt b's images before the last user message's text
+    (after its first `at` characters: `with_image_parts`): the chat
+    rendered with one `<image>` marker per image, each marker then
     replaced by that image's tile tokens (what the processor writes; special
     tokens are split before anything else is tokenized, so the text around
     them tokenizes the same)."""
     exp = self.expansions[b]
-    ids = tok.encode(tok.render_chat(with_image_parts(messages, len(exp))))
+    ids = tok.encode(tok.render_chat(with_image_parts(messages, len(exp),
+                                                      at)))
     out, i = [], 0
     for t in ids:
       if t == self.image_token_id and i < len(exp):

@@ -1,5 +1,5 @@
 """`main.validate` on vision-language settings: an Idefics3 directory
-passes; LoRA, the GGUF export, a judge scheme on image prompts and image
+passes (every ranking scheme included); LoRA, the GGUF export and image
 prompts for a text student are refused, each with a short error naming
 the field."""
 
@@ -39,6 +39,10 @@ def test_a_vlm_run_validates(files):
   assert _errors(_config(files, **{"ranking.scheme": "pmi"})) == ""
   assert _errors(_config(files, **{"recipe": "sft",
                                    "ranking.scheme": "judge"})) == ""
+  for scheme in ("judge", "self_reward", "pairwise_judge"):
+    assert _errors(_config(files, **{"ranking.scheme": scheme,
+                                     "ranking.yes_word": "Y",
+                                     "ranking.no_word": "N"})) == ""
 
 
 @pytest.mark.parametrize("override,message", [
@@ -46,10 +50,6 @@ def test_a_vlm_run_validates(files):
      "model.lora.rank=4: LoRA is not supported for a vision-language"),
     ({"export.gguf": True},
      "export.gguf=True: no GGUF export for a vision-language student"),
-    ({"ranking.scheme": "judge"},
-     "ranking.scheme='judge': not implemented for image prompts"),
-    ({"ranking.scheme": "pairwise_judge"},
-     "ranking.scheme='pairwise_judge': not implemented for image prompts"),
     ({"model.path": "tiny"},
      "data.train_path, data.eval_path: prompts with images, but "
      "model.path='tiny' is a text model"),

@@ -2,7 +2,7 @@
 anchor_recon rebuild each prompt's rows with its images (the image tokens
 in the prefix, the prompt's pixels), and equal a hand-built forward of the
 whole row text through transformers' processor; the scores move with the
-image; the judge schemes are refused with an error naming them."""
+image (the judge schemes: tests/test_vlm_judge_ranking.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -113,15 +113,6 @@ def test_scores_change_with_the_image(scheme, scorer):
   assert np.abs(a - b)[nonempty].min() > 1e-5
   if scheme == "anchor_recon":
     assert np.abs(a_anchor - b_anchor).min() > 1e-5
-
-
-@pytest.mark.parametrize("scheme",
-                         ["judge", "self_reward", "pairwise_judge"])
-def test_judge_schemes_are_refused_on_image_prompts(scheme, scorer):
-  s, model = scorer
-  with pytest.raises(ValueError, match=f"'{scheme}' is not implemented for "
-                     "image prompts"):
-    _scores(s, model, _prompts(), scheme)
 
 
 def test_prompt_images_expand_each_distinct_image_once(scorer):

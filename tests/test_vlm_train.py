@@ -90,12 +90,17 @@ def test_recipe_runs_on_image_prompts(recipe, vlm_dir, train_path, reference,
   assert os.path.isfile(os.path.join(out, "preprocessor_config.json"))
 
 
-def test_ranking_scheme_that_hides_the_images_is_refused(vlm_dir, train_path,
-                                                         reference, tmp_path):
+def test_a_judge_scheme_ranks_image_prompts(vlm_dir, train_path, reference,
+                                            tmp_path, jit_cache):  # noqa: F811
+  # the judge's rows hold the prompts' images (vision.PromptImages, built
+  # by rollout.collect from the student's processor)
   c = _config(vlm_dir, train_path, recipe="dpo",
-              **{"ranking.scheme": "judge"})
-  with pytest.raises(ValueError, match="does not show the prompt's images"):
-    pu_rl.run(c, str(tmp_path), reference_dir=reference[1])
+              **{"ranking.scheme": "judge", "ranking.yes_word": "Y",
+                 "ranking.no_word": "N"})
+  pu_rl.run(c, str(tmp_path), reference_dir=reference[1])
+  rows = _metrics(str(tmp_path), "dpo")
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(np.isfinite(r["loss"]) for r in rows)
 
 
 def test_a_dpo_step_raises_chosen_over_rejected_on_an_image_prompt(
