@@ -171,7 +171,9 @@ def main(argv=None, *, runner: common.Runner | None = None):
             f"`python -m experiments.main_table {' '.join(argv)}`\n\n"
             f"PU-RLD self-ranking: {a.scheme}, PU gate. Intervals: 95 %, "
             "over seeds and prompts; gains paired by seed and prompt; "
-            "**bold**: the interval excludes zero.\n\n")
+            "**bold**: the interval excludes zero. A row with fewer than 3 "
+            "seeds is progress, not a result (the Protocol publishes a row "
+            "at 3 seeds or more).\n\n")
   rc = 0
   if not a.table_only:
     recorded = set(analysis.compact(runner, a.out, a.methods, a.seeds, a.tag))
