@@ -60,7 +60,7 @@ def _wall(runner: common.Runner, method: str, seeds: Sequence[int],
   """Mean seconds of a seed's cell (cells.jsonl), NaN without one."""
   if method == "untrained":
     return float("nan")
-  walls = [runner.wall_s(analysis.cell_model(method, s, tag)[0])  # pylint: disable=protected-access
+  walls = [runner.wall_s(analysis.cell_model(method, s, tag)[0])
            for s in seeds]
   walls = [w for w in walls if w is not None]
   return float(np.mean(walls)) if walls else float("nan")
