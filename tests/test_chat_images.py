@@ -175,6 +175,7 @@ def test_image_errors_are_one_line(tiny_model, tiny_tok, tmp_path):  # noqa: F81
                   "(UnidentifiedImageError)")
 
 
+@pytest.mark.slow  # ~22 s, subprocesses; the in-process chat test stays fast
 def test_the_command_line_answers_an_image_prompt(tmp_path):
   # --image and a piped `/image PATH` give the answer of the same prompt
   path = str(vlm_fixtures.make_vlm_dir(tmp_path / "vlm"))

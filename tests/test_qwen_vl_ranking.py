@@ -75,6 +75,7 @@ def _row_logps(s, model, prompt, messages, target):
   return np.asarray([lp[t - n - 1 + j, target[j]] for j in range(n)])
 
 
+@pytest.mark.slow  # ~60 s; the Idefics3 twin and the image-change test stay fast
 @pytest.mark.parametrize("scheme", ["anchor_recon", "pmi"])
 def test_scores_equal_a_hand_built_forward(scheme, scorer):
   s, model = scorer

@@ -107,6 +107,7 @@ def _members(tok, b):
           for y in _cands(tok)[b]] + [ANCHORS[b]]
 
 
+@pytest.mark.slow  # ~75 s; the image-change and row-layout tests stay fast
 @pytest.mark.parametrize("scheme", ["judge", "self_reward"])
 def test_judge_scores_equal_a_hand_built_forward(scheme, scorer):
   family, s, model = scorer
@@ -127,6 +128,7 @@ def test_judge_scores_equal_a_hand_built_forward(scheme, scorer):
                                  err_msg=f"{family} {scheme} b={b} member {j}")
 
 
+@pytest.mark.slow  # ~35 s; as above
 def test_pairwise_scores_equal_a_hand_built_forward(scorer):
   family, s, model = scorer
   tok = s.tokenizer
