@@ -26,6 +26,18 @@ class Reply:
   steps: int
 
 
+def fitting_buckets(buckets, max_new_tokens: int,
+                    positions: int) -> tuple[int, ...]:
+  """The prompt buckets that leave room for `max_new_tokens` within the
+  model's `positions`, sorted; ValueError when none does."""
+  out = tuple(b for b in sorted(buckets) if b <= positions - max_new_tokens)
+  if not out:
+    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no prompt "
+                     f"bucket {tuple(buckets)} within the model's "
+                     f"{positions} positions")
+  return out
+
+
 class Decoder:
   """Streams one answer at a time; compiled once per prompt bucket.
 
@@ -43,12 +55,8 @@ class Decoder:
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
     from purld_jax import sampling  # pylint: disable=g-import-not-at-top
-    limit = model.cfg.max_position_embeddings - max_new_tokens
-    self.buckets = tuple(b for b in sorted(buckets) if b <= limit)
-    if not self.buckets:
-      raise ValueError(f"max_new_tokens={max_new_tokens} leaves no prompt "
-                       f"bucket {tuple(buckets)} within the model's "
-                       f"{model.cfg.max_position_embeddings} positions")
+    self.buckets = fitting_buckets(buckets, max_new_tokens,
+                                   model.cfg.max_position_embeddings)
     self.tok, self.max_new_tokens = tok, max_new_tokens
     self.sampling = sampling.SamplingParams(
         temperature=temperature, max_new_tokens=max_new_tokens,

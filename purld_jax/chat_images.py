@@ -120,13 +120,9 @@ class VisionDecoder:
     from flax import nnx  # pylint: disable=g-import-not-at-top
     from purld_jax import sampling  # pylint: disable=g-import-not-at-top
     from purld_jax import vision  # pylint: disable=g-import-not-at-top
-    positions = vision.decoder(model).cfg.max_position_embeddings
-    self.buckets = tuple(b for b in sorted(buckets)
-                         if b <= positions - max_new_tokens)
-    if not self.buckets:
-      raise ValueError(f"max_new_tokens={max_new_tokens} leaves no prompt "
-                       f"bucket {tuple(buckets)} within the model's "
-                       f"{positions} positions")
+    self.buckets = chat_decode.fitting_buckets(
+        buckets, max_new_tokens,
+        vision.decoder(model).cfg.max_position_embeddings)
     self.tok, self.processor = tok, processor
     self.sampling = sampling.SamplingParams(
         temperature=temperature, max_new_tokens=max_new_tokens,

@@ -123,8 +123,10 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32,
   """
   cfg = read_config(path, dtype=dtype, param_dtype=param_dtype or dtype)
   base = dataclasses.replace(cfg, text=lora.base_config(cfg.text))
-  graphdef, _ = abstract_model(base)
-  return nnx.merge(graphdef, load_params(path, base, shardings=shardings))
+  graphdef, shapes = abstract_model(base)  # traced once, not again below
+  return nnx.merge(graphdef, hf.load_table(
+      path, key_table(base, layout_of(path)), shapes, cfg.text.param_dtype,
+      shardings=shardings))
 
 
 def save_model(model: qwen2_vl.Qwen2VL, path: str | os.PathLike, *,
