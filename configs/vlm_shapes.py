@@ -34,7 +34,8 @@ from configs import common
 DATA = "data/shapes"
 
 
-def _shapes(c):
+def shapes(c):
+  """The shapes task: PU-RLD GRPO, anchor_recon, data/shapes train / dev."""
   c.recipe = "grpo"               # PU-RLD, listwise
   c.ranking.scheme = "anchor_recon"  # its rows keep the prompt's images
   c.data.train_path = f"{DATA}/train.jsonl"
@@ -42,10 +43,32 @@ def _shapes(c):
   return c
 
 
+def gpu_host(c):
+  """The shapes task's settings on a GPU host (configs/vlm_h100_*.py,
+  vlm_8xh100_*.py): bf16 compute on f32 params, remat "dots", scanned
+  layers, 16 prompts x K 8 a step, 200 steps a stage, 64-token answers."""
+  c = shapes(c)
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.remat = "dots"
+  c.model.scan_layers = True      # one decoder layer compiled, not L
+  c.teacher.max_tokens = 64       # short answers: every budget covers them
+  c.sft.max_response_len = 64
+  c.sampling.max_new_tokens = 64
+  c.eval.max_new_tokens = 64
+  c.sampling.num_candidates = 8
+  c.sft.batch_size = 16
+  c.rl.batch_size = 16
+  c.sft.steps = 200
+  c.rl.steps = 200
+  c.export.gguf = False           # no GGUF for a vision-language student
+  return c
+
+
 def _tiny():
   from purld_jax.models import embedded  # pylint: disable=g-import-not-at-top
   from purld_jax.models import tiny_vlm  # pylint: disable=g-import-not-at-top
-  c = common.tiny(_shapes(common.base()))
+  c = common.tiny(shapes(common.base()))
   c.model.path = tiny_vlm.ensure(os.path.join(embedded.default_cache_dir(),
                                               "tiny_vlm"))
   c.data.buckets = (192,)         # one shape: chat, 4 image tokens, question
@@ -58,7 +81,7 @@ def _tiny():
 def get_config(arg: str = ""):
   if arg == "tiny":
     return _tiny()
-  c = _shapes(common.base())
+  c = shapes(common.base())
   c.model.path = ""               # REQUIRED: your Idefics3 / SmolVLM directory
   c.model.dtype = "bfloat16"
   # Short answers ("There are 3 blue shapes."): every budget covers the

@@ -57,18 +57,27 @@ def _memory(config) -> list[str]:
     cfg = student_lib.config_architecture(config.model)
   except Exception as e:  # pylint: disable=broad-except
     return [f"  (no estimate: {type(e).__name__}: {e})"]
-  mesh_cfg = config.mesh
-  n = math.prod(int(mesh_cfg[a]) for a in ("data", "fsdp", "tensor"))
-  est = memory.estimate_from_config(config, cfg,
-                                    memory.abstract_mesh(mesh_cfg, n))
+  est = memory.estimate_from_config(
+      config, cfg, memory.abstract_mesh(config.mesh, _devices(config.mesh)))
   return ["  " + line for line in memory.table(est).splitlines()[:-1]]
+
+
+def _devices(m) -> int:
+  """The devices the mesh (data, fsdp, tensor) needs; a -1 size takes all
+  the devices JAX sees (`sharding.mesh_from_config`)."""
+  sizes = [int(m.data), int(m.fsdp), int(m.tensor)]
+  if -1 in sizes:
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.device_count()
+  return math.prod(sizes)
 
 
 def describe(config, workdir: str) -> str:
   """The plan of `python -m purld_jax.main --config=... --workdir=...`."""
   c = config
   m = c.mesh
-  devices = int(m.data) * int(m.fsdp) * int(m.tensor)
+  devices = _devices(m)
+  inferred = -1 in (int(m.data), int(m.fsdp), int(m.tensor))
   lines = [
       f"dry run: recipe {c.recipe}, workdir {workdir} ("
       + ("exists: a checkpoint there is resumed" if os.path.isdir(workdir)
@@ -78,7 +87,8 @@ def describe(config, workdir: str) -> str:
       f"{c.model.scan_layers}"
       + (f", LoRA rank {c.model.lora.rank}" if c.model.lora.rank else ""),
       f"mesh     data {m.data} x fsdp {m.fsdp} x tensor {m.tensor} = "
-      f"{devices} device(s)",
+      f"{devices} device(s)" + (" (-1: every device JAX sees)" if inferred
+                                else ""),
       f"train    {_count(c.data.train_path)}",
       f"eval     {_count(c.data.eval_path)}",
       f"teacher  {_teacher(c.teacher)}: one anchor a train prompt, "

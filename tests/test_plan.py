@@ -49,3 +49,19 @@ def test_dry_run_of_a_paper_config(tmp_path):
   assert "data.train_path='/nonexistent/train.jsonl': no such prompt file" in (
       bad.stderr)
   assert "Traceback" not in bad.stderr
+
+
+def test_dry_run_of_the_gpu_vision_language_configs(tmp_path):
+  """The SmolVLM-500M and Qwen2.5-VL-3B host configs validate from their
+  configs/arch folders, and the estimate counts the vision tower (its size
+  by hand in tests/tools/test_memory.py)."""
+  for name, devices in (("vlm_h100_smolvlm500m", 1),
+                        ("vlm_8xh100_qwen25vl3b", 8)):
+    work = tmp_path / name
+    ok = _dry(f"--config=configs/{name}.py", f"--workdir={work}")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert f"= {devices} device(s)" in ok.stdout
+    assert "M in the vision tower and connector" in ok.stdout
+    assert "ranking anchor_recon" in ok.stdout and "= train step peak" in (
+        ok.stdout)
+    assert not work.exists()

@@ -36,6 +36,12 @@ divide its mesh axes counts whole) and the dtypes:
                       adapters, so it costs one adapter-sized tree; the
                       activations are counted as a full fine-tune's (the
                       rank-r x A kept per target, c r a token, is left out)
+  vision-language     (Idefics3 / SmolVLM, Qwen2.5-VL) the vision tower and
+                      connector are trained with the decoder: their params
+                      count in params, gradients, optimizer and reference;
+                      activations, logits and the KV cache are the
+                      decoder's; the tower's own activations (run once per
+                      prompt) are left out
   KV cache            sampling B prompts x K candidates: ours keeps the
                       prompt once (B x P) + each row's own T slots (in
                       chunks of 32); the naive layout B K x (P + T) is
@@ -103,13 +109,35 @@ def _split(mesh, names, size: int, rules) -> int:
   return _pieces(mesh, sharding.spec(names, rules, mesh, (size,)))
 
 
+def _decoder(cfg) -> llama.LlamaConfig:
+  """The decoder's config: `cfg` itself, or a vision-language model's
+  `cfg.text`."""
+  return getattr(cfg, "text", cfg)
+
+
+def _shapes(cfg) -> dict:
+  """The model's param shapes (pure dict): a text or vision-language
+  config."""
+  if _decoder(cfg) is cfg:
+    return llama.abstract_model(cfg)[1]
+  from purld_jax.train import student  # pylint: disable=g-import-not-at-top
+  return student.vlm_hf(cfg).abstract_model(cfg)[1]
+
+
+def num_params(cfg) -> int:
+  """The model's params without LoRA adapters (a vision-language model's
+  tower and connector included)."""
+  _, base = lora.split(_shapes(cfg))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(base))
+
+
 def part_bytes(cfg: llama.LlamaConfig, mesh, rules=sharding.DEFAULT_RULES
                ) -> tuple[int, int]:
   """(adapters, base): bytes of one device's share of the LoRA adapters
   (0 without `cfg.lora`) and of every other param."""
   p_sh = sharding.param_shardings(cfg, mesh, rules)
-  _, shapes = llama.abstract_model(cfg)
-  size = jnp.dtype(cfg.param_dtype).itemsize
+  shapes = _shapes(cfg)
+  size = jnp.dtype(_decoder(cfg).param_dtype).itemsize
   per_leaf = jax.tree.map(
       lambda x, sh: math.prod(x.shape) * size // _pieces(mesh, sh.spec),
       shapes, p_sh)
@@ -166,6 +194,8 @@ def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
   rl.reference_dtype): "bfloat16" counts Adam's mu, the reference, at 2
   bytes a parameter."""
   adapters, base = part_bytes(cfg, mesh, rules)
+  total = num_params(cfg)
+  cfg = _decoder(cfg)  # from here on, the decoder's shapes
   # What is trained (gradients, Adam's moments) and what is held frozen.
   params, frozen = (adapters, base) if cfg.lora else (adapters + base, 0)
   bf16 = params * 2 // jnp.dtype(cfg.param_dtype).itemsize
@@ -188,12 +218,12 @@ def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
   own_t = -(-max(s.t - 1, 1) // _OWN_CHUNK) * _OWN_CHUNK
   outside = cfg.vocab_size * cfg.hidden_size * (
       1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size
-  in_layers = cfg.num_params() - outside  # base params (no adapters)
+  in_layers = cfg.num_params() - outside  # decoder layers (no adapters)
   # scan_layers: the layers' weights stacked per call (the frozen ones
   # too), and the trained ones' gradient stacked before it is split back
   # per layer (the adapters all live in the layers).
-  stacked = (2 * params * in_layers // cfg.num_params() if not cfg.lora
-             else base * in_layers // cfg.num_params() + 2 * adapters)
+  stacked = (2 * params * in_layers // total if not cfg.lora
+             else base * in_layers // total + 2 * adapters)
   out = dict(
       params=params,
       frozen=frozen,
@@ -216,23 +246,30 @@ def estimate(cfg: llama.LlamaConfig, mesh, s: aot.Shapes, *,
   return out
 
 
-def estimate_from_config(config, cfg: llama.LlamaConfig, mesh) -> dict:
+def estimate_from_config(config, cfg, mesh) -> dict:
+  """`estimate` for the config's batch shapes and dtypes, with a title; `cfg`
+  a text or a vision-language architecture."""
   est = estimate(cfg, mesh, aot.shapes(config),
                  grad_accum=config.opt.grad_accum,
                  micro_batches=config.opt.get("micro_batches", 1),
                  mu_dtype=config.opt.get("mu_dtype", "float32"),
                  reference_dtype=config.rl.get("reference_dtype", "float32"))
+  text = _decoder(cfg)
+  tower = (num_params(cfg) - text.num_params()) / 1e6
+  vision = ("" if text is cfg
+            else f" ({tower:.1f} M in the vision tower and connector)")
   est["_title"] = (f"{aot.shapes(config)}; mesh {dict(mesh.shape)}; params "
-                   f"{jnp.dtype(cfg.param_dtype).name}, compute "
-                   f"{jnp.dtype(cfg.dtype).name}, remat {cfg.remat}, "
-                   f"scan_layers {cfg.scan_layers}; "
-                   f"{cfg.num_params() / 1e6:.1f} M params" + lora_title(cfg))
+                   f"{jnp.dtype(text.param_dtype).name}, compute "
+                   f"{jnp.dtype(text.dtype).name}, remat {text.remat}, "
+                   f"scan_layers {text.scan_layers}; "
+                   f"{num_params(cfg) / 1e6:.1f} M params" + vision
+                   + lora_title(text))
   return est
 
 
 def lora_title(cfg: llama.LlamaConfig) -> str:
   """'; LoRA r 8 on 7 targets: 1.2 M trained' ('' without LoRA)."""
-  if cfg.lora is None:
+  if getattr(cfg, "lora", None) is None:
     return ""
   adapters, _ = lora.split(llama.abstract_model(cfg)[1])
   n = sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))

@@ -103,3 +103,31 @@ def test_half_state_counts_two_bytes_a_parameter_by_hand():
   assert f32["optimizer"] == 2 * p and f32["reference"] == p
   assert half["optimizer"] == p + p // 2 and half["reference"] == p // 2
   assert half["params"] == p and half["gradients"] == f32["gradients"]
+
+
+def test_vision_language_params_count_the_tower_by_hand(monkeypatch):
+  """configs/arch/smolvlm-500m: the SigLIP tower and the connector are
+  trained with the decoder, so params count them; the activations are the
+  decoder's alone."""
+  import os  # pylint: disable=g-import-not-at-top
+  from purld_jax.models import idefics3_hf  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))))
+  cfg = idefics3_hf.read_config("configs/arch/smolvlm-500m")
+  e, f, layers, patch, side = 768, 3072, 12, 16, 512
+  tower = (e * 3 * patch * patch + e                 # patch embedding
+           + (side // patch) ** 2 * e                # learned positions
+           + layers * (4 * (e * e + e)               # q, k, v, o with bias
+                       + e * f + f + f * e + e       # MLP with bias
+                       + 4 * e)                      # two LayerNorms
+           + 2 * e)                                  # post LayerNorm
+  connector = e * 4 ** 2 * 960                       # pixel shuffle x4, no bias
+  total = cfg.text.num_params() + tower + connector
+  assert memory.num_params(cfg) == total
+  assert memory.param_bytes(cfg, _mesh(1, 1, 1)) == total * 4
+  s = aot.Shapes("grpo", b=2, k=2, p=8, t=4, u=2)
+  est = memory.estimate(cfg, _mesh(1, 1, 1), s)
+  text = memory.estimate(cfg.text, _mesh(1, 1, 1), s)
+  assert est["params"] == total * 4 and est["optimizer"] == 2 * total * 4
+  assert est["activations"] == text["activations"]
+  assert est["kv_cache"] == text["kv_cache"]
