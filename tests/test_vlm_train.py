@@ -279,3 +279,32 @@ def test_vlm_exact_resume_after_kill_9(vlm_dir, train_path, tmp_path,
       cfg, killed, 2 * n, n, f"--config.model.path={vlm_dir}",
       "--config.ranking.scheme=anchor_recon")
   train_fixtures.resume_after_kill_matches(cfg, cmd, killed, full, n)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_dpo_on_a_2x2x2_mesh_equals_one_device(vlm_dir, train_path, reference,
+                                              tmp_path, jit_cache):  # noqa: F811
+  """Stage 2 on image prompts with the vision tower, connector and decoder
+  split by the logical rules over (2, 2, 2): the same losses and final
+  params as on one device (one step of 4 prompts: data x fsdp = 4)."""
+  runs = {}
+  for mesh in ((1, 1, 1), (2, 2, 2)):
+    work = str(tmp_path / "x".join(map(str, mesh)))
+    c = _config(vlm_dir, train_path, recipe="dpo", **{
+        "rl.batch_size": 4, "rl.steps": 1, "mesh.data": mesh[0], "mesh.fsdp": mesh[1],
+        "mesh.tensor": mesh[2]})
+    out = pu_rl.run(c, work, reference_dir=reference[1])
+    s = student_lib.from_config(c.model, work)
+    runs[mesh] = ([r["loss"] for r in _metrics(work, "dpo")],
+                  s.load_params(out))
+  (want_loss, want), (got_loss, got) = runs[(1, 1, 1)], runs[(2, 2, 2)]
+  assert len(got_loss) == 1
+  np.testing.assert_allclose(got_loss, want_loss, atol=1e-5, rtol=0)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(
+      np.asarray(g), np.asarray(w), atol=1e-5, rtol=0), got, want)
+  # the step moved the vision tower: not a comparison of two untouched trees
+  ref = student_lib.from_config(c.model, work).load_params(reference[1])
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a, np.float32)
+                                                 - np.asarray(b, np.float32)
+                                                 ).max()), got, ref)
+  assert max(jax.tree.leaves(moved["vision"])) > 0
