@@ -140,6 +140,14 @@ def ranking() -> ml_collections.ConfigDict:
   # does); none = METHOD.md.
   c.gate = "none"
   c.gate_margin = 1.0         # a failed candidate sits this far below (> 0)
+  # teacher_judge: where the judge is asked. '' = the teacher block (the
+  # anchors' endpoint); a URL = that OpenAI-compatible endpoint, with the
+  # teacher block's generation params and retries, while the anchors keep
+  # coming from the teacher block (e.g. recorded anchors, a live llama.cpp
+  # judge).
+  c.judge_url = ""
+  c.judge_model = "default"   # judge_url's model name
+  c.judge_api_key_env = ""    # NAME of judge_url's key variable ('' = none)
   c.rows_per_call = 64        # scoring rows per model call (memory knob)
   c.pad_multiple = 16         # scoring row lengths rounded up to this
   return c

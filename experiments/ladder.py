@@ -14,6 +14,12 @@ Rungs, each trained from the rung's own seed's SFT model (cell sft_s<seed>):
   oracle_grpo  GRPO with the verifier as the reward (the upper bound)
   anchor_dpo   DPO with the anchor as chosen, the worst candidate rejected
   self_reward_dpo  DPO on the student's own scores without the anchor
+  teacher_judge_dpo  DPO on the teacher's 1-10 scores (RLAIF): needs the
+               anchors' teacher served, e.g.
+                 python -m purld_jax.tools.get_teacher --size=1.5b
+                 python -m llama_cpp.server --model TEACHER.gguf --port 8080 \
+                     --n_ctx 2048 --model_alias qwen2.5-coder-1.5b &
+               (another endpoint: --train_override=ranking.judge_url=URL)
   purld_dpo / purld_grpo / purld_ldl   PU-RLD with --scheme, pu.mode gate
 Each rung's gain over the one it is compared with ('vs') is paired by seed
 and prompt: the per-seed differences on the same prompts, with a 95 %
@@ -69,6 +75,13 @@ RUNGS: dict[str, tuple[str, str, dict]] = {
     "self_reward_dpo": ("self-reward DPO (no anchor)", "sft", {
         "recipe": "dpo", "ranking.scheme": "self_reward", "pu.mode": "shift",
         **_ONE}),
+    # RLAIF: the teacher scores each candidate 1-10 (K calls a prompt, live:
+    # a llama.cpp server of the anchors' teacher at JUDGE_URL, ledgered);
+    # best over worst of those scores.
+    "teacher_judge_dpo": ("teacher-as-judge DPO (RLAIF)", "sft", {
+        "recipe": "dpo", "ranking.scheme": "teacher_judge", "pu.mode": "shift",
+        "ranking.judge_url": "http://127.0.0.1:8080/v1",
+        "ranking.judge_model": "qwen2.5-coder-1.5b", **_ONE}),
     "purld_dpo": ("PU-RLD DPO", "sft", {"recipe": "dpo", **_ONE}),
     # std advantages (floor 0.1), as the oracle rung: the two GRPO rungs
     # differ only in where the reward comes from.
@@ -96,12 +109,21 @@ def split_path(config: str, split: str) -> str:
   """The held-out file of `split` beside the config's training file
   (configs/arith.py: data/arith/<split>.jsonl; configs/vlm_shapes.py:
   data/shapes/<split>.jsonl, image prompts)."""
-  import importlib  # pylint: disable=g-import-not-at-top
   if config == ARITH:
     return SPLITS[split]
-  module = importlib.import_module(config[:-len(".py")].replace("/", "."))
-  train = module.get_config("").data.train_path
+  train = setting(config, "data.train_path")
   return os.path.join(os.path.dirname(train), f"{split}.jsonl")
+
+
+def setting(config: str, key: str, overrides: Mapping[str, Any] = ()) -> Any:
+  """`key` ("block.field") of the config file's '' variant, or its value in
+  `overrides` (a study's --train_override)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  if key in dict(overrides):
+    return dict(overrides)[key]
+  module = importlib.import_module(config[:-len(".py")].replace("/", "."))
+  block, field = key.split(".")
+  return module.get_config("")[block][field]
 
 
 def cells(rungs: Sequence[str], seeds: Sequence[int], *, scale: str,

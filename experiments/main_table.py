@@ -13,19 +13,19 @@ table is rebuilt from the study's one compact file (answers.json) alone.
 
 Rows (METHODS, in the table's order): the initial student, SFT on anchors,
 anchor-as-chosen DPO (SPIN-like), self-reward DPO (the student judges its
-own candidates without the anchor), PU-RLD DPO / GRPO / LDL (self-ranking
---scheme, the PU gate), oracle-reward GRPO (the upper bound).
-Teacher-as-judge DPO (RLAIF) is not a row at the small scale: its anchors
-are recorded, and judging each step's fresh candidates needs the teacher
-live (K calls a prompt); it runs on `purld_jax.main` with
-configs/baselines/teacher_judge.py and a served teacher.
+own candidates without the anchor), teacher-as-judge DPO (RLAIF: the
+anchors stay recorded, the teacher served live scores each step's
+candidates, K calls a drawn prompt; `ladder.py`'s docstring has the server
+command), PU-RLD DPO / GRPO / LDL (self-ranking --scheme, the PU gate),
+oracle-reward GRPO (the upper bound).
 
 Columns: sampled pass@1 (the Protocol's metric) and greedy accuracy, each
 the mean over seeds with a 95 % interval that resamples seeds and prompts;
 the share of answers that ended; the gain over SFT paired by seed and
-prompt, with its interval; teacher calls per training prompt (every row
-but the initial student learns from one anchor a prompt, recorded once;
-no row here asks the teacher again); wall time of a seed's cell (stage 2
+prompt, with its interval; teacher calls per drawn training prompt
+(every row but the initial student learns from one anchor a prompt,
+recorded once; teacher-as-judge adds K judgements each time a prompt is
+drawn); wall time of a seed's cell (stage 2
 and its evaluation; SFT's row: stage 1 and its evaluations).
 Outputs beside the ladder's: main_table<tag>.md, .csv and .png.
 """
@@ -46,8 +46,9 @@ from experiments import analysis  # noqa: E402
 from experiments import common  # noqa: E402
 from experiments import ladder  # noqa: E402
 
-METHODS = ("untrained", "sft", "anchor_dpo", "self_reward_dpo", "purld_dpo",
-           "purld_grpo", "purld_ldl", "oracle_grpo")
+METHODS = ("untrained", "sft", "anchor_dpo", "self_reward_dpo",
+           "teacher_judge_dpo", "purld_dpo", "purld_grpo", "purld_ldl",
+           "oracle_grpo")
 FIELDS = ("method", "label", "status", "seeds", "prompts", "sampled",
           "sampled_lo", "sampled_hi", "greedy", "greedy_lo", "greedy_hi",
           "ended", "gain", "gain_lo", "gain_hi", "greedy_gain",
@@ -66,11 +67,20 @@ def _wall(runner: common.Runner, method: str, seeds: Sequence[int],
   return float(np.mean(walls)) if walls else float("nan")
 
 
+def teacher_calls(method: str, k: int) -> float:
+  """Teacher calls per drawn training prompt: none for the untrained
+  student, the anchor for every other row, + K judgements for
+  teacher-as-judge."""
+  if method == "untrained":
+    return 0.0
+  return 1.0 + (k if method == "teacher_judge_dpo" else 0)
+
+
 def rows(runner: common.Runner, data: dict, methods: Sequence[str],
-         seeds: Sequence[int], tag: str = "") -> list[dict]:
+         seeds: Sequence[int], tag: str = "", k: int = 4) -> list[dict]:
   """One row per method from the compact answers (`analysis.compact`): both
   metrics, the gains over SFT (ladder.rows, paired by seed and prompt),
-  teacher calls and wall time."""
+  teacher calls (`k` candidates a prompt) and wall time."""
   by = {m: {r["rung"]: r for r in ladder.rows(data, methods, seeds, tag, m)}
         for m in analysis.METRICS}
   out = []
@@ -91,7 +101,7 @@ def rows(runner: common.Runner, data: dict, methods: Sequence[str],
         row.update({gain: r["gain"], f"{gain}_lo": r["gain_lo"],
                     f"{gain}_hi": r["gain_hi"]})
     row["ended"] = (s if s["status"] == "done" else g)["ended"]
-    row["teacher_calls_per_prompt"] = 0.0 if method == "untrained" else 1.0
+    row["teacher_calls_per_prompt"] = teacher_calls(method, k)
     row["wall_s"] = _wall(runner, method, seeds, tag)
     out.append(row)
   return out
@@ -129,11 +139,11 @@ def markdown(table: Sequence[dict], header: str) -> str:
 
 
 def write(runner: common.Runner, methods, seeds, out: str, header: str,
-          tag: str = "") -> list[dict]:
+          tag: str = "", k: int = 4) -> list[dict]:
   """Adds the finished cells to answers.json (`analysis.compact`) and writes
-  main_table<tag>.md/.csv/.png."""
+  main_table<tag>.md/.csv/.png (`k`: candidates a prompt)."""
   data = analysis.compact(runner, out, methods, seeds, tag)
-  table = rows(runner, data, methods, seeds, tag)
+  table = rows(runner, data, methods, seeds, tag, k)
   name = os.path.join(out, f"main_table{tag}")
   with open(name + ".md", "w", encoding="utf-8") as f:
     f.write(markdown(table, header))
@@ -167,6 +177,8 @@ def main(argv=None, *, runner: common.Runner | None = None):
     runner.dry_run(todo)
     return 0
   os.makedirs(a.out, exist_ok=True)
+  k = int(ladder.setting(a.config, "sampling.num_candidates",
+                         {**a.extra, **a.train}))
   header = (f"# Main table ({a.scale} scale, {a.split} split)\n\n"
             f"`python -m experiments.main_table {' '.join(argv)}`\n\n"
             f"PU-RLD self-ranking: {a.scheme}, PU gate. Intervals: 95 %, "
@@ -178,8 +190,9 @@ def main(argv=None, *, runner: common.Runner | None = None):
   if not a.table_only:
     recorded = set(analysis.compact(runner, a.out, a.methods, a.seeds, a.tag))
     rc = ladder.run_cells(runner, todo, recorded, lambda: write(
-        runner, a.methods, a.seeds, a.out, header, a.tag), prog="main_table")
-  table = write(runner, a.methods, a.seeds, a.out, header, a.tag)
+        runner, a.methods, a.seeds, a.out, header, a.tag, k),
+                          prog="main_table")
+  table = write(runner, a.methods, a.seeds, a.out, header, a.tag, k)
   print(markdown(table, header))
   return rc
 

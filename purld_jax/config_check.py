@@ -177,8 +177,10 @@ def validate(config) -> None:
   from purld_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
   from purld_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   errors = []
-  if (bad := redact.check_key_env(config.teacher.api_key_env)) is not None:
-    errors.append(bad)  # before config.json is written with it
+  for field in ("teacher.api_key_env", "ranking.judge_api_key_env"):
+    block, name = field.split(".")
+    if (bad := redact.check_key_env(config[block].get(name, ""), field)):
+      errors.append(bad)  # before config.json is written with it
   _choice(errors, config, "recipe", RECIPES)
   if config.recipe in RECIPES and config.recipe != "sft":
     for module in (STAGE2_RUNNER, f"purld_jax.train.{config.recipe}"):
@@ -232,6 +234,9 @@ def validate(config) -> None:
   except teacher_lib.ConfigError as e:
     errors.append(f"teacher: {e}")
   _choice(errors, config, "ranking.scheme", ranking.SCHEMES)
+  if config.ranking.scheme == "teacher_judge":
+    from purld_jax import teacher_judge  # pylint: disable=g-import-not-at-top
+    errors.extend(teacher_judge.config_problems(config))
   _choice(errors, config, "ranking.scorer", ("policy", "reference"))
   _choice(errors, config, "ranking.aggregation", ranking.PAIRWISE_AGGREGATIONS)
   _choice(errors, config, "ranking.metric", ranking.SIMILARITY_METRICS)

@@ -94,6 +94,15 @@ def describe(config, workdir: str) -> str:
       f"teacher  {_teacher(c.teacher)}: one anchor a train prompt, "
       "ledgered in the workdir (never asked twice)",
   ]
+  if c.recipe != "sft" and c.ranking.scheme == "teacher_judge":
+    from purld_jax import teacher_judge  # pylint: disable=g-import-not-at-top
+    judge = teacher_judge.judge_config(c)
+    over = c.rl.get("oversample", 1)
+    lines.append(
+        f"judge    {_teacher(judge) if judge else 'the teacher above'}: "
+        f"K = {c.sampling.num_candidates} calls a drawn prompt, "
+        f"{c.rl.steps * over * c.rl.batch_size * c.sampling.num_candidates}"
+        " at most, ledgered in the workdir")
   if c.sft.steps:
     lines.append(
         f"stage 1  SFT on anchors: {c.sft.steps} steps x {c.sft.batch_size}"

@@ -33,6 +33,11 @@ The anchor's score: the anchor is not judged (K calls, not K + 1);
 as at least as good as the best candidate (under `pu.mode = "gate"` the
 candidates that tie with the best, s_k = s_a, are the likely positives).
 
+Where the judge is asked: the teacher block itself, or, with
+`ranking.judge_url` set, that OpenAI-compatible endpoint with the teacher
+block's generation params and retries (`judge_teacher`), so recorded
+anchors can be judged by a live server.
+
 The `dataset` backend gets a SIMULATED judge: score SCORE_MAX when the
 candidate's last number equals the prompt's reference answer
 (`evaluate.verify`), else SCORE_MIN. On verifiable tasks it is the oracle
@@ -284,3 +289,36 @@ def metrics(judge: TeacherJudge | None) -> dict:
     return {"judge_calls": 0.0}
   return {"judge_calls": judge.calls(),
           "judge_unparseable": float(judge.last_unparseable)}
+
+
+def judge_config(config) -> teacher_lib.TeacherConfig | None:
+  """The judge's own TeacherConfig when `ranking.judge_url` is set: the
+  teacher block with backend openai at that URL, model judge_model, key
+  from judge_api_key_env. None: the teacher block is the judge."""
+  r = config.ranking
+  if not r.get("judge_url", ""):
+    return None
+  return teacher_lib.TeacherConfig.from_mapping({
+      **config.teacher.to_dict(), "backend": "openai",
+      "base_url": r.judge_url, "model": r.judge_model,
+      "api_key_env": r.judge_api_key_env, "recorded_path": ""})
+
+
+def judge_teacher(config, teacher: teacher_lib.Teacher) -> teacher_lib.Teacher:
+  """The teacher that judges: `teacher` (the anchors') or, with
+  `ranking.judge_url`, a client of that endpoint."""
+  cfg = judge_config(config)
+  return teacher if cfg is None else teacher_lib.make(cfg)
+
+
+def config_problems(config) -> list[str]:
+  """Why `ranking.scheme = teacher_judge` cannot run with this config."""
+  try:
+    cfg = judge_config(config)
+  except teacher_lib.ConfigError as e:
+    return [f"ranking.judge_url: {e}"]
+  if cfg is None and config.teacher.backend == "recorded":
+    return ["ranking.scheme='teacher_judge' with teacher.backend='recorded': "
+            "a recording holds anchors, not judgements of new candidates; "
+            "set ranking.judge_url to a live OpenAI-compatible endpoint"]
+  return []

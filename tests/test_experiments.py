@@ -21,6 +21,7 @@ import pytest
 from experiments import analysis
 from experiments import ablation
 from experiments import common
+from experiments import ladder
 from experiments import main_table
 from tests import train_fixtures
 
@@ -399,3 +400,21 @@ def test_sigterm_reaches_the_running_cell_and_stops_the_study(tmp_path):
   assert [(r["name"], r["status"], r["rc"]) for r in recs] == [
       ("a", "stopped", 143)]
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_teacher_calls_per_drawn_prompt_by_hand():
+  # the anchor (recorded once) for every trained row; RLAIF adds K
+  # judgements each time a prompt is drawn; the untrained student none.
+  assert main_table.teacher_calls("untrained", 4) == 0.0
+  assert main_table.teacher_calls("purld_dpo", 4) == 1.0
+  assert main_table.teacher_calls("teacher_judge_dpo", 4) == 5.0
+  assert main_table.teacher_calls("teacher_judge_dpo", 8) == 9.0
+  assert ladder.setting("configs/arith.py", "sampling.num_candidates") == 4
+  assert ladder.setting("configs/arith.py", "sampling.num_candidates",
+                        {"sampling.num_candidates": 8}) == 8
+  # the rung's cell command asks the served teacher for judgements
+  cell = [c for c in ladder.cells(["teacher_judge_dpo"], [0], scale="small",
+                                  split="dev") if c.name.startswith("teach")]
+  assert cell[0].overrides["ranking.scheme"] == "teacher_judge"
+  assert cell[0].overrides["ranking.judge_url"] == "http://127.0.0.1:8080/v1"
+  assert cell[0].reference == "sft_s0"

@@ -206,3 +206,53 @@ def test_tiny_pu_rl_run_logs_judge_calls(tmp_path, jit_cache):  # noqa: F811
   assert all(r["teacher_calls"] == 0.0 and r["judge_unparseable"] == 0.0
              for r in rows)
   assert (tmp_path / teacher_judge.FILENAME).is_file()
+
+
+def _judge_url_config(**kw):
+  return train_fixtures.tiny_config(**{
+      "recipe": "dpo", "ranking.scheme": "teacher_judge", **kw})
+
+
+def test_a_recorded_teacher_needs_a_judge_url():
+  from purld_jax import config_check  # pylint: disable=g-import-not-at-top
+  c = _judge_url_config(**{"teacher.backend": "recorded"})
+  assert any("set ranking.judge_url" in e
+             for e in teacher_judge.config_problems(c))
+  c.ranking.judge_url = "http://127.0.0.1:9/v1"
+  assert not teacher_judge.config_problems(c)
+  cfg = teacher_judge.judge_config(c)
+  assert (cfg.backend, cfg.base_url, cfg.api_key_env, cfg.recorded_path) == (
+      "openai", "http://127.0.0.1:9/v1", "", "")
+  assert cfg.max_tokens == c.teacher.max_tokens  # the teacher's params
+  # A key typed where its variable's NAME belongs: refused, never echoed.
+  c.ranking.judge_api_key_env = "sk-" + "a1B2" * 8
+  with pytest.raises(config_check.ConfigError) as e:
+    config_check.validate(c)
+  assert "ranking.judge_api_key_env: not the NAME" in str(e.value)
+  assert "a1B2" not in str(e.value)
+
+
+def test_judge_url_judges_while_the_anchors_stay_the_teachers(
+    tmp_path, monkeypatch, jit_cache):  # noqa: F811
+  """Anchors from the dataset teacher, judgements from the endpoint at
+  ranking.judge_url: B x K requests a step reach it, each the judge
+  template around one candidate, none asks for an anchor."""
+  from purld_jax.train import pu_rl  # pylint: disable=g-import-not-at-top
+  from tests import fault_server  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(fault_server, "answer_for",
+                      lambda text: f"Score: {len(text) % 10 + 1}")
+  steps, b, k = 2, 2, 2
+  with fault_server.FaultServer() as server:
+    c = _judge_url_config(**{
+        "rl.steps": steps, "rl.batch_size": b, "sampling.num_candidates": k,
+        "sft.steps": 1, "log.tensorboard": False, "ckpt.async_save": False,
+        "ranking.judge_url": server.base_url, "ranking.judge_model": "j"})
+    pu_rl.run(c, str(tmp_path))
+    asked = [fault_server.text_of(r["messages"][-1]["content"])
+             for r in server.requests]
+  assert len(asked) == steps * b * k
+  assert all("Candidate answer:" in t for t in asked)
+  with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+    rows = [r for r in map(json.loads, f) if r["stage"] == "dpo"]
+  assert [r["judge_calls"] for r in rows] == [b * k, steps * b * k]
+  assert all(r["teacher_calls"] == 0.0 for r in rows)  # dataset anchors

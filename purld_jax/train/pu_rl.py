@@ -193,9 +193,11 @@ def run(config, workdir: str, reference_dir: str | None = None) -> str:
   rollouts = (rollout_store.RolloutStore(os.path.join(
       workdir, config.rollout_store.dir)) if config.rollout_store.enabled
               and jax.process_index() == 0 else None)
-  judge = (teacher_judge.TeacherJudge(workdir, teacher,
-                                      template=config.ranking.template)
-           if config.ranking.scheme == "teacher_judge" else None)
+  judge = None
+  if config.ranking.scheme == "teacher_judge":  # K teacher calls a prompt
+    judge = teacher_judge.TeacherJudge(
+        workdir, teacher_judge.judge_teacher(config, teacher),
+        template=config.ranking.template)
   # The global batch on every process (sharded.py: host data is whole).
   over = config.rl.get("oversample", 1)
   drawn = config.rl.batch_size * over  # prompts sampled per step
