@@ -16,8 +16,8 @@ Rungs, each trained from the rung's own seed's SFT model (cell sft_s<seed>):
   self_reward_dpo  DPO on the student's own scores without the anchor
   teacher_judge_dpo  DPO on the teacher's 1-10 scores (RLAIF): needs the
                anchors' teacher served, e.g.
-                 python -m purld_jax.tools.get_teacher --size=1.5b
-                 python -m llama_cpp.server --model TEACHER.gguf --port 8080 \
+                 python -m purld_jax.tools.get_teacher --model=1.5b
+                 python -m purld_jax.tools.llamacpp --model TEACHER.gguf --port 8080 \
                      --n_ctx 2048 --model_alias qwen2.5-coder-1.5b &
                (another endpoint: --train_override=ranking.judge_url=URL)
   purld_dpo / purld_grpo / purld_ldl   PU-RLD with --scheme, pu.mode gate

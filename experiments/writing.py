@@ -2,7 +2,7 @@ r"""Writing: PU-RLD on open-ended prompts, judged by pairwise win rate.
 
   # a teacher/judge endpoint first, e.g. the optional Qwen2.5-Coder-0.5B:
   python -m purld_jax.tools.get_teacher
-  python -m llama_cpp.server --model ~/.cache/purld_jax/teacher/qwen2.5-coder-0.5b-instruct-q4.gguf \
+  python -m purld_jax.tools.llamacpp --model ~/.cache/purld_jax/teacher/qwen2.5-coder-0.5b-instruct-q4.gguf \
       --host 127.0.0.1 --port 8080 --n_ctx 4096 --model_alias qwen2.5-coder-0.5b &
   python -m experiments.writing --teacher_model=qwen2.5-coder-0.5b --teacher_key_env=
   python -m experiments.writing --dry_run

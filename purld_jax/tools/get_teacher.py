@@ -216,7 +216,7 @@ def summary(meta: Mapping) -> str:
 def usage(out: pathlib.Path, alias: str = QWEN_0_5B.alias) -> str:
   return (
       "serve it (OpenAI-compatible, on this machine only):\n"
-      f"  .venv/bin/python -m llama_cpp.server --model {out} --host 127.0.0.1 "
+      f"  .venv/bin/python -m purld_jax.tools.llamacpp --model {out} --host 127.0.0.1 "
       f"--port 8080 --n_ctx 4096 --model_alias {alias}\n"
       "use it as the teacher (append to python -m purld_jax.main ...):\n"
       "  --config.teacher.backend=openai "

