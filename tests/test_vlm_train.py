@@ -308,3 +308,47 @@ def test_dpo_on_a_2x2x2_mesh_equals_one_device(vlm_dir, train_path, reference,
                                                  - np.asarray(b, np.float32)
                                                  ).max()), got, ref)
   assert max(jax.tree.leaves(moved["vision"])) > 0
+
+
+def test_vlm_stage2_resumes_after_a_stop_equal_to_an_uninterrupted_run(
+    vlm_dir, train_path, reference, tmp_path, jit_cache):  # noqa: F811
+  """Image prompts, DPO: stopped after step 1 of 2 as a SIGTERM stops it
+  (the step saved although not due), resumed in-process from that
+  checkpoint: the losses and final params of a run that never stopped
+  (the kill -9 version in another process: the slow test above)."""
+  from purld_jax import preemption  # pylint: disable=g-import-not-at-top
+  from purld_jax.train import loop as loop_lib  # pylint: disable=g-import-not-at-top
+  c = _config(vlm_dir, train_path, recipe="dpo",
+              **{"ckpt.every_steps": 100})
+  full, part = str(tmp_path / "full"), str(tmp_path / "part")
+  want_dir = pu_rl.run(c, full, reference_dir=reference[1])
+  record = loop_lib.Loop.record
+
+  def record_then_stop(self, step, *args, **kwargs):
+    out = record(self, step, *args, **kwargs)
+    if self.stage == "dpo" and step == 1:
+      preemption.request()
+    return out
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop_lib.Loop, "record", record_then_stop)
+    with pytest.raises(preemption.Preempted):
+      pu_rl.run(c, part, reference_dir=reference[1])
+  preemption.clear()
+  assert [r["step"] for r in _metrics(part, "dpo")] == [1]
+  steps = []
+
+  def record_step(self, step, *args, **kwargs):
+    steps.append((self.stage, step))
+    return record(self, step, *args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop_lib.Loop, "record", record_step)
+    got_dir = pu_rl.run(c, part, reference_dir=reference[1])
+  assert steps == [("dpo", 2)]  # resumed at step 2, step 1 not redone
+  assert [r["loss"] for r in _metrics(part, "dpo")] == [
+      r["loss"] for r in _metrics(full, "dpo")]
+  s = student_lib.from_config(c.model, part)
+  jax.tree.map(lambda g, w: np.testing.assert_array_equal(
+      np.asarray(g), np.asarray(w)), s.load_params(got_dir),
+               s.load_params(want_dir))
