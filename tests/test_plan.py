@@ -51,17 +51,21 @@ def test_dry_run_of_a_paper_config(tmp_path):
   assert "Traceback" not in bad.stderr
 
 
-def test_dry_run_of_the_gpu_vision_language_configs(tmp_path):
+def test_dry_run_of_the_gpu_vision_language_configs(tmp_path, monkeypatch):
   """The SmolVLM-500M and Qwen2.5-VL-3B host configs validate from their
-  configs/arch folders, and the estimate counts the vision tower (its size
-  by hand in tests/tools/test_memory.py)."""
+  configs/arch folders, and the plan's estimate counts the vision tower
+  (its size by hand in tests/tools/test_memory.py). In-process: what
+  `main --dry_run` prints (test_dry_run_of_a_paper_config runs the CLI)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from purld_jax import main  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(REPO)
   for name, devices in (("vlm_h100_smolvlm500m", 1),
                         ("vlm_8xh100_qwen25vl3b", 8)):
+    cfg = importlib.import_module(f"configs.{name}").get_config("")
+    main.validate(cfg)
     work = tmp_path / name
-    ok = _dry(f"--config=configs/{name}.py", f"--workdir={work}")
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert f"= {devices} device(s)" in ok.stdout
-    assert "M in the vision tower and connector" in ok.stdout
-    assert "ranking anchor_recon" in ok.stdout and "= train step peak" in (
-        ok.stdout)
+    text = plan.describe(cfg, str(work))
+    assert f"= {devices} device(s)" in text
+    assert "M in the vision tower and connector" in text
+    assert "ranking anchor_recon" in text and "= train step peak" in text
     assert not work.exists()
