@@ -57,6 +57,7 @@ its temporaries follow XLA:CPU's buffer assignment, not a GPU's or TPU's.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -115,9 +116,11 @@ def _decoder(cfg) -> llama.LlamaConfig:
   return getattr(cfg, "text", cfg)
 
 
+@functools.lru_cache(maxsize=8)
 def _shapes(cfg) -> dict:
   """The model's param shapes (pure dict): a text or vision-language
-  config."""
+  config (configs are frozen dataclasses: traced once each, not once per
+  figure; a few seconds for a 3B model)."""
   if _decoder(cfg) is cfg:
     return llama.abstract_model(cfg)[1]
   from purld_jax.train import student  # pylint: disable=g-import-not-at-top
