@@ -116,14 +116,16 @@ def split_path(config: str, split: str) -> str:
 
 
 def setting(config: str, key: str, overrides: Mapping[str, Any] = ()) -> Any:
-  """`key` ("block.field") of the config file's '' variant, or its value in
-  `overrides` (a study's --train_override)."""
+  """`key` ("block.field") of `config` ("configs/NAME.py[:VARIANT]", as
+  `config_file` gives it), or its value in `overrides` (a study's
+  --train_override / --override)."""
   import importlib  # pylint: disable=g-import-not-at-top
   if key in dict(overrides):
     return dict(overrides)[key]
-  module = importlib.import_module(config[:-len(".py")].replace("/", "."))
+  path, _, variant = config.partition(":")
+  module = importlib.import_module(path[:-len(".py")].replace("/", "."))
   block, field = key.split(".")
-  return module.get_config("")[block][field]
+  return module.get_config(variant)[block][field]
 
 
 def cells(rungs: Sequence[str], seeds: Sequence[int], *, scale: str,

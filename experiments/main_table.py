@@ -177,8 +177,8 @@ def main(argv=None, *, runner: common.Runner | None = None):
     runner.dry_run(todo)
     return 0
   os.makedirs(a.out, exist_ok=True)
-  k = int(ladder.setting(a.config, "sampling.num_candidates",
-                         {**a.extra, **a.train}))
+  k = int(ladder.setting(ladder.config_file(a.scale, a.config),
+                         "sampling.num_candidates", {**a.extra, **a.train}))
   header = (f"# Main table ({a.scale} scale, {a.split} split)\n\n"
             f"`python -m experiments.main_table {' '.join(argv)}`\n\n"
             f"PU-RLD self-ranking: {a.scheme}, PU gate. Intervals: 95 %, "

@@ -410,6 +410,8 @@ def test_teacher_calls_per_drawn_prompt_by_hand():
   assert main_table.teacher_calls("teacher_judge_dpo", 4) == 5.0
   assert main_table.teacher_calls("teacher_judge_dpo", 8) == 9.0
   assert ladder.setting("configs/arith.py", "sampling.num_candidates") == 4
+  assert ladder.setting(ladder.config_file("tiny"),  # common.tiny: K 2
+                        "sampling.num_candidates") == 2
   assert ladder.setting("configs/arith.py", "sampling.num_candidates",
                         {"sampling.num_candidates": 8}) == 8
   # the rung's cell command asks the served teacher for judgements

@@ -3,7 +3,8 @@ r"""A real OpenAI-compatible teacher on this machine: llama.cpp serving a GGUF
 `tools/record_anchors.py`). Needs `llama-cpp-python[server]` (the test
 extras: scripts/setup.sh --test).
 
-  python -m purld_jax.tools.llamacpp --model FILE.gguf --port 8080       --model_alias NAME          # any llama_cpp.server flag
+  python -m purld_jax.tools.llamacpp --model FILE.gguf --port 8080 \
+      --model_alias NAME          # any llama_cpp.server flag
 
 serves in the foreground: `python -m llama_cpp.server` with two settings
 made safe. Requests queue instead of cutting each other off
