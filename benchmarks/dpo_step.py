@@ -54,6 +54,7 @@ def run_ours(s: dict) -> dict:
   import jax
   import numpy as np
   from flax import nnx
+  from purld_jax import hostmem
   from purld_jax import rollout
   from purld_jax.train import dpo
 
@@ -93,6 +94,7 @@ def run_ours(s: dict) -> dict:
     jax.block_until_ready(state.params)
     total = time.perf_counter() - start
     phases.add("train_step", total)
+    hostmem.release()  # after each step, untimed, as train/loop.py does
     iters.append(dict(train_step=total, total=total))
     print(f"  ours step {it}{' (warm-up)' if it == 0 else ''}: {total:.2f} s;"
           f" loss {float(metrics['loss']):.4f}", flush=True)

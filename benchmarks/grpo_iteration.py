@@ -71,6 +71,7 @@ def run_ours(s: dict) -> dict:
 
   import jax
   from flax import nnx
+  from purld_jax import hostmem
   from purld_jax import rollout
   from purld_jax import sampling
   from purld_jax.train import grpo
@@ -143,6 +144,7 @@ def run_ours(s: dict) -> dict:
     times = phases.take()
     times["other"] = total - sum(times.values())
     times["total"] = total
+    hostmem.release()  # after each step, untimed, as train/loop.py does
     tokens = int(group.member_mask[:, :group.k].sum())
     print(f"  ours iteration {it}{' (warm-up)' if it == 0 else ''}: "
           f"{total:.1f} s " + " ".join(f"{k}={v:.1f}" for k, v in times.items()

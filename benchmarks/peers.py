@@ -324,8 +324,10 @@ def print_iteration(label: str, i: int, times: dict, extra: str = ""):
 def compile_jit(phases: Phases, name: str, fn, *args):
   """fn (jitted) compiled for args, timed and memory-marked as phase `name`;
   (the compiled callable, XLA's temporaries for one call in MB)."""
+  from purld_jax import hostmem  # pylint: disable=g-import-not-at-top
   with phases(name):
     compiled = fn.lower(*args).compile()
+    hostmem.release()  # the compiler's freed memory, as sharded.Jitted does
   temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
   return compiled, temp
 
@@ -383,6 +385,8 @@ def ours_setup(lr: float, rows: list[dict], remat: str = "none",
   import jax
   import jax.numpy as jnp
   from purld_jax import data as data_lib
+  from purld_jax import hostmem
+  hostmem.configure()  # as the main job: freed buffers go back at once
   from purld_jax import prompts as prompts_lib
   from purld_jax.train import state as state_lib
 

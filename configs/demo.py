@@ -7,10 +7,16 @@ the 200 dev prompts of data/arith (answers that end, judged by their last
 number) and the export.
 
   python -m purld_jax.main --config=configs/demo.py --workdir=workdirs/demo
+  python -m purld_jax.main --config=configs/demo.py:full --workdir=workdirs/demo_full
   python -m purld_jax.main --config=configs/demo.py:tiny --workdir=/tmp/demo_tiny
 
 Variants (after the colon):
-  ''      embedded SmolLM2-135M, CPU (README: time, memory, disk)
+  ''      embedded SmolLM2-135M, CPU, LoRA students (rank 16 on every
+          projection, the base frozen): each stage holds one f32 copy of
+          the weights, no reference copy and no Adam moments of the base,
+          so the job fits a 4 GB machine (README: time, memory, disk)
+  full    the same job with full fine-tuning in f32, as the studies train
+          (configs/arith.py): about 6 GB peak RSS
   tiny    a random tiny model and a character tokenizer on data/demo's
           short prompts with the SIMULATED dataset teacher: CPU, seconds
           (tests)
@@ -39,6 +45,10 @@ def _tiny():
 def get_config(arg: str = ""):
   if arg == "tiny":
     return _tiny()
+  if arg not in ("", "full"):
+    raise ValueError(f"configs/demo.py: unknown variant {arg!r} (known: '', "
+                     "full, tiny)")
+  full = arg == "full"
   c = arith.get_config()
   c.recipe = "grpo"             # PU-RLD, listwise: GRPO on the self-ranking
   c.ranking.scheme = "anchor_recon"  # how well a candidate predicts the anchor
@@ -53,4 +63,10 @@ def get_config(arg: str = ""):
                                  # export, not a finished stage's state
   c.export.dir = "export"       # WORKDIR/export: HF directory ...
   c.export.gguf = True          # ... and model-f16.gguf for llama.cpp
-  return common.variant(c, arg, name="configs/demo.py")
+  if full:
+    return c
+  c.model.lora.rank = 16        # adapters on every projection (2x alpha / r)
+  c.model.lora.alpha = 32.0
+  c.sft.learning_rate = 2e-4    # adapters take ~10-20x full fine-tuning's
+  c.opt.learning_rate = 2e-5    #   rates (full: 1e-5 and 2e-6)
+  return c

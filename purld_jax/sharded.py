@@ -74,6 +74,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from purld_jax import hostmem
 from purld_jax import sharding
 from purld_jax.train import state as state_lib
 
@@ -189,6 +190,7 @@ class Jitted:
     self.rules, self.fixed = tuple(rules), dict(fixed or {})
     self.out, self.donate = out, tuple(donate)
     self._jits: dict = {}
+    self._compiled: dict = {}
 
   def _traced(self, *args):
     with sharding.use_rules(self.mesh, self.rules):
@@ -224,33 +226,35 @@ class Jitted:
     return self._jits[key]
 
   def __call__(self, *args):
-    """Runs the jit; host (numpy) arguments are put with their shardings."""
+    """Runs the jit; host (numpy) arguments are put with their shardings.
+
+    The first call for given argument shapes compiles ahead of the run and
+    then gives the compiler's freed memory back (`hostmem.release`), so the
+    first run's temporaries do not stack on the compiler's high-water mark
+    (SmolLM2's GRPO step: 0.5 GB less peak RSS)."""
     in_sh = self.in_shardings(*args)
     args = tuple(put(a, sh) for a, sh in zip(args, in_sh))
-    fn = self.jit(*args)
-    if os.environ.get("PURLD_MEMORY_REPORT"):
-      _memory_report(self, fn, args)
-    return fn(*args)
+    key = tuple((jax.tree.structure(a), tuple(
+        (x.shape, str(x.dtype)) for x in jax.tree.leaves(a))) for a in args)
+    compiled = self._compiled.get(key)
+    if compiled is None:
+      compiled = self.jit(*args).lower(*args).compile()
+      hostmem.release()
+      self._compiled[key] = compiled
+      if os.environ.get("PURLD_MEMORY_REPORT"):
+        _memory_report(self, compiled)
+    return compiled(*args)
 
   def lower(self, *args):
     """`jax.jit(...).lower(*args)`: args may be jax.ShapeDtypeStruct (AOT)."""
     return self.jit(*args).lower(*args)
 
 
-_REPORTED: set = set()
-
-
-def _memory_report(jitted, fn, args) -> None:
+def _memory_report(jitted, compiled) -> None:
   """With PURLD_MEMORY_REPORT set, the sizes XLA assigned to a compiled
   program (arguments, outputs, temporaries, donated-and-reused), printed
-  once per program and argument shapes; it compiles the program a second
-  time, so it is for finding where memory goes, not for runs."""
-  shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args))
-  key = (id(jitted), hash(shapes))
-  if key in _REPORTED:
-    return
-  _REPORTED.add(key)
-  ma = fn.lower(*args).compile().memory_analysis()
+  once per program and argument shapes."""
+  ma = compiled.memory_analysis()
   gb = lambda n: f"{n / 2**30:.2f}"
   fn_ = getattr(jitted.fn, "func", jitted.fn)  # a functools.partial's own
   name = getattr(fn_, "__qualname__", "?")

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from purld_jax import plan
 from tests import train_fixtures
 from tests.train_fixtures import subprocess_env
@@ -69,3 +71,26 @@ def test_dry_run_of_the_gpu_vision_language_configs(tmp_path, monkeypatch):
     assert "M in the vision tower and connector" in text
     assert "ranking anchor_recon" in text and "= train step peak" in text
     assert not work.exists()
+
+
+def test_the_demo_trains_lora_adapters_and_its_full_variant_every_weight(
+    tmp_path, monkeypatch):
+  """`make demo`'s config trains rank-16 adapters (a 4 GB machine: the
+  README's measured peak); configs/demo.py:full fine-tunes every weight as
+  the studies do. Both validate; the plan's step estimate is the smaller
+  with LoRA (no reference copy, no Adam moments of the base)."""
+  import re  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from purld_jax import main  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(REPO)
+  peaks = {}
+  for arg in ("", "full"):
+    cfg = demo.get_config(arg)
+    main.validate(cfg)
+    text = plan.describe(cfg, str(tmp_path / (arg or "lora")))
+    assert ("LoRA r 16 on 7 targets" in text) == (arg == ""), text
+    peaks[arg] = float(re.search(r"= train step peak\s+([\d.]+)",
+                                 text).group(1))
+  assert peaks[""] < 0.5 * peaks["full"], peaks
+  with pytest.raises(ValueError, match="unknown variant 'x'.*full, tiny"):
+    demo.get_config("x")

@@ -169,3 +169,23 @@ def test_train_step_never_gathers_the_whole_table():
   table (and all-reduces its whole gradient), which this check sees."""
   assert _whole_table_collectives(sharding.DEFAULT_RULES) == []
   assert _whole_table_collectives(_D_SPLIT_RULES)
+
+
+def test_jitted_compiles_once_per_shapes_and_releases_after(monkeypatch):
+  """Jitted compiles ahead of a shape's first run, gives the compiler's
+  memory back once per compile (hostmem.release), and runs the compiled
+  program: the values are jax.jit's."""
+  released = []
+  monkeypatch.setattr(sharded.hostmem, "release",
+                      lambda: released.append(1))
+  mesh = sharding.make_mesh((8, 1, 1))
+  fn = sharded.Jitted(lambda w, x: x @ w, ("replicated", "batch"),
+                      mesh=mesh)
+  w = np.arange(6, dtype=np.float32).reshape(3, 2)
+  x8 = np.ones((8, 3), np.float32)
+  np.testing.assert_allclose(fn(w, x8), x8 @ w)
+  np.testing.assert_allclose(fn(w, 2 * x8), 2 * x8 @ w)
+  assert (len(fn._compiled), len(released)) == (1, 1)
+  x16 = np.ones((16, 3), np.float32)
+  np.testing.assert_allclose(fn(w, x16), x16 @ w)
+  assert (len(fn._compiled), len(released)) == (2, 2)
