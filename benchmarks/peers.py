@@ -386,7 +386,6 @@ def ours_setup(lr: float, rows: list[dict], remat: str = "none",
   import jax.numpy as jnp
   from purld_jax import data as data_lib
   from purld_jax import hostmem
-  hostmem.configure()  # as the main job: freed buffers go back at once
   from purld_jax import prompts as prompts_lib
   from purld_jax.train import state as state_lib
 
@@ -396,6 +395,7 @@ def ours_setup(lr: float, rows: list[dict], remat: str = "none",
   from purld_jax.models import llama
   from purld_jax.models import tokenizer as tokenizer_lib
 
+  hostmem.configure()  # as the main job: freed buffers go back at once
   path = embedded.ensure_converted()
   tok = tokenizer_lib.load(path)
   cfg = dataclasses.replace(hf.read_config(path, dtype=jnp.float32,
