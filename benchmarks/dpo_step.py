@@ -17,7 +17,11 @@ Sides, each in its own process:
                for its two members, `scoring.response_logps`).
   trl_onebatch DPOTrainer, all B pairs in one micro-batch (2B rows, the
                prompt in each).
+  ours_remat   ours with model.remat "full" (layers recomputed in the
+               backward pass: less memory, one more forward).
   trl_accum    DPOTrainer, one pair per micro-batch, B accumulation steps.
+  trl_*        with TRL's default gradient checkpointing (on); the
+  trl_*_nockpt sides turn it off (TRL's faster setting).
 
 One warm-up step (compiles on ours), then --iterations timed steps; the
 median counts. TRL phases: ref forward, policy forward, backward, optimizer,
@@ -39,7 +43,8 @@ from benchmarks import peers
 MODULE = "benchmarks.dpo_step"
 PHASES = ["train_step", "ref_forward", "policy_forward", "backward",
           "optimizer", "other"]
-SIDES = ("ours", "trl_onebatch", "trl_accum")
+SIDES = ("ours", "ours_remat", "trl_onebatch", "trl_accum",
+         "trl_onebatch_nockpt", "trl_accum_nockpt")
 
 
 def pairs(n: int) -> list[dict]:
@@ -59,8 +64,8 @@ def run_ours(s: dict) -> dict:
   from purld_jax.train import dpo
 
   rows = pairs(s["pairs"])
-  state, ref_params, schedule, tok, batch_p, cfg = peers.ours_setup(s["lr"],
-                                                                    rows)
+  state, ref_params, schedule, tok, batch_p, cfg = peers.ours_setup(
+      s["lr"], rows, remat=s.get("remat", "none"))
   graphdef = state.graphdef
   messages = [p.as_dicts() for p in batch_p.prompts]
   chosen = rollout.anchor_members(tok, messages, [r["chosen"] for r in rows],
@@ -123,7 +128,7 @@ def run_trl(side: str, s: dict) -> dict:
 
   path = str(embedded.ensure_converted())
   b = s["pairs"]
-  accum = side == "trl_accum"
+  accum = s["trl_accumulate"]
   ds = datasets.Dataset.from_list(
       [dict(prompt=[dict(role="user", content=r["prompt"])],
             chosen=[dict(role="assistant", content=r["chosen"])],
@@ -142,6 +147,7 @@ def run_trl(side: str, s: dict) -> dict:
         max_grad_norm=1.0, lr_scheduler_type="constant",
         max_steps=1 + s["iterations"], precompute_ref_log_probs=False,
         model_init_kwargs=dict(dtype=torch.float32),
+        gradient_checkpointing=s["trl_grad_checkpointing"],
         dataloader_num_workers=0)
     trainer = trl.DPOTrainer(
         model=path, args=args, train_dataset=ds,
@@ -156,7 +162,8 @@ def run_trl(side: str, s: dict) -> dict:
 
 
 def run_side(side: str, settings: dict) -> dict:
-  return run_ours(settings) if side == "ours" else run_trl(side, settings)
+  return (run_ours(settings) if side.startswith("ours")
+          else run_trl(side, settings))
 
 
 def main(argv=None):
@@ -177,7 +184,7 @@ def main(argv=None):
   sides = peers.run_sides(MODULE, args.sides, settings)
   from purld_jax.models import embedded
   dims = peers.model_dims(str(embedded.ensure_converted()))
-  ok = {n: s for n, s in sides.items() if "failed" not in s}
+  ok = peers.succeeded(sides)
   p = sum(next(iter(ok.values()))["prompt_tokens"])
   resp = ok.get("ours", {}).get("response_tokens", 0)
   # reference forward + policy forward and backward (3 forwards).

@@ -26,9 +26,15 @@ Sides, each in its own process:
                slices of the prompts inside the step (default B: one
                prompt's K rows at a time, as trl_accum) under one
                optimizer update.
+  ours_remat   ours with model.remat "full" (each layer recomputed in the
+               backward pass: one forward more, one layer's activations
+               alive at a time; ours' lower-memory setting).
   trl_onebatch GRPOTrainer, all B*K completions in one micro-batch.
   trl_accum    GRPOTrainer, K completions per micro-batch and B
                gradient-accumulation steps (its lower-memory setting).
+  trl_*        with TRL's default gradient checkpointing (GRPOConfig turns
+               it on); trl_onebatch_nockpt / trl_accum_nockpt turn it off
+               (TRL's faster setting: no recomputed forward).
 --lora R (ours only): the policy is rank-R LoRA adapters on the frozen
 model (`peers.ours_setup`), trained as the stages train them (the base an
 undonated argument of the jitted step, the reference the base with zero
@@ -58,7 +64,8 @@ from benchmarks import peers
 MODULE = "benchmarks.grpo_iteration"
 PHASES = ["generation", "reward", "ref_logps", "build_batch", "train_step",
           "loss_forward", "backward", "optimizer", "other"]
-SIDES = ("ours", "trl_onebatch", "trl_accum")
+SIDES = ("ours", "ours_remat", "trl_onebatch", "trl_accum",
+         "trl_onebatch_nockpt", "trl_accum_nockpt")
 
 
 # ----------------------------------------------------------------------------
@@ -172,7 +179,7 @@ def run_trl(side: str, s: dict) -> dict:
 
   path = str(embedded.ensure_converted())
   b, k, t = s["prompts"], s["completions"], s["new_tokens"]
-  accum = side == "trl_accum"
+  accum = s["trl_accumulate"]
   rows = peers.demo_prompts(b)
   ds = datasets.Dataset.from_list(
       [dict(prompt=[dict(role="user", content=r["prompt"])],
@@ -198,6 +205,7 @@ def run_trl(side: str, s: dict) -> dict:
         max_grad_norm=1.0, lr_scheduler_type="constant",
         max_steps=1 + s["iterations"], shuffle_dataset=False,
         model_init_kwargs=dict(dtype=torch.float32),
+        gradient_checkpointing=s["trl_grad_checkpointing"],
         dataloader_num_workers=0)
     trainer = trl.GRPOTrainer(
         model=path, reward_funcs=exact_match_reward, args=args,
@@ -217,7 +225,8 @@ def run_trl(side: str, s: dict) -> dict:
 
 
 def run_side(side: str, settings: dict) -> dict:
-  return run_ours(settings) if side == "ours" else run_trl(side, settings)
+  return (run_ours(settings) if side.startswith("ours")
+          else run_trl(side, settings))
 
 
 # ----------------------------------------------------------------------------
@@ -268,7 +277,7 @@ def main(argv=None):
   from purld_jax.models import embedded
   dims = peers.model_dims(str(embedded.ensure_converted()))
   b, k, t = args.prompts, args.completions, args.new_tokens
-  ok = {n: s for n, s in sides.items() if "failed" not in s}
+  ok = peers.succeeded(sides)
   p = sum(next(iter(ok.values()))["prompt_tokens"])
   bkt = b * k * t
   # generation: prompts once + every decoded token with the head; reference:

@@ -155,16 +155,32 @@ def summary(iterations: list[dict]) -> dict:
 # Children
 
 
+BENCH_INSTALL = (".venv/bin/pip install -r benchmarks/requirements-bench.txt "
+                 "(TRL and its peers; not part of the project's own installs)")
+
+
 def child_main(run_side, argv) -> None:
   """`--child SIDE --settings JSON --result FILE`: runs one side, writes its
   result (with peak RSS) as JSON."""
   side, settings, result = argv[argv.index("--child") + 1], \
       json.loads(argv[argv.index("--settings") + 1]), \
       argv[argv.index("--result") + 1]
-  out = run_side(side, settings)
+  try:
+    out = run_side(side, side_settings(side, settings))
+  except ModuleNotFoundError as e:  # a peer side without the bench extras
+    sys.exit(f"[{side}] needs {e.name!r}, which is not installed: "
+             f"{BENCH_INSTALL}")
   out.update(side=side, peak_rss_mb=sampling_bench.peak_rss_mb())
   with open(result, "w") as f:
     json.dump(out, f)
+
+
+def succeeded(sides: dict) -> dict:
+  """The sides that ran; exits with a one-line message when none did."""
+  ok = {n: s for n, s in sides.items() if "failed" not in s}
+  if not ok:
+    sys.exit("every side failed (their messages are above); nothing to report")
+  return ok
 
 
 def run_child(module: str, side: str, settings: dict) -> dict:
@@ -223,8 +239,9 @@ def report(bench: str, settings: dict, sides: dict, useful_gflop: float,
   row = dict(header(settings), bench=bench, useful_gflop=useful_gflop,
              machine_matmul_gflops=rate, sides=sides, failed=failed)
   for name, s in failed.items():
-    print(f"{name}: FAILED (exit {s['failed']}; -9 is the kernel's OOM "
-          f"killer), load {s['load_before']}/{s['load_after']}")
+    why = " (-9: killed, e.g. by the kernel's OOM killer)" if s["failed"] == -9 else ""
+    print(f"{name}: FAILED (exit {s['failed']}{why}), "
+          f"load {s['load_before']}/{s['load_after']}")
   for s in sides.values():
     s["roofline"] = useful_gflop / s["median"]["total"] / rate
   print("\nsettings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
@@ -259,17 +276,19 @@ def report(bench: str, settings: dict, sides: dict, useful_gflop: float,
     if s.get("xla_temp_mb"):
       print(f"{name}: XLA temporaries of one call (MB, memory_analysis): "
             + ", ".join(f"{k} {v:.0f}" for k, v in s["xla_temp_mb"].items()))
-  ours = sides.get("ours")
   ratios = {}
-  if ours:
+  for mine, ours in sides.items():
+    if not mine.startswith("ours"):
+      continue
     for name, s in sides.items():
-      if name == "ours":
+      if name.startswith("ours"):
         continue
-      ratios[name] = dict(
+      key = name if mine == "ours" else f"{mine} vs {name}"
+      ratios[key] = dict(
           speed=s["median"]["total"] / ours["median"]["total"],
           memory=ours["peak_rss_mb"] / s["peak_rss_mb"])
-      print(f"ours vs {name}: {ratios[name]['speed']:.2f}x faster, peak RSS "
-            f"{ratios[name]['memory']:.2f} of theirs")
+      print(f"{mine} vs {name}: {ratios[key]['speed']:.2f}x faster, peak "
+            f"RSS {ratios[key]['memory']:.2f} of theirs")
   row["ratios"] = ratios
   print(f"useful work {useful_gflop:.0f} GFLOP per iteration; machine f32 "
         f"matmul {rate:.1f} GFLOP/s (best of XLA and torch, this run)")
@@ -345,10 +364,36 @@ def trl_prompt_lengths(tokenizer, dataset) -> list[int]:
       return_dict=False)) for r in dataset]
 
 
+SIDES_HELP = """Sides: ours (model.remat none, or --remat where given), ours_remat (remat "full":
+each layer recomputed in the backward pass, ours' lower-memory setting);
+TRL's trl_onebatch / trl_accum with TRL's own default, gradient
+checkpointing on (its lower-memory setting), and trl_onebatch_nockpt /
+trl_accum_nockpt with it off (its faster setting)."""
+
+
+def side_settings(side: str, settings: dict) -> dict:
+  """The settings one side runs with: ours_remat is ours with remat "full";
+  a trl_*_nockpt side turns TRL's gradient checkpointing off (TRL's
+  GRPOConfig and DPOConfig default it on)."""
+  known = ("ours", "ours_remat", "trl_onebatch", "trl_accum",
+           "trl_onebatch_nockpt", "trl_accum_nockpt")
+  if side not in known:
+    raise SystemExit(f"--sides: unknown side {side!r}; known: "
+                     + ", ".join(known))
+  out = dict(settings)
+  if side == "ours_remat":
+    out["remat"] = "full"
+  if side.startswith("trl_"):
+    out["trl_accumulate"] = side.startswith("trl_accum")
+    out["trl_grad_checkpointing"] = not side.endswith("_nockpt")
+  return out
+
+
 def add_common_args(parser, sides) -> None:
   parser.add_argument("--iterations", type=int, default=3,
                       help="timed iterations after the warm-up")
-  parser.add_argument("--sides", default=",".join(sides))
+  parser.add_argument("--sides", default=",".join(sides),
+                      help=SIDES_HELP.replace("%", "%%"))
   parser.add_argument("--quick", action="store_true",
                       help="a tiny job and 1 timed iteration (smoke run)")
   parser.add_argument("--omp-wait", default="passive",
@@ -361,6 +406,8 @@ def run_sides(module: str, sides: str, settings: dict) -> dict:
   print(f"{sampling_bench.machine()}; load average {sampling_bench.load()}",
         flush=True)
   out = {}
+  for side in sides.split(","):
+    side_settings(side, settings)  # an unknown name fails before any run
   for side in sides.split(","):
     print(f"[{side}]", flush=True)
     out[side] = run_child(module, side, settings)
