@@ -65,7 +65,8 @@ def run_ours(s: dict) -> dict:
 
   rows = pairs(s["pairs"])
   state, ref_params, schedule, tok, batch_p, cfg = peers.ours_setup(
-      s["lr"], rows, remat=s.get("remat", "none"))
+      s["lr"], rows, remat=s.get("remat", "none"),
+      scan_layers=s.get("scan_layers", False))
   graphdef = state.graphdef
   messages = [p.as_dicts() for p in batch_p.prompts]
   chosen = rollout.anchor_members(tok, messages, [r["chosen"] for r in rows],
@@ -180,7 +181,7 @@ def main(argv=None):
   settings = dict(pairs=args.pairs, iterations=args.iterations,
                   beta=args.beta, loss="sigmoid", lr=1e-6,
                   optimizer_steps=1, rate_rows=512, omp_wait=args.omp_wait,
-                  quick=args.quick)
+                  scan_layers=args.scan_layers, quick=args.quick)
   sides = peers.run_sides(MODULE, args.sides, settings)
   from purld_jax.models import embedded
   dims = peers.model_dims(str(embedded.ensure_converted()))

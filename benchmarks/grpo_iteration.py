@@ -85,7 +85,8 @@ def run_ours(s: dict) -> dict:
 
   rows = peers.demo_prompts(s["prompts"])
   state, ref_params, schedule, tok, batch_p, cfg = peers.ours_setup(
-      s["lr"], rows, remat=s["remat"], lora_rank=s.get("lora", 0))
+      s["lr"], rows, remat=s["remat"], lora_rank=s.get("lora", 0),
+      scan_layers=s.get("scan_layers", False))
   graphdef = state.graphdef
   answers = [r["answer"] for r in rows]
   verifier = lambda b, text: peers.exact_match(text, answers[b])
@@ -266,7 +267,7 @@ def main(argv=None):
                   aggregation="token (DAPO)", optimizer_steps=1,
                   rate_rows=512, omp_wait=args.omp_wait, remat=args.remat,
                   micro_batches=micro,
-                  quick=args.quick)
+                  scan_layers=args.scan_layers, quick=args.quick)
   if args.lora:
     settings["lora"] = args.lora
     print(f"ours: LoRA rank {args.lora} (alpha {2 * args.lora}, all seven "

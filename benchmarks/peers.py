@@ -390,6 +390,11 @@ def side_settings(side: str, settings: dict) -> dict:
 
 
 def add_common_args(parser, sides) -> None:
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="ours: model.scan_layers (one lax.scan over the "
+                      "layers: one layer compiled, and under remat 'full' "
+                      "one layer's recomputed activations alive at a time; "
+                      "each call stacks a copy of the layer weights)")
   parser.add_argument("--iterations", type=int, default=3,
                       help="timed iterations after the warm-up")
   parser.add_argument("--sides", default=",".join(sides),
@@ -415,7 +420,7 @@ def run_sides(module: str, sides: str, settings: dict) -> dict:
 
 
 def ours_setup(lr: float, rows: list[dict], remat: str = "none",
-               lora_rank: int = 0):
+               lora_rank: int = 0, scan_layers: bool = False):
   """purld_jax's side: the f32 model (`LlamaConfig.remat` = remat: "full"
   recomputes each layer in the backward pass instead of keeping its
   activations), a TrainState (AdamW as TRL's: betas
@@ -447,7 +452,7 @@ def ours_setup(lr: float, rows: list[dict], remat: str = "none",
   tok = tokenizer_lib.load(path)
   cfg = dataclasses.replace(hf.read_config(path, dtype=jnp.float32,
                                            param_dtype=jnp.float32),
-                            remat=remat)
+                            remat=remat, scan_layers=scan_layers)
   if lora_rank:
     from purld_jax.models import lora  # pylint: disable=g-import-not-at-top
     cfg = cfg.replace(lora=lora.LoraSpec(rank=lora_rank,
