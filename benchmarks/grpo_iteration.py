@@ -104,12 +104,13 @@ def run_ours(s: dict) -> dict:
       loss=types.SimpleNamespace(grpo=types.SimpleNamespace(
           advantage="std", std_floor=0.1)))
   micro = s["micro_batches"]
+  chunk = s.get("vocab_chunk") or None  # positions per logits chunk
   ref_fn = jax.jit(lambda p, b: grpo.reference_logps(
-      nnx.merge(graphdef, p), b, micro_batches=micro))
+      nnx.merge(graphdef, p), b, micro_batches=micro, vocab_chunk=chunk))
   train = functools.partial(
       grpo.train_step, eps_low=s["epsilon"], eps_high=s["epsilon"],
       beta_kl=s["beta"], aggregation="token", schedule=schedule,
-      micro_batches=micro)
+      micro_batches=micro, vocab_chunk=chunk)
   frozen = state.frozen  # LoRA: the base, never donated (sharded.FrozenStep)
   if frozen is None:
     step_fn = jax.jit(train, donate_argnums=0)
@@ -251,6 +252,10 @@ def main(argv=None):
                       "after another inside the jitted step and the "
                       "reference pass (default: B, one prompt's K "
                       "completions per slice, TRL's accumulation layout)")
+  parser.add_argument("--vocab-chunk", type=int, default=0, metavar="N",
+                      help="ours' model.vocab_chunk: response positions per "
+                      "chunk of the vocabulary head's logits (0: automatic, "
+                      "at most 512 MiB of logits at once)")
   parser.add_argument("--lora", type=int, default=0, metavar="RANK",
                       help="ours only: train rank-RANK LoRA adapters on the "
                       "frozen model (0: full fine-tune). Not equal work to "
@@ -267,7 +272,8 @@ def main(argv=None):
                   aggregation="token (DAPO)", optimizer_steps=1,
                   rate_rows=512, omp_wait=args.omp_wait, remat=args.remat,
                   micro_batches=micro,
-                  scan_layers=args.scan_layers, quick=args.quick)
+                  scan_layers=args.scan_layers, vocab_chunk=args.vocab_chunk,
+                  quick=args.quick)
   if args.lora:
     settings["lora"] = args.lora
     print(f"ours: LoRA rank {args.lora} (alpha {2 * args.lora}, all seven "
