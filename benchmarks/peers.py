@@ -223,9 +223,14 @@ def header(settings: dict) -> dict:
       versions[pkg] = None
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                           capture_output=True, text=True).stdout.strip()
+  dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks",
+                          "purld_jax"], cwd=ROOT, capture_output=True,
+                         text=True).stdout.strip()
+  # XLA_FLAGS change what ours compiles (e.g. the scheduler): part of the row.
   return dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
-              commit=commit, **sampling_bench.machine(), versions=versions,
-              settings=settings)
+              commit=commit + ("+uncommitted" if dirty else ""),
+              **sampling_bench.machine(), versions=versions,
+              xla_flags=os.environ.get("XLA_FLAGS", ""), settings=settings)
 
 
 def report(bench: str, settings: dict, sides: dict, useful_gflop: float,
