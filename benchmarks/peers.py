@@ -369,8 +369,9 @@ def trl_prompt_lengths(tokenizer, dataset) -> list[int]:
       return_dict=False)) for r in dataset]
 
 
-SIDES_HELP = """Sides: ours (model.remat none, or --remat where given), ours_remat (remat "full":
-each layer recomputed in the backward pass, ours' lower-memory setting);
+SIDES_HELP = """Sides: ours (model.remat none, or --remat where given),
+ours_remat (remat "full": each layer recomputed in the backward pass,
+ours' lower-memory setting);
 TRL's trl_onebatch / trl_accum with TRL's own default, gradient
 checkpointing on (its lower-memory setting), and trl_onebatch_nockpt /
 trl_accum_nockpt with it off (its faster setting)."""
