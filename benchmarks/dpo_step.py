@@ -43,8 +43,6 @@ from benchmarks import peers
 MODULE = "benchmarks.dpo_step"
 PHASES = ["train_step", "ref_forward", "policy_forward", "backward",
           "optimizer", "other"]
-SIDES = ("ours", "ours_remat", "trl_onebatch", "trl_accum",
-         "trl_onebatch_nockpt", "trl_accum_nockpt")
 
 
 def pairs(n: int) -> list[dict]:
@@ -163,6 +161,7 @@ def run_trl(side: str, s: dict) -> dict:
 
 
 def run_side(side: str, settings: dict) -> dict:
+  settings = peers.side_settings(side, settings)
   return (run_ours(settings) if side.startswith("ours")
           else run_trl(side, settings))
 
@@ -174,7 +173,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--pairs", type=int, default=8)
   parser.add_argument("--beta", type=float, default=0.1)
-  peers.add_common_args(parser, SIDES)
+  peers.add_common_args(parser, peers.SIDES)
   args = parser.parse_args(argv)
   if args.quick:
     args.pairs, args.iterations = 2, 1

@@ -64,8 +64,6 @@ from benchmarks import peers
 MODULE = "benchmarks.grpo_iteration"
 PHASES = ["generation", "reward", "ref_logps", "build_batch", "train_step",
           "loss_forward", "backward", "optimizer", "other"]
-SIDES = ("ours", "ours_remat", "trl_onebatch", "trl_accum",
-         "trl_onebatch_nockpt", "trl_accum_nockpt")
 
 
 # ----------------------------------------------------------------------------
@@ -227,6 +225,7 @@ def run_trl(side: str, s: dict) -> dict:
 
 
 def run_side(side: str, settings: dict) -> dict:
+  settings = peers.side_settings(side, settings)
   return (run_ours(settings) if side.startswith("ours")
           else run_trl(side, settings))
 
@@ -260,7 +259,7 @@ def main(argv=None):
                       help="ours only: train rank-RANK LoRA adapters on the "
                       "frozen model (0: full fine-tune). Not equal work to "
                       "TRL's full fine-tune")
-  peers.add_common_args(parser, SIDES)
+  peers.add_common_args(parser, peers.SIDES)
   args = parser.parse_args(argv)
   if args.quick:
     args.prompts, args.completions, args.new_tokens = 2, 2, 8

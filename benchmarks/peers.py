@@ -166,7 +166,7 @@ def child_main(run_side, argv) -> None:
       json.loads(argv[argv.index("--settings") + 1]), \
       argv[argv.index("--result") + 1]
   try:
-    out = run_side(side, side_settings(side, settings))
+    out = run_side(side, settings)
   except ModuleNotFoundError as e:  # a peer side without the bench extras
     sys.exit(f"[{side}] needs {e.name!r}, which is not installed: "
              f"{BENCH_INSTALL}")
@@ -377,15 +377,17 @@ checkpointing on (its lower-memory setting), and trl_onebatch_nockpt /
 trl_accum_nockpt with it off (its faster setting)."""
 
 
+SIDES = ("ours", "ours_remat", "trl_onebatch", "trl_accum",
+         "trl_onebatch_nockpt", "trl_accum_nockpt")
+
+
 def side_settings(side: str, settings: dict) -> dict:
   """The settings one side runs with: ours_remat is ours with remat "full";
   a trl_*_nockpt side turns TRL's gradient checkpointing off (TRL's
   GRPOConfig and DPOConfig default it on)."""
-  known = ("ours", "ours_remat", "trl_onebatch", "trl_accum",
-           "trl_onebatch_nockpt", "trl_accum_nockpt")
-  if side not in known:
+  if side not in SIDES:
     raise SystemExit(f"--sides: unknown side {side!r}; known: "
-                     + ", ".join(known))
+                     + ", ".join(SIDES))
   out = dict(settings)
   if side == "ours_remat":
     out["remat"] = "full"
@@ -404,7 +406,7 @@ def add_common_args(parser, sides) -> None:
   parser.add_argument("--iterations", type=int, default=3,
                       help="timed iterations after the warm-up")
   parser.add_argument("--sides", default=",".join(sides),
-                      help=SIDES_HELP.replace("%", "%%"))
+                      help=SIDES_HELP)
   parser.add_argument("--quick", action="store_true",
                       help="a tiny job and 1 timed iteration (smoke run)")
   parser.add_argument("--omp-wait", default="passive",

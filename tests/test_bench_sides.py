@@ -45,3 +45,18 @@ def test_a_side_without_its_peer_library_exits_with_the_install_command(
           "--result", str(tmp_path / "r.json")]
   with pytest.raises(SystemExit, match="needs 'trl'.*requirements-bench.txt"):
     peers.child_main(run_side, argv)
+
+
+def test_child_main_passes_other_benchmarks_sides_through(tmp_path):
+  # benchmarks/scan_layers.py runs sides "unrolled" and "scan" through the
+  # same child entry point: the side names above must not be imposed there.
+  seen = {}
+
+  def run_side(side, settings):
+    seen.update(side=side, settings=settings)
+    return {"ok": 1}
+  result = tmp_path / "r.json"
+  peers.child_main(run_side, ["--child", "unrolled", "--settings",
+                              '{"remat": "none"}', "--result", str(result)])
+  assert seen == {"side": "unrolled", "settings": {"remat": "none"}}
+  assert result.exists()
